@@ -1,0 +1,60 @@
+//! Identifiers: newtypes for node ids, key versions, epochs and groups, so that no bare integer
+//! crosses an API.
+
+use core::fmt;
+
+/// A node of the key tree (leaf or internal). Ids are arena indices below [`NodeId::LIMIT`]; the
+/// wire format uses the top bit of a 32-bit field as a flag, so ids never reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    /// The root of every tree. It is always an internal node and never moves.
+    pub const ROOT: NodeId = NodeId(0);
+    /// Exclusive upper bound of node ids (2^31): about 1.6 × 10^9 members at degree 4.
+    pub const LIMIT: u32 = 1 << 31;
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+/// The version of a node's key: the epoch in which the key was last set. It increases whenever
+/// the key changes (a node changes at most once per epoch), so a rekey need not carry it: every
+/// key set by the rekey of epoch `e` has version `e`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyVersion(pub u64);
+
+/// A rekey epoch. Every rekey of a group increments it; it never repeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch after this one, or `None` at the end of the range.
+    pub fn next(self) -> Option<Epoch> {
+        self.0.checked_add(1).map(Epoch)
+    }
+
+    /// The version every key set in this epoch carries.
+    pub fn version(self) -> KeyVersion {
+        KeyVersion(self.0)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A group, as numbered by its controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u64);
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "g{}", self.0)
+    }
+}

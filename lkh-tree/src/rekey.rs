@@ -1,0 +1,553 @@
+//! The key tree and its rekeys: joins, leaves, batches (the marking algorithm of Li, Yang, Gouda
+//! and Lam) and refreshes, under group-, key- or user-oriented rekeying, with optional LKH+
+//! hash-forward joins.
+//!
+//! Marking. Every batch marks the nodes whose key must change: the ancestors of each departed
+//! leaf and of each leaf moved away are marked *full* (their new key must reach every remaining
+//! child, so it is wrapped under each child's key); the ancestors of each joiner are marked
+//! *join-only* unless already full (existing members below hold the old key, so the new key is
+//! wrapped once, under the old key, or, with hash-forward joins, derived as KDF(old key) with no
+//! wrap at all). A node created by a split is *new* (wrapped under its existing child). The root
+//! is always marked, so every rekey changes the traffic key. Shared path nodes are rekeyed once.
+//!
+//! Strategies (Wong, Gouda, Lam 1998) decide which wraps are made:
+//! - group-oriented: each new key under each child's current key (new if the child changed); one
+//!   message for the group. For one leave: d·L − 1 encryptions.
+//! - key-oriented: the same wraps as group-oriented; the packer and netsim count one message per
+//!   new key instead of one for the group.
+//! - user-oriented: each subgroup that kept its key gets every new key it needs, each wrapped
+//!   directly under that one key: more encryptions, one message per subgroup.
+
+use std::collections::HashMap;
+
+use rand_core::CryptoRng;
+use thiserror::Error;
+
+use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::member::{MemberPath, PathKey};
+use crate::secret::NodeKey;
+use crate::tree::{Kind, MAX_DEPTH, NIL, Shape};
+use crate::wrap::{Encryption, WrapContext};
+
+/// Which wraps a rekey makes (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// One message for the whole group; each new key wrapped under each child's current key.
+    #[default]
+    Group,
+    /// The group-oriented wraps, one message per new key.
+    Key,
+    /// One message per subgroup, holding every new key that subgroup needs.
+    User,
+}
+
+/// A tree's fixed parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeConfig {
+    /// Children per internal node, 2 ≤ d ≤ 64.
+    pub degree: u8,
+    /// Which wraps a rekey makes.
+    pub strategy: Strategy,
+    /// LKH+: join-only path keys become KDF(old key) instead of fresh keys wrapped in multicast.
+    pub hash_forward_joins: bool,
+}
+
+impl Default for TreeConfig {
+    fn default() -> Self {
+        TreeConfig {
+            degree: 4,
+            strategy: Strategy::Group,
+            hash_forward_joins: false,
+        }
+    }
+}
+
+/// The membership changes of one batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Leaves of departing members (each a current member leaf, no repeats).
+    pub leaves: Vec<NodeId>,
+    /// How many members join.
+    pub joins: usize,
+}
+
+/// A key advanced by hash-forward: the new key is `old.hash_forward(node, epoch version)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Advance {
+    /// The node whose key advanced.
+    pub node: NodeId,
+    /// The version it advanced from.
+    pub from: KeyVersion,
+}
+
+/// What a joiner receives by unicast: its leaf and every key on its path.
+#[derive(Debug)]
+pub struct JoinerKeys {
+    /// The joiner's leaf, which names it in the tree from now on.
+    pub leaf: NodeId,
+    /// Its keys, leaf to root, all at the rekey's epoch.
+    pub path: MemberPath,
+}
+
+/// The result of one rekey, as a value: everything to send, nothing yet sent.
+#[derive(Debug)]
+pub struct Rekey {
+    /// The group.
+    pub group: GroupId,
+    /// The new epoch; every key this rekey sets has this as its version.
+    pub epoch: Epoch,
+    /// The multicast encryptions, deepest targets first.
+    pub encryptions: Vec<Encryption>,
+    /// Keys advanced by hash-forward (members derive them; nothing is encrypted).
+    pub advances: Vec<Advance>,
+    /// One entry per joiner, for unicast.
+    pub joiners: Vec<JoinerKeys>,
+    /// Departed leaves, as given.
+    pub departed: Vec<NodeId>,
+    /// Members moved by rebalancing (their leaf ids are unchanged; their paths changed).
+    pub moved: Vec<NodeId>,
+}
+
+impl Rekey {
+    /// Unicast path keys handed to joiners (internal nodes only; the leaf key is the joiner's
+    /// individual key, delivered with them).
+    pub fn unicast_keys(&self) -> usize {
+        self.joiners
+            .iter()
+            .map(|j| j.path.keys().len().saturating_sub(1))
+            .sum()
+    }
+}
+
+/// Why a batch was refused. A refused batch changes nothing.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TreeError {
+    /// The degree is outside 2..=64.
+    #[error("tree degree {0} is outside 2..=64")]
+    BadDegree(u8),
+    /// A departing node is not a member leaf of this tree.
+    #[error("node {0} is not a member leaf of this tree")]
+    NotAMember(NodeId),
+    /// A departing leaf is listed twice.
+    #[error("node {0} is listed twice in one batch")]
+    DuplicateLeave(NodeId),
+    /// The tree would exceed its node id space.
+    #[error("the tree cannot hold {0} more members")]
+    Full(usize),
+    /// The epoch counter is exhausted.
+    #[error("the epoch counter is exhausted")]
+    EpochExhausted,
+}
+
+const MARK_FULL: u8 = 1;
+const MARK_NEW: u8 = 2;
+const MARK_JOIN: u8 = 4;
+const MARK_REFRESH: u8 = 8;
+
+/// A group's key tree: the controller's view (every key).
+///
+/// Call order: [`KeyTree::new`], then any sequence of [`KeyTree::rekey`] (or the shorthands
+/// [`KeyTree::join`], [`KeyTree::leave`], [`KeyTree::refresh`]); each returns a [`Rekey`] to
+/// persist and send. The tree changes in memory at once: persist the result before anything
+/// encrypted under it leaves the process.
+pub struct KeyTree {
+    group: GroupId,
+    config: TreeConfig,
+    epoch: Epoch,
+    pub(crate) shape: Shape,
+}
+
+impl KeyTree {
+    /// A tree with no members, at epoch 0, with a random root key.
+    pub fn new<R: CryptoRng + ?Sized>(
+        group: GroupId,
+        config: TreeConfig,
+        rng: &mut R,
+    ) -> Result<Self, TreeError> {
+        if !(2..=64).contains(&config.degree) {
+            return Err(TreeError::BadDegree(config.degree));
+        }
+        Ok(KeyTree {
+            group,
+            config,
+            epoch: Epoch(0),
+            shape: Shape::new(config.degree, &NodeKey::random(rng)),
+        })
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The parameters.
+    pub fn config(&self) -> TreeConfig {
+        self.config
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Current members.
+    pub fn len(&self) -> usize {
+        self.shape.members
+    }
+
+    /// Whether the group has no members.
+    pub fn is_empty(&self) -> bool {
+        self.shape.members == 0
+    }
+
+    /// Depth of the deepest member leaf (the root is at depth 0).
+    pub fn height(&self) -> usize {
+        self.shape.height()
+    }
+
+    /// Whether `leaf` is a current member leaf.
+    pub fn is_member(&self, leaf: NodeId) -> bool {
+        self.shape.is_leaf(leaf)
+    }
+
+    /// Bytes the tree holds in memory (arena, buckets), for memory reports.
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<Self>() + self.shape.nodes.bytes() + self.shape.bucket_bytes()
+    }
+
+    /// The current root key.
+    pub fn root_key(&self) -> NodeKey {
+        self.shape.nodes.node(NodeId::ROOT.0).node_key()
+    }
+
+    /// The current keys of `leaf`'s path (leaf to root), e.g. to resync a member.
+    pub fn member_path(&self, leaf: NodeId) -> Option<MemberPath> {
+        self.shape
+            .is_leaf(leaf)
+            .then(|| self.path_of(leaf.0))
+    }
+
+    /// Current member leaves, in no particular order.
+    pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
+        (0..self.shape.nodes.len())
+            .filter(|&id| self.shape.nodes.node(id).kind == Kind::Leaf)
+            .map(NodeId)
+    }
+
+    /// One join.
+    pub fn join<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) -> Result<Rekey, TreeError> {
+        self.rekey(&Batch { leaves: Vec::new(), joins: 1 }, rng)
+    }
+
+    /// One leave.
+    pub fn leave<R: CryptoRng + ?Sized>(
+        &mut self,
+        leaf: NodeId,
+        rng: &mut R,
+    ) -> Result<Rekey, TreeError> {
+        self.rekey(&Batch { leaves: vec![leaf], joins: 0 }, rng)
+    }
+
+    /// A new root key (and so a new traffic key) with no membership change.
+    pub fn refresh<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) -> Result<Rekey, TreeError> {
+        self.rekey(&Batch::default(), rng)
+    }
+
+    /// Processes a batch of leaves and joins as one rekey (the marking algorithm).
+    pub fn rekey<R: CryptoRng + ?Sized>(
+        &mut self,
+        batch: &Batch,
+        rng: &mut R,
+    ) -> Result<Rekey, TreeError> {
+        self.check(batch)?;
+        let epoch = self.epoch.next().ok_or(TreeError::EpochExhausted)?;
+        let mut marks = Marks::default();
+        for leaf in &batch.leaves {
+            let low = self.shape.remove_leaf(leaf.0);
+            marks.mark(&self.shape, low, MARK_FULL);
+        }
+        let mut joined = Vec::with_capacity(batch.joins);
+        for _ in 0..batch.joins {
+            let (leaf, split) = self.shape.insert_leaf(self.shape.join_position());
+            self.shape.set_key(leaf, &NodeKey::random(rng), epoch.version());
+            if let Some(split) = split {
+                marks.flag(split, MARK_NEW);
+            }
+            marks.mark(&self.shape, self.shape.nodes.node(leaf).parent, MARK_JOIN);
+            joined.push(leaf);
+        }
+        let moved = self.rebalance(&mut marks);
+        // A refresh (or a batch that touched nothing) still renews the root, at random.
+        marks.flags.entry(NodeId::ROOT.0).or_insert(MARK_REFRESH);
+        let (renewed, advances) = self.renew_keys(&marks, epoch, rng);
+        let encryptions = self.wraps(&marks, &renewed, epoch);
+        self.shape.end_batch();
+        self.epoch = epoch;
+        let joiners = joined
+            .into_iter()
+            .map(|leaf| JoinerKeys {
+                leaf: NodeId(leaf),
+                path: self.path_of(leaf),
+            })
+            .collect();
+        Ok(Rekey {
+            group: self.group,
+            epoch,
+            encryptions,
+            advances,
+            joiners,
+            departed: batch.leaves.clone(),
+            moved,
+        })
+    }
+
+    fn check(&self, batch: &Batch) -> Result<(), TreeError> {
+        let mut seen = std::collections::HashSet::with_capacity(batch.leaves.len());
+        for &leaf in &batch.leaves {
+            if !self.shape.is_leaf(leaf) {
+                return Err(TreeError::NotAMember(leaf));
+            }
+            if !seen.insert(leaf) {
+                return Err(TreeError::DuplicateLeave(leaf));
+            }
+        }
+        // A join allocates at most two nodes (leaf and split node).
+        let needed = (batch.joins as u64).saturating_mul(2);
+        if needed > self.shape.spare_ids() {
+            return Err(TreeError::Full(batch.joins));
+        }
+        Ok(())
+    }
+
+    /// Moves the deepest members up while the height exceeds ceil(log_d n) + 1.
+    fn rebalance(&mut self, marks: &mut Marks) -> Vec<NodeId> {
+        let mut moved = Vec::new();
+        let bound = height_bound(self.shape.members, self.config.degree);
+        while self.shape.height() > bound {
+            let Some(leaf) = self.shape.deepest_leaf() else {
+                break;
+            };
+            let low = self.shape.take_leaf(leaf);
+            marks.mark(&self.shape, low, MARK_FULL);
+            let position = self.shape.shallowest_position();
+            if let Some(split) = self.shape.place(leaf, position) {
+                marks.flag(split, MARK_NEW);
+            }
+            marks.mark(&self.shape, self.shape.nodes.node(leaf).parent, MARK_FULL);
+            moved.push(NodeId(leaf));
+        }
+        moved
+    }
+
+    /// Sets the new key of every marked node, deepest first. Returns the renewed (random) nodes
+    /// with their old keys, and the hash-forward advances.
+    fn renew_keys<R: CryptoRng + ?Sized>(
+        &mut self,
+        marks: &Marks,
+        epoch: Epoch,
+        rng: &mut R,
+    ) -> (HashMap<u32, Renewed>, Vec<Advance>) {
+        let mut renewed = HashMap::with_capacity(marks.flags.len());
+        let mut advances = Vec::new();
+        for &(id, flags) in &marks.bottom_up(&self.shape) {
+            let node = self.shape.nodes.node(id);
+            let old = node.node_key();
+            let from = KeyVersion(node.version);
+            let join_only = flags & (MARK_FULL | MARK_NEW | MARK_REFRESH) == 0;
+            let new_key = if self.config.hash_forward_joins && join_only {
+                advances.push(Advance { node: NodeId(id), from });
+                old.hash_forward(NodeId(id), epoch.version())
+            } else {
+                renewed.insert(id, Renewed { old, from, flags });
+                NodeKey::random(rng)
+            };
+            self.shape.set_key(id, &new_key, epoch.version());
+        }
+        (renewed, advances)
+    }
+
+    /// The encryptions for every renewed node, by strategy.
+    fn wraps(
+        &self,
+        marks: &Marks,
+        renewed: &HashMap<u32, Renewed>,
+        epoch: Epoch,
+    ) -> Vec<Encryption> {
+        let mut out = Vec::new();
+        for &(id, _) in &marks.bottom_up(&self.shape) {
+            let Some(info) = renewed.get(&id) else {
+                continue;
+            };
+            let holders = self.holders(id, info, renewed, epoch);
+            match self.config.strategy {
+                Strategy::Group | Strategy::Key => {
+                    for (holder, version, key) in &holders {
+                        out.push(self.seal(epoch, id, *holder, *version, key));
+                    }
+                }
+                Strategy::User => {
+                    for (holder, version, key) in &holders {
+                        let mut target = id;
+                        while target != NIL {
+                            if renewed.contains_key(&target) {
+                                out.push(self.seal(epoch, target, *holder, *version, key));
+                            }
+                            target = self.shape.nodes.node(target).parent;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The keys a renewed node's new key is wrapped under.
+    fn holders(
+        &self,
+        id: u32,
+        info: &Renewed,
+        renewed: &HashMap<u32, Renewed>,
+        epoch: Epoch,
+    ) -> Vec<(u32, KeyVersion, NodeKey)> {
+        let nodes = &self.shape.nodes;
+        let user = self.config.strategy == Strategy::User;
+        if info.flags & (MARK_FULL | MARK_NEW) == 0 {
+            return vec![(id, info.from, info.old.clone())];
+        }
+        self.shape
+            .children(id)
+            .filter(|&c| {
+                let child = nodes.node(c);
+                let fresh_joiner = child.kind == Kind::Leaf && child.version == epoch.0;
+                !fresh_joiner && !(user && renewed.contains_key(&c))
+            })
+            .map(|c| {
+                let child = nodes.node(c);
+                (c, KeyVersion(child.version), child.node_key())
+            })
+            .collect()
+    }
+
+    fn seal(
+        &self,
+        epoch: Epoch,
+        target: u32,
+        wrapping: u32,
+        wrapping_version: KeyVersion,
+        wrapping_key: &NodeKey,
+    ) -> Encryption {
+        let context = WrapContext {
+            group: self.group,
+            epoch,
+            target: NodeId(target),
+            wrapping: NodeId(wrapping),
+            wrapping_version,
+        };
+        context.seal(wrapping_key, &self.shape.nodes.node(target).node_key())
+    }
+
+    fn path_of(&self, leaf: u32) -> MemberPath {
+        let mut keys = Vec::new();
+        let mut id = leaf;
+        while id != NIL {
+            let node = self.shape.nodes.node(id);
+            keys.push(PathKey {
+                node: NodeId(id),
+                version: KeyVersion(node.version),
+                key: node.node_key(),
+            });
+            id = node.parent;
+        }
+        MemberPath::new(self.group, self.epoch, keys)
+    }
+
+    /// The parent of a node, if it has one (for pictures and checks).
+    pub fn parent(&self, node: NodeId) -> Option<NodeId> {
+        let parent = self.shape.nodes.get(node.0)?.parent;
+        (parent != NIL).then_some(NodeId(parent))
+    }
+
+    /// The children of an internal node (empty for a leaf or an unknown id).
+    pub fn children(&self, node: NodeId) -> Vec<NodeId> {
+        match self.shape.nodes.get(node.0) {
+            Some(n) if n.kind == Kind::Internal => {
+                self.shape.children(node.0).map(NodeId).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The version of a node's current key.
+    pub fn version(&self, node: NodeId) -> Option<KeyVersion> {
+        let n = self.shape.nodes.get(node.0)?;
+        (n.kind != Kind::Free).then_some(KeyVersion(n.version))
+    }
+
+    /// The current key of a node (for the key-graph checker and tests).
+    pub fn node_key(&self, node: NodeId) -> Option<NodeKey> {
+        let n = self.shape.nodes.get(node.0)?;
+        (n.kind != Kind::Free).then(|| n.node_key())
+    }
+
+    /// Every live node id.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        (0..self.shape.nodes.len())
+            .filter(|&id| self.shape.nodes.node(id).kind != Kind::Free)
+            .map(NodeId)
+    }
+}
+
+/// The largest height allowed for `members` members: ceil(log_d n) + 1.
+pub fn height_bound(members: usize, degree: u8) -> usize {
+    let mut levels = 0usize;
+    let mut capacity = 1u128;
+    while capacity < members as u128 && levels < MAX_DEPTH {
+        capacity *= u128::from(degree);
+        levels += 1;
+    }
+    levels + 1
+}
+
+struct Renewed {
+    old: NodeKey,
+    from: KeyVersion,
+    flags: u8,
+}
+
+/// The marks of one batch.
+#[derive(Default)]
+struct Marks {
+    flags: HashMap<u32, u8>,
+}
+
+impl Marks {
+    /// Marks `from` and its ancestors with `flags` (the MARK_NEW flag is never inherited).
+    fn mark(&mut self, shape: &Shape, from: u32, flags: u8) {
+        let mut id = from;
+        while id != NIL {
+            let entry = self.flags.entry(id).or_insert(0);
+            if *entry & flags == flags && *entry != 0 {
+                break;
+            }
+            *entry |= flags;
+            id = shape.nodes.node(id).parent;
+        }
+    }
+
+    fn flag(&mut self, id: u32, flags: u8) {
+        *self.flags.entry(id).or_insert(0) |= flags;
+    }
+
+    /// Live marked internal nodes, deepest first (ties by id, for determinism).
+    fn bottom_up(&self, shape: &Shape) -> Vec<(u32, u8)> {
+        let mut live: Vec<(u32, u8)> = self
+            .flags
+            .iter()
+            .filter(|&(&id, _)| shape.nodes.node(id).kind == Kind::Internal)
+            .map(|(&id, &flags)| (id, flags))
+            .collect();
+        live.sort_unstable_by_key(|&(id, _)| (std::cmp::Reverse(shape.nodes.node(id).depth), id));
+        live
+    }
+}
