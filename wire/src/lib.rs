@@ -1,0 +1,46 @@
+//! # wire: the byte formats of gkm
+//!
+//! Every message the system sends, with a hand-written codec (one [`Codec`] trait, as rustls):
+//! registration request and welcome, rekey datagram, heartbeat, resync request and response,
+//! leave, error, and the group data frame. Each layout is specified byte by byte in
+//! `RFC-notes/wire-format.md`; every length has an explicit bound; decoding never panics, never
+//! allocates more than its input holds and rejects trailing bytes.
+//!
+//! It also holds the rekey [`pack`]er (a [`lkh_tree::Rekey`] into signed datagrams of at most one
+//! MTU, each member finding all it needs in one) and the member's checked path for a datagram:
+//!
+//! ```text
+//! bytes --AuthenticRekey::verify--> AuthenticRekey --fresh(path)--> FreshRekey --apply--> keys
+//!        (bounded decode, Ed25519)                 (group, epoch,                (all or
+//!                                                   serves path)                 nothing)
+//! ```
+//!
+//! Applying an unverified datagram does not compile: [`FreshRekey`] is only made from an
+//! [`AuthenticRekey`], which is only made by verifying a signature.
+//!
+//! What it does not do: no I/O, no clock (timestamps are passed in), no HPKE (the controller and
+//! member crates seal and open the welcome's ciphertext; this crate carries it).
+
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+
+mod codec;
+pub mod data;
+mod error;
+mod message;
+mod rekey;
+mod signed;
+
+pub use codec::{Codec, CountWidth, DecodeError, Reader};
+pub use error::WireError;
+pub use message::{
+    DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD, MAX_REASON,
+    MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys, RegistrationRequest,
+    ResyncRequest, SealedKind, SealedPath, VERSION,
+};
+pub use rekey::{
+    AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,
+    MAX_DATAGRAM, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
+};
+pub use signed::{SIGNATURE_LEN, Verified, open, open_with, sign, verifying_key};

@@ -1,0 +1,326 @@
+//! The rekey datagram, the packer that lays a [`Rekey`] out into signed datagrams of at most one
+//! MTU, and the member-side path raw → [`AuthenticRekey`] → [`FreshRekey`] → applied, where only
+//! a fresh, authentic datagram can be applied.
+//!
+//! Packing is user-oriented (Zhang, Lam, Lee, Yang 2003): every member finds everything it needs
+//! for one epoch in one datagram. A member needs the wraps made under keys on its path and the
+//! advances of nodes on its path. The packer walks the tree from the root: a subtree whose needs
+//! (its own wraps plus the wraps under its ancestors' keys) fit one datagram is a *cover*; a
+//! subtree that does not fit is split into its children, and the node itself becomes a partial
+//! cover for its children that need nothing of their own. Covers are then filled into datagrams
+//! greedily in depth-first order, so neighbours share the wraps near the root; those repeat
+//! across datagrams, nothing else does.
+
+use std::collections::{HashMap, HashSet};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use lkh_tree::{Applied, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
+
+use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
+use crate::error::WireError;
+use crate::message::{HEADER_LEN, Header, MessageType, node_id};
+use crate::signed::{self, SIGNATURE_LEN};
+
+/// Default MTU: under the IPv6 minimum of 1280 with room for IP and UDP headers.
+pub const DEFAULT_MTU: usize = 1200;
+/// Largest datagram the codec accepts (the UDP maximum over IPv4).
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Bytes of one wrap on the wire: target (4), wrapping node and flag (4), ciphertext and tag (48).
+pub const WRAP_LEN: usize = 4 + 4 + WRAPPED_LEN;
+/// Most covers in one datagram.
+pub const MAX_COVERS: usize = 255;
+/// Most wraps in one datagram.
+pub const MAX_WRAPS: usize = MAX_DATAGRAM / WRAP_LEN;
+/// Most advances in one datagram.
+pub const MAX_ADVANCES: usize = MAX_DATAGRAM / 4;
+/// Bytes of a datagram with no covers, advances or wraps (header through signature).
+pub const DATAGRAM_OVERHEAD: usize = HEADER_LEN + 8 + 2 + 2 + 1 + 2 + 2 + SIGNATURE_LEN;
+
+const UNDER_NEW: u32 = 1 << 31;
+
+/// One datagram of a rekey, decoded (not yet authenticated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RekeyDatagram {
+    /// The group.
+    pub group: GroupId,
+    /// The rekey's epoch.
+    pub epoch: Epoch,
+    /// This datagram's index among the epoch's datagrams.
+    pub index: u16,
+    /// How many datagrams the epoch has.
+    pub count: u16,
+    /// Roots of the subtrees this datagram serves.
+    pub covers: Vec<NodeId>,
+    /// Nodes whose keys advanced by hash-forward.
+    pub advances: Vec<NodeId>,
+    /// Wraps, in the order the tree made them.
+    pub wraps: Vec<Wrap>,
+}
+
+impl Codec for RekeyDatagram {
+    fn encode(&self, out: &mut Vec<u8>) {
+        Header::write(out, MessageType::Rekey, self.group);
+        out.extend_from_slice(&self.epoch.0.to_be_bytes());
+        out.extend_from_slice(&self.index.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        put_count(out, CountWidth::U8, self.covers.len());
+        for cover in &self.covers {
+            out.extend_from_slice(&cover.0.to_be_bytes());
+        }
+        put_count(out, CountWidth::U16, self.advances.len());
+        for node in &self.advances {
+            out.extend_from_slice(&node.0.to_be_bytes());
+        }
+        put_count(out, CountWidth::U16, self.wraps.len());
+        for wrap in &self.wraps {
+            out.extend_from_slice(&wrap.target.0.to_be_bytes());
+            let flag = if wrap.under_new { UNDER_NEW } else { 0 };
+            out.extend_from_slice(&(wrap.wrapping.0 | flag).to_be_bytes());
+            out.extend_from_slice(&wrap.ciphertext);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let group = Header::read(r, MessageType::Rekey)?;
+        let epoch = Epoch(r.u64("epoch")?);
+        let index = r.u16("datagram index")?;
+        let count = r.u16("datagram count")?;
+        if index >= count {
+            return Err(DecodeError::Invalid("datagram index"));
+        }
+        let n = r.count(CountWidth::U8, 4, MAX_COVERS, "cover count")?;
+        let covers = (0..n).map(|_| node_id(r, "cover")).collect::<Result<_, _>>()?;
+        let n = r.count(CountWidth::U16, 4, MAX_ADVANCES, "advance count")?;
+        let advances = (0..n).map(|_| node_id(r, "advance")).collect::<Result<_, _>>()?;
+        let n = r.count(CountWidth::U16, WRAP_LEN, MAX_WRAPS, "wrap count")?;
+        let mut wraps = Vec::with_capacity(n);
+        for _ in 0..n {
+            let target = node_id(r, "wrap target")?;
+            let field = r.u32("wrapping node")?;
+            let wrapping = NodeId(field & !UNDER_NEW);
+            let ciphertext = r.array::<WRAPPED_LEN>("wrapped key")?;
+            wraps.push(Wrap { target, wrapping, under_new: field & UNDER_NEW != 0, ciphertext });
+        }
+        Ok(RekeyDatagram { group, epoch, index, count, covers, advances, wraps })
+    }
+}
+
+impl RekeyDatagram {
+    /// Encoded length including the signature.
+    pub fn wire_len(&self) -> usize {
+        DATAGRAM_OVERHEAD + 4 * self.covers.len() + 4 * self.advances.len() + WRAP_LEN * self.wraps.len()
+    }
+
+    /// Encodes and signs.
+    pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
+        signed::sign(self, key)
+    }
+
+    /// Whether anything in this datagram concerns the holder of `path`.
+    pub fn serves(&self, path: &MemberPath) -> bool {
+        let on_path = |node: &NodeId| path.keys().iter().any(|k| k.node == *node);
+        self.covers.iter().any(on_path)
+            || self.advances.iter().any(on_path)
+            || self.wraps.iter().any(|w| on_path(&w.wrapping))
+    }
+}
+
+/// A rekey datagram whose controller signature verified. Only [`AuthenticRekey::verify`] makes
+/// one.
+#[derive(Debug)]
+pub struct AuthenticRekey(RekeyDatagram);
+
+impl AuthenticRekey {
+    /// Decodes (bounded) and verifies the controller's signature.
+    pub fn verify(bytes: &[u8], controller: &VerifyingKey) -> Result<Self, WireError> {
+        signed::open::<RekeyDatagram>(bytes, controller).map(|v| AuthenticRekey(v.into_message()))
+    }
+
+    /// The datagram.
+    pub fn datagram(&self) -> &RekeyDatagram {
+        &self.0
+    }
+
+    /// Checks that the datagram is for this member's group, newer than its epoch (replays and
+    /// duplicates are refused) and concerns its path.
+    pub fn fresh(self, path: &MemberPath) -> Result<FreshRekey, WireError> {
+        let d = &self.0;
+        if d.group != path.group() {
+            return Err(WireError::WrongGroup { expected: path.group(), got: d.group });
+        }
+        if d.epoch <= path.epoch() {
+            return Err(WireError::Stale { current: path.epoch(), got: d.epoch });
+        }
+        if !d.serves(path) {
+            return Err(WireError::NotForMe);
+        }
+        Ok(FreshRekey(self.0))
+    }
+}
+
+/// An authentic datagram newer than the member's epoch: the only kind that can be applied.
+#[derive(Debug)]
+pub struct FreshRekey(RekeyDatagram);
+
+impl FreshRekey {
+    /// Applies the datagram to the member's path: all or nothing.
+    pub fn apply(self, path: &mut MemberPath) -> Result<Applied, WireError> {
+        let d = self.0;
+        let update = PathUpdate { epoch: d.epoch, wraps: &d.wraps, advances: &d.advances };
+        Ok(path.apply(&update)?)
+    }
+}
+
+/// Lays a rekey out into datagrams of at most `mtu` bytes (unsigned).
+pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagram>, WireError> {
+    let mtu = mtu.min(MAX_DATAGRAM);
+    let budget = mtu.checked_sub(DATAGRAM_OVERHEAD).ok_or(WireError::MtuTooSmall(mtu))?;
+    let plan = Plan::new(rekey, tree);
+    let mut entries = Vec::new();
+    plan.visit(NodeId::ROOT, budget, &mut entries).map_err(|()| WireError::MtuTooSmall(mtu))?;
+    let mut bins: Vec<(Vec<NodeId>, Vec<usize>)> = Vec::new();
+    let mut current: (Vec<NodeId>, HashSet<usize>, usize) = (Vec::new(), HashSet::new(), 0);
+    for entry in entries {
+        let items = plan.items(&entry);
+        let extra: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
+        if current.2 + extra > budget || current.0.len() == MAX_COVERS {
+            let (covers, set, _) = std::mem::take(&mut current);
+            bins.push((covers, set.into_iter().collect()));
+        }
+        let added: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
+        current.0.push(entry.node);
+        current.1.extend(items);
+        current.2 += added;
+    }
+    if !current.0.is_empty() {
+        bins.push((current.0, current.1.into_iter().collect()));
+    }
+    let count = u16::try_from(bins.len()).map_err(|_| WireError::MtuTooSmall(mtu))?;
+    let epoch = rekey.epoch;
+    Ok(bins
+        .into_iter()
+        .zip(0u16..)
+        .map(|((covers, mut items), index)| {
+            items.sort_unstable();
+            let wraps = items
+                .iter()
+                .filter_map(|&i| rekey.encryptions.get(i))
+                .map(|e| Wrap::from_encryption(e, epoch))
+                .collect();
+            let advances = items
+                .iter()
+                .filter_map(|&i| i.checked_sub(rekey.encryptions.len()))
+                .filter_map(|i| rekey.advances.get(i))
+                .map(|a| a.node)
+                .collect();
+            RekeyDatagram { group: rekey.group, epoch, index, count, covers, advances, wraps }
+        })
+        .collect())
+}
+
+/// Packs and signs: the datagrams to multicast, in order.
+pub fn pack_signed(rekey: &Rekey, tree: &KeyTree, mtu: usize, key: &SigningKey) -> Result<Vec<Vec<u8>>, WireError> {
+    Ok(pack(rekey, tree, mtu)?.iter().map(|d| d.sign(key)).collect())
+}
+
+/// A subtree to serve: whole, or only the children with no needs of their own.
+struct Entry {
+    node: NodeId,
+    whole: bool,
+}
+
+/// What each node's key is needed for: items (wraps, then advances) by the node whose key opens
+/// them, and the bytes of everything below each node.
+struct Plan<'a> {
+    tree: &'a KeyTree,
+    wraps: usize,
+    own: HashMap<NodeId, Vec<usize>>,
+    below: HashMap<NodeId, usize>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(rekey: &Rekey, tree: &'a KeyTree) -> Self {
+        let wraps = rekey.encryptions.len();
+        let keyed = rekey
+            .encryptions
+            .iter()
+            .map(|e| e.wrapping)
+            .chain(rekey.advances.iter().map(|a| a.node));
+        let mut own: HashMap<NodeId, Vec<usize>> = HashMap::new();
+        let mut below: HashMap<NodeId, usize> = HashMap::new();
+        for (item, node) in keyed.enumerate() {
+            own.entry(node).or_default().push(item);
+            let size = if item < wraps { WRAP_LEN } else { 4 };
+            let mut cursor = Some(node);
+            while let Some(n) = cursor {
+                *below.entry(n).or_default() += size;
+                cursor = tree.parent(n);
+            }
+        }
+        Plan { tree, wraps, own, below }
+    }
+
+    fn size(&self, item: usize) -> usize {
+        if item < self.wraps { WRAP_LEN } else { 4 }
+    }
+
+    fn own_bytes(&self, node: NodeId) -> usize {
+        self.own.get(&node).map_or(0, |items| items.iter().map(|&i| self.size(i)).sum())
+    }
+
+    /// Bytes of the items opened by strict ancestors of `node`.
+    fn above_bytes(&self, node: NodeId) -> usize {
+        let mut total = 0;
+        let mut cursor = self.tree.parent(node);
+        while let Some(n) = cursor {
+            total += self.own_bytes(n);
+            cursor = self.tree.parent(n);
+        }
+        total
+    }
+
+    fn visit(&self, node: NodeId, budget: usize, entries: &mut Vec<Entry>) -> Result<(), ()> {
+        let above = self.above_bytes(node);
+        let below = self.below.get(&node).copied().unwrap_or(0);
+        if above + below + 4 <= budget {
+            entries.push(Entry { node, whole: true });
+            return Ok(());
+        }
+        if self.tree.is_member(node) {
+            return Err(());
+        }
+        let children = self.tree.children(node);
+        let quiet_child = children.iter().any(|c| !self.below.contains_key(c));
+        if quiet_child || self.own.contains_key(&node) {
+            if above + self.own_bytes(node) + 4 > budget {
+                return Err(());
+            }
+            entries.push(Entry { node, whole: false });
+        }
+        for child in children.into_iter().filter(|c| self.below.contains_key(c)) {
+            self.visit(child, budget, entries)?;
+        }
+        Ok(())
+    }
+
+    /// The items an entry's members need.
+    fn items(&self, entry: &Entry) -> Vec<usize> {
+        let mut items = Vec::new();
+        let mut cursor = Some(entry.node);
+        while let Some(n) = cursor {
+            items.extend(self.own.get(&n).into_iter().flatten());
+            cursor = self.tree.parent(n);
+        }
+        if entry.whole {
+            let mut stack: Vec<NodeId> = self.tree.children(entry.node);
+            while let Some(n) = stack.pop() {
+                if !self.below.contains_key(&n) {
+                    continue;
+                }
+                items.extend(self.own.get(&n).into_iter().flatten());
+                stack.extend(self.tree.children(n));
+            }
+        }
+        items
+    }
+}
