@@ -6,15 +6,16 @@
 //! for one epoch in one datagram. A member needs the wraps made under keys on its path and the
 //! advances of nodes on its path. The packer walks the tree from the root: a subtree whose needs
 //! (its own wraps plus the wraps under its ancestors' keys) fit one datagram is a *cover*; a
-//! subtree that does not fit is split into its children, and the node itself becomes a partial
-//! cover for its children that need nothing of their own. Covers are then filled into datagrams
-//! greedily in depth-first order, so neighbours share the wraps near the root; those repeat
-//! across datagrams, nothing else does.
+//! subtree that does not fit is split into its children. Covers partition the members, so each
+//! member is served by exactly one datagram: the one listing a node of its path as a cover (a
+//! member whose path gained a node in this epoch also finds a wrap under its own leaf key
+//! there). Covers are filled into datagrams greedily in depth-first order, so neighbours share
+//! the wraps near the root; those repeat across datagrams, nothing else does.
 
 use std::collections::{HashMap, HashSet};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use lkh_tree::{Applied, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
+use lkh_tree::{ApplyError, Applied, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 use crate::error::WireError;
@@ -116,12 +117,12 @@ impl RekeyDatagram {
         signed::sign(self, key)
     }
 
-    /// Whether anything in this datagram concerns the holder of `path`.
+    /// Whether this datagram serves the holder of `path`: a cover lies on its path, or a wrap is
+    /// made under its leaf key (its path gained a node this epoch).
     pub fn serves(&self, path: &MemberPath) -> bool {
-        let on_path = |node: &NodeId| path.keys().iter().any(|k| k.node == *node);
-        self.covers.iter().any(on_path)
-            || self.advances.iter().any(on_path)
-            || self.wraps.iter().any(|w| on_path(&w.wrapping))
+        let leaf = path.leaf();
+        self.covers.iter().any(|c| path.keys().iter().any(|k| k.node == *c))
+            || self.wraps.iter().any(|w| w.wrapping == leaf)
     }
 }
 
@@ -142,8 +143,8 @@ impl AuthenticRekey {
     }
 
     /// Checks that the datagram is for this member's group, newer than its epoch (replays and
-    /// duplicates are refused) and concerns its path.
-    pub fn fresh(self, path: &MemberPath) -> Result<FreshRekey, WireError> {
+    /// duplicates are refused) and serves its path.
+    pub fn fresh(&self, path: &MemberPath) -> Result<FreshRekey<'_>, WireError> {
         let d = &self.0;
         if d.group != path.group() {
             return Err(WireError::WrongGroup { expected: path.group(), got: d.group });
@@ -154,20 +155,25 @@ impl AuthenticRekey {
         if !d.serves(path) {
             return Err(WireError::NotForMe);
         }
-        Ok(FreshRekey(self.0))
+        Ok(FreshRekey(&self.0))
     }
 }
 
 /// An authentic datagram newer than the member's epoch: the only kind that can be applied.
 #[derive(Debug)]
-pub struct FreshRekey(RekeyDatagram);
+pub struct FreshRekey<'a>(&'a RekeyDatagram);
 
-impl FreshRekey {
-    /// Applies the datagram to the member's path: all or nothing.
+impl FreshRekey<'_> {
+    /// Applies the datagram to the member's path: all or nothing. A datagram that lacks a key of
+    /// the member's path is [`WireError::NotForMe`] (another datagram of the epoch, or a resync,
+    /// serves it).
     pub fn apply(self, path: &mut MemberPath) -> Result<Applied, WireError> {
         let d = self.0;
         let update = PathUpdate { epoch: d.epoch, wraps: &d.wraps, advances: &d.advances };
-        Ok(path.apply(&update)?)
+        path.apply(&update).map_err(|e| match e {
+            ApplyError::MissingKey(_) => WireError::NotForMe,
+            other => WireError::Apply(other),
+        })
     }
 }
 
@@ -180,15 +186,15 @@ pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagr
     plan.visit(NodeId::ROOT, budget, &mut entries).map_err(|()| WireError::MtuTooSmall(mtu))?;
     let mut bins: Vec<(Vec<NodeId>, Vec<usize>)> = Vec::new();
     let mut current: (Vec<NodeId>, HashSet<usize>, usize) = (Vec::new(), HashSet::new(), 0);
-    for entry in entries {
-        let items = plan.items(&entry);
+    for cover in entries {
+        let items = plan.items(cover);
         let extra: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
         if current.2 + extra > budget || current.0.len() == MAX_COVERS {
             let (covers, set, _) = std::mem::take(&mut current);
             bins.push((covers, set.into_iter().collect()));
         }
         let added: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
-        current.0.push(entry.node);
+        current.0.push(cover);
         current.1.extend(items);
         current.2 += added;
     }
@@ -221,12 +227,6 @@ pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagr
 /// Packs and signs: the datagrams to multicast, in order.
 pub fn pack_signed(rekey: &Rekey, tree: &KeyTree, mtu: usize, key: &SigningKey) -> Result<Vec<Vec<u8>>, WireError> {
     Ok(pack(rekey, tree, mtu)?.iter().map(|d| d.sign(key)).collect())
-}
-
-/// A subtree to serve: whole, or only the children with no needs of their own.
-struct Entry {
-    node: NodeId,
-    whole: bool,
 }
 
 /// What each node's key is needed for: items (wraps, then advances) by the node whose key opens
@@ -279,47 +279,45 @@ impl<'a> Plan<'a> {
         total
     }
 
-    fn visit(&self, node: NodeId, budget: usize, entries: &mut Vec<Entry>) -> Result<(), ()> {
+    fn visit(&self, node: NodeId, budget: usize, entries: &mut Vec<NodeId>) -> Result<(), ()> {
         let above = self.above_bytes(node);
         let below = self.below.get(&node).copied().unwrap_or(0);
         if above + below + 4 <= budget {
-            entries.push(Entry { node, whole: true });
+            entries.push(node);
             return Ok(());
         }
         if self.tree.is_member(node) {
             return Err(());
         }
-        let children = self.tree.children(node);
-        let quiet_child = children.iter().any(|c| !self.below.contains_key(c));
-        if quiet_child || self.own.contains_key(&node) {
-            if above + self.own_bytes(node) + 4 > budget {
+        let quiet_above = above + self.own_bytes(node);
+        for child in self.tree.children(node) {
+            if self.below.contains_key(&child) {
+                self.visit(child, budget, entries)?;
+            } else if quiet_above + 4 <= budget {
+                // Nothing is keyed below this child: its members need only the path above.
+                entries.push(child);
+            } else {
                 return Err(());
             }
-            entries.push(Entry { node, whole: false });
-        }
-        for child in children.into_iter().filter(|c| self.below.contains_key(c)) {
-            self.visit(child, budget, entries)?;
         }
         Ok(())
     }
 
-    /// The items an entry's members need.
-    fn items(&self, entry: &Entry) -> Vec<usize> {
+    /// The items the members below a cover need.
+    fn items(&self, cover: NodeId) -> Vec<usize> {
         let mut items = Vec::new();
-        let mut cursor = Some(entry.node);
+        let mut cursor = Some(cover);
         while let Some(n) = cursor {
             items.extend(self.own.get(&n).into_iter().flatten());
             cursor = self.tree.parent(n);
         }
-        if entry.whole {
-            let mut stack: Vec<NodeId> = self.tree.children(entry.node);
-            while let Some(n) = stack.pop() {
-                if !self.below.contains_key(&n) {
-                    continue;
-                }
-                items.extend(self.own.get(&n).into_iter().flatten());
-                stack.extend(self.tree.children(n));
+        let mut stack: Vec<NodeId> = self.tree.children(cover);
+        while let Some(n) = stack.pop() {
+            if !self.below.contains_key(&n) {
+                continue;
             }
+            items.extend(self.own.get(&n).into_iter().flatten());
+            stack.extend(self.tree.children(n));
         }
         items
     }

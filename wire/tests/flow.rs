@@ -1,0 +1,137 @@
+//! Rekeys through the wire: packing, signing, the member's verify → fresh → apply path, and
+//! every truncation and single-bit flip of a signed datagram.
+
+use ed25519_dalek::SigningKey;
+use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, Strategy, TreeConfig};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use wire::{AuthenticRekey, DEFAULT_MTU, WireError, pack, pack_signed};
+
+struct Group {
+    tree: KeyTree,
+    members: Vec<MemberPath>,
+    rng: ChaCha20Rng,
+    key: SigningKey,
+}
+
+fn group(n: usize, config: TreeConfig, seed: u64) -> Group {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let key = SigningKey::from_bytes(&[seed as u8; 32]);
+    let mut tree = KeyTree::new(GroupId(3), config, &mut rng).unwrap();
+    let rekey = tree.rekey(&Batch { leaves: vec![], joins: n }, &mut rng).unwrap();
+    let members = rekey.joiners.into_iter().map(|j| j.path).collect();
+    Group { tree, members, rng, key }
+}
+
+/// Delivers every datagram to every member; each must apply exactly one and end on the root.
+fn deliver(g: &mut Group, datagrams: &[Vec<u8>]) {
+    let controller = g.key.verifying_key();
+    let root = *g.tree.root_key().as_bytes();
+    let authentic: Vec<AuthenticRekey> = datagrams
+        .iter()
+        .map(|bytes| AuthenticRekey::verify(bytes, &controller).expect("authentic"))
+        .collect();
+    for member in &mut g.members {
+        let mut applied = 0;
+        for authentic in &authentic {
+            match authentic.fresh(member) {
+                Ok(fresh) => {
+                    fresh.apply(member).expect("applies");
+                    applied += 1;
+                }
+                Err(WireError::NotForMe | WireError::Stale { .. }) => {}
+                Err(other) => panic!("unexpected: {other}"),
+            }
+        }
+        assert_eq!(applied, 1);
+        assert_eq!(member.root_key().unwrap().as_bytes(), &root);
+    }
+}
+
+fn leave_and_deliver(g: &mut Group, leaves: usize, joins: usize, mtu: usize) -> Vec<Vec<u8>> {
+    let gone: Vec<_> = (0..leaves).map(|_| {
+        let i = (g.rng.next_u64() % g.members.len() as u64) as usize;
+        g.members.swap_remove(i).leaf()
+    }).collect();
+    let rekey = g.tree.rekey(&Batch { leaves: gone, joins }, &mut g.rng).unwrap();
+    let datagrams = pack_signed(&rekey, &g.tree, mtu, &g.key).unwrap();
+    assert!(datagrams.iter().all(|d| d.len() <= mtu));
+    deliver(g, &datagrams);
+    g.members.extend(rekey.joiners.into_iter().map(|j| j.path));
+    datagrams
+}
+
+#[test]
+fn every_member_finds_its_keys_in_one_datagram() {
+    for (strategy, hash_forward) in [
+        (Strategy::Group, false),
+        (Strategy::Key, false),
+        (Strategy::User, false),
+        (Strategy::Group, true),
+    ] {
+        let config = TreeConfig { strategy, hash_forward_joins: hash_forward, ..TreeConfig::default() };
+        let mut g = group(1000, config, 11);
+        leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
+        leave_and_deliver(&mut g, 0, 1, DEFAULT_MTU);
+        leave_and_deliver(&mut g, 40, 25, DEFAULT_MTU);
+        leave_and_deliver(&mut g, 300, 0, DEFAULT_MTU);
+        leave_and_deliver(&mut g, 0, 0, DEFAULT_MTU);
+    }
+}
+
+#[test]
+fn small_mtus_still_serve_every_member() {
+    let mut g = group(4096, TreeConfig::default(), 12);
+    let datagrams = leave_and_deliver(&mut g, 1, 0, 600);
+    assert!(datagrams.len() >= 3);
+    leave_and_deliver(&mut g, 20, 20, 9000);
+    let rekey = g.tree.refresh(&mut g.rng).unwrap();
+    assert!(matches!(pack(&rekey, &g.tree, 100), Err(WireError::MtuTooSmall(100))));
+}
+
+#[test]
+fn one_leave_at_16k_members_takes_three_datagrams_of_1200_bytes() {
+    // d·L − 1 = 27 wraps for n = 4^7; user-oriented packing repeats the wraps near the root.
+    let mut g = group(1 << 14, TreeConfig::default(), 13);
+    let datagrams = leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
+    assert!(datagrams.len() <= 3, "{} datagrams", datagrams.len());
+}
+
+#[test]
+fn v_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
+    let mut g = group(64, TreeConfig::default(), 14);
+    let gone = g.members.swap_remove(5).leaf();
+    let rekey = g.tree.leave(gone, &mut g.rng).unwrap();
+    let datagrams = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &g.key).unwrap();
+    let controller = g.key.verifying_key();
+    let bytes = &datagrams[0];
+    assert!(AuthenticRekey::verify(bytes, &controller).is_ok());
+    for len in 0..bytes.len() {
+        assert!(AuthenticRekey::verify(&bytes[..len], &controller).is_err(), "truncated to {len}");
+    }
+    let mut extended = bytes.clone();
+    extended.push(0);
+    assert!(AuthenticRekey::verify(&extended, &controller).is_err());
+    let mut flipped = bytes.clone();
+    for bit in 0..bytes.len() * 8 {
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        assert!(AuthenticRekey::verify(&flipped, &controller).is_err(), "bit {bit}");
+        flipped[bit / 8] ^= 1 << (bit % 8);
+    }
+}
+
+#[test]
+fn forged_and_replayed_datagrams_are_refused() {
+    let mut g = group(64, TreeConfig::default(), 15);
+    let gone = g.members.swap_remove(1).leaf();
+    let rekey = g.tree.leave(gone, &mut g.rng).unwrap();
+    let controller = g.key.verifying_key();
+    let insider = SigningKey::from_bytes(&[99; 32]);
+    let forged = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &insider).unwrap();
+    assert!(matches!(AuthenticRekey::verify(&forged[0], &controller), Err(WireError::BadSignature)));
+    let datagrams = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &g.key).unwrap();
+    deliver(&mut g, &datagrams);
+    let member = &g.members[0];
+    let replay = AuthenticRekey::verify(&datagrams[0], &controller).unwrap();
+    assert!(matches!(replay.fresh(member), Err(WireError::Stale { .. })));
+}
