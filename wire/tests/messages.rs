@@ -1,0 +1,81 @@
+//! Messages other than the rekey: signatures, bounds, data frames.
+
+use ed25519_dalek::SigningKey;
+use lkh_tree::{Epoch, GroupId, NodeKey};
+use wire::{
+    Codec, DecodeError, Heartbeat, LeaveRequest, MessageType, RegistrationRequest, WireError, data,
+    open, open_with, sign, verifying_key,
+};
+
+fn request() -> RegistrationRequest {
+    let member = SigningKey::from_bytes(&[5; 32]);
+    RegistrationRequest {
+        group: GroupId(1),
+        identity: member.verifying_key().to_bytes(),
+        hpke_key: [9; 32],
+        timestamp_ms: 1,
+        nonce: [2; 16],
+        token: vec![],
+    }
+}
+
+#[test]
+fn a_registration_request_verifies_under_the_key_it_carries_only() {
+    let member = SigningKey::from_bytes(&[5; 32]);
+    let bytes = sign(&request(), &member);
+    let opened = open_with::<RegistrationRequest>(&bytes, |r| verifying_key(&r.identity)).unwrap();
+    assert_eq!(opened.message(), &request());
+    let impostor = SigningKey::from_bytes(&[6; 32]);
+    let forged = sign(&request(), &impostor);
+    assert_eq!(
+        open_with::<RegistrationRequest>(&forged, |r| verifying_key(&r.identity)).unwrap_err(),
+        WireError::BadSignature
+    );
+}
+
+#[test]
+fn one_signed_kind_cannot_stand_in_for_another() {
+    let controller = SigningKey::from_bytes(&[1; 32]);
+    let heartbeat = Heartbeat { group: GroupId(1), epoch: Epoch(3), kcv: lkh_tree::Kcv([0; 8]), timestamp_ms: 5 };
+    let bytes = sign(&heartbeat, &controller);
+    assert_eq!(MessageType::peek(&bytes).unwrap(), MessageType::Heartbeat);
+    assert!(open::<Heartbeat>(&bytes, &controller.verifying_key()).is_ok());
+    assert!(matches!(
+        open::<LeaveRequest>(&bytes, &controller.verifying_key()),
+        Err(WireError::Decode(DecodeError::BadType(4)))
+    ));
+}
+
+#[test]
+fn header_and_bounds_are_checked() {
+    let mut bytes = request().to_bytes();
+    bytes[0] = b'X';
+    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::BadMagic));
+    let mut bytes = request().to_bytes();
+    bytes[2] = 2;
+    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::BadVersion(2)));
+    let mut long = request();
+    long.token = vec![0; 65];
+    let bytes = long.to_bytes();
+    assert!(matches!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::TooLong { .. })));
+    let mut bytes = request().to_bytes();
+    bytes.push(0);
+    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::TrailingBytes(1)));
+}
+
+#[test]
+fn data_frames_round_trip_and_reject_tampering_and_other_epochs() {
+    let root = NodeKey::from_bytes([4; 32]);
+    let key = root.traffic_key(GroupId(1), Epoch(7));
+    let frame = data::seal(&key, GroupId(1), Epoch(7), 3, 99, b"hello group");
+    let decoded = wire::DataFrame::decode_exact(&frame.to_bytes()).unwrap();
+    assert_eq!(data::open(&key, &decoded).unwrap(), b"hello group");
+    let mut tampered = decoded.clone();
+    tampered.seq = 100;
+    assert_eq!(data::open(&key, &tampered), Err(WireError::BadFrame));
+    let mut tampered = decoded.clone();
+    tampered.ciphertext[0] ^= 1;
+    assert_eq!(data::open(&key, &tampered), Err(WireError::BadFrame));
+    let next = root.traffic_key(GroupId(1), Epoch(8));
+    assert_eq!(data::open(&next, &decoded), Err(WireError::BadFrame));
+}
