@@ -1,0 +1,14 @@
+//! # netsim: gkm on a virtual network
+//!
+//! Drives the real key tree ([`lkh_tree`]), the real packer and codecs ([`wire`]) and the real
+//! member-side path (verify → fresh → apply) for a whole group, with seeded randomness and
+//! per-receiver datagram loss, and checks the outcome: every current member holds the group's
+//! traffic key; no departed member decrypts anything sent after it left.
+//!
+//! What it does not do (yet): the controller and member daemons' state machines, timers and
+//! resync messages are modelled here directly (a member that missed its datagram takes its
+//! current path from the tree, as a resync would deliver it); no sockets, no wall clock.
+
+#![forbid(unsafe_code)]
+
+pub mod demo;
