@@ -86,6 +86,14 @@ pub enum ApplyError {
         /// The update's epoch.
         got: Epoch,
     },
+    /// The update skips epochs: the member missed a rekey and must resync.
+    #[error("rekey epoch {got} skips epochs after {current}; resync")]
+    Gap {
+        /// The path's epoch.
+        current: Epoch,
+        /// The update's epoch.
+        got: Epoch,
+    },
     /// A wrap under a key the member holds did not authenticate.
     #[error("the wrap of node {target} under node {wrapping} does not open")]
     BadWrap {
@@ -169,10 +177,18 @@ impl MemberPath {
             .map(|root| root.traffic_key(self.group, self.epoch))
     }
 
-    /// Applies one rekey: all or nothing.
+    /// Applies the rekey of the next epoch: all or nothing. Keys of a rekey only make sense on
+    /// top of the epoch before it (hash-forward advances, in particular, carry no check), so an
+    /// older epoch is [`ApplyError::StaleEpoch`] and a later one [`ApplyError::Gap`].
     pub fn apply(&mut self, update: &PathUpdate<'_>) -> Result<Applied, ApplyError> {
         if update.epoch <= self.epoch {
             return Err(ApplyError::StaleEpoch {
+                current: self.epoch,
+                got: update.epoch,
+            });
+        }
+        if self.epoch.next() != Some(update.epoch) {
+            return Err(ApplyError::Gap {
                 current: self.epoch,
                 got: update.epoch,
             });

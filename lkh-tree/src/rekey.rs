@@ -135,6 +135,10 @@ pub enum TreeError {
     /// The tree would exceed its node id space.
     #[error("the tree cannot hold {0} more members")]
     Full(usize),
+    /// User-oriented rekeying lists each subgroup's new ancestor keys as the chain of its path;
+    /// hash-forward keys would leave gaps in that chain, so the two are not combined.
+    #[error("user-oriented rekeying cannot be combined with hash-forward joins")]
+    UserWithHashForward,
     /// The epoch counter is exhausted.
     #[error("the epoch counter is exhausted")]
     EpochExhausted,
@@ -167,6 +171,9 @@ impl KeyTree {
     ) -> Result<Self, TreeError> {
         if !(2..=64).contains(&config.degree) {
             return Err(TreeError::BadDegree(config.degree));
+        }
+        if config.strategy == Strategy::User && config.hash_forward_joins {
+            return Err(TreeError::UserWithHashForward);
         }
         Ok(KeyTree {
             group,
@@ -420,7 +427,7 @@ impl KeyTree {
             .filter(|&c| {
                 let child = nodes.node(c);
                 let fresh_joiner = child.kind == Kind::Leaf && child.version == epoch.0;
-                !fresh_joiner && !(user && renewed.contains_key(&c))
+                !(fresh_joiner || (user && renewed.contains_key(&c)))
             })
             .map(|c| {
                 let child = nodes.node(c);

@@ -137,6 +137,7 @@ pub(crate) struct Shape {
 }
 
 /// Where a join or a move lands.
+#[derive(Clone, Copy)]
 pub(crate) enum Position {
     /// A vacant slot under this internal node.
     Under(u32),

@@ -73,12 +73,19 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         initial,
         prop::collection::vec(op(), 1..15),
     )
-        .prop_map(|(degree, strategy, hash_forward_joins, seed, initial, ops)| Scenario {
-            config: TreeConfig { degree, strategy, hash_forward_joins },
-            seed,
-            initial,
-            ops,
-        })
+        .prop_map(
+            |(degree, strategy, hash_forward_joins, seed, initial, ops)| Scenario {
+                config: TreeConfig {
+                    degree,
+                    strategy,
+                    // The tree refuses user-oriented rekeying with hash-forward joins.
+                    hash_forward_joins: hash_forward_joins && strategy != Rekeying::User,
+                },
+                seed,
+                initial,
+                ops,
+            },
+        )
 }
 
 /// Which properties a run asserts (the simulation is the same).
@@ -149,7 +156,7 @@ impl Sim {
 
     fn run(scenario: &Scenario, checks: Checks) -> Result<(), TestCaseError> {
         let mut sim = Sim::new(scenario, checks)?;
-        sim.rekey(scenario.initial, 0, Vec::new())?;
+        sim.rekey(scenario.initial, 0, &[])?;
         for op in &scenario.ops {
             sim.step(op)?;
         }
@@ -158,16 +165,16 @@ impl Sim {
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         match op {
-            Op::Join => self.rekey(0, 1, Vec::new()),
+            Op::Join => self.rekey(0, 1, &[]),
             Op::Leave(pick) => {
                 let departures = self.choose(std::slice::from_ref(pick));
-                self.rekey(0, 0, departures)
+                self.rekey(0, 0, &departures)
             }
             Op::Batch { leaves, joins } => {
                 let departures = self.choose(leaves);
-                self.rekey(0, *joins, departures)
+                self.rekey(0, *joins, &departures)
             }
-            Op::Refresh => self.rekey(0, 0, Vec::new()),
+            Op::Refresh => self.rekey(0, 0, &[]),
         }
     }
 
@@ -179,19 +186,27 @@ impl Sim {
                 let i = pick.index.index(self.tracked.len());
                 self.tracked.keys().nth(i).copied()
             } else if !self.members.is_empty() {
-                self.members.get(pick.index.index(self.members.len())).copied()
+                self.members
+                    .get(pick.index.index(self.members.len()))
+                    .copied()
             } else {
                 None
             };
             let Some(leaf) = leaf else { continue };
-            let Some(i) = self.position.remove(&leaf) else { continue };
+            let Some(i) = self.position.remove(&leaf) else {
+                continue;
+            };
             self.members.swap_remove(i);
             if let Some(&moved) = self.members.get(i) {
                 self.position.insert(moved, i);
             }
             let welcome = self.welcome.remove(&leaf).unwrap_or_default();
             self.departed.extend(welcome.iter().copied());
-            departures.push(Departure { leaf, welcome, path: self.tracked.remove(&leaf) });
+            departures.push(Departure {
+                leaf,
+                welcome,
+                path: self.tracked.remove(&leaf),
+            });
         }
         departures
     }
@@ -201,7 +216,7 @@ impl Sim {
         &mut self,
         initial: usize,
         joins: usize,
-        departures: Vec<Departure>,
+        departures: &[Departure],
     ) -> Result<(), TestCaseError> {
         let before = self.tree.epoch();
         let leaves: Vec<NodeId> = departures.iter().map(|d| d.leaf).collect();
@@ -209,8 +224,20 @@ impl Sim {
             ([], 0, 0) => self.tree.refresh(&mut self.rng),
             ([], 1, 0) => self.tree.join(&mut self.rng),
             (&[leaf], 0, 0) => self.tree.leave(leaf, &mut self.rng),
-            ([], 0, n) => self.tree.rekey(&Batch { leaves: Vec::new(), joins: n }, &mut self.rng),
-            _ => self.tree.rekey(&Batch { leaves: leaves.clone(), joins }, &mut self.rng),
+            ([], 0, n) => self.tree.rekey(
+                &Batch {
+                    leaves: Vec::new(),
+                    joins: n,
+                },
+                &mut self.rng,
+            ),
+            _ => self.tree.rekey(
+                &Batch {
+                    leaves: leaves.clone(),
+                    joins,
+                },
+                &mut self.rng,
+            ),
         };
         let rekey = result.map_err(|e| TestCaseError::fail(format!("rekey refused: {e}")))?;
         let joins = joins + initial;
@@ -226,19 +253,27 @@ impl Sim {
             .map(|e| Wrap::from_encryption(e, rekey.epoch))
             .collect();
         let advances: Vec<NodeId> = rekey.advances.iter().map(|a| a.node).collect();
-        let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &advances };
+        let update = PathUpdate {
+            epoch: rekey.epoch,
+            wraps: &wraps,
+            advances: &advances,
+        };
 
         self.check_members(&rekey, &update)?;
         let departing = departures.iter().filter_map(|d| d.path.clone()).collect();
         self.check_ghosts(&update, departing)?;
         self.admit(&rekey)?;
         self.check_height()?;
-        self.check_coalition(&departures)
+        self.check_coalition(departures)
     }
 
     /// Property 1: every tracked member applies the rekey, holds the controller's root key, its
     /// traffic key's check value and its path.
-    fn check_members(&mut self, rekey: &Rekey, update: &PathUpdate<'_>) -> Result<(), TestCaseError> {
+    fn check_members(
+        &mut self,
+        rekey: &Rekey,
+        update: &PathUpdate<'_>,
+    ) -> Result<(), TestCaseError> {
         let root = self.tree.root_key();
         let kcv = root.traffic_key(GROUP, rekey.epoch).check_value();
         for (&leaf, path) in &mut self.tracked {
@@ -257,12 +292,18 @@ impl Sim {
             };
             prop_assert_eq!(applied.epoch, rekey.epoch);
             prop_assert!(
-                path.root_key().is_some_and(|k| k.as_bytes() == root.as_bytes()),
+                path.root_key()
+                    .is_some_and(|k| k.as_bytes() == root.as_bytes()),
                 "member {} holds a root key other than the controller's at epoch {}",
                 leaf,
                 rekey.epoch
             );
-            prop_assert_eq!(applied.kcv, kcv, "traffic key check value of member {}", leaf);
+            prop_assert_eq!(
+                applied.kcv,
+                kcv,
+                "traffic key check value of member {}",
+                leaf
+            );
             prop_assert_eq!(path.leaf(), leaf);
             let expected = self.tree.member_path(leaf).map(|p| instances(&p));
             prop_assert_eq!(
@@ -284,15 +325,21 @@ impl Sim {
         mut departing: Vec<MemberPath>,
     ) -> Result<(), TestCaseError> {
         let nonempty = !self.tree.is_empty();
+        let root = self.tree.root_key();
         for ghost in self.ghosts.iter_mut().chain(departing.iter_mut()) {
+            let held = ghost.epoch();
             let result = ghost.apply(update);
             if self.checks.ghosts && nonempty {
                 prop_assert!(
                     result.is_err(),
-                    "departed member {} (left at epoch {}) applied the rekey of epoch {}",
+                    "departed member {} (path of epoch {}) applied the rekey of epoch {}; \
+                     its root key equals the controller's: {}",
                     ghost.leaf(),
-                    ghost.epoch(),
-                    update.epoch
+                    held,
+                    update.epoch,
+                    ghost
+                        .root_key()
+                        .is_some_and(|k| k.as_bytes() == root.as_bytes())
                 );
             }
         }
@@ -310,12 +357,19 @@ impl Sim {
         let stride = (rekey.joiners.len() / 24).max(1);
         for (i, joiner) in rekey.joiners.iter().enumerate() {
             let leaf = joiner.leaf;
-            prop_assert!(!self.position.contains_key(&leaf), "joiner {} is already a member", leaf);
+            prop_assert!(
+                !self.position.contains_key(&leaf),
+                "joiner {} is already a member",
+                leaf
+            );
             prop_assert_eq!(joiner.path.leaf(), leaf);
             prop_assert_eq!(joiner.path.epoch(), rekey.epoch);
             if self.checks.members {
                 prop_assert!(
-                    joiner.path.root_key().is_some_and(|k| k.as_bytes() == root.as_bytes()),
+                    joiner
+                        .path
+                        .root_key()
+                        .is_some_and(|k| k.as_bytes() == root.as_bytes()),
                     "joiner {} received a root key other than the controller's",
                     leaf
                 );
@@ -417,8 +471,19 @@ impl Sim {
     }
 }
 
+/// 24 cases (PROPTEST_CASES overrides, for a longer run).
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 512,
+        max_shrink_time: 60_000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 proptest! {
@@ -447,5 +512,105 @@ proptest! {
     #[test]
     fn departed_members_cannot_apply_later_rekeys(scenario in scenario()) {
         Sim::run(&scenario, Checks { ghosts: true, ..Checks::default() })?;
+    }
+}
+
+/// Applies `rekey` to every path and checks root key and path against the controller.
+fn apply_all(paths: &mut [MemberPath], rekey: &Rekey, tree: &KeyTree) {
+    let wraps: Vec<Wrap> = rekey
+        .encryptions
+        .iter()
+        .map(|e| Wrap::from_encryption(e, rekey.epoch))
+        .collect();
+    let advances: Vec<NodeId> = rekey.advances.iter().map(|a| a.node).collect();
+    let update = PathUpdate {
+        epoch: rekey.epoch,
+        wraps: &wraps,
+        advances: &advances,
+    };
+    for path in paths.iter_mut() {
+        let leaf = path.leaf();
+        if let Err(e) = path.apply(&update) {
+            panic!(
+                "member {leaf} refused the rekey of epoch {}: {e}",
+                rekey.epoch
+            );
+        }
+        assert_eq!(
+            path.root_key().map(|k| *k.as_bytes()),
+            Some(*tree.root_key().as_bytes())
+        );
+        assert_eq!(
+            Some(instances(path)),
+            tree.member_path(leaf).map(|p| instances(&p)),
+            "member {leaf}'s path differs from the controller's at epoch {}",
+            rekey.epoch
+        );
+    }
+}
+
+/// Found by `every_member_derives_the_same_root_key`: user-oriented rekeying lists a subgroup's
+/// new ancestor keys as the chain of its path, and hash-forward keys would leave gaps in that
+/// chain (a member then dropped an advanced node from its path). The combination is refused.
+#[test]
+fn user_oriented_rekeying_with_hash_forward_joins_is_refused() {
+    let config = TreeConfig {
+        degree: 2,
+        strategy: Rekeying::User,
+        hash_forward_joins: true,
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(0);
+    assert!(matches!(
+        KeyTree::new(GROUP, config, &mut rng),
+        Err(lkh_tree::TreeError::UserWithHashForward)
+    ));
+}
+
+/// Shrunk from `departed_members_cannot_apply_later_rekeys`: with hash-forward joins, a join into
+/// the slot a member just left is only advances; the departed member's apply of it succeeds (with
+/// keys hashed forward from its stale ones, not the controller's).
+#[test]
+fn departed_member_cannot_apply_a_hash_forward_join() {
+    let config = TreeConfig {
+        degree: 2,
+        strategy: Rekeying::Group,
+        hash_forward_joins: true,
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(0);
+    let mut tree = KeyTree::new(GROUP, config, &mut rng).expect("tree");
+    let bulk = tree
+        .rekey(
+            &Batch {
+                leaves: Vec::new(),
+                joins: 4,
+            },
+            &mut rng,
+        )
+        .expect("bulk");
+    let mut paths: Vec<MemberPath> = bulk.joiners.into_iter().map(|j| j.path).collect();
+    let mut gone = paths.remove(0);
+    for step in ["leave", "join"] {
+        let rekey = if step == "leave" {
+            tree.leave(gone.leaf(), &mut rng).expect("leave")
+        } else {
+            tree.join(&mut rng).expect("join")
+        };
+        let wraps: Vec<Wrap> = rekey
+            .encryptions
+            .iter()
+            .map(|e| Wrap::from_encryption(e, rekey.epoch))
+            .collect();
+        let advances: Vec<NodeId> = rekey.advances.iter().map(|a| a.node).collect();
+        let update = PathUpdate {
+            epoch: rekey.epoch,
+            wraps: &wraps,
+            advances: &advances,
+        };
+        assert!(
+            gone.apply(&update).is_err(),
+            "the departed member applied the {step} rekey of epoch {}",
+            rekey.epoch
+        );
+        apply_all(&mut paths, &rekey, &tree);
     }
 }

@@ -31,6 +31,14 @@ pub enum WireError {
         /// The message's epoch.
         got: Epoch,
     },
+    /// The message is more than one epoch ahead: the receiver missed a rekey and must resync.
+    #[error("epoch {got} skips epochs after {current}; resync")]
+    Gap {
+        /// The receiver's epoch.
+        current: Epoch,
+        /// The message's epoch.
+        got: Epoch,
+    },
     /// The datagram is valid but holds nothing for this member (another datagram of the same
     /// epoch does).
     #[error("datagram does not serve this member")]

@@ -142,8 +142,9 @@ impl AuthenticRekey {
         &self.0
     }
 
-    /// Checks that the datagram is for this member's group, newer than its epoch (replays and
-    /// duplicates are refused) and serves its path.
+    /// Checks that the datagram is for this member's group, of the epoch after its own (replays
+    /// and duplicates are [`WireError::Stale`], a skipped epoch is [`WireError::Gap`]: resync)
+    /// and serves its path.
     pub fn fresh(&self, path: &MemberPath) -> Result<FreshRekey<'_>, WireError> {
         let d = &self.0;
         if d.group != path.group() {
@@ -151,6 +152,9 @@ impl AuthenticRekey {
         }
         if d.epoch <= path.epoch() {
             return Err(WireError::Stale { current: path.epoch(), got: d.epoch });
+        }
+        if path.epoch().next() != Some(d.epoch) {
+            return Err(WireError::Gap { current: path.epoch(), got: d.epoch });
         }
         if !d.serves(path) {
             return Err(WireError::NotForMe);
