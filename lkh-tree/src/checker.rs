@@ -3,8 +3,9 @@
 //!
 //! The graph has one vertex per key instance (node, version) and an edge from the wrapping key to
 //! the wrapped key for every encryption, and from the old to the new key for every hash-forward
-//! advance (anyone holding the old key computes the new one). Reachability is breadth-first
-//! search. It does not look at ciphertexts: it checks the *structure* of the rekeys the tree
+//! advance (anyone holding the old key computes the new one), and from child to parent for every
+//! one-way link (conservatively, as if the child's key and not only its seed gave the parent's).
+//! Reachability is breadth-first search. It does not look at ciphertexts: it checks the *structure* of the rekeys the tree
 //! produced, independently of the code that produced them.
 
 use std::collections::HashSet;
@@ -39,6 +40,10 @@ impl KeyGraph {
                 (e.target.0, target_version),
                 (),
             );
+        }
+        for l in &rekey.links {
+            self.graph
+                .add_edge((l.child.0, target_version), (l.parent.0, target_version), ());
         }
         for a in &rekey.advances {
             self.graph

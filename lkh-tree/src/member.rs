@@ -11,6 +11,7 @@
 use thiserror::Error;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::rekey::Link;
 use crate::secret::{Kcv, NodeKey, TrafficKey};
 use crate::tree::MAX_DEPTH;
 use crate::wrap::{Encryption, WRAPPED_LEN, WrapContext};
@@ -61,6 +62,10 @@ pub struct PathUpdate<'a> {
     pub wraps: &'a [Wrap],
     /// Nodes whose keys advanced by hash-forward in this epoch.
     pub advances: &'a [NodeId],
+    /// One-way chain links of this epoch.
+    pub links: &'a [Link],
+    /// Whether the wraps carry one-way seeds rather than keys.
+    pub seeds: bool,
 }
 
 /// What a successful apply yields.
@@ -217,6 +222,8 @@ struct Slot {
     node: NodeId,
     old: Option<(KeyVersion, NodeKey)>,
     new: Option<NodeKey>,
+    /// The one-way seed the new key came from.
+    seed: Option<NodeKey>,
     parent: Option<NodeId>,
     chain_tail: Option<NodeId>,
 }
@@ -233,6 +240,7 @@ impl Working {
                 node: k.node,
                 old: Some((k.version, k.key.clone())),
                 new: None,
+                seed: None,
                 parent: None,
                 chain_tail: None,
             })
@@ -298,9 +306,10 @@ impl Working {
                         target: wrap.target,
                         wrapping: wrap.wrapping,
                     })?;
-                self.learn(wrap, opened)?;
+                self.learn(wrap.target, opened, update.seeds)?;
                 progress = true;
             }
+            progress |= self.follow_links(update.links)?;
             if !progress {
                 return Ok(());
             }
@@ -331,6 +340,7 @@ impl Working {
                     node,
                     old: None,
                     new: None,
+                    seed: None,
                     parent: None,
                     chain_tail: None,
                 });
@@ -343,9 +353,32 @@ impl Working {
             .ok_or(ApplyError::Inconsistent("slot vanished"))
     }
 
-    fn learn(&mut self, wrap: &Wrap, key: NodeKey) -> Result<(), ApplyError> {
-        self.slot_mut(wrap.target)?.new = Some(key);
+    fn learn(&mut self, node: NodeId, opened: NodeKey, seeds: bool) -> Result<(), ApplyError> {
+        let slot = self.slot_mut(node)?;
+        if seeds {
+            slot.new = Some(opened.one_way_key(node));
+            slot.seed = Some(opened);
+        } else {
+            slot.new = Some(opened);
+        }
         Ok(())
+    }
+
+    /// Derives parents' seeds along one-way links from seeds already known; true if any new.
+    fn follow_links(&mut self, links: &[Link]) -> Result<bool, ApplyError> {
+        let mut progress = false;
+        for link in links {
+            let Some(seed) = self.slot(link.child).and_then(|s| s.seed.clone()) else {
+                continue;
+            };
+            if self.slot(link.parent).is_some_and(|s| s.new.is_some()) {
+                continue;
+            }
+            self.slot_mut(link.child)?.parent.get_or_insert(link.parent);
+            self.learn(link.parent, seed.one_way_next(link.parent), true)?;
+            progress = true;
+        }
+        Ok(progress)
     }
 
     /// The new path, leaf to root.
@@ -383,6 +416,7 @@ impl Working {
             let slot = self.slot(node).ok_or(ApplyError::MissingKey(node))?;
             let changed = node == NodeId::ROOT
                 || update.advances.contains(&node)
+                || update.links.iter().any(|l| l.parent == node)
                 || update.wraps.iter().any(|w| w.target == node);
             let key = match (&slot.new, &slot.old) {
                 (Some(new), _) => PathKey {

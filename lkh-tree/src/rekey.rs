@@ -24,7 +24,7 @@ use rand_core::CryptoRng;
 use thiserror::Error;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
-use crate::member::{MemberPath, PathKey};
+use crate::member::{MemberPath, PathKey, PathUpdate, Wrap};
 use crate::secret::NodeKey;
 use crate::tree::{Kind, MAX_DEPTH, NIL, Shape};
 use crate::wrap::{Encryption, WrapContext};
@@ -50,6 +50,11 @@ pub struct TreeConfig {
     pub strategy: Strategy,
     /// LKH+: join-only path keys become KDF(old key) instead of fresh keys wrapped in multicast.
     pub hash_forward_joins: bool,
+    /// One-way path update on leave (Canetti et al. 1999): wraps carry seeds; a renewed node with
+    /// exactly one renewed child takes the seed `one_way_next(child seed)`, so the members below
+    /// that child derive it and it is wrapped only for the other children. A leave then costs
+    /// (d − 1)·L encryptions instead of d·L − 1 (L = log2 n at d = 2).
+    pub one_way: bool,
 }
 
 impl Default for TreeConfig {
@@ -58,6 +63,7 @@ impl Default for TreeConfig {
             degree: 4,
             strategy: Strategy::Group,
             hash_forward_joins: false,
+            one_way: false,
         }
     }
 }
@@ -80,6 +86,16 @@ pub struct Advance {
     pub from: KeyVersion,
 }
 
+/// A one-way chain link: members that learn `child`'s seed derive `parent`'s seed from it (and
+/// learn that `parent` is `child`'s parent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The renewed child whose seed continues the chain.
+    pub child: NodeId,
+    /// Its parent.
+    pub parent: NodeId,
+}
+
 /// What a joiner receives by unicast: its leaf and every key on its path.
 #[derive(Debug)]
 pub struct JoinerKeys {
@@ -100,6 +116,10 @@ pub struct Rekey {
     pub encryptions: Vec<Encryption>,
     /// Keys advanced by hash-forward (members derive them; nothing is encrypted).
     pub advances: Vec<Advance>,
+    /// One-way chain links: the parent's seed is `one_way_next(child's seed)`.
+    pub links: Vec<Link>,
+    /// Whether the wraps carry seeds (one-way path update) rather than keys.
+    pub seeds: bool,
     /// One entry per joiner, for unicast.
     pub joiners: Vec<JoinerKeys>,
     /// Departed leaves, as given.
@@ -108,7 +128,42 @@ pub struct Rekey {
     pub moved: Vec<NodeId>,
 }
 
+/// A rekey as every member sees it (all wraps, advances and links), for tests and simulations
+/// that skip the wire.
+#[derive(Debug)]
+pub struct MemberView {
+    epoch: Epoch,
+    wraps: Vec<Wrap>,
+    advances: Vec<NodeId>,
+    links: Vec<Link>,
+    seeds: bool,
+}
+
+impl MemberView {
+    /// The update to hand to [`MemberPath::apply`].
+    pub fn update(&self) -> PathUpdate<'_> {
+        PathUpdate {
+            epoch: self.epoch,
+            wraps: &self.wraps,
+            advances: &self.advances,
+            links: &self.links,
+            seeds: self.seeds,
+        }
+    }
+}
+
 impl Rekey {
+    /// Everything in this rekey, as a member would receive it.
+    pub fn member_view(&self) -> MemberView {
+        MemberView {
+            epoch: self.epoch,
+            wraps: self.encryptions.iter().map(|e| Wrap::from_encryption(e, self.epoch)).collect(),
+            advances: self.advances.iter().map(|a| a.node).collect(),
+            links: self.links.clone(),
+            seeds: self.seeds,
+        }
+    }
+
     /// Unicast path keys handed to joiners (internal nodes only; the leaf key is the joiner's
     /// individual key, delivered with them).
     pub fn unicast_keys(&self) -> usize {
@@ -136,8 +191,9 @@ pub enum TreeError {
     #[error("the tree cannot hold {0} more members")]
     Full(usize),
     /// User-oriented rekeying lists each subgroup's new ancestor keys as the chain of its path;
-    /// hash-forward keys would leave gaps in that chain, so the two are not combined.
-    #[error("user-oriented rekeying cannot be combined with hash-forward joins")]
+    /// keys derived by the members (hash-forward or one-way) would leave gaps in that chain, so
+    /// they are not combined.
+    #[error("user-oriented rekeying cannot be combined with hash-forward joins or one-way updates")]
     UserWithHashForward,
     /// The epoch counter is exhausted.
     #[error("the epoch counter is exhausted")]
@@ -172,7 +228,7 @@ impl KeyTree {
         if !(2..=64).contains(&config.degree) {
             return Err(TreeError::BadDegree(config.degree));
         }
-        if config.strategy == Strategy::User && config.hash_forward_joins {
+        if config.strategy == Strategy::User && (config.hash_forward_joins || config.one_way) {
             return Err(TreeError::UserWithHashForward);
         }
         Ok(KeyTree {
@@ -287,7 +343,7 @@ impl KeyTree {
         let moved = self.rebalance(&mut marks);
         // A refresh (or a batch that touched nothing) still renews the root, at random.
         marks.flags.entry(NodeId::ROOT.0).or_insert(MARK_REFRESH);
-        let (renewed, advances) = self.renew_keys(&marks, epoch, rng);
+        let (renewed, advances, links) = self.renew_keys(&marks, epoch, rng);
         let encryptions = self.wraps(&marks, &renewed, epoch);
         self.shape.end_batch();
         self.epoch = epoch;
@@ -303,6 +359,8 @@ impl KeyTree {
             epoch,
             encryptions,
             advances,
+            links,
+            seeds: self.config.one_way,
             joiners,
             departed: batch.leaves.clone(),
             moved,
@@ -347,31 +405,57 @@ impl KeyTree {
         moved
     }
 
-    /// Sets the new key of every marked node, deepest first. Returns the renewed (random) nodes
-    /// with their old keys, and the hash-forward advances.
+    /// Sets the new key of every marked node, deepest first. Returns the renewed (random or
+    /// one-way) nodes with their old keys, the hash-forward advances and the one-way links.
     fn renew_keys<R: CryptoRng + ?Sized>(
         &mut self,
         marks: &Marks,
         epoch: Epoch,
         rng: &mut R,
-    ) -> (HashMap<u32, Renewed>, Vec<Advance>) {
-        let mut renewed = HashMap::with_capacity(marks.flags.len());
+    ) -> (HashMap<u32, Renewed>, Vec<Advance>, Vec<Link>) {
+        let mut renewed: HashMap<u32, Renewed> = HashMap::with_capacity(marks.flags.len());
         let mut advances = Vec::new();
+        let mut links = Vec::new();
         for &(id, flags) in &marks.bottom_up(&self.shape) {
             let node = self.shape.nodes.node(id);
             let old = node.node_key();
             let from = KeyVersion(node.version);
             let join_only = flags & (MARK_FULL | MARK_NEW | MARK_REFRESH) == 0;
-            let new_key = if self.config.hash_forward_joins && join_only {
+            if self.config.hash_forward_joins && join_only {
                 advances.push(Advance { node: NodeId(id), from });
-                old.hash_forward(NodeId(id), epoch.version())
-            } else {
-                renewed.insert(id, Renewed { old, from, flags });
-                NodeKey::random(rng)
+                let key = old.hash_forward(NodeId(id), epoch.version());
+                self.shape.set_key(id, &key, epoch.version());
+                continue;
+            }
+            let chain = self.chain_child(id, flags, &renewed);
+            let secret = match chain {
+                Some(child) => {
+                    links.push(Link { child: NodeId(child), parent: NodeId(id) });
+                    renewed[&child].secret.one_way_next(NodeId(id))
+                }
+                None => NodeKey::random(rng),
             };
-            self.shape.set_key(id, &new_key, epoch.version());
+            let key = if self.config.one_way {
+                secret.one_way_key(NodeId(id))
+            } else {
+                secret.clone()
+            };
+            self.shape.set_key(id, &key, epoch.version());
+            renewed.insert(id, Renewed { old, from, flags, secret, chain });
         }
-        (renewed, advances)
+        (renewed, advances, links)
+    }
+
+    /// With one-way updates, the one renewed child a full node's seed is derived from.
+    fn chain_child(&self, id: u32, flags: u8, renewed: &HashMap<u32, Renewed>) -> Option<u32> {
+        if !self.config.one_way || flags & MARK_FULL == 0 || flags & MARK_NEW != 0 {
+            return None;
+        }
+        let mut changed = self.shape.children(id).filter(|c| renewed.contains_key(c));
+        match (changed.next(), changed.next()) {
+            (Some(child), None) => Some(child),
+            _ => None,
+        }
     }
 
     /// The encryptions for every renewed node, by strategy.
@@ -390,15 +474,15 @@ impl KeyTree {
             match self.config.strategy {
                 Strategy::Group | Strategy::Key => {
                     for (holder, version, key) in &holders {
-                        out.push(self.seal(epoch, id, *holder, *version, key));
+                        out.push(self.seal(epoch, id, &info.secret, *holder, *version, key));
                     }
                 }
                 Strategy::User => {
                     for (holder, version, key) in &holders {
                         let mut target = id;
                         while target != NIL {
-                            if renewed.contains_key(&target) {
-                                out.push(self.seal(epoch, target, *holder, *version, key));
+                            if let Some(t) = renewed.get(&target) {
+                                out.push(self.seal(epoch, target, &t.secret, *holder, *version, key));
                             }
                             target = self.shape.nodes.node(target).parent;
                         }
@@ -427,7 +511,8 @@ impl KeyTree {
             .filter(|&c| {
                 let child = nodes.node(c);
                 let fresh_joiner = child.kind == Kind::Leaf && child.version == epoch.0;
-                !(fresh_joiner || (user && renewed.contains_key(&c)))
+                let derives = info.chain == Some(c);
+                !(fresh_joiner || derives || (user && renewed.contains_key(&c)))
             })
             .map(|c| {
                 let child = nodes.node(c);
@@ -436,10 +521,12 @@ impl KeyTree {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one wrap is bound to all of these")]
     fn seal(
         &self,
         epoch: Epoch,
         target: u32,
+        secret: &NodeKey,
         wrapping: u32,
         wrapping_version: KeyVersion,
         wrapping_key: &NodeKey,
@@ -451,7 +538,7 @@ impl KeyTree {
             wrapping: NodeId(wrapping),
             wrapping_version,
         };
-        context.seal(wrapping_key, &self.shape.nodes.node(target).node_key())
+        context.seal(wrapping_key, secret)
     }
 
     fn path_of(&self, leaf: u32) -> MemberPath {
@@ -520,6 +607,10 @@ struct Renewed {
     old: NodeKey,
     from: KeyVersion,
     flags: u8,
+    /// What the wraps carry: the new key, or with one-way updates its seed.
+    secret: NodeKey,
+    /// The child this node's seed derives from (one-way updates).
+    chain: Option<u32>,
 }
 
 /// The marks of one batch.

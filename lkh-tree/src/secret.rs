@@ -18,6 +18,8 @@ const LABEL_WRAP: &str = "gkm v1 2026-11 lkh wrap key";
 const LABEL_HASH_FORWARD: &str = "gkm v1 2026-11 lkh hash-forward";
 const LABEL_TRAFFIC: &str = "gkm v1 2026-11 traffic key";
 const LABEL_KCV: &str = "gkm v1 2026-11 key check value";
+const LABEL_ONE_WAY_KEY: &str = "gkm v1 2026-11 lkh one-way key";
+const LABEL_ONE_WAY_NEXT: &str = "gkm v1 2026-11 lkh one-way next seed";
 
 macro_rules! secret_key {
     ($(#[$doc:meta])* $name:ident) => {
@@ -90,6 +92,25 @@ impl NodeKey {
         input[KEY_LEN..KEY_LEN + 4].copy_from_slice(&node.0.to_be_bytes());
         input[KEY_LEN + 4..].copy_from_slice(&version.0.to_be_bytes());
         let key = NodeKey(blake3::derive_key(LABEL_HASH_FORWARD, &input));
+        input.zeroize();
+        key
+    }
+
+    /// One-way path update: the key of `node` when this is its seed.
+    pub fn one_way_key(&self, node: NodeId) -> NodeKey {
+        self.derive_with_node(LABEL_ONE_WAY_KEY, node)
+    }
+
+    /// One-way path update: the seed of `parent` when this is the seed of its chain child.
+    pub fn one_way_next(&self, parent: NodeId) -> NodeKey {
+        self.derive_with_node(LABEL_ONE_WAY_NEXT, parent)
+    }
+
+    fn derive_with_node(&self, label: &str, node: NodeId) -> NodeKey {
+        let mut input = [0u8; KEY_LEN + 4];
+        input[..KEY_LEN].copy_from_slice(&self.0);
+        input[KEY_LEN..].copy_from_slice(&node.0.to_be_bytes());
+        let key = NodeKey(blake3::derive_key(label, &input));
         input.zeroize();
         key
     }

@@ -18,15 +18,9 @@ fn full_tree(degree: u8, levels: u32, config: TreeConfig) -> (KeyTree, Vec<Membe
 }
 
 fn apply_all(paths: &mut [MemberPath], rekey: &lkh_tree::Rekey, tree: &KeyTree) {
-    let wraps: Vec<Wrap> = rekey
-        .encryptions
-        .iter()
-        .map(|e| Wrap::from_encryption(e, rekey.epoch))
-        .collect();
-    let advances: Vec<NodeId> = rekey.advances.iter().map(|a| a.node).collect();
-    let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &advances };
+    let view = rekey.member_view();
     for path in paths.iter_mut() {
-        path.apply(&update).expect("member applies the rekey");
+        path.apply(&view.update()).expect("member applies the rekey");
         assert!(bool::from(path.root_key().unwrap().ct_eq(&tree.root_key())));
     }
 }
@@ -112,7 +106,7 @@ fn a_departed_member_cannot_apply_the_next_rekey() {
     let rekey = tree.leave(gone.leaf(), &mut rng).unwrap();
     let wraps: Vec<Wrap> =
         rekey.encryptions.iter().map(|e| Wrap::from_encryption(e, rekey.epoch)).collect();
-    let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &[] };
+    let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &[], links: &[], seeds: false };
     let before = gone.epoch();
     assert!(gone.apply(&update).is_err());
     assert_eq!(gone.epoch(), before, "a refused update changes nothing");
@@ -143,12 +137,28 @@ fn stale_and_tampered_updates_leave_the_path_unchanged() {
     for w in &mut wraps {
         w.ciphertext[3] ^= 1;
     }
-    let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &[] };
+    let update = PathUpdate { epoch: rekey.epoch, wraps: &wraps, advances: &[], links: &[], seeds: false };
     let member = &mut paths[0];
     let before: Vec<_> = member.keys().iter().map(|k| (k.node, k.version)).collect();
     assert!(member.apply(&update).is_err());
     let after: Vec<_> = member.keys().iter().map(|k| (k.node, k.version)).collect();
     assert_eq!(before, after);
-    let stale = PathUpdate { epoch: member.epoch(), wraps: &[], advances: &[] };
+    let stale = PathUpdate { epoch: member.epoch(), wraps: &[], advances: &[], links: &[], seeds: false };
     assert!(matches!(member.apply(&stale), Err(lkh_tree::ApplyError::StaleEpoch { .. })));
+}
+
+#[test]
+fn one_way_leave_costs_d_minus_1_times_l_encryptions() {
+    let config = TreeConfig { one_way: true, ..TreeConfig::default() };
+    for (d, l) in SHAPES {
+        let (mut tree, mut paths, mut rng) = full_tree(d, l, config);
+        let gone = paths.swap_remove(4);
+        let rekey = tree.leave(gone.leaf(), &mut rng).unwrap();
+        assert_eq!(rekey.encryptions.len(), (usize::from(d) - 1) * l as usize, "d={d} L={l}");
+        assert_eq!(rekey.links.len(), l as usize - 1);
+        apply_all(&mut paths, &rekey, &tree);
+        let rekey = tree.join(&mut rng).unwrap();
+        assert_eq!(rekey.encryptions.len(), l as usize);
+        apply_all(&mut paths, &rekey, &tree);
+    }
 }

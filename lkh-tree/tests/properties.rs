@@ -80,6 +80,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     strategy,
                     // The tree refuses user-oriented rekeying with hash-forward joins.
                     hash_forward_joins: hash_forward_joins && strategy != Rekeying::User,
+                    // One-way path updates on half the non-user-oriented runs.
+                    one_way: seed & 1 == 1 && strategy != Rekeying::User,
                 },
                 seed,
                 initial,
@@ -257,6 +259,8 @@ impl Sim {
             epoch: rekey.epoch,
             wraps: &wraps,
             advances: &advances,
+            links: &rekey.links,
+            seeds: rekey.seeds,
         };
 
         self.check_members(&rekey, &update)?;
@@ -527,6 +531,8 @@ fn apply_all(paths: &mut [MemberPath], rekey: &Rekey, tree: &KeyTree) {
         epoch: rekey.epoch,
         wraps: &wraps,
         advances: &advances,
+        links: &rekey.links,
+        seeds: rekey.seeds,
     };
     for path in paths.iter_mut() {
         let leaf = path.leaf();
@@ -558,6 +564,7 @@ fn user_oriented_rekeying_with_hash_forward_joins_is_refused() {
         degree: 2,
         strategy: Rekeying::User,
         hash_forward_joins: true,
+        one_way: false,
     };
     let mut rng = ChaCha20Rng::seed_from_u64(0);
     assert!(matches!(
@@ -575,6 +582,7 @@ fn departed_member_cannot_apply_a_hash_forward_join() {
         degree: 2,
         strategy: Rekeying::Group,
         hash_forward_joins: true,
+        one_way: false,
     };
     let mut rng = ChaCha20Rng::seed_from_u64(0);
     let mut tree = KeyTree::new(GROUP, config, &mut rng).expect("tree");
@@ -605,6 +613,8 @@ fn departed_member_cannot_apply_a_hash_forward_join() {
             epoch: rekey.epoch,
             wraps: &wraps,
             advances: &advances,
+            links: &rekey.links,
+            seeds: rekey.seeds,
         };
         assert!(
             gone.apply(&update).is_err(),

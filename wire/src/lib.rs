@@ -41,6 +41,6 @@ pub use message::{
 };
 pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,
-    MAX_DATAGRAM, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
+    MAX_DATAGRAM, MAX_LINKS, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
 };
 pub use signed::{SIGNATURE_LEN, Verified, open, open_with, sign, verifying_key};

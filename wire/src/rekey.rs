@@ -5,8 +5,8 @@
 //! Packing is user-oriented (Zhang, Lam, Lee, Yang 2003): every member finds everything it needs
 //! for one epoch in one datagram. A member needs the wraps made under keys on its path and the
 //! advances of nodes on its path. The packer walks the tree from the root: a subtree whose needs
-//! (its own wraps plus the wraps under its ancestors' keys) fit one datagram is a *cover*; a
-//! subtree that does not fit is split into its children. Covers partition the members, so each
+//! (its own wraps plus the wraps under its ancestors' keys) fit one datagram, and are small (a
+//! quarter of a datagram), is a *cover*; a larger subtree is split into its children. Covers partition the members, so each
 //! member is served by exactly one datagram: the one listing a node of its path as a cover (a
 //! member whose path gained a node in this epoch also finds a wrap under its own leaf key
 //! there). Covers are filled into datagrams greedily in depth-first order, so neighbours share
@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use lkh_tree::{ApplyError, Applied, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
+use lkh_tree::{ApplyError, Applied, Link, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 use crate::error::WireError;
@@ -34,8 +34,11 @@ pub const MAX_COVERS: usize = 255;
 pub const MAX_WRAPS: usize = MAX_DATAGRAM / WRAP_LEN;
 /// Most advances in one datagram.
 pub const MAX_ADVANCES: usize = MAX_DATAGRAM / 4;
-/// Bytes of a datagram with no covers, advances or wraps (header through signature).
-pub const DATAGRAM_OVERHEAD: usize = HEADER_LEN + 8 + 2 + 2 + 1 + 2 + 2 + SIGNATURE_LEN;
+/// Most one-way links in one datagram.
+pub const MAX_LINKS: usize = MAX_DATAGRAM / 8;
+/// Bytes of a datagram with no covers, advances, links or wraps (header through signature).
+pub const DATAGRAM_OVERHEAD: usize = HEADER_LEN + 8 + 2 + 2 + 1 + 1 + 2 + 2 + 2 + SIGNATURE_LEN;
+const FLAG_SEEDS: u8 = 1;
 
 const UNDER_NEW: u32 = 1 << 31;
 
@@ -50,10 +53,14 @@ pub struct RekeyDatagram {
     pub index: u16,
     /// How many datagrams the epoch has.
     pub count: u16,
+    /// Whether the wraps carry one-way seeds rather than keys.
+    pub seeds: bool,
     /// Roots of the subtrees this datagram serves.
     pub covers: Vec<NodeId>,
     /// Nodes whose keys advanced by hash-forward.
     pub advances: Vec<NodeId>,
+    /// One-way chain links.
+    pub links: Vec<Link>,
     /// Wraps, in the order the tree made them.
     pub wraps: Vec<Wrap>,
 }
@@ -64,6 +71,7 @@ impl Codec for RekeyDatagram {
         out.extend_from_slice(&self.epoch.0.to_be_bytes());
         out.extend_from_slice(&self.index.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
+        out.push(if self.seeds { FLAG_SEEDS } else { 0 });
         put_count(out, CountWidth::U8, self.covers.len());
         for cover in &self.covers {
             out.extend_from_slice(&cover.0.to_be_bytes());
@@ -71,6 +79,11 @@ impl Codec for RekeyDatagram {
         put_count(out, CountWidth::U16, self.advances.len());
         for node in &self.advances {
             out.extend_from_slice(&node.0.to_be_bytes());
+        }
+        put_count(out, CountWidth::U16, self.links.len());
+        for link in &self.links {
+            out.extend_from_slice(&link.child.0.to_be_bytes());
+            out.extend_from_slice(&link.parent.0.to_be_bytes());
         }
         put_count(out, CountWidth::U16, self.wraps.len());
         for wrap in &self.wraps {
@@ -89,10 +102,19 @@ impl Codec for RekeyDatagram {
         if index >= count {
             return Err(DecodeError::Invalid("datagram index"));
         }
+        let seeds = match r.u8("flags")? {
+            0 => false,
+            FLAG_SEEDS => true,
+            _ => return Err(DecodeError::Invalid("flags")),
+        };
         let n = r.count(CountWidth::U8, 4, MAX_COVERS, "cover count")?;
         let covers = (0..n).map(|_| node_id(r, "cover")).collect::<Result<_, _>>()?;
         let n = r.count(CountWidth::U16, 4, MAX_ADVANCES, "advance count")?;
         let advances = (0..n).map(|_| node_id(r, "advance")).collect::<Result<_, _>>()?;
+        let n = r.count(CountWidth::U16, 8, MAX_LINKS, "link count")?;
+        let links = (0..n)
+            .map(|_| Ok(Link { child: node_id(r, "link child")?, parent: node_id(r, "link parent")? }))
+            .collect::<Result<_, DecodeError>>()?;
         let n = r.count(CountWidth::U16, WRAP_LEN, MAX_WRAPS, "wrap count")?;
         let mut wraps = Vec::with_capacity(n);
         for _ in 0..n {
@@ -102,14 +124,18 @@ impl Codec for RekeyDatagram {
             let ciphertext = r.array::<WRAPPED_LEN>("wrapped key")?;
             wraps.push(Wrap { target, wrapping, under_new: field & UNDER_NEW != 0, ciphertext });
         }
-        Ok(RekeyDatagram { group, epoch, index, count, covers, advances, wraps })
+        Ok(RekeyDatagram { group, epoch, index, count, seeds, covers, advances, links, wraps })
     }
 }
 
 impl RekeyDatagram {
     /// Encoded length including the signature.
     pub fn wire_len(&self) -> usize {
-        DATAGRAM_OVERHEAD + 4 * self.covers.len() + 4 * self.advances.len() + WRAP_LEN * self.wraps.len()
+        DATAGRAM_OVERHEAD
+            + 4 * self.covers.len()
+            + 4 * self.advances.len()
+            + 8 * self.links.len()
+            + WRAP_LEN * self.wraps.len()
     }
 
     /// Encodes and signs.
@@ -173,7 +199,13 @@ impl FreshRekey<'_> {
     /// serves it).
     pub fn apply(self, path: &mut MemberPath) -> Result<Applied, WireError> {
         let d = self.0;
-        let update = PathUpdate { epoch: d.epoch, wraps: &d.wraps, advances: &d.advances };
+        let update = PathUpdate {
+            epoch: d.epoch,
+            wraps: &d.wraps,
+            advances: &d.advances,
+            links: &d.links,
+            seeds: d.seeds,
+        };
         path.apply(&update).map_err(|e| match e {
             ApplyError::MissingKey(_) => WireError::NotForMe,
             other => WireError::Apply(other),
@@ -223,9 +255,36 @@ pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagr
                 .filter_map(|i| rekey.advances.get(i))
                 .map(|a| a.node)
                 .collect();
-            RekeyDatagram { group: rekey.group, epoch, index, count, covers, advances, wraps }
+            let links = items
+                .iter()
+                .filter_map(|&i| i.checked_sub(rekey.encryptions.len() + rekey.advances.len()))
+                .filter_map(|i| rekey.links.get(i))
+                .copied()
+                .collect();
+            RekeyDatagram {
+                group: rekey.group,
+                epoch,
+                index,
+                count,
+                seeds: rekey.seeds,
+                covers,
+                advances,
+                links,
+                wraps,
+            }
         })
         .collect())
+}
+
+/// Bytes of item `item` of a plan: a wrap, an advance or a link.
+fn item_size(item: usize, wraps: usize, advances: usize) -> usize {
+    if item < wraps {
+        WRAP_LEN
+    } else if item < wraps + advances {
+        4
+    } else {
+        8
+    }
 }
 
 /// Packs and signs: the datagrams to multicast, in order.
@@ -233,11 +292,12 @@ pub fn pack_signed(rekey: &Rekey, tree: &KeyTree, mtu: usize, key: &SigningKey) 
     Ok(pack(rekey, tree, mtu)?.iter().map(|d| d.sign(key)).collect())
 }
 
-/// What each node's key is needed for: items (wraps, then advances) by the node whose key opens
-/// them, and the bytes of everything below each node.
+/// What each node's key is needed for: items (wraps, then advances, then links) by the node whose
+/// key opens them, and the bytes of everything below each node.
 struct Plan<'a> {
     tree: &'a KeyTree,
     wraps: usize,
+    advances: usize,
     own: HashMap<NodeId, Vec<usize>>,
     below: HashMap<NodeId, usize>,
 }
@@ -245,27 +305,30 @@ struct Plan<'a> {
 impl<'a> Plan<'a> {
     fn new(rekey: &Rekey, tree: &'a KeyTree) -> Self {
         let wraps = rekey.encryptions.len();
+        let advances = rekey.advances.len();
         let keyed = rekey
             .encryptions
             .iter()
             .map(|e| e.wrapping)
-            .chain(rekey.advances.iter().map(|a| a.node));
+            .chain(rekey.advances.iter().map(|a| a.node))
+            .chain(rekey.links.iter().map(|l| l.child));
         let mut own: HashMap<NodeId, Vec<usize>> = HashMap::new();
         let mut below: HashMap<NodeId, usize> = HashMap::new();
+        let size_of = |item: usize| item_size(item, wraps, advances);
         for (item, node) in keyed.enumerate() {
             own.entry(node).or_default().push(item);
-            let size = if item < wraps { WRAP_LEN } else { 4 };
+            let size = size_of(item);
             let mut cursor = Some(node);
             while let Some(n) = cursor {
                 *below.entry(n).or_default() += size;
                 cursor = tree.parent(n);
             }
         }
-        Plan { tree, wraps, own, below }
+        Plan { tree, wraps, advances, own, below }
     }
 
     fn size(&self, item: usize) -> usize {
-        if item < self.wraps { WRAP_LEN } else { 4 }
+        item_size(item, self.wraps, self.advances)
     }
 
     fn own_bytes(&self, node: NodeId) -> usize {
@@ -286,7 +349,11 @@ impl<'a> Plan<'a> {
     fn visit(&self, node: NodeId, budget: usize, entries: &mut Vec<NodeId>) -> Result<(), ()> {
         let above = self.above_bytes(node);
         let below = self.below.get(&node).copied().unwrap_or(0);
-        if above + below + 4 <= budget {
+        let fits = above + below + 4 <= budget;
+        // Small subtrees stay whole (few covers); large ones are split even when they fit, so
+        // the greedy fill below can pack datagrams tightly.
+        let small = below <= budget / 4 || below == self.own_bytes(node);
+        if fits && (small || self.tree.is_member(node)) {
             entries.push(node);
             return Ok(());
         }

@@ -63,13 +63,15 @@ fn leave_and_deliver(g: &mut Group, leaves: usize, joins: usize, mtu: usize) -> 
 
 #[test]
 fn every_member_finds_its_keys_in_one_datagram() {
-    for (strategy, hash_forward) in [
-        (Strategy::Group, false),
-        (Strategy::Key, false),
-        (Strategy::User, false),
-        (Strategy::Group, true),
+    for (strategy, hash_forward, one_way) in [
+        (Strategy::Group, false, false),
+        (Strategy::Key, false, false),
+        (Strategy::User, false, false),
+        (Strategy::Group, true, false),
+        (Strategy::Group, false, true),
+        (Strategy::Group, true, true),
     ] {
-        let config = TreeConfig { strategy, hash_forward_joins: hash_forward, ..TreeConfig::default() };
+        let config = TreeConfig { strategy, hash_forward_joins: hash_forward, one_way, degree: 4 };
         let mut g = group(1000, config, 11);
         leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
         leave_and_deliver(&mut g, 0, 1, DEFAULT_MTU);
@@ -95,6 +97,22 @@ fn one_leave_at_16k_members_takes_three_datagrams_of_1200_bytes() {
     let mut g = group(1 << 14, TreeConfig::default(), 13);
     let datagrams = leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
     assert!(datagrams.len() <= 3, "{} datagrams", datagrams.len());
+}
+
+#[test]
+fn one_leave_at_a_million_members() {
+    // n = 4^10: a group-oriented leave is d·L − 1 = 39 wraps; a member below the leaf's parent
+    // needs 12 of them, one below the root 1, and the wraps near the root repeat across
+    // datagrams: at 1,200 bytes no packing fits two datagrams (a member deep in the tree and
+    // one at the top cannot share one, and one of the two must carry 24 wraps, 1,344 bytes). The
+    // one-way update needs (d − 1)·L = 30 wraps and 9 links, each member needing exactly one wrap.
+    for (one_way, datagrams) in [(false, 3), (true, 2)] {
+        let config = TreeConfig { one_way, ..TreeConfig::default() };
+        let mut g = group(1 << 20, config, 16);
+        g.members.truncate(2000);
+        let sent = leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
+        assert_eq!(sent.len(), datagrams, "one_way = {one_way}");
+    }
 }
 
 #[test]

@@ -1,0 +1,361 @@
+//! # gkm-benches: what a rekey costs
+//!
+//! Benchmarks (divan, `cargo bench -p gkm-benches`) and a cost report
+//! (`cargo run --release -p gkm-benches --bin report`) for the key tree and the wire format,
+//! measured against the reference numbers of DESIGN.md §6 and the primitive costs of §9.
+//!
+//! | target | what it times |
+//! | --- | --- |
+//! | `benches/tree.rs` | leave, join, hash-forward join, refresh and a batch of 64 leaves + 64 joins at n = 2^10, 2^14, 2^17, 2^20 (d = 4) |
+//! | `benches/crypto.rs` | the primitives: BLAKE3 `derive_key`, ChaCha20-Poly1305 seal/open of a 32-byte key with 40 bytes of AD, one wrap as the tree makes it, one wrap applied by a member, Ed25519 sign / `verify_strict` of 1200 bytes |
+//! | `benches/wire.rs` | pack and pack_signed of one leave at 2^20, decode of one datagram, `AuthenticRekey::verify`, and a member's verify → fresh → apply |
+//! | `src/bin/report.rs` | wire bytes per leave, rekey time against the time of its wraps and signatures alone, member apply against one verify plus its unwraps, memory per member |
+//!
+//! This library holds the setup they share, all deterministic (ChaCha20 seeded by a constant, a
+//! fixed Ed25519 key), so two runs time the same trees:
+//! - [`full_tree`] builds a tree of n members by joins, in batches of [`BUILD_BATCH`]; for
+//!   n = d^L the join rule (shallowest vacancy, split only when full) makes it full and balanced.
+//! - [`Fixture::random_member`] and [`Fixture::random_members`] pick members uniformly, in O(1)
+//!   expected time, by drawing node ids and keeping the leaves.
+//! - [`Fixture::leave_and_pack`] makes the one-leave rekey the wire benchmarks and the report
+//!   take apart, with a member that needs the whole changed path ([`LeaveCase::sibling`]) and
+//!   one that needs only the root ([`LeaveCase::far`]).
+//! - [`wrap_like_tree`] and [`unwrap_like_member`] repeat, with the bare primitives, the work of
+//!   one key wrap (BLAKE3 `derive_key` of the wrap key, then ChaCha20-Poly1305 of 32 bytes with
+//!   40 bytes of associated data): the floor a rekey's time is compared with.
+//!
+//! Keeping a tree's size steady while timing. A leave shrinks the tree and a join grows it, and
+//! rebuilding a 2^20 tree per iteration would take seconds. So each timed leave is followed by an
+//! untimed join (which takes the vacancy the leave opened: it is the shallowest), and each timed
+//! join is preceded by an untimed leave of a random member; a batch of 64 leaves and 64 joins
+//! keeps the size by itself. The tree's shape stays that of the full tree, no clone is needed,
+//! and one tree per size serves every benchmark.
+
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use ed25519_dalek::SigningKey;
+use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, NodeId, Rekey, TreeConfig};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+
+/// The group every benchmark tree belongs to.
+pub const GROUP: GroupId = GroupId(7);
+
+/// Joins per rekey while building a tree: large enough that building 2^20 members takes about
+/// a second, small enough that the joiners' key paths of one batch stay a few MiB.
+pub const BUILD_BATCH: usize = 4096;
+
+/// The context label of a wrap key, as the tree uses it (see `lkh-tree`'s `secret.rs`).
+pub const WRAP_LABEL: &str = "gkm v1 2026-11 lkh wrap key";
+
+/// Associated data of a key wrap: group, epoch, target and version, wrapping node and version.
+pub const WRAP_AD_LEN: usize = 40;
+
+/// A ChaCha20 generator seeded with `seed`: every benchmark's keys and choices come from one.
+pub fn rng(seed: u64) -> ChaCha20Rng {
+    ChaCha20Rng::seed_from_u64(seed)
+}
+
+/// The controller's fixed Ed25519 signing key.
+pub fn controller_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x42; 32])
+}
+
+/// A degree-`degree` tree configuration with group-oriented rekeying.
+pub fn config(degree: u8, hash_forward_joins: bool) -> TreeConfig {
+    TreeConfig {
+        degree,
+        hash_forward_joins,
+        ..TreeConfig::default()
+    }
+}
+
+/// A built tree with its generator and what is needed to pick members quickly.
+pub struct Fixture {
+    /// The tree.
+    pub tree: KeyTree,
+    /// The generator every later rekey draws keys from.
+    pub rng: ChaCha20Rng,
+    /// One above the largest member leaf id seen while building: random ids below it are
+    /// members about three times in four at d = 4.
+    pub id_bound: u32,
+}
+
+/// Builds a tree of `n` members by joins, [`BUILD_BATCH`] per rekey, deterministically from
+/// `seed`. For n = d^L the result is full: every member at depth L.
+///
+/// # Panics
+///
+/// If the tree refuses a batch (it cannot, below 2^30 members).
+pub fn full_tree(n: usize, config: TreeConfig, seed: u64) -> Fixture {
+    let mut rng = rng(seed);
+    let mut tree = KeyTree::new(GROUP, config, &mut rng).expect("a valid degree");
+    let mut id_bound = 0;
+    let mut left = n;
+    while left > 0 {
+        let joins = left.min(BUILD_BATCH);
+        let rekey = tree
+            .rekey(
+                &Batch {
+                    leaves: Vec::new(),
+                    joins,
+                },
+                &mut rng,
+            )
+            .expect("the tree has room");
+        id_bound = rekey
+            .joiners
+            .iter()
+            .map(|j| j.leaf.0 + 1)
+            .fold(id_bound, u32::max);
+        left -= joins;
+    }
+    Fixture {
+        tree,
+        rng,
+        id_bound,
+    }
+}
+
+/// The one-leave rekey of a tree, packed and signed, with two members' paths from before it.
+pub struct LeaveCase {
+    /// The rekey of the leave.
+    pub rekey: Rekey,
+    /// Its datagrams, signed, in order.
+    pub datagrams: Vec<Vec<u8>>,
+    /// A sibling of the departed member: every key on its path changed, so it unwraps L keys.
+    pub sibling: MemberPath,
+    /// A member in another subtree of the root: only the root changed, one unwrap.
+    pub far: MemberPath,
+}
+
+impl LeaveCase {
+    /// The index of the datagram that serves `path` (each member needs exactly one).
+    pub fn datagram_for(&self, path: &MemberPath) -> Option<usize> {
+        let key = controller_key().verifying_key();
+        self.datagrams.iter().position(|bytes| {
+            wire::AuthenticRekey::verify(bytes, &key).is_ok_and(|a| a.datagram().serves(path))
+        })
+    }
+
+    /// How many wraps a member with `path` opens: one per key of its path that the rekey set.
+    pub fn unwraps_for(&self, path: &MemberPath) -> usize {
+        path.keys()
+            .iter()
+            .filter(|k| self.rekey.encryptions.iter().any(|e| e.target == k.node))
+            .count()
+    }
+}
+
+impl Fixture {
+    /// A current member, uniformly among those with an id below [`Fixture::id_bound`].
+    pub fn random_member(&mut self) -> NodeId {
+        let bound = u64::from(self.id_bound.max(1));
+        loop {
+            let id = u32::try_from(self.rng.next_u64() % bound).unwrap_or(0);
+            if self.tree.is_member(NodeId(id)) {
+                return NodeId(id);
+            }
+        }
+    }
+
+    /// `k` distinct current members (k must not exceed the tree's size).
+    pub fn random_members(&mut self, k: usize) -> Vec<NodeId> {
+        let mut picked = Vec::with_capacity(k);
+        while picked.len() < k {
+            let member = self.random_member();
+            if !picked.contains(&member) {
+                picked.push(member);
+            }
+        }
+        picked
+    }
+
+    /// One join, for restoring the size after a leave (its result is dropped).
+    ///
+    /// # Panics
+    ///
+    /// If the tree is full to its id limit.
+    pub fn join_untimed(&mut self) {
+        self.tree.join(&mut self.rng).expect("room for one join");
+    }
+
+    /// One leave of a random member, for opening a vacancy before a join (result dropped).
+    ///
+    /// # Panics
+    ///
+    /// If the tree has no member.
+    pub fn leave_untimed(&mut self) {
+        let member = self.random_member();
+        self.tree
+            .leave(member, &mut self.rng)
+            .expect("a current member");
+    }
+
+    /// Leaves a random member whose parent is full, packs and signs the rekey at `mtu`. The tree
+    /// is left one member smaller (call [`Fixture::join_untimed`] to restore it).
+    ///
+    /// # Panics
+    ///
+    /// If the tree is too small to have a member in another subtree of the root, or packing fails.
+    pub fn leave_and_pack(&mut self, mtu: usize) -> LeaveCase {
+        let degree = usize::from(self.tree.config().degree);
+        let (victim, sibling) = loop {
+            let victim = self.random_member();
+            let parent = self.tree.parent(victim).expect("a member has a parent");
+            let children = self.tree.children(parent);
+            if children.len() == degree
+                && let Some(&sibling) = children.iter().find(|&&c| c != victim)
+            {
+                break (victim, sibling);
+            }
+        };
+        let top = |tree: &KeyTree, mut node: NodeId| {
+            while let Some(parent) = tree.parent(node) {
+                if parent == NodeId::ROOT {
+                    break;
+                }
+                node = parent;
+            }
+            node
+        };
+        let far = loop {
+            let member = self.random_member();
+            if top(&self.tree, member) != top(&self.tree, victim) {
+                break member;
+            }
+        };
+        let sibling = self.tree.member_path(sibling).expect("a member");
+        let far = self.tree.member_path(far).expect("a member");
+        let rekey = self
+            .tree
+            .leave(victim, &mut self.rng)
+            .expect("a current member");
+        let datagrams =
+            wire::pack_signed(&rekey, &self.tree, mtu, &controller_key()).expect("packs");
+        LeaveCase {
+            rekey,
+            datagrams,
+            sibling,
+            far,
+        }
+    }
+}
+
+/// The low byte of `i`: filler for keys, nonces and messages whose contents do not matter.
+pub fn byte(i: usize) -> u8 {
+    i.to_le_bytes()[0]
+}
+
+/// Wrap-shaped associated data (the contents do not change the cost).
+pub fn wrap_ad(seed: u8) -> [u8; WRAP_AD_LEN] {
+    [seed; WRAP_AD_LEN]
+}
+
+/// One key wrap done with the bare primitives, as the tree does it: the AEAD key is
+/// `blake3::derive_key(WRAP_LABEL, wrapping_key)`, then ChaCha20-Poly1305 seals the 32-byte key
+/// with 40 bytes of associated data. Returns ciphertext and tag.
+pub fn wrap_like_tree(
+    wrapping_key: &[u8; 32],
+    nonce: [u8; 12],
+    ad: &[u8; WRAP_AD_LEN],
+    key: &[u8; 32],
+) -> [u8; 48] {
+    let aead_key = blake3::derive_key(WRAP_LABEL, wrapping_key);
+    seal_32(&aead_key, nonce, ad, key)
+}
+
+/// ChaCha20-Poly1305 seal of a 32-byte message under `aead_key` (no key derivation).
+///
+/// # Panics
+///
+/// Never: the AEAD accepts a 32-byte message.
+pub fn seal_32(aead_key: &[u8; 32], nonce: [u8; 12], ad: &[u8], key: &[u8; 32]) -> [u8; 48] {
+    let cipher = ChaCha20Poly1305::new(&(*aead_key).into());
+    let mut out = [0u8; 48];
+    let (body, tag_out) = out.split_at_mut(32);
+    body.copy_from_slice(key);
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(nonce), ad, body.into())
+        .expect("a 32-byte message");
+    tag_out.copy_from_slice(&tag);
+    out
+}
+
+/// Opens a [`wrap_like_tree`] wrap, as a member does (derive, then open); `None` if it does not
+/// authenticate.
+pub fn unwrap_like_member(
+    wrapping_key: &[u8; 32],
+    nonce: [u8; 12],
+    ad: &[u8; WRAP_AD_LEN],
+    wrapped: &[u8; 48],
+) -> Option<[u8; 32]> {
+    let aead_key = blake3::derive_key(WRAP_LABEL, wrapping_key);
+    let cipher = ChaCha20Poly1305::new(&aead_key.into());
+    let mut body = [0u8; 32];
+    body.copy_from_slice(&wrapped[..32]);
+    let tag = Tag::try_from(&wrapped[32..]).ok()?;
+    cipher
+        .decrypt_inout_detached(&Nonce::from(nonce), ad, (&mut body[..]).into(), &tag)
+        .ok()?;
+    Some(body)
+}
+
+/// The process's peak resident set (`VmHWM` of `/proc/self/status`), in KiB, if readable.
+pub fn peak_rss_kib() -> Option<u64> {
+    proc_status_kib("VmHWM:")
+}
+
+/// The process's current resident set (`VmRSS`), in KiB, if readable.
+pub fn rss_kib() -> Option<u64> {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The median of some durations or rates (sorts `values`); 0 for none.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_tree_of_4_pow_5_is_balanced_and_a_leave_packs() {
+        let mut fx = full_tree(1024, config(4, false), 1);
+        assert_eq!(fx.tree.len(), 1024);
+        assert_eq!(fx.tree.height(), 5);
+        let case = fx.leave_and_pack(wire::DEFAULT_MTU);
+        assert_eq!(case.rekey.encryptions.len(), 4 * 5 - 1);
+        assert_eq!(case.unwraps_for(&case.sibling), 5);
+        assert_eq!(case.unwraps_for(&case.far), 1);
+        assert!(case.datagram_for(&case.sibling).is_some());
+        fx.join_untimed();
+        assert_eq!(fx.tree.len(), 1024);
+        assert_eq!(fx.tree.height(), 5);
+    }
+
+    #[test]
+    fn bare_wrap_round_trips() {
+        let ad = wrap_ad(1);
+        let wrapped = wrap_like_tree(&[1; 32], [2; 12], &ad, &[3; 32]);
+        assert_eq!(
+            unwrap_like_member(&[1; 32], [2; 12], &ad, &wrapped),
+            Some([3; 32])
+        );
+        assert_eq!(unwrap_like_member(&[9; 32], [2; 12], &ad, &wrapped), None);
+    }
+}

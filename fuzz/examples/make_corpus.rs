@@ -1,0 +1,478 @@
+//! Writes the seed corpus `fuzz/corpus/<target>/`: a few valid encodings per target and a few
+//! invalid ones (truncated, bad magic, over a bound, ...). Deterministic: run it again and the
+//! files are the same. `cargo run --example make_corpus` from `fuzz/`.
+
+use std::fs;
+use std::path::Path;
+
+use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS};
+use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
+use wire::{
+    Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MAX_REASON, MAX_SEALED, MAX_TOKEN,
+    MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
+};
+
+/// The files of one target: (name, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
+fn named(files: &mut Files, name: &str, bytes: Vec<u8>) {
+    files.push((name.to_owned(), bytes));
+}
+
+/// Invalid variants of a valid encoding: truncated, bad magic, bad version, other type, trailing.
+fn invalid_variants(files: &mut Files, valid: &[u8]) {
+    named(
+        files,
+        "invalid-truncated",
+        valid[..valid.len() - 1].to_vec(),
+    );
+    named(
+        files,
+        "invalid-header-only",
+        valid[..valid.len().min(wire::HEADER_LEN)].to_vec(),
+    );
+    let mut magic = valid.to_vec();
+    magic[0] = b'X';
+    named(files, "invalid-bad-magic", magic);
+    let mut version = valid.to_vec();
+    version[2] = 2;
+    named(files, "invalid-bad-version", version);
+    let mut ty = valid.to_vec();
+    ty[3] = if ty[3] == 9 { 1 } else { ty[3] + 1 };
+    named(files, "invalid-other-type", ty);
+    let mut trailing = valid.to_vec();
+    trailing.push(0);
+    named(files, "invalid-trailing-byte", trailing);
+    named(files, "invalid-empty", Vec::new());
+}
+
+fn registration_request() -> Files {
+    let mut files = Files::new();
+    let base = RegistrationRequest {
+        group: GROUP,
+        identity: [0x11; 32],
+        hpke_key: [0x22; 32],
+        timestamp_ms: 1_760_000_000_000,
+        nonce: [0x33; 16],
+        token: Vec::new(),
+    };
+    named(&mut files, "valid-no-token", base.to_bytes());
+    let token = RegistrationRequest {
+        token: b"enroll-2f9c".to_vec(),
+        ..base.clone()
+    };
+    named(&mut files, "valid-token", token.to_bytes());
+    let long = RegistrationRequest {
+        token: vec![0xee; MAX_TOKEN],
+        group: GroupId(u64::MAX),
+        ..base
+    };
+    named(&mut files, "valid-max-token", long.to_bytes());
+    let mut over = long.to_bytes();
+    let at = over.len() - MAX_TOKEN - 1;
+    over[at] = u8::try_from(MAX_TOKEN + 1).unwrap_or(u8::MAX);
+    over.push(0xee);
+    named(&mut files, "invalid-token-too-long", over);
+    invalid_variants(&mut files, &token.to_bytes());
+    files
+}
+
+fn sealed_path() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    // A realistic ciphertext length: a count byte, the path keys, the AEAD tag.
+    let sealed_len = PathKeys::encode(&fixture.path).len() + 16;
+    let welcome = SealedPath {
+        kind: SealedKind::Welcome,
+        group: GROUP,
+        member: MemberId(1),
+        epoch: PATH_EPOCH,
+        request_nonce: [0x44; 16],
+        encapped: [0x55; 32],
+        ciphertext: (0..sealed_len).map(|i| (i * 7 % 251) as u8).collect(),
+    };
+    named(&mut files, "valid-welcome", welcome.to_bytes());
+    let resync = SealedPath {
+        kind: SealedKind::Resync,
+        member: MemberId(19),
+        epoch: Epoch(21),
+        ..welcome.clone()
+    };
+    named(&mut files, "valid-resync", resync.to_bytes());
+    let empty = SealedPath {
+        ciphertext: Vec::new(),
+        ..resync.clone()
+    };
+    named(&mut files, "valid-empty-ciphertext", empty.to_bytes());
+    let max = SealedPath {
+        ciphertext: vec![0xab; MAX_SEALED],
+        ..welcome.clone()
+    };
+    named(&mut files, "valid-max-ciphertext", max.to_bytes());
+    let mut over = max.to_bytes();
+    let at = over.len() - MAX_SEALED - 2;
+    over[at..at + 2].copy_from_slice(
+        &u16::try_from(MAX_SEALED + 1)
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    over.push(0xab);
+    named(&mut files, "invalid-ciphertext-too-long", over);
+    invalid_variants(&mut files, &welcome.to_bytes());
+    files
+}
+
+fn heartbeat() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    let kcv = fixture
+        .path
+        .traffic_key()
+        .map_or(Kcv([0; 8]), |k| k.check_value());
+    let beat = Heartbeat {
+        group: GROUP,
+        epoch: PATH_EPOCH,
+        kcv,
+        timestamp_ms: 1_760_000_000_123,
+    };
+    named(&mut files, "valid", beat.to_bytes());
+    let other = Heartbeat {
+        group: GroupId(0),
+        epoch: Epoch(u64::MAX),
+        kcv: Kcv([0xff; 8]),
+        timestamp_ms: 0,
+    };
+    named(&mut files, "valid-extremes", other.to_bytes());
+    invalid_variants(&mut files, &beat.to_bytes());
+    files
+}
+
+fn resync_request() -> Files {
+    let mut files = Files::new();
+    let request = ResyncRequest {
+        group: GROUP,
+        member: MemberId(4),
+        epoch: Epoch(18),
+        timestamp_ms: 1_760_000_000_456,
+        nonce: [0x66; 16],
+    };
+    named(&mut files, "valid", request.to_bytes());
+    let zero = ResyncRequest {
+        group: GroupId(0),
+        member: MemberId(0),
+        epoch: Epoch(0),
+        timestamp_ms: 0,
+        nonce: [0; 16],
+    };
+    named(&mut files, "valid-zero", zero.to_bytes());
+    invalid_variants(&mut files, &request.to_bytes());
+    files
+}
+
+fn leave_request() -> Files {
+    let mut files = Files::new();
+    let leave = LeaveRequest {
+        group: GROUP,
+        member: MemberId(2),
+        timestamp_ms: 1_760_000_000_789,
+        nonce: [0x77; 16],
+    };
+    named(&mut files, "valid", leave.to_bytes());
+    let max = LeaveRequest {
+        group: GroupId(u64::MAX),
+        member: MemberId(u64::MAX),
+        timestamp_ms: u64::MAX,
+        nonce: [0xff; 16],
+    };
+    named(&mut files, "valid-max", max.to_bytes());
+    invalid_variants(&mut files, &leave.to_bytes());
+    files
+}
+
+fn error_message() -> Files {
+    let mut files = Files::new();
+    let error = ErrorMessage {
+        group: GROUP,
+        code: 403,
+        reason: "enrollment token already used".to_owned(),
+    };
+    named(&mut files, "valid-ascii", error.to_bytes());
+    let utf8 = ErrorMessage {
+        group: GROUP,
+        code: 409,
+        reason: "clé déjà utilisée — 鍵".to_owned(),
+    };
+    named(&mut files, "valid-utf8", utf8.to_bytes());
+    let empty = ErrorMessage {
+        group: GROUP,
+        code: 0,
+        reason: String::new(),
+    };
+    named(&mut files, "valid-empty-reason", empty.to_bytes());
+    let max = ErrorMessage {
+        group: GROUP,
+        code: u16::MAX,
+        reason: "r".repeat(MAX_REASON),
+    };
+    named(&mut files, "valid-max-reason", max.to_bytes());
+    let mut bad_utf8 = error.to_bytes();
+    let last = bad_utf8.len() - 1;
+    bad_utf8[last] = 0xff;
+    named(&mut files, "invalid-not-utf8", bad_utf8);
+    let mut over = max.to_bytes();
+    let at = over.len() - MAX_REASON - 2;
+    over[at..at + 2].copy_from_slice(
+        &u16::try_from(MAX_REASON + 1)
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    over.push(b'r');
+    named(&mut files, "invalid-reason-too-long", over);
+    invalid_variants(&mut files, &error.to_bytes());
+    files
+}
+
+fn data_frame() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    let Some(key) = fixture.path.traffic_key() else {
+        return files;
+    };
+    let frame = wire::data::seal(&key, GROUP, PATH_EPOCH, 3, 1, b"hello, group");
+    named(&mut files, "valid-sealed", frame.to_bytes());
+    let empty = wire::data::seal(&key, GROUP, PATH_EPOCH, 3, 2, b"");
+    named(&mut files, "valid-empty-payload", empty.to_bytes());
+    let big = wire::data::seal(&key, GROUP, PATH_EPOCH, u32::MAX, u64::MAX, &[0x5c; 1000]);
+    named(&mut files, "valid-1000-bytes", big.to_bytes());
+    let short = DataFrame {
+        ciphertext: vec![0; 15],
+        ..empty
+    };
+    named(&mut files, "invalid-shorter-than-tag", short.to_bytes());
+    invalid_variants(&mut files, &frame.to_bytes());
+    files
+}
+
+/// A datagram of every shape the packer does not make: many covers, advances, flagged wraps.
+fn handmade_datagram() -> RekeyDatagram {
+    let wrap = |target: u32, wrapping: u32, under_new: bool, fill: u8| Wrap {
+        target: NodeId(target),
+        wrapping: NodeId(wrapping),
+        under_new,
+        ciphertext: [fill; WRAPPED_LEN],
+    };
+    RekeyDatagram {
+        group: GROUP,
+        epoch: Epoch(21),
+        index: 2,
+        count: 3,
+        seeds: true,
+        covers: vec![NodeId(0), NodeId(5), NodeId(NodeId::LIMIT - 1)],
+        advances: vec![NodeId(1), NodeId(2)],
+        links: vec![lkh_tree::Link { child: NodeId(4), parent: NodeId(1) }],
+        wraps: vec![
+            wrap(1, 4, false, 0x01),
+            wrap(0, 1, true, 0x02),
+            wrap(2, NodeId::LIMIT - 1, true, 0x03),
+        ],
+    }
+}
+
+fn rekey_datagram() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    for (i, datagram) in fixture.datagrams.iter().enumerate() {
+        named(
+            &mut files,
+            &format!("valid-leave-{i:02}"),
+            datagram.to_bytes(),
+        );
+    }
+    let handmade = handmade_datagram();
+    named(&mut files, "valid-handmade", handmade.to_bytes());
+    let empty = RekeyDatagram {
+        covers: Vec::new(),
+        advances: Vec::new(),
+        wraps: Vec::new(),
+        ..handmade.clone()
+    };
+    named(&mut files, "valid-empty", empty.to_bytes());
+    let index = RekeyDatagram {
+        index: 3,
+        ..handmade.clone()
+    };
+    named(
+        &mut files,
+        "invalid-index-not-below-count",
+        index.to_bytes(),
+    );
+    let mut flagged = empty.to_bytes();
+    flagged.truncate(wire::HEADER_LEN + 12);
+    flagged.extend_from_slice(&[1, 0x80, 0, 0, 0, 0, 0, 0, 0]);
+    named(&mut files, "invalid-cover-top-bit", flagged);
+    let mut many = empty.to_bytes();
+    many.truncate(wire::HEADER_LEN + 12);
+    many.extend_from_slice(&[0, 0xff, 0xff, 0, 0]);
+    named(&mut files, "invalid-advances-over-input", many);
+    invalid_variants(&mut files, &handmade.to_bytes());
+    files
+}
+
+fn path_keys() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    for (i, path) in fixture.paths.iter().take(4).enumerate() {
+        named(
+            &mut files,
+            &format!("valid-member-{i:02}"),
+            PathKeys::encode(path).to_vec(),
+        );
+    }
+    let valid = PathKeys::encode(&fixture.path).to_vec();
+    named(
+        &mut files,
+        "invalid-truncated",
+        valid[..valid.len() - 1].to_vec(),
+    );
+    let mut trailing = valid.clone();
+    trailing.push(0);
+    named(&mut files, "invalid-trailing-byte", trailing);
+    named(&mut files, "invalid-empty-path", vec![0]);
+    named(&mut files, "invalid-count-66", vec![66]);
+    let leaf_only: Vec<u8> = valid.iter().copied().take(1 + 44).collect();
+    let mut one = leaf_only;
+    one[0] = 1;
+    named(&mut files, "invalid-leaf-only", one);
+    // The leaf twice: same node in two places.
+    let mut twice = valid.clone();
+    let count = usize::from(twice[0]);
+    if count >= 3 {
+        let leaf = twice[1..5].to_vec();
+        twice[1 + 44..1 + 44 + 4].copy_from_slice(&leaf);
+        named(&mut files, "invalid-node-twice", twice);
+    }
+    // The root's version above the epoch.
+    let mut future = valid.clone();
+    let root_version = 1 + (count - 1) * 44 + 4;
+    future[root_version..root_version + 8].copy_from_slice(&(PATH_EPOCH.0 + 1).to_be_bytes());
+    named(&mut files, "invalid-version-above-epoch", future);
+    files
+}
+
+fn member_datagram() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    let signed: Vec<Vec<u8>> = fixture
+        .datagrams
+        .iter()
+        .map(|d| d.sign(&fixture.signing))
+        .collect();
+    for (i, bytes) in signed.iter().enumerate() {
+        named(&mut files, &format!("valid-leave-{i:02}"), bytes.clone());
+    }
+    let first = &signed[0];
+    let mut flipped = first.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    named(&mut files, "invalid-signature-bit", flipped);
+    let mut body_flip = first.clone();
+    body_flip[wire::HEADER_LEN + 3] ^= 0x10;
+    named(&mut files, "invalid-body-bit", body_flip);
+    named(
+        &mut files,
+        "invalid-no-signature",
+        fixture.datagrams[0].to_bytes(),
+    );
+    let wrong_group = RekeyDatagram {
+        group: GroupId(8),
+        ..fixture.datagrams[0].clone()
+    };
+    named(
+        &mut files,
+        "invalid-other-group",
+        wrong_group.sign(&fixture.signing),
+    );
+    let stale = RekeyDatagram {
+        epoch: PATH_EPOCH,
+        ..fixture.datagrams[0].clone()
+    };
+    named(&mut files, "invalid-stale", stale.sign(&fixture.signing));
+    named(
+        &mut files,
+        "invalid-handmade",
+        handmade_datagram().sign(&fixture.signing),
+    );
+    invalid_variants(&mut files, first);
+    files
+}
+
+fn member_apply() -> Files {
+    let mut files = Files::new();
+    let fixture = Fixture::get();
+    for (i, datagram) in fixture.datagrams.iter().enumerate() {
+        named(
+            &mut files,
+            &format!("valid-leave-{i:02}"),
+            datagram.to_bytes(),
+        );
+    }
+    named(
+        &mut files,
+        "invalid-handmade",
+        handmade_datagram().to_bytes(),
+    );
+    if let Some(first) = fixture.datagrams.first() {
+        let mut advanced = first.clone();
+        advanced.advances = fixture.path.keys().iter().map(|k| k.node).collect();
+        named(&mut files, "edge-advances-whole-path", advanced.to_bytes());
+        let mut reversed = first.clone();
+        reversed.wraps.reverse();
+        named(&mut files, "valid-wraps-reversed", reversed.to_bytes());
+        let mut flagged = first.clone();
+        for wrap in &mut flagged.wraps {
+            wrap.under_new = !wrap.under_new;
+        }
+        named(&mut files, "invalid-flags-flipped", flagged.to_bytes());
+    }
+    files
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let mut total = 0;
+    for &target in TARGETS {
+        let files = match target {
+            "registration_request" => registration_request(),
+            "sealed_path" => sealed_path(),
+            "heartbeat" => heartbeat(),
+            "resync_request" => resync_request(),
+            "leave_request" => leave_request(),
+            "error_message" => error_message(),
+            "data_frame" => data_frame(),
+            "rekey_datagram" => rekey_datagram(),
+            "path_keys" => path_keys(),
+            "member_datagram" => member_datagram(),
+            "member_apply" => member_apply(),
+            other => panic!("no corpus for target {other}"),
+        };
+        let dir = root.join(target);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).expect("remove the old corpus");
+        }
+        fs::create_dir_all(&dir).expect("create the corpus directory");
+        let (mut valid, mut accepted) = (0, 0);
+        for (name, bytes) in &files {
+            // Every file goes through the target's own check now, so a bad seed fails here.
+            let ok = gkm_fuzz::run(target, bytes).expect("a known target");
+            accepted += usize::from(ok);
+            valid += usize::from(name.starts_with("valid"));
+            fs::write(dir.join(name), bytes).expect("write a corpus file");
+        }
+        println!(
+            "{target:22} {:3} files, {valid:2} named valid, {accepted:2} accepted",
+            files.len()
+        );
+        total += files.len();
+    }
+    println!("{total} files in {}", root.display());
+}
