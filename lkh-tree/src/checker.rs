@@ -42,8 +42,11 @@ impl KeyGraph {
             );
         }
         for l in &rekey.links {
-            self.graph
-                .add_edge((l.child.0, target_version), (l.parent.0, target_version), ());
+            self.graph.add_edge(
+                (l.child.0, target_version),
+                (l.parent.0, target_version),
+                (),
+            );
         }
         for a in &rekey.advances {
             self.graph

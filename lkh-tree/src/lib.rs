@@ -40,7 +40,7 @@ mod tree;
 mod wrap;
 
 pub use ids::{Epoch, GroupId, KeyVersion, NodeId};
-pub use member::{ApplyError, Applied, MemberPath, PathKey, PathUpdate, Wrap};
+pub use member::{Applied, ApplyError, MemberPath, PathKey, PathUpdate, Wrap};
 pub use rekey::{
     Advance, Batch, JoinerKeys, KeyTree, Link, MemberView, Rekey, Strategy, TreeConfig, TreeError,
     height_bound,

@@ -138,7 +138,9 @@ impl MemberPath {
             return Err(ApplyError::Inconsistent("path length out of range"));
         }
         if root.node != NodeId::ROOT || root.version != epoch.version() {
-            return Err(ApplyError::Inconsistent("path does not end at the current root"));
+            return Err(ApplyError::Inconsistent(
+                "path does not end at the current root",
+            ));
         }
         for (i, key) in keys.iter().enumerate() {
             if key.version > epoch.version() || key.node.0 >= NodeId::LIMIT {
@@ -261,7 +263,10 @@ impl Working {
             if slot.new.is_some() {
                 return Err(ApplyError::Inconsistent("a key advanced twice"));
             }
-            slot.new = slot.old.as_ref().map(|(_, key)| key.hash_forward(node, version));
+            slot.new = slot
+                .old
+                .as_ref()
+                .map(|(_, key)| key.hash_forward(node, version));
         }
         Ok(())
     }
@@ -409,7 +414,11 @@ impl Working {
         Ok(path)
     }
 
-    fn collect(&self, path: &[NodeId], update: &PathUpdate<'_>) -> Result<Vec<PathKey>, ApplyError> {
+    fn collect(
+        &self,
+        path: &[NodeId],
+        update: &PathUpdate<'_>,
+    ) -> Result<Vec<PathKey>, ApplyError> {
         let version = update.epoch.version();
         let mut keys = Vec::with_capacity(path.len());
         for &node in path {

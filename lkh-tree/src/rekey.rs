@@ -157,7 +157,11 @@ impl Rekey {
     pub fn member_view(&self) -> MemberView {
         MemberView {
             epoch: self.epoch,
-            wraps: self.encryptions.iter().map(|e| Wrap::from_encryption(e, self.epoch)).collect(),
+            wraps: self
+                .encryptions
+                .iter()
+                .map(|e| Wrap::from_encryption(e, self.epoch))
+                .collect(),
             advances: self.advances.iter().map(|a| a.node).collect(),
             links: self.links.clone(),
             seeds: self.seeds,
@@ -286,9 +290,7 @@ impl KeyTree {
 
     /// The current keys of `leaf`'s path (leaf to root), e.g. to resync a member.
     pub fn member_path(&self, leaf: NodeId) -> Option<MemberPath> {
-        self.shape
-            .is_leaf(leaf)
-            .then(|| self.path_of(leaf.0))
+        self.shape.is_leaf(leaf).then(|| self.path_of(leaf.0))
     }
 
     /// Current member leaves, in no particular order.
@@ -300,7 +302,13 @@ impl KeyTree {
 
     /// One join.
     pub fn join<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) -> Result<Rekey, TreeError> {
-        self.rekey(&Batch { leaves: Vec::new(), joins: 1 }, rng)
+        self.rekey(
+            &Batch {
+                leaves: Vec::new(),
+                joins: 1,
+            },
+            rng,
+        )
     }
 
     /// One leave.
@@ -309,7 +317,13 @@ impl KeyTree {
         leaf: NodeId,
         rng: &mut R,
     ) -> Result<Rekey, TreeError> {
-        self.rekey(&Batch { leaves: vec![leaf], joins: 0 }, rng)
+        self.rekey(
+            &Batch {
+                leaves: vec![leaf],
+                joins: 0,
+            },
+            rng,
+        )
     }
 
     /// A new root key (and so a new traffic key) with no membership change.
@@ -333,7 +347,8 @@ impl KeyTree {
         let mut joined = Vec::with_capacity(batch.joins);
         for _ in 0..batch.joins {
             let (leaf, split) = self.shape.insert_leaf(self.shape.join_position());
-            self.shape.set_key(leaf, &NodeKey::random(rng), epoch.version());
+            self.shape
+                .set_key(leaf, &NodeKey::random(rng), epoch.version());
             if let Some(split) = split {
                 marks.flag(split, MARK_NEW);
             }
@@ -422,7 +437,10 @@ impl KeyTree {
             let from = KeyVersion(node.version);
             let join_only = flags & (MARK_FULL | MARK_NEW | MARK_REFRESH) == 0;
             if self.config.hash_forward_joins && join_only {
-                advances.push(Advance { node: NodeId(id), from });
+                advances.push(Advance {
+                    node: NodeId(id),
+                    from,
+                });
                 let key = old.hash_forward(NodeId(id), epoch.version());
                 self.shape.set_key(id, &key, epoch.version());
                 continue;
@@ -430,7 +448,10 @@ impl KeyTree {
             let chain = self.chain_child(id, flags, &renewed);
             let secret = match chain {
                 Some(child) => {
-                    links.push(Link { child: NodeId(child), parent: NodeId(id) });
+                    links.push(Link {
+                        child: NodeId(child),
+                        parent: NodeId(id),
+                    });
                     renewed[&child].secret.one_way_next(NodeId(id))
                 }
                 None => NodeKey::random(rng),
@@ -441,7 +462,16 @@ impl KeyTree {
                 secret.clone()
             };
             self.shape.set_key(id, &key, epoch.version());
-            renewed.insert(id, Renewed { old, from, flags, secret, chain });
+            renewed.insert(
+                id,
+                Renewed {
+                    old,
+                    from,
+                    flags,
+                    secret,
+                    chain,
+                },
+            );
         }
         (renewed, advances, links)
     }
@@ -482,7 +512,9 @@ impl KeyTree {
                         let mut target = id;
                         while target != NIL {
                             if let Some(t) = renewed.get(&target) {
-                                out.push(self.seal(epoch, target, &t.secret, *holder, *version, key));
+                                out.push(
+                                    self.seal(epoch, target, &t.secret, *holder, *version, key),
+                                );
                             }
                             target = self.shape.nodes.node(target).parent;
                         }
@@ -521,7 +553,10 @@ impl KeyTree {
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one wrap is bound to all of these")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one wrap is bound to all of these"
+    )]
     fn seal(
         &self,
         epoch: Epoch,

@@ -103,7 +103,8 @@ impl Arena {
 
     fn push(&mut self) -> u32 {
         if (self.len as usize).is_multiple_of(CHUNK_LEN) {
-            self.chunks.push(vec![FREE_NODE; CHUNK_LEN].into_boxed_slice());
+            self.chunks
+                .push(vec![FREE_NODE; CHUNK_LEN].into_boxed_slice());
         }
         self.len += 1;
         self.len - 1

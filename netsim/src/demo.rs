@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
 use lkh_tree::checker::KeyGraph;
-use lkh_tree::{Batch, Epoch, GroupId, KeyTree, KeyVersion, MemberPath, NodeId, TreeConfig, TrafficKey};
+use lkh_tree::{
+    Batch, Epoch, GroupId, KeyTree, KeyVersion, MemberPath, NodeId, TrafficKey, TreeConfig,
+};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{AuthenticRekey, Codec, DataFrame, WireError, data, pack_signed};
@@ -96,12 +98,19 @@ struct Sim {
 }
 
 /// Runs the demo, calling `progress` after every epoch.
-pub fn run(config: &DemoConfig, mut progress: impl FnMut(&EpochLine)) -> Result<Verdict, WireError> {
+pub fn run(
+    config: &DemoConfig,
+    mut progress: impl FnMut(&EpochLine),
+) -> Result<Verdict, WireError> {
     let mut sim = Sim::new(config.clone())?;
-    progress(&sim.step(Batch { leaves: vec![], joins: config.members }, "admit".into())?);
+    let admit = Batch {
+        leaves: vec![],
+        joins: config.members,
+    };
+    progress(&sim.step(&admit, "admit".into())?);
     for _ in 0..config.epochs {
         let (batch, change) = sim.next_change();
-        progress(&sim.step(batch, change)?);
+        progress(&sim.step(&batch, change)?);
     }
     Ok(sim.finish())
 }
@@ -112,7 +121,10 @@ impl Sim {
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         let signer = SigningKey::from_bytes(&seed);
-        let tree_config = TreeConfig { degree: config.degree, ..TreeConfig::default() };
+        let tree_config = TreeConfig {
+            degree: config.degree,
+            ..TreeConfig::default()
+        };
         let tree = KeyTree::new(GroupId(1), tree_config, &mut rng)
             .map_err(|_| WireError::MtuTooSmall(0))?;
         Ok(Sim {
@@ -133,23 +145,47 @@ impl Sim {
         leaves.sort_unstable();
         let mut chosen = Vec::new();
         for _ in 0..count.min(leaves.len()) {
-            let i = (self.rng.next_u64() % leaves.len() as u64) as usize;
+            let i = self.below(leaves.len());
             chosen.push(leaves.swap_remove(i));
         }
         chosen
+    }
+
+    /// A uniform draw from 0..n (n ≥ 1).
+    fn below(&mut self, n: usize) -> usize {
+        let n64 = u64::try_from(n).unwrap_or(u64::MAX).max(1);
+        usize::try_from(self.rng.next_u64() % n64).unwrap_or(0)
     }
 
     /// A random membership change: leave, eviction, join, batch or refresh.
     fn next_change(&mut self) -> (Batch, String) {
         let n = self.members.len();
         match self.rng.next_u64() % 6 {
-            0 => (Batch { leaves: self.pick_members(1), joins: 0 }, "leave".into()),
-            1 => (Batch { leaves: self.pick_members(1), joins: 0 }, "evict".into()),
-            2 => (Batch { leaves: vec![], joins: 1 }, "join".into()),
+            0 => (
+                Batch {
+                    leaves: self.pick_members(1),
+                    joins: 0,
+                },
+                "leave".into(),
+            ),
+            1 => (
+                Batch {
+                    leaves: self.pick_members(1),
+                    joins: 0,
+                },
+                "evict".into(),
+            ),
+            2 => (
+                Batch {
+                    leaves: vec![],
+                    joins: 1,
+                },
+                "join".into(),
+            ),
             3 => (Batch::default(), "refresh".into()),
             _ => {
-                let leaves = 1 + (self.rng.next_u64() as usize) % (n / 10).max(1);
-                let joins = (self.rng.next_u64() as usize) % (n / 10).max(1);
+                let leaves = 1 + self.below((n / 10).max(1));
+                let joins = self.below((n / 10).max(1));
                 let leaves = self.pick_members(leaves);
                 let change = format!("batch -{} +{}", leaves.len(), joins);
                 (Batch { leaves, joins }, change)
@@ -157,14 +193,17 @@ impl Sim {
         }
     }
 
-    fn step(&mut self, batch: Batch, change: String) -> Result<EpochLine, WireError> {
+    fn step(&mut self, batch: &Batch, change: String) -> Result<EpochLine, WireError> {
         for leaf in &batch.leaves {
             if let Some(path) = self.members.remove(leaf) {
                 let welcome = self.welcomes.remove(leaf).unwrap_or_default();
                 self.departed.push(Departed { path, welcome });
             }
         }
-        let rekey = self.tree.rekey(&batch, &mut self.rng).map_err(|_| WireError::MtuTooSmall(0))?;
+        let rekey = self
+            .tree
+            .rekey(batch, &mut self.rng)
+            .map_err(|_| WireError::MtuTooSmall(0))?;
         self.graph.add_rekey(&rekey);
         let datagrams = pack_signed(&rekey, &self.tree, self.config.mtu, &self.signer)?;
         // Each receiver verifies what it receives; the signature check is the same for all, so
@@ -176,7 +215,12 @@ impl Sim {
             .collect::<Result<Vec<_>, _>>()?;
         let resyncs = self.deliver(&authentic)?;
         for joiner in rekey.joiners {
-            let welcome = joiner.path.keys().iter().map(|k| (k.node, k.version)).collect();
+            let welcome = joiner
+                .path
+                .keys()
+                .iter()
+                .map(|k| (k.node, k.version))
+                .collect();
             self.welcomes.insert(joiner.leaf, welcome);
             self.members.insert(joiner.leaf, joiner.path);
         }
@@ -204,7 +248,9 @@ impl Sim {
                 if self.lost() {
                     continue;
                 }
-                let Some(path) = self.members.get_mut(&leaf) else { continue };
+                let Some(path) = self.members.get_mut(&leaf) else {
+                    continue;
+                };
                 if let Ok(fresh) = authentic.fresh(path) {
                     match fresh.apply(path) {
                         Ok(_) => applied = true,
@@ -233,15 +279,26 @@ impl Sim {
         if self.departed.is_empty() {
             return;
         }
-        let key = self.tree.root_key().traffic_key(self.tree.group(), self.tree.epoch());
-        let frame = data::seal(&key, self.tree.group(), self.tree.epoch(), 1, 0, b"after you left");
+        let key = self
+            .tree
+            .root_key()
+            .traffic_key(self.tree.group(), self.tree.epoch());
+        let frame = data::seal(
+            &key,
+            self.tree.group(),
+            self.tree.epoch(),
+            1,
+            0,
+            b"after you left",
+        );
         let frame = DataFrame::decode_exact(&frame.to_bytes()).ok();
         for gone in &mut self.departed {
             for authentic in datagrams {
-                if let Ok(fresh) = authentic.fresh(&gone.path) {
-                    if fresh.apply(&mut gone.path).is_ok() {
-                        self.verdict.departed_rekeys_applied += 1;
-                    }
+                let applied = authentic
+                    .fresh(&gone.path)
+                    .is_ok_and(|fresh| fresh.apply(&mut gone.path).is_ok());
+                if applied {
+                    self.verdict.departed_rekeys_applied += 1;
                 }
             }
             if let Some(frame) = &frame {
@@ -281,7 +338,14 @@ mod tests {
     use super::*;
 
     fn config(seed: u64, loss: f64) -> DemoConfig {
-        DemoConfig { members: 200, epochs: 40, degree: 4, loss, mtu: 1200, seed }
+        DemoConfig {
+            members: 200,
+            epochs: 40,
+            degree: 4,
+            loss,
+            mtu: 1200,
+            seed,
+        }
     }
 
     #[test]

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use netsim::demo::{self, DemoConfig};
 
 #[derive(Parser)]
-#[command(name = "netsim", about = "Simulate gkm groups on the real tree and wire code")]
+#[command(
+    name = "netsim",
+    about = "Simulate gkm groups on the real tree and wire code"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,12 +40,29 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Demo { members, epochs, degree, loss, mtu, seed } = Cli::parse().command;
+    let Command::Demo {
+        members,
+        epochs,
+        degree,
+        loss,
+        mtu,
+        seed,
+    } = Cli::parse().command;
     if !(0.0..1.0).contains(&loss) {
         bail!("--loss must be in 0.0..1.0 (got {loss}); try --loss 0.05");
     }
-    let config = DemoConfig { members, epochs, degree, loss, mtu, seed };
-    println!("{:>5}  {:<14} {:>7} {:>6} {:>5} {:>7} {:>7}", "epoch", "change", "members", "wraps", "dgrams", "bytes", "resyncs");
+    let config = DemoConfig {
+        members,
+        epochs,
+        degree,
+        loss,
+        mtu,
+        seed,
+    };
+    println!(
+        "{:>5}  {:<14} {:>7} {:>6} {:>5} {:>7} {:>7}",
+        "epoch", "change", "members", "wraps", "dgrams", "bytes", "resyncs"
+    );
     let verdict = demo::run(&config, |l| {
         println!(
             "{:>5}  {:<14} {:>7} {:>6} {:>5} {:>7} {:>7}",

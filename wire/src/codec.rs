@@ -108,7 +108,11 @@ impl<'a> Reader<'a> {
             CountWidth::U16 => usize::from(self.u16(what)?),
         };
         if value > limit {
-            return Err(DecodeError::TooLong { field: what, value, limit });
+            return Err(DecodeError::TooLong {
+                field: what,
+                value,
+                limit,
+            });
         }
         if value.saturating_mul(item_len) > self.rest.len() {
             return Err(DecodeError::Truncated(what));
@@ -162,7 +166,9 @@ pub trait Codec: Sized {
 pub(crate) fn put_count(out: &mut Vec<u8>, width: CountWidth, count: usize) {
     match width {
         CountWidth::U8 => out.push(u8::try_from(count).unwrap_or(u8::MAX)),
-        CountWidth::U16 => out.extend_from_slice(&u16::try_from(count).unwrap_or(u16::MAX).to_be_bytes()),
+        CountWidth::U16 => {
+            out.extend_from_slice(&u16::try_from(count).unwrap_or(u16::MAX).to_be_bytes());
+        }
     }
 }
 
@@ -178,7 +184,10 @@ mod tests {
             Err(DecodeError::TooLong { .. })
         ));
         let mut r = Reader::new(&[0, 2, 1, 2]);
-        assert_eq!(r.count(CountWidth::U16, 4, 100, "items"), Err(DecodeError::Truncated("items")));
+        assert_eq!(
+            r.count(CountWidth::U16, 4, 100, "items"),
+            Err(DecodeError::Truncated("items"))
+        );
         let mut r = Reader::new(&[1, 9]);
         assert_eq!(r.count(CountWidth::U8, 1, 4, "items"), Ok(1));
         assert_eq!(r.u8("x"), Ok(9));

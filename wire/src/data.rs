@@ -17,13 +17,30 @@ fn nonce(sender: u32, seq: u64) -> Nonce {
 }
 
 /// Encrypts `payload` (at most 65,000 bytes; longer input is cut there) into a frame.
-pub fn seal(key: &TrafficKey, group: GroupId, epoch: Epoch, sender: u32, seq: u64, payload: &[u8]) -> DataFrame {
+pub fn seal(
+    key: &TrafficKey,
+    group: GroupId,
+    epoch: Epoch,
+    sender: u32,
+    seq: u64,
+    payload: &[u8],
+) -> DataFrame {
     let payload = payload.get(..MAX_PAYLOAD).unwrap_or(payload);
-    let mut frame = DataFrame { group, epoch, sender, seq, ciphertext: Vec::new() };
+    let mut frame = DataFrame {
+        group,
+        epoch,
+        sender,
+        seq,
+        ciphertext: Vec::new(),
+    };
     let mut body = payload.to_vec();
     let cipher = ChaCha20Poly1305::new(&(*key.as_bytes()).into());
     let tag = cipher
-        .encrypt_inout_detached(&nonce(sender, seq), &frame.associated_data(), body.as_mut_slice().into())
+        .encrypt_inout_detached(
+            &nonce(sender, seq),
+            &frame.associated_data(),
+            body.as_mut_slice().into(),
+        )
         .unwrap_or_default();
     body.extend_from_slice(&tag);
     frame.ciphertext = body;
@@ -32,13 +49,22 @@ pub fn seal(key: &TrafficKey, group: GroupId, epoch: Epoch, sender: u32, seq: u6
 
 /// Decrypts a frame; the caller checks group, epoch and replay of (sender, seq).
 pub fn open(key: &TrafficKey, frame: &DataFrame) -> Result<Vec<u8>, WireError> {
-    let split = frame.ciphertext.len().checked_sub(16).ok_or(WireError::BadFrame)?;
+    let split = frame
+        .ciphertext
+        .len()
+        .checked_sub(16)
+        .ok_or(WireError::BadFrame)?;
     let (body, tag) = frame.ciphertext.split_at(split);
     let tag = Tag::try_from(tag).map_err(|_| WireError::BadFrame)?;
     let mut plain = body.to_vec();
     let cipher = ChaCha20Poly1305::new(&(*key.as_bytes()).into());
     cipher
-        .decrypt_inout_detached(&nonce(frame.sender, frame.seq), &frame.associated_data(), plain.as_mut_slice().into(), &tag)
+        .decrypt_inout_detached(
+            &nonce(frame.sender, frame.seq),
+            &frame.associated_data(),
+            plain.as_mut_slice().into(),
+            &tag,
+        )
         .map_err(|_| WireError::BadFrame)?;
     Ok(plain)
 }

@@ -22,8 +22,16 @@
 //! member crates seal and open the welcome's ciphertext; this crate carries it).
 
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 mod codec;
 pub mod data;
@@ -36,8 +44,8 @@ pub use codec::{Codec, CountWidth, DecodeError, Reader};
 pub use error::WireError;
 pub use message::{
     DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD, MAX_REASON,
-    MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys, RegistrationRequest,
-    ResyncRequest, SealedKind, SealedPath, VERSION,
+    MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys,
+    RegistrationRequest, ResyncRequest, SealedKind, SealedPath, VERSION,
 };
 pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,

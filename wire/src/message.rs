@@ -2,7 +2,10 @@
 //! welcome, heartbeat, resync request and response, leave, error, and the group data frame.
 //! Byte layouts are specified in `RFC-notes/wire-format.md`.
 
-use lkh_tree::{Epoch, GroupId, KCV_LEN, KEY_LEN, Kcv, KeyVersion, MemberPath, NodeId, PathKey, NodeKey, MAX_DEPTH};
+use lkh_tree::{
+    Epoch, GroupId, KCV_LEN, KEY_LEN, Kcv, KeyVersion, MAX_DEPTH, MemberPath, NodeId, NodeKey,
+    PathKey,
+};
 use zeroize::Zeroizing;
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
@@ -101,7 +104,10 @@ impl Header {
     }
 
     /// Reads a header and checks its type is `expected`.
-    pub(crate) fn read(reader: &mut Reader<'_>, expected: MessageType) -> Result<GroupId, DecodeError> {
+    pub(crate) fn read(
+        reader: &mut Reader<'_>,
+        expected: MessageType,
+    ) -> Result<GroupId, DecodeError> {
         let (ty, group) = Self::read_any(reader)?;
         if ty != expected {
             return Err(DecodeError::BadType(ty as u8));
@@ -155,7 +161,14 @@ impl Codec for RegistrationRequest {
         let nonce = r.array("nonce")?;
         let len = r.count(CountWidth::U8, 1, MAX_TOKEN, "token length")?;
         let token = r.take(len, "token")?.to_vec();
-        Ok(RegistrationRequest { group, identity, hpke_key, timestamp_ms, nonce, token })
+        Ok(RegistrationRequest {
+            group,
+            identity,
+            hpke_key,
+            timestamp_ms,
+            nonce,
+            token,
+        })
     }
 }
 
@@ -212,10 +225,22 @@ impl SealedPath {
         let encapped = r.array("encapsulated key")?;
         let len = usize::from(r.u16("ciphertext length")?);
         if len > MAX_SEALED {
-            return Err(DecodeError::TooLong { field: "ciphertext length", value: len, limit: MAX_SEALED });
+            return Err(DecodeError::TooLong {
+                field: "ciphertext length",
+                value: len,
+                limit: MAX_SEALED,
+            });
         }
         let ciphertext = r.take(len, "ciphertext")?.to_vec();
-        Ok(SealedPath { kind, group, member, epoch, request_nonce, encapped, ciphertext })
+        Ok(SealedPath {
+            kind,
+            group,
+            member,
+            epoch,
+            request_nonce,
+            encapped,
+            ciphertext,
+        })
     }
 }
 
@@ -260,7 +285,11 @@ impl PathKeys {
             let node = node_id(&mut r, "path node")?;
             let version = KeyVersion(r.u64("key version")?);
             let key = Zeroizing::new(r.array::<KEY_LEN>("path key")?);
-            keys.push(PathKey { node, version, key: NodeKey::from_bytes(*key) });
+            keys.push(PathKey {
+                node,
+                version,
+                key: NodeKey::from_bytes(*key),
+            });
         }
         r.finish()?;
         MemberPath::from_keys(group, epoch, keys).map_err(|_| DecodeError::Invalid("member path"))
@@ -294,7 +323,12 @@ impl Codec for Heartbeat {
         let epoch = Epoch(r.u64("epoch")?);
         let kcv = Kcv(r.array::<KCV_LEN>("key check value")?);
         let timestamp_ms = r.u64("timestamp")?;
-        Ok(Heartbeat { group, epoch, kcv, timestamp_ms })
+        Ok(Heartbeat {
+            group,
+            epoch,
+            kcv,
+            timestamp_ms,
+        })
     }
 }
 
@@ -329,7 +363,13 @@ impl Codec for ResyncRequest {
         let epoch = Epoch(r.u64("epoch")?);
         let timestamp_ms = r.u64("timestamp")?;
         let nonce = r.array("nonce")?;
-        Ok(ResyncRequest { group, member, epoch, timestamp_ms, nonce })
+        Ok(ResyncRequest {
+            group,
+            member,
+            epoch,
+            timestamp_ms,
+            nonce,
+        })
     }
 }
 
@@ -360,7 +400,12 @@ impl Codec for LeaveRequest {
         let member = MemberId(r.u64("member id")?);
         let timestamp_ms = r.u64("timestamp")?;
         let nonce = r.array("nonce")?;
-        Ok(LeaveRequest { group, member, timestamp_ms, nonce })
+        Ok(LeaveRequest {
+            group,
+            member,
+            timestamp_ms,
+            nonce,
+        })
     }
 }
 
@@ -396,7 +441,11 @@ impl Codec for ErrorMessage {
         let reason = std::str::from_utf8(r.take(len, "reason")?)
             .map_err(|_| DecodeError::Invalid("reason is not UTF-8"))?
             .to_owned();
-        Ok(ErrorMessage { group, code, reason })
+        Ok(ErrorMessage {
+            group,
+            code,
+            reason,
+        })
     }
 }
 
@@ -445,6 +494,12 @@ impl Codec for DataFrame {
             return Err(DecodeError::Invalid("ciphertext shorter than its tag"));
         }
         let ciphertext = r.take(len, "ciphertext")?.to_vec();
-        Ok(DataFrame { group, epoch, sender, seq, ciphertext })
+        Ok(DataFrame {
+            group,
+            epoch,
+            sender,
+            seq,
+            ciphertext,
+        })
     }
 }

@@ -15,7 +15,10 @@
 use std::collections::{HashMap, HashSet};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use lkh_tree::{ApplyError, Applied, Link, Epoch, GroupId, KeyTree, MemberPath, NodeId, PathUpdate, Rekey, WRAPPED_LEN, Wrap};
+use lkh_tree::{
+    Applied, ApplyError, Epoch, GroupId, KeyTree, Link, MemberPath, NodeId, PathUpdate, Rekey,
+    WRAPPED_LEN, Wrap,
+};
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 use crate::error::WireError;
@@ -108,12 +111,21 @@ impl Codec for RekeyDatagram {
             _ => return Err(DecodeError::Invalid("flags")),
         };
         let n = r.count(CountWidth::U8, 4, MAX_COVERS, "cover count")?;
-        let covers = (0..n).map(|_| node_id(r, "cover")).collect::<Result<_, _>>()?;
+        let covers = (0..n)
+            .map(|_| node_id(r, "cover"))
+            .collect::<Result<_, _>>()?;
         let n = r.count(CountWidth::U16, 4, MAX_ADVANCES, "advance count")?;
-        let advances = (0..n).map(|_| node_id(r, "advance")).collect::<Result<_, _>>()?;
+        let advances = (0..n)
+            .map(|_| node_id(r, "advance"))
+            .collect::<Result<_, _>>()?;
         let n = r.count(CountWidth::U16, 8, MAX_LINKS, "link count")?;
         let links = (0..n)
-            .map(|_| Ok(Link { child: node_id(r, "link child")?, parent: node_id(r, "link parent")? }))
+            .map(|_| {
+                Ok(Link {
+                    child: node_id(r, "link child")?,
+                    parent: node_id(r, "link parent")?,
+                })
+            })
             .collect::<Result<_, DecodeError>>()?;
         let n = r.count(CountWidth::U16, WRAP_LEN, MAX_WRAPS, "wrap count")?;
         let mut wraps = Vec::with_capacity(n);
@@ -122,9 +134,24 @@ impl Codec for RekeyDatagram {
             let field = r.u32("wrapping node")?;
             let wrapping = NodeId(field & !UNDER_NEW);
             let ciphertext = r.array::<WRAPPED_LEN>("wrapped key")?;
-            wraps.push(Wrap { target, wrapping, under_new: field & UNDER_NEW != 0, ciphertext });
+            wraps.push(Wrap {
+                target,
+                wrapping,
+                under_new: field & UNDER_NEW != 0,
+                ciphertext,
+            });
         }
-        Ok(RekeyDatagram { group, epoch, index, count, seeds, covers, advances, links, wraps })
+        Ok(RekeyDatagram {
+            group,
+            epoch,
+            index,
+            count,
+            seeds,
+            covers,
+            advances,
+            links,
+            wraps,
+        })
     }
 }
 
@@ -147,7 +174,9 @@ impl RekeyDatagram {
     /// made under its leaf key (its path gained a node this epoch).
     pub fn serves(&self, path: &MemberPath) -> bool {
         let leaf = path.leaf();
-        self.covers.iter().any(|c| path.keys().iter().any(|k| k.node == *c))
+        self.covers
+            .iter()
+            .any(|c| path.keys().iter().any(|k| k.node == *c))
             || self.wraps.iter().any(|w| w.wrapping == leaf)
     }
 }
@@ -174,13 +203,22 @@ impl AuthenticRekey {
     pub fn fresh(&self, path: &MemberPath) -> Result<FreshRekey<'_>, WireError> {
         let d = &self.0;
         if d.group != path.group() {
-            return Err(WireError::WrongGroup { expected: path.group(), got: d.group });
+            return Err(WireError::WrongGroup {
+                expected: path.group(),
+                got: d.group,
+            });
         }
         if d.epoch <= path.epoch() {
-            return Err(WireError::Stale { current: path.epoch(), got: d.epoch });
+            return Err(WireError::Stale {
+                current: path.epoch(),
+                got: d.epoch,
+            });
         }
         if path.epoch().next() != Some(d.epoch) {
-            return Err(WireError::Gap { current: path.epoch(), got: d.epoch });
+            return Err(WireError::Gap {
+                current: path.epoch(),
+                got: d.epoch,
+            });
         }
         if !d.serves(path) {
             return Err(WireError::NotForMe);
@@ -216,20 +254,31 @@ impl FreshRekey<'_> {
 /// Lays a rekey out into datagrams of at most `mtu` bytes (unsigned).
 pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagram>, WireError> {
     let mtu = mtu.min(MAX_DATAGRAM);
-    let budget = mtu.checked_sub(DATAGRAM_OVERHEAD).ok_or(WireError::MtuTooSmall(mtu))?;
+    let budget = mtu
+        .checked_sub(DATAGRAM_OVERHEAD)
+        .ok_or(WireError::MtuTooSmall(mtu))?;
     let plan = Plan::new(rekey, tree);
     let mut entries = Vec::new();
-    plan.visit(NodeId::ROOT, budget, &mut entries).map_err(|()| WireError::MtuTooSmall(mtu))?;
+    plan.visit(NodeId::ROOT, budget, &mut entries)
+        .map_err(|()| WireError::MtuTooSmall(mtu))?;
     let mut bins: Vec<(Vec<NodeId>, Vec<usize>)> = Vec::new();
     let mut current: (Vec<NodeId>, HashSet<usize>, usize) = (Vec::new(), HashSet::new(), 0);
     for cover in entries {
         let items = plan.items(cover);
-        let extra: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
+        let extra: usize = 4 + items
+            .iter()
+            .filter(|i| !current.1.contains(i))
+            .map(|&i| plan.size(i))
+            .sum::<usize>();
         if current.2 + extra > budget || current.0.len() == MAX_COVERS {
             let (covers, set, _) = std::mem::take(&mut current);
             bins.push((covers, set.into_iter().collect()));
         }
-        let added: usize = 4 + items.iter().filter(|i| !current.1.contains(i)).map(|&i| plan.size(i)).sum::<usize>();
+        let added: usize = 4 + items
+            .iter()
+            .filter(|i| !current.1.contains(i))
+            .map(|&i| plan.size(i))
+            .sum::<usize>();
         current.0.push(cover);
         current.1.extend(items);
         current.2 += added;
@@ -288,8 +337,16 @@ fn item_size(item: usize, wraps: usize, advances: usize) -> usize {
 }
 
 /// Packs and signs: the datagrams to multicast, in order.
-pub fn pack_signed(rekey: &Rekey, tree: &KeyTree, mtu: usize, key: &SigningKey) -> Result<Vec<Vec<u8>>, WireError> {
-    Ok(pack(rekey, tree, mtu)?.iter().map(|d| d.sign(key)).collect())
+pub fn pack_signed(
+    rekey: &Rekey,
+    tree: &KeyTree,
+    mtu: usize,
+    key: &SigningKey,
+) -> Result<Vec<Vec<u8>>, WireError> {
+    Ok(pack(rekey, tree, mtu)?
+        .iter()
+        .map(|d| d.sign(key))
+        .collect())
 }
 
 /// What each node's key is needed for: items (wraps, then advances, then links) by the node whose
@@ -324,7 +381,13 @@ impl<'a> Plan<'a> {
                 cursor = tree.parent(n);
             }
         }
-        Plan { tree, wraps, advances, own, below }
+        Plan {
+            tree,
+            wraps,
+            advances,
+            own,
+            below,
+        }
     }
 
     fn size(&self, item: usize) -> usize {
@@ -332,7 +395,9 @@ impl<'a> Plan<'a> {
     }
 
     fn own_bytes(&self, node: NodeId) -> usize {
-        self.own.get(&node).map_or(0, |items| items.iter().map(|&i| self.size(i)).sum())
+        self.own
+            .get(&node)
+            .map_or(0, |items| items.iter().map(|&i| self.size(i)).sum())
     }
 
     /// Bytes of the items opened by strict ancestors of `node`.

@@ -66,7 +66,9 @@ pub fn open_with<T: Codec>(
     let body_len = bytes.len() - reader.remaining();
     let signature: [u8; SIGNATURE_LEN] = reader.array("signature")?;
     reader.finish()?;
-    let body = bytes.get(..body_len).ok_or(DecodeError::Truncated("body"))?;
+    let body = bytes
+        .get(..body_len)
+        .ok_or(DecodeError::Truncated("body"))?;
     let key = key_for(&message)?;
     key.verify_strict(&signed_input(body), &Signature::from_bytes(&signature))
         .map_err(|_| WireError::BadSignature)?;
@@ -75,5 +77,6 @@ pub fn open_with<T: Codec>(
 
 /// The Ed25519 public key in `bytes`, or an error naming it invalid.
 pub fn verifying_key(bytes: &[u8; 32]) -> Result<VerifyingKey, WireError> {
-    VerifyingKey::from_bytes(bytes).map_err(|_| WireError::Decode(DecodeError::Invalid("Ed25519 public key")))
+    VerifyingKey::from_bytes(bytes)
+        .map_err(|_| WireError::Decode(DecodeError::Invalid("Ed25519 public key")))
 }

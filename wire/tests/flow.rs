@@ -1,6 +1,8 @@
 //! Rekeys through the wire: packing, signing, the member's verify → fresh → apply path, and
 //! every truncation and single-bit flip of a signed datagram.
 
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
+
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, Strategy, TreeConfig};
 use rand_chacha::ChaCha20Rng;
@@ -18,9 +20,22 @@ fn group(n: usize, config: TreeConfig, seed: u64) -> Group {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let key = SigningKey::from_bytes(&[seed as u8; 32]);
     let mut tree = KeyTree::new(GroupId(3), config, &mut rng).unwrap();
-    let rekey = tree.rekey(&Batch { leaves: vec![], joins: n }, &mut rng).unwrap();
+    let rekey = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: n,
+            },
+            &mut rng,
+        )
+        .unwrap();
     let members = rekey.joiners.into_iter().map(|j| j.path).collect();
-    Group { tree, members, rng, key }
+    Group {
+        tree,
+        members,
+        rng,
+        key,
+    }
 }
 
 /// Delivers every datagram to every member; each must apply exactly one and end on the root.
@@ -49,11 +64,22 @@ fn deliver(g: &mut Group, datagrams: &[Vec<u8>]) {
 }
 
 fn leave_and_deliver(g: &mut Group, leaves: usize, joins: usize, mtu: usize) -> Vec<Vec<u8>> {
-    let gone: Vec<_> = (0..leaves).map(|_| {
-        let i = (g.rng.next_u64() % g.members.len() as u64) as usize;
-        g.members.swap_remove(i).leaf()
-    }).collect();
-    let rekey = g.tree.rekey(&Batch { leaves: gone, joins }, &mut g.rng).unwrap();
+    let gone: Vec<_> = (0..leaves)
+        .map(|_| {
+            let i = (g.rng.next_u64() % g.members.len() as u64) as usize;
+            g.members.swap_remove(i).leaf()
+        })
+        .collect();
+    let rekey = g
+        .tree
+        .rekey(
+            &Batch {
+                leaves: gone,
+                joins,
+            },
+            &mut g.rng,
+        )
+        .unwrap();
     let datagrams = pack_signed(&rekey, &g.tree, mtu, &g.key).unwrap();
     assert!(datagrams.iter().all(|d| d.len() <= mtu));
     deliver(g, &datagrams);
@@ -71,7 +97,12 @@ fn every_member_finds_its_keys_in_one_datagram() {
         (Strategy::Group, false, true),
         (Strategy::Group, true, true),
     ] {
-        let config = TreeConfig { strategy, hash_forward_joins: hash_forward, one_way, degree: 4 };
+        let config = TreeConfig {
+            strategy,
+            hash_forward_joins: hash_forward,
+            one_way,
+            degree: 4,
+        };
         let mut g = group(1000, config, 11);
         leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
         leave_and_deliver(&mut g, 0, 1, DEFAULT_MTU);
@@ -88,7 +119,10 @@ fn small_mtus_still_serve_every_member() {
     assert!(datagrams.len() >= 3);
     leave_and_deliver(&mut g, 20, 20, 9000);
     let rekey = g.tree.refresh(&mut g.rng).unwrap();
-    assert!(matches!(pack(&rekey, &g.tree, 100), Err(WireError::MtuTooSmall(100))));
+    assert!(matches!(
+        pack(&rekey, &g.tree, 100),
+        Err(WireError::MtuTooSmall(100))
+    ));
 }
 
 #[test]
@@ -107,7 +141,10 @@ fn one_leave_at_a_million_members() {
     // one at the top cannot share one, and one of the two must carry 24 wraps, 1,344 bytes). The
     // one-way update needs (d − 1)·L = 30 wraps and 9 links, each member needing exactly one wrap.
     for (one_way, datagrams) in [(false, 3), (true, 2)] {
-        let config = TreeConfig { one_way, ..TreeConfig::default() };
+        let config = TreeConfig {
+            one_way,
+            ..TreeConfig::default()
+        };
         let mut g = group(1 << 20, config, 16);
         g.members.truncate(2000);
         let sent = leave_and_deliver(&mut g, 1, 0, DEFAULT_MTU);
@@ -125,7 +162,10 @@ fn v_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
     let bytes = &datagrams[0];
     assert!(AuthenticRekey::verify(bytes, &controller).is_ok());
     for len in 0..bytes.len() {
-        assert!(AuthenticRekey::verify(&bytes[..len], &controller).is_err(), "truncated to {len}");
+        assert!(
+            AuthenticRekey::verify(&bytes[..len], &controller).is_err(),
+            "truncated to {len}"
+        );
     }
     let mut extended = bytes.clone();
     extended.push(0);
@@ -133,7 +173,10 @@ fn v_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
     let mut flipped = bytes.clone();
     for bit in 0..bytes.len() * 8 {
         flipped[bit / 8] ^= 1 << (bit % 8);
-        assert!(AuthenticRekey::verify(&flipped, &controller).is_err(), "bit {bit}");
+        assert!(
+            AuthenticRekey::verify(&flipped, &controller).is_err(),
+            "bit {bit}"
+        );
         flipped[bit / 8] ^= 1 << (bit % 8);
     }
 }
@@ -146,7 +189,10 @@ fn forged_and_replayed_datagrams_are_refused() {
     let controller = g.key.verifying_key();
     let insider = SigningKey::from_bytes(&[99; 32]);
     let forged = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &insider).unwrap();
-    assert!(matches!(AuthenticRekey::verify(&forged[0], &controller), Err(WireError::BadSignature)));
+    assert!(matches!(
+        AuthenticRekey::verify(&forged[0], &controller),
+        Err(WireError::BadSignature)
+    ));
     let datagrams = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &g.key).unwrap();
     deliver(&mut g, &datagrams);
     let member = &g.members[0];

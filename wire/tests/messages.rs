@@ -36,7 +36,12 @@ fn a_registration_request_verifies_under_the_key_it_carries_only() {
 #[test]
 fn one_signed_kind_cannot_stand_in_for_another() {
     let controller = SigningKey::from_bytes(&[1; 32]);
-    let heartbeat = Heartbeat { group: GroupId(1), epoch: Epoch(3), kcv: lkh_tree::Kcv([0; 8]), timestamp_ms: 5 };
+    let heartbeat = Heartbeat {
+        group: GroupId(1),
+        epoch: Epoch(3),
+        kcv: lkh_tree::Kcv([0; 8]),
+        timestamp_ms: 5,
+    };
     let bytes = sign(&heartbeat, &controller);
     assert_eq!(MessageType::peek(&bytes).unwrap(), MessageType::Heartbeat);
     assert!(open::<Heartbeat>(&bytes, &controller.verifying_key()).is_ok());
@@ -50,17 +55,29 @@ fn one_signed_kind_cannot_stand_in_for_another() {
 fn header_and_bounds_are_checked() {
     let mut bytes = request().to_bytes();
     bytes[0] = b'X';
-    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::BadMagic));
+    assert_eq!(
+        RegistrationRequest::decode_exact(&bytes),
+        Err(DecodeError::BadMagic)
+    );
     let mut bytes = request().to_bytes();
     bytes[2] = 2;
-    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::BadVersion(2)));
+    assert_eq!(
+        RegistrationRequest::decode_exact(&bytes),
+        Err(DecodeError::BadVersion(2))
+    );
     let mut long = request();
     long.token = vec![0; 65];
     let bytes = long.to_bytes();
-    assert!(matches!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::TooLong { .. })));
+    assert!(matches!(
+        RegistrationRequest::decode_exact(&bytes),
+        Err(DecodeError::TooLong { .. })
+    ));
     let mut bytes = request().to_bytes();
     bytes.push(0);
-    assert_eq!(RegistrationRequest::decode_exact(&bytes), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(
+        RegistrationRequest::decode_exact(&bytes),
+        Err(DecodeError::TrailingBytes(1))
+    );
 }
 
 #[test]

@@ -4,10 +4,12 @@
 //! stored bytes and compares the values. `GKM_BLESS_VECTORS=1 cargo test -p wire --test vectors`
 //! rewrites the files (only after a deliberate format change).
 
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
+
 use std::path::PathBuf;
 
 use ed25519_dalek::SigningKey;
-use lkh_tree::{Batch, Epoch, GroupId, KeyTree, Kcv, MemberPath, NodeId, TreeConfig};
+use lkh_tree::{Batch, Epoch, GroupId, Kcv, KeyTree, MemberPath, NodeId, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde_json::{Value, json};
@@ -17,7 +19,9 @@ use wire::{
 };
 
 fn vector_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("test-vectors").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("test-vectors")
+        .join(name)
 }
 
 fn check_or_bless(name: &str, built: &Value) -> Value {
@@ -37,59 +41,95 @@ fn group() -> GroupId {
 fn messages() -> Vec<(&'static str, Vec<u8>)> {
     let g = group();
     vec![
-        ("registration_request", RegistrationRequest {
-            group: g,
-            identity: [0x11; 32],
-            hpke_key: [0x22; 32],
-            timestamp_ms: 1_800_000_000_000,
-            nonce: [0x33; 16],
-            token: b"enroll-7".to_vec(),
-        }.to_bytes()),
-        ("welcome", SealedPath {
-            kind: SealedKind::Welcome,
-            group: g,
-            member: MemberId(42),
-            epoch: Epoch(9),
-            request_nonce: [0x33; 16],
-            encapped: [0x44; 32],
-            ciphertext: vec![0x55; 40],
-        }.to_bytes()),
-        ("resync_response", SealedPath {
-            kind: SealedKind::Resync,
-            group: g,
-            member: MemberId(42),
-            epoch: Epoch(10),
-            request_nonce: [0x66; 16],
-            encapped: [0x77; 32],
-            ciphertext: vec![0x88; 17],
-        }.to_bytes()),
-        ("heartbeat", Heartbeat {
-            group: g,
-            epoch: Epoch(10),
-            kcv: Kcv([1, 2, 3, 4, 5, 6, 7, 8]),
-            timestamp_ms: 1_800_000_000_500,
-        }.to_bytes()),
-        ("resync_request", ResyncRequest {
-            group: g,
-            member: MemberId(42),
-            epoch: Epoch(8),
-            timestamp_ms: 1_800_000_001_000,
-            nonce: [0x99; 16],
-        }.to_bytes()),
-        ("leave", LeaveRequest {
-            group: g,
-            member: MemberId(42),
-            timestamp_ms: 1_800_000_002_000,
-            nonce: [0xaa; 16],
-        }.to_bytes()),
-        ("error", ErrorMessage { group: g, code: 403, reason: "not on the allow list".into() }.to_bytes()),
-        ("data", DataFrame {
-            group: g,
-            epoch: Epoch(10),
-            sender: 7,
-            seq: 3,
-            ciphertext: vec![0xbb; 21],
-        }.to_bytes()),
+        (
+            "registration_request",
+            RegistrationRequest {
+                group: g,
+                identity: [0x11; 32],
+                hpke_key: [0x22; 32],
+                timestamp_ms: 1_800_000_000_000,
+                nonce: [0x33; 16],
+                token: b"enroll-7".to_vec(),
+            }
+            .to_bytes(),
+        ),
+        (
+            "welcome",
+            SealedPath {
+                kind: SealedKind::Welcome,
+                group: g,
+                member: MemberId(42),
+                epoch: Epoch(9),
+                request_nonce: [0x33; 16],
+                encapped: [0x44; 32],
+                ciphertext: vec![0x55; 40],
+            }
+            .to_bytes(),
+        ),
+        (
+            "resync_response",
+            SealedPath {
+                kind: SealedKind::Resync,
+                group: g,
+                member: MemberId(42),
+                epoch: Epoch(10),
+                request_nonce: [0x66; 16],
+                encapped: [0x77; 32],
+                ciphertext: vec![0x88; 17],
+            }
+            .to_bytes(),
+        ),
+        (
+            "heartbeat",
+            Heartbeat {
+                group: g,
+                epoch: Epoch(10),
+                kcv: Kcv([1, 2, 3, 4, 5, 6, 7, 8]),
+                timestamp_ms: 1_800_000_000_500,
+            }
+            .to_bytes(),
+        ),
+        (
+            "resync_request",
+            ResyncRequest {
+                group: g,
+                member: MemberId(42),
+                epoch: Epoch(8),
+                timestamp_ms: 1_800_000_001_000,
+                nonce: [0x99; 16],
+            }
+            .to_bytes(),
+        ),
+        (
+            "leave",
+            LeaveRequest {
+                group: g,
+                member: MemberId(42),
+                timestamp_ms: 1_800_000_002_000,
+                nonce: [0xaa; 16],
+            }
+            .to_bytes(),
+        ),
+        (
+            "error",
+            ErrorMessage {
+                group: g,
+                code: 403,
+                reason: "not on the allow list".into(),
+            }
+            .to_bytes(),
+        ),
+        (
+            "data",
+            DataFrame {
+                group: g,
+                epoch: Epoch(10),
+                sender: 7,
+                seq: 3,
+                ciphertext: vec![0xbb; 21],
+            }
+            .to_bytes(),
+        ),
     ]
 }
 
@@ -103,15 +143,56 @@ fn message_encodings_match_the_stored_vectors() {
     let stored = check_or_bless("messages.json", &built);
     let bytes = |name: &str| hex::decode(stored[name].as_str().unwrap()).unwrap();
     let reencode = |name: &str, value: Vec<u8>| assert_eq!(value, bytes(name), "{name}");
-    reencode("registration_request", RegistrationRequest::decode_exact(&bytes("registration_request")).unwrap().to_bytes());
-    reencode("welcome", SealedPath::decode_exact(&bytes("welcome")).unwrap().to_bytes());
-    reencode("resync_response", SealedPath::decode_exact(&bytes("resync_response")).unwrap().to_bytes());
-    reencode("heartbeat", Heartbeat::decode_exact(&bytes("heartbeat")).unwrap().to_bytes());
-    reencode("resync_request", ResyncRequest::decode_exact(&bytes("resync_request")).unwrap().to_bytes());
-    reencode("leave", LeaveRequest::decode_exact(&bytes("leave")).unwrap().to_bytes());
-    reencode("error", ErrorMessage::decode_exact(&bytes("error")).unwrap().to_bytes());
-    reencode("data", DataFrame::decode_exact(&bytes("data")).unwrap().to_bytes());
-    assert_eq!(SealedPath::decode_exact(&bytes("welcome")).unwrap().member, MemberId(42));
+    reencode(
+        "registration_request",
+        RegistrationRequest::decode_exact(&bytes("registration_request"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "welcome",
+        SealedPath::decode_exact(&bytes("welcome"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "resync_response",
+        SealedPath::decode_exact(&bytes("resync_response"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "heartbeat",
+        Heartbeat::decode_exact(&bytes("heartbeat"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "resync_request",
+        ResyncRequest::decode_exact(&bytes("resync_request"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "leave",
+        LeaveRequest::decode_exact(&bytes("leave"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "error",
+        ErrorMessage::decode_exact(&bytes("error"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
+        "data",
+        DataFrame::decode_exact(&bytes("data")).unwrap().to_bytes(),
+    );
+    assert_eq!(
+        SealedPath::decode_exact(&bytes("welcome")).unwrap().member,
+        MemberId(42)
+    );
 }
 
 #[test]
@@ -119,12 +200,23 @@ fn rekey_vector_decrypts_to_the_stored_traffic_key_check_value() {
     let mut rng = ChaCha20Rng::seed_from_u64(2026);
     let key = SigningKey::from_bytes(&[7; 32]);
     let mut tree = KeyTree::new(group(), TreeConfig::default(), &mut rng).unwrap();
-    let joined = tree.rekey(&Batch { leaves: vec![], joins: 16 }, &mut rng).unwrap();
+    let joined = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 16,
+            },
+            &mut rng,
+        )
+        .unwrap();
     let member = joined.joiners[0].path.clone();
     let gone = joined.joiners[5].leaf;
     let rekey = tree.leave(gone, &mut rng).unwrap();
     let datagrams = pack_signed(&rekey, &tree, 1200, &key).unwrap();
-    let expected_kcv = tree.root_key().traffic_key(group(), rekey.epoch).check_value();
+    let expected_kcv = tree
+        .root_key()
+        .traffic_key(group(), rekey.epoch)
+        .check_value();
     let built = json!({
         "controller_public_key": hex::encode(key.verifying_key().to_bytes()),
         "group": group().0,
@@ -137,19 +229,34 @@ fn rekey_vector_decrypts_to_the_stored_traffic_key_check_value() {
     let stored = check_or_bless("rekey.json", &built);
 
     let controller = wire::verifying_key(
-        &hex::decode(stored["controller_public_key"].as_str().unwrap()).unwrap().try_into().unwrap(),
+        &hex::decode(stored["controller_public_key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap(),
     )
     .unwrap();
     let path_bytes = hex::decode(stored["member_path"].as_str().unwrap()).unwrap();
-    let mut path: MemberPath =
-        PathKeys::decode(group(), Epoch(stored["member_epoch"].as_u64().unwrap()), &path_bytes).unwrap();
-    assert_ne!(path.leaf(), NodeId(stored["departed_leaf"].as_u64().unwrap() as u32));
+    let mut path: MemberPath = PathKeys::decode(
+        group(),
+        Epoch(stored["member_epoch"].as_u64().unwrap()),
+        &path_bytes,
+    )
+    .unwrap();
+    assert_ne!(
+        path.leaf(),
+        NodeId(stored["departed_leaf"].as_u64().unwrap() as u32)
+    );
     let mut kcv = None;
     for d in stored["datagrams"].as_array().unwrap() {
-        let authentic = AuthenticRekey::verify(&hex::decode(d.as_str().unwrap()).unwrap(), &controller).unwrap();
+        let authentic =
+            AuthenticRekey::verify(&hex::decode(d.as_str().unwrap()).unwrap(), &controller)
+                .unwrap();
         if let Ok(fresh) = authentic.fresh(&path) {
             kcv = Some(fresh.apply(&mut path).unwrap().kcv);
         }
     }
-    assert_eq!(hex::encode(kcv.unwrap().0), stored["traffic_kcv_after"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(kcv.unwrap().0),
+        stored["traffic_kcv_after"].as_str().unwrap()
+    );
 }
