@@ -136,7 +136,7 @@ fn key_oriented_makes_the_group_oriented_wraps() {
 }
 
 #[test]
-fn a_departed_member_cannot_apply_the_next_rekey() {
+fn v012_a_departed_member_cannot_apply_the_next_rekey() {
     let (mut tree, mut paths, mut rng) = full_tree(4, 3, TreeConfig::default());
     let mut gone = paths.swap_remove(2);
     let rekey = tree.leave(gone.leaf(), &mut rng).unwrap();
@@ -159,7 +159,7 @@ fn a_departed_member_cannot_apply_the_next_rekey() {
 }
 
 #[test]
-fn bad_input_is_refused_and_changes_nothing() {
+fn v013_bad_input_is_refused_and_changes_nothing() {
     let (mut tree, paths, mut rng) = full_tree(4, 2, TreeConfig::default());
     let epoch = tree.epoch();
     let leaf = paths[0].leaf();
@@ -220,7 +220,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[test]
-fn stale_and_tampered_updates_leave_the_path_unchanged() {
+fn v011_stale_and_tampered_updates_leave_the_path_unchanged() {
     let (mut tree, mut paths, mut rng) = full_tree(4, 3, TreeConfig::default());
     let gone = paths.swap_remove(7);
     let rekey = tree.leave(gone.leaf(), &mut rng).unwrap();

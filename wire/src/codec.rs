@@ -177,7 +177,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn count_is_bounded_by_limit_and_by_remaining_bytes() {
+    fn v007_count_is_bounded_by_limit_and_by_remaining_bytes() {
         let mut r = Reader::new(&[0xff, 0xff, 1, 2]);
         assert!(matches!(
             r.count(CountWidth::U16, 4, 100, "items"),

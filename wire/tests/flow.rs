@@ -153,7 +153,7 @@ fn one_leave_at_a_million_members() {
 }
 
 #[test]
-fn v_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
+fn v002_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
     let mut g = group(64, TreeConfig::default(), 14);
     let gone = g.members.swap_remove(5).leaf();
     let rekey = g.tree.leave(gone, &mut g.rng).unwrap();
@@ -182,7 +182,7 @@ fn v_every_truncation_and_bit_flip_of_a_signed_datagram_is_rejected() {
 }
 
 #[test]
-fn forged_and_replayed_datagrams_are_refused() {
+fn v001_v004_forged_and_replayed_datagrams_are_refused() {
     let mut g = group(64, TreeConfig::default(), 15);
     let gone = g.members.swap_remove(1).leaf();
     let rekey = g.tree.leave(gone, &mut g.rng).unwrap();
@@ -198,4 +198,41 @@ fn forged_and_replayed_datagrams_are_refused() {
     let member = &g.members[0];
     let replay = AuthenticRekey::verify(&datagrams[0], &controller).unwrap();
     assert!(matches!(replay.fresh(member), Err(WireError::Stale { .. })));
+}
+
+#[test]
+fn v003_v005_other_groups_and_skipped_epochs_are_refused() {
+    let mut g = group(64, TreeConfig::default(), 17);
+    let controller = g.key.verifying_key();
+    let first = g.tree.refresh(&mut g.rng).unwrap();
+    let first = pack_signed(&first, &g.tree, DEFAULT_MTU, &g.key).unwrap();
+    let second = g.tree.refresh(&mut g.rng).unwrap();
+    let second = pack_signed(&second, &g.tree, DEFAULT_MTU, &g.key).unwrap();
+    let member = g.members[0].clone();
+    let ahead = AuthenticRekey::verify(&second[0], &controller).unwrap();
+    assert!(matches!(ahead.fresh(&member), Err(WireError::Gap { .. })));
+
+    let mut other = group(64, TreeConfig::default(), 17);
+    other.tree = KeyTree::new(GroupId(4), TreeConfig::default(), &mut other.rng).unwrap();
+    let rekey = other.tree.rekey(&Batch { leaves: vec![], joins: 3 }, &mut other.rng).unwrap();
+    let foreign = pack_signed(&rekey, &other.tree, DEFAULT_MTU, &g.key).unwrap();
+    let foreign = AuthenticRekey::verify(&foreign[0], &controller).unwrap();
+    assert!(matches!(foreign.fresh(&member), Err(WireError::WrongGroup { .. })));
+    // The right datagram still applies after both refusals.
+    let mut member = member;
+    let next = AuthenticRekey::verify(&first[0], &controller).unwrap();
+    next.fresh(&member).unwrap().apply(&mut member).unwrap();
+}
+
+#[test]
+fn v009_node_ids_at_or_above_2_pow_31_are_malformed() {
+    let mut g = group(16, TreeConfig::default(), 18);
+    let rekey = g.tree.refresh(&mut g.rng).unwrap();
+    let mut datagram = pack(&rekey, &g.tree, DEFAULT_MTU).unwrap().remove(0);
+    datagram.covers = vec![lkh_tree::NodeId(1 << 31)];
+    let bytes = datagram.sign(&g.key);
+    assert!(matches!(
+        AuthenticRekey::verify(&bytes, &g.key.verifying_key()),
+        Err(WireError::Decode(wire::DecodeError::Invalid("cover")))
+    ));
 }

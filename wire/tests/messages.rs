@@ -20,7 +20,7 @@ fn request() -> RegistrationRequest {
 }
 
 #[test]
-fn a_registration_request_verifies_under_the_key_it_carries_only() {
+fn v014_a_registration_request_verifies_under_the_key_it_carries_only() {
     let member = SigningKey::from_bytes(&[5; 32]);
     let bytes = sign(&request(), &member);
     let opened = open_with::<RegistrationRequest>(&bytes, |r| verifying_key(&r.identity)).unwrap();
@@ -34,7 +34,7 @@ fn a_registration_request_verifies_under_the_key_it_carries_only() {
 }
 
 #[test]
-fn one_signed_kind_cannot_stand_in_for_another() {
+fn v015_one_signed_kind_cannot_stand_in_for_another() {
     let controller = SigningKey::from_bytes(&[1; 32]);
     let heartbeat = Heartbeat {
         group: GroupId(1),
@@ -52,7 +52,7 @@ fn one_signed_kind_cannot_stand_in_for_another() {
 }
 
 #[test]
-fn header_and_bounds_are_checked() {
+fn v006_v008_header_and_bounds_are_checked() {
     let mut bytes = request().to_bytes();
     bytes[0] = b'X';
     assert_eq!(
@@ -81,7 +81,7 @@ fn header_and_bounds_are_checked() {
 }
 
 #[test]
-fn data_frames_round_trip_and_reject_tampering_and_other_epochs() {
+fn v016_data_frames_round_trip_and_reject_tampering_and_other_epochs() {
     let root = NodeKey::from_bytes([4; 32]);
     let key = root.traffic_key(GroupId(1), Epoch(7));
     let frame = data::seal(&key, GroupId(1), Epoch(7), 3, 99, b"hello group");
@@ -95,4 +95,31 @@ fn data_frames_round_trip_and_reject_tampering_and_other_epochs() {
     assert_eq!(data::open(&key, &tampered), Err(WireError::BadFrame));
     let next = root.traffic_key(GroupId(1), Epoch(8));
     assert_eq!(data::open(&next, &decoded), Err(WireError::BadFrame));
+}
+
+#[test]
+fn v010_a_sealed_path_must_be_a_well_formed_path() {
+    use lkh_tree::{Batch, KeyTree, TreeConfig};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+    use wire::PathKeys;
+
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let mut tree = KeyTree::new(GroupId(1), TreeConfig::default(), &mut rng).unwrap();
+    let rekey = tree.rekey(&Batch { leaves: vec![], joins: 20 }, &mut rng).unwrap();
+    let path = &rekey.joiners[7].path;
+    let bytes = PathKeys::encode(path);
+    let decoded = PathKeys::decode(GroupId(1), rekey.epoch, &bytes).unwrap();
+    assert_eq!(decoded.leaf(), path.leaf());
+    // Wrong epoch (the root's version must be the epoch), truncated, trailing, reordered.
+    assert!(PathKeys::decode(GroupId(1), Epoch(rekey.epoch.0 + 1), &bytes).is_err());
+    assert!(PathKeys::decode(GroupId(1), rekey.epoch, &bytes[..bytes.len() - 1]).is_err());
+    let mut trailing = bytes.to_vec();
+    trailing.push(0);
+    assert!(PathKeys::decode(GroupId(1), rekey.epoch, &trailing).is_err());
+    let mut reversed = vec![bytes[0]];
+    for chunk in bytes[1..].chunks(wire::PATH_KEY_LEN).rev() {
+        reversed.extend_from_slice(chunk);
+    }
+    assert!(PathKeys::decode(GroupId(1), rekey.epoch, &reversed).is_err());
 }
