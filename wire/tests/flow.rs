@@ -214,10 +214,22 @@ fn v003_v005_other_groups_and_skipped_epochs_are_refused() {
 
     let mut other = group(64, TreeConfig::default(), 17);
     other.tree = KeyTree::new(GroupId(4), TreeConfig::default(), &mut other.rng).unwrap();
-    let rekey = other.tree.rekey(&Batch { leaves: vec![], joins: 3 }, &mut other.rng).unwrap();
+    let rekey = other
+        .tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 3,
+            },
+            &mut other.rng,
+        )
+        .unwrap();
     let foreign = pack_signed(&rekey, &other.tree, DEFAULT_MTU, &g.key).unwrap();
     let foreign = AuthenticRekey::verify(&foreign[0], &controller).unwrap();
-    assert!(matches!(foreign.fresh(&member), Err(WireError::WrongGroup { .. })));
+    assert!(matches!(
+        foreign.fresh(&member),
+        Err(WireError::WrongGroup { .. })
+    ));
     // The right datagram still applies after both refusals.
     let mut member = member;
     let next = AuthenticRekey::verify(&first[0], &controller).unwrap();

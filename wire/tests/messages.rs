@@ -106,7 +106,15 @@ fn v010_a_sealed_path_must_be_a_well_formed_path() {
 
     let mut rng = ChaCha20Rng::seed_from_u64(3);
     let mut tree = KeyTree::new(GroupId(1), TreeConfig::default(), &mut rng).unwrap();
-    let rekey = tree.rekey(&Batch { leaves: vec![], joins: 20 }, &mut rng).unwrap();
+    let rekey = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 20,
+            },
+            &mut rng,
+        )
+        .unwrap();
     let path = &rekey.joiners[7].path;
     let bytes = PathKeys::encode(path);
     let decoded = PathKeys::decode(GroupId(1), rekey.epoch, &bytes).unwrap();
