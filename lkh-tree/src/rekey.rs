@@ -358,8 +358,9 @@ impl KeyTree {
         let moved = self.rebalance(&mut marks);
         // A refresh (or a batch that touched nothing) still renews the root, at random.
         marks.flags.entry(NodeId::ROOT.0).or_insert(MARK_REFRESH);
-        let (renewed, advances, links) = self.renew_keys(&marks, epoch, rng);
-        let encryptions = self.wraps(&marks, &renewed, epoch);
+        let order = marks.bottom_up(&self.shape);
+        let (renewed, advances, links) = self.renew_keys(&order, epoch, rng);
+        let encryptions = self.wraps(&order, &renewed, epoch);
         self.shape.end_batch();
         self.epoch = epoch;
         let joiners = joined
@@ -424,14 +425,14 @@ impl KeyTree {
     /// one-way) nodes with their old keys, the hash-forward advances and the one-way links.
     fn renew_keys<R: CryptoRng + ?Sized>(
         &mut self,
-        marks: &Marks,
+        order: &[(u32, u8)],
         epoch: Epoch,
         rng: &mut R,
     ) -> (HashMap<u32, Renewed>, Vec<Advance>, Vec<Link>) {
-        let mut renewed: HashMap<u32, Renewed> = HashMap::with_capacity(marks.flags.len());
+        let mut renewed: HashMap<u32, Renewed> = HashMap::with_capacity(order.len());
         let mut advances = Vec::new();
         let mut links = Vec::new();
-        for &(id, flags) in &marks.bottom_up(&self.shape) {
+        for &(id, flags) in order {
             let node = self.shape.nodes.node(id);
             let old = node.node_key();
             let from = KeyVersion(node.version);
@@ -491,12 +492,12 @@ impl KeyTree {
     /// The encryptions for every renewed node, by strategy.
     fn wraps(
         &self,
-        marks: &Marks,
+        order: &[(u32, u8)],
         renewed: &HashMap<u32, Renewed>,
         epoch: Epoch,
     ) -> Vec<Encryption> {
         let mut out = Vec::new();
-        for &(id, _) in &marks.bottom_up(&self.shape) {
+        for &(id, _) in order {
             let Some(info) = renewed.get(&id) else {
                 continue;
             };

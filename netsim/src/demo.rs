@@ -8,10 +8,23 @@ use ed25519_dalek::SigningKey;
 use lkh_tree::checker::KeyGraph;
 use lkh_tree::{
     Batch, Epoch, GroupId, KeyTree, KeyVersion, MemberPath, NodeId, TrafficKey, TreeConfig,
+    TreeError,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{AuthenticRekey, Codec, DataFrame, WireError, data, pack_signed};
+
+/// Why a demo run stopped before its verdict.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The tree refused a batch or its parameters.
+    #[error("key tree: {0}")]
+    Tree(#[from] TreeError),
+    /// Packing, signing or a member's datagram handling failed.
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+}
 
 /// Parameters of a demo run.
 #[derive(Clone, Debug)]
@@ -101,7 +114,7 @@ struct Sim {
 pub fn run(
     config: &DemoConfig,
     mut progress: impl FnMut(&EpochLine),
-) -> Result<Verdict, WireError> {
+) -> Result<Verdict, DemoError> {
     let mut sim = Sim::new(config.clone())?;
     let admit = Batch {
         leaves: vec![],
@@ -116,7 +129,7 @@ pub fn run(
 }
 
 impl Sim {
-    fn new(config: DemoConfig) -> Result<Self, WireError> {
+    fn new(config: DemoConfig) -> Result<Self, DemoError> {
         let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
@@ -125,8 +138,7 @@ impl Sim {
             degree: config.degree,
             ..TreeConfig::default()
         };
-        let tree = KeyTree::new(GroupId(1), tree_config, &mut rng)
-            .map_err(|_| WireError::MtuTooSmall(0))?;
+        let tree = KeyTree::new(GroupId(1), tree_config, &mut rng)?;
         Ok(Sim {
             config,
             rng,
@@ -193,17 +205,14 @@ impl Sim {
         }
     }
 
-    fn step(&mut self, batch: &Batch, change: String) -> Result<EpochLine, WireError> {
+    fn step(&mut self, batch: &Batch, change: String) -> Result<EpochLine, DemoError> {
         for leaf in &batch.leaves {
             if let Some(path) = self.members.remove(leaf) {
                 let welcome = self.welcomes.remove(leaf).unwrap_or_default();
                 self.departed.push(Departed { path, welcome });
             }
         }
-        let rekey = self
-            .tree
-            .rekey(batch, &mut self.rng)
-            .map_err(|_| WireError::MtuTooSmall(0))?;
+        let rekey = self.tree.rekey(batch, &mut self.rng)?;
         self.graph.add_rekey(&rekey);
         let datagrams = pack_signed(&rekey, &self.tree, self.config.mtu, &self.signer)?;
         // Each receiver verifies what it receives; the signature check is the same for all, so
