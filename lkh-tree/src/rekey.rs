@@ -18,7 +18,7 @@
 //! - user-oriented: each subgroup that kept its key gets every new key it needs, each wrapped
 //!   directly under that one key: more encryptions, one message per subgroup.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use rand_core::CryptoRng;
 use thiserror::Error;
@@ -429,7 +429,8 @@ impl KeyTree {
         epoch: Epoch,
         rng: &mut R,
     ) -> (HashMap<u32, Renewed>, Vec<Advance>, Vec<Link>) {
-        let mut renewed: HashMap<u32, Renewed> = HashMap::with_capacity(order.len());
+        let mut renewed: HashMap<u32, Renewed> =
+            HashMap::with_capacity_and_hasher(order.len(), Default::default());
         let mut advances = Vec::new();
         let mut links = Vec::new();
         for &(id, flags) in order {

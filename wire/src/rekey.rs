@@ -12,7 +12,7 @@
 //! there). Covers are filled into datagrams greedily in depth-first order, so neighbours share
 //! the wraps near the root; those repeat across datagrams, nothing else does.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{
@@ -258,71 +258,55 @@ pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagr
         .checked_sub(DATAGRAM_OVERHEAD)
         .ok_or(WireError::MtuTooSmall(mtu))?;
     let plan = Plan::new(rekey, tree);
-    let mut entries = Vec::new();
-    plan.visit(NodeId::ROOT, budget, &mut entries)
+    let mut covers = Vec::new();
+    plan.visit(NodeId::ROOT, 0, budget, &mut covers)
         .map_err(|()| WireError::MtuTooSmall(mtu))?;
-    let mut bins: Vec<(Vec<NodeId>, Vec<usize>)> = Vec::new();
-    let mut current: (Vec<NodeId>, HashSet<usize>, usize) = (Vec::new(), HashSet::new(), 0);
-    for cover in entries {
-        let items = plan.items(cover);
-        let extra: usize = 4 + items
-            .iter()
-            .filter(|i| !current.1.contains(i))
-            .map(|&i| plan.size(i))
-            .sum::<usize>();
-        if current.2 + extra > budget || current.0.len() == MAX_COVERS {
-            let (covers, set, _) = std::mem::take(&mut current);
-            bins.push((covers, set.into_iter().collect()));
-        }
-        let added: usize = 4 + items
-            .iter()
-            .filter(|i| !current.1.contains(i))
-            .map(|&i| plan.size(i))
-            .sum::<usize>();
-        current.0.push(cover);
-        current.1.extend(items);
-        current.2 += added;
-    }
-    if !current.0.is_empty() {
-        bins.push((current.0, current.1.into_iter().collect()));
-    }
+    let bins = plan.fill(&covers, budget);
     let count = u16::try_from(bins.len()).map_err(|_| WireError::MtuTooSmall(mtu))?;
-    let epoch = rekey.epoch;
     Ok(bins
         .into_iter()
         .zip(0u16..)
-        .map(|((covers, mut items), index)| {
-            items.sort_unstable();
-            let wraps = items
-                .iter()
-                .filter_map(|&i| rekey.encryptions.get(i))
-                .map(|e| Wrap::from_encryption(e, epoch))
-                .collect();
-            let advances = items
-                .iter()
-                .filter_map(|&i| i.checked_sub(rekey.encryptions.len()))
-                .filter_map(|i| rekey.advances.get(i))
-                .map(|a| a.node)
-                .collect();
-            let links = items
-                .iter()
-                .filter_map(|&i| i.checked_sub(rekey.encryptions.len() + rekey.advances.len()))
-                .filter_map(|i| rekey.links.get(i))
-                .copied()
-                .collect();
-            RekeyDatagram {
-                group: rekey.group,
-                epoch,
-                index,
-                count,
-                seeds: rekey.seeds,
-                covers,
-                advances,
-                links,
-                wraps,
-            }
-        })
+        .map(|(bin, index)| bin.datagram(rekey, index, count))
         .collect())
+}
+
+/// The covers and items of one datagram.
+#[derive(Default)]
+struct Bin {
+    covers: Vec<NodeId>,
+    items: Vec<usize>,
+    bytes: usize,
+}
+
+impl Bin {
+    fn datagram(mut self, rekey: &Rekey, index: u16, count: u16) -> RekeyDatagram {
+        self.items.sort_unstable();
+        let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
+        let mut datagram = RekeyDatagram {
+            group: rekey.group,
+            epoch: rekey.epoch,
+            index,
+            count,
+            seeds: rekey.seeds,
+            covers: self.covers,
+            advances: Vec::new(),
+            links: Vec::new(),
+            wraps: Vec::new(),
+        };
+        for &item in &self.items {
+            if let Some(e) = rekey.encryptions.get(item) {
+                datagram.wraps.push(Wrap::from_encryption(e, rekey.epoch));
+            } else if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i)) {
+                datagram.advances.push(a.node);
+            } else if let Some(l) = item
+                .checked_sub(wraps + advances)
+                .and_then(|i| rekey.links.get(i))
+            {
+                datagram.links.push(*l);
+            }
+        }
+        datagram
+    }
 }
 
 /// Bytes of item `item` of a plan: a wrap, an advance or a link.
@@ -349,89 +333,97 @@ pub fn pack_signed(
         .collect())
 }
 
-/// What each node's key is needed for: items (wraps, then advances, then links) by the node whose
-/// key opens them, and the bytes of everything below each node.
+/// What each node's key is needed for: items (wraps, then advances, then links) grouped by the
+/// node whose key opens them, and the bytes of everything keyed at or below each node.
 struct Plan<'a> {
     tree: &'a KeyTree,
-    wraps: usize,
-    advances: usize,
-    own: HashMap<NodeId, Vec<usize>>,
+    sizes: Vec<usize>,
+    /// Item indices sorted by their key node; `own` maps a node to its range here and its bytes.
+    by_node: Vec<usize>,
+    own: HashMap<NodeId, (usize, usize, usize)>,
     below: HashMap<NodeId, usize>,
 }
 
 impl<'a> Plan<'a> {
     fn new(rekey: &Rekey, tree: &'a KeyTree) -> Self {
-        let wraps = rekey.encryptions.len();
-        let advances = rekey.advances.len();
-        let keyed = rekey
+        let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
+        let keys: Vec<NodeId> = rekey
             .encryptions
             .iter()
             .map(|e| e.wrapping)
             .chain(rekey.advances.iter().map(|a| a.node))
-            .chain(rekey.links.iter().map(|l| l.child));
-        let mut own: HashMap<NodeId, Vec<usize>> = HashMap::new();
-        let mut below: HashMap<NodeId, usize> = HashMap::new();
-        let size_of = |item: usize| item_size(item, wraps, advances);
-        for (item, node) in keyed.enumerate() {
-            own.entry(node).or_default().push(item);
-            let size = size_of(item);
+            .chain(rekey.links.iter().map(|l| l.child))
+            .collect();
+        let sizes: Vec<usize> = (0..keys.len())
+            .map(|i| item_size(i, wraps, advances))
+            .collect();
+        let mut by_node: Vec<usize> = (0..keys.len()).collect();
+        by_node.sort_by_key(|&i| (keys.get(i).copied(), i));
+        let mut own: HashMap<NodeId, (usize, usize, usize)> = HashMap::default();
+        let mut below: HashMap<NodeId, usize> = HashMap::default();
+        for (position, &item) in by_node.iter().enumerate() {
+            let (Some(&node), Some(&size)) = (keys.get(item), sizes.get(item)) else {
+                continue;
+            };
+            let range = own.entry(node).or_insert((position, position, 0));
+            range.1 = position + 1;
+            range.2 += size;
+        }
+        for (&node, &(_, _, bytes)) in &own {
             let mut cursor = Some(node);
             while let Some(n) = cursor {
-                *below.entry(n).or_default() += size;
+                *below.entry(n).or_default() += bytes;
                 cursor = tree.parent(n);
             }
         }
         Plan {
             tree,
-            wraps,
-            advances,
+            sizes,
+            by_node,
             own,
             below,
         }
     }
 
-    fn size(&self, item: usize) -> usize {
-        item_size(item, self.wraps, self.advances)
+    fn own_bytes(&self, node: NodeId) -> usize {
+        self.own.get(&node).map_or(0, |&(_, _, bytes)| bytes)
     }
 
-    fn own_bytes(&self, node: NodeId) -> usize {
+    fn own_items(&self, node: NodeId) -> &[usize] {
         self.own
             .get(&node)
-            .map_or(0, |items| items.iter().map(|&i| self.size(i)).sum())
+            .and_then(|&(start, end, _)| self.by_node.get(start..end))
+            .unwrap_or_default()
     }
 
-    /// Bytes of the items opened by strict ancestors of `node`.
-    fn above_bytes(&self, node: NodeId) -> usize {
-        let mut total = 0;
-        let mut cursor = self.tree.parent(node);
-        while let Some(n) = cursor {
-            total += self.own_bytes(n);
-            cursor = self.tree.parent(n);
-        }
-        total
-    }
-
-    fn visit(&self, node: NodeId, budget: usize, entries: &mut Vec<NodeId>) -> Result<(), ()> {
-        let above = self.above_bytes(node);
+    /// Finds the covers under `node`, whose strict ancestors open `above` bytes of items.
+    fn visit(
+        &self,
+        node: NodeId,
+        above: usize,
+        budget: usize,
+        covers: &mut Vec<NodeId>,
+    ) -> Result<(), ()> {
         let below = self.below.get(&node).copied().unwrap_or(0);
+        let own = self.own_bytes(node);
         let fits = above + below + 4 <= budget;
         // Small subtrees stay whole (few covers); large ones are split even when they fit, so
-        // the greedy fill below can pack datagrams tightly.
-        let small = below <= budget / 4 || below == self.own_bytes(node);
-        if fits && (small || self.tree.is_member(node)) {
-            entries.push(node);
+        // the greedy fill can pack datagrams tightly.
+        let small = below <= budget / 4 || below == own;
+        let member = self.tree.is_member(node);
+        if fits && (small || member) {
+            covers.push(node);
             return Ok(());
         }
-        if self.tree.is_member(node) {
+        if member {
             return Err(());
         }
-        let quiet_above = above + self.own_bytes(node);
         for child in self.tree.children(node) {
             if self.below.contains_key(&child) {
-                self.visit(child, budget, entries)?;
-            } else if quiet_above + 4 <= budget {
+                self.visit(child, above + own, budget, covers)?;
+            } else if above + own + 4 <= budget {
                 // Nothing is keyed below this child: its members need only the path above.
-                entries.push(child);
+                covers.push(child);
             } else {
                 return Err(());
             }
@@ -439,22 +431,61 @@ impl<'a> Plan<'a> {
         Ok(())
     }
 
-    /// The items the members below a cover need.
-    fn items(&self, cover: NodeId) -> Vec<usize> {
-        let mut items = Vec::new();
+    /// The items the members below a cover need: those opened on its path and in its subtree.
+    fn items(&self, cover: NodeId, out: &mut Vec<usize>) {
+        out.clear();
         let mut cursor = Some(cover);
         while let Some(n) = cursor {
-            items.extend(self.own.get(&n).into_iter().flatten());
+            out.extend_from_slice(self.own_items(n));
             cursor = self.tree.parent(n);
         }
         let mut stack: Vec<NodeId> = self.tree.children(cover);
         while let Some(n) = stack.pop() {
-            if !self.below.contains_key(&n) {
-                continue;
+            if self.below.contains_key(&n) {
+                out.extend_from_slice(self.own_items(n));
+                stack.extend(self.tree.children(n));
             }
-            items.extend(self.own.get(&n).into_iter().flatten());
-            stack.extend(self.tree.children(n));
         }
-        items
+    }
+
+    /// Fills covers into bins greedily in depth-first order.
+    fn fill(&self, covers: &[NodeId], budget: usize) -> Vec<Bin> {
+        // The bin number (plus one) that last took each item.
+        let mut taken = vec![0usize; self.sizes.len()];
+        let mut bins = vec![Bin::default()];
+        let mut items = Vec::new();
+        for &cover in covers {
+            self.items(cover, &mut items);
+            let new_bytes = |bin: usize, taken: &[usize]| {
+                4 + items
+                    .iter()
+                    .filter(|&&i| taken.get(i) != Some(&bin))
+                    .filter_map(|&i| self.sizes.get(i))
+                    .sum::<usize>()
+            };
+            let mut bin = bins.len();
+            let mut extra = new_bytes(bin, &taken);
+            let full = bins
+                .last()
+                .is_some_and(|b| b.bytes + extra > budget || b.covers.len() == MAX_COVERS);
+            if full {
+                bins.push(Bin::default());
+                bin = bins.len();
+                extra = new_bytes(bin, &taken);
+            }
+            let Some(current) = bins.last_mut() else {
+                continue;
+            };
+            current.covers.push(cover);
+            current.bytes += extra;
+            for &i in &items {
+                if let Some(t) = taken.get_mut(i).filter(|t| **t != bin) {
+                    *t = bin;
+                    current.items.push(i);
+                }
+            }
+        }
+        bins.retain(|b| !b.covers.is_empty());
+        bins
     }
 }

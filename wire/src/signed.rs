@@ -35,17 +35,15 @@ fn signed_input(body: &[u8]) -> Vec<u8> {
     input
 }
 
-/// Appends the signature of `body_bytes` (already in `out`, from `start`) to `out`.
-pub(crate) fn append_signature(out: &mut Vec<u8>, start: usize, key: &SigningKey) {
-    let body = out.get(start..).unwrap_or_default();
-    let signature = key.sign(&signed_input(body));
-    out.extend_from_slice(&signature.to_bytes());
-}
-
-/// Encodes and signs a message.
+/// Encodes and signs a message: `body ‖ signature`. The body is encoded after the label in one
+/// buffer, signed there, and the label is then dropped, so the body is written once.
 pub fn sign<T: Codec>(message: &T, key: &SigningKey) -> Vec<u8> {
-    let mut out = message.to_bytes();
-    append_signature(&mut out, 0, key);
+    let mut out = Vec::with_capacity(LABEL.len() + 1280);
+    out.extend_from_slice(LABEL);
+    message.encode(&mut out);
+    let signature = key.sign(&out);
+    out.drain(..LABEL.len());
+    out.extend_from_slice(&signature.to_bytes());
     out
 }
 
