@@ -199,6 +199,9 @@ pub enum TreeError {
     /// they are not combined.
     #[error("user-oriented rekeying cannot be combined with hash-forward joins or one-way updates")]
     UserWithHashForward,
+    /// A snapshot does not describe a valid tree.
+    #[error("the tree snapshot is not a valid tree")]
+    BadSnapshot,
     /// The epoch counter is exhausted.
     #[error("the epoch counter is exhausted")]
     EpochExhausted,
@@ -626,6 +629,89 @@ impl KeyTree {
         (0..self.shape.nodes.len())
             .filter(|&id| self.shape.nodes.node(id).kind != Kind::Free)
             .map(NodeId)
+    }
+}
+
+/// One node of a [`TreeSnapshot`].
+#[derive(Clone, Debug)]
+pub struct NodeRecord {
+    /// The node.
+    pub id: NodeId,
+    /// Its parent (`None` for the root).
+    pub parent: Option<NodeId>,
+    /// Whether it is a member leaf.
+    pub leaf: bool,
+    /// Its key's version.
+    pub version: KeyVersion,
+    /// Its key.
+    pub key: NodeKey,
+}
+
+/// Everything needed to rebuild a tree: for persistence. Holds every key: seal it before it
+/// leaves memory.
+#[derive(Clone, Debug)]
+pub struct TreeSnapshot {
+    /// The group.
+    pub group: GroupId,
+    /// The parameters.
+    pub config: TreeConfig,
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Live nodes, parents before children, the root first.
+    pub nodes: Vec<NodeRecord>,
+}
+
+impl KeyTree {
+    /// A snapshot of the whole tree.
+    pub fn snapshot(&self) -> TreeSnapshot {
+        let nodes = self
+            .shape
+            .records()
+            .into_iter()
+            .map(|(id, parent, kind, version, key)| NodeRecord {
+                id: NodeId(id),
+                parent: (parent != NIL).then_some(NodeId(parent)),
+                leaf: kind == Kind::Leaf,
+                version: KeyVersion(version),
+                key: NodeKey::from_bytes(key),
+            })
+            .collect();
+        TreeSnapshot {
+            group: self.group,
+            config: self.config,
+            epoch: self.epoch,
+            nodes,
+        }
+    }
+
+    /// Rebuilds a tree from a snapshot, checking its structure (see [`TreeError::BadSnapshot`]).
+    pub fn restore(snapshot: &TreeSnapshot) -> Result<KeyTree, TreeError> {
+        let config = snapshot.config;
+        if !(2..=64).contains(&config.degree) {
+            return Err(TreeError::BadDegree(config.degree));
+        }
+        let records: Vec<_> = snapshot
+            .nodes
+            .iter()
+            .map(|r| {
+                let kind = if r.leaf { Kind::Leaf } else { Kind::Internal };
+                let parent = r.parent.map_or(NIL, |p| p.0);
+                (r.id.0, parent, kind, r.version.0, *r.key.as_bytes())
+            })
+            .collect();
+        let versions_ok = snapshot
+            .nodes
+            .iter()
+            .all(|r| r.version <= snapshot.epoch.version());
+        let shape = Shape::restore(config.degree, &records)
+            .filter(|_| versions_ok)
+            .ok_or(TreeError::BadSnapshot)?;
+        Ok(KeyTree {
+            group: snapshot.group,
+            config,
+            epoch: snapshot.epoch,
+            shape,
+        })
     }
 }
 

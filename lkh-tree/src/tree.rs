@@ -200,6 +200,79 @@ impl Shape {
         id
     }
 
+    /// Rebuilds a shape from records listed parents first (the root, id 0, first). Checks every
+    /// link: ids below the limit and unique, parents present and internal, no more than `degree`
+    /// children, depth within [`MAX_DEPTH`], no empty internal node but the root.
+    pub(crate) fn restore(
+        degree: u8,
+        records: &[(u32, u32, Kind, u64, [u8; KEY_LEN])],
+    ) -> Option<Self> {
+        let max = records.iter().map(|r| r.0).max()?;
+        if max >= NodeId::LIMIT || records.first()?.0 != NodeId::ROOT.0 {
+            return None;
+        }
+        let mut shape = Shape {
+            degree,
+            nodes: Arena::default(),
+            free: Vec::new(),
+            pending_free: Vec::new(),
+            leaves_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
+            open_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
+            members: 0,
+        };
+        while shape.nodes.len() <= max {
+            shape.nodes.push();
+        }
+        for (i, &(id, parent, kind, version, key)) in records.iter().enumerate() {
+            if kind == Kind::Free || shape.nodes.node(id).kind != Kind::Free {
+                return None;
+            }
+            let node = shape.nodes.node_mut(id);
+            node.kind = kind;
+            node.version = version;
+            node.key = key;
+            if i == 0 {
+                if kind != Kind::Internal || parent != NIL {
+                    return None;
+                }
+                shape.bucket_refresh(id);
+                continue;
+            }
+            let p = shape.nodes.get(parent)?;
+            if p.kind != Kind::Internal || p.children >= degree || usize::from(p.depth) >= MAX_DEPTH
+            {
+                return None;
+            }
+            shape.attach(parent, id);
+            if kind == Kind::Leaf {
+                shape.members += 1;
+            }
+        }
+        let empty_internal = (1..=max).any(|id| {
+            let n = shape.nodes.node(id);
+            n.kind == Kind::Internal && n.children == 0
+        });
+        if empty_internal {
+            return None;
+        }
+        shape.free = (1..=max)
+            .filter(|&id| shape.nodes.node(id).kind == Kind::Free)
+            .collect();
+        Some(shape)
+    }
+
+    /// Live nodes, parents before children, as (id, parent, kind, version, key).
+    pub(crate) fn records(&self) -> Vec<(u32, u32, Kind, u64, [u8; KEY_LEN])> {
+        let mut out = Vec::with_capacity(self.nodes.len() as usize);
+        let mut stack = vec![NodeId::ROOT.0];
+        while let Some(id) = stack.pop() {
+            let n = self.nodes.node(id);
+            out.push((id, n.parent, n.kind, n.version, n.key));
+            stack.extend(self.children(id));
+        }
+        out
+    }
+
     /// Frees a detached node; its id becomes reusable after [`Shape::end_batch`].
     fn release(&mut self, id: u32) {
         self.bucket_remove(id);

@@ -1,0 +1,108 @@
+//! Snapshots: a restored tree continues exactly where the original stood.
+
+use lkh_tree::{Batch, GroupId, KeyTree, NodeId, TreeConfig, TreeError};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+#[test]
+fn a_restored_tree_continues_the_same_group() {
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let mut tree = KeyTree::new(GroupId(2), TreeConfig::default(), &mut rng).unwrap();
+    let rekey = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 300,
+            },
+            &mut rng,
+        )
+        .unwrap();
+    let mut paths: Vec<_> = rekey.joiners.into_iter().map(|j| j.path).collect();
+    let gone: Vec<NodeId> = paths.drain(..40).map(|p| p.leaf()).collect();
+    let rekey = tree
+        .rekey(
+            &Batch {
+                leaves: gone,
+                joins: 7,
+            },
+            &mut rng,
+        )
+        .unwrap();
+    for p in &mut paths {
+        p.apply(&rekey.member_view().update()).unwrap();
+    }
+    let mut restored = KeyTree::restore(&tree.snapshot()).unwrap();
+    assert_eq!(restored.epoch(), tree.epoch());
+    assert_eq!(restored.len(), tree.len());
+    assert_eq!(restored.height(), tree.height());
+    assert_eq!(restored.root_key().as_bytes(), tree.root_key().as_bytes());
+    let next = restored.leave(paths[3].leaf(), &mut rng).unwrap();
+    for p in paths.iter_mut().skip(4) {
+        p.apply(&next.member_view().update()).unwrap();
+        assert_eq!(
+            p.root_key().unwrap().as_bytes(),
+            restored.root_key().as_bytes()
+        );
+    }
+    // The restored tree's free ids are reused by later joins without clashing.
+    restored
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 60,
+            },
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(restored.len(), tree.len() - 1 + 60);
+}
+
+#[test]
+fn a_corrupt_snapshot_is_refused() {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let mut tree = KeyTree::new(GroupId(2), TreeConfig::default(), &mut rng).unwrap();
+    tree.rekey(
+        &Batch {
+            leaves: vec![],
+            joins: 30,
+        },
+        &mut rng,
+    )
+    .unwrap();
+    let good = tree.snapshot();
+
+    let mut cyclic = good.clone();
+    cyclic.nodes[5].parent = Some(cyclic.nodes[7].id);
+    assert_eq!(
+        KeyTree::restore(&cyclic).err(),
+        Some(TreeError::BadSnapshot)
+    );
+
+    let mut twice = good.clone();
+    let dup = twice.nodes[3].clone();
+    twice.nodes.push(dup);
+    assert_eq!(KeyTree::restore(&twice).err(), Some(TreeError::BadSnapshot));
+
+    let mut under_leaf = good.clone();
+    let leaf = under_leaf.nodes.iter().find(|n| n.leaf).unwrap().id;
+    let last = under_leaf.nodes.len() - 1;
+    under_leaf.nodes[last].parent = Some(leaf);
+    assert_eq!(
+        KeyTree::restore(&under_leaf).err(),
+        Some(TreeError::BadSnapshot)
+    );
+
+    let mut future = good.clone();
+    future.nodes[2].version = lkh_tree::KeyVersion(good.epoch.0 + 1);
+    assert_eq!(
+        KeyTree::restore(&future).err(),
+        Some(TreeError::BadSnapshot)
+    );
+
+    let mut no_root = good;
+    no_root.nodes.remove(0);
+    assert_eq!(
+        KeyTree::restore(&no_root).err(),
+        Some(TreeError::BadSnapshot)
+    );
+}
