@@ -18,8 +18,10 @@
 //! Applying an unverified datagram does not compile: [`FreshRekey`] is only made from an
 //! [`AuthenticRekey`], which is only made by verifying a signature.
 //!
-//! What it does not do: no I/O, no clock (timestamps are passed in), no HPKE (the controller and
-//! member crates seal and open the welcome's ciphertext; this crate carries it).
+//! It seals and opens the path keys of welcomes and resync responses with HPKE (RFC 9180).
+//!
+//! What it does not do: no I/O, no clock (timestamps are passed in), no randomness of its own
+//! (an injected CSPRNG).
 
 #![forbid(unsafe_code)]
 #![deny(
@@ -38,6 +40,7 @@ pub mod data;
 mod error;
 mod message;
 mod rekey;
+mod sealed;
 mod signed;
 
 pub use codec::{Codec, CountWidth, DecodeError, Reader};
@@ -51,4 +54,5 @@ pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,
     MAX_DATAGRAM, MAX_LINKS, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
 };
+pub use sealed::{HpkeSecret, SealedFor, open_path, seal_path};
 pub use signed::{SIGNATURE_LEN, Verified, open, open_with, sign, verifying_key};

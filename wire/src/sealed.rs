@@ -1,0 +1,213 @@
+//! Sealing a member's path keys to its X25519 key: HPKE (RFC 9180) Base mode,
+//! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305. The `info` binds the protocol label
+//! and the group; the associated data binds every field of the [`SealedPath`] but the ciphertext,
+//! so a welcome cannot be replayed as a resync, to another member or for another request.
+
+use hpke::aead::ChaCha20Poly1305;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use lkh_tree::{GroupId, MemberPath};
+use rand_core::CryptoRng;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::codec::{Codec, DecodeError};
+use crate::error::WireError;
+use crate::message::{MemberId, NONCE_LEN, PathKeys, SealedKind, SealedPath};
+
+type Kem = X25519HkdfSha256;
+
+const INFO_LABEL: &[u8] = b"gkm v1 sealed path\0";
+
+/// A member's X25519 secret key for HPKE. Zeroized on drop, printed as `***`.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct HpkeSecret([u8; 32]);
+
+impl core::fmt::Debug for HpkeSecret {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("HpkeSecret(***)")
+    }
+}
+
+impl HpkeSecret {
+    /// A fresh key pair from the injected CSPRNG.
+    pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
+        let mut ikm = [0u8; 32];
+        rng.fill_bytes(&mut ikm);
+        let (secret, _) = Kem::derive_keypair(&ikm);
+        ikm.zeroize();
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&secret.to_bytes());
+        HpkeSecret(bytes)
+    }
+
+    /// Wraps stored secret-key bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        HpkeSecret(bytes)
+    }
+
+    /// The secret-key bytes, for storing in a file of mode 0600.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The public key, to send in a registration request.
+    pub fn public_key(&self) -> Result<[u8; 32], WireError> {
+        let secret = <Kem as hpke::Kem>::PrivateKey::from_bytes(&self.0)
+            .map_err(|_| WireError::Decode(DecodeError::Invalid("HPKE secret key")))?;
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&Kem::sk_to_pk(&secret).to_bytes());
+        Ok(out)
+    }
+}
+
+fn info(group: GroupId) -> Vec<u8> {
+    let mut info = INFO_LABEL.to_vec();
+    info.extend_from_slice(&group.0.to_be_bytes());
+    info
+}
+
+/// The associated data: the sealed path's encoding with an empty ciphertext.
+fn associated_data(sealed: &SealedPath) -> Vec<u8> {
+    let mut header = sealed.clone();
+    header.ciphertext = Vec::new();
+    header.encapped = [0; 32];
+    header.to_bytes()
+}
+
+/// Everything a sealed path names besides its keys.
+#[derive(Clone, Copy, Debug)]
+pub struct SealedFor {
+    /// Welcome or resync.
+    pub kind: SealedKind,
+    /// The member's id.
+    pub member: MemberId,
+    /// The nonce of the request being answered.
+    pub request_nonce: [u8; NONCE_LEN],
+    /// The member's X25519 public key.
+    pub recipient: [u8; 32],
+}
+
+/// Seals `path` to the member (the caller signs the result with [`crate::sign`]).
+pub fn seal_path<R: CryptoRng + ?Sized>(
+    path: &MemberPath,
+    to: &SealedFor,
+    rng: &mut R,
+) -> Result<SealedPath, WireError> {
+    let recipient = <Kem as hpke::Kem>::PublicKey::from_bytes(&to.recipient)
+        .map_err(|_| WireError::Decode(DecodeError::Invalid("HPKE public key")))?;
+    let mut sealed = SealedPath {
+        kind: to.kind,
+        group: path.group(),
+        member: to.member,
+        epoch: path.epoch(),
+        request_nonce: to.request_nonce,
+        encapped: [0; 32],
+        ciphertext: Vec::new(),
+    };
+    let plaintext = PathKeys::encode(path);
+    let mut rng = RngRef(rng);
+    let (encapped, ciphertext) =
+        hpke::single_shot_seal_with_rng::<ChaCha20Poly1305, HkdfSha256, Kem>(
+            &OpModeS::Base,
+            &recipient,
+            &info(path.group()),
+            &plaintext,
+            &associated_data(&sealed),
+            &mut rng,
+        )
+        .map_err(|_| WireError::Decode(DecodeError::Invalid("HPKE seal")))?;
+    sealed.encapped.copy_from_slice(&encapped.to_bytes());
+    sealed.ciphertext = ciphertext;
+    Ok(sealed)
+}
+
+/// Opens a sealed path (whose signature the caller checked) and checks the path it holds.
+pub fn open_path(sealed: &SealedPath, secret: &HpkeSecret) -> Result<MemberPath, WireError> {
+    let bad = |what| WireError::Decode(DecodeError::Invalid(what));
+    let key = <Kem as hpke::Kem>::PrivateKey::from_bytes(secret.as_bytes())
+        .map_err(|_| bad("HPKE secret key"))?;
+    let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(&sealed.encapped)
+        .map_err(|_| bad("encapsulated key"))?;
+    let mut plaintext = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
+        &OpModeR::Base,
+        &key,
+        &encapped,
+        &info(sealed.group),
+        &sealed.ciphertext,
+        &associated_data(sealed),
+    )
+    .map_err(|_| bad("sealed path does not open"))?;
+    let path = PathKeys::decode(sealed.group, sealed.epoch, &plaintext);
+    plaintext.zeroize();
+    Ok(path?)
+}
+
+/// Adapts `&mut R` (possibly unsized) to the sized RNG the HPKE API takes.
+struct RngRef<'a, R: ?Sized>(&'a mut R);
+
+impl<R: CryptoRng + ?Sized> rand_core::TryRng for RngRef<'_, R> {
+    type Error = core::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.0.next_u32())
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.0.next_u64())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.fill_bytes(dst);
+        Ok(())
+    }
+}
+
+impl<R: CryptoRng + ?Sized> rand_core::TryCryptoRng for RngRef<'_, R> {}
+
+#[cfg(test)]
+mod tests {
+    use lkh_tree::{Batch, KeyTree, TreeConfig};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn a_sealed_path_opens_only_for_its_member_and_context() {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), &mut rng).unwrap();
+        let rekey = tree
+            .rekey(
+                &Batch {
+                    leaves: vec![],
+                    joins: 5,
+                },
+                &mut rng,
+            )
+            .unwrap();
+        let path = &rekey.joiners[2].path;
+        let secret = HpkeSecret::generate(&mut rng);
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member: MemberId(3),
+            request_nonce: [7; 16],
+            recipient: secret.public_key().unwrap(),
+        };
+        let sealed = seal_path(path, &to, &mut rng).unwrap();
+        let opened = open_path(&sealed, &secret).unwrap();
+        assert_eq!(
+            opened.root_key().unwrap().as_bytes(),
+            path.root_key().unwrap().as_bytes()
+        );
+        let other = HpkeSecret::generate(&mut rng);
+        assert!(open_path(&sealed, &other).is_err());
+        let mut as_resync = sealed.clone();
+        as_resync.kind = SealedKind::Resync;
+        assert!(open_path(&as_resync, &secret).is_err());
+        let mut other_member = sealed;
+        other_member.member = MemberId(4);
+        assert!(open_path(&other_member, &secret).is_err());
+        assert_eq!(format!("{secret:?}"), "HpkeSecret(***)");
+    }
+}
