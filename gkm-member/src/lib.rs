@@ -1,0 +1,456 @@
+//! # gkm-member: the member agent
+//!
+//! [`Member`] is a group member's protocol logic as a sans-I/O state machine: it registers, applies
+//! verified rekeys, notices when it fell behind and resyncs, renews its lease, re-registers when
+//! its membership ended, and leaves. It never touches a socket, a clock or the OS random source.
+//!
+//! ```text
+//! driver loop:  reply to a request ──► handle_reply(now, bytes)
+//!               multicast datagram ──► handle_datagram(now, bytes)
+//!               timer fired        ──► handle_timeout(now)
+//!               then drain         ◄── poll_request()   (bytes to send to the controller)
+//!                                  ◄── poll_event()     (joined, key changed, evicted, ...)
+//!               sleep until        ◄── poll_timeout()
+//! ```
+//!
+//! Every datagram goes raw → authentic (Ed25519 under the pinned controller key) → fresh (the
+//! next epoch of its group) → applied; anything else is counted and dropped and changes nothing.
+//!
+//! What it does not do: sockets, files, the local API socket (see the binary).
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
+use rand_core::CryptoRng;
+use wire::{
+    AuthenticRekey, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest, MemberId, MessageType,
+    NONCE_LEN, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, WireError, open,
+    open_path, sign,
+};
+
+/// Milliseconds since the Unix epoch, as the driver's clock reads them.
+pub type Millis = u64;
+
+/// A member's fixed parameters.
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    /// The group to join.
+    pub group: GroupId,
+    /// The controller's pinned Ed25519 public key.
+    pub controller: VerifyingKey,
+    /// An enrollment token, if the group needs one.
+    pub token: Vec<u8>,
+    /// How often to renew the lease.
+    pub renew_interval_ms: u64,
+    /// How long to wait for a missed rekey before asking for a resync.
+    pub resync_grace_ms: u64,
+    /// How long to wait for a reply before asking again.
+    pub retry_ms: u64,
+}
+
+impl MemberConfig {
+    /// Defaults: renew every 20 s, resync after 300 ms behind, retry after 2 s.
+    pub fn new(group: GroupId, controller: VerifyingKey) -> Self {
+        MemberConfig {
+            group,
+            controller,
+            token: Vec::new(),
+            renew_interval_ms: 20_000,
+            resync_grace_ms: 300,
+            retry_ms: 2_000,
+        }
+    }
+}
+
+/// What happened, for the driver and local applications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// Admitted (or re-admitted) to the group.
+    Joined {
+        /// The member's id.
+        member: MemberId,
+        /// Epoch of the keys received.
+        epoch: Epoch,
+        /// Check value of the traffic key.
+        kcv: Kcv,
+    },
+    /// The traffic key changed (a rekey was applied, or a resync received).
+    KeyChanged {
+        /// The new epoch.
+        epoch: Epoch,
+        /// Check value of the new traffic key.
+        kcv: Kcv,
+    },
+    /// The controller says this member is no longer a member (evicted, expired or left).
+    MembershipEnded,
+    /// The controller refused a request.
+    Refused {
+        /// The error code.
+        code: u16,
+        /// The reason given.
+        reason: String,
+    },
+}
+
+/// Counters of what the member received and refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberStats {
+    /// Rekeys applied.
+    pub applied: u64,
+    /// Resyncs received.
+    pub resyncs: u64,
+    /// Datagrams refused, by reason.
+    pub dropped: BTreeMap<&'static str, u64>,
+}
+
+enum State {
+    /// Waiting for a welcome to the request with this nonce.
+    Registering { nonce: [u8; NONCE_LEN] },
+    /// A member with keys.
+    Active { member: MemberId, path: MemberPath },
+    /// Left; does nothing more.
+    Left,
+}
+
+/// A group member.
+pub struct Member<R> {
+    config: MemberConfig,
+    identity: SigningKey,
+    hpke: HpkeSecret,
+    rng: R,
+    state: State,
+    /// Nonce of an outstanding resync or renewal.
+    outstanding: Option<[u8; NONCE_LEN]>,
+    requests: VecDeque<Vec<u8>>,
+    events: VecDeque<MemberEvent>,
+    /// When to resend the registration or a resync.
+    retry_at: Option<Millis>,
+    /// When to ask for a resync because we are behind.
+    resync_at: Option<Millis>,
+    renew_at: Option<Millis>,
+    stats: MemberStats,
+}
+
+impl<R: CryptoRng> Member<R> {
+    /// A member that registers now.
+    pub fn new(
+        config: MemberConfig,
+        identity: SigningKey,
+        hpke: HpkeSecret,
+        rng: R,
+        now: Millis,
+    ) -> Self {
+        let mut member = Self::idle(config, identity, hpke, rng);
+        member.register(now);
+        member
+    }
+
+    /// A member resuming a membership it held before a restart (its keys from its own store);
+    /// it asks for a resync at once in case it missed rekeys while down.
+    pub fn resume(
+        config: MemberConfig,
+        identity: SigningKey,
+        hpke: HpkeSecret,
+        rng: R,
+        member: MemberId,
+        path: MemberPath,
+        now: Millis,
+    ) -> Self {
+        let mut this = Self::idle(config, identity, hpke, rng);
+        this.state = State::Active { member, path };
+        this.send_resync(now);
+        this
+    }
+
+    fn idle(config: MemberConfig, identity: SigningKey, hpke: HpkeSecret, rng: R) -> Self {
+        Member {
+            config,
+            identity,
+            hpke,
+            rng,
+            state: State::Left,
+            outstanding: None,
+            requests: VecDeque::new(),
+            events: VecDeque::new(),
+            retry_at: None,
+            resync_at: None,
+            renew_at: None,
+            stats: MemberStats::default(),
+        }
+    }
+
+    /// The current epoch and traffic key, once admitted.
+    pub fn traffic_key(&self) -> Option<(Epoch, TrafficKey)> {
+        match &self.state {
+            State::Active { path, .. } => Some((path.epoch(), path.traffic_key()?)),
+            _ => None,
+        }
+    }
+
+    /// The member's id and keys, for the driver to persist across restarts.
+    pub fn membership(&self) -> Option<(MemberId, &MemberPath)> {
+        match &self.state {
+            State::Active { member, path } => Some((*member, path)),
+            _ => None,
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &MemberStats {
+        &self.stats
+    }
+
+    /// The next request to send to the controller (each on its own connection; its reply goes
+    /// to [`Member::handle_reply`]).
+    pub fn poll_request(&mut self) -> Option<Vec<u8>> {
+        self.requests.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<MemberEvent> {
+        self.events.pop_front()
+    }
+
+    /// The earliest time [`Member::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        [self.retry_at, self.resync_at, self.renew_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Leaves the group: queues a signed leave request; the member does nothing more.
+    pub fn leave(&mut self, now: Millis) {
+        if let State::Active { member, .. } = self.state {
+            let request = LeaveRequest {
+                group: self.config.group,
+                member,
+                timestamp_ms: now,
+                nonce: self.nonce(),
+            };
+            self.requests.push_back(sign(&request, &self.identity));
+        }
+        self.state = State::Left;
+        self.retry_at = None;
+        self.resync_at = None;
+        self.renew_at = None;
+    }
+
+    /// Timers: registration retries, resyncs when behind, lease renewals.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            match self.state {
+                State::Registering { .. } => self.register(now),
+                State::Active { .. } => self.send_resync(now),
+                State::Left => {}
+            }
+        }
+        if self.resync_at.is_some_and(|t| t <= now) {
+            self.resync_at = None;
+            self.send_resync(now);
+        }
+        if self.renew_at.is_some_and(|t| t <= now) {
+            self.renew_at = None;
+            self.send_resync(now);
+        }
+    }
+
+    /// A multicast datagram: a rekey or a heartbeat.
+    pub fn handle_datagram(&mut self, now: Millis, bytes: &[u8]) {
+        match MessageType::peek(bytes) {
+            Ok(MessageType::Rekey) => self.rekey(now, bytes),
+            Ok(MessageType::Heartbeat) => self.heartbeat(now, bytes),
+            _ => self.drop_datagram("not a rekey or heartbeat"),
+        }
+    }
+
+    /// The reply to a request: a welcome, a resync response or an error message.
+    pub fn handle_reply(&mut self, now: Millis, bytes: &[u8]) {
+        match MessageType::peek(bytes) {
+            Ok(MessageType::Welcome | MessageType::ResyncResponse) => self.sealed(now, bytes),
+            Ok(MessageType::Error) => self.error(now, bytes),
+            _ => self.drop_datagram("malformed reply"),
+        }
+    }
+
+    fn rekey(&mut self, now: Millis, bytes: &[u8]) {
+        let authentic = match AuthenticRekey::verify(bytes, &self.config.controller) {
+            Ok(a) => a,
+            Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),
+            Err(_) => return self.drop_datagram("malformed"),
+        };
+        let State::Active { path, .. } = &mut self.state else {
+            return;
+        };
+        let outcome = authentic.fresh(path).and_then(|fresh| fresh.apply(path));
+        match outcome {
+            Ok(applied) => {
+                self.stats.applied += 1;
+                self.resync_at = None;
+                self.events.push_back(MemberEvent::KeyChanged {
+                    epoch: applied.epoch,
+                    kcv: applied.kcv,
+                });
+            }
+            Err(WireError::Stale { .. }) => self.drop_datagram("stale or replayed"),
+            Err(WireError::NotForMe) => self.drop_datagram("for other members"),
+            Err(WireError::WrongGroup { .. }) => self.drop_datagram("other group"),
+            Err(WireError::Gap { .. }) => {
+                self.drop_datagram("missed an epoch");
+                self.behind(now);
+            }
+            Err(_) => {
+                self.drop_datagram("inconsistent");
+                self.behind(now);
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, now: Millis, bytes: &[u8]) {
+        let Ok(beat) = open::<Heartbeat>(bytes, &self.config.controller) else {
+            return self.drop_datagram("bad heartbeat");
+        };
+        let beat = beat.into_message();
+        let State::Active { path, .. } = &self.state else {
+            return;
+        };
+        if beat.group != path.group() {
+            return;
+        }
+        let mine = path.epoch();
+        let kcv = path.traffic_key().map(|k| k.check_value());
+        if beat.epoch > mine || (beat.epoch == mine && kcv != Some(beat.kcv)) {
+            self.behind(now);
+        }
+    }
+
+    /// Schedules a resync unless one is already scheduled or outstanding.
+    fn behind(&mut self, now: Millis) {
+        if self.resync_at.is_none() && self.outstanding.is_none() {
+            self.resync_at = Some(now + self.config.resync_grace_ms);
+        }
+    }
+
+    fn sealed(&mut self, now: Millis, bytes: &[u8]) {
+        let Ok(sealed) = open::<SealedPath>(bytes, &self.config.controller) else {
+            return self.drop_datagram("bad sealed path");
+        };
+        let sealed = sealed.into_message();
+        let expected = match (&self.state, sealed.kind) {
+            (State::Registering { nonce }, SealedKind::Welcome) => Some(*nonce),
+            (State::Active { .. }, SealedKind::Resync) => self.outstanding,
+            _ => None,
+        };
+        if sealed.group != self.config.group || expected != Some(sealed.request_nonce) {
+            return self.drop_datagram("unexpected sealed path");
+        }
+        let Ok(path) = open_path(&sealed, &self.hpke) else {
+            return self.drop_datagram("sealed path does not open");
+        };
+        let older = matches!(&self.state, State::Active { path: current, .. } if path.epoch() <= current.epoch());
+        if older {
+            self.outstanding = None;
+            return;
+        }
+        let Some(kcv) = path.traffic_key().map(|k| k.check_value()) else {
+            return;
+        };
+        let epoch = path.epoch();
+        let event = match sealed.kind {
+            SealedKind::Welcome => MemberEvent::Joined {
+                member: sealed.member,
+                epoch,
+                kcv,
+            },
+            SealedKind::Resync => {
+                self.stats.resyncs += 1;
+                MemberEvent::KeyChanged { epoch, kcv }
+            }
+        };
+        self.state = State::Active {
+            member: sealed.member,
+            path,
+        };
+        self.outstanding = None;
+        self.retry_at = None;
+        self.resync_at = None;
+        self.renew_at = Some(now + self.config.renew_interval_ms);
+        self.events.push_back(event);
+    }
+
+    fn error(&mut self, now: Millis, bytes: &[u8]) {
+        let Ok(message) = <ErrorMessage as wire::Codec>::decode_exact(bytes) else {
+            return self.drop_datagram("malformed error");
+        };
+        self.outstanding = None;
+        match message.code {
+            0 => {
+                self.retry_at = None;
+                self.renew_at = Some(now + self.config.renew_interval_ms);
+            }
+            404 if matches!(self.state, State::Active { .. }) => {
+                self.events.push_back(MemberEvent::MembershipEnded);
+                self.register(now);
+            }
+            code => {
+                self.events.push_back(MemberEvent::Refused {
+                    code,
+                    reason: message.reason,
+                });
+                self.retry_at = Some(now + self.config.retry_ms);
+            }
+        }
+    }
+
+    fn register(&mut self, now: Millis) {
+        let nonce = self.nonce();
+        let Ok(hpke_key) = self.hpke.public_key() else {
+            return;
+        };
+        let request = RegistrationRequest {
+            group: self.config.group,
+            identity: self.identity.verifying_key().to_bytes(),
+            hpke_key,
+            timestamp_ms: now,
+            nonce,
+            token: self.config.token.clone(),
+        };
+        self.requests.push_back(sign(&request, &self.identity));
+        self.state = State::Registering { nonce };
+        self.retry_at = Some(now + self.config.retry_ms);
+        self.renew_at = None;
+        self.resync_at = None;
+    }
+
+    fn send_resync(&mut self, now: Millis) {
+        let State::Active { member, path } = &self.state else {
+            return;
+        };
+        let (member, epoch) = (*member, path.epoch());
+        let nonce = self.nonce();
+        let request = ResyncRequest {
+            group: self.config.group,
+            member,
+            epoch,
+            timestamp_ms: now,
+            nonce,
+        };
+        self.requests.push_back(sign(&request, &self.identity));
+        self.outstanding = Some(nonce);
+        self.retry_at = Some(now + self.config.retry_ms);
+    }
+
+    fn nonce(&mut self) -> [u8; NONCE_LEN] {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
+        nonce
+    }
+
+    fn drop_datagram(&mut self, reason: &'static str) {
+        *self.stats.dropped.entry(reason).or_default() += 1;
+    }
+}

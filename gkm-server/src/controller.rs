@@ -1,0 +1,1083 @@
+//! The controller state machine. See the crate docs for the call order.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use ed25519_dalek::SigningKey;
+use lkh_tree::{Batch, Epoch, GroupId, KeyTree, NodeId, TreeError, dot};
+use rand_core::CryptoRng;
+use serde::Serialize;
+use thiserror::Error;
+use wire::{
+    Codec, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
+    RegistrationRequest, ResyncRequest, SealedFor, SealedKind, WireError, open_with, pack_signed,
+    seal_path, sign, verifying_key,
+};
+
+use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
+use crate::store::{GroupState, MemberRecord, Store, StoreError};
+
+/// Bytes to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// One datagram to a group's multicast address (or, in fan-out mode, to every member).
+    Multicast {
+        /// The group.
+        group: GroupId,
+        /// The signed datagram.
+        bytes: Vec<u8>,
+    },
+    /// The reply to one request connection.
+    Reply {
+        /// The connection.
+        conn: ConnId,
+        /// The reply.
+        bytes: Vec<u8>,
+    },
+}
+
+/// Why a membership ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DepartReason {
+    /// The member left.
+    Left,
+    /// An operator evicted it.
+    Evicted,
+    /// Its lease ran out.
+    Expired,
+    /// It registered again (its old leaf is replaced).
+    Replaced,
+}
+
+/// Why a request was refused; counted per reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reject {
+    /// Not a well-formed message.
+    Malformed,
+    /// The signature does not verify.
+    BadSignature,
+    /// No such group.
+    UnknownGroup,
+    /// The identity is not allowed and holds no valid token.
+    Unauthorized,
+    /// The timestamp is outside the freshness window.
+    StaleRequest,
+    /// The nonce was seen before.
+    Replayed,
+    /// The sender is not (or no longer) a member.
+    NotAMember,
+    /// A message kind a controller does not accept.
+    UnexpectedMessage,
+    /// The group is full.
+    GroupFull,
+}
+
+impl Reject {
+    /// The error code sent to the member.
+    pub fn code(self) -> u16 {
+        match self {
+            Reject::Malformed => 400,
+            Reject::BadSignature => 401,
+            Reject::Unauthorized => 403,
+            Reject::UnknownGroup | Reject::NotAMember => 404,
+            Reject::UnexpectedMessage => 405,
+            Reject::StaleRequest | Reject::Replayed => 409,
+            Reject::GroupFull => 507,
+        }
+    }
+}
+
+/// Audit events: who, when, which epoch. Never key material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A member was admitted.
+    Admitted {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// Identity key, hex.
+        identity: String,
+        /// Epoch it joined in.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// A membership ended.
+    Departed {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// Why.
+        reason: DepartReason,
+        /// Epoch of the rekey that shut it out.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// A rekey was persisted and queued.
+    Rekeyed {
+        /// Group.
+        group: u64,
+        /// The new epoch.
+        epoch: u64,
+        /// Joins, departures.
+        joins: usize,
+        /// Departures.
+        departures: usize,
+        /// Encryptions.
+        encryptions: usize,
+        /// Distinct datagrams (before repeats).
+        datagrams: usize,
+        /// Bytes of those datagrams.
+        bytes: usize,
+        /// When.
+        at: u64,
+    },
+    /// A request was refused.
+    Rejected {
+        /// Why.
+        reason: Reject,
+        /// When.
+        at: u64,
+    },
+    /// The store failed: the rekey was not sent.
+    StoreFailed {
+        /// Group.
+        group: u64,
+        /// The epoch that was not sent.
+        epoch: u64,
+        /// The store's message.
+        error: String,
+    },
+}
+
+/// Counters per group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Rekeys done.
+    pub rekeys: u64,
+    /// Encryptions made.
+    pub encryptions: u64,
+    /// Datagrams sent (repeats included).
+    pub datagrams: u64,
+    /// Bytes sent in datagrams (repeats included).
+    pub bytes: u64,
+    /// Registrations accepted.
+    pub registrations: u64,
+    /// Resyncs answered with keys.
+    pub resyncs: u64,
+    /// Heartbeats sent.
+    pub heartbeats: u64,
+    /// Requests refused, by reason.
+    pub rejects: BTreeMap<Reject, u64>,
+}
+
+/// An operator's command (from the control socket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The controller's state in brief.
+    Status,
+    /// Every group.
+    Groups,
+    /// A group's members.
+    Members(String),
+    /// End a membership now (rekeyed in the next batch).
+    Evict(String, u64),
+    /// Rekey a group now.
+    Rekey(String),
+    /// Show a group's policy, or change one setting.
+    Policy(String, Option<(String, String)>),
+    /// The key inventory of a group (never key material).
+    Keys(String),
+    /// The tree in DOT.
+    Tree(String),
+    /// A group's counters.
+    Stats(String),
+}
+
+/// Why a command failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No such group.
+    #[error("unknown group {0:?}; `gkmctl groups` lists them")]
+    UnknownGroup(String),
+    /// No such member.
+    #[error("group {group:?} has no member {member}; `gkmctl members {group}` lists them")]
+    UnknownMember {
+        /// The group.
+        group: String,
+        /// The member id.
+        member: u64,
+    },
+    /// An unknown policy key or a bad value.
+    #[error("{0}")]
+    BadPolicy(String),
+}
+
+/// A group in brief.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Members.
+    pub members: usize,
+    /// Tree degree.
+    pub degree: u8,
+    /// Tree height.
+    pub height: usize,
+    /// Changes waiting for the next batch.
+    pub pending: usize,
+}
+
+/// A member in brief.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemberInfo {
+    /// Member id.
+    pub id: u64,
+    /// Identity key, hex.
+    pub identity: String,
+    /// Leaf node.
+    pub leaf: u32,
+    /// Epoch it joined in.
+    pub joined: u64,
+    /// Milliseconds of lease left.
+    pub lease_left_ms: u64,
+}
+
+/// One key of the inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    /// Node.
+    pub node: u32,
+    /// Version (the epoch it was set in).
+    pub version: u64,
+    /// Epochs since it was set.
+    pub age_epochs: u64,
+    /// Milliseconds since it was set, when known.
+    pub age_ms: Option<u64>,
+    /// When it must change at the latest (the next periodic refresh of the root), if any.
+    pub expires_in_ms: Option<u64>,
+    /// Members holding it.
+    pub holders: usize,
+}
+
+/// A command's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// Status.
+    Status {
+        /// Groups served.
+        groups: usize,
+        /// Members in all groups.
+        members: usize,
+        /// The controller's public key, hex.
+        public_key: String,
+    },
+    /// Groups.
+    Groups(Vec<GroupInfo>),
+    /// Members.
+    Members(Vec<MemberInfo>),
+    /// Policy settings as (key, value).
+    Policy(Vec<(String, String)>),
+    /// Key inventory.
+    Keys(Vec<KeyInfo>),
+    /// DOT text.
+    Tree(String),
+    /// Counters.
+    Stats(Stats),
+}
+
+struct PendingJoin {
+    conn: ConnId,
+    identity: [u8; 32],
+    hpke_key: [u8; 32],
+    nonce: [u8; NONCE_LEN],
+}
+
+struct Group {
+    policy: GroupPolicy,
+    tree: KeyTree,
+    members: HashMap<MemberId, MemberRecord>,
+    by_identity: HashMap<[u8; 32], MemberId>,
+    next_member: u64,
+    joins: Vec<PendingJoin>,
+    departures: BTreeMap<MemberId, DepartReason>,
+    batch_due: Option<Timestamp>,
+    next_heartbeat: Timestamp,
+    next_refresh: Option<Timestamp>,
+    nonces: HashMap<[u8; NONCE_LEN], Timestamp>,
+    epoch_times: BTreeMap<u64, Timestamp>,
+    stats: Stats,
+}
+
+/// The controller: every group's tree, members and timers.
+pub struct Controller<R> {
+    signer: SigningKey,
+    rng: R,
+    store: Box<dyn Store + Send>,
+    groups: BTreeMap<GroupId, Group>,
+    names: BTreeMap<String, GroupId>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl<R: CryptoRng> Controller<R> {
+    /// A controller serving `groups` (new, or continued from `restored` states).
+    pub fn new(
+        signer: SigningKey,
+        mut rng: R,
+        store: Box<dyn Store + Send>,
+        groups: Vec<GroupPolicy>,
+        restored: Vec<GroupState>,
+        now: Timestamp,
+    ) -> Result<Self, TreeError> {
+        let mut by_id: HashMap<GroupId, GroupState> =
+            restored.into_iter().map(|s| (s.tree.group, s)).collect();
+        let mut out = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for policy in groups {
+            let group = match by_id.remove(&policy.id) {
+                Some(state) => Group::restore(policy, &state, now)?,
+                None => Group::new(policy, &mut rng, now)?,
+            };
+            names.insert(group.policy.name.clone(), group.policy.id);
+            out.insert(group.policy.id, group);
+        }
+        Ok(Controller {
+            signer,
+            rng,
+            store,
+            groups: out,
+            names,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The controller's public key, which members pin.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signer.verifying_key().to_bytes()
+    }
+
+    /// A request from a member's connection: registration, resync (also renews the lease) or
+    /// leave. The reply, if any, comes out of [`Controller::poll_transmit`].
+    pub fn handle_request(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) {
+        let outcome = match MessageType::peek(bytes) {
+            Ok(MessageType::RegistrationRequest) => self.register(conn, now, bytes),
+            Ok(MessageType::ResyncRequest) => self.resync(conn, now, bytes),
+            Ok(MessageType::Leave) => self.leave(now, bytes),
+            Ok(_) => Err((Reject::UnexpectedMessage, GroupId(0))),
+            Err(_) => Err((Reject::Malformed, GroupId(0))),
+        };
+        if let Err((reason, group)) = outcome {
+            self.reject(conn, now, group, reason);
+        }
+    }
+
+    /// Fires due batches, heartbeats, lease expiries and refreshes.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for id in ids {
+            self.expire_leases(id, now);
+            let Some(group) = self.groups.get(&id) else {
+                continue;
+            };
+            let batch_due = group.batch_due.is_some_and(|t| t <= now);
+            let refresh_due = group.next_refresh.is_some_and(|t| t <= now);
+            if batch_due || refresh_due {
+                self.rekey(id, now);
+            }
+            if self
+                .groups
+                .get(&id)
+                .is_some_and(|g| g.next_heartbeat <= now)
+            {
+                self.heartbeat(id, now);
+            }
+        }
+    }
+
+    /// The earliest time [`Controller::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.groups
+            .values()
+            .flat_map(|g| {
+                let lease = g.members.values().map(|m| m.lease_until).min();
+                [g.batch_due, Some(g.next_heartbeat), g.next_refresh, lease]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// The next thing to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next audit event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// An operator's command.
+    pub fn handle_command(
+        &mut self,
+        now: Timestamp,
+        command: Command,
+    ) -> Result<Response, CommandError> {
+        match command {
+            Command::Status => Ok(Response::Status {
+                groups: self.groups.len(),
+                members: self.groups.values().map(|g| g.members.len()).sum(),
+                public_key: hex(&self.public_key()),
+            }),
+            Command::Groups => Ok(Response::Groups(
+                self.groups.values().map(Group::info).collect(),
+            )),
+            Command::Members(name) => {
+                let g = self.group(&name)?;
+                let mut list: Vec<MemberInfo> = g.members.values().map(|m| m.info(now)).collect();
+                list.sort_by_key(|m| m.id);
+                Ok(Response::Members(list))
+            }
+            Command::Evict(name, member) => {
+                let id = self.group_id(&name)?;
+                let g = self.group_mut(id)?;
+                if !g.members.contains_key(&MemberId(member)) {
+                    return Err(CommandError::UnknownMember {
+                        group: name,
+                        member,
+                    });
+                }
+                g.departures.insert(MemberId(member), DepartReason::Evicted);
+                g.schedule(now);
+                self.handle_timeout(now);
+                Ok(Response::Ok)
+            }
+            Command::Rekey(name) => {
+                let id = self.group_id(&name)?;
+                self.rekey(id, now);
+                Ok(Response::Ok)
+            }
+            Command::Policy(name, change) => {
+                let id = self.group_id(&name)?;
+                let g = self.group_mut(id)?;
+                if let Some((key, value)) = change {
+                    g.set_policy(&key, &value, now)?;
+                }
+                Ok(Response::Policy(g.policy_list()))
+            }
+            Command::Keys(name) => Ok(Response::Keys(self.group(&name)?.inventory(now))),
+            Command::Tree(name) => Ok(Response::Tree(dot::tree_dot(&self.group(&name)?.tree))),
+            Command::Stats(name) => Ok(Response::Stats(self.group(&name)?.stats.clone())),
+        }
+    }
+
+    /// The current state of a group, as the store holds it (for tests and the daemon).
+    pub fn group_state(&self, group: GroupId) -> Option<GroupState> {
+        self.groups.get(&group).map(Group::state)
+    }
+
+    /// The current epoch and traffic key of a group (for checks in tests and the demo).
+    pub fn traffic_key(&self, group: GroupId) -> Option<(Epoch, lkh_tree::TrafficKey)> {
+        let g = self.groups.get(&group)?;
+        let epoch = g.tree.epoch();
+        Some((epoch, g.tree.root_key().traffic_key(group, epoch)))
+    }
+
+    fn group(&self, name: &str) -> Result<&Group, CommandError> {
+        self.names
+            .get(name)
+            .and_then(|id| self.groups.get(id))
+            .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
+    }
+
+    fn group_id(&self, name: &str) -> Result<GroupId, CommandError> {
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
+    }
+
+    fn group_mut(&mut self, id: GroupId) -> Result<&mut Group, CommandError> {
+        self.groups
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))
+    }
+
+    fn reject(&mut self, conn: ConnId, now: Timestamp, group: GroupId, reason: Reject) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            *g.stats.rejects.entry(reason).or_default() += 1;
+        }
+        self.events.push_back(Event::Rejected { reason, at: now.0 });
+        let message = ErrorMessage {
+            group,
+            code: reason.code(),
+            reason: format!("{reason:?}"),
+        };
+        self.transmits.push_back(Transmit::Reply {
+            conn,
+            bytes: message.to_bytes(),
+        });
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+        bytes: &[u8],
+    ) -> Result<(), (Reject, GroupId)> {
+        let request = open_with::<RegistrationRequest>(bytes, |r| verifying_key(&r.identity))
+            .map_err(|e| (wire_reject(&e), GroupId(0)))?
+            .into_message();
+        let gid = request.group;
+        let g = self
+            .groups
+            .get_mut(&gid)
+            .ok_or((Reject::UnknownGroup, gid))?;
+        g.check_fresh(now, request.timestamp_ms, request.nonce)
+            .map_err(|r| (r, gid))?;
+        g.authorize(&request).map_err(|r| (r, gid))?;
+        if let Some(&old) = g.by_identity.get(&request.identity) {
+            g.departures.insert(old, DepartReason::Replaced);
+        }
+        g.joins.push(PendingJoin {
+            conn,
+            identity: request.identity,
+            hpke_key: request.hpke_key,
+            nonce: request.nonce,
+        });
+        g.schedule(now);
+        self.handle_timeout(now);
+        Ok(())
+    }
+
+    fn resync(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+        bytes: &[u8],
+    ) -> Result<(), (Reject, GroupId)> {
+        let request = self.member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))?;
+        let gid = request.group;
+        let g = self
+            .groups
+            .get_mut(&gid)
+            .ok_or((Reject::UnknownGroup, gid))?;
+        g.check_fresh(now, request.timestamp_ms, request.nonce)
+            .map_err(|r| (r, gid))?;
+        let lease = g.policy.lease_ms;
+        let record = g
+            .members
+            .get_mut(&request.member)
+            .ok_or((Reject::NotAMember, gid))?;
+        record.lease_until = now.plus(lease);
+        let (leaf, hpke_key) = (record.leaf, record.hpke_key);
+        if request.epoch >= g.tree.epoch() {
+            let ok = ErrorMessage {
+                group: gid,
+                code: 0,
+                reason: "lease renewed".into(),
+            };
+            self.transmits.push_back(Transmit::Reply {
+                conn,
+                bytes: ok.to_bytes(),
+            });
+            return Ok(());
+        }
+        let path = g.tree.member_path(leaf).ok_or((Reject::NotAMember, gid))?;
+        g.stats.resyncs += 1;
+        let to = SealedFor {
+            kind: SealedKind::Resync,
+            member: request.member,
+            request_nonce: request.nonce,
+            recipient: hpke_key,
+        };
+        let sealed = seal_path(&path, &to, &mut self.rng).map_err(|_| (Reject::Malformed, gid))?;
+        let bytes = sign(&sealed, &self.signer);
+        self.transmits.push_back(Transmit::Reply { conn, bytes });
+        Ok(())
+    }
+
+    fn leave(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), (Reject, GroupId)> {
+        let request = self.member_request::<LeaveRequest>(bytes, |r| (r.group, r.member))?;
+        let gid = request.group;
+        let g = self
+            .groups
+            .get_mut(&gid)
+            .ok_or((Reject::UnknownGroup, gid))?;
+        g.check_fresh(now, request.timestamp_ms, request.nonce)
+            .map_err(|r| (r, gid))?;
+        g.departures.insert(request.member, DepartReason::Left);
+        g.schedule(now);
+        self.handle_timeout(now);
+        Ok(())
+    }
+
+    /// Decodes a request signed by a member's identity key and verifies it against the record.
+    fn member_request<T: Codec>(
+        &self,
+        bytes: &[u8],
+        who: impl Fn(&T) -> (GroupId, MemberId),
+    ) -> Result<T, (Reject, GroupId)> {
+        let mut named = (GroupId(0), None);
+        let opened = open_with::<T>(bytes, |message| {
+            let (gid, member) = who(message);
+            named.0 = gid;
+            let group = self.groups.get(&gid);
+            named.1 = group.map(|g| g.members.contains_key(&member));
+            let identity = group
+                .and_then(|g| g.members.get(&member))
+                .map(|m| m.identity)
+                .ok_or(WireError::BadSignature)?;
+            verifying_key(&identity)
+        });
+        match (opened, named) {
+            (Ok(v), _) => Ok(v.into_message()),
+            (Err(_), (gid, None)) => Err((Reject::UnknownGroup, gid)),
+            // Not signed by a current member: say so (a departed member re-registers), and
+            // change nothing. The signature cannot be checked without a member's key.
+            (Err(_), (gid, Some(false))) => Err((Reject::NotAMember, gid)),
+            (Err(e), (gid, Some(true))) => Err((wire_reject(&e), gid)),
+        }
+    }
+
+    fn expire_leases(&mut self, id: GroupId, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let expired: Vec<MemberId> = g
+            .members
+            .values()
+            .filter(|m| m.lease_until <= now && !g.departures.contains_key(&m.id))
+            .map(|m| m.id)
+            .collect();
+        for member in expired {
+            g.departures.insert(member, DepartReason::Expired);
+            g.schedule(now);
+        }
+    }
+
+    /// One rekey of group `id`: the pending batch, or a refresh.
+    fn rekey(&mut self, id: GroupId, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let departures = std::mem::take(&mut g.departures);
+        let leaves: Vec<NodeId> = departures
+            .keys()
+            .filter_map(|m| g.members.get(m).map(|r| r.leaf))
+            .collect();
+        let room = (NodeId::LIMIT as usize / 2).saturating_sub(g.tree.len());
+        let mut joins = std::mem::take(&mut g.joins);
+        if joins.len() > room {
+            for refused in joins.split_off(room) {
+                self.transmits.push_back(Transmit::Reply {
+                    conn: refused.conn,
+                    bytes: ErrorMessage {
+                        group: id,
+                        code: Reject::GroupFull.code(),
+                        reason: "group full".into(),
+                    }
+                    .to_bytes(),
+                });
+            }
+        }
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        g.batch_due = None;
+        let batch = Batch {
+            leaves,
+            joins: joins.len(),
+        };
+        let Ok(rekey) = g.tree.rekey(&batch, &mut self.rng) else {
+            return;
+        };
+        let epoch = rekey.epoch;
+        for (member, reason) in &departures {
+            if let Some(record) = g.members.remove(member) {
+                g.by_identity.remove(&record.identity);
+                self.events.push_back(Event::Departed {
+                    group: id.0,
+                    member: member.0,
+                    reason: *reason,
+                    epoch: epoch.0,
+                    at: now.0,
+                });
+            }
+        }
+        let mut welcomes = Vec::with_capacity(joins.len());
+        for (join, joiner) in joins.iter().zip(&rekey.joiners) {
+            let member = MemberId(g.next_member);
+            g.next_member += 1;
+            g.by_identity.insert(join.identity, member);
+            g.members.insert(
+                member,
+                MemberRecord {
+                    id: member,
+                    identity: join.identity,
+                    hpke_key: join.hpke_key,
+                    leaf: joiner.leaf,
+                    joined: epoch.0,
+                    lease_until: now.plus(g.policy.lease_ms),
+                },
+            );
+            welcomes.push((join, member, &joiner.path));
+        }
+        g.epoch_times.insert(epoch.0, now);
+        g.next_refresh =
+            (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
+        // Write-ahead: the new state is durable before anything encrypted under it is queued.
+        let state = g.state();
+        if let Err(error) = self.store.save(&state) {
+            self.store_failed(id, epoch, &error);
+            return;
+        }
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let datagrams = match pack_signed(&rekey, &g.tree, g.policy.mtu, &self.signer) {
+            Ok(d) => d,
+            Err(_) => {
+                pack_signed(&rekey, &g.tree, wire::MAX_DATAGRAM, &self.signer).unwrap_or_default()
+            }
+        };
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        let repeats = usize::from(g.policy.repeats.max(1));
+        g.stats.rekeys += 1;
+        g.stats.encryptions += rekey.encryptions.len() as u64;
+        g.stats.datagrams += (datagrams.len() * repeats) as u64;
+        g.stats.bytes += (bytes * repeats) as u64;
+        g.stats.registrations += welcomes.len() as u64;
+        for _ in 0..repeats {
+            for d in &datagrams {
+                self.transmits.push_back(Transmit::Multicast {
+                    group: id,
+                    bytes: d.clone(),
+                });
+            }
+        }
+        for (join, member, path) in welcomes {
+            let to = SealedFor {
+                kind: SealedKind::Welcome,
+                member,
+                request_nonce: join.nonce,
+                recipient: join.hpke_key,
+            };
+            let reply = match seal_path(path, &to, &mut self.rng) {
+                Ok(sealed) => sign(&sealed, &self.signer),
+                Err(_) => ErrorMessage {
+                    group: id,
+                    code: Reject::Malformed.code(),
+                    reason: "unusable HPKE key".into(),
+                }
+                .to_bytes(),
+            };
+            self.transmits.push_back(Transmit::Reply {
+                conn: join.conn,
+                bytes: reply,
+            });
+            self.events.push_back(Event::Admitted {
+                group: id.0,
+                member: member.0,
+                identity: hex(&join.identity),
+                epoch: epoch.0,
+                at: now.0,
+            });
+        }
+        self.events.push_back(Event::Rekeyed {
+            group: id.0,
+            epoch: epoch.0,
+            joins: joins.len(),
+            departures: departures.len(),
+            encryptions: rekey.encryptions.len(),
+            datagrams: datagrams.len(),
+            bytes,
+            at: now.0,
+        });
+        self.heartbeat(id, now);
+    }
+
+    fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
+        self.events.push_back(Event::StoreFailed {
+            group: id.0,
+            epoch: epoch.0,
+            error: error.to_string(),
+        });
+    }
+
+    fn heartbeat(&mut self, id: GroupId, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let epoch = g.tree.epoch();
+        let kcv = g.tree.root_key().traffic_key(id, epoch).check_value();
+        let beat = Heartbeat {
+            group: id,
+            epoch,
+            kcv,
+            timestamp_ms: now.0,
+        };
+        g.next_heartbeat = now.plus(g.policy.heartbeat_interval_ms.max(1));
+        g.stats.heartbeats += 1;
+        self.transmits.push_back(Transmit::Multicast {
+            group: id,
+            bytes: sign(&beat, &self.signer),
+        });
+    }
+}
+
+fn wire_reject(error: &WireError) -> Reject {
+    match error {
+        WireError::BadSignature => Reject::BadSignature,
+        _ => Reject::Malformed,
+    }
+}
+
+/// Lower-case hex of public (never secret) bytes.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Group {
+    fn new<R: CryptoRng>(
+        policy: GroupPolicy,
+        rng: &mut R,
+        now: Timestamp,
+    ) -> Result<Self, TreeError> {
+        let tree = KeyTree::new(policy.id, policy.tree, rng)?;
+        Ok(Self::with_tree(policy, tree, Vec::new(), 0, now))
+    }
+
+    fn restore(policy: GroupPolicy, state: &GroupState, now: Timestamp) -> Result<Self, TreeError> {
+        let tree = KeyTree::restore(&state.tree)?;
+        let mut group =
+            Self::with_tree(policy, tree, state.members.clone(), state.next_member, now);
+        // A restarted controller rekeys at once: its first epoch is above every persisted one,
+        // and members that missed the crash window resync from the heartbeat.
+        group.batch_due = Some(now);
+        Ok(group)
+    }
+
+    fn with_tree(
+        policy: GroupPolicy,
+        tree: KeyTree,
+        members: Vec<MemberRecord>,
+        next_member: u64,
+        now: Timestamp,
+    ) -> Self {
+        let by_identity = members.iter().map(|m| (m.identity, m.id)).collect();
+        let members = members.into_iter().map(|m| (m.id, m)).collect();
+        Group {
+            next_refresh: (policy.refresh_interval_ms > 0)
+                .then(|| now.plus(policy.refresh_interval_ms)),
+            policy,
+            tree,
+            members,
+            by_identity,
+            next_member,
+            joins: Vec::new(),
+            departures: BTreeMap::new(),
+            batch_due: None,
+            next_heartbeat: now,
+            nonces: HashMap::new(),
+            epoch_times: BTreeMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn state(&self) -> GroupState {
+        let mut members: Vec<MemberRecord> = self.members.values().cloned().collect();
+        members.sort_by_key(|m| m.id);
+        GroupState {
+            tree: self.tree.snapshot(),
+            members,
+            next_member: self.next_member,
+        }
+    }
+
+    fn schedule(&mut self, now: Timestamp) {
+        let due = now.plus(self.policy.batch_interval_ms);
+        self.batch_due = Some(self.batch_due.map_or(due, |t| t.min(due)));
+    }
+
+    fn check_fresh(
+        &mut self,
+        now: Timestamp,
+        at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<(), Reject> {
+        let window = self.policy.freshness_window_ms;
+        if at_ms.abs_diff(now.0) > window {
+            return Err(Reject::StaleRequest);
+        }
+        self.nonces
+            .retain(|_, seen| seen.0.saturating_add(2 * window) > now.0);
+        if self.nonces.insert(nonce, now).is_some() {
+            return Err(Reject::Replayed);
+        }
+        Ok(())
+    }
+
+    fn authorize(&mut self, request: &RegistrationRequest) -> Result<(), Reject> {
+        match &mut self.policy.enrollment {
+            Enrollment::Open => Ok(()),
+            Enrollment::Restricted { allowed, tokens } => {
+                if allowed.contains(&request.identity) || tokens.remove(&request.token) {
+                    Ok(())
+                } else {
+                    Err(Reject::Unauthorized)
+                }
+            }
+        }
+    }
+
+    fn info(&self) -> GroupInfo {
+        GroupInfo {
+            name: self.policy.name.clone(),
+            id: self.policy.id.0,
+            epoch: self.tree.epoch().0,
+            members: self.members.len(),
+            degree: self.policy.tree.degree,
+            height: self.tree.height(),
+            pending: self.joins.len() + self.departures.len(),
+        }
+    }
+
+    fn policy_list(&self) -> Vec<(String, String)> {
+        let p = &self.policy;
+        let enrollment = match &p.enrollment {
+            Enrollment::Open => "open".to_owned(),
+            Enrollment::Restricted { allowed, tokens } => {
+                format!(
+                    "restricted ({} keys, {} tokens)",
+                    allowed.len(),
+                    tokens.len()
+                )
+            }
+        };
+        [
+            ("degree", p.tree.degree.to_string()),
+            ("strategy", format!("{:?}", p.tree.strategy).to_lowercase()),
+            ("hash_forward_joins", p.tree.hash_forward_joins.to_string()),
+            ("one_way", p.tree.one_way.to_string()),
+            ("batch_interval_ms", p.batch_interval_ms.to_string()),
+            ("heartbeat_interval_ms", p.heartbeat_interval_ms.to_string()),
+            ("lease_ms", p.lease_ms.to_string()),
+            ("refresh_interval_ms", p.refresh_interval_ms.to_string()),
+            ("repeats", p.repeats.to_string()),
+            ("mtu", p.mtu.to_string()),
+            ("freshness_window_ms", p.freshness_window_ms.to_string()),
+            ("enrollment", enrollment),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    fn set_policy(&mut self, key: &str, value: &str, now: Timestamp) -> Result<(), CommandError> {
+        let number = || {
+            value.parse::<u64>().map_err(|_| {
+                CommandError::BadPolicy(format!("{key} takes a whole number, not {value:?}"))
+            })
+        };
+        let p = &mut self.policy;
+        match key {
+            "batch_interval_ms" => p.batch_interval_ms = number()?,
+            "heartbeat_interval_ms" => p.heartbeat_interval_ms = number()?.max(1),
+            "lease_ms" => p.lease_ms = number()?.max(1),
+            "refresh_interval_ms" => {
+                p.refresh_interval_ms = number()?;
+                self.next_refresh =
+                    (p.refresh_interval_ms > 0).then(|| now.plus(p.refresh_interval_ms));
+            }
+            "repeats" => {
+                p.repeats = u8::try_from(number()?)
+                    .ok()
+                    .filter(|r| (1..=10).contains(r))
+                    .ok_or_else(|| CommandError::BadPolicy("repeats is 1..=10".into()))?;
+            }
+            "mtu" => {
+                let mtu = usize::try_from(number()?).unwrap_or(usize::MAX);
+                if !(576..=wire::MAX_DATAGRAM).contains(&mtu) {
+                    return Err(CommandError::BadPolicy(format!(
+                        "mtu is 576..={}",
+                        wire::MAX_DATAGRAM
+                    )));
+                }
+                p.mtu = mtu;
+            }
+            "freshness_window_ms" => p.freshness_window_ms = number()?.max(1_000),
+            other => {
+                return Err(CommandError::BadPolicy(format!(
+                    "unknown or read-only policy key {other:?}; settable: batch_interval_ms, \
+                     heartbeat_interval_ms, lease_ms, refresh_interval_ms, repeats, mtu, \
+                     freshness_window_ms"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn inventory(&self, now: Timestamp) -> Vec<KeyInfo> {
+        let epoch = self.tree.epoch().0;
+        let mut holders: HashMap<NodeId, usize> = HashMap::new();
+        for record in self.members.values() {
+            let mut node = Some(record.leaf);
+            while let Some(n) = node {
+                *holders.entry(n).or_default() += 1;
+                node = self.tree.parent(n);
+            }
+        }
+        let refresh_left = self.next_refresh.map(|t| t.0.saturating_sub(now.0));
+        let mut out: Vec<KeyInfo> = self
+            .tree
+            .nodes()
+            .filter_map(|node| {
+                let version = self.tree.version(node)?.0;
+                Some(KeyInfo {
+                    node: node.0,
+                    version,
+                    age_epochs: epoch.saturating_sub(version),
+                    age_ms: self
+                        .epoch_times
+                        .get(&version)
+                        .map(|t| now.0.saturating_sub(t.0)),
+                    expires_in_ms: if node == NodeId::ROOT {
+                        refresh_left
+                    } else {
+                        None
+                    },
+                    holders: holders.get(&node).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        out.sort_by_key(|k| k.node);
+        out
+    }
+}
+
+impl MemberRecord {
+    fn info(&self, now: Timestamp) -> MemberInfo {
+        MemberInfo {
+            id: self.id.0,
+            identity: hex(&self.identity),
+            leaf: self.leaf.0,
+            joined: self.joined,
+            lease_left_ms: self.lease_until.0.saturating_sub(now.0),
+        }
+    }
+}

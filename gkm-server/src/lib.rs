@@ -1,0 +1,37 @@
+//! # gkm-server: the group controller (GCKS, RFC 4046)
+//!
+//! [`Controller`] is the controller's protocol logic as a sans-I/O state machine, in the style of
+//! quinn-proto: it takes bytes, commands and the time, and hands back bytes to send, events for
+//! the audit log and the time of its next timer. It never reads a clock, a socket or the OS
+//! random source: the driver (the daemon, or netsim) passes `now` and the RNG in.
+//!
+//! ```text
+//! driver loop:  receive request ──► handle_request(conn, now, bytes)
+//!               control command ──► handle_command(now, command) ──► response
+//!               timer fired     ──► handle_timeout(now)
+//!               then drain      ◄── poll_transmit()  (multicast datagrams, replies)
+//!                               ◄── poll_event()     (audit: admissions, departures, rekeys)
+//!               sleep until     ◄── poll_timeout()
+//! ```
+//!
+//! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
+//! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
+//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists the
+//! new state through [`Store`] *before* queueing anything encrypted under it, multicasts the
+//! signed datagrams (repeated as configured), sends heartbeats, answers resyncs and renews
+//! leases.
+//!
+//! What it does not do: sockets, files, the control socket, timers (see the binaries).
+
+#![forbid(unsafe_code)]
+
+mod controller;
+mod policy;
+mod store;
+
+pub use controller::{
+    Command, CommandError, Controller, DepartReason, Event, GroupInfo, KeyInfo, MemberInfo, Reject,
+    Response, Stats, Transmit,
+};
+pub use policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
+pub use store::{GroupState, MemberRecord, MemoryStore, Store, StoreError};

@@ -1,0 +1,86 @@
+//! Group policy and the small value types the controller's API uses.
+
+use std::collections::BTreeSet;
+
+use lkh_tree::{GroupId, TreeConfig};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, as the driver's clock reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// This time plus `ms` milliseconds (saturating).
+    pub fn plus(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+}
+
+/// A request connection, numbered by the driver; replies name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Who may register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrollment {
+    /// Anyone who can sign a fresh request (for local demos and tests; the daemon warns).
+    Open,
+    /// Only listed identity keys, or holders of a single-use token.
+    Restricted {
+        /// Allowed Ed25519 identity keys.
+        allowed: BTreeSet<[u8; 32]>,
+        /// Unused single-use enrollment tokens.
+        tokens: BTreeSet<Vec<u8>>,
+    },
+}
+
+/// One group's policy. Every field has a sane default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupPolicy {
+    /// The group's name, for people.
+    pub name: String,
+    /// The group's id on the wire.
+    pub id: GroupId,
+    /// Tree degree, strategy, hash-forward joins, one-way updates.
+    pub tree: TreeConfig,
+    /// How long changes are gathered before one rekey; 0 rekeys at once.
+    pub batch_interval_ms: u64,
+    /// Heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// How long a membership lasts without renewal.
+    pub lease_ms: u64,
+    /// Rekey with no membership change after this long (0: never).
+    pub refresh_interval_ms: u64,
+    /// How many times each rekey datagram is sent.
+    pub repeats: u8,
+    /// Largest datagram.
+    pub mtu: usize,
+    /// How far a request's timestamp may be from the controller's clock.
+    pub freshness_window_ms: u64,
+    /// Who may register.
+    pub enrollment: Enrollment,
+}
+
+impl GroupPolicy {
+    /// The defaults for a group called `name` with id `id`: degree 4, group-oriented rekeying with
+    /// one-way leaves, immediate rekeying, heartbeats every 2 s, leases of 60 s, no periodic
+    /// refresh, 2 sends per datagram, MTU 1200, requests within 60 s, open enrollment.
+    pub fn new(name: &str, id: GroupId) -> Self {
+        GroupPolicy {
+            name: name.to_owned(),
+            id,
+            tree: TreeConfig {
+                one_way: true,
+                ..TreeConfig::default()
+            },
+            batch_interval_ms: 0,
+            heartbeat_interval_ms: 2_000,
+            lease_ms: 60_000,
+            refresh_interval_ms: 0,
+            repeats: 2,
+            mtu: wire::DEFAULT_MTU,
+            freshness_window_ms: 60_000,
+            enrollment: Enrollment::Open,
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The controller and members as sans-I/O state machines, wired together in memory on a virtual
+//! clock: registration, churn, eviction, lease expiry, loss with resync, controller restart.
+
+#![allow(clippy::cast_possible_truncation, reason = "small test indices")]
+use ed25519_dalek::SigningKey;
+use gkm_member::{Member, MemberConfig, MemberEvent};
+use gkm_server::{
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store, StoreError,
+    Timestamp, Transmit,
+};
+use lkh_tree::GroupId;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use wire::HpkeSecret;
+
+const GROUP: GroupId = GroupId(1);
+const START: u64 = 1_800_000_000_000;
+
+/// A store the test can read back after the controller is dropped.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<MemoryStore>>);
+
+impl Store for Shared {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.0.lock().unwrap().save(state)
+    }
+}
+
+struct Net {
+    controller: Controller<ChaCha20Rng>,
+    members: Vec<Member<ChaCha20Rng>>,
+    events: Vec<Vec<MemberEvent>>,
+    now: u64,
+    loss: f64,
+    rng: ChaCha20Rng,
+    store: Shared,
+    signer: SigningKey,
+    seeds: u64,
+}
+
+fn policy() -> GroupPolicy {
+    let mut p = GroupPolicy::new("demo", GROUP);
+    p.heartbeat_interval_ms = 1_000;
+    p.lease_ms = 30_000;
+    p
+}
+
+impl Net {
+    fn new(n: usize, loss: f64) -> Net {
+        let signer = SigningKey::from_bytes(&[42; 32]);
+        let store = Shared::default();
+        let controller = Controller::new(
+            signer.clone(),
+            ChaCha20Rng::seed_from_u64(1),
+            Box::new(store.clone()),
+            vec![policy()],
+            vec![],
+            Timestamp(START),
+        )
+        .unwrap();
+        let mut net = Net {
+            controller,
+            members: Vec::new(),
+            events: Vec::new(),
+            now: START,
+            loss,
+            rng: ChaCha20Rng::seed_from_u64(2),
+            store,
+            signer,
+            seeds: 1000,
+        };
+        for _ in 0..n {
+            net.add_member();
+        }
+        net.pump();
+        net
+    }
+
+    fn add_member(&mut self) -> usize {
+        let i = self.members.len();
+        self.seeds += 1;
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seeds);
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let identity = SigningKey::from_bytes(&seed);
+        let hpke = HpkeSecret::generate(&mut rng);
+        let mut config = MemberConfig::new(GROUP, self.signer.verifying_key());
+        config.renew_interval_ms = 10_000;
+        self.members
+            .push(Member::new(config, identity, hpke, rng, self.now));
+        self.events.push(Vec::new());
+        i
+    }
+
+    fn lost(&mut self) -> bool {
+        (self.rng.next_u64() as f64 / u64::MAX as f64) < self.loss
+    }
+
+    /// Moves requests, replies and datagrams until nothing is left (bounded).
+    fn pump(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for i in 0..self.members.len() {
+                while let Some(request) = self.members[i].poll_request() {
+                    moved = true;
+                    self.controller
+                        .handle_request(ConnId(i as u64), Timestamp(self.now), &request);
+                }
+            }
+            while let Some(t) = self.controller.poll_transmit() {
+                moved = true;
+                match t {
+                    Transmit::Multicast { bytes, .. } => {
+                        for i in 0..self.members.len() {
+                            if !self.lost() {
+                                self.members[i].handle_datagram(self.now, &bytes);
+                            }
+                        }
+                    }
+                    Transmit::Reply { conn, bytes } => {
+                        self.members[conn.0 as usize].handle_reply(self.now, &bytes);
+                    }
+                }
+            }
+            for (i, m) in self.members.iter_mut().enumerate() {
+                while let Some(e) = m.poll_event() {
+                    self.events[i].push(e);
+                }
+            }
+            while self.controller.poll_event().is_some() {}
+            if !moved {
+                return;
+            }
+        }
+        panic!("the network did not settle (livelock)");
+    }
+
+    /// Advances the virtual clock in steps of `step` ms, firing timers.
+    fn advance(&mut self, total: u64, step: u64) {
+        let end = self.now + total;
+        while self.now < end {
+            self.now = (self.now + step).min(end);
+            self.controller.handle_timeout(Timestamp(self.now));
+            for m in &mut self.members {
+                m.handle_timeout(self.now);
+            }
+            self.pump();
+        }
+    }
+
+    fn command(&mut self, command: Command) -> Response {
+        self.controller
+            .handle_command(Timestamp(self.now), command)
+            .unwrap()
+    }
+
+    /// Members (by index) whose traffic key is the controller's.
+    fn converged(&self) -> Vec<usize> {
+        let (epoch, key) = self.controller.traffic_key(GROUP).unwrap();
+        (0..self.members.len())
+            .filter(|&i| {
+                self.members[i]
+                    .traffic_key()
+                    .is_some_and(|(e, k)| e == epoch && k.as_bytes() == key.as_bytes())
+            })
+            .collect()
+    }
+
+    fn member_id(&self, i: usize) -> u64 {
+        self.members[i].membership().unwrap().0.0
+    }
+}
+
+#[test]
+fn sixty_members_register_and_converge_through_churn() {
+    let mut net = Net::new(60, 0.0);
+    assert_eq!(net.converged().len(), 60);
+    for round in 0..20 {
+        let i = (round * 7) % 60;
+        let id = net.member_id(i);
+        if round % 2 == 0 {
+            net.command(Command::Evict("demo".into(), id));
+        } else {
+            net.members[i].leave(net.now);
+            net.pump();
+            // The departed member's slot gets a new member.
+            let k = net.add_member();
+            net.members.swap(i, k);
+            net.members.pop();
+            net.events.swap(i, k);
+            net.events.pop();
+        }
+        net.advance(2_000, 500);
+        assert_eq!(net.converged().len(), 60, "round {round}");
+    }
+}
+
+#[test]
+fn an_evicted_member_loses_the_key_and_says_so() {
+    let mut net = Net::new(10, 0.0);
+    let victim = 3;
+    let id = net.member_id(victim);
+    let before = net.members[victim].traffic_key().unwrap().0;
+    net.command(Command::Evict("demo".into(), id));
+    // Right after the rekey the victim still holds only the old epoch.
+    let (epoch, key) = net.controller.traffic_key(GROUP).unwrap();
+    assert!(epoch > before);
+    let held = net.members[victim].traffic_key().unwrap();
+    assert_ne!(held.1.as_bytes(), key.as_bytes());
+    // The heartbeat tells it it is behind; the resync says it is no longer a member.
+    net.advance(3_000, 250);
+    assert!(net.events[victim].contains(&MemberEvent::MembershipEnded));
+    // It re-registers (open enrollment) and converges again as a new member.
+    assert_eq!(net.converged().len(), 10);
+    assert_ne!(net.member_id(victim), id);
+}
+
+#[test]
+fn members_that_lose_datagrams_resync_and_converge() {
+    let mut net = Net::new(50, 0.0);
+    net.loss = 0.3;
+    for round in 0..10 {
+        let id = net.member_id(round * 3);
+        net.command(Command::Evict("demo".into(), id));
+        net.advance(3_000, 250);
+    }
+    net.loss = 0.0;
+    net.advance(3_000, 250);
+    assert_eq!(net.converged().len(), 50);
+    let resyncs: u64 = net.members.iter().map(|m| m.stats().resyncs).sum();
+    assert!(resyncs > 0, "with 30% loss some members must have resynced");
+}
+
+#[test]
+fn leases_expire_without_renewal() {
+    let mut net = Net::new(5, 0.0);
+    // Member 0 goes silent: replace it with one that never runs its timers.
+    let silent = 0;
+    let mut steps = 0;
+    while steps < 80 {
+        net.now += 500;
+        net.controller.handle_timeout(Timestamp(net.now));
+        for (i, m) in net.members.iter_mut().enumerate() {
+            if i != silent {
+                m.handle_timeout(net.now);
+            }
+        }
+        net.pump();
+        steps += 1;
+    }
+    let Response::Groups(groups) = net.command(Command::Groups) else {
+        panic!()
+    };
+    assert_eq!(groups[0].members, 4, "the silent member's lease ran out");
+}
+
+#[test]
+fn a_restarted_controller_continues_above_its_last_epoch() {
+    let mut net = Net::new(20, 0.0);
+    net.command(Command::Rekey("demo".into()));
+    let (epoch_before, _) = net.controller.traffic_key(GROUP).unwrap();
+    let saved: Vec<GroupState> = net
+        .store
+        .0
+        .lock()
+        .unwrap()
+        .saved
+        .values()
+        .cloned()
+        .collect();
+    net.controller = Controller::new(
+        net.signer.clone(),
+        ChaCha20Rng::seed_from_u64(99),
+        Box::new(net.store.clone()),
+        vec![policy()],
+        saved,
+        Timestamp(net.now),
+    )
+    .unwrap();
+    net.advance(3_000, 250);
+    let (epoch_after, _) = net.controller.traffic_key(GROUP).unwrap();
+    assert!(epoch_after > epoch_before);
+    assert_eq!(
+        net.converged().len(),
+        20,
+        "members keep working without registering again"
+    );
+    assert!(
+        net.events
+            .iter()
+            .all(|e| !e.contains(&MemberEvent::MembershipEnded))
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_counted_and_change_nothing() {
+    let mut net = Net::new(5, 0.0);
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    let garbage: [&[u8]; 3] = [b"", b"GK\x01\x01garbage", &[0xff; 300]];
+    for bytes in garbage {
+        net.controller
+            .handle_request(ConnId(0), Timestamp(net.now), bytes);
+    }
+    while let Some(t) = net.controller.poll_transmit() {
+        assert!(matches!(t, Transmit::Reply { .. }));
+    }
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+    let Response::Groups(groups) = net.command(Command::Groups) else {
+        panic!()
+    };
+    assert_eq!(groups[0].members, 5);
+    assert!(
+        net.controller
+            .handle_command(Timestamp(net.now), Command::Members("nope".into()))
+            .is_err()
+    );
+    assert!(
+        net.controller
+            .handle_command(Timestamp(net.now), Command::Evict("demo".into(), 999))
+            .is_err()
+    );
+}
