@@ -386,6 +386,25 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
+    /// A fan-out subscription: a signed, fresh resync request from a current member, received
+    /// over UDP where multicast is not available. Returns who sent it, so the driver can send that
+    /// member's group's datagrams to the datagram's source address; changes nothing else.
+    pub fn subscribe(
+        &mut self,
+        now: Timestamp,
+        bytes: &[u8],
+    ) -> Result<(GroupId, MemberId), Reject> {
+        let request = self
+            .member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))
+            .map_err(|(reason, _)| reason)?;
+        let g = self
+            .groups
+            .get_mut(&request.group)
+            .ok_or(Reject::UnknownGroup)?;
+        g.check_fresh(now, request.timestamp_ms, request.nonce)?;
+        Ok((request.group, request.member))
+    }
+
     /// Fires due batches, heartbeats, lease expiries and refreshes.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();

@@ -53,6 +53,17 @@ impl fmt::Display for Epoch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupId(pub u64);
 
+impl GroupId {
+    /// The id of a group named `name`: the first 8 bytes of a labelled BLAKE3 derivation, so a
+    /// controller and its members agree on it from the name alone.
+    pub fn from_name(name: &str) -> GroupId {
+        let digest = blake3::derive_key("gkm v1 2026-11 group id", name.as_bytes());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        GroupId(u64::from_be_bytes(id))
+    }
+}
+
 impl fmt::Display for GroupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "g{}", self.0)
