@@ -320,3 +320,109 @@ fn bad_requests_are_refused_counted_and_change_nothing() {
             .is_err()
     );
 }
+
+fn registration(identity: &SigningKey, nonce: [u8; 16], at: u64, token: &[u8]) -> Vec<u8> {
+    let hpke = HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(at));
+    let request = wire::RegistrationRequest {
+        group: GROUP,
+        identity: identity.verifying_key().to_bytes(),
+        hpke_key: hpke.public_key().unwrap(),
+        timestamp_ms: at,
+        nonce,
+        token: token.to_vec(),
+    };
+    wire::sign(&request, identity)
+}
+
+/// The error code of the controller's next reply, or None for a welcome.
+fn reply_code(controller: &mut Controller<ChaCha20Rng>) -> Option<u16> {
+    while let Some(t) = controller.poll_transmit() {
+        if let Transmit::Reply { bytes, .. } = t {
+            return match wire::MessageType::peek(&bytes).unwrap() {
+                wire::MessageType::Error => Some(
+                    <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes)
+                        .unwrap()
+                        .code,
+                ),
+                _ => None,
+            };
+        }
+    }
+    panic!("no reply");
+}
+
+#[test]
+fn v018_v019_replayed_and_stale_registrations_are_refused() {
+    let mut net = Net::new(0, 0.0);
+    let identity = SigningKey::from_bytes(&[7; 32]);
+    let request = registration(&identity, [1; 16], net.now, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &request);
+    assert_eq!(
+        reply_code(&mut net.controller),
+        None,
+        "the first one is welcomed"
+    );
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now + 10), &request);
+    assert_eq!(
+        reply_code(&mut net.controller),
+        Some(409),
+        "a replay is refused"
+    );
+    let old = registration(&identity, [2; 16], net.now - 120_000, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &old);
+    assert_eq!(
+        reply_code(&mut net.controller),
+        Some(409),
+        "a stale request is refused"
+    );
+    assert_eq!(
+        net.controller.traffic_key(GROUP).unwrap().0,
+        epoch,
+        "no churn from either"
+    );
+}
+
+#[test]
+fn v020_restricted_groups_admit_listed_keys_and_single_use_tokens_only() {
+    let signer = SigningKey::from_bytes(&[42; 32]);
+    let listed = SigningKey::from_bytes(&[8; 32]);
+    let mut policy = policy();
+    policy.enrollment = gkm_server::Enrollment::Restricted {
+        allowed: [listed.verifying_key().to_bytes()].into_iter().collect(),
+        tokens: [b"one-time".to_vec()].into_iter().collect(),
+    };
+    let now = START;
+    let mut controller = Controller::new(
+        signer,
+        ChaCha20Rng::seed_from_u64(1),
+        Box::new(MemoryStore::default()),
+        vec![policy],
+        vec![],
+        Timestamp(now),
+    )
+    .unwrap();
+    let stranger = SigningKey::from_bytes(&[9; 32]);
+    let cases: [(&SigningKey, [u8; 16], &[u8], Option<u16>); 4] = [
+        (&stranger, [1; 16], b"", Some(403)),
+        (&listed, [2; 16], b"", None),
+        (&stranger, [3; 16], b"one-time", None),
+        (
+            &SigningKey::from_bytes(&[10; 32]),
+            [4; 16],
+            b"one-time",
+            Some(403),
+        ),
+    ];
+    for (who, nonce, token, expected) in cases {
+        controller.handle_request(
+            ConnId(0),
+            Timestamp(now),
+            &registration(who, nonce, now, token),
+        );
+        assert_eq!(reply_code(&mut controller), expected);
+    }
+}
