@@ -11,4 +11,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cost;
 pub mod demo;

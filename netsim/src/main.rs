@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use netsim::cost::{self, RekeyCost, Scheme};
 use netsim::demo::{self, DemoConfig};
 
 #[derive(Parser)]
@@ -16,6 +17,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One join or leave on a balanced tree of N members: exact costs.
+    Single {
+        /// Members.
+        #[arg(long)]
+        members: usize,
+        /// Tree degree (2..=64).
+        #[arg(long, default_value_t = 4)]
+        degree: u8,
+        /// `join` or `leave`.
+        #[arg(long)]
+        op: String,
+        /// `group`, `key`, `user`, `lkh-plus` or `one-way`.
+        #[arg(long, default_value = "group")]
+        strategy: String,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A batch of uniformly chosen leaves and joins, over independent trials.
+    Batch {
+        /// Members.
+        #[arg(long)]
+        members: usize,
+        /// Tree degree (2..=64).
+        #[arg(long, default_value_t = 4)]
+        degree: u8,
+        /// Leaves per batch.
+        #[arg(long)]
+        leaves: usize,
+        /// Joins per batch.
+        #[arg(long, default_value_t = 0)]
+        joins: usize,
+        /// Independent trials.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// `group`, `key`, `user`, `lkh-plus` or `one-way`.
+        #[arg(long, default_value = "group")]
+        strategy: String,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A group under churn with loss; checks that members converge and departed members read nothing.
     Demo {
         /// Members admitted at the start.
@@ -39,15 +88,108 @@ enum Command {
     },
 }
 
+fn scheme(name: &str) -> anyhow::Result<Scheme> {
+    Scheme::parse(name).with_context(|| {
+        format!("unknown --strategy {name:?}; use group, key, user, lkh-plus or one-way")
+    })
+}
+
+fn print_cost(cost: &RekeyCost) {
+    let rows: [(&str, String); 12] = [
+        ("members", cost.members.to_string()),
+        ("degree", cost.degree.to_string()),
+        ("strategy", cost.strategy.clone()),
+        ("encryptions", cost.encryptions.to_string()),
+        ("encryptions_sent", cost.encryptions_sent.to_string()),
+        ("datagrams", cost.datagrams.to_string()),
+        ("multicast_bytes", cost.multicast_bytes.to_string()),
+        ("unicast_keys", cost.unicast_keys.to_string()),
+        ("unicast_bytes", cost.unicast_bytes.to_string()),
+        ("signatures", cost.signatures.to_string()),
+        (
+            "member_decrypts_mean",
+            format!("{:.3}", cost.member_decrypts_mean),
+        ),
+        ("member_decrypts_max", cost.member_decrypts_max.to_string()),
+    ];
+    for (name, value) in rows {
+        println!("{name:<22} {value}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let Command::Demo {
-        members,
-        epochs,
-        degree,
-        loss,
-        mtu,
-        seed,
-    } = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Single {
+            members,
+            degree,
+            op,
+            strategy,
+            seed,
+            json,
+        } => {
+            let leave = match op.as_str() {
+                "leave" => true,
+                "join" => false,
+                other => bail!("unknown --op {other:?}; use join or leave"),
+            };
+            let cost = cost::single(members, degree, leave, scheme(&strategy)?, seed)?;
+            if json {
+                println!("{}", serde_json::to_string(&cost)?);
+            } else {
+                print_cost(&cost);
+            }
+            Ok(())
+        }
+        Command::Batch {
+            members,
+            degree,
+            leaves,
+            joins,
+            trials,
+            strategy,
+            seed,
+            json,
+        } => {
+            let cost = cost::batch(
+                members,
+                degree,
+                leaves,
+                joins,
+                trials,
+                scheme(&strategy)?,
+                seed,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&cost)?);
+            } else {
+                print_cost(&cost.cost);
+                println!("{:<22} {:.2}", "encryptions_mean", cost.encryptions_mean);
+                println!(
+                    "{:<22} {:.2}",
+                    "encryptions_stddev", cost.encryptions_stddev
+                );
+            }
+            Ok(())
+        }
+        Command::Demo {
+            members,
+            epochs,
+            degree,
+            loss,
+            mtu,
+            seed,
+        } => run_demo(members, epochs, degree, loss, mtu, seed),
+    }
+}
+
+fn run_demo(
+    members: usize,
+    epochs: usize,
+    degree: u8,
+    loss: f64,
+    mtu: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&loss) {
         bail!("--loss must be in 0.0..1.0 (got {loss}); try --loss 0.05");
     }
