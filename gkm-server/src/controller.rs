@@ -377,7 +377,7 @@ impl<R: CryptoRng> Controller<R> {
         let outcome = match MessageType::peek(bytes) {
             Ok(MessageType::RegistrationRequest) => self.register(conn, now, bytes),
             Ok(MessageType::ResyncRequest) => self.resync(conn, now, bytes),
-            Ok(MessageType::Leave) => self.leave(now, bytes),
+            Ok(MessageType::Leave) => self.leave(conn, now, bytes),
             Ok(_) => Err((Reject::UnexpectedMessage, GroupId(0))),
             Err(_) => Err((Reject::Malformed, GroupId(0))),
         };
@@ -630,7 +630,12 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    fn leave(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), (Reject, GroupId)> {
+    fn leave(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+        bytes: &[u8],
+    ) -> Result<(), (Reject, GroupId)> {
         let request = self.member_request::<LeaveRequest>(bytes, |r| (r.group, r.member))?;
         let gid = request.group;
         let g = self
@@ -641,6 +646,15 @@ impl<R: CryptoRng> Controller<R> {
             .map_err(|r| (r, gid))?;
         g.departures.insert(request.member, DepartReason::Left);
         g.schedule(now);
+        let ack = ErrorMessage {
+            group: gid,
+            code: 0,
+            reason: "leave accepted".into(),
+        };
+        self.transmits.push_back(Transmit::Reply {
+            conn,
+            bytes: ack.to_bytes(),
+        });
         self.handle_timeout(now);
         Ok(())
     }

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
 mod controller;
 mod policy;
 mod store;

@@ -406,7 +406,8 @@ fn v020_restricted_groups_admit_listed_keys_and_single_use_tokens_only() {
     )
     .unwrap();
     let stranger = SigningKey::from_bytes(&[9; 32]);
-    let cases: [(&SigningKey, [u8; 16], &[u8], Option<u16>); 4] = [
+    type Case<'a> = (&'a SigningKey, [u8; 16], &'a [u8], Option<u16>);
+    let cases: [Case<'_>; 4] = [
         (&stranger, [1; 16], b"", Some(403)),
         (&listed, [2; 16], b"", None),
         (&stranger, [3; 16], b"one-time", None),

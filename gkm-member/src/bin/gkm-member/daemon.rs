@@ -1,0 +1,380 @@
+//! `gkm-member run`: the driver around the sans-I/O [`gkm_member::Member`].
+//!
+//! ```text
+//! loop: rekey/heartbeat datagram (multicast or fan-out) -> handle_datagram
+//!       reply on a request's TCP connection              -> handle_reply
+//!       timer                                            -> handle_timeout
+//!       then: each poll_request on its own TCP connection (5 s), each poll_event logged,
+//!             persisted and published on the API; sleep until poll_timeout
+//!       SIGTERM/SIGINT: leave(), send the leave request, exit 0
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use ed25519_dalek::SigningKey;
+use gkm_member::{Member, MemberConfig, MemberEvent, Millis};
+use lkh_tree::GroupId;
+use rand_chacha::ChaCha20Rng;
+use rand_core::Rng;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use wire::{NONCE_LEN, ResyncRequest};
+use zeroize::Zeroizing;
+
+use crate::api::{self, KeyInfo};
+use crate::framing;
+use crate::net;
+use crate::store::{self, StateDir};
+
+/// How long a request connection may take, from connect to reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings of `run`.
+pub(crate) struct RunConfig {
+    pub(crate) controller: String,
+    pub(crate) group: String,
+    pub(crate) controller_key: String,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) multicast: SocketAddr,
+    pub(crate) interface: Ipv4Addr,
+    pub(crate) interface_v6: u32,
+    pub(crate) api_socket: Option<PathBuf>,
+    pub(crate) token: Option<String>,
+    pub(crate) no_multicast: bool,
+    pub(crate) renew_ms: Option<u64>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where rekeys come from.
+enum Rekeys {
+    Multicast(UdpSocket),
+    /// The controller sends to this socket's address as long as we ask every renewal period.
+    Fanout(UdpSocket),
+}
+
+impl Rekeys {
+    fn socket(&self) -> &UdpSocket {
+        match self {
+            Rekeys::Multicast(s) | Rekeys::Fanout(s) => s,
+        }
+    }
+}
+
+/// Runs the member until SIGTERM or SIGINT.
+pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
+    let dir = StateDir::new(&cfg.state_dir);
+    if !dir.initialized() {
+        let public = dir.init()?;
+        info!(
+            "initialized {}: identity public key {}",
+            cfg.state_dir.display(),
+            hex::encode(public.as_bytes())
+        );
+    }
+    let (identity, hpke) = dir.load_keys()?;
+    info!(
+        "identity public key {}",
+        hex::encode(identity.verifying_key().as_bytes())
+    );
+    let controller_key = parse_controller_key(&cfg.controller_key)?;
+    let group = GroupId::from_name(&cfg.group);
+    let controller = resolve(&cfg.controller).await?;
+    let mut config = MemberConfig::new(group, controller_key);
+    if let Some(token) = &cfg.token {
+        config.token = token.as_bytes().to_vec();
+    }
+    if let Some(ms) = cfg.renew_ms {
+        config.renew_interval_ms = ms;
+    }
+    let renew = Duration::from_millis(config.renew_interval_ms);
+
+    let rekeys = if cfg.no_multicast {
+        Rekeys::Fanout(net::fanout_socket(controller).await?)
+    } else {
+        match net::multicast_receiver(cfg.multicast, cfg.interface, cfg.interface_v6) {
+            Ok(s) => {
+                info!("listening for rekeys on multicast {}", cfg.multicast);
+                Rekeys::Multicast(s)
+            }
+            Err(e) => {
+                warn!(
+                    "joining multicast group {} failed ({e}); asking the controller {controller} \
+                     for fan-out instead",
+                    cfg.multicast
+                );
+                Rekeys::Fanout(net::fanout_socket(controller).await?)
+            }
+        }
+    };
+
+    let api_path = cfg.api_socket.clone().unwrap_or_else(|| dir.api_socket());
+    let listener = api::bind(&api_path)?;
+    let (keys_tx, keys_rx) = watch::channel::<Option<KeyInfo>>(None);
+    tokio::spawn(api::serve(listener, keys_rx));
+    info!("local API on {}", api_path.display());
+
+    let now = now_ms();
+    let rng = store::os_rng()?;
+    let member = match dir.load_membership(group) {
+        Ok(Some((id, path))) => {
+            info!(
+                "resuming membership {} at epoch {} from {}",
+                id.0,
+                path.epoch(),
+                dir.membership_path().display()
+            );
+            Member::resume(config, identity.clone(), hpke, rng, id, path, now)
+        }
+        Ok(None) => {
+            info!(
+                "registering with controller {controller} for group {}",
+                cfg.group
+            );
+            Member::new(config, identity.clone(), hpke, rng, now)
+        }
+        Err(e) => {
+            warn!("{e:#}; registering anew");
+            dir.remove_membership();
+            Member::new(config, identity.clone(), hpke, rng, now)
+        }
+    };
+    publish(&member, &keys_tx);
+
+    let mut driver = Driver {
+        member,
+        controller,
+        group,
+        dir,
+        keys: keys_tx,
+        identity,
+        side_rng: store::os_rng()?,
+        rekeys,
+        replies: mpsc::channel(64),
+        fanout_next: tokio::time::Instant::now(),
+        renew,
+    };
+    let result = driver.run().await;
+    let _ = std::fs::remove_file(&api_path);
+    result
+}
+
+struct Driver {
+    member: Member<ChaCha20Rng>,
+    controller: SocketAddr,
+    group: GroupId,
+    dir: StateDir,
+    keys: watch::Sender<Option<KeyInfo>>,
+    identity: SigningKey,
+    side_rng: ChaCha20Rng,
+    rekeys: Rekeys,
+    replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
+    fanout_next: tokio::time::Instant,
+    renew: Duration,
+}
+
+impl Driver {
+    async fn run(&mut self) -> Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            self.drain();
+            let sleep = self
+                .member
+                .poll_timeout()
+                .map_or(Duration::from_secs(3600), |at| {
+                    Duration::from_millis(at.saturating_sub(now_ms()))
+                });
+            let fanout = matches!(self.rekeys, Rekeys::Fanout(_));
+            tokio::select! {
+                received = self.rekeys.socket().recv_from(&mut buf) => match received {
+                    Ok((n, from)) => {
+                        debug!("datagram of {n} bytes from {from}");
+                        if let Some(bytes) = buf.get(..n) {
+                            self.member.handle_datagram(now_ms(), bytes);
+                        }
+                    }
+                    Err(e) => debug!("receiving a datagram failed: {e}"),
+                },
+                Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
+                () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
+                () = tokio::time::sleep_until(self.fanout_next), if fanout => self.ask_fanout().await,
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        self.leave().await;
+        Ok(())
+    }
+
+    /// Sends queued requests and handles queued events.
+    fn drain(&mut self) {
+        while let Some(request) = self.member.poll_request() {
+            let (controller, replies) = (self.controller, self.replies.0.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(REQUEST_TIMEOUT, request_reply(controller, &request))
+                    .await
+                {
+                    Ok(Ok(reply)) => {
+                        let _ = replies.send(reply).await;
+                    }
+                    Ok(Err(e)) => {
+                        warn!("request to controller {controller} failed: {e}; will retry");
+                    }
+                    Err(_) => warn!("controller {controller} did not answer in 5 s; will retry"),
+                }
+            });
+        }
+        while let Some(event) = self.member.poll_event() {
+            self.event(event);
+        }
+    }
+
+    fn event(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Joined { member, epoch, kcv } => {
+                println!(
+                    "joined as member {} epoch {epoch} kcv {}",
+                    member.0,
+                    hex::encode(kcv.0)
+                );
+                info!(
+                    "joined as member {} at epoch {epoch}, kcv {}",
+                    member.0,
+                    hex::encode(kcv.0)
+                );
+                self.persist();
+                // Ask for fan-out at once: the controller learns where to send.
+                self.fanout_next = tokio::time::Instant::now();
+            }
+            MemberEvent::KeyChanged { epoch, kcv } => {
+                println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
+                info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
+                self.persist();
+            }
+            MemberEvent::MembershipEnded => {
+                warn!("membership ended (evicted, expired or left): registering again");
+                self.dir.remove_membership();
+            }
+            MemberEvent::Refused { code, reason } => {
+                warn!("controller refused the request: {code} {reason}; retrying");
+            }
+        }
+        publish(&self.member, &self.keys);
+    }
+
+    fn persist(&self) {
+        if let Some((id, path)) = self.member.membership()
+            && let Err(e) = self.dir.save_membership(self.group, id, path)
+        {
+            warn!("cannot persist the membership: {e:#}; a restart will register again");
+        }
+    }
+
+    /// Fan-out mode: a signed resync request as a datagram tells the controller where to send.
+    async fn ask_fanout(&mut self) {
+        self.fanout_next = tokio::time::Instant::now() + self.renew;
+        let Some((member, path)) = self.member.membership() else {
+            // Not admitted yet: try again shortly after the welcome.
+            self.fanout_next = tokio::time::Instant::now() + Duration::from_secs(1);
+            return;
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        self.side_rng.fill_bytes(&mut nonce);
+        let request = ResyncRequest {
+            group: self.group,
+            member,
+            epoch: path.epoch(),
+            timestamp_ms: now_ms(),
+            nonce,
+        };
+        let bytes = wire::sign(&request, &self.identity);
+        match self.rekeys.socket().send_to(&bytes, self.controller).await {
+            Ok(_) => debug!("asked controller {} for fan-out", self.controller),
+            Err(e) => warn!("cannot ask controller {} for fan-out: {e}", self.controller),
+        }
+    }
+
+    async fn leave(&mut self) {
+        let had = self.member.membership().map(|(id, _)| id.0);
+        self.member.leave(now_ms());
+        while let Some(request) = self.member.poll_request() {
+            match tokio::time::timeout(REQUEST_TIMEOUT, request_reply(self.controller, &request))
+                .await
+            {
+                Ok(Ok(_)) => info!("left the group (member {})", had.unwrap_or_default()),
+                Ok(Err(e)) => warn!("leave request failed: {e}; the lease will expire"),
+                Err(_) => warn!("leave request timed out; the lease will expire"),
+            }
+        }
+        self.dir.remove_membership();
+        self.keys.send_replace(None);
+    }
+}
+
+/// The API's view of the member's key.
+fn publish(member: &Member<ChaCha20Rng>, keys: &watch::Sender<Option<KeyInfo>>) {
+    let info = match (member.membership(), member.traffic_key()) {
+        (Some((id, path)), Some((epoch, key))) => Some(KeyInfo {
+            group: path.group().0,
+            member: id.0,
+            epoch: epoch.0,
+            key: Zeroizing::new(*key.as_bytes()),
+            kcv: key.check_value().0,
+        }),
+        _ => None,
+    };
+    let changed = {
+        let old = keys.borrow();
+        match (&*old, &info) {
+            (Some(a), Some(b)) => a.epoch != b.epoch || a.kcv != b.kcv || a.member != b.member,
+            (None, None) => false,
+            _ => true,
+        }
+    };
+    if changed {
+        keys.send_replace(info);
+    }
+}
+
+/// One request on its own connection: frame out, frame back.
+pub(crate) async fn request_reply(
+    controller: SocketAddr,
+    request: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(controller).await?;
+    framing::write_frame(&mut stream, request).await?;
+    framing::read_frame(&mut stream).await
+}
+
+fn parse_controller_key(hex_key: &str) -> Result<ed25519_dalek::VerifyingKey> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hex_key.trim(), &mut bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "--controller-key must be 64 hex digits (the controller's Ed25519 public key, as \
+             `gkm-server init` prints it): {e}"
+        )
+    })?;
+    wire::verifying_key(&bytes).map_err(|e| anyhow::anyhow!("--controller-key: {e}"))
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("cannot resolve controller address {addr}; pass HOST:PORT"))?;
+    match addrs.next() {
+        Some(a) => Ok(a),
+        None => bail!("controller address {addr} resolves to nothing; pass HOST:PORT"),
+    }
+}

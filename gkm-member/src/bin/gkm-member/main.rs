@@ -1,0 +1,189 @@
+//! `gkm-member`: the member agent daemon and its small tools.
+//!
+//! ```text
+//! gkm-member init [--state-dir DIR]              make the identity and HPKE keys
+//! gkm-member run --controller ADDR --group NAME --controller-key HEX
+//!                                                register, follow rekeys, serve the local API
+//! gkm-member send --api-socket PATH MESSAGE     encrypt and multicast one message
+//! gkm-member recv --api-socket PATH             print the group's messages
+//! ```
+//!
+//! The protocol logic is the sans-I/O [`gkm_member::Member`]; this binary moves bytes and time.
+
+mod api;
+mod daemon;
+mod data;
+mod framing;
+mod net;
+mod store;
+mod tools;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gkm-member", version, about = "gkm group member agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the state directory with a new identity key and HPKE key.
+    Init {
+        /// The state directory.
+        #[arg(long, default_value = "./gkm-member-state")]
+        state_dir: PathBuf,
+    },
+    /// Run the member: register, follow rekeys, serve the local API.
+    Run(RunArgs),
+    /// Encrypt MESSAGE under the current traffic key and multicast it.
+    Send {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Sender id (default: the member id, truncated to 32 bits).
+        #[arg(long)]
+        sender: Option<u32>,
+        /// The message.
+        message: String,
+    },
+    /// Print each fresh, authentic message of the group on a line.
+    Recv {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Stop after this many messages (exit 1 if the timeout comes first).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The controller's TCP (and fan-out UDP) address.
+    #[arg(long, default_value = "127.0.0.1:47700")]
+    controller: String,
+    /// The group's name.
+    #[arg(long)]
+    group: String,
+    /// The controller's Ed25519 public key, 64 hex digits.
+    #[arg(long)]
+    controller_key: String,
+    /// The state directory (created with new keys if missing).
+    #[arg(long, default_value = "./gkm-member-state")]
+    state_dir: PathBuf,
+    /// The rekey multicast group.
+    #[arg(long, default_value = "239.255.77.1:47701")]
+    multicast: SocketAddr,
+    /// The local API socket (default: STATE_DIR/api.sock).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// An enrollment token.
+    #[arg(long)]
+    token: Option<String>,
+    /// IPv4 interface address for multicast.
+    #[arg(long, default_value = "127.0.0.1")]
+    interface: Ipv4Addr,
+    /// IPv6 interface index for multicast (0: the kernel chooses).
+    #[arg(long, default_value_t = 0)]
+    interface_v6: u32,
+    /// Do not join the multicast group; ask the controller for fan-out.
+    #[arg(long)]
+    no_multicast: bool,
+    /// Lease renewal period in milliseconds (default 20000).
+    #[arg(long)]
+    renew_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// The member's local API socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The data multicast group.
+    #[arg(long, default_value = "239.255.77.2:47702")]
+    data: SocketAddr,
+    /// IPv4 interface address for multicast.
+    #[arg(long, default_value = "127.0.0.1")]
+    interface: Ipv4Addr,
+    /// IPv6 interface index for multicast (0: the kernel chooses).
+    #[arg(long, default_value_t = 0)]
+    interface_v6: u32,
+}
+
+impl DataArgs {
+    fn config(self) -> tools::DataConfig {
+        tools::DataConfig {
+            api_socket: self.api_socket,
+            data: self.data,
+            interface: self.interface,
+            interface_v6: self.interface_v6,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gkm-member: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        Command::Init { state_dir } => {
+            let public = store::StateDir::new(&state_dir).init()?;
+            println!("{}", hex::encode(public.as_bytes()));
+            Ok(())
+        }
+        Command::Run(args) => runtime.block_on(daemon::run(daemon::RunConfig {
+            controller: args.controller,
+            group: args.group,
+            controller_key: args.controller_key,
+            state_dir: args.state_dir,
+            multicast: args.multicast,
+            interface: args.interface,
+            interface_v6: args.interface_v6,
+            api_socket: args.api_socket,
+            token: args.token,
+            no_multicast: args.no_multicast,
+            renew_ms: args.renew_ms,
+        })),
+        Command::Send {
+            data,
+            sender,
+            message,
+        } => runtime.block_on(tools::send(&data.config(), sender, &message)),
+        Command::Recv {
+            data,
+            count,
+            timeout_ms,
+        } => runtime.block_on(tools::recv(
+            &data.config(),
+            count,
+            timeout_ms.map(Duration::from_millis),
+        )),
+    }
+}

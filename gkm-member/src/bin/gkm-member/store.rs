@@ -1,0 +1,243 @@
+//! The member's state directory: its identity and HPKE keys (made once by `init`) and its
+//! membership (member id and path keys, rewritten atomically after every key change).
+//!
+//! ```text
+//! DIR/              mode 0700
+//!   identity.key    32-byte Ed25519 seed, mode 0600
+//!   hpke.key        32-byte X25519 secret, mode 0600
+//!   membership      "GKMM" 1 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ PathKeys, mode 0600
+//!   api.sock        the local API (mode 0600)
+//! ```
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use lkh_tree::{Epoch, GroupId, MemberPath};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use wire::{HpkeSecret, MemberId, PathKeys};
+use zeroize::Zeroizing;
+
+const MEMBERSHIP_MAGIC: &[u8; 4] = b"GKMM";
+const MEMBERSHIP_VERSION: u8 = 1;
+const MEMBERSHIP_HEADER: usize = 4 + 1 + 8 + 8 + 8;
+/// Larger membership files are refused unread.
+const MAX_MEMBERSHIP: u64 = 64 * 1024;
+
+/// A ChaCha20 generator seeded from the OS CSPRNG.
+pub(crate) fn os_rng() -> Result<ChaCha20Rng> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice())
+        .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+    Ok(ChaCha20Rng::from_seed(*seed))
+}
+
+/// The member's state directory.
+pub(crate) struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The directory at `dir` (not checked yet).
+    pub(crate) fn new(dir: &Path) -> Self {
+        StateDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn identity_path(&self) -> PathBuf {
+        self.dir.join("identity.key")
+    }
+
+    fn hpke_path(&self) -> PathBuf {
+        self.dir.join("hpke.key")
+    }
+
+    /// Path of the membership file.
+    pub(crate) fn membership_path(&self) -> PathBuf {
+        self.dir.join("membership")
+    }
+
+    /// The default API socket path.
+    pub(crate) fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// Whether `init` ran here.
+    pub(crate) fn initialized(&self) -> bool {
+        self.identity_path().exists()
+    }
+
+    /// Creates the directory (0700) and both key files (0600); refuses to overwrite either.
+    /// Returns the identity public key.
+    pub(crate) fn init(&self) -> Result<VerifyingKey> {
+        for path in [self.identity_path(), self.hpke_path()] {
+            if path.exists() {
+                bail!(
+                    "{} already exists; this state directory is initialized (use it as is, or \
+                     pass another --state-dir)",
+                    path.display()
+                );
+            }
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot chmod 700 {}", self.dir.display()))?;
+        let mut rng = os_rng()?;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut_slice())
+            .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+        let identity = SigningKey::from_bytes(&seed);
+        let hpke = HpkeSecret::generate(&mut rng);
+        write_new(&self.identity_path(), seed.as_slice())?;
+        write_new(&self.hpke_path(), hpke.as_bytes())?;
+        Ok(identity.verifying_key())
+    }
+
+    /// Reads the identity and HPKE keys.
+    pub(crate) fn load_keys(&self) -> Result<(SigningKey, HpkeSecret)> {
+        let seed = read_key(&self.identity_path())?;
+        let hpke = read_key(&self.hpke_path())?;
+        Ok((SigningKey::from_bytes(&seed), HpkeSecret::from_bytes(*hpke)))
+    }
+
+    /// Writes the membership atomically (temporary file of mode 0600, fsync, rename).
+    pub(crate) fn save_membership(
+        &self,
+        group: GroupId,
+        member: MemberId,
+        path: &MemberPath,
+    ) -> Result<()> {
+        let bytes = encode_membership(group, member, path);
+        let target = self.membership_path();
+        let temp = self.dir.join("membership.tmp");
+        let _ = fs::remove_file(&temp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .with_context(|| format!("cannot create {}", temp.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        fs::rename(&temp, &target)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), target.display()))?;
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The stored membership for `group`, `None` if there is none; an error if the file is
+    /// unreadable, corrupt or for another group.
+    pub(crate) fn load_membership(&self, group: GroupId) -> Result<Option<(MemberId, MemberPath)>> {
+        let path = self.membership_path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_MEMBERSHIP + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        decode_membership(group, &bytes)
+            .map(Some)
+            .with_context(|| format!("{} is unusable", path.display()))
+    }
+
+    /// Deletes the membership file (after leaving, or when it is corrupt).
+    pub(crate) fn remove_membership(&self) {
+        let _ = fs::remove_file(self.membership_path());
+    }
+}
+
+/// The membership file's bytes, zeroized on drop.
+pub(crate) fn encode_membership(
+    group: GroupId,
+    member: MemberId,
+    path: &MemberPath,
+) -> Zeroizing<Vec<u8>> {
+    let keys = PathKeys::encode(path);
+    let mut out = Zeroizing::new(Vec::with_capacity(MEMBERSHIP_HEADER + keys.len()));
+    out.extend_from_slice(MEMBERSHIP_MAGIC);
+    out.push(MEMBERSHIP_VERSION);
+    out.extend_from_slice(&group.0.to_be_bytes());
+    out.extend_from_slice(&member.0.to_be_bytes());
+    out.extend_from_slice(&path.epoch().0.to_be_bytes());
+    out.extend_from_slice(&keys);
+    out
+}
+
+/// Parses a membership file; refuses another group, a bad header or an inconsistent path.
+pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<(MemberId, MemberPath)> {
+    if bytes.len() as u64 > MAX_MEMBERSHIP {
+        bail!("longer than {MAX_MEMBERSHIP} bytes");
+    }
+    let Some((header, keys)) = bytes.split_at_checked(MEMBERSHIP_HEADER) else {
+        bail!("truncated header");
+    };
+    let (magic, rest) = header.split_at(4);
+    let (version, rest) = rest.split_at(1);
+    if magic != MEMBERSHIP_MAGIC || version != [MEMBERSHIP_VERSION] {
+        bail!("not a gkm membership file (version {MEMBERSHIP_VERSION})");
+    }
+    let field = |i: usize| -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&rest[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(b)
+    };
+    let (stored_group, member, epoch) = (GroupId(field(0)), MemberId(field(1)), Epoch(field(2)));
+    if stored_group != group {
+        bail!("it is for group {stored_group}, not {group}");
+    }
+    let path =
+        PathKeys::decode(group, epoch, keys).map_err(|e| anyhow::anyhow!("path keys: {e}"))?;
+    Ok((member, path))
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let mut file = File::open(path).with_context(|| {
+        format!(
+            "cannot open {}; run `gkm-member init` or pass the right --state-dir",
+            path.display()
+        )
+    })?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    (&mut file).take(33).read_to_end(&mut bytes)?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != 32 {
+        bail!("{} is not a 32-byte key file", path.display());
+    }
+    key.copy_from_slice(&bytes);
+    Ok(key)
+}

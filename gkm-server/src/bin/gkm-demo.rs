@@ -1,0 +1,435 @@
+//! `gkm-demo`: the README's main job. Starts a controller and 50 member agents as real processes
+//! on this machine (multicast on the loopback interface), runs evictions, leaves, joins and batch
+//! rekeys, prints per-epoch progress and ends with a verdict it checked: every current member
+//! holds the controller's traffic key, and no departed member decrypts group messages sent after
+//! it left. Exits 0 only if that holds. No root, no configuration: everything lives in a fresh
+//! temporary directory, removed at the end (kept, with the logs, when the verdict fails).
+//!
+//! It runs the binaries next to its own executable: `cargo build --release --bins` first.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use lkh_tree::{Epoch, GroupId, TrafficKey};
+use serde_json::{Value, json};
+
+const GROUP: &str = "demo";
+const MEMBERS: usize = 50;
+const ROUNDS: usize = 4;
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// A member agent process.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+}
+
+/// A departed member's last key.
+struct Departed {
+    epoch: Epoch,
+    key: TrafficKey,
+}
+
+struct Demo {
+    bins: PathBuf,
+    root: PathBuf,
+    controller: Child,
+    controller_key: String,
+    listen: String,
+    multicast: String,
+    agents: Vec<Agent>,
+    departed: Vec<Departed>,
+    tokens_used: usize,
+}
+
+fn main() {
+    match run() {
+        Ok(true) => std::process::exit(0),
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("gkm-demo: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    let mut demo = Demo::start()?;
+    let verdict = demo.churn().and_then(|()| demo.verdict());
+    demo.stop(matches!(verdict, Ok(true)));
+    verdict
+}
+
+fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port found")
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// One JSON request on a Unix socket, one JSON line back.
+fn ask(socket: &Path, request: &Value) -> Result<Value> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(stream, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("bad reply {line:?}"))
+}
+
+/// Finds the first object in `value` that has `key` and, if given, `name == want`.
+fn find<'a>(value: &'a Value, key: &str, want: Option<&str>) -> Option<&'a Value> {
+    match value {
+        Value::Object(map) => {
+            let name_ok = want.is_none_or(|w| map.get("name").and_then(Value::as_str) == Some(w));
+            if let Some(v) = map.get(key).filter(|_| name_ok) {
+                return Some(v);
+            }
+            map.values().find_map(|v| find(v, key, want))
+        }
+        Value::Array(items) => items.iter().find_map(|v| find(v, key, want)),
+        _ => None,
+    }
+}
+
+fn key_from_hex(hex: &str) -> Option<TrafficKey> {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    Some(TrafficKey::from_bytes(bytes.try_into().ok()?))
+}
+
+impl Demo {
+    fn start() -> Result<Demo> {
+        let bins = std::env::current_exe()?
+            .parent()
+            .context("no directory for the executable")?
+            .to_path_buf();
+        for bin in ["gkm-server", "gkm-member"] {
+            if !bins.join(bin).exists() {
+                bail!(
+                    "{} is missing: run `cargo build --release --bins` first",
+                    bins.join(bin).display()
+                );
+            }
+        }
+        let root = std::env::temp_dir().join(format!(
+            "gkm-demo-{}-{}",
+            std::process::id(),
+            now_ns() % 1_000_000
+        ));
+        std::fs::create_dir_all(&root)?;
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let octets = u8::try_from(now_ns() % 250).unwrap_or(0) + 1;
+        let multicast = format!("239.255.{}.{}:{}", 100 + octets % 100, octets, free_port()?);
+        let tokens: Vec<String> = (0..200).map(|i| format!("\"demo-token-{i}\"")).collect();
+        let config = format!(
+            "listen = \"{listen}\"\n\n[[group]]\nname = \"{GROUP}\"\nmulticast = \"{multicast}\"\n\
+             heartbeat_interval_ms = 500\nbatch_interval_ms = 0\nenrollment = \"restricted\"\n\
+             tokens = [{}]\n",
+            tokens.join(", ")
+        );
+        std::fs::write(root.join("gkm-server.toml"), config)?;
+        let state = root.join("controller");
+        let init = Command::new(bins.join("gkm-server"))
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .output()?;
+        if !init.status.success() {
+            bail!(
+                "gkm-server init failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+        let controller_key = String::from_utf8_lossy(&init.stdout)
+            .split_whitespace()
+            .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+            .context("gkm-server init printed no public key")?
+            .to_owned();
+        let log = std::fs::File::create(root.join("controller.log"))?;
+        let controller = Command::new(bins.join("gkm-server"))
+            .args(["run", "--config"])
+            .arg(root.join("gkm-server.toml"))
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut demo = Demo {
+            bins,
+            root,
+            controller,
+            controller_key,
+            listen,
+            multicast,
+            agents: Vec::new(),
+            departed: Vec::new(),
+            tokens_used: 0,
+        };
+        demo.wait_for(|d| Ok(d.control().exists()), "the control socket")?;
+        println!(
+            "controller {} up; group {GROUP} on {}",
+            demo.listen, demo.multicast
+        );
+        for _ in 0..MEMBERS {
+            demo.spawn_member()?;
+        }
+        demo.settle("admit")?;
+        Ok(demo)
+    }
+
+    fn control(&self) -> PathBuf {
+        self.root.join("controller").join("control.sock")
+    }
+
+    fn spawn_member(&mut self) -> Result<()> {
+        let i = self.tokens_used;
+        self.tokens_used += 1;
+        let dir = self.root.join(format!("member-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("member.log"))?;
+        let child = Command::new(self.bins.join("gkm-member"))
+            .args(["run", "--controller", &self.listen, "--group", GROUP])
+            .args([
+                "--controller-key",
+                &self.controller_key,
+                "--multicast",
+                &self.multicast,
+            ])
+            .args(["--token", &format!("demo-token-{i}")])
+            .arg("--state-dir")
+            .arg(&dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.agents.push(Agent { child, dir });
+        Ok(())
+    }
+
+    fn wait_for(
+        &mut self,
+        mut done: impl FnMut(&mut Demo) -> Result<bool>,
+        what: &str,
+    ) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < SETTLE {
+            if done(self)? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "timed out after {:?} waiting for {what}; logs in {}",
+            SETTLE,
+            self.root.display()
+        )
+    }
+
+    /// The controller's epoch of the group.
+    fn epoch(&self) -> Result<u64> {
+        let reply = ask(&self.control(), &json!({"cmd": "groups"}))?;
+        find(&reply, "epoch", Some(GROUP))
+            .and_then(Value::as_u64)
+            .with_context(|| format!("no epoch in {reply}"))
+    }
+
+    /// A member's current key line from its local API.
+    fn current(agent: &Agent) -> Option<Value> {
+        let reply = ask(&agent.dir.join("api.sock"), &json!({"op": "current"})).ok()?;
+        reply.get("traffic_key").is_some().then_some(reply)
+    }
+
+    /// Waits until every agent holds the controller's epoch and one shared key; prints a line.
+    fn settle(&mut self, change: &str) -> Result<()> {
+        self.wait_for(
+            |d| {
+                let epoch = d.epoch()?;
+                let keys: Vec<Option<(u64, String)>> = d
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        let v = Demo::current(a)?;
+                        Some((
+                            v.get("epoch")?.as_u64()?,
+                            v.get("traffic_key")?.as_str()?.to_owned(),
+                        ))
+                    })
+                    .collect();
+                let first = keys.first().cloned().flatten();
+                Ok(keys
+                    .iter()
+                    .all(|k| k.as_ref().is_some_and(|(e, _)| *e == epoch))
+                    && keys.iter().all(|k| *k == first))
+            },
+            "every member to hold the new key",
+        )?;
+        println!(
+            "epoch {:>4}  {:<26} members {:>3}  all converged",
+            self.epoch()?,
+            change,
+            self.agents.len()
+        );
+        Ok(())
+    }
+
+    /// Records a member's last key and takes it out of the live set.
+    fn depart(&mut self, index: usize) -> Result<Agent> {
+        let agent = self.agents.swap_remove(index);
+        let current = Demo::current(&agent).context("a departing member has no key")?;
+        let epoch = Epoch(current.get("epoch").and_then(Value::as_u64).unwrap_or(0));
+        let key = current
+            .get("traffic_key")
+            .and_then(Value::as_str)
+            .and_then(key_from_hex)
+            .context("bad key in the member API")?;
+        self.departed.push(Departed { epoch, key });
+        Ok(agent)
+    }
+
+    fn evict(&mut self, index: usize) -> Result<()> {
+        let mut agent = self.depart(index)?;
+        let member = Demo::current(&agent)
+            .and_then(|v| v.get("member")?.as_u64())
+            .context("no member id")?;
+        let reply = ask(
+            &self.control(),
+            &json!({"cmd": "evict", "group": GROUP, "member": member}),
+        )?;
+        if reply.get("ok") != Some(&Value::Bool(true)) {
+            bail!("evict refused: {reply}");
+        }
+        // The evicted agent would try to register again; its token is spent, so it is refused.
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+        Ok(())
+    }
+
+    fn leave(&mut self, index: usize) -> Result<()> {
+        let mut agent = self.depart(index)?;
+        let pid = agent.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let _ = agent.child.wait();
+        Ok(())
+    }
+
+    fn set_batch(&self, ms: u64) -> Result<()> {
+        let set = format!("batch_interval_ms={ms}");
+        let reply = ask(
+            &self.control(),
+            &json!({"cmd": "policy", "group": GROUP, "set": set}),
+        )?;
+        if reply.get("ok") != Some(&Value::Bool(true)) {
+            bail!("policy refused: {reply}");
+        }
+        Ok(())
+    }
+
+    fn churn(&mut self) -> Result<()> {
+        for round in 0..ROUNDS {
+            let n = self.agents.len();
+            self.evict((round * 7) % n)?;
+            self.settle("evict 1")?;
+            self.leave((round * 11) % (n - 1))?;
+            self.settle("leave 1")?;
+            self.spawn_member()?;
+            self.spawn_member()?;
+            self.settle("join 2")?;
+            self.set_batch(1_000)?;
+            for k in 0..3 {
+                let n = self.agents.len();
+                self.leave((round * 5 + k * 13) % n)?;
+                self.spawn_member()?;
+            }
+            self.evict(round % self.agents.len())?;
+            self.spawn_member()?;
+            self.set_batch(0)?;
+            self.settle("batch -4 +4")?;
+        }
+        Ok(())
+    }
+
+    fn verdict(&mut self) -> Result<bool> {
+        let epoch = self.epoch()?;
+        let lines: Vec<Value> = self.agents.iter().filter_map(Demo::current).collect();
+        let first = lines.first().and_then(|v| v.get("traffic_key")).cloned();
+        let holding = lines
+            .iter()
+            .filter(|v| {
+                v.get("epoch").and_then(Value::as_u64) == Some(epoch)
+                    && v.get("traffic_key") == first.as_ref()
+            })
+            .count();
+        let key = first
+            .as_ref()
+            .and_then(Value::as_str)
+            .and_then(key_from_hex)
+            .context("no current key")?;
+        let group = GroupId::from_name(GROUP);
+        let mut tried = 0;
+        let mut read = 0;
+        for (seq, gone) in self.departed.iter().enumerate() {
+            let frame = wire::data::seal(
+                &key,
+                group,
+                Epoch(epoch),
+                7,
+                seq as u64,
+                b"sent after you left",
+            );
+            tried += 1;
+            let stale = gone.epoch < Epoch(epoch);
+            if !stale || wire::data::open(&gone.key, &frame).is_ok() {
+                read += 1;
+            }
+        }
+        let holds = holding == self.agents.len() && read == 0 && tried > 0;
+        println!(
+            "verdict: {}: {holding}/{} current members hold the controller's traffic key of epoch {epoch}; \
+             {} departed members (left or evicted) decrypted {read} of {tried} group messages sent after they left",
+            if holds { "PASS" } else { "FAIL" },
+            self.agents.len(),
+            self.departed.len(),
+        );
+        Ok(holds)
+    }
+
+    fn stop(&mut self, clean: bool) {
+        for agent in &mut self.agents {
+            let _ = Command::new("kill")
+                .args(["-TERM", &agent.child.id().to_string()])
+                .status();
+        }
+        for agent in &mut self.agents {
+            let _ = agent.child.wait();
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.controller.id().to_string()])
+            .status();
+        let _ = self.controller.wait();
+        if clean {
+            let _ = std::fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("logs kept in {}", self.root.display());
+        }
+    }
+}

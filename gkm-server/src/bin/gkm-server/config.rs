@@ -1,0 +1,290 @@
+//! The TOML configuration: where to listen and, per group, its multicast address and policy.
+//! Every setting has a default, so `gkm-server run` works with no file at all.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use gkm_server::{Enrollment, GroupPolicy};
+use lkh_tree::{GroupId, Strategy};
+use serde::Deserialize;
+
+/// The commented default file `gkm-server init` writes.
+pub(crate) const DEFAULT_TOML: &str = r#"# gkm-server configuration. Every setting has a default; delete what you do not change.
+
+# Member requests (TCP, one length-prefixed request per connection) and fan-out subscriptions
+# (UDP) on the same address and port.
+listen = "127.0.0.1:47700"
+
+# Prometheus text endpoint (optional).
+# metrics = "127.0.0.1:9477"
+
+[[group]]
+name = "demo"
+multicast = "239.255.77.1:47701"
+ttl = 1
+interface = "127.0.0.1"   # IPv4: the interface address; IPv6: the interface index
+loop = true
+fanout = true             # also send each datagram by unicast to subscribed members
+# degree = 4
+# strategy = "group"      # group | key | user
+# hash_forward_joins = false
+# one_way = true
+# batch_interval_ms = 0
+# heartbeat_interval_ms = 2000
+# lease_ms = 60000
+# refresh_interval_ms = 0
+# repeats = 2
+# mtu = 1200
+# enrollment = "open"     # open | restricted
+# allowed = []            # hex Ed25519 identity keys (restricted)
+# tokens = []             # single-use enrollment tokens (restricted)
+"#;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// TCP requests and UDP subscriptions.
+    #[serde(default = "default_listen")]
+    pub(crate) listen: SocketAddr,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub(crate) metrics: Option<SocketAddr>,
+    /// Groups; one "demo" group when none is given.
+    #[serde(default = "default_groups", rename = "group")]
+    pub(crate) groups: Vec<GroupConfig>,
+}
+
+/// One group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupConfig {
+    pub(crate) name: String,
+    #[serde(default = "default_multicast")]
+    pub(crate) multicast: SocketAddr,
+    #[serde(default = "default_ttl")]
+    pub(crate) ttl: u32,
+    #[serde(default = "default_interface")]
+    pub(crate) interface: String,
+    #[serde(default = "yes", rename = "loop")]
+    pub(crate) multicast_loop: bool,
+    #[serde(default = "yes")]
+    pub(crate) fanout: bool,
+    degree: Option<u8>,
+    strategy: Option<String>,
+    hash_forward_joins: Option<bool>,
+    one_way: Option<bool>,
+    batch_interval_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    refresh_interval_ms: Option<u64>,
+    repeats: Option<u8>,
+    mtu: Option<usize>,
+    enrollment: Option<String>,
+    #[serde(default)]
+    allowed: Vec<String>,
+    #[serde(default)]
+    tokens: Vec<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 47_700))
+}
+fn default_multicast() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(239, 255, 77, 1), 47_701))
+}
+fn default_ttl() -> u32 {
+    1
+}
+fn default_interface() -> String {
+    "127.0.0.1".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_groups() -> Vec<GroupConfig> {
+    vec![GroupConfig::named("demo")]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            metrics: None,
+            groups: default_groups(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the defaults when `path` is `None`.
+    pub(crate) fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        let mut names = BTreeSet::new();
+        for g in &config.groups {
+            if !names.insert(g.name.as_str()) {
+                bail!(
+                    "config file {}: group {:?} appears twice",
+                    path.display(),
+                    g.name
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl GroupConfig {
+    fn named(name: &str) -> GroupConfig {
+        GroupConfig {
+            name: name.into(),
+            multicast: default_multicast(),
+            ttl: default_ttl(),
+            interface: default_interface(),
+            multicast_loop: true,
+            fanout: true,
+            degree: None,
+            strategy: None,
+            hash_forward_joins: None,
+            one_way: None,
+            batch_interval_ms: None,
+            heartbeat_interval_ms: None,
+            lease_ms: None,
+            refresh_interval_ms: None,
+            repeats: None,
+            mtu: None,
+            enrollment: None,
+            allowed: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// The group's id: derived from its name, as members derive it.
+    pub(crate) fn id(&self) -> GroupId {
+        GroupId::from_name(&self.name)
+    }
+
+    /// The interface to send multicast on: an IPv4 address, or an IPv6 interface index.
+    pub(crate) fn interface(&self) -> Result<Interface> {
+        match self.multicast.ip() {
+            IpAddr::V4(_) => self
+                .interface
+                .parse()
+                .map(Interface::V4)
+                .with_context(|| {
+                    format!(
+                        "group {:?}: interface {:?} is not an IPv4 address",
+                        self.name, self.interface
+                    )
+                }),
+            IpAddr::V6(_) => self.interface.parse().map(Interface::V6).with_context(|| {
+                format!(
+                    "group {:?}: for IPv6 multicast, interface is an interface index (see `ip link`), not {:?}",
+                    self.name, self.interface
+                )
+            }),
+        }
+    }
+
+    /// The controller's policy for this group.
+    pub(crate) fn policy(&self) -> Result<GroupPolicy> {
+        let what = |field: &str| format!("group {:?}: bad {field}", self.name);
+        let mut p = GroupPolicy::new(&self.name, self.id());
+        if let Some(d) = self.degree {
+            if !(2..=64).contains(&d) {
+                bail!("{}: degree is 2..=64, not {d}", what("degree"));
+            }
+            p.tree.degree = d;
+        }
+        if let Some(s) = &self.strategy {
+            p.tree.strategy = match s.as_str() {
+                "group" => Strategy::Group,
+                "key" => Strategy::Key,
+                "user" => Strategy::User,
+                other => bail!("{}: {other:?}; use group, key or user", what("strategy")),
+            };
+        }
+        if let Some(v) = self.hash_forward_joins {
+            p.tree.hash_forward_joins = v;
+        }
+        if let Some(v) = self.one_way {
+            p.tree.one_way = v;
+        }
+        if let Some(v) = self.batch_interval_ms {
+            p.batch_interval_ms = v;
+        }
+        if let Some(v) = self.heartbeat_interval_ms {
+            p.heartbeat_interval_ms = v.max(1);
+        }
+        if let Some(v) = self.lease_ms {
+            p.lease_ms = v.max(1);
+        }
+        if let Some(v) = self.refresh_interval_ms {
+            p.refresh_interval_ms = v;
+        }
+        if let Some(v) = self.repeats {
+            if !(1..=10).contains(&v) {
+                bail!("{}: repeats is 1..=10, not {v}", what("repeats"));
+            }
+            p.repeats = v;
+        }
+        if let Some(v) = self.mtu {
+            if !(576..=wire::MAX_DATAGRAM).contains(&v) {
+                bail!(
+                    "{}: mtu is 576..={}, not {v}",
+                    what("mtu"),
+                    wire::MAX_DATAGRAM
+                );
+            }
+            p.mtu = v;
+        }
+        p.enrollment = match self.enrollment.as_deref() {
+            None | Some("open") => Enrollment::Open,
+            Some("restricted") => {
+                let mut allowed = BTreeSet::new();
+                for key in &self.allowed {
+                    let bytes: [u8; 32] = hex::decode(key)
+                        .ok()
+                        .and_then(|b| b.try_into().ok())
+                        .with_context(|| {
+                            format!("{}: {key:?} is not 64 hex digits", what("allowed key"))
+                        })?;
+                    allowed.insert(bytes);
+                }
+                let tokens = self.tokens.iter().map(|t| t.as_bytes().to_vec()).collect();
+                Enrollment::Restricted { allowed, tokens }
+            }
+            Some(other) => bail!("{}: {other:?}; use open or restricted", what("enrollment")),
+        };
+        Ok(p)
+    }
+}
+
+/// Where multicast leaves the host.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Interface {
+    V4(Ipv4Addr),
+    V6(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_parses_to_the_defaults() {
+        let c: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.groups.len(), 1);
+        let p = c.groups[0].policy().unwrap();
+        assert_eq!(p, GroupPolicy::new("demo", GroupId::from_name("demo")));
+    }
+}

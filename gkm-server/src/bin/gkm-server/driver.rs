@@ -1,0 +1,560 @@
+//! The driver loop: receive → `handle_*` → drain `poll_*` → send → sleep until `poll_timeout()`.
+//!
+//! One task owns the [`Controller`]; connection tasks only frame bytes and pass them in over
+//! channels, so the controller needs no lock. Fan-out: a datagram on the request port's UDP
+//! socket is a subscription; when it is valid and the group's `fanout` is on, every multicast
+//! datagram of that group is also sent by unicast to the subscriber's address until the
+//! subscription is older than the group's lease.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use getrandom::SysRng;
+use gkm_server::control::{MAX_LINE, Reply, Request};
+use gkm_server::{Command, ConnId, Controller, Event, Response, Timestamp, Transmit};
+use lkh_tree::GroupId;
+use rand_core::UnwrapErr;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Interface};
+use crate::state::StateDir;
+
+/// Largest request frame.
+const MAX_FRAME: usize = 65_536;
+/// Concurrent request connections; more are refused (closed at once).
+const MAX_CONNECTIONS: usize = 256;
+/// Concurrent control connections.
+const MAX_CONTROL: usize = 16;
+/// Time to read one request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle time allowed on a control connection between lines.
+const CONTROL_IDLE: Duration = Duration::from_secs(300);
+/// Subscribers remembered per group.
+const MAX_SUBSCRIBERS: usize = 4_096;
+
+type OsRng = UnwrapErr<SysRng>;
+
+struct Incoming {
+    conn: ConnId,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Vec<u8>>,
+}
+
+struct ControlCall {
+    command: Command,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// A group's multicast socket and unicast subscribers.
+struct GroupNet {
+    name: String,
+    socket: UdpSocket,
+    to: SocketAddr,
+    fanout: bool,
+    lease_ms: u64,
+    subscribers: BTreeMap<SocketAddr, Timestamp>,
+}
+
+struct Driver {
+    controller: Controller<OsRng>,
+    groups: HashMap<GroupId, GroupNet>,
+    udp: Arc<UdpSocket>,
+    pending: HashMap<ConnId, oneshot::Sender<Vec<u8>>>,
+    audit: File,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
+    let signer = dir.signer()?;
+    let (store, restored) = dir.open_store()?;
+    let restored_epochs: Vec<(GroupId, u64)> = restored
+        .iter()
+        .map(|s| (s.tree.group, s.tree.epoch.0))
+        .collect();
+    let mut policies = Vec::new();
+    let mut groups = HashMap::new();
+    for g in &config.groups {
+        let policy = g.policy()?;
+        if matches!(policy.enrollment, gkm_server::Enrollment::Open) {
+            warn!(group = %g.name, "enrollment is open: anyone who can reach {} may join", config.listen);
+        }
+        groups.insert(
+            g.id(),
+            GroupNet {
+                name: g.name.clone(),
+                socket: multicast_socket(g.multicast, g.interface()?, g.ttl, g.multicast_loop)
+                    .with_context(|| {
+                        format!("group {:?}: cannot open its multicast socket", g.name)
+                    })?,
+                to: g.multicast,
+                fanout: g.fanout,
+                lease_ms: policy.lease_ms,
+                subscribers: BTreeMap::new(),
+            },
+        );
+        policies.push(policy);
+    }
+    for (group, epoch) in &restored_epochs {
+        info!(%group, epoch, "restored group state");
+    }
+    let controller = Controller::new(
+        signer,
+        UnwrapErr(SysRng),
+        Box::new(store),
+        policies,
+        restored,
+        now(),
+    )
+    .context("cannot build the controller from the stored state")?;
+
+    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (in use? set `listen` in the config)",
+            config.listen
+        )
+    })?;
+    let udp = Arc::new(UdpSocket::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot bind UDP {} for fan-out subscriptions",
+            config.listen
+        )
+    })?);
+    let control_path = dir.control();
+    // The state lock is ours (open_store), so a socket file left here is stale.
+    let _ = std::fs::remove_file(&control_path);
+    let control = UnixListener::bind(&control_path)
+        .with_context(|| format!("cannot bind control socket {}", control_path.display()))?;
+    std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600))?;
+    // Files we create are owned by our effective uid: the only uid the control socket serves.
+    let uid = std::fs::metadata(&control_path)?.uid();
+    let audit = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.audit())
+        .with_context(|| format!("cannot open audit log {}", dir.audit().display()))?;
+
+    info!(
+        listen = %config.listen,
+        control = %control_path.display(),
+        public_key = %hex::encode(controller.public_key()),
+        "gkm-server serving"
+    );
+    let mut driver = Driver {
+        controller,
+        groups,
+        udp: udp.clone(),
+        pending: HashMap::new(),
+        audit,
+    };
+    driver.flush();
+
+    let (req_tx, mut req_rx) = mpsc::channel::<Incoming>(MAX_CONNECTIONS);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlCall>(MAX_CONTROL);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let controls = Arc::new(Semaphore::new(MAX_CONTROL));
+    let reply_wait = READ_TIMEOUT
+        + Duration::from_millis(
+            config
+                .groups
+                .iter()
+                .filter_map(|g| g.policy().ok())
+                .map(|p| p.batch_interval_ms)
+                .max()
+                .unwrap_or(0),
+        );
+    let metrics = match config.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for metrics (in use? change `metrics` in the config)")
+        })?),
+        None => None,
+    };
+    let mut next_conn = 0u64;
+    let mut udp_buf = vec![0u8; 65_536];
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    loop {
+        let sleep = driver.sleep();
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        warn!(%peer, "too many request connections; refusing");
+                        continue;
+                    };
+                    next_conn += 1;
+                    let conn = ConnId(next_conn);
+                    let tx = req_tx.clone();
+                    tokio::spawn(async move {
+                        request_connection(stream, conn, tx, reply_wait).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => warn!("accept failed: {e}"),
+            },
+            Some(incoming) = req_rx.recv() => driver.request(incoming),
+            received = udp.recv_from(&mut udp_buf) => match received {
+                Ok((n, from)) => driver.subscribe(udp_buf.get(..n).unwrap_or_default(), from),
+                Err(e) => debug!("udp receive failed: {e}"),
+            },
+            accepted = control.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Ok(permit) = controls.clone().try_acquire_owned() else {
+                        warn!("too many control connections; refusing");
+                        continue;
+                    };
+                    let tx = ctl_tx.clone();
+                    tokio::spawn(async move {
+                        control_connection(stream, uid, tx).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => warn!("control accept failed: {e}"),
+            },
+            Some(call) = ctl_rx.recv() => driver.command(call),
+            accepted = accept_metrics(metrics.as_ref()) => {
+                if let Ok((stream, _)) = accepted {
+                    let text = driver.metrics();
+                    tokio::spawn(serve_metrics(stream, text));
+                }
+            }
+            () = sleep => {
+                driver.controller.handle_timeout(now());
+                driver.flush();
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+        }
+    }
+    drop(listener);
+    driver.flush();
+    let _ = std::fs::remove_file(&control_path);
+    info!("stopped");
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp(ms)
+}
+
+impl Driver {
+    fn sleep(&self) -> impl Future<Output = ()> + use<> {
+        let deadline = self.controller.poll_timeout();
+        async move {
+            match deadline {
+                Some(t) => {
+                    let wait = t.0.saturating_sub(now().0);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every group's counters.
+    fn metrics(&mut self) -> String {
+        let at = now();
+        let mut out = String::new();
+        let Ok(Response::Groups(groups)) = self.controller.handle_command(at, Command::Groups)
+        else {
+            return out;
+        };
+        let mut line = |name: &str, group: &str, value: u64| {
+            out.push_str(&format!("gkm_{name}{{group=\"{group}\"}} {value}\n"));
+        };
+        for g in &groups {
+            line("epoch", &g.name, g.epoch);
+            line("members", &g.name, g.members as u64);
+            line("pending_changes", &g.name, g.pending as u64);
+            if let Ok(Response::Stats(s)) = self
+                .controller
+                .handle_command(at, Command::Stats(g.name.clone()))
+            {
+                line("rekeys_total", &g.name, s.rekeys);
+                line("encryptions_total", &g.name, s.encryptions);
+                line("datagrams_total", &g.name, s.datagrams);
+                line("datagram_bytes_total", &g.name, s.bytes);
+                line("registrations_total", &g.name, s.registrations);
+                line("resyncs_total", &g.name, s.resyncs);
+                line("heartbeats_total", &g.name, s.heartbeats);
+                line("rejects_total", &g.name, s.rejects.values().sum());
+            }
+        }
+        out
+    }
+
+    fn request(&mut self, incoming: Incoming) {
+        self.pending.retain(|_, tx| !tx.is_closed());
+        self.pending.insert(incoming.conn, incoming.reply);
+        self.controller
+            .handle_request(incoming.conn, now(), &incoming.bytes);
+        self.flush();
+    }
+
+    fn subscribe(&mut self, bytes: &[u8], from: SocketAddr) {
+        let at = now();
+        match self.controller.subscribe(at, bytes) {
+            Ok((group, member)) => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    return;
+                };
+                if !g.fanout {
+                    debug!(%from, group = %g.name, "fan-out is off for this group; subscription ignored");
+                    return;
+                }
+                let lease = g.lease_ms;
+                g.subscribers.retain(|_, since| since.plus(lease) > at);
+                if g.subscribers.len() >= MAX_SUBSCRIBERS && !g.subscribers.contains_key(&from) {
+                    warn!(group = %g.name, "too many fan-out subscribers; ignoring {from}");
+                    return;
+                }
+                debug!(%from, group = %g.name, member = member.0, "fan-out subscription");
+                g.subscribers.insert(from, at);
+            }
+            Err(reason) => debug!(%from, ?reason, "subscription refused"),
+        }
+        self.flush();
+    }
+
+    fn command(&mut self, call: ControlCall) {
+        let outcome = self.controller.handle_command(now(), call.command);
+        let _ = call.reply.send(Reply::from_outcome(outcome));
+        self.flush();
+    }
+
+    /// Sends every queued transmit and writes every queued event.
+    fn flush(&mut self) {
+        while let Some(t) = self.controller.poll_transmit() {
+            match t {
+                Transmit::Reply { conn, bytes } => {
+                    if let Some(tx) = self.pending.remove(&conn) {
+                        let _ = tx.send(bytes);
+                    }
+                }
+                Transmit::Multicast { group, bytes } => self.multicast(group, &bytes),
+            }
+        }
+        while let Some(event) = self.controller.poll_event() {
+            self.audit(&event);
+        }
+    }
+
+    fn multicast(&mut self, group: GroupId, bytes: &[u8]) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        if let Err(e) = g.socket.try_send_to(bytes, g.to) {
+            warn!(group = %g.name, "multicast send to {} failed: {e}", g.to);
+        }
+        if g.fanout {
+            let at = now();
+            let lease = g.lease_ms;
+            g.subscribers.retain(|_, since| since.plus(lease) > at);
+            for to in g.subscribers.keys() {
+                if let Err(e) = self.udp.try_send_to(bytes, *to) {
+                    debug!(group = %g.name, "fan-out send to {to} failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn audit(&mut self, event: &Event) {
+        match serde_json::to_string(event) {
+            Ok(line) => {
+                info!(target: "audit", "{line}");
+                if let Err(e) = writeln!(self.audit, "{line}") {
+                    warn!("cannot append to the audit log: {e}");
+                }
+            }
+            Err(e) => warn!("cannot serialize event: {e}"),
+        }
+    }
+}
+
+fn multicast_socket(
+    to: SocketAddr,
+    interface: Interface,
+    ttl: u32,
+    looped: bool,
+) -> Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(to), Type::DGRAM, Some(Protocol::UDP))?;
+    match (to.ip(), interface) {
+        (IpAddr::V4(_), Interface::V4(ifaddr)) => {
+            socket.set_multicast_if_v4(&ifaddr)?;
+            socket.set_multicast_ttl_v4(ttl)?;
+            socket.set_multicast_loop_v4(looped)?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        }
+        (IpAddr::V6(_), Interface::V6(index)) => {
+            socket.set_multicast_if_v6(index)?;
+            socket.set_multicast_hops_v6(ttl)?;
+            socket.set_multicast_loop_v6(looped)?;
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        }
+        _ => anyhow::bail!("multicast address and interface are of different IP versions"),
+    }
+    socket.set_nonblocking(true)?;
+    Ok(UdpSocket::from_std(socket.into())?)
+}
+
+async fn accept_metrics(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers one HTTP request (whatever it asks) with the metrics text.
+async fn serve_metrics(mut stream: TcpStream, text: String) {
+    let mut head = [0u8; 4096];
+    let _ = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut head)).await;
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// One request connection: a length-prefixed frame in, one frame out, close.
+async fn request_connection(
+    mut stream: TcpStream,
+    conn: ConnId,
+    tx: mpsc::Sender<Incoming>,
+    reply_wait: Duration,
+) {
+    let bytes = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            debug!(conn = conn.0, "bad request frame: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(conn = conn.0, "request read timed out");
+            return;
+        }
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let incoming = Incoming {
+        conn,
+        bytes,
+        reply: reply_tx,
+    };
+    if tx.send(incoming).await.is_err() {
+        return;
+    }
+    if let Ok(Ok(reply)) = tokio::time::timeout(reply_wait, reply_rx).await {
+        let Ok(len) = u32::try_from(reply.len()) else {
+            return;
+        };
+        let mut frame = len.to_be_bytes().to_vec();
+        frame.extend_from_slice(&reply);
+        if let Err(e) = stream.write_all(&frame).await {
+            debug!(conn = conn.0, "reply write failed: {e}");
+        }
+        let _ = stream.shutdown().await;
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+    if len == 0 || len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame length {len} outside 1..={MAX_FRAME}"),
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes).await?;
+    Ok(bytes)
+}
+
+/// One control connection: JSON request lines in, JSON reply lines out.
+async fn control_connection(stream: UnixStream, uid: u32, tx: mpsc::Sender<ControlCall>) {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == uid => {}
+        Ok(cred) => {
+            warn!(
+                peer_uid = cred.uid(),
+                "control connection from another uid refused"
+            );
+            return;
+        }
+        Err(e) => {
+            warn!("cannot read control peer credentials: {e}");
+            return;
+        }
+    }
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+        let got = tokio::time::timeout(
+            CONTROL_IDLE,
+            (&mut read).take(limit).read_until(b'\n', &mut line),
+        )
+        .await;
+        match got {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+        let too_long = line.len() > MAX_LINE;
+        let reply = if too_long {
+            Reply::error(format!("request line longer than {MAX_LINE} bytes"))
+        } else {
+            answer(&line, &tx).await
+        };
+        let Ok(mut out) = serde_json::to_vec(&reply) else {
+            return;
+        };
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || too_long {
+            return;
+        }
+    }
+}
+
+async fn answer(line: &[u8], tx: &mpsc::Sender<ControlCall>) -> Reply {
+    let request: Request = match serde_json::from_slice(line.trim_ascii()) {
+        Ok(r) => r,
+        Err(e) => return Reply::parse_error(&e),
+    };
+    let command = match request.into_command() {
+        Ok(c) => c,
+        Err(message) => return Reply::error(message),
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if tx
+        .send(ControlCall {
+            command,
+            reply: reply_tx,
+        })
+        .await
+        .is_err()
+    {
+        return Reply::error("gkm-server is stopping");
+    }
+    reply_rx
+        .await
+        .unwrap_or_else(|_| Reply::error("gkm-server is stopping"))
+}

@@ -1,0 +1,293 @@
+//! `gkmctl`: the operator's client for gkm-server's control socket. Prints tables for people and
+//! the raw JSON data with `--json`.
+//!
+//! Exit codes: 0 done; 1 the daemon refused (its message says what to do next); 2 no daemon
+//! answered on the socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gkm_server::control::{MAX_LINE, Reply, Request};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "gkmctl", version, about = "Control a running gkm-server")]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "./gkm-state/control.sock")]
+    socket: PathBuf,
+    /// Print the raw JSON data.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The controller in brief.
+    Status,
+    /// Every group.
+    Groups,
+    /// A group's members.
+    Members {
+        /// Group name.
+        group: String,
+    },
+    /// End a membership now (the group is rekeyed).
+    Evict {
+        /// Group name.
+        group: String,
+        /// Member id (see `gkmctl members GROUP`).
+        member: u64,
+    },
+    /// Rekey a group now.
+    Rekey {
+        /// Group name.
+        group: String,
+    },
+    /// Show a group's policy, or change one setting.
+    Policy {
+        /// Group name.
+        group: String,
+        /// `key=value`.
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// A group's key inventory (never key material).
+    Keys {
+        /// Group name.
+        group: String,
+    },
+    /// A group's tree.
+    Tree {
+        /// Group name.
+        group: String,
+        /// Print Graphviz DOT (the only format so far).
+        #[arg(long)]
+        dot: bool,
+    },
+    /// A group's counters.
+    Stats {
+        /// Group name.
+        group: String,
+    },
+}
+
+impl Cmd {
+    fn request(&self) -> Request {
+        match self {
+            Cmd::Status => Request::Status,
+            Cmd::Groups => Request::Groups,
+            Cmd::Members { group } => Request::Members {
+                group: group.clone(),
+            },
+            Cmd::Evict { group, member } => Request::Evict {
+                group: group.clone(),
+                member: *member,
+            },
+            Cmd::Rekey { group } => Request::Rekey {
+                group: group.clone(),
+            },
+            Cmd::Policy { group, set } => Request::Policy {
+                group: group.clone(),
+                set: set.clone(),
+            },
+            Cmd::Keys { group } => Request::Keys {
+                group: group.clone(),
+            },
+            Cmd::Tree { group, .. } => Request::Tree {
+                group: group.clone(),
+            },
+            Cmd::Stats { group } => Request::Stats {
+                group: group.clone(),
+            },
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let reply = match call(&cli.socket, &cli.command.request()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "gkmctl: cannot talk to gkm-server on {}: {e}; is gkm-server running? \
+                 (pass --socket DIR/control.sock for another state directory)",
+                cli.socket.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if !reply.ok {
+        eprintln!(
+            "gkmctl: {}",
+            reply
+                .error
+                .as_deref()
+                .unwrap_or("refused (no reason given)")
+        );
+        return ExitCode::from(1);
+    }
+    let data = reply.data.unwrap_or(Value::Null);
+    if cli.json {
+        println!("{data}");
+    } else {
+        print!("{}", render(&cli.command, &data));
+    }
+    ExitCode::SUCCESS
+}
+
+fn call(socket: &PathBuf, request: &Request) -> std::io::Result<Reply> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = BufReader::new(stream.take(u64::try_from(MAX_LINE * 64).unwrap_or(u64::MAX)));
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::other("the daemon closed the connection"));
+    }
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
+
+use std::io::Read as _;
+
+/// The human rendering of a command's data.
+fn render(command: &Cmd, data: &Value) -> String {
+    match command {
+        Cmd::Evict { group, member } => format!("evicted member {member} of {group}; rekeyed\n"),
+        Cmd::Rekey { group } => format!("rekeyed {group}\n"),
+        Cmd::Status => pairs(data, &["groups", "members", "public_key"]),
+        Cmd::Groups => table(
+            data,
+            &[
+                "name", "id", "epoch", "members", "degree", "height", "pending",
+            ],
+        ),
+        Cmd::Members { .. } => table(data, &["id", "identity", "leaf", "joined", "lease_left_ms"]),
+        Cmd::Keys { .. } => table(
+            data,
+            &[
+                "node",
+                "version",
+                "age_epochs",
+                "age_ms",
+                "expires_in_ms",
+                "holders",
+            ],
+        ),
+        Cmd::Policy { .. } => {
+            let mut out = String::new();
+            for pair in data.as_array().into_iter().flatten() {
+                let k = pair.get(0).map(cell).unwrap_or_default();
+                let v = pair.get(1).map(cell).unwrap_or_default();
+                out.push_str(&format!("{k:<22} {v}\n"));
+            }
+            out
+        }
+        Cmd::Tree { .. } => format!("{}\n", data.as_str().unwrap_or_default().trim_end()),
+        Cmd::Stats { .. } => {
+            let mut out = pairs(
+                data,
+                &[
+                    "rekeys",
+                    "encryptions",
+                    "datagrams",
+                    "bytes",
+                    "registrations",
+                    "resyncs",
+                    "heartbeats",
+                ],
+            );
+            if let Some(rejects) = data.get("rejects").and_then(Value::as_object) {
+                for (reason, n) in rejects {
+                    out.push_str(&format!(
+                        "{:<14} {}\n",
+                        format!("rejects.{reason}"),
+                        cell(n)
+                    ));
+                }
+            }
+            out
+        }
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn pairs(data: &Value, keys: &[&str]) -> String {
+    let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+    keys.iter()
+        .map(|k| {
+            let v = data.get(k).map(cell).unwrap_or_default();
+            format!("{k:<width$} {v}\n")
+        })
+        .collect()
+}
+
+fn table(data: &Value, columns: &[&str]) -> String {
+    let rows: Vec<Vec<String>> = data
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|row| {
+            columns
+                .iter()
+                .map(|c| row.get(c).map(cell).unwrap_or_default())
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |cells: Vec<&str>| -> String {
+        let mut s = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    out.push_str(&line(
+        columns
+            .iter()
+            .map(|c| c.to_uppercase())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    ));
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}

@@ -1,0 +1,178 @@
+//! The control socket's JSON messages, shared by the daemon and `gkmctl`: one [`Request`] per
+//! line in, one [`Reply`] per line out. Pure serde; no I/O.
+//!
+//! ```text
+//! {"cmd":"evict","group":"demo","member":3}   ──►   {"ok":true,"data":null}
+//! {"cmd":"members","group":"nope"}            ──►   {"ok":false,"error":"unknown group ..."}
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{Command, CommandError, Response};
+
+/// Longest request or reply line accepted, in bytes.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// One operator request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The controller in brief.
+    Status,
+    /// Every group.
+    Groups,
+    /// A group's members.
+    Members {
+        /// Group name.
+        group: String,
+    },
+    /// End a membership now.
+    Evict {
+        /// Group name.
+        group: String,
+        /// Member id.
+        member: u64,
+    },
+    /// Rekey a group now.
+    Rekey {
+        /// Group name.
+        group: String,
+    },
+    /// Show a group's policy, or change one setting (`"key=value"`).
+    Policy {
+        /// Group name.
+        group: String,
+        /// `key=value`, if a setting changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<String>,
+    },
+    /// A group's key inventory (never key material).
+    Keys {
+        /// Group name.
+        group: String,
+    },
+    /// A group's tree in DOT.
+    Tree {
+        /// Group name.
+        group: String,
+    },
+    /// A group's counters.
+    Stats {
+        /// Group name.
+        group: String,
+    },
+}
+
+impl Request {
+    /// The controller command this request asks for; `Err` says what is wrong with it.
+    pub fn into_command(self) -> Result<Command, String> {
+        Ok(match self {
+            Request::Status => Command::Status,
+            Request::Groups => Command::Groups,
+            Request::Members { group } => Command::Members(group),
+            Request::Evict { group, member } => Command::Evict(group, member),
+            Request::Rekey { group } => Command::Rekey(group),
+            Request::Policy { group, set: None } => Command::Policy(group, None),
+            Request::Policy {
+                group,
+                set: Some(kv),
+            } => {
+                let (key, value) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("policy setting {kv:?} is not key=value"))?;
+                Command::Policy(
+                    group,
+                    Some((key.trim().to_owned(), value.trim().to_owned())),
+                )
+            }
+            Request::Keys { group } => Command::Keys(group),
+            Request::Tree { group } => Command::Tree(group),
+            Request::Stats { group } => Command::Stats(group),
+        })
+    }
+}
+
+/// One reply: `{"ok":true,"data":...}` or `{"ok":false,"error":"..."}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the command was carried out.
+    pub ok: bool,
+    /// The answer (`null` for commands that only act).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// What went wrong and what to do next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A refusal.
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            data: None,
+            error: Some(message.into()),
+        }
+    }
+
+    /// The reply to a command's outcome: the response's data without its kind tag.
+    pub fn from_outcome(outcome: Result<Response, CommandError>) -> Reply {
+        match outcome {
+            Err(e) => Reply::error(e.to_string()),
+            Ok(response) => {
+                let data = match serde_json::to_value(&response) {
+                    Ok(serde_json::Value::Object(mut map)) => {
+                        map.remove("data").unwrap_or(serde_json::Value::Null)
+                    }
+                    Ok(_) => serde_json::Value::Null,
+                    Err(e) => return Reply::error(format!("internal error: {e}")),
+                };
+                Reply {
+                    ok: true,
+                    data: Some(data),
+                    error: None,
+                }
+            }
+        }
+    }
+
+    /// The reply to a line that is not a request.
+    pub fn parse_error(error: &serde_json::Error) -> Reply {
+        Reply::error(format!(
+            "bad request ({error}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_the_documented_json() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"evict","group":"demo","member":3}"#)
+            .expect("valid request");
+        assert_eq!(r.into_command(), Ok(Command::Evict("demo".into(), 3)));
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"policy","group":"g","set":"repeats=3"}"#).unwrap();
+        assert_eq!(
+            r.into_command(),
+            Ok(Command::Policy(
+                "g".into(),
+                Some(("repeats".into(), "3".into()))
+            ))
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<Request>("garbage").is_err());
+    }
+
+    #[test]
+    fn replies_carry_data_without_the_kind_tag() {
+        let reply = Reply::from_outcome(Ok(Response::Tree("digraph {}".into())));
+        let line = serde_json::to_string(&reply).unwrap();
+        assert_eq!(line, r#"{"ok":true,"data":"digraph {}"}"#);
+        let reply = Reply::from_outcome(Err(CommandError::UnknownGroup("x".into())));
+        assert!(!reply.ok);
+        assert!(reply.error.unwrap().contains("gkmctl groups"));
+    }
+}
