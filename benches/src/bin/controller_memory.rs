@@ -12,7 +12,10 @@ use gkm_server::{MemberRecord, Timestamp};
 use wire::MemberId;
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let started = Instant::now();
     let fx = full_tree(n, config(4, false), 11);
     let tree = fx.tree.memory_bytes();
@@ -24,7 +27,14 @@ fn main() {
         identity[..8].copy_from_slice(&(i as u64).to_be_bytes());
         members.insert(
             id,
-            MemberRecord { id, identity, hpke_key: [0; 32], leaf, joined: 1, lease_until: Timestamp(0) },
+            MemberRecord {
+                id,
+                identity,
+                hpke_key: [0; 32],
+                leaf,
+                joined: 1,
+                lease_until: Timestamp(0),
+            },
         );
         by_identity.insert(identity, id);
     }
@@ -35,10 +45,28 @@ fn main() {
     let nodes = fx.tree.nodes().count();
     let state = nodes * 49 + n * 92 + 28;
     let per = |b: usize| b as f64 / n as f64;
-    println!("members                          {n} (built in {:.1} s)", started.elapsed().as_secs_f64());
-    println!("key tree                         {:>7.1} B/member", per(tree));
-    println!("member records (id -> record)    {:>7.1} B/member", per(records));
-    println!("identity index (key -> id)       {:>7.1} B/member", per(identities));
-    println!("controller total                 {:>7.1} B/member", per(tree + records + identities));
-    println!("persisted state (sealed)         {:>7.1} B/member", per(state));
+    println!(
+        "members                          {n} (built in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "key tree                         {:>7.1} B/member",
+        per(tree)
+    );
+    println!(
+        "member records (id -> record)    {:>7.1} B/member",
+        per(records)
+    );
+    println!(
+        "identity index (key -> id)       {:>7.1} B/member",
+        per(identities)
+    );
+    println!(
+        "controller total                 {:>7.1} B/member",
+        per(tree + records + identities)
+    );
+    println!(
+        "persisted state (sealed)         {:>7.1} B/member",
+        per(state)
+    );
 }

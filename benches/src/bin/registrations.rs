@@ -17,10 +17,15 @@ use ed25519_dalek::SigningKey;
 use gkm_benches::rng;
 use lkh_tree::{Batch, GroupId, KeyTree, TreeConfig};
 use rand_core::Rng;
-use wire::{HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign, verifying_key};
+use wire::{
+    HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
+    verifying_key,
+};
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 fn request(seed: u64, group: GroupId) -> (Vec<u8>, HpkeSecret) {
@@ -59,12 +64,24 @@ fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
 /// on `threads` threads.
 fn crypto_rate(requests: &[Vec<u8>], threads: usize) -> f64 {
     let mut r = rng(7);
-    let mut tree = KeyTree::new(GroupId::from_name("demo"), TreeConfig::default(), &mut r).expect("tree");
-    let joined = tree.rekey(&Batch { leaves: vec![], joins: requests.len() }, &mut r).expect("joins");
+    let mut tree =
+        KeyTree::new(GroupId::from_name("demo"), TreeConfig::default(), &mut r).expect("tree");
+    let joined = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: requests.len(),
+            },
+            &mut r,
+        )
+        .expect("joins");
     let path = Arc::new(joined.joiners[requests.len() / 2].path.clone());
     let signer = Arc::new(SigningKey::from_bytes(&[3; 32]));
     let started = Instant::now();
-    let chunks: Vec<Vec<Vec<u8>>> = requests.chunks(requests.len().div_ceil(threads)).map(<[_]>::to_vec).collect();
+    let chunks: Vec<Vec<Vec<u8>>> = requests
+        .chunks(requests.len().div_ceil(threads))
+        .map(<[_]>::to_vec)
+        .collect();
     let handles: Vec<_> = chunks
         .into_iter()
         .enumerate()
@@ -73,10 +90,16 @@ fn crypto_rate(requests: &[Vec<u8>], threads: usize) -> f64 {
             std::thread::spawn(move || {
                 let mut r = rng(100 + t as u64);
                 for bytes in chunk {
-                    let request = open_with::<RegistrationRequest>(&bytes, |q| verifying_key(&q.identity))
-                        .expect("valid")
-                        .into_message();
-                    let to = SealedFor { kind: SealedKind::Welcome, member: MemberId(1), request_nonce: request.nonce, recipient: request.hpke_key };
+                    let request =
+                        open_with::<RegistrationRequest>(&bytes, |q| verifying_key(&q.identity))
+                            .expect("valid")
+                            .into_message();
+                    let to = SealedFor {
+                        kind: SealedKind::Welcome,
+                        member: MemberId(1),
+                        request_nonce: request.nonce,
+                        recipient: request.hpke_key,
+                    };
                     let sealed = seal_path(&path, &to, &mut r).expect("seals");
                     std::hint::black_box(sign(&sealed, &signer));
                 }
@@ -93,10 +116,19 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
     let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
-    let bin = std::env::current_exe().expect("exe").with_file_name("gkm-server");
-    assert!(bin.exists(), "build gkm-server first: cargo build --release --bins");
-    let dir: PathBuf = std::env::temp_dir().join(format!("gkm-registrations-{}", std::process::id()));
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let bin = std::env::current_exe()
+        .expect("exe")
+        .with_file_name("gkm-server");
+    assert!(
+        bin.exists(),
+        "build gkm-server first: cargo build --release --bins"
+    );
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("gkm-registrations-{}", std::process::id()));
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
     let addr = format!("127.0.0.1:{port}");
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(
@@ -105,7 +137,12 @@ fn main() {
     )
     .expect("config");
     let state = dir.join("state");
-    Command::new(&bin).args(["init", "--state-dir"]).arg(&state).stdout(Stdio::null()).status().expect("init");
+    Command::new(&bin)
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .status()
+        .expect("init");
     let mut server = Command::new(&bin)
         .args(["run", "--config"])
         .arg(dir.join("gkm-server.toml"))
@@ -120,19 +157,28 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let group = GroupId::from_name("demo");
-    let requests: Arc<Vec<Vec<u8>>> = Arc::new((0..n as u64).map(|i| request(i, group).0).collect());
+    let requests: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..n as u64).map(|i| request(i, group).0).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let welcomed = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let handles: Vec<_> = (0..conns)
         .map(|_| {
-            let (requests, next, welcomed, addr) = (requests.clone(), next.clone(), welcomed.clone(), addr.clone());
+            let (requests, next, welcomed, addr) = (
+                requests.clone(),
+                next.clone(),
+                welcomed.clone(),
+                addr.clone(),
+            );
             std::thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(bytes) = requests.get(i) else { break };
                     if let Ok(reply) = exchange(&addr, bytes) {
-                        if matches!(wire::MessageType::peek(&reply), Ok(wire::MessageType::Welcome)) {
+                        if matches!(
+                            wire::MessageType::peek(&reply),
+                            Ok(wire::MessageType::Welcome)
+                        ) {
                             welcomed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -151,7 +197,16 @@ fn main() {
     let rate = ok as f64 / elapsed.as_secs_f64();
     let one = crypto_rate(&requests, 1);
     let two = crypto_rate(&requests, 2);
-    println!("registrations over loopback TCP: {ok}/{n} welcomed in {:.2} s = {rate:.0} per second ({conns} client connections at a time, 20 ms batches)", elapsed.as_secs_f64());
-    println!("registration crypto alone (verify request + HPKE seal + sign welcome): {one:.0}/s on 1 thread, {two:.0}/s on 2 threads");
-    println!("ratio to 2-thread crypto: {:.2}; to 1-thread crypto: {:.2}", rate / two, rate / one);
+    println!(
+        "registrations over loopback TCP: {ok}/{n} welcomed in {:.2} s = {rate:.0} per second ({conns} client connections at a time, 20 ms batches)",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "registration crypto alone (verify request + HPKE seal + sign welcome): {one:.0}/s on 1 thread, {two:.0}/s on 2 threads"
+    );
+    println!(
+        "ratio to 2-thread crypto: {:.2}; to 1-thread crypto: {:.2}",
+        rate / two,
+        rate / one
+    );
 }

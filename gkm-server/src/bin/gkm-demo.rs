@@ -6,6 +6,10 @@
 //! temporary directory, removed at the end (kept, with the logs, when the verdict fails).
 //!
 //! It runs the binaries next to its own executable: `cargo build --release --bins` first.
+//!
+//! `gkm-demo --members N --evict-latency K` instead measures, K times, the time from an eviction
+//! command to the last of N members holding the new key (each member's local API `watch`
+//! stream reports the change) and prints the median and the 99th percentile.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -20,6 +24,8 @@ use serde_json::{Value, json};
 
 const GROUP: &str = "demo";
 const MEMBERS: usize = 50;
+/// Most members the demo starts.
+const MAX_MEMBERS: usize = 1_000;
 const ROUNDS: usize = 4;
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -59,8 +65,22 @@ fn main() {
 }
 
 fn run() -> Result<bool> {
-    let mut demo = Demo::start()?;
-    let verdict = demo.churn().and_then(|()| demo.verdict());
+    let mut members = MEMBERS;
+    let mut latency_rounds = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<usize>().ok());
+        match (arg.as_str(), value) {
+            ("--members", Some(n)) if (2..=MAX_MEMBERS).contains(&n) => members = n,
+            ("--evict-latency", Some(k)) if k > 0 => latency_rounds = Some(k),
+            _ => bail!("usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS]"),
+        }
+    }
+    let mut demo = Demo::start(members)?;
+    let verdict = match latency_rounds {
+        Some(rounds) => demo.evict_latency(rounds).map(|()| true),
+        None => demo.churn().and_then(|()| demo.verdict()),
+    };
     demo.stop(matches!(verdict, Ok(true)));
     verdict
 }
@@ -107,6 +127,34 @@ fn find<'a>(value: &'a Value, key: &str, want: Option<&str>) -> Option<&'a Value
     }
 }
 
+/// Follows a member's `watch` stream until it reports `target` (bounded by [`SETTLE`]); waits
+/// at `ready` once subscribed so the caller starts the clock after every watcher is in place.
+fn watch_until(socket: &Path, target: u64, ready: &std::sync::Barrier) -> Option<Instant> {
+    let stream = UnixStream::connect(socket).ok();
+    let mut reader = stream.as_ref().and_then(|s| {
+        s.set_read_timeout(Some(SETTLE)).ok()?;
+        let mut w = s.try_clone().ok()?;
+        writeln!(w, "{}", json!({"op": "watch"})).ok()?;
+        Some(BufReader::new(s.try_clone().ok()?))
+    });
+    let mut line = String::new();
+    let first = reader.as_mut().and_then(|r| r.read_line(&mut line).ok());
+    ready.wait();
+    first?;
+    loop {
+        let epoch = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v.get("epoch")?.as_u64());
+        if epoch.is_some_and(|e| e >= target) {
+            return Some(Instant::now());
+        }
+        line.clear();
+        if reader.as_mut()?.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+    }
+}
+
 fn key_from_hex(hex: &str) -> Option<TrafficKey> {
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)
@@ -116,7 +164,7 @@ fn key_from_hex(hex: &str) -> Option<TrafficKey> {
 }
 
 impl Demo {
-    fn start() -> Result<Demo> {
+    fn start(members: usize) -> Result<Demo> {
         let bins = std::env::current_exe()?
             .parent()
             .context("no directory for the executable")?
@@ -139,7 +187,9 @@ impl Demo {
         let listen = format!("127.0.0.1:{port}");
         let octets = u8::try_from(now_ns() % 250).unwrap_or(0) + 1;
         let multicast = format!("239.255.{}.{}:{}", 100 + octets % 100, octets, free_port()?);
-        let tokens: Vec<String> = (0..200).map(|i| format!("\"demo-token-{i}\"")).collect();
+        let tokens: Vec<String> = (0..members + 200)
+            .map(|i| format!("\"demo-token-{i}\""))
+            .collect();
         let config = format!(
             "listen = \"{listen}\"\n\n[[group]]\nname = \"{GROUP}\"\nmulticast = \"{multicast}\"\n\
              heartbeat_interval_ms = 500\nbatch_interval_ms = 0\nenrollment = \"restricted\"\n\
@@ -189,7 +239,7 @@ impl Demo {
             "controller {} up; group {GROUP} on {}",
             demo.listen, demo.multicast
         );
-        for _ in 0..MEMBERS {
+        for _ in 0..members {
             demo.spawn_member()?;
         }
         demo.settle("admit")?;
@@ -365,6 +415,52 @@ impl Demo {
             self.set_batch(0)?;
             self.settle("batch -4 +4")?;
         }
+        Ok(())
+    }
+
+    /// Evicts a member `rounds` times and measures when the last other member holds the key.
+    fn evict_latency(&mut self, rounds: usize) -> Result<()> {
+        let mut samples = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            let target = self.epoch()? + 1;
+            let victim = 1 + round % (self.agents.len() - 1);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ready = std::sync::Arc::new(std::sync::Barrier::new(self.agents.len()));
+            for (i, agent) in self.agents.iter().enumerate().filter(|(i, _)| *i != victim) {
+                let socket = agent.dir.join("api.sock");
+                let (tx, ready) = (tx.clone(), ready.clone());
+                std::thread::spawn(move || {
+                    let seen = watch_until(&socket, target, &ready);
+                    let _ = tx.send((i, seen));
+                });
+            }
+            drop(tx);
+            ready.wait();
+            let started = Instant::now();
+            self.evict(victim)?;
+            let mut last = Duration::ZERO;
+            for (i, seen) in rx {
+                let at = seen.with_context(|| format!("member {i} never saw epoch {target}"))?;
+                last = last.max(at.saturating_duration_since(started));
+            }
+            samples.push(last);
+            println!(
+                "eviction {round:>3}: last of {} members holds epoch {target} after {:.2} ms",
+                self.agents.len(),
+                last.as_secs_f64() * 1e3
+            );
+        }
+        samples.sort();
+        // Nearest rank: the sample at index ceil(q·len) − 1.
+        let pick = |percent: usize| samples[(samples.len() * percent).div_ceil(100).max(1) - 1];
+        println!(
+            "evict -> last of {} members holding the new key: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} evictions)",
+            self.agents.len(),
+            pick(50).as_secs_f64() * 1e3,
+            pick(99).as_secs_f64() * 1e3,
+            pick(100).as_secs_f64() * 1e3,
+            samples.len()
+        );
         Ok(())
     }
 
