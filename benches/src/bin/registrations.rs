@@ -174,13 +174,14 @@ fn main() {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(bytes) = requests.get(i) else { break };
-                    if let Ok(reply) = exchange(&addr, bytes) {
-                        if matches!(
+                    let welcome = exchange(&addr, bytes).is_ok_and(|reply| {
+                        matches!(
                             wire::MessageType::peek(&reply),
                             Ok(wire::MessageType::Welcome)
-                        ) {
-                            welcomed.fetch_add(1, Ordering::Relaxed);
-                        }
+                        )
+                    });
+                    if welcome {
+                        welcomed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })
