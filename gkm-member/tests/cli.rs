@@ -217,7 +217,7 @@ fn fake_api(socket: &Path, epoch: u64, key_byte: u8) -> std::thread::JoinHandle<
                 continue;
             }
             let answer = format!(
-                "{{\"group\":42,\"member\":4294967301,\"epoch\":{epoch},\"traffic_key\":\"{}\",\"kcv\":\"0000000000000000\"}}\n",
+                "{{\"group\":42,\"member\":21474836489,\"epoch\":{epoch},\"traffic_key\":\"{}\",\"kcv\":\"0000000000000000\"}}\n",
                 hex::encode([key_byte; 32])
             );
             let _ = (&stream).write_all(answer.as_bytes());
@@ -270,7 +270,7 @@ fn send_and_recv_round_trip_through_a_fake_api() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("epoch 9, sender 5"),
-            "member id truncated to u32: {err}"
+            "sender is the leaf, the member id's high 32 bits: {err}"
         );
     }
     let out = recv.wait(Duration::from_secs(15));

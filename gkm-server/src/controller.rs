@@ -14,6 +14,7 @@ use wire::{
 };
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
+use crate::roster::Roster;
 use crate::store::{GroupState, MemberRecord, Store, StoreError};
 
 /// Bytes to send.
@@ -309,9 +310,8 @@ struct PendingJoin {
 struct Group {
     policy: GroupPolicy,
     tree: KeyTree,
-    members: HashMap<MemberId, MemberRecord>,
-    by_identity: HashMap<[u8; 32], MemberId>,
-    next_member: u64,
+    members: Roster,
+    next_lease_scan: Timestamp,
     joins: Vec<PendingJoin>,
     departures: BTreeMap<MemberId, DepartReason>,
     batch_due: Option<Timestamp>,
@@ -433,8 +433,12 @@ impl<R: CryptoRng> Controller<R> {
         self.groups
             .values()
             .flat_map(|g| {
-                let lease = g.members.values().map(|m| m.lease_until).min();
-                [g.batch_due, Some(g.next_heartbeat), g.next_refresh, lease]
+                [
+                    g.batch_due,
+                    Some(g.next_heartbeat),
+                    g.next_refresh,
+                    Some(g.next_lease_scan),
+                ]
             })
             .flatten()
             .min()
@@ -467,14 +471,14 @@ impl<R: CryptoRng> Controller<R> {
             )),
             Command::Members(name) => {
                 let g = self.group(&name)?;
-                let mut list: Vec<MemberInfo> = g.members.values().map(|m| m.info(now)).collect();
+                let mut list: Vec<MemberInfo> = g.members.records().map(|m| m.info(now)).collect();
                 list.sort_by_key(|m| m.id);
                 Ok(Response::Members(list))
             }
             Command::Evict(name, member) => {
                 let id = self.group_id(&name)?;
                 let g = self.group_mut(id)?;
-                if !g.members.contains_key(&MemberId(member)) {
+                if !g.members.contains(MemberId(member)) {
                     return Err(CommandError::UnknownMember {
                         group: name,
                         member,
@@ -507,6 +511,12 @@ impl<R: CryptoRng> Controller<R> {
     /// The current state of a group, as the store holds it (for tests and the daemon).
     pub fn group_state(&self, group: GroupId) -> Option<GroupState> {
         self.groups.get(&group).map(Group::state)
+    }
+
+    /// Bytes a group's tree and member roster hold in memory, for memory reports.
+    pub fn memory_bytes(&self, group: GroupId) -> Option<usize> {
+        let g = self.groups.get(&group)?;
+        Some(g.tree.memory_bytes() + g.members.memory_bytes())
     }
 
     /// The current epoch and traffic key of a group (for checks in tests and the demo).
@@ -569,7 +579,7 @@ impl<R: CryptoRng> Controller<R> {
         g.check_fresh(now, request.timestamp_ms, request.nonce)
             .map_err(|r| (r, gid))?;
         g.authorize(&request).map_err(|r| (r, gid))?;
-        if let Some(&old) = g.by_identity.get(&request.identity) {
+        if let Some(old) = g.members.by_identity(&request.identity) {
             g.departures.insert(old, DepartReason::Replaced);
         }
         g.joins.push(PendingJoin {
@@ -597,12 +607,13 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or((Reject::UnknownGroup, gid))?;
         g.check_fresh(now, request.timestamp_ms, request.nonce)
             .map_err(|r| (r, gid))?;
-        let lease = g.policy.lease_ms;
+        if !g.members.renew(request.member, now.plus(g.policy.lease_ms)) {
+            return Err((Reject::NotAMember, gid));
+        }
         let record = g
             .members
-            .get_mut(&request.member)
+            .get(request.member)
             .ok_or((Reject::NotAMember, gid))?;
-        record.lease_until = now.plus(lease);
         let (leaf, hpke_key) = (record.leaf, record.hpke_key);
         if request.epoch >= g.tree.epoch() {
             let ok = ErrorMessage {
@@ -670,9 +681,9 @@ impl<R: CryptoRng> Controller<R> {
             let (gid, member) = who(message);
             named.0 = gid;
             let group = self.groups.get(&gid);
-            named.1 = group.map(|g| g.members.contains_key(&member));
+            named.1 = group.map(|g| g.members.contains(member));
             let identity = group
-                .and_then(|g| g.members.get(&member))
+                .and_then(|g| g.members.get(member))
                 .map(|m| m.identity)
                 .ok_or(WireError::BadSignature)?;
             verifying_key(&identity)
@@ -691,11 +702,17 @@ impl<R: CryptoRng> Controller<R> {
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
+        if g.next_lease_scan > now {
+            return;
+        }
+        // Leases are checked a few times per lease period, not per member: a lease ends at most a
+        // quarter period late, and no timer is kept per member.
+        g.next_lease_scan = now.plus((g.policy.lease_ms / 4).max(1));
         let expired: Vec<MemberId> = g
             .members
-            .values()
-            .filter(|m| m.lease_until <= now && !g.departures.contains_key(&m.id))
-            .map(|m| m.id)
+            .expired(now)
+            .into_iter()
+            .filter(|m| !g.departures.contains_key(m))
             .collect();
         for member in expired {
             g.departures.insert(member, DepartReason::Expired);
@@ -711,7 +728,7 @@ impl<R: CryptoRng> Controller<R> {
         let departures = std::mem::take(&mut g.departures);
         let leaves: Vec<NodeId> = departures
             .keys()
-            .filter_map(|m| g.members.get(m).map(|r| r.leaf))
+            .filter_map(|m| g.members.get(*m).map(|r| r.leaf))
             .collect();
         let room = (NodeId::LIMIT as usize / 2).saturating_sub(g.tree.len());
         let mut joins = std::mem::take(&mut g.joins);
@@ -741,8 +758,7 @@ impl<R: CryptoRng> Controller<R> {
         };
         let epoch = rekey.epoch;
         for (member, reason) in &departures {
-            if let Some(record) = g.members.remove(member) {
-                g.by_identity.remove(&record.identity);
+            if g.members.remove(*member).is_some() {
                 self.events.push_back(Event::Departed {
                     group: id.0,
                     member: member.0,
@@ -754,19 +770,12 @@ impl<R: CryptoRng> Controller<R> {
         }
         let mut welcomes = Vec::with_capacity(joins.len());
         for (join, joiner) in joins.iter().zip(&rekey.joiners) {
-            let member = MemberId(g.next_member);
-            g.next_member += 1;
-            g.by_identity.insert(join.identity, member);
-            g.members.insert(
-                member,
-                MemberRecord {
-                    id: member,
-                    identity: join.identity,
-                    hpke_key: join.hpke_key,
-                    leaf: joiner.leaf,
-                    joined: epoch.0,
-                    lease_until: now.plus(g.policy.lease_ms),
-                },
+            let member = g.members.insert(
+                joiner.leaf,
+                join.identity,
+                join.hpke_key,
+                epoch.0,
+                now.plus(g.policy.lease_ms),
             );
             welcomes.push((join, member, &joiner.path));
         }
@@ -892,13 +901,12 @@ impl Group {
         now: Timestamp,
     ) -> Result<Self, TreeError> {
         let tree = KeyTree::new(policy.id, policy.tree, rng)?;
-        Ok(Self::with_tree(policy, tree, Vec::new(), 0, now))
+        Ok(Self::with_tree(policy, tree, Vec::new(), now))
     }
 
     fn restore(policy: GroupPolicy, state: &GroupState, now: Timestamp) -> Result<Self, TreeError> {
         let tree = KeyTree::restore(&state.tree)?;
-        let mut group =
-            Self::with_tree(policy, tree, state.members.clone(), state.next_member, now);
+        let mut group = Self::with_tree(policy, tree, state.members.clone(), now);
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
         group.batch_due = Some(now);
@@ -909,19 +917,15 @@ impl Group {
         policy: GroupPolicy,
         tree: KeyTree,
         members: Vec<MemberRecord>,
-        next_member: u64,
         now: Timestamp,
     ) -> Self {
-        let by_identity = members.iter().map(|m| (m.identity, m.id)).collect();
-        let members = members.into_iter().map(|m| (m.id, m)).collect();
         Group {
+            next_lease_scan: now.plus(policy.lease_ms / 4),
             next_refresh: (policy.refresh_interval_ms > 0)
                 .then(|| now.plus(policy.refresh_interval_ms)),
             policy,
             tree,
-            members,
-            by_identity,
-            next_member,
+            members: Roster::new(members),
             joins: Vec::new(),
             departures: BTreeMap::new(),
             batch_due: None,
@@ -933,12 +937,9 @@ impl Group {
     }
 
     fn state(&self) -> GroupState {
-        let mut members: Vec<MemberRecord> = self.members.values().cloned().collect();
-        members.sort_by_key(|m| m.id);
         GroupState {
             tree: self.tree.snapshot(),
-            members,
-            next_member: self.next_member,
+            members: self.members.records().collect(),
         }
     }
 
@@ -1068,7 +1069,7 @@ impl Group {
     fn inventory(&self, now: Timestamp) -> Vec<KeyInfo> {
         let epoch = self.tree.epoch().0;
         let mut holders: HashMap<NodeId, usize> = HashMap::new();
-        for record in self.members.values() {
+        for record in self.members.records() {
             let mut node = Some(record.leaf);
             while let Some(n) = node {
                 *holders.entry(n).or_default() += 1;

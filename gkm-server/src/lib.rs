@@ -28,6 +28,7 @@
 pub mod control;
 mod controller;
 mod policy;
+mod roster;
 mod store;
 
 pub use controller::{

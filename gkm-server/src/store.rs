@@ -12,7 +12,7 @@ use crate::policy::Timestamp;
 /// A member as the controller stores it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberRecord {
-    /// The member's id.
+    /// The member's id: its leaf and the epoch it joined in (`leaf << 32 | epoch mod 2^32`).
     pub id: MemberId,
     /// Its Ed25519 identity key.
     pub identity: [u8; 32],
@@ -33,8 +33,6 @@ pub struct GroupState {
     pub tree: TreeSnapshot,
     /// The members.
     pub members: Vec<MemberRecord>,
-    /// The next member id to hand out.
-    pub next_member: u64,
 }
 
 /// Why the store failed. The controller sends nothing of a rekey it could not persist.

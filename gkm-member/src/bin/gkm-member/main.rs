@@ -46,7 +46,8 @@ enum Command {
     Send {
         #[command(flatten)]
         data: DataArgs,
-        /// Sender id (default: the member id, truncated to 32 bits).
+        /// Sender id (default: the member's leaf, the high 32 bits of its member id, unique among
+        /// the members holding the current key).
         #[arg(long)]
         sender: Option<u32>,
         /// The message.

@@ -28,8 +28,9 @@ fn traffic_key(info: &KeyInfo) -> TrafficKey {
 /// Sends `message` once.
 pub(crate) async fn send(cfg: &DataConfig, sender: Option<u32>, message: &str) -> Result<()> {
     let info = api::query_current(&cfg.api_socket).await?;
-    let sender = sender
-        .unwrap_or_else(|| u32::try_from(info.member & u64::from(u32::MAX)).unwrap_or(u32::MAX));
+    // A member id is `leaf << 32 | joined epoch`; the leaf is unique among the members holding
+    // this epoch's key, so (sender, seq) nonces never collide between members.
+    let sender = sender.unwrap_or_else(|| u32::try_from(info.member >> 32).unwrap_or(u32::MAX));
     let seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));

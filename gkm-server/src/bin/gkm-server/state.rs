@@ -295,7 +295,6 @@ pub(crate) fn encode_state(s: &GroupState) -> Vec<u8> {
         out.extend_from_slice(&m.joined.to_be_bytes());
         out.extend_from_slice(&m.lease_until.0.to_be_bytes());
     }
-    out.extend_from_slice(&s.next_member.to_be_bytes());
     out
 }
 
@@ -389,7 +388,6 @@ pub(crate) fn decode_state(bytes: &[u8]) -> Result<GroupState, String> {
             lease_until: Timestamp(r.u64()?),
         });
     }
-    let next_member = r.u64()?;
     if !r.0.is_empty() {
         return Err(format!("{} trailing bytes", r.0.len()));
     }
@@ -401,7 +399,6 @@ pub(crate) fn decode_state(bytes: &[u8]) -> Result<GroupState, String> {
             nodes,
         },
         members,
-        next_member,
     })
 }
 
@@ -433,7 +430,6 @@ mod tests {
                 joined: 1,
                 lease_until: Timestamp(99),
             }],
-            next_member: 4,
         }
     }
 

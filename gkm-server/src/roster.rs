@@ -1,0 +1,184 @@
+//! The members of one group, stored densely by leaf: a member's id is its leaf and the epoch it
+//! joined in (`leaf << 32 | epoch mod 2^32`), so no id → record map is needed, and a departed
+//! member's id never names the member that later takes its leaf. Identities are indexed by a
+//! keyed 64-bit fingerprint (the key is random per process, so fingerprints cannot be aimed at
+//! a collision); the full key is compared on every hit. About 150 bytes per member at degree 4
+//! (an 88-byte slot per tree node id that is a leaf or not, and the index).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use lkh_tree::NodeId;
+use wire::MemberId;
+
+use crate::policy::Timestamp;
+use crate::store::MemberRecord;
+
+#[derive(Clone)]
+struct Slot {
+    identity: [u8; 32],
+    hpke_key: [u8; 32],
+    joined: u64,
+    lease_until: Timestamp,
+}
+
+/// A group's members.
+pub(crate) struct Roster {
+    slots: Vec<Option<Slot>>,
+    identities: HashMap<u64, u32>,
+    fingerprint: RandomState,
+    len: usize,
+}
+
+impl Roster {
+    pub(crate) fn new(records: Vec<MemberRecord>) -> Self {
+        let highest = records
+            .iter()
+            .map(|r| r.leaf.0 as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut roster = Roster {
+            slots: Vec::with_capacity(highest),
+            identities: HashMap::new(),
+            fingerprint: RandomState::new(),
+            len: 0,
+        };
+        for r in records {
+            roster.insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
+        }
+        roster
+    }
+
+    /// The id of the member that joined at `leaf` in epoch `joined`.
+    pub(crate) fn id(leaf: NodeId, joined: u64) -> MemberId {
+        MemberId((u64::from(leaf.0) << 32) | (joined & 0xffff_ffff))
+    }
+
+    fn index(&self, id: MemberId) -> Option<usize> {
+        let leaf = usize::try_from(id.0 >> 32).ok()?;
+        let slot = self.slots.get(leaf)?.as_ref()?;
+        (Self::id(NodeId(u32::try_from(leaf).ok()?), slot.joined) == id).then_some(leaf)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn contains(&self, id: MemberId) -> bool {
+        self.index(id).is_some()
+    }
+
+    pub(crate) fn get(&self, id: MemberId) -> Option<MemberRecord> {
+        let leaf = self.index(id)?;
+        self.record(leaf)
+    }
+
+    /// Extends a member's lease.
+    pub(crate) fn renew(&mut self, id: MemberId, until: Timestamp) -> bool {
+        let Some(leaf) = self.index(id) else {
+            return false;
+        };
+        if let Some(Some(slot)) = self.slots.get_mut(leaf) {
+            slot.lease_until = until;
+        }
+        true
+    }
+
+    pub(crate) fn by_identity(&self, identity: &[u8; 32]) -> Option<MemberId> {
+        let leaf = *self.identities.get(&self.fingerprint.hash_one(identity))?;
+        let record = self.record(usize::try_from(leaf).ok()?)?;
+        (record.identity == *identity).then_some(record.id)
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        leaf: NodeId,
+        identity: [u8; 32],
+        hpke_key: [u8; 32],
+        joined: u64,
+        lease_until: Timestamp,
+    ) -> MemberId {
+        let index = usize::try_from(leaf.0).unwrap_or(usize::MAX);
+        if self.slots.len() <= index {
+            // Grow by an eighth, not by doubling: at a million members a doubled vector would
+            // hold a hundred bytes per member of empty slots.
+            let want = index + 1;
+            if want > self.slots.capacity() {
+                let more = (want - self.slots.len()).max(self.slots.len() / 8);
+                self.slots.reserve_exact(more);
+            }
+            self.slots.resize(want, None);
+        }
+        if let Some(slot) = self.slots.get_mut(index) {
+            if slot.is_none() {
+                self.len += 1;
+            }
+            *slot = Some(Slot {
+                identity,
+                hpke_key,
+                joined,
+                lease_until,
+            });
+        }
+        self.identities
+            .insert(self.fingerprint.hash_one(identity), leaf.0);
+        Self::id(leaf, joined)
+    }
+
+    pub(crate) fn remove(&mut self, id: MemberId) -> Option<MemberRecord> {
+        let leaf = self.index(id)?;
+        let record = self.record(leaf)?;
+        if let Some(slot) = self.slots.get_mut(leaf) {
+            *slot = None;
+        }
+        self.len -= 1;
+        let key = self.fingerprint.hash_one(record.identity);
+        if self.identities.get(&key) == Some(&record.leaf.0) {
+            self.identities.remove(&key);
+        }
+        Some(record)
+    }
+
+    fn record(&self, leaf: usize) -> Option<MemberRecord> {
+        let slot = self.slots.get(leaf)?.as_ref()?;
+        let leaf = NodeId(u32::try_from(leaf).ok()?);
+        Some(MemberRecord {
+            id: Self::id(leaf, slot.joined),
+            identity: slot.identity,
+            hpke_key: slot.hpke_key,
+            leaf,
+            joined: slot.joined,
+            lease_until: slot.lease_until,
+        })
+    }
+
+    /// Every member, by leaf.
+    pub(crate) fn records(&self) -> impl Iterator<Item = MemberRecord> + '_ {
+        (0..self.slots.len()).filter_map(|leaf| self.record(leaf))
+    }
+
+    /// Members whose lease ended by `now`.
+    pub(crate) fn expired(&self, now: Timestamp) -> Vec<MemberId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(leaf, slot)| {
+                let slot = slot.as_ref()?;
+                let leaf = NodeId(u32::try_from(leaf).ok()?);
+                (slot.lease_until <= now).then(|| Self::id(leaf, slot.joined))
+            })
+            .collect()
+    }
+
+    /// Bytes held, for memory reports.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<Option<Slot>>()
+            + self
+                .identities
+                .capacity()
+                .saturating_mul(8)
+                .div_ceil(7)
+                .next_power_of_two()
+                * (size_of::<(u64, u32)>() + 1)
+    }
+}
