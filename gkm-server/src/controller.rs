@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use ed25519_dalek::SigningKey;
-use lkh_tree::{Batch, Epoch, GroupId, KeyTree, NodeId, TreeError, dot};
-use rand_core::CryptoRng;
+use lkh_tree::{Batch, Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeError, dot};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{CryptoRng, SeedableRng};
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
@@ -331,6 +332,7 @@ pub struct Controller<R> {
     names: BTreeMap<String, GroupId>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    workers: usize,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -363,7 +365,14 @@ impl<R: CryptoRng> Controller<R> {
             names,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            workers: 1,
         })
+    }
+
+    /// Lets the controller seal a batch's welcomes on up to `workers` threads (default 1). It
+    /// does no I/O on them; the driver passes the machine's parallelism.
+    pub fn set_workers(&mut self, workers: usize) {
+        self.workers = workers.max(1);
     }
 
     /// The controller's public key, which members pin.
@@ -812,22 +821,8 @@ impl<R: CryptoRng> Controller<R> {
                 });
             }
         }
-        for (join, member, path) in welcomes {
-            let to = SealedFor {
-                kind: SealedKind::Welcome,
-                member,
-                request_nonce: join.nonce,
-                recipient: join.hpke_key,
-            };
-            let reply = match seal_path(path, &to, &mut self.rng) {
-                Ok(sealed) => sign(&sealed, &self.signer),
-                Err(_) => ErrorMessage {
-                    group: id,
-                    code: Reject::Malformed.code(),
-                    reason: "unusable HPKE key".into(),
-                }
-                .to_bytes(),
-            };
+        let replies = self.seal_welcomes(id, &welcomes);
+        for ((join, member, _), reply) in welcomes.iter().zip(replies) {
             self.transmits.push_back(Transmit::Reply {
                 conn: join.conn,
                 bytes: reply,
@@ -851,6 +846,60 @@ impl<R: CryptoRng> Controller<R> {
             at: now.0,
         });
         self.heartbeat(id, now);
+    }
+
+    /// Seals and signs the welcomes of one rekey, on up to `workers` threads (each with its own
+    /// generator seeded from the controller's, so a seeded run stays reproducible).
+    fn seal_welcomes(
+        &mut self,
+        group: GroupId,
+        welcomes: &[(&PendingJoin, MemberId, &MemberPath)],
+    ) -> Vec<Vec<u8>> {
+        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(16);
+        let jobs: Vec<_> = welcomes
+            .chunks(chunk)
+            .map(|part| {
+                let mut seed = [0u8; 32];
+                self.rng.fill_bytes(&mut seed);
+                (part, seed)
+            })
+            .collect();
+        let signer = &self.signer;
+        let seal_part = |(part, seed): (&[(&PendingJoin, MemberId, &MemberPath)], [u8; 32])| {
+            let mut rng = ChaCha20Rng::from_seed(seed);
+            part.iter()
+                .map(|(join, member, path)| {
+                    let to = SealedFor {
+                        kind: SealedKind::Welcome,
+                        member: *member,
+                        request_nonce: join.nonce,
+                        recipient: join.hpke_key,
+                    };
+                    match seal_path(path, &to, &mut rng) {
+                        Ok(sealed) => sign(&sealed, signer),
+                        Err(_) => ErrorMessage {
+                            group,
+                            code: Reject::Malformed.code(),
+                            reason: "unusable HPKE key".into(),
+                        }
+                        .to_bytes(),
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        if jobs.len() <= 1 {
+            return jobs.into_iter().flat_map(seal_part).collect();
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|job| scope.spawn(move || seal_part(job)))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
     }
 
     fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {

@@ -107,7 +107,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
     for (group, epoch) in &restored_epochs {
         info!(%group, epoch, "restored group state");
     }
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         signer,
         UnwrapErr(SysRng),
         Box::new(store),
@@ -116,6 +116,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         now(),
     )
     .context("cannot build the controller from the stored state")?;
+    controller.set_workers(std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
