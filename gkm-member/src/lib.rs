@@ -27,8 +27,8 @@ use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
     AuthenticRekey, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest, MemberId, MessageType,
-    NONCE_LEN, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, WireError, open,
-    open_path, sign,
+    NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
+    WireError, open, open_path, sign,
 };
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
@@ -278,6 +278,16 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn rekey(&mut self, now: Millis, bytes: &[u8]) {
+        // Repeats of an epoch already applied are dropped before the signature check: dropping
+        // changes nothing, so an unverified header may decide it.
+        let repeat = matches!(
+            (RekeyDatagram::peek_epoch(bytes), &self.state),
+            (Some((group, epoch)), State::Active { path, .. })
+                if group == path.group() && epoch <= path.epoch()
+        );
+        if repeat {
+            return self.drop_datagram("stale or replayed");
+        }
         let authentic = match AuthenticRekey::verify(bytes, &self.config.controller) {
             Ok(a) => a,
             Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),
@@ -311,19 +321,26 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn heartbeat(&mut self, now: Millis, bytes: &[u8]) {
-        let Ok(beat) = open::<Heartbeat>(bytes, &self.config.controller) else {
-            return self.drop_datagram("bad heartbeat");
-        };
-        let beat = beat.into_message();
         let State::Active { path, .. } = &self.state else {
             return;
         };
-        if beat.group != path.group() {
+        let (group, mine) = (path.group(), path.epoch());
+        let kcv = path.traffic_key().map(|k| k.check_value());
+        let in_step = |beat: &Heartbeat| {
+            beat.group != group
+                || beat.epoch < mine
+                || (beat.epoch == mine && Some(beat.kcv) == kcv)
+        };
+        // A heartbeat that asks for nothing is dropped before its signature check (dropping
+        // changes nothing); only one that would make us resync must be authentic.
+        let unverified = <Heartbeat as wire::Codec>::decode(&mut wire::Reader::new(bytes));
+        if unverified.as_ref().is_ok_and(in_step) {
             return;
         }
-        let mine = path.epoch();
-        let kcv = path.traffic_key().map(|k| k.check_value());
-        if beat.epoch > mine || (beat.epoch == mine && kcv != Some(beat.kcv)) {
+        let Ok(beat) = open::<Heartbeat>(bytes, &self.config.controller) else {
+            return self.drop_datagram("bad heartbeat");
+        };
+        if !in_step(beat.message()) {
             self.behind(now);
         }
     }

@@ -587,16 +587,26 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or((Reject::UnknownGroup, gid))?;
         g.check_fresh(now, request.timestamp_ms, request.nonce)
             .map_err(|r| (r, gid))?;
-        g.authorize(&request).map_err(|r| (r, gid))?;
-        if let Some(old) = g.members.by_identity(&request.identity) {
-            g.departures.insert(old, DepartReason::Replaced);
-        }
-        g.joins.push(PendingJoin {
+        let join = PendingJoin {
             conn,
             identity: request.identity,
             hpke_key: request.hpke_key,
             nonce: request.nonce,
-        });
+        };
+        // A retry while the first request waits for its batch replaces it (its token is spent).
+        if let Some(pending) = g.joins.iter_mut().find(|j| j.identity == request.identity) {
+            *pending = join;
+            return Ok(());
+        }
+        // A current member registering again (it lost its keys, or a retry whose welcome it
+        // missed) was authorized before; anyone else must be now.
+        match g.members.by_identity(&request.identity) {
+            Some(old) => {
+                g.departures.insert(old, DepartReason::Replaced);
+            }
+            None => g.authorize(&request).map_err(|r| (r, gid))?,
+        }
+        g.joins.push(join);
         g.schedule(now);
         self.handle_timeout(now);
         Ok(())

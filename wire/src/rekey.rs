@@ -156,6 +156,15 @@ impl Codec for RekeyDatagram {
 }
 
 impl RekeyDatagram {
+    /// The group and epoch named by a rekey datagram's header, read without decoding or
+    /// verifying the rest: a receiver already at that epoch drops a repeat without paying for a
+    /// signature check. Nothing read here may be trusted for anything else.
+    pub fn peek_epoch(bytes: &[u8]) -> Option<(GroupId, Epoch)> {
+        let mut r = Reader::new(bytes);
+        let group = Header::read(&mut r, MessageType::Rekey).ok()?;
+        Some((group, Epoch(r.u64("epoch").ok()?)))
+    }
+
     /// Encoded length including the signature.
     pub fn wire_len(&self) -> usize {
         DATAGRAM_OVERHEAD

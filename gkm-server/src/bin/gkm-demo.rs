@@ -77,9 +77,14 @@ fn run() -> Result<bool> {
         }
     }
     let mut demo = Demo::start(members)?;
-    let verdict = match latency_rounds {
-        Some(rounds) => demo.evict_latency(rounds).map(|()| true),
-        None => demo.churn().and_then(|()| demo.verdict()),
+    // From here on every path ends in `stop`, which ends every process the demo started.
+    let admitted = (0..members)
+        .try_for_each(|_| demo.spawn_member())
+        .and_then(|()| demo.settle("admit"));
+    let verdict = match (admitted, latency_rounds) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(rounds)) => demo.evict_latency(rounds).map(|()| true),
+        (Ok(()), None) => demo.churn().and_then(|()| demo.verdict()),
     };
     demo.stop(matches!(verdict, Ok(true)));
     verdict
@@ -239,10 +244,6 @@ impl Demo {
             "controller {} up; group {GROUP} on {}",
             demo.listen, demo.multicast
         );
-        for _ in 0..members {
-            demo.spawn_member()?;
-        }
-        demo.settle("admit")?;
         Ok(demo)
     }
 
@@ -357,10 +358,23 @@ impl Demo {
     }
 
     fn evict(&mut self, index: usize) -> Result<()> {
-        let mut agent = self.depart(index)?;
-        let member = Demo::current(&agent)
+        let (agent, member) = self.evict_prepare(index)?;
+        self.evict_send(agent, member)
+    }
+
+    /// Records the victim's last key and member id (before any clock starts).
+    fn evict_prepare(&mut self, index: usize) -> Result<(Agent, u64)> {
+        let member = self
+            .agents
+            .get(index)
+            .and_then(Demo::current)
             .and_then(|v| v.get("member")?.as_u64())
             .context("no member id")?;
+        Ok((self.depart(index)?, member))
+    }
+
+    /// The eviction command itself; then the victim's process is stopped.
+    fn evict_send(&mut self, mut agent: Agent, member: u64) -> Result<()> {
         let reply = ask(
             &self.control(),
             &json!({"cmd": "evict", "group": GROUP, "member": member}),
@@ -436,8 +450,10 @@ impl Demo {
             }
             drop(tx);
             ready.wait();
+            let (agent, member) = self.evict_prepare(victim)?;
             let started = Instant::now();
-            self.evict(victim)?;
+            self.evict_send(agent, member)?;
+            let acked = started.elapsed();
             let mut last = Duration::ZERO;
             for (i, seen) in rx {
                 let at = seen.with_context(|| format!("member {i} never saw epoch {target}"))?;
@@ -445,7 +461,8 @@ impl Demo {
             }
             samples.push(last);
             println!(
-                "eviction {round:>3}: last of {} members holds epoch {target} after {:.2} ms",
+                "eviction {round:>3}: controller acknowledged after {:.2} ms; last of {} members holds epoch {target} after {:.2} ms",
+                acked.as_secs_f64() * 1e3,
                 self.agents.len(),
                 last.as_secs_f64() * 1e3
             );

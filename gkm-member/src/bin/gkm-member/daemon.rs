@@ -254,11 +254,14 @@ impl Driver {
                     member.0,
                     hex::encode(kcv.0)
                 );
+                // Applications get the key first; the membership file (fsynced) follows.
+                publish(&self.member, &self.keys);
                 self.persist();
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
+                publish(&self.member, &self.keys);
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
                 self.persist();

@@ -109,7 +109,9 @@ impl StateDir {
         Ok((SigningKey::from_bytes(&seed), HpkeSecret::from_bytes(*hpke)))
     }
 
-    /// Writes the membership atomically (temporary file of mode 0600, fsync, rename).
+    /// Writes the membership atomically (temporary file of mode 0600, rename), without fsync:
+    /// it runs on every key change, and losing the newest copy in a power cut only means the
+    /// restarted member resyncs from an older epoch (or registers anew if the file is torn).
     pub(crate) fn save_membership(
         &self,
         group: GroupId,
@@ -127,13 +129,9 @@ impl StateDir {
             .open(&temp)
             .with_context(|| format!("cannot create {}", temp.display()))?;
         file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
             .with_context(|| format!("cannot write {}", temp.display()))?;
         fs::rename(&temp, &target)
             .with_context(|| format!("cannot rename {} to {}", temp.display(), target.display()))?;
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
         Ok(())
     }
 
