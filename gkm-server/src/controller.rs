@@ -555,6 +555,35 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))
     }
 
+    /// A positive reply: an error message with code 0.
+    fn ack(&mut self, conn: ConnId, group: GroupId, reason: &str) {
+        let ok = ErrorMessage {
+            group,
+            code: 0,
+            reason: reason.to_owned(),
+        };
+        self.transmits.push_back(Transmit::Reply {
+            conn,
+            bytes: ok.to_bytes(),
+        });
+    }
+
+    /// The group a request names, once its timestamp and nonce are fresh.
+    fn fresh_group(
+        &mut self,
+        gid: GroupId,
+        now: Timestamp,
+        at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<&mut Group, (Reject, GroupId)> {
+        let g = self
+            .groups
+            .get_mut(&gid)
+            .ok_or((Reject::UnknownGroup, gid))?;
+        g.check_fresh(now, at_ms, nonce).map_err(|r| (r, gid))?;
+        Ok(g)
+    }
+
     fn reject(&mut self, conn: ConnId, now: Timestamp, group: GroupId, reason: Reject) {
         if let Some(g) = self.groups.get_mut(&group) {
             *g.stats.rejects.entry(reason).or_default() += 1;
@@ -581,12 +610,7 @@ impl<R: CryptoRng> Controller<R> {
             .map_err(|e| (wire_reject(&e), GroupId(0)))?
             .into_message();
         let gid = request.group;
-        let g = self
-            .groups
-            .get_mut(&gid)
-            .ok_or((Reject::UnknownGroup, gid))?;
-        g.check_fresh(now, request.timestamp_ms, request.nonce)
-            .map_err(|r| (r, gid))?;
+        let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         let join = PendingJoin {
             conn,
             identity: request.identity,
@@ -620,12 +644,7 @@ impl<R: CryptoRng> Controller<R> {
     ) -> Result<(), (Reject, GroupId)> {
         let request = self.member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))?;
         let gid = request.group;
-        let g = self
-            .groups
-            .get_mut(&gid)
-            .ok_or((Reject::UnknownGroup, gid))?;
-        g.check_fresh(now, request.timestamp_ms, request.nonce)
-            .map_err(|r| (r, gid))?;
+        let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         if !g.members.renew(request.member, now.plus(g.policy.lease_ms)) {
             return Err((Reject::NotAMember, gid));
         }
@@ -635,15 +654,7 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or((Reject::NotAMember, gid))?;
         let (leaf, hpke_key) = (record.leaf, record.hpke_key);
         if request.epoch >= g.tree.epoch() {
-            let ok = ErrorMessage {
-                group: gid,
-                code: 0,
-                reason: "lease renewed".into(),
-            };
-            self.transmits.push_back(Transmit::Reply {
-                conn,
-                bytes: ok.to_bytes(),
-            });
+            self.ack(conn, gid, "lease renewed");
             return Ok(());
         }
         let path = g.tree.member_path(leaf).ok_or((Reject::NotAMember, gid))?;
@@ -668,23 +679,10 @@ impl<R: CryptoRng> Controller<R> {
     ) -> Result<(), (Reject, GroupId)> {
         let request = self.member_request::<LeaveRequest>(bytes, |r| (r.group, r.member))?;
         let gid = request.group;
-        let g = self
-            .groups
-            .get_mut(&gid)
-            .ok_or((Reject::UnknownGroup, gid))?;
-        g.check_fresh(now, request.timestamp_ms, request.nonce)
-            .map_err(|r| (r, gid))?;
+        let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         g.departures.insert(request.member, DepartReason::Left);
         g.schedule(now);
-        let ack = ErrorMessage {
-            group: gid,
-            code: 0,
-            reason: "leave accepted".into(),
-        };
-        self.transmits.push_back(Transmit::Reply {
-            conn,
-            bytes: ack.to_bytes(),
-        });
+        self.ack(conn, gid, "leave accepted");
         self.handle_timeout(now);
         Ok(())
     }
