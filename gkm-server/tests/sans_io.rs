@@ -427,3 +427,44 @@ fn v020_restricted_groups_admit_listed_keys_and_single_use_tokens_only() {
         assert_eq!(reply_code(&mut controller), expected);
     }
 }
+
+#[test]
+fn three_hundred_changes_in_batches_and_every_member_converges_every_epoch() {
+    let mut net = Net::new(60, 0.05);
+    net.command(Command::Policy(
+        "demo".into(),
+        Some(("batch_interval_ms".into(), "500".into())),
+    ));
+    let mut changes = 0;
+    for round in 0..30 {
+        for k in 0..5 {
+            let i = (round * 13 + k * 7) % net.members.len();
+            if k % 2 == 0 {
+                let id = net.member_id(i);
+                net.command(Command::Evict("demo".into(), id));
+                // The evicted member's agent is replaced by a new one.
+                net.members[i].leave(net.now);
+            } else {
+                net.members[i].leave(net.now);
+            }
+            net.pump();
+            let fresh = net.add_member();
+            net.members.swap(i, fresh);
+            net.members.pop();
+            net.events.swap(i, fresh);
+            net.events.pop();
+            changes += 2;
+        }
+        net.advance(3_000, 250);
+        assert_eq!(net.converged().len(), 60, "round {round}");
+    }
+    assert!(changes >= 300);
+    let Response::Stats(stats) = net.command(Command::Stats("demo".into())) else {
+        panic!()
+    };
+    assert!(
+        stats.rekeys < 30 * 10,
+        "changes were batched: {} rekeys",
+        stats.rekeys
+    );
+}
