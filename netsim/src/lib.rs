@@ -11,5 +11,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod churn;
 pub mod cost;
 pub mod demo;

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use netsim::churn::{self, ChurnConfig, LossModel};
 use netsim::cost::{self, RekeyCost, Scheme};
 use netsim::demo::{self, DemoConfig};
 
@@ -17,6 +18,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A group under Poisson churn on the sans-I/O controller and members: batches, loss,
+    /// repeats, heartbeats, resync.
+    Churn {
+        /// Members admitted first.
+        #[arg(long)]
+        members: usize,
+        /// Tree degree (2..=64).
+        #[arg(long, default_value_t = 4)]
+        degree: u8,
+        /// Simulated seconds.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Joins per second.
+        #[arg(long, default_value_t = 1.0)]
+        join_rate: f64,
+        /// Leaves per second.
+        #[arg(long, default_value_t = 1.0)]
+        leave_rate: f64,
+        /// Batch interval, ms.
+        #[arg(long, default_value_t = 1_000)]
+        interval: u64,
+        /// Loss per datagram and receiver, 0.0..1.0.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// `bernoulli` or `gilbert-elliott` (mean burst 4).
+        #[arg(long, default_value = "bernoulli")]
+        loss_model: String,
+        /// Sends per rekey datagram.
+        #[arg(long, default_value_t = 1)]
+        repeats: u8,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// One join or leave on a balanced tree of N members: exact costs.
     Single {
         /// Members.
@@ -119,6 +157,56 @@ fn print_cost(cost: &RekeyCost) {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Churn {
+            members,
+            degree,
+            duration,
+            join_rate,
+            leave_rate,
+            interval,
+            loss,
+            loss_model,
+            repeats,
+            seed,
+            json,
+        } => {
+            if !(0.0..1.0).contains(&loss) {
+                bail!("--loss must be in 0.0..1.0 (got {loss})");
+            }
+            let model = match loss_model.as_str() {
+                "bernoulli" => LossModel::Bernoulli,
+                "gilbert-elliott" => LossModel::GilbertElliott,
+                other => bail!("unknown --loss-model {other:?}; use bernoulli or gilbert-elliott"),
+            };
+            let config = ChurnConfig {
+                members,
+                degree,
+                duration_s: duration,
+                join_rate,
+                leave_rate,
+                interval_ms: interval,
+                loss,
+                model,
+                repeats,
+                seed,
+            };
+            let report = churn::run(&config);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for (k, v) in serde_json::to_value(&report)?
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                {
+                    println!("{k:<26} {v}");
+                }
+            }
+            if report.diverged > 0 {
+                bail!("{} members did not converge (seed {seed})", report.diverged);
+            }
+            Ok(())
+        }
         Command::Single {
             members,
             degree,

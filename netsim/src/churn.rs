@@ -1,0 +1,443 @@
+//! A group under churn, on the real sans-I/O controller ([`gkm_server::Controller`]) and member
+//! state machines ([`gkm_member::Member`]), a virtual clock and seeded randomness: Poisson joins
+//! and leaves, periodic batch rekeying, per-receiver loss (Bernoulli or Gilbert–Elliott), the
+//! policy's repeats, heartbeats and unicast resync. Every member is a full `Member` object (about
+//! 2 KiB each), so this suits groups up to some 10^4 members; the leaf-range model for 2^20 and
+//! beyond is still to come.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use gkm_member::{Member, MemberConfig, MemberEvent};
+use gkm_server::{
+    Command, ConnId, Controller, GroupPolicy, GroupState, Response, Store, StoreError, Timestamp,
+    Transmit,
+};
+use lkh_tree::GroupId;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::Serialize;
+use wire::HpkeSecret;
+
+/// How datagrams are lost on each receiver's link.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossModel {
+    /// Each datagram lost independently with probability `p`.
+    Bernoulli,
+    /// Two states (good: no loss, bad: all lost); the mean loss is `p`, mean burst 4 datagrams.
+    GilbertElliott,
+}
+
+/// Parameters of a churn run.
+#[derive(Clone, Debug)]
+pub struct ChurnConfig {
+    /// Members admitted before the clock starts.
+    pub members: usize,
+    /// Tree degree.
+    pub degree: u8,
+    /// Simulated seconds.
+    pub duration_s: u64,
+    /// Joins per second (Poisson).
+    pub join_rate: f64,
+    /// Leaves per second (Poisson).
+    pub leave_rate: f64,
+    /// Batch interval in milliseconds.
+    pub interval_ms: u64,
+    /// Loss probability per datagram and receiver.
+    pub loss: f64,
+    /// Loss model.
+    pub model: LossModel,
+    /// Sends per rekey datagram.
+    pub repeats: u8,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+/// The outcome (stable JSON names, see `RFC-notes/netsim.md`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ChurnReport {
+    /// Members at the end.
+    pub members: usize,
+    /// Tree degree.
+    pub degree: u8,
+    /// Always `group` (the controller's default policy, with one-way leaves).
+    pub strategy: String,
+    /// Rekeys.
+    pub rekeys: u64,
+    /// Membership events (joins + leaves).
+    pub events: u64,
+    /// Encryptions made.
+    pub encryptions: u64,
+    /// Datagrams sent, repeats included.
+    pub datagrams: u64,
+    /// Bytes multicast, repeats included.
+    pub multicast_bytes: u64,
+    /// Resyncs answered with keys (a lease renewal racing a rekey counts too).
+    pub resyncs: u64,
+    /// Members that needed a resync at least once.
+    pub members_resynced: usize,
+    /// Time from a rekey to a receiving member holding its key: median.
+    pub converged_ms_p50: u64,
+    /// The same, 99th percentile.
+    pub converged_ms_p99: u64,
+    /// Members not holding the controller's key at the end (must be 0).
+    pub diverged: usize,
+    /// Controller CPU (wall time of its calls) per membership event, µs.
+    pub controller_cpu_us_per_op: f64,
+}
+
+/// No persistence: the simulator measures the protocol, not the disk.
+struct NoStore;
+
+impl Store for NoStore {
+    fn save(&mut self, _state: &GroupState) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+struct Receiver {
+    member: Member<ChaCha20Rng>,
+    /// Gilbert–Elliott state: true while the link is bad.
+    bad: bool,
+    resynced: bool,
+}
+
+struct Sim {
+    config: ChurnConfig,
+    rng: ChaCha20Rng,
+    controller: Controller<ChaCha20Rng>,
+    signer: SigningKey,
+    receivers: HashMap<u64, Receiver>,
+    next_id: u64,
+    now: u64,
+    /// Epoch → when the controller sent it.
+    sent_at: HashMap<u64, u64>,
+    converged: Vec<u64>,
+    controller_time: Duration,
+    events: u64,
+}
+
+const START: u64 = 1_800_000_000_000;
+const GROUP: &str = "netsim";
+
+/// Runs the churn simulation.
+pub fn run(config: &ChurnConfig) -> ChurnReport {
+    let mut sim = Sim::new(config.clone());
+    for _ in 0..config.members {
+        sim.join();
+    }
+    sim.settle();
+    let end = sim.now + config.duration_s * 1_000;
+    let mut next_join = sim.now + sim.exponential(config.join_rate);
+    let mut next_leave = sim.now + sim.exponential(config.leave_rate);
+    while sim.now < end {
+        sim.now += 10;
+        while next_join <= sim.now {
+            sim.join();
+            sim.events += 1;
+            next_join += sim.exponential(config.join_rate);
+        }
+        while next_leave <= sim.now {
+            sim.leave_one();
+            sim.events += 1;
+            next_leave += sim.exponential(config.leave_rate);
+        }
+        sim.tick();
+    }
+    sim.settle();
+    sim.report()
+}
+
+impl Sim {
+    fn new(config: ChurnConfig) -> Sim {
+        let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let signer = SigningKey::from_bytes(&seed);
+        let mut policy = GroupPolicy::new(GROUP, GroupId::from_name(GROUP));
+        policy.tree.degree = config.degree;
+        policy.batch_interval_ms = config.interval_ms;
+        policy.repeats = config.repeats.max(1);
+        policy.heartbeat_interval_ms = 1_000;
+        policy.lease_ms = u64::MAX / 4;
+        let mut controller_rng = [0u8; 32];
+        rng.fill_bytes(&mut controller_rng);
+        let controller = Controller::new(
+            signer.clone(),
+            ChaCha20Rng::from_seed(controller_rng),
+            Box::new(NoStore),
+            vec![policy],
+            vec![],
+            Timestamp(START),
+        )
+        .unwrap_or_else(|e| panic!("the simulator's policy is valid: {e}"));
+        Sim {
+            config,
+            rng,
+            controller,
+            signer,
+            receivers: HashMap::new(),
+            next_id: 0,
+            now: START,
+            sent_at: HashMap::new(),
+            converged: Vec::new(),
+            controller_time: Duration::ZERO,
+            events: 0,
+        }
+    }
+
+    /// Milliseconds to the next event of a Poisson process of `rate` per second.
+    fn exponential(&mut self, rate: f64) -> u64 {
+        if rate <= 0.0 {
+            return u64::MAX / 4;
+        }
+        let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        // A positive, finite number of milliseconds (u is in (0, 1]); capped far beyond any run.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "the value is finite, non-negative and capped"
+        )]
+        let ms = (-u.ln() / rate * 1_000.0).min(1e15) as u64;
+        ms
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn join(&mut self) {
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        let mut member_rng = ChaCha20Rng::from_seed(seed);
+        member_rng.fill_bytes(&mut seed);
+        let identity = SigningKey::from_bytes(&seed);
+        let hpke = HpkeSecret::generate(&mut member_rng);
+        let mut config = MemberConfig::new(GroupId::from_name(GROUP), self.signer.verifying_key());
+        // Lease renewals double as a slow resync path: a member that lost every heartbeat of a
+        // long loss burst still learns it is behind when it renews.
+        config.renew_interval_ms = 5_000;
+        let member = Member::new(config, identity, hpke, member_rng, self.now);
+        self.receivers.insert(
+            self.next_id,
+            Receiver {
+                member,
+                bad: false,
+                resynced: false,
+            },
+        );
+        self.next_id += 1;
+    }
+
+    fn leave_one(&mut self) {
+        let mut ids: Vec<u64> = self.receivers.keys().copied().collect();
+        ids.sort_unstable();
+        if ids.is_empty() {
+            return;
+        }
+        let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
+        let pick = usize::try_from(self.rng.next_u64() % n).unwrap_or(0);
+        let id = ids[pick];
+        if let Some(mut r) = self.receivers.remove(&id) {
+            r.member.leave(self.now);
+            while let Some(request) = r.member.poll_request() {
+                self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
+            }
+        }
+    }
+
+    fn controller_call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
+        let started = Instant::now();
+        f(&mut self.controller, Timestamp(self.now));
+        self.controller_time += started.elapsed();
+    }
+
+    fn lost(&mut self, id: u64) -> bool {
+        let (p, model) = (self.config.loss, self.config.model);
+        let (u, v) = (self.uniform(), self.uniform());
+        let Some(r) = self.receivers.get_mut(&id) else {
+            return true;
+        };
+        match model {
+            LossModel::Bernoulli => u < p,
+            LossModel::GilbertElliott => {
+                // Mean burst 4: leave the bad state with probability 1/4; enter it so that the
+                // stationary share of bad time is p.
+                let enter = if p >= 1.0 { 1.0 } else { p / (1.0 - p) / 4.0 };
+                r.bad = if r.bad { v >= 0.25 } else { v < enter };
+                r.bad
+            }
+        }
+    }
+
+    /// Fires timers and moves every message until nothing moves (bounded).
+    fn tick(&mut self) {
+        self.controller_call(Controller::handle_timeout);
+        let now = self.now;
+        for r in self.receivers.values_mut() {
+            r.member.handle_timeout(now);
+        }
+        for _ in 0..1_000 {
+            if !self.pump() {
+                return;
+            }
+        }
+        panic!("the simulated network did not settle (livelock)");
+    }
+
+    fn pump(&mut self) -> bool {
+        let mut moved = false;
+        let mut ids: Vec<u64> = self.receivers.keys().copied().collect();
+        ids.sort_unstable();
+        for &id in &ids {
+            while let Some(request) = self
+                .receivers
+                .get_mut(&id)
+                .and_then(|r| r.member.poll_request())
+            {
+                moved = true;
+                self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
+            }
+        }
+        while let Some(t) = self.controller.poll_transmit() {
+            moved = true;
+            match t {
+                Transmit::Multicast { bytes, .. } => {
+                    if let Some(epoch) = wire::RekeyDatagram::peek_epoch(&bytes).map(|(_, e)| e.0) {
+                        self.sent_at.entry(epoch).or_insert(self.now);
+                    }
+                    for &id in &ids {
+                        if self.lost(id) {
+                            continue;
+                        }
+                        if let Some(r) = self.receivers.get_mut(&id) {
+                            r.member.handle_datagram(self.now, &bytes);
+                        }
+                    }
+                }
+                Transmit::Reply { conn, bytes } => {
+                    if let Some(r) = self.receivers.get_mut(&conn.0) {
+                        r.member.handle_reply(self.now, &bytes);
+                    }
+                }
+            }
+        }
+        while self.controller.poll_event().is_some() {}
+        for r in self.receivers.values_mut() {
+            while let Some(event) = r.member.poll_event() {
+                if let MemberEvent::KeyChanged { epoch, .. } = event {
+                    if r.member.stats().resyncs > 0 {
+                        r.resynced = true;
+                    }
+                    if let Some(&sent) = self.sent_at.get(&epoch.0) {
+                        self.converged.push(self.now - sent);
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    /// Lets timers run (heartbeats, resyncs) until every member holds the key (bounded).
+    fn settle(&mut self) {
+        for _ in 0..6_000 {
+            self.now += 10;
+            self.tick();
+            if self.diverged() == 0 {
+                return;
+            }
+        }
+    }
+
+    fn diverged(&self) -> usize {
+        let Some((epoch, key)) = self.controller.traffic_key(GroupId::from_name(GROUP)) else {
+            return self.receivers.len();
+        };
+        self.receivers
+            .values()
+            .filter(|r| {
+                !r.member
+                    .traffic_key()
+                    .is_some_and(|(e, k)| e == epoch && k.as_bytes() == key.as_bytes())
+            })
+            .count()
+    }
+
+    fn report(&mut self) -> ChurnReport {
+        let stats = match self
+            .controller
+            .handle_command(Timestamp(self.now), Command::Stats(GROUP.into()))
+        {
+            Ok(Response::Stats(s)) => s,
+            _ => gkm_server::Stats::default(),
+        };
+        self.converged.sort_unstable();
+        let pick = |percent: usize| {
+            let n = self.converged.len();
+            if n == 0 {
+                return 0;
+            }
+            self.converged[(n * percent).div_ceil(100).max(1) - 1]
+        };
+        ChurnReport {
+            members: self.receivers.len(),
+            degree: self.config.degree,
+            strategy: "group".into(),
+            rekeys: stats.rekeys,
+            events: self.events,
+            encryptions: stats.encryptions,
+            datagrams: stats.datagrams,
+            multicast_bytes: stats.bytes,
+            resyncs: stats.resyncs,
+            members_resynced: self.receivers.values().filter(|r| r.resynced).count(),
+            converged_ms_p50: pick(50),
+            converged_ms_p99: pick(99),
+            diverged: self.diverged(),
+            controller_cpu_us_per_op: self.controller_time.as_secs_f64() * 1e6
+                / self.events.max(1) as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(loss: f64, model: LossModel) -> ChurnConfig {
+        ChurnConfig {
+            members: 200,
+            degree: 4,
+            duration_s: 20,
+            join_rate: 2.0,
+            leave_rate: 2.0,
+            interval_ms: 1_000,
+            loss,
+            model,
+            repeats: 1,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn a_churn_run_with_loss_converges() {
+        for model in [LossModel::Bernoulli, LossModel::GilbertElliott] {
+            let report = run(&config(0.2, model));
+            assert_eq!(report.diverged, 0, "{report:?}");
+            assert!(report.events > 40, "{report:?}");
+            assert!(report.resyncs > 0, "20% loss needs resyncs: {report:?}");
+        }
+        let clean = run(&config(0.0, LossModel::Bernoulli));
+        assert_eq!(clean.members_resynced, 0, "{clean:?}");
+        assert_eq!(clean.diverged, 0);
+    }
+
+    #[test]
+    fn same_seed_same_report_except_cpu() {
+        let mut a = run(&config(0.1, LossModel::Bernoulli));
+        let mut b = run(&config(0.1, LossModel::Bernoulli));
+        a.controller_cpu_us_per_op = 0.0;
+        b.controller_cpu_us_per_op = 0.0;
+        assert_eq!(a, b);
+    }
+}
