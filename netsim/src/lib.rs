@@ -14,3 +14,4 @@
 pub mod churn;
 pub mod cost;
 pub mod demo;
+pub mod paper;

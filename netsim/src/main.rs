@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use netsim::churn::{self, ChurnConfig, LossModel};
 use netsim::cost::{self, RekeyCost, Scheme};
 use netsim::demo::{self, DemoConfig};
+use netsim::paper;
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +19,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Published analysis (Wong-Gouda-Lam, Li et al., Micciancio-Panjwani, TreeKEM) next to
+    /// netsim's measured numbers and their deviation.
+    Paper {
+        /// Trials per batch size.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A group under Poisson churn on the sans-I/O controller and members: batches, loss,
     /// repeats, heartbeats, resync.
     Churn {
@@ -157,6 +171,39 @@ fn print_cost(cost: &RekeyCost) {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Paper { trials, seed, json } => {
+            let rows = paper::table(trials, seed)?;
+            let (best, star) = paper::summary();
+            if json {
+                let out = serde_json::json!({"rows": rows, "best_degree": best, "key_star_wins_from_batch": star});
+                println!("{out}");
+                return Ok(());
+            }
+            println!(
+                "{:<52} {:>6} {:>3} {:>12} {:>12} {:>9}",
+                "quantity", "n", "d", "published", "measured", "deviation"
+            );
+            for r in &rows {
+                println!(
+                    "{:<52} {:>6} {:>3} {:>12.2} {:>12.2} {:>8.2}%",
+                    r.quantity,
+                    r.members,
+                    r.degree,
+                    r.published,
+                    r.measured,
+                    r.deviation * 100.0
+                );
+            }
+            for (leaves, degree) in best {
+                println!(
+                    "Li et al.: best degree for a batch of {leaves:>3} leaves at n = 4096: {degree}"
+                );
+            }
+            println!(
+                "Li et al.: a flat key star costs less than the d = 4 tree from a batch of {star} leaves (n = 4096)"
+            );
+            Ok(())
+        }
         Command::Churn {
             members,
             degree,
