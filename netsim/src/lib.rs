@@ -15,3 +15,4 @@ pub mod churn;
 pub mod cost;
 pub mod demo;
 pub mod paper;
+pub mod sweep;

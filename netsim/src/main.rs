@@ -6,6 +6,7 @@ use netsim::churn::{self, ChurnConfig, LossModel};
 use netsim::cost::{self, RekeyCost, Scheme};
 use netsim::demo::{self, DemoConfig};
 use netsim::paper;
+use netsim::sweep;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +20,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Batch costs over degrees and batch sizes: CSV and an SVG plot.
+    Sweep {
+        /// Members.
+        #[arg(long, default_value_t = 4096)]
+        members: usize,
+        /// Degrees, comma-separated.
+        #[arg(long, default_value = "2,4,8,16", value_delimiter = ',')]
+        degrees: Vec<u8>,
+        /// Departing members per batch, comma-separated.
+        #[arg(long, default_value = "1,4,16,64,256,1024", value_delimiter = ',')]
+        leaves: Vec<usize>,
+        /// Trials per cell.
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where to write the CSV.
+        #[arg(long, default_value = "sweep.csv")]
+        csv: std::path::PathBuf,
+        /// Where to write the SVG plot.
+        #[arg(long, default_value = "sweep.svg")]
+        svg: std::path::PathBuf,
+    },
     /// Published analysis (Wong-Gouda-Lam, Li et al., Micciancio-Panjwani, TreeKEM) next to
     /// netsim's measured numbers and their deviation.
     Paper {
@@ -171,6 +196,27 @@ fn print_cost(cost: &RekeyCost) {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Sweep {
+            members,
+            degrees,
+            leaves,
+            trials,
+            seed,
+            csv,
+            svg,
+        } => {
+            let bar = indicatif::ProgressBar::new((degrees.len() * leaves.len()) as u64);
+            let cells = sweep::run(members, &degrees, &leaves, trials, seed, |done, _| {
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            std::fs::write(&csv, sweep::csv(members, &cells))
+                .with_context(|| format!("cannot write {}", csv.display()))?;
+            sweep::svg(&svg, members, &cells)
+                .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
+            println!("wrote {} and {}", csv.display(), svg.display());
+            Ok(())
+        }
         Command::Paper { trials, seed, json } => {
             let rows = paper::table(trials, seed)?;
             let (best, star) = paper::summary();

@@ -1,0 +1,163 @@
+//! `netsim sweep`: batch costs over a grid of degrees and batch sizes, to CSV and to an SVG
+//! plot (plotters) with titled axes, next to a flat key star (n − ℓ) and the Micciancio–Panjwani
+//! floor (ℓ · log2 n).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::cost::{self, CostError, Scheme};
+
+/// One grid cell.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// Degree.
+    pub degree: u8,
+    /// Leaves per batch.
+    pub leaves: usize,
+    /// Mean encryptions over the trials.
+    pub encryptions_mean: f64,
+    /// Standard deviation.
+    pub encryptions_stddev: f64,
+}
+
+/// Runs the grid; `progress` is called after each cell with (done, total).
+pub fn run(
+    members: usize,
+    degrees: &[u8],
+    leaves: &[usize],
+    trials: usize,
+    seed: u64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Cell>, CostError> {
+    let total = degrees.len() * leaves.len();
+    let mut cells = Vec::with_capacity(total);
+    for &degree in degrees {
+        for &l in leaves {
+            let c = cost::batch(members, degree, l, 0, trials, Scheme::Group, seed)?;
+            cells.push(Cell {
+                degree,
+                leaves: l,
+                encryptions_mean: c.encryptions_mean,
+                encryptions_stddev: c.encryptions_stddev,
+            });
+            progress(cells.len(), total);
+        }
+    }
+    Ok(cells)
+}
+
+/// The cells as CSV with a header line.
+pub fn csv(members: usize, cells: &[Cell]) -> String {
+    let mut out = String::from(
+        "members,degree,leaves,encryptions_mean,encryptions_stddev,key_star,mp_floor\n",
+    );
+    for c in cells {
+        let star = members.saturating_sub(c.leaves);
+        let floor = c.leaves as f64 * (members as f64).log2();
+        let _ = writeln!(
+            out,
+            "{members},{},{},{:.3},{:.3},{star},{floor:.1}",
+            c.degree, c.leaves, c.encryptions_mean, c.encryptions_stddev
+        );
+    }
+    out
+}
+
+/// Draws encryptions against batch size (both axes logarithmic), one line per degree.
+pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn std::error::Error>> {
+    let max_leaves = cells.iter().map(|c| c.leaves).max().unwrap_or(1) as f64;
+    let max_y = cells
+        .iter()
+        .map(|c| c.encryptions_mean)
+        .fold(members as f64, f64::max);
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Batch rekeying cost, n = {members} (netsim, group-oriented LKH)"),
+            ("sans-serif", 22),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (1f64..max_leaves).log_scale(),
+            (1f64..max_y * 1.5).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("departing members per batch (ℓ)")
+        .y_desc("encryptions per batch")
+        .draw()?;
+    let palette = [&RED, &BLUE, &GREEN, &MAGENTA, &CYAN, &BLACK];
+    let mut degrees: Vec<u8> = cells.iter().map(|c| c.degree).collect();
+    degrees.dedup();
+    for (i, degree) in degrees.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let points: Vec<(f64, f64)> = cells
+            .iter()
+            .filter(|c| c.degree == *degree)
+            .map(|c| (c.leaves as f64, c.encryptions_mean.max(1.0)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color))?
+            .label(format!("LKH, d = {degree}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    let xs: Vec<f64> = {
+        let mut v: Vec<f64> = cells.iter().map(|c| c.leaves as f64).collect();
+        v.sort_by(f64::total_cmp);
+        v.dedup();
+        v
+    };
+    let star: Vec<(f64, f64)> = xs
+        .iter()
+        .map(|&l| (l, (members as f64 - l).max(1.0)))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(star, &BLACK))?
+        .label("flat key star (n − ℓ)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    let floor: Vec<(f64, f64)> = xs
+        .iter()
+        .map(|&l| (l, l * (members as f64).log2()))
+        .collect();
+    let grey = RGBColor(128, 128, 128);
+    chart
+        .draw_series(LineSeries::new(floor, grey))?
+        .label("floor ℓ · log2 n (Micciancio–Panjwani)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_sweep_writes_csv_and_svg() {
+        let cells = run(256, &[2, 4], &[1, 4, 16], 2, 1, |_, _| {}).unwrap();
+        assert_eq!(cells.len(), 6);
+        let text = csv(256, &cells);
+        assert_eq!(text.lines().count(), 7);
+        assert!(text.starts_with("members,degree,leaves"));
+        let path = std::env::temp_dir().join(format!("netsim-sweep-{}.svg", std::process::id()));
+        svg(&path, 256, &cells).unwrap();
+        let drawn = std::fs::read_to_string(&path).unwrap();
+        assert!(drawn.contains("<svg") && drawn.contains("encryptions per batch"));
+        let _ = std::fs::remove_file(&path);
+    }
+}
