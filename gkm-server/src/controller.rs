@@ -522,6 +522,11 @@ impl<R: CryptoRng> Controller<R> {
         self.groups.get(&group).map(Group::state)
     }
 
+    /// A group's key tree, read-only (for simulators that model receivers by subtree).
+    pub fn tree(&self, group: GroupId) -> Option<&KeyTree> {
+        self.groups.get(&group).map(|g| &g.tree)
+    }
+
     /// Bytes a group's tree and member roster hold in memory, for memory reports.
     pub fn memory_bytes(&self, group: GroupId) -> Option<usize> {
         let g = self.groups.get(&group)?;

@@ -15,4 +15,5 @@ pub mod churn;
 pub mod cost;
 pub mod demo;
 pub mod paper;
+pub mod scale;
 pub mod sweep;

@@ -87,6 +87,10 @@ enum Command {
         /// Sends per rekey datagram.
         #[arg(long, default_value_t = 1)]
         repeats: u8,
+        /// `full` (every member a `Member` state machine) or `subtree` (receivers modelled by
+        /// the datagram covers; for large groups). Default: full up to 10,000 members.
+        #[arg(long)]
+        receivers: Option<String>,
         /// Seed of every random choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -260,6 +264,7 @@ fn main() -> anyhow::Result<()> {
             loss,
             loss_model,
             repeats,
+            receivers,
             seed,
             json,
         } => {
@@ -283,7 +288,17 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 seed,
             };
-            let report = churn::run(&config);
+            let subtree = match receivers.as_deref() {
+                None => members > 10_000,
+                Some("full") => false,
+                Some("subtree") => true,
+                Some(other) => bail!("unknown --receivers {other:?}; use full or subtree"),
+            };
+            let report = if subtree {
+                netsim::scale::run(&config)?
+            } else {
+                churn::run(&config)
+            };
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
