@@ -129,16 +129,16 @@ pub fn run(config: &ChurnConfig) -> ChurnReport {
     }
     sim.settle();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now + sim.exponential(config.join_rate);
-    let mut next_leave = sim.now + sim.exponential(config.leave_rate);
+    let mut next_join = sim.now as f64 + sim.exponential(config.join_rate);
+    let mut next_leave = sim.now as f64 + sim.exponential(config.leave_rate);
     while sim.now < end {
         sim.now += 10;
-        while next_join <= sim.now {
+        while next_join <= sim.now as f64 {
             sim.join();
             sim.events += 1;
             next_join += sim.exponential(config.join_rate);
         }
-        while next_leave <= sim.now {
+        while next_leave <= sim.now as f64 {
             sim.leave_one();
             sim.events += 1;
             next_leave += sim.exponential(config.leave_rate);
@@ -188,19 +188,13 @@ impl Sim {
     }
 
     /// Milliseconds to the next event of a Poisson process of `rate` per second.
-    fn exponential(&mut self, rate: f64) -> u64 {
+    /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
+    fn exponential(&mut self, rate: f64) -> f64 {
         if rate <= 0.0 {
-            return u64::MAX / 4;
+            return f64::INFINITY;
         }
         let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        // A positive, finite number of milliseconds (u is in (0, 1]); capped far beyond any run.
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "the value is finite, non-negative and capped"
-        )]
-        let ms = (-u.ln() / rate * 1_000.0).min(1e15) as u64;
-        ms
+        -u.ln() / rate * 1_000.0
     }
 
     fn uniform(&mut self) -> f64 {

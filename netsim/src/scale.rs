@@ -79,15 +79,15 @@ pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     let mut sim = Scale::new(config.clone())?;
     sim.tick();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now + sim.exponential(config.join_rate);
-    let mut next_leave = sim.now + sim.exponential(config.leave_rate);
+    let mut next_join = sim.now as f64 + sim.exponential(config.join_rate);
+    let mut next_leave = sim.now as f64 + sim.exponential(config.leave_rate);
     while sim.now < end {
         sim.now += 10;
-        while next_join <= sim.now {
+        while next_join <= sim.now as f64 {
             sim.join();
             next_join += sim.exponential(config.join_rate);
         }
-        while next_leave <= sim.now {
+        while next_leave <= sim.now as f64 {
             sim.evict_one();
             next_leave += sim.exponential(config.leave_rate);
         }
@@ -171,18 +171,13 @@ impl Scale {
         })
     }
 
-    fn exponential(&mut self, rate: f64) -> u64 {
+    /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
+    fn exponential(&mut self, rate: f64) -> f64 {
         if rate <= 0.0 {
-            return u64::MAX / 4;
+            return f64::INFINITY;
         }
         let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "finite, non-negative, capped"
-        )]
-        let ms = (-u.ln() / rate * 1_000.0).min(1e15) as u64;
-        ms
+        -u.ln() / rate * 1_000.0
     }
 
     fn lost(&mut self, leaf: usize) -> bool {
