@@ -187,7 +187,6 @@ impl Sim {
         }
     }
 
-    /// Milliseconds to the next event of a Poisson process of `rate` per second.
     /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
     fn exponential(&mut self, rate: f64) -> f64 {
         if rate <= 0.0 {
