@@ -43,6 +43,13 @@ enum Command {
         /// Where to write the SVG plot.
         #[arg(long, default_value = "sweep.svg")]
         svg: std::path::PathBuf,
+        /// Sweep batch intervals (ms, comma-separated) instead of batch sizes, at
+        /// `--rate` leaves and joins per second, for the first of `--degrees`; CSV only.
+        #[arg(long, value_delimiter = ',')]
+        intervals: Vec<u64>,
+        /// Leaves (and joins) per second for `--intervals`.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
     },
     /// Published analysis (Wong-Gouda-Lam, Li et al., Micciancio-Panjwani, TreeKEM) next to
     /// netsim's measured numbers and their deviation.
@@ -208,7 +215,17 @@ fn main() -> anyhow::Result<()> {
             seed,
             csv,
             svg,
+            intervals,
+            rate,
         } => {
+            if !intervals.is_empty() {
+                let degree = degrees.first().copied().unwrap_or(4);
+                let cells = sweep::run_intervals(members, degree, rate, &intervals, trials, seed)?;
+                std::fs::write(&csv, sweep::intervals_csv(members, degree, rate, &cells))
+                    .with_context(|| format!("cannot write {}", csv.display()))?;
+                println!("wrote {}", csv.display());
+                return Ok(());
+            }
             let bar = indicatif::ProgressBar::new((degrees.len() * leaves.len()) as u64);
             let cells = sweep::run(members, &degrees, &leaves, trials, seed, |done, _| {
                 bar.set_position(done as u64);
@@ -230,12 +247,12 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<52} {:>6} {:>3} {:>12} {:>12} {:>9}",
+                "{:<78} {:>6} {:>3} {:>12} {:>12} {:>9}",
                 "quantity", "n", "d", "published", "measured", "deviation"
             );
             for r in &rows {
                 println!(
-                    "{:<52} {:>6} {:>3} {:>12.2} {:>12.2} {:>8.2}%",
+                    "{:<78} {:>6} {:>3} {:>12.2} {:>12.2} {:>8.2}%",
                     r.quantity,
                     r.members,
                     r.degree,

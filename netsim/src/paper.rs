@@ -138,6 +138,13 @@ pub fn table(trials: usize, seed: u64) -> Result<Vec<Row>, CostError> {
             leave.encryptions as f64,
         ));
         rows.push(row(
+            "TreeKEM remove public-key encryptions log2 n vs group leave (symmetric wraps)",
+            n,
+            d,
+            (n as f64).log2(),
+            leave.encryptions as f64,
+        ));
+        rows.push(row(
             "TreeKEM remove bytes 80 log2 n vs group leave bytes",
             n,
             d,

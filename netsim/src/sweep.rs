@@ -48,6 +48,74 @@ pub fn run(
     Ok(cells)
 }
 
+/// One cell of an interval sweep: rekeying cost per second at a churn rate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntervalCell {
+    /// Batch interval, ms.
+    pub interval_ms: u64,
+    /// Departures (and as many joins) per batch at the given rate.
+    pub changes: usize,
+    /// Mean encryptions per batch.
+    pub encryptions_mean: f64,
+    /// Encryptions per second of group life.
+    pub encryptions_per_s: f64,
+}
+
+/// Rekeying cost per second when `rate` members leave and `rate` join per second, for each
+/// batch interval: one batch of `rate · interval` leaves and as many joins per interval, on a
+/// balanced tree of `members` (`trials` trials each).
+pub fn run_intervals(
+    members: usize,
+    degree: u8,
+    rate: f64,
+    intervals_ms: &[u64],
+    trials: usize,
+    seed: u64,
+) -> Result<Vec<IntervalCell>, CostError> {
+    intervals_ms
+        .iter()
+        .map(|&interval_ms| {
+            let per_batch = rate * interval_ms as f64 / 1_000.0;
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a small, non-negative count"
+            )]
+            let changes = (per_batch.round() as usize).clamp(1, members / 2);
+            let c = cost::batch(
+                members,
+                degree,
+                changes,
+                changes,
+                trials,
+                Scheme::Group,
+                seed,
+            )?;
+            Ok(IntervalCell {
+                interval_ms,
+                changes,
+                encryptions_mean: c.encryptions_mean,
+                encryptions_per_s: c.encryptions_mean * 1_000.0 / interval_ms as f64,
+            })
+        })
+        .collect()
+}
+
+/// An interval sweep as CSV.
+pub fn intervals_csv(members: usize, degree: u8, rate: f64, cells: &[IntervalCell]) -> String {
+    let mut out = String::from(
+        "members,degree,rate_per_s,interval_ms,changes_per_batch,encryptions_mean,encryptions_per_s\n",
+    );
+    for c in cells {
+        let _ = writeln!(
+            out,
+            "{members},{degree},{rate},{},{},{:.3},{:.3}",
+            c.interval_ms, c.changes, c.encryptions_mean, c.encryptions_per_s
+        );
+    }
+    out
+}
+
 /// The cells as CSV with a header line.
 pub fn csv(members: usize, cells: &[Cell]) -> String {
     let mut out = String::from(
@@ -146,6 +214,17 @@ pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn longer_intervals_cost_fewer_encryptions_per_second() {
+        let cells = run_intervals(1024, 4, 20.0, &[100, 1_000, 10_000], 3, 1).unwrap();
+        assert_eq!(cells.len(), 3);
+        assert!(
+            cells[0].encryptions_per_s > cells[2].encryptions_per_s,
+            "{cells:?}"
+        );
+        assert!(intervals_csv(1024, 4, 20.0, &cells).lines().count() == 4);
+    }
 
     #[test]
     fn a_small_sweep_writes_csv_and_svg() {
