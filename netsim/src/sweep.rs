@@ -1,6 +1,7 @@
 //! `netsim sweep`: batch costs over a grid of degrees and batch sizes, to CSV and to an SVG
-//! plot (plotters) with titled axes, next to a flat key star (n − ℓ) and the Micciancio–Panjwani
-//! floor (ℓ · log2 n).
+//! plot (plotters) with titled axes, next to a flat key star (n − ℓ) and ℓ · log2 n: the
+//! Micciancio–Panjwani floor for ℓ changes, and the public-key encryptions of ℓ TreeKEM removes
+//! (RFC 9420 §7: one HPKE encryption per copath node, each 80 bytes).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -200,7 +201,7 @@ pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn st
     let grey = RGBColor(128, 128, 128);
     chart
         .draw_series(LineSeries::new(floor, grey))?
-        .label("floor ℓ · log2 n (Micciancio–Panjwani)")
+        .label("ℓ · log2 n: MP floor; TreeKEM public-key encryptions for ℓ removes")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
     chart
         .configure_series_labels()
