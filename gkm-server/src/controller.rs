@@ -775,8 +775,25 @@ impl<R: CryptoRng> Controller<R> {
             leaves,
             joins: joins.len(),
         };
-        let Ok(rekey) = g.tree.rekey(&batch, &mut self.rng) else {
-            return;
+        let rekey = match g.tree.rekey(&batch, &mut self.rng) {
+            Ok(rekey) => rekey,
+            Err(error) => {
+                // Nothing changed: the departures wait for the next batch, the joiners hear why.
+                g.departures = departures;
+                let reason = format!("rekey refused: {error}");
+                for join in joins {
+                    self.transmits.push_back(Transmit::Reply {
+                        conn: join.conn,
+                        bytes: ErrorMessage {
+                            group: id,
+                            code: Reject::GroupFull.code(),
+                            reason: reason.clone(),
+                        }
+                        .to_bytes(),
+                    });
+                }
+                return;
+            }
         };
         let epoch = rekey.epoch;
         for (member, reason) in &departures {
