@@ -87,8 +87,46 @@ pub struct ChurnReport {
     pub controller_cpu_us_per_op: f64,
 }
 
+impl LossModel {
+    /// Whether a datagram is lost, given one uniform draw `u` in [0, 1), the loss probability
+    /// `p` and the link's burst state (Gilbert–Elliott: mean burst 4; leave the bad state with
+    /// probability 1/4, enter it so that the stationary share of bad time is `p`).
+    pub(crate) fn lost(self, p: f64, bad: &mut bool, u: f64) -> bool {
+        match self {
+            LossModel::Bernoulli => u < p,
+            LossModel::GilbertElliott => {
+                let enter = if p >= 1.0 { 1.0 } else { p / (1.0 - p) / 4.0 };
+                *bad = if *bad { u >= 0.25 } else { u < enter };
+                *bad
+            }
+        }
+    }
+}
+
+/// A uniform draw in [0, 1).
+pub(crate) fn uniform(rng: &mut ChaCha20Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
+pub(crate) fn exponential(rng: &mut ChaCha20Rng, rate: f64) -> f64 {
+    if rate <= 0.0 {
+        return f64::INFINITY;
+    }
+    -(1.0 - uniform(rng)).ln() / rate * 1_000.0
+}
+
+/// The nearest-rank percentile of sorted samples (0 when there are none).
+pub(crate) fn percentile(sorted: &[u64], percent: usize) -> u64 {
+    let n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    sorted[(n * percent).div_ceil(100).max(1) - 1]
+}
+
 /// No persistence: the simulator measures the protocol, not the disk.
-struct NoStore;
+pub(crate) struct NoStore;
 
 impl Store for NoStore {
     fn save(&mut self, _state: &GroupState) -> Result<(), StoreError> {
@@ -129,19 +167,19 @@ pub fn run(config: &ChurnConfig) -> ChurnReport {
     }
     sim.settle();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now as f64 + sim.exponential(config.join_rate);
-    let mut next_leave = sim.now as f64 + sim.exponential(config.leave_rate);
+    let mut next_join = sim.now as f64 + exponential(&mut sim.rng, config.join_rate);
+    let mut next_leave = sim.now as f64 + exponential(&mut sim.rng, config.leave_rate);
     while sim.now < end {
         sim.now += 10;
         while next_join <= sim.now as f64 {
             sim.join();
             sim.events += 1;
-            next_join += sim.exponential(config.join_rate);
+            next_join += exponential(&mut sim.rng, config.join_rate);
         }
         while next_leave <= sim.now as f64 {
             sim.leave_one();
             sim.events += 1;
-            next_leave += sim.exponential(config.leave_rate);
+            next_leave += exponential(&mut sim.rng, config.leave_rate);
         }
         sim.tick();
     }
@@ -185,19 +223,6 @@ impl Sim {
             controller_time: Duration::ZERO,
             events: 0,
         }
-    }
-
-    /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
-    fn exponential(&mut self, rate: f64) -> f64 {
-        if rate <= 0.0 {
-            return f64::INFINITY;
-        }
-        let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        -u.ln() / rate * 1_000.0
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     fn join(&mut self) {
@@ -247,21 +272,11 @@ impl Sim {
     }
 
     fn lost(&mut self, id: u64) -> bool {
+        let u = uniform(&mut self.rng);
         let (p, model) = (self.config.loss, self.config.model);
-        let (u, v) = (self.uniform(), self.uniform());
-        let Some(r) = self.receivers.get_mut(&id) else {
-            return true;
-        };
-        match model {
-            LossModel::Bernoulli => u < p,
-            LossModel::GilbertElliott => {
-                // Mean burst 4: leave the bad state with probability 1/4; enter it so that the
-                // stationary share of bad time is p.
-                let enter = if p >= 1.0 { 1.0 } else { p / (1.0 - p) / 4.0 };
-                r.bad = if r.bad { v >= 0.25 } else { v < enter };
-                r.bad
-            }
-        }
+        self.receivers
+            .get_mut(&id)
+            .is_none_or(|r| model.lost(p, &mut r.bad, u))
     }
 
     /// Fires timers and moves every message until nothing moves (bounded).
@@ -366,13 +381,7 @@ impl Sim {
             _ => gkm_server::Stats::default(),
         };
         self.converged.sort_unstable();
-        let pick = |percent: usize| {
-            let n = self.converged.len();
-            if n == 0 {
-                return 0;
-            }
-            self.converged[(n * percent).div_ceil(100).max(1) - 1]
-        };
+        let pick = |percent| percentile(&self.converged, percent);
         ChurnReport {
             members: self.receivers.len(),
             degree: self.config.degree,

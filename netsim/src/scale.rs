@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, Response, Store,
-    StoreError, Timestamp, Transmit,
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, Response, Timestamp,
+    Transmit,
 };
 use lkh_tree::{GroupId, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
@@ -23,21 +23,13 @@ use wire::{
     AuthenticRekey, Codec, HpkeSecret, MemberId, MessageType, RegistrationRequest, SealedPath,
 };
 
-use crate::churn::{ChurnConfig, ChurnReport, LossModel};
+use crate::churn::{ChurnConfig, ChurnReport, NoStore, exponential, percentile, uniform};
 use crate::cost::{self, CostError, Scheme};
 
 const START: u64 = 1_800_000_000_000;
 const NAME: &str = "netsim";
 const GRACE_MS: u64 = 300;
 const ABSENT: u32 = u32::MAX;
-
-struct NoStore;
-
-impl Store for NoStore {
-    fn save(&mut self, _state: &GroupState) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
 
 /// Per leaf: the epoch its member holds (`ABSENT` if no member), the epoch it joined in, and
 /// whether its link is in a loss burst.
@@ -79,17 +71,17 @@ pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     let mut sim = Scale::new(config.clone())?;
     sim.tick();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now as f64 + sim.exponential(config.join_rate);
-    let mut next_leave = sim.now as f64 + sim.exponential(config.leave_rate);
+    let mut next_join = sim.now as f64 + exponential(&mut sim.rng, config.join_rate);
+    let mut next_leave = sim.now as f64 + exponential(&mut sim.rng, config.leave_rate);
     while sim.now < end {
         sim.now += 10;
         while next_join <= sim.now as f64 {
             sim.join();
-            next_join += sim.exponential(config.join_rate);
+            next_join += exponential(&mut sim.rng, config.join_rate);
         }
         while next_leave <= sim.now as f64 {
             sim.evict_one();
-            next_leave += sim.exponential(config.leave_rate);
+            next_leave += exponential(&mut sim.rng, config.leave_rate);
         }
         sim.tick();
     }
@@ -171,29 +163,13 @@ impl Scale {
         })
     }
 
-    /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
-    fn exponential(&mut self, rate: f64) -> f64 {
-        if rate <= 0.0 {
-            return f64::INFINITY;
-        }
-        let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        -u.ln() / rate * 1_000.0
-    }
-
     fn lost(&mut self, leaf: usize) -> bool {
-        let u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let p = self.config.loss;
-        match self.config.model {
-            LossModel::Bernoulli => u < p,
-            LossModel::GilbertElliott => {
-                let Some(bad) = self.rx.bad.get_mut(leaf) else {
-                    return true;
-                };
-                let enter = if p >= 1.0 { 1.0 } else { p / (1.0 - p) / 4.0 };
-                *bad = if *bad { u >= 0.25 } else { u < enter };
-                *bad
-            }
-        }
+        let u = uniform(&mut self.rng);
+        let (p, model) = (self.config.loss, self.config.model);
+        self.rx
+            .bad
+            .get_mut(leaf)
+            .is_none_or(|bad| model.lost(p, bad, u))
     }
 
     fn call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
@@ -353,13 +329,7 @@ impl Scale {
             _ => gkm_server::Stats::default(),
         };
         self.converged.sort_unstable();
-        let pick = |percent: usize| {
-            let n = self.converged.len();
-            if n == 0 {
-                return 0;
-            }
-            self.converged[(n * percent).div_ceil(100).max(1) - 1]
-        };
+        let pick = |percent| percentile(&self.converged, percent);
         ChurnReport {
             members: self.rx.held.iter().filter(|&&h| h != ABSENT).count(),
             degree: self.config.degree,
@@ -404,6 +374,7 @@ fn leaves_under(tree: &KeyTree, covers: &[NodeId]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::churn::LossModel;
 
     #[test]
     fn the_subtree_model_converges_under_loss() {
