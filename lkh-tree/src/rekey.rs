@@ -673,7 +673,7 @@ impl KeyTree {
                 parent: (parent != NIL).then_some(NodeId(parent)),
                 leaf: kind == Kind::Leaf,
                 version: KeyVersion(version),
-                key: NodeKey::from_bytes(key),
+                key,
             })
             .collect();
         TreeSnapshot {
@@ -696,7 +696,7 @@ impl KeyTree {
             .map(|r| {
                 let kind = if r.leaf { Kind::Leaf } else { Kind::Internal };
                 let parent = r.parent.map_or(NIL, |p| p.0);
-                (r.id.0, parent, kind, r.version.0, *r.key.as_bytes())
+                (r.id.0, parent, kind, r.version.0, r.key.clone())
             })
             .collect();
         let versions_ok = snapshot

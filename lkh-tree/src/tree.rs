@@ -203,10 +203,7 @@ impl Shape {
     /// Rebuilds a shape from records listed parents first (the root, id 0, first). Checks every
     /// link: ids below the limit and unique, parents present and internal, no more than `degree`
     /// children, depth within [`MAX_DEPTH`], no empty internal node but the root.
-    pub(crate) fn restore(
-        degree: u8,
-        records: &[(u32, u32, Kind, u64, [u8; KEY_LEN])],
-    ) -> Option<Self> {
+    pub(crate) fn restore(degree: u8, records: &[(u32, u32, Kind, u64, NodeKey)]) -> Option<Self> {
         let max = records.iter().map(|r| r.0).max()?;
         if max >= NodeId::LIMIT || records.first()?.0 != NodeId::ROOT.0 {
             return None;
@@ -223,14 +220,16 @@ impl Shape {
         while shape.nodes.len() <= max {
             shape.nodes.push();
         }
-        for (i, &(id, parent, kind, version, key)) in records.iter().enumerate() {
-            if kind == Kind::Free || shape.nodes.node(id).kind != Kind::Free {
+        for (i, (id, parent, kind, version, key)) in records.iter().enumerate() {
+            let (id, parent, kind) = (*id, *parent, *kind);
+            // A parent is a node placed before this one (never the node itself), so no cycle.
+            if kind == Kind::Free || parent == id || shape.nodes.node(id).kind != Kind::Free {
                 return None;
             }
             let node = shape.nodes.node_mut(id);
             node.kind = kind;
-            node.version = version;
-            node.key = key;
+            node.version = *version;
+            node.key = *key.as_bytes();
             if i == 0 {
                 if kind != Kind::Internal || parent != NIL {
                     return None;
@@ -262,12 +261,12 @@ impl Shape {
     }
 
     /// Live nodes, parents before children, as (id, parent, kind, version, key).
-    pub(crate) fn records(&self) -> Vec<(u32, u32, Kind, u64, [u8; KEY_LEN])> {
+    pub(crate) fn records(&self) -> Vec<(u32, u32, Kind, u64, NodeKey)> {
         let mut out = Vec::with_capacity(self.nodes.len() as usize);
         let mut stack = vec![NodeId::ROOT.0];
         while let Some(id) = stack.pop() {
             let n = self.nodes.node(id);
-            out.push((id, n.parent, n.kind, n.version, n.key));
+            out.push((id, n.parent, n.kind, n.version, n.node_key()));
             stack.extend(self.children(id));
         }
         out

@@ -99,6 +99,25 @@ fn a_corrupt_snapshot_is_refused() {
         Some(TreeError::BadSnapshot)
     );
 
+    // An internal node that names itself as parent would make a cycle.
+    let mut own_parent = good.clone();
+    // (one with room for one more child, so that no degree check catches it instead).
+    let children = |id| {
+        own_parent
+            .nodes
+            .iter()
+            .filter(|n| n.parent == Some(id))
+            .count()
+    };
+    let internal = (1..own_parent.nodes.len())
+        .find(|&i| !own_parent.nodes[i].leaf && children(own_parent.nodes[i].id) < 4)
+        .unwrap();
+    own_parent.nodes[internal].parent = Some(own_parent.nodes[internal].id);
+    assert_eq!(
+        KeyTree::restore(&own_parent).err(),
+        Some(TreeError::BadSnapshot)
+    );
+
     let mut no_root = good;
     no_root.nodes.remove(0);
     assert_eq!(

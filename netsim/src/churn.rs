@@ -125,6 +125,73 @@ pub(crate) fn percentile(sorted: &[u64], percent: usize) -> u64 {
     sorted[(n * percent).div_ceil(100).max(1) - 1]
 }
 
+/// What both churn models count the same way: controller time, events and convergence delays.
+#[derive(Default)]
+pub(crate) struct Tally {
+    /// Milliseconds from a rekey to each receiving member holding its key.
+    pub(crate) converged: Vec<u64>,
+    /// Wall time spent inside the controller's calls.
+    pub(crate) controller_time: Duration,
+    /// Membership events.
+    pub(crate) events: u64,
+}
+
+/// What the receiver side counted at the end of a run.
+pub(crate) struct Seen {
+    pub(crate) members: usize,
+    pub(crate) members_resynced: usize,
+    pub(crate) diverged: usize,
+    /// Resyncs counted by the receiver model, or `None` to take the controller's count.
+    pub(crate) resyncs: Option<u64>,
+}
+
+impl Tally {
+    /// Runs `f` on the controller at `now`, timing it.
+    pub(crate) fn call(
+        &mut self,
+        controller: &mut Controller<ChaCha20Rng>,
+        now: u64,
+        f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp),
+    ) {
+        let started = Instant::now();
+        f(controller, Timestamp(now));
+        self.controller_time += started.elapsed();
+    }
+
+    /// The report: the controller's counters for `group`, this tally and what receivers saw.
+    pub(crate) fn report(
+        &mut self,
+        controller: &mut Controller<ChaCha20Rng>,
+        now: u64,
+        group: &str,
+        degree: u8,
+        seen: &Seen,
+    ) -> ChurnReport {
+        let stats = match controller.handle_command(Timestamp(now), Command::Stats(group.into())) {
+            Ok(Response::Stats(s)) => s,
+            _ => gkm_server::Stats::default(),
+        };
+        self.converged.sort_unstable();
+        ChurnReport {
+            members: seen.members,
+            degree,
+            strategy: "group".into(),
+            rekeys: stats.rekeys,
+            events: self.events,
+            encryptions: stats.encryptions,
+            datagrams: stats.datagrams,
+            multicast_bytes: stats.bytes,
+            resyncs: seen.resyncs.unwrap_or(stats.resyncs),
+            members_resynced: seen.members_resynced,
+            converged_ms_p50: percentile(&self.converged, 50),
+            converged_ms_p99: percentile(&self.converged, 99),
+            diverged: seen.diverged,
+            controller_cpu_us_per_op: self.controller_time.as_secs_f64() * 1e6
+                / self.events.max(1) as f64,
+        }
+    }
+}
+
 /// No persistence: the simulator measures the protocol, not the disk.
 pub(crate) struct NoStore;
 
@@ -151,9 +218,7 @@ struct Sim {
     now: u64,
     /// Epoch → when the controller sent it.
     sent_at: HashMap<u64, u64>,
-    converged: Vec<u64>,
-    controller_time: Duration,
-    events: u64,
+    tally: Tally,
 }
 
 const START: u64 = 1_800_000_000_000;
@@ -173,12 +238,12 @@ pub fn run(config: &ChurnConfig) -> ChurnReport {
         sim.now += 10;
         while next_join <= sim.now as f64 {
             sim.join();
-            sim.events += 1;
+            sim.tally.events += 1;
             next_join += exponential(&mut sim.rng, config.join_rate);
         }
         while next_leave <= sim.now as f64 {
             sim.leave_one();
-            sim.events += 1;
+            sim.tally.events += 1;
             next_leave += exponential(&mut sim.rng, config.leave_rate);
         }
         sim.tick();
@@ -219,9 +284,7 @@ impl Sim {
             next_id: 0,
             now: START,
             sent_at: HashMap::new(),
-            converged: Vec::new(),
-            controller_time: Duration::ZERO,
-            events: 0,
+            tally: Tally::default(),
         }
     }
 
@@ -266,9 +329,7 @@ impl Sim {
     }
 
     fn controller_call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
-        let started = Instant::now();
-        f(&mut self.controller, Timestamp(self.now));
-        self.controller_time += started.elapsed();
+        self.tally.call(&mut self.controller, self.now, f);
     }
 
     fn lost(&mut self, id: u64) -> bool {
@@ -339,7 +400,7 @@ impl Sim {
                         r.resynced = true;
                     }
                     if let Some(&sent) = self.sent_at.get(&epoch.0) {
-                        self.converged.push(self.now - sent);
+                        self.tally.converged.push(self.now - sent);
                     }
                 }
             }
@@ -373,32 +434,19 @@ impl Sim {
     }
 
     fn report(&mut self) -> ChurnReport {
-        let stats = match self
-            .controller
-            .handle_command(Timestamp(self.now), Command::Stats(GROUP.into()))
-        {
-            Ok(Response::Stats(s)) => s,
-            _ => gkm_server::Stats::default(),
-        };
-        self.converged.sort_unstable();
-        let pick = |percent| percentile(&self.converged, percent);
-        ChurnReport {
+        let seen = Seen {
             members: self.receivers.len(),
-            degree: self.config.degree,
-            strategy: "group".into(),
-            rekeys: stats.rekeys,
-            events: self.events,
-            encryptions: stats.encryptions,
-            datagrams: stats.datagrams,
-            multicast_bytes: stats.bytes,
-            resyncs: stats.resyncs,
             members_resynced: self.receivers.values().filter(|r| r.resynced).count(),
-            converged_ms_p50: pick(50),
-            converged_ms_p99: pick(99),
             diverged: self.diverged(),
-            controller_cpu_us_per_op: self.controller_time.as_secs_f64() * 1e6
-                / self.events.max(1) as f64,
-        }
+            resyncs: None,
+        };
+        self.tally.report(
+            &mut self.controller,
+            self.now,
+            GROUP,
+            self.config.degree,
+            &seen,
+        )
     }
 }
 

@@ -9,12 +9,10 @@
 //! sent through the controller.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, Response, Timestamp,
-    Transmit,
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, Timestamp, Transmit,
 };
 use lkh_tree::{GroupId, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
@@ -23,7 +21,7 @@ use wire::{
     AuthenticRekey, Codec, HpkeSecret, MemberId, MessageType, RegistrationRequest, SealedPath,
 };
 
-use crate::churn::{ChurnConfig, ChurnReport, NoStore, exponential, percentile, uniform};
+use crate::churn::{ChurnConfig, ChurnReport, NoStore, Seen, Tally, exponential, uniform};
 use crate::cost::{self, CostError, Scheme};
 
 const START: u64 = 1_800_000_000_000;
@@ -60,10 +58,8 @@ struct Scale {
     rx: Receivers,
     now: u64,
     sent_at: HashMap<u32, u64>,
-    converged: Vec<u64>,
     resyncs: u64,
-    controller_time: Duration,
-    events: u64,
+    tally: Tally,
 }
 
 /// Runs churn on `config.members` members, receivers modelled by subtree.
@@ -156,10 +152,8 @@ impl Scale {
             rx,
             now: START,
             sent_at: HashMap::new(),
-            converged: Vec::new(),
             resyncs: 0,
-            controller_time: Duration::ZERO,
-            events: 0,
+            tally: Tally::default(),
         })
     }
 
@@ -173,9 +167,7 @@ impl Scale {
     }
 
     fn call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
-        let started = Instant::now();
-        f(&mut self.controller, Timestamp(self.now));
-        self.controller_time += started.elapsed();
+        self.tally.call(&mut self.controller, self.now, f);
     }
 
     fn join(&mut self) {
@@ -197,7 +189,7 @@ impl Scale {
             token: Vec::new(),
         };
         let bytes = wire::sign(&request, &identity);
-        self.events += 1;
+        self.tally.events += 1;
         self.call(|c, now| c.handle_request(ConnId(0), now, &bytes));
     }
 
@@ -213,7 +205,7 @@ impl Scale {
             if self.rx.held.get(leaf).is_some_and(|&h| h != ABSENT) {
                 let id = (u64::try_from(leaf).unwrap_or(0) << 32) | u64::from(self.rx.joined[leaf]);
                 self.rx.held[leaf] = ABSENT;
-                self.events += 1;
+                self.tally.events += 1;
                 self.call(|c, now| {
                     let _ = c.handle_command(now, Command::Evict(NAME.into(), id));
                 });
@@ -278,7 +270,7 @@ impl Scale {
                 continue;
             }
             self.rx.held[leaf] = epoch;
-            self.converged.push(0);
+            self.tally.converged.push(0);
         }
     }
 
@@ -299,7 +291,7 @@ impl Scale {
             self.rx.held[leaf] = epoch;
             self.rx.resynced[leaf] = true;
             self.resyncs += 1;
-            self.converged.push(self.now + GRACE_MS - sent);
+            self.tally.converged.push(self.now + GRACE_MS - sent);
         }
     }
 
@@ -321,32 +313,19 @@ impl Scale {
     }
 
     fn report(&mut self) -> ChurnReport {
-        let stats = match self
-            .controller
-            .handle_command(Timestamp(self.now), Command::Stats(NAME.into()))
-        {
-            Ok(Response::Stats(s)) => s,
-            _ => gkm_server::Stats::default(),
-        };
-        self.converged.sort_unstable();
-        let pick = |percent| percentile(&self.converged, percent);
-        ChurnReport {
+        let seen = Seen {
             members: self.rx.held.iter().filter(|&&h| h != ABSENT).count(),
-            degree: self.config.degree,
-            strategy: "group".into(),
-            rekeys: stats.rekeys,
-            events: self.events,
-            encryptions: stats.encryptions,
-            datagrams: stats.datagrams,
-            multicast_bytes: stats.bytes,
-            resyncs: self.resyncs,
             members_resynced: self.rx.resynced.iter().filter(|&&r| r).count(),
-            converged_ms_p50: pick(50),
-            converged_ms_p99: pick(99),
             diverged: self.diverged(),
-            controller_cpu_us_per_op: self.controller_time.as_secs_f64() * 1e6
-                / self.events.max(1) as f64,
-        }
+            resyncs: Some(self.resyncs),
+        };
+        self.tally.report(
+            &mut self.controller,
+            self.now,
+            NAME,
+            self.config.degree,
+            &seen,
+        )
     }
 }
 
