@@ -13,6 +13,7 @@ use wire::{
     RegistrationRequest, ResyncRequest, SealedFor, SealedKind, WireError, open_with, pack_signed,
     seal_path, sign, verifying_key,
 };
+use zeroize::Zeroizing;
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
 use crate::roster::Roster;
@@ -889,14 +890,18 @@ impl<R: CryptoRng> Controller<R> {
         let jobs: Vec<_> = welcomes
             .chunks(chunk)
             .map(|part| {
-                let mut seed = [0u8; 32];
-                self.rng.fill_bytes(&mut seed);
+                let mut seed = Zeroizing::new([0u8; 32]);
+                self.rng.fill_bytes(seed.as_mut());
                 (part, seed)
             })
             .collect();
         let signer = &self.signer;
-        let seal_part = |(part, seed): (&[(&PendingJoin, MemberId, &MemberPath)], [u8; 32])| {
-            let mut rng = ChaCha20Rng::from_seed(seed);
+        // The worker seeds are secret (they make the HPKE ephemeral keys): zeroized when dropped.
+        let seal_part = |(part, seed): (
+            &[(&PendingJoin, MemberId, &MemberPath)],
+            Zeroizing<[u8; 32]>,
+        )| {
+            let mut rng = ChaCha20Rng::from_seed(*seed);
             part.iter()
                 .map(|(join, member, path)| {
                     let to = SealedFor {
