@@ -302,6 +302,9 @@ pub enum Response {
     Stats(Stats),
 }
 
+/// One welcome to seal: the join it answers, the member's id and its keys.
+type WelcomeJob<'a> = (&'a PendingJoin, MemberId, &'a MemberPath);
+
 struct PendingJoin {
     conn: ConnId,
     identity: [u8; 32],
@@ -881,11 +884,7 @@ impl<R: CryptoRng> Controller<R> {
 
     /// Seals and signs the welcomes of one rekey, on up to `workers` threads (each with its own
     /// generator seeded from the controller's, so a seeded run stays reproducible).
-    fn seal_welcomes(
-        &mut self,
-        group: GroupId,
-        welcomes: &[(&PendingJoin, MemberId, &MemberPath)],
-    ) -> Vec<Vec<u8>> {
+    fn seal_welcomes(&mut self, group: GroupId, welcomes: &[WelcomeJob<'_>]) -> Vec<Vec<u8>> {
         let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(16);
         let jobs: Vec<_> = welcomes
             .chunks(chunk)
@@ -897,10 +896,7 @@ impl<R: CryptoRng> Controller<R> {
             .collect();
         let signer = &self.signer;
         // The worker seeds are secret (they make the HPKE ephemeral keys): zeroized when dropped.
-        let seal_part = |(part, seed): (
-            &[(&PendingJoin, MemberId, &MemberPath)],
-            Zeroizing<[u8; 32]>,
-        )| {
+        let seal_part = |(part, seed): (&[WelcomeJob<'_>], Zeroizing<[u8; 32]>)| {
             let mut rng = ChaCha20Rng::from_seed(*seed);
             part.iter()
                 .map(|(join, member, path)| {
