@@ -89,6 +89,8 @@ fn key_info(epoch: u64, byte: u8) -> api::KeyInfo {
         epoch,
         key: Zeroizing::new([byte; 32]),
         kcv: key.check_value().0,
+        applied: epoch,
+        resyncs: 2,
     }
 }
 
@@ -131,8 +133,13 @@ async fn api_answers_garbage_with_an_error_and_keeps_serving() {
     assert_eq!(v["epoch"], 5);
     assert_eq!(v["member"], 7);
     assert_eq!(v["traffic_key"], "ab".repeat(32));
+    assert_eq!(
+        (v["applied"].as_u64(), v["resyncs"].as_u64()),
+        (Some(5), Some(2))
+    );
     let info = api::parse_answer(v.to_string().as_bytes()).unwrap();
     assert_eq!(*info.key, [0xab; 32]);
+    assert_eq!((info.applied, info.resyncs), (5, 2));
 
     // A line past the bound: an error, then the server closes the connection.
     let long = vec![b'x'; api::MAX_LINE + 10];

@@ -2,7 +2,8 @@
 //! key. One JSON request per line, one JSON answer per line:
 //!
 //! ```text
-//! {"op":"current"} -> {"group":G,"member":N,"epoch":E,"traffic_key":"hex","kcv":"hex"}
+//! {"op":"current"} -> {"group":G,"member":N,"epoch":E,"traffic_key":"hex","kcv":"hex",
+//!                      "applied":A,"resyncs":R}
 //!                     or {"error":"..."} before the member is admitted
 //! {"op":"watch"}   -> the current line, then one line per change until the client closes
 //! ```
@@ -38,6 +39,10 @@ pub(crate) struct KeyInfo {
     pub(crate) key: Zeroizing<[u8; 32]>,
     /// Its check value.
     pub(crate) kcv: [u8; 8],
+    /// Rekeys the member applied so far (this run).
+    pub(crate) applied: u64,
+    /// Unicast resyncs it needed so far (this run).
+    pub(crate) resyncs: u64,
 }
 
 impl KeyInfo {
@@ -45,12 +50,14 @@ impl KeyInfo {
     pub(crate) fn to_line(&self) -> Zeroizing<String> {
         let key = Zeroizing::new(hex::encode(self.key.as_slice()));
         Zeroizing::new(format!(
-            r#"{{"group":{},"member":{},"epoch":{},"traffic_key":"{}","kcv":"{}"}}"#,
+            r#"{{"group":{},"member":{},"epoch":{},"traffic_key":"{}","kcv":"{}","applied":{},"resyncs":{}}}"#,
             self.group,
             self.member,
             self.epoch,
             key.as_str(),
-            hex::encode(self.kcv)
+            hex::encode(self.kcv),
+            self.applied,
+            self.resyncs
         ))
     }
 }
@@ -229,6 +236,8 @@ struct Answer {
     epoch: Option<u64>,
     traffic_key: Option<String>,
     kcv: Option<String>,
+    applied: Option<u64>,
+    resyncs: Option<u64>,
 }
 
 /// Parses an answer line into a key, or the error it reports.
@@ -259,6 +268,8 @@ pub(crate) fn parse_answer(line: &[u8]) -> Result<KeyInfo, String> {
         epoch,
         key,
         kcv,
+        applied: answer.applied.unwrap_or(0),
+        resyncs: answer.resyncs.unwrap_or(0),
     })
 }
 

@@ -335,6 +335,8 @@ fn publish(member: &Member<ChaCha20Rng>, keys: &watch::Sender<Option<KeyInfo>>) 
             epoch: epoch.0,
             key: Zeroizing::new(*key.as_bytes()),
             kcv: key.check_value().0,
+            applied: member.stats().applied,
+            resyncs: member.stats().resyncs,
         }),
         _ => None,
     };
