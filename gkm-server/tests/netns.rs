@@ -274,6 +274,8 @@ enum Loss {
     Random(u32),
     /// `burst` consecutive datagrams of every `period`.
     Burst { burst: u32, period: u32 },
+    /// Every datagram: the network silently drops multicast.
+    Blackhole,
 }
 
 impl Loss {
@@ -283,6 +285,7 @@ impl Loss {
             Loss::Burst { burst, period } => {
                 format!("bursts of {burst} in {period}")
             }
+            Loss::Blackhole => "all multicast".into(),
         }
     }
 
@@ -293,6 +296,7 @@ impl Loss {
             Loss::Random(0) => return String::new(),
             Loss::Random(p) => format!("numgen random mod 100 < {p}"),
             Loss::Burst { burst, period } => format!("numgen inc mod {period} < {burst}"),
+            Loss::Blackhole => String::new(),
         };
         format!("        udp dport {port} {test} counter drop\n")
     }
@@ -503,7 +507,7 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(net: &Net, dir: &Path, repeats: u32, family: Family) -> (Controller, String) {
+    fn start(net: &Net, dir: &Path, plan: &Plan) -> (Controller, String) {
         let state = dir.join("controller");
         let init = run(SERVER, &["init", "--state-dir", state.to_str().unwrap()]);
         let key = init
@@ -511,7 +515,7 @@ impl Controller {
             .find(|w| w.len() == 64)
             .expect("init prints the public key")
             .to_owned();
-        let (group, interface) = match family {
+        let (group, interface) = match plan.family {
             Family::V4 => (CONTROLLER_GROUP.to_string(), net.controller.ip.to_string()),
             Family::V6 => (V6_GROUP.to_string(), net.controller.ifindex.to_string()),
         };
@@ -521,9 +525,11 @@ impl Controller {
             format!(
                 "listen = \"{}\"\n[[group]]\nname = \"demo\"\n\
                  multicast = \"{group}\"\nttl = 1\ninterface = \"{interface}\"\nloop = false\n\
-                 fanout = false\nbatch_interval_ms = 100\nheartbeat_interval_ms = 250\n\
-                 lease_ms = 600000\nrepeats = {repeats}\n",
-                Host::controller_addr(family)
+                 fanout = {}\nbatch_interval_ms = 100\nheartbeat_interval_ms = 250\n\
+                 lease_ms = 600000\nrepeats = {}\n",
+                Host::controller_addr(plan.family),
+                plan.fanout,
+                plan.repeats
             ),
         )
         .unwrap();
@@ -636,9 +642,9 @@ impl Slot {
         self.dir.join("api.sock")
     }
 
-    fn start(&mut self, net: &Net, key: &str, family: Family) {
+    fn start(&mut self, net: &Net, key: &str, plan: &Plan) {
         let host = &net.members[self.host];
-        let (group, interface) = match family {
+        let (group, interface) = match plan.family {
             Family::V4 => (
                 MEMBER_GROUP.to_string(),
                 ["--interface".into(), host.ip.to_string()],
@@ -659,7 +665,7 @@ impl Slot {
             .args([
                 "run",
                 "--controller",
-                &Host::controller_addr(family),
+                &Host::controller_addr(plan.family),
                 "--group",
                 "demo",
                 "--controller-key",
@@ -670,6 +676,8 @@ impl Slot {
                 &interface[1],
                 "--renew-ms",
                 "300000",
+                "--fanout-after-ms",
+                if plan.fanout { "1500" } else { "0" },
                 "--state-dir",
             ])
             .arg(&self.dir)
@@ -711,6 +719,9 @@ struct Row {
     dropped: u64,
     relay: [u64; 4],
     converge_ms: Vec<u64>,
+    /// Member agents that ran, and those whose log says they switched to fan-out.
+    agents: usize,
+    fell_back: usize,
 }
 
 impl Row {
@@ -721,7 +732,8 @@ impl Row {
         println!(
             "netns row: loss={} repeats={} ops={} (joins {} leaves {} evictions {}) rounds={} epochs={} \
              member_runs={} needed_resync={} ({:.1}%) resyncs={} measured_loss={:.1}% ({} of {}) \
-             relay received={} sent={} duplicated={} reordered={} converge_ms p50={} p99={} max={}",
+             relay received={} sent={} duplicated={} reordered={} converge_ms p50={} p99={} max={} \
+             switched_to_fanout={}/{}",
             self.loss.label(),
             self.repeats,
             self.ops,
@@ -744,6 +756,8 @@ impl Row {
             p(0.5),
             p(0.99),
             p(1.0),
+            self.fell_back,
+            self.agents,
         );
     }
 }
@@ -816,6 +830,7 @@ fn scenario(plan: &Plan) -> Row {
         family,
         ops: target,
         seed,
+        ..
     } = *plan;
     let net = Net::build();
     let dir = std::env::temp_dir().join(format!("{}-run", net.members[0].ns));
@@ -826,7 +841,7 @@ fn scenario(plan: &Plan) -> Row {
     }
     // Over IPv6 the members receive the controller's group directly.
     let relay = (family == Family::V4).then(|| Relay::start(&net.relay, seed));
-    let (controller, key) = Controller::start(&net, &dir, repeats, family);
+    let (controller, key) = Controller::start(&net, &dir, plan);
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut slots: Vec<Slot> = (0..MEMBER_HOSTS * MEMBERS_PER_HOST)
         .map(|i| Slot {
@@ -841,7 +856,7 @@ fn scenario(plan: &Plan) -> Row {
         .iter_mut()
         .take(MEMBER_HOSTS * MEMBERS_PER_HOST * 3 / 4)
     {
-        slot.start(&net, &key, family);
+        slot.start(&net, &key, plan);
     }
     converge(&controller, &mut slots);
     let first_epoch = controller.epoch().0;
@@ -892,7 +907,7 @@ fn scenario(plan: &Plan) -> Row {
             runs.push(slots[i].stop());
         }
         for &i in &join {
-            slots[i].start(&net, &key, family);
+            slots[i].start(&net, &key, plan);
         }
         converge_ms.push(converge(&controller, &mut slots).as_millis() as u64);
     }
@@ -936,6 +951,14 @@ fn scenario(plan: &Plan) -> Row {
             relay_stats(|r| &r.reordered),
         ],
         converge_ms,
+        agents: slots.iter().filter(|s| s.dir.exists()).count(),
+        fell_back: slots
+            .iter()
+            .filter(|s| {
+                std::fs::read_to_string(s.dir.with_extension("log"))
+                    .is_ok_and(|log| log.contains("switching to unicast fan-out"))
+            })
+            .count(),
     };
     drop(controller);
     drop(relay);
@@ -950,6 +973,8 @@ struct Plan {
     loss: Loss,
     repeats: u32,
     family: Family,
+    /// Whether the controller serves unicast fan-out and members fall back to it.
+    fanout: bool,
     /// Joins, leaves and evictions to run.
     ops: u64,
     seed: u64,
@@ -970,6 +995,11 @@ fn check(plan: &Plan) {
     match plan.loss {
         Loss::Random(0) => assert_eq!(row.dropped, 0),
         _ => assert!(row.dropped > 0, "the loss rule dropped nothing"),
+    }
+    if plan.fanout && matches!(plan.loss, Loss::Blackhole) {
+        assert_eq!(row.fell_back, row.agents, "every agent switched to fan-out");
+    } else {
+        assert_eq!(row.fell_back, 0, "no agent left working multicast");
     }
 }
 
@@ -995,6 +1025,7 @@ fn loss_pattern(loss: Loss, seed: u64) {
             loss,
             repeats,
             family: Family::V4,
+            fanout: false,
             ops: ops_target(),
             seed: seed + u64::from(repeats),
         });
@@ -1008,8 +1039,22 @@ fn ipv6_multicast_across_hosts() {
         loss: Loss::Random(0),
         repeats: 1,
         family: Family::V6,
+        fanout: false,
         ops: 100,
         seed: 600,
+    });
+}
+
+#[test]
+fn members_fall_back_to_fanout_when_multicast_is_blackholed() {
+    let Some(_serial) = prepared() else { return };
+    check(&Plan {
+        loss: Loss::Blackhole,
+        repeats: 1,
+        family: Family::V4,
+        fanout: true,
+        ops: 100,
+        seed: 700,
     });
 }
 

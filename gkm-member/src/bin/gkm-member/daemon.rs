@@ -47,6 +47,8 @@ pub(crate) struct RunConfig {
     pub(crate) token: Option<String>,
     pub(crate) no_multicast: bool,
     pub(crate) renew_ms: Option<u64>,
+    /// Switch to fan-out after this long without multicast (once admitted).
+    pub(crate) fanout_after: Option<Duration>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -163,6 +165,8 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         replies: mpsc::channel(64),
         fanout_next: tokio::time::Instant::now(),
         renew,
+        fanout_after: cfg.fanout_after,
+        silent_until: None,
     };
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
@@ -181,6 +185,9 @@ struct Driver {
     replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
     fanout_next: tokio::time::Instant,
     renew: Duration,
+    fanout_after: Option<Duration>,
+    /// On multicast and admitted: when to give up on multicast unless a datagram arrives.
+    silent_until: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -188,6 +195,7 @@ impl Driver {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut buf = vec![0u8; 65_536];
+        self.heard(&[]);
         loop {
             self.drain();
             let sleep = self
@@ -197,11 +205,13 @@ impl Driver {
                     Duration::from_millis(at.saturating_sub(now_ms()))
                 });
             let fanout = matches!(self.rekeys, Rekeys::Fanout(_));
+            let silent_until = self.silent_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 received = self.rekeys.socket().recv_from(&mut buf) => match received {
                     Ok((n, from)) => {
                         debug!("datagram of {n} bytes from {from}");
                         if let Some(bytes) = buf.get(..n) {
+                            self.heard(bytes);
                             self.member.handle_datagram(now_ms(), bytes);
                         }
                     }
@@ -210,6 +220,9 @@ impl Driver {
                 Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
                 () = tokio::time::sleep_until(self.fanout_next), if fanout => self.ask_fanout().await,
+                () = tokio::time::sleep_until(silent_until), if self.silent_until.is_some() => {
+                    self.switch_to_fanout().await;
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -259,6 +272,7 @@ impl Driver {
                 self.persist();
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
+                self.heard(&[]);
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
                 publish(&self.member, &self.keys);
@@ -282,6 +296,39 @@ impl Driver {
             && let Err(e) = self.dir.save_membership(self.group, id, path)
         {
             warn!("cannot persist the membership: {e:#}; a restart will register again");
+        }
+    }
+
+    /// Restarts the multicast silence timer when a rekey or heartbeat arrives by multicast
+    /// (`[]`: at start and on admission). Anything else on the socket does not count.
+    fn heard(&mut self, bytes: &[u8]) {
+        let group_traffic = bytes.is_empty()
+            || matches!(
+                wire::MessageType::peek(bytes),
+                Ok(wire::MessageType::Rekey | wire::MessageType::Heartbeat)
+            );
+        if let (Rekeys::Multicast(_), Some(after), true) =
+            (&self.rekeys, self.fanout_after, group_traffic)
+        {
+            self.silent_until = Some(tokio::time::Instant::now() + after);
+        }
+    }
+
+    /// Multicast stayed silent too long: receive by unicast fan-out from now on.
+    async fn switch_to_fanout(&mut self) {
+        self.silent_until = None;
+        match net::fanout_socket(self.controller).await {
+            Ok(socket) => {
+                warn!(
+                    "no rekey or heartbeat by multicast for {:?}: switching to unicast fan-out \
+                     from controller {}",
+                    self.fanout_after.unwrap_or_default(),
+                    self.controller
+                );
+                self.rekeys = Rekeys::Fanout(socket);
+                self.fanout_next = tokio::time::Instant::now();
+            }
+            Err(e) => warn!("cannot open a socket for fan-out ({e:#}); staying on multicast"),
         }
     }
 

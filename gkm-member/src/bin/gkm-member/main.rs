@@ -101,6 +101,10 @@ struct RunArgs {
     /// Lease renewal period in milliseconds (default 20000).
     #[arg(long)]
     renew_ms: Option<u64>,
+    /// Once admitted, switch to unicast fan-out when no rekey or heartbeat arrives by multicast
+    /// for this many milliseconds (a network that silently drops multicast); 0: never.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_after_ms: u64,
 }
 
 #[derive(Args)]
@@ -171,6 +175,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
             token: args.token,
             no_multicast: args.no_multicast,
             renew_ms: args.renew_ms,
+            fanout_after: (args.fanout_after_ms > 0)
+                .then(|| std::time::Duration::from_millis(args.fanout_after_ms)),
         })),
         Command::Send {
             data,
