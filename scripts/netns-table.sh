@@ -9,4 +9,4 @@ export GKM_NETNS_REPEATS=${1:-1 2 3}
 export GKM_NETNS_OPS=${2:-1000}
 cargo build --locked --bins -q
 cargo test --locked -q -p gkm-server --test netns -- --nocapture --test-threads 1 2>&1 \
-    | grep -E '^(netns row|skipped)|FAILED|panicked' || true
+    | grep -oE '(netns row|skipped).*|.*(FAILED|panicked).*' || true

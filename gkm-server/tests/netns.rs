@@ -706,6 +706,8 @@ impl Slot {
 
 /// One scenario's results: a row of the table.
 struct Row {
+    family: Family,
+    fanout: bool,
     loss: Loss,
     repeats: u32,
     ops: u64,
@@ -730,10 +732,12 @@ impl Row {
         let p =
             |q: f64| self.converge_ms[((self.converge_ms.len() - 1) as f64 * q).round() as usize];
         println!(
-            "netns row: loss={} repeats={} ops={} (joins {} leaves {} evictions {}) rounds={} epochs={} \
+            "netns row: {:?}{} loss={} repeats={} ops={} (joins {} leaves {} evictions {}) rounds={} epochs={} \
              member_runs={} needed_resync={} ({:.1}%) resyncs={} measured_loss={:.1}% ({} of {}) \
              relay received={} sent={} duplicated={} reordered={} converge_ms p50={} p99={} max={} \
              switched_to_fanout={}/{}",
+            self.family,
+            if self.fanout { "+fanout" } else { "" },
             self.loss.label(),
             self.repeats,
             self.ops,
@@ -930,6 +934,8 @@ fn scenario(plan: &Plan) -> Row {
             .map_or(0, |r| read(&r.stats).load(Ordering::Relaxed))
     };
     let row = Row {
+        family,
+        fanout: plan.fanout,
         loss,
         repeats,
         ops: ops(&audit),
