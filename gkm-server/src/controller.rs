@@ -15,7 +15,7 @@ use wire::{
 };
 use zeroize::Zeroizing;
 
-use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
+use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 use crate::roster::Roster;
 use crate::store::{GroupState, MemberRecord, Store, StoreError};
 
@@ -324,6 +324,8 @@ struct Group {
     next_refresh: Option<Timestamp>,
     nonces: HashMap<[u8; NONCE_LEN], Timestamp>,
     epoch_times: BTreeMap<u64, Timestamp>,
+    /// Repeat sends waiting for their time, earliest first.
+    spaced: VecDeque<(Timestamp, Vec<u8>)>,
     stats: Stats,
 }
 
@@ -418,10 +420,11 @@ impl<R: CryptoRng> Controller<R> {
         Ok((request.group, request.member))
     }
 
-    /// Fires due batches, heartbeats, lease expiries and refreshes.
+    /// Fires due batches, repeat sends, heartbeats, lease expiries and refreshes.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for id in ids {
+            self.send_due_repeats(id, now);
             self.expire_leases(id, now);
             let Some(group) = self.groups.get(&id) else {
                 continue;
@@ -441,6 +444,19 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
+    /// Queues the repeat sends of `id` that are due.
+    fn send_due_repeats(&mut self, id: GroupId, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        while g.spaced.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, bytes)) = g.spaced.pop_front() {
+                self.transmits
+                    .push_back(Transmit::Multicast { group: id, bytes });
+            }
+        }
+    }
+
     /// The earliest time [`Controller::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.groups
@@ -451,6 +467,7 @@ impl<R: CryptoRng> Controller<R> {
                     Some(g.next_heartbeat),
                     g.next_refresh,
                     Some(g.next_lease_scan),
+                    g.spaced.front().map(|(due, _)| *due),
                 ]
             })
             .flatten()
@@ -847,12 +864,19 @@ impl<R: CryptoRng> Controller<R> {
         g.stats.datagrams += (datagrams.len() * repeats) as u64;
         g.stats.bytes += (bytes * repeats) as u64;
         g.stats.registrations += welcomes.len() as u64;
-        for _ in 0..repeats {
+        let spacing = g.policy.repeat_spacing_ms;
+        for copy in 0..repeats as u64 {
             for d in &datagrams {
-                self.transmits.push_back(Transmit::Multicast {
-                    group: id,
-                    bytes: d.clone(),
-                });
+                if copy == 0 || spacing == 0 {
+                    self.transmits.push_back(Transmit::Multicast {
+                        group: id,
+                        bytes: d.clone(),
+                    });
+                } else {
+                    let due = now.plus(spacing.saturating_mul(copy));
+                    let at = g.spaced.partition_point(|(t, _)| *t <= due);
+                    g.spaced.insert(at, (due, d.clone()));
+                }
             }
         }
         let replies = self.seal_welcomes(id, &welcomes);
@@ -1012,6 +1036,7 @@ impl Group {
             next_heartbeat: now,
             nonces: HashMap::new(),
             epoch_times: BTreeMap::new(),
+            spaced: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -1093,6 +1118,7 @@ impl Group {
             ("lease_ms", p.lease_ms.to_string()),
             ("refresh_interval_ms", p.refresh_interval_ms.to_string()),
             ("repeats", p.repeats.to_string()),
+            ("repeat_spacing_ms", p.repeat_spacing_ms.to_string()),
             ("mtu", p.mtu.to_string()),
             ("freshness_window_ms", p.freshness_window_ms.to_string()),
             ("enrollment", enrollment),
@@ -1124,6 +1150,15 @@ impl Group {
                     .filter(|r| (1..=10).contains(r))
                     .ok_or_else(|| CommandError::BadPolicy("repeats is 1..=10".into()))?;
             }
+            "repeat_spacing_ms" => {
+                let spacing = number()?;
+                if spacing > MAX_REPEAT_SPACING_MS {
+                    return Err(CommandError::BadPolicy(format!(
+                        "repeat_spacing_ms is 0..={MAX_REPEAT_SPACING_MS}"
+                    )));
+                }
+                p.repeat_spacing_ms = spacing;
+            }
             "mtu" => {
                 let mtu = usize::try_from(number()?).unwrap_or(usize::MAX);
                 if !(576..=wire::MAX_DATAGRAM).contains(&mtu) {
@@ -1138,8 +1173,8 @@ impl Group {
             other => {
                 return Err(CommandError::BadPolicy(format!(
                     "unknown or read-only policy key {other:?}; settable: batch_interval_ms, \
-                     heartbeat_interval_ms, lease_ms, refresh_interval_ms, repeats, mtu, \
-                     freshness_window_ms"
+                     heartbeat_interval_ms, lease_ms, refresh_interval_ms, repeats, \
+                     repeat_spacing_ms, mtu, freshness_window_ms"
                 )));
             }
         }

@@ -35,5 +35,5 @@ pub use controller::{
     Command, CommandError, Controller, DepartReason, Event, GroupInfo, KeyInfo, MemberInfo, Reject,
     Response, Stats, Transmit,
 };
-pub use policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
+pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 pub use store::{GroupState, MemberRecord, MemoryStore, Store, StoreError};

@@ -34,6 +34,9 @@ pub enum Enrollment {
     },
 }
 
+/// The longest time between two sends of a rekey datagram.
+pub const MAX_REPEAT_SPACING_MS: u64 = 10_000;
+
 /// One group's policy. Every field has a sane default.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupPolicy {
@@ -53,6 +56,11 @@ pub struct GroupPolicy {
     pub refresh_interval_ms: u64,
     /// How many times each rekey datagram is sent.
     pub repeats: u8,
+    /// Time between the sends of a datagram (0: back to back; at most
+    /// [`MAX_REPEAT_SPACING_MS`]). Spaced copies survive a loss burst shorter than the spacing;
+    /// back-to-back copies share its fate. Keep it below the heartbeat interval: a member that
+    /// sees a heartbeat ahead of it before the copy arrives resyncs.
+    pub repeat_spacing_ms: u64,
     /// Largest datagram.
     pub mtu: usize,
     /// How far a request's timestamp may be from the controller's clock.
@@ -64,7 +72,7 @@ pub struct GroupPolicy {
 impl GroupPolicy {
     /// The defaults for a group called `name` with id `id`: degree 4, group-oriented rekeying with
     /// one-way leaves, immediate rekeying, heartbeats every 2 s, leases of 60 s, no periodic
-    /// refresh, 2 sends per datagram, MTU 1200, requests within 60 s, open enrollment.
+    /// refresh, 2 sends per datagram 100 ms apart, MTU 1200, requests within 60 s, open enrollment.
     pub fn new(name: &str, id: GroupId) -> Self {
         GroupPolicy {
             name: name.to_owned(),
@@ -78,6 +86,7 @@ impl GroupPolicy {
             lease_ms: 60_000,
             refresh_interval_ms: 0,
             repeats: 2,
+            repeat_spacing_ms: 100,
             mtu: wire::DEFAULT_MTU,
             freshness_window_ms: 60_000,
             enrollment: Enrollment::Open,

@@ -57,6 +57,8 @@ const MEMBERS_PER_HOST: usize = 5;
 /// How long a round may take to converge: heartbeats every 250 ms, so a member that lost a
 /// rekey and the next heartbeats still resyncs well within this.
 const RESYNC_BOUND: Duration = Duration::from_secs(20);
+/// The controller's default time between the copies of a datagram.
+const DEFAULT_SPACING_MS: u64 = 100;
 /// Bound on waiting for a process to start or stop.
 const PROCESS_BOUND: Duration = Duration::from_secs(10);
 
@@ -276,6 +278,8 @@ enum Loss {
     Burst { burst: u32, period: u32 },
     /// Every datagram: the network silently drops multicast.
     Blackhole,
+    /// The link drops everything for `down_ms` of every `period_ms` (host phases staggered).
+    Outage { down_ms: u64, period_ms: u64 },
 }
 
 impl Loss {
@@ -286,6 +290,9 @@ impl Loss {
                 format!("bursts of {burst} in {period}")
             }
             Loss::Blackhole => "all multicast".into(),
+            Loss::Outage { down_ms, period_ms } => {
+                format!("outages of {down_ms} ms every {period_ms} ms")
+            }
         }
     }
 
@@ -294,6 +301,7 @@ impl Loss {
         let port = MEMBER_GROUP.port();
         let test = match self {
             Loss::Random(0) => return String::new(),
+            Loss::Outage { .. } => return "        udp dport @down counter drop\n".into(),
             Loss::Random(p) => format!("numgen random mod 100 < {p}"),
             Loss::Burst { burst, period } => format!("numgen inc mod {period} < {burst}"),
             Loss::Blackhole => String::new(),
@@ -307,7 +315,7 @@ impl Loss {
         nft(
             &host.ns,
             &format!(
-                "table inet gkmloss {{\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        udp dport {port} counter\n{}    }}\n}}\n",
+                "table inet gkmloss {{\n    set down {{ type inet_service; }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        udp dport {port} counter\n{}    }}\n}}\n",
                 self.rule()
             ),
         );
@@ -333,6 +341,57 @@ impl Loss {
             packets.first().copied().unwrap_or(0),
             packets.get(1).copied().unwrap_or(0),
         )
+    }
+}
+
+/// Takes the member hosts' links down and up on the schedule of a [`Loss::Outage`], each host
+/// with its own phase, by adding the members' port to the host's `down` set and removing it.
+struct Outages {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Outages {
+    fn start(net: &Net, down_ms: u64, period_ms: u64) -> Outages {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hosts: Vec<String> = net.members.iter().map(|h| h.ns.clone()).collect();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut down = vec![false; hosts.len()];
+            while !stop2.load(Ordering::SeqCst) {
+                let now = start.elapsed().as_millis() as u64;
+                for (i, host) in hosts.iter().enumerate() {
+                    let phase = period_ms * i as u64 / hosts.len() as u64;
+                    let should = (now + phase) % period_ms < down_ms;
+                    if should != down[i] {
+                        let verb = if should { "add" } else { "delete" };
+                        nft(
+                            host,
+                            &format!(
+                                "{verb} element inet gkmloss down {{ {} }}\n",
+                                MEMBER_GROUP.port()
+                            ),
+                        );
+                        down[i] = should;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Outages {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Outages {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -526,10 +585,11 @@ impl Controller {
                 "listen = \"{}\"\n[[group]]\nname = \"demo\"\n\
                  multicast = \"{group}\"\nttl = 1\ninterface = \"{interface}\"\nloop = false\n\
                  fanout = {}\nbatch_interval_ms = 100\nheartbeat_interval_ms = 250\n\
-                 lease_ms = 600000\nrepeats = {}\n",
+                 lease_ms = 600000\nrepeats = {}\nrepeat_spacing_ms = {}\n",
                 Host::controller_addr(plan.family),
                 plan.fanout,
-                plan.repeats
+                plan.repeats,
+                plan.spacing_ms
             ),
         )
         .unwrap();
@@ -707,6 +767,7 @@ impl Slot {
 /// One scenario's results: a row of the table.
 struct Row {
     family: Family,
+    spacing_ms: u64,
     fanout: bool,
     loss: Loss,
     repeats: u32,
@@ -732,7 +793,7 @@ impl Row {
         let p =
             |q: f64| self.converge_ms[((self.converge_ms.len() - 1) as f64 * q).round() as usize];
         println!(
-            "netns row: {:?}{} loss={} repeats={} ops={} (joins {} leaves {} evictions {}) rounds={} epochs={} \
+            "netns row: {:?}{} loss={} repeats={} spacing_ms={} ops={} (joins {} leaves {} evictions {}) rounds={} epochs={} \
              member_runs={} needed_resync={} ({:.1}%) resyncs={} measured_loss={:.1}% ({} of {}) \
              relay received={} sent={} duplicated={} reordered={} converge_ms p50={} p99={} max={} \
              switched_to_fanout={}/{}",
@@ -740,6 +801,7 @@ impl Row {
             if self.fanout { "+fanout" } else { "" },
             self.loss.label(),
             self.repeats,
+            self.spacing_ms,
             self.ops,
             self.audit.get("admitted").copied().unwrap_or(0),
             self.audit.get("left").copied().unwrap_or(0),
@@ -843,6 +905,10 @@ fn scenario(plan: &Plan) -> Row {
     for host in &net.members {
         loss.install(host);
     }
+    let outages = match loss {
+        Loss::Outage { down_ms, period_ms } => Some(Outages::start(&net, down_ms, period_ms)),
+        _ => None,
+    };
     // Over IPv6 the members receive the controller's group directly.
     let relay = (family == Family::V4).then(|| Relay::start(&net.relay, seed));
     let (controller, key) = Controller::start(&net, &dir, plan);
@@ -935,6 +1001,7 @@ fn scenario(plan: &Plan) -> Row {
     };
     let row = Row {
         family,
+        spacing_ms: plan.spacing_ms,
         fanout: plan.fanout,
         loss,
         repeats,
@@ -967,6 +1034,7 @@ fn scenario(plan: &Plan) -> Row {
             .count(),
     };
     drop(controller);
+    drop(outages);
     drop(relay);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
@@ -981,13 +1049,15 @@ struct Plan {
     family: Family,
     /// Whether the controller serves unicast fan-out and members fall back to it.
     fanout: bool,
+    /// Time between the copies of a rekey datagram.
+    spacing_ms: u64,
     /// Joins, leaves and evictions to run.
     ops: u64,
     seed: u64,
 }
 
 /// Runs a scenario and checks what every row must show.
-fn check(plan: &Plan) {
+fn check(plan: &Plan) -> Row {
     let mut row = scenario(plan);
     row.print();
     assert!(row.ops >= plan.ops, "only {} operations ran", row.ops);
@@ -1007,6 +1077,7 @@ fn check(plan: &Plan) {
     } else {
         assert_eq!(row.fell_back, 0, "no agent left working multicast");
     }
+    row
 }
 
 /// The lock that runs scenarios one at a time, or `None` (with the reason printed) when this
@@ -1032,6 +1103,7 @@ fn loss_pattern(loss: Loss, seed: u64) {
             repeats,
             family: Family::V4,
             fanout: false,
+            spacing_ms: DEFAULT_SPACING_MS,
             ops: ops_target(),
             seed: seed + u64::from(repeats),
         });
@@ -1046,6 +1118,7 @@ fn ipv6_multicast_across_hosts() {
         repeats: 1,
         family: Family::V6,
         fanout: false,
+        spacing_ms: DEFAULT_SPACING_MS,
         ops: 100,
         seed: 600,
     });
@@ -1059,6 +1132,7 @@ fn members_fall_back_to_fanout_when_multicast_is_blackholed() {
         repeats: 1,
         family: Family::V4,
         fanout: true,
+        spacing_ms: DEFAULT_SPACING_MS,
         ops: 100,
         seed: 700,
     });
@@ -1087,5 +1161,34 @@ fn burst_loss() {
             period: 40,
         },
         400,
+    );
+}
+
+#[test]
+fn spaced_repeats_survive_link_outages_that_take_back_to_back_copies() {
+    let Some(_serial) = prepared() else { return };
+    let loss = Loss::Outage {
+        down_ms: 150,
+        period_ms: 1_000,
+    };
+    let shares: Vec<f64> = [0, 200]
+        .into_iter()
+        .map(|spacing_ms| {
+            let row = check(&Plan {
+                loss,
+                repeats: 2,
+                family: Family::V4,
+                fanout: false,
+                spacing_ms,
+                ops: ops_target(),
+                seed: 800,
+            });
+            row.runs_resynced as f64 / row.runs as f64
+        })
+        .collect();
+    assert!(
+        shares[1] < shares[0] / 2.0,
+        "copies 200 ms apart should outlive 150 ms outages far better than back-to-back \
+         copies: resync shares {shares:?}"
     );
 }

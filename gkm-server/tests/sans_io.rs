@@ -468,3 +468,55 @@ fn three_hundred_changes_in_batches_and_every_member_converges_every_epoch() {
         stats.rekeys
     );
 }
+
+/// The rekey datagrams the controller queues at `at`, after firing its timers.
+fn rekeys_sent(controller: &mut Controller<ChaCha20Rng>, at: u64) -> Vec<Vec<u8>> {
+    controller.handle_timeout(Timestamp(at));
+    let mut out = Vec::new();
+    while let Some(t) = controller.poll_transmit() {
+        if let Transmit::Multicast { bytes, .. } = t
+            && wire::MessageType::peek(&bytes) == Ok(wire::MessageType::Rekey)
+        {
+            out.push(bytes);
+        }
+    }
+    out
+}
+
+#[test]
+fn repeat_sends_are_spaced_as_the_policy_says() {
+    for spacing in [0u64, 100] {
+        let mut net = Net::new(5, 0.0);
+        let c = &mut net.controller;
+        // Past the copies of the joins' rekeys.
+        let t0 = net.now + 1_000;
+        rekeys_sent(c, t0);
+        for (key, value) in [("repeats", 3), ("repeat_spacing_ms", spacing)] {
+            c.handle_command(
+                Timestamp(t0),
+                Command::Policy("demo".into(), Some((key.into(), value.to_string()))),
+            )
+            .unwrap();
+        }
+        c.handle_command(Timestamp(t0), Command::Rekey("demo".into()))
+            .unwrap();
+        let first = rekeys_sent(c, t0);
+        assert!(!first.is_empty());
+        let later: Vec<Vec<Vec<u8>>> = [99, 100, 199, 200, 1_000]
+            .iter()
+            .map(|dt| rekeys_sent(c, t0 + dt))
+            .collect();
+        if spacing == 0 {
+            let n = first.len() / 3;
+            assert_eq!(first.len(), 3 * n, "three copies at once");
+            assert_eq!(first[..n], first[n..2 * n]);
+            assert!(later.iter().all(Vec::is_empty), "nothing afterwards");
+        } else {
+            assert!(later[0].is_empty(), "no copy before the spacing");
+            assert_eq!(later[1], first, "the second copy after 100 ms");
+            assert!(later[2].is_empty());
+            assert_eq!(later[3], first, "the third copy after 200 ms");
+            assert!(later[4].is_empty(), "three copies in all");
+        }
+    }
+}

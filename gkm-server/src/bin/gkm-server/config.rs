@@ -36,6 +36,7 @@ fanout = true             # also send each datagram by unicast to subscribed mem
 # lease_ms = 60000
 # refresh_interval_ms = 0
 # repeats = 2
+# repeat_spacing_ms = 100  # time between the sends of one datagram
 # mtu = 1200
 # enrollment = "open"     # open | restricted
 # allowed = []            # hex Ed25519 identity keys (restricted)
@@ -81,6 +82,7 @@ pub(crate) struct GroupConfig {
     lease_ms: Option<u64>,
     refresh_interval_ms: Option<u64>,
     repeats: Option<u8>,
+    repeat_spacing_ms: Option<u64>,
     mtu: Option<usize>,
     enrollment: Option<String>,
     #[serde(default)]
@@ -160,6 +162,7 @@ impl GroupConfig {
             lease_ms: None,
             refresh_interval_ms: None,
             repeats: None,
+            repeat_spacing_ms: None,
             mtu: None,
             enrollment: None,
             allowed: Vec::new(),
@@ -235,6 +238,16 @@ impl GroupConfig {
                 bail!("{}: repeats is 1..=10, not {v}", what("repeats"));
             }
             p.repeats = v;
+        }
+        if let Some(v) = self.repeat_spacing_ms {
+            if v > gkm_server::MAX_REPEAT_SPACING_MS {
+                bail!(
+                    "{}: repeat_spacing_ms is 0..={}, not {v}",
+                    what("repeat_spacing_ms"),
+                    gkm_server::MAX_REPEAT_SPACING_MS
+                );
+            }
+            p.repeat_spacing_ms = v;
         }
         if let Some(v) = self.mtu {
             if !(576..=wire::MAX_DATAGRAM).contains(&v) {
