@@ -93,6 +93,52 @@ fn converged(sockets: &[&Path], limit: Duration) -> serde_json::Value {
     }
 }
 
+/// Runs this binary with `args` as uid/gid 65534 (nobody), or says why it cannot.
+fn as_nobody(args: &[&str]) -> Result<Output, String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+        return Err("not root".into());
+    }
+    let run = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(args)
+            .output()
+            .map_err(|e| format!("setpriv: {e}"))
+    };
+    match run(&["--version"]) {
+        Ok(out) if out.status.success() => run(args),
+        _ => Err(format!("uid 65534 cannot run {BIN}")),
+    }
+}
+
+/// The API's second line of defence: with the socket opened to everyone (mode 0666, directory
+/// 0755), another uid still gets only a refusal.
+fn another_uid_is_refused_by_the_api(state: &Path, socket: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let old = std::fs::metadata(state).unwrap().permissions();
+    mode(state, 0o755);
+    mode(socket, 0o666);
+    let out = as_nobody(&["send", "--api-socket", socket.to_str().unwrap(), "hi"]);
+    std::fs::set_permissions(state, old).unwrap();
+    mode(socket, 0o600);
+    match out {
+        Err(why) => eprintln!("uid check not exercised: {why}"),
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "another uid was served: {err}");
+            assert!(err.contains("refused: this API serves uid 0 only"), "{err}");
+        }
+    }
+    assert!(current(socket).is_some(), "the owner is still served");
+}
+
 #[test]
 fn members_follow_the_real_controller() {
     let Some(server) = server_binary() else {
@@ -151,6 +197,7 @@ fn members_follow_the_real_controller() {
     let b = member("b", &["--no-multicast"]);
     let (sa, sb) = (dir.join("a/api.sock"), dir.join("b/api.sock"));
     converged(&[&sa, &sb], Duration::from_secs(15));
+    another_uid_is_refused_by_the_api(&dir.join("a"), &sa);
 
     // Crash b; restart it: it resumes from its membership file, without registering.
     b.signal("KILL");

@@ -168,6 +168,42 @@ fn refusals_exit_1_with_the_daemons_advice() {
     assert!(out.stdout.is_empty());
 }
 
+/// The control socket's second line of defence: with its mode opened to everyone, another uid
+/// is still refused, with advice; the owner is still served.
+#[test]
+fn another_uid_is_refused_even_when_the_socket_mode_lets_it_in() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: not root (needs a second uid)");
+        return;
+    }
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", GKMCTL])
+            .args(args)
+            .output()
+    };
+    if !as_nobody(&["--version"]).is_ok_and(|o| o.status.success()) {
+        println!("skipped: uid 65534 cannot run {GKMCTL} (setpriv missing or path not readable)");
+        return;
+    }
+    let d = Daemon::start("uid");
+    let mode = |path: PathBuf, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(d.dir.clone(), 0o755);
+    mode(d.dir.join("state"), 0o711);
+    mode(d.socket(), 0o666);
+    let out = as_nobody(&["--socket", d.socket().to_str().unwrap(), "status"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refused: this control socket serves uid 0 only; run gkmctl as that user"),
+        "{err}"
+    );
+    assert!(d.ctl(&["status"]).status.success());
+}
+
 #[test]
 fn no_daemon_exits_2_and_names_the_socket() {
     let socket = std::env::temp_dir().join(format!("gkm-ctl-none-{}.sock", std::process::id()));

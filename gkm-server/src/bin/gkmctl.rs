@@ -147,11 +147,14 @@ fn call(socket: &PathBuf, request: &Request) -> std::io::Result<Reply> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A daemon that refuses us answers before reading: its reply counts more than our write.
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream.take(u64::try_from(MAX_LINE * 64).unwrap_or(u64::MAX)));
     let mut answer = String::new();
-    reader.read_line(&mut answer)?;
+    let read = reader.read_line(&mut answer);
     if answer.is_empty() {
+        sent?;
+        read?;
         return Err(std::io::Error::other("the daemon closed the connection"));
     }
     serde_json::from_str(&answer).map_err(std::io::Error::other)

@@ -10,6 +10,8 @@
 //!
 //! Lines are at most [`MAX_LINE`] bytes; a longer line is answered with an error and the
 //! connection closed; anything that is not a known request is answered with an error line.
+//! Only processes of the member's own uid are served (the socket's mode is 0600 and the peer's
+//! credentials are checked too); another uid gets an error line and the connection is closed.
 
 use std::io;
 use std::path::Path;
@@ -126,9 +128,16 @@ pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(
     Ok(Line::Text(buf))
 }
 
+/// The bound API socket and the one uid it serves (its owner: ours).
+pub(crate) struct Listener {
+    socket: UnixListener,
+    uid: u32,
+}
+
 /// Binds the API socket (replacing a stale one) and sets its mode to 0600.
-pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> anyhow::Result<Listener> {
     use anyhow::Context;
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -144,14 +153,30 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("cannot bind the API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod 600 {}", path.display()))?;
-    Ok(listener)
+    let uid = std::fs::metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .uid();
+    Ok(Listener {
+        socket: listener,
+        uid,
+    })
 }
 
-/// Serves clients until the listener fails for good.
-pub(crate) async fn serve(listener: UnixListener, keys: watch::Receiver<Option<KeyInfo>>) {
+/// Serves clients of our uid until the listener fails for good.
+pub(crate) async fn serve(listener: Listener, keys: watch::Receiver<Option<KeyInfo>>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        match listener.socket.accept().await {
+            Ok((mut stream, _)) => {
+                match stream.peer_cred() {
+                    Ok(cred) if cred.uid() == listener.uid => {}
+                    other => {
+                        let peer = other.map_or_else(|e| e.to_string(), |c| c.uid().to_string());
+                        tracing::warn!(peer, "API connection from another uid refused");
+                        let msg = format!("refused: this API serves uid {} only", listener.uid);
+                        let _ = write_line(&mut stream, &error_line(&msg)).await;
+                        continue;
+                    }
+                }
                 let keys = keys.clone();
                 tokio::spawn(async move {
                     if let Err(e) = client(stream, keys).await {

@@ -498,6 +498,14 @@ async fn control_connection(stream: UnixStream, uid: u32, tx: mpsc::Sender<Contr
                 peer_uid = cred.uid(),
                 "control connection from another uid refused"
             );
+            let reply = Reply::error(format!(
+                "refused: this control socket serves uid {uid} only; run gkmctl as that user"
+            ));
+            if let Ok(mut line) = serde_json::to_vec(&reply) {
+                line.push(b'\n');
+                let mut stream = stream;
+                let _ = stream.write_all(&line).await;
+            }
             return;
         }
         Err(e) => {
