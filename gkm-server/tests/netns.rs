@@ -13,7 +13,8 @@
 //! `gkm-member` processes against a real `gkm-server`, in rounds; after every round every running
 //! member must hold the controller's current epoch and traffic key within the resync bound.
 //! Each scenario prints one row of the loss/resync table; `GKM_NETNS_REPEATS="1 2 3"` runs every
-//! loss pattern with each repeat count (`scripts/netns-table.sh`).
+//! loss pattern with each repeat count and `GKM_NETNS_SPACING_MS` sets the time between copies
+//! (`scripts/netns-table.sh`).
 //!
 //! Needs root, `ip` (iproute2) and `nft` (nftables); without them every test prints why and
 //! passes without running (`.ci/run` installs both and runs as root).
@@ -876,6 +877,15 @@ fn ops_target() -> u64 {
         .unwrap_or(1_000)
 }
 
+/// Time between copies for the loss-pattern scenarios (`GKM_NETNS_SPACING_MS`, default the
+/// controller's default).
+fn spacing() -> u64 {
+    std::env::var("GKM_NETNS_SPACING_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_SPACING_MS)
+}
+
 fn repeat_counts() -> Vec<u32> {
     std::env::var("GKM_NETNS_REPEATS")
         .ok()
@@ -1103,7 +1113,7 @@ fn loss_pattern(loss: Loss, seed: u64) {
             repeats,
             family: Family::V4,
             fanout: false,
-            spacing_ms: DEFAULT_SPACING_MS,
+            spacing_ms: spacing(),
             ops: ops_target(),
             seed: seed + u64::from(repeats),
         });
