@@ -273,7 +273,7 @@ fn slowloris(target: SocketAddr, connections: usize, stop: &AtomicBool) -> Sent 
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
     sent.requests.push(("", opened));
     sent
@@ -450,16 +450,24 @@ impl Controller {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// `gkmctl --json stats demo`: registrations accepted and requests refused by reason.
-    pub fn stats(&self) -> std::io::Result<(u64, BTreeMap<String, u64>)> {
+    /// `gkmctl --json ARGS`.
+    fn ctl(&self, args: &[&str]) -> std::io::Result<serde_json::Value> {
         let out = Command::new(&self.gkmctl)
             .arg("--socket")
             .arg(self.dir.join("state/control.sock"))
-            .args(["--json", "stats", "demo"])
+            .arg("--json")
+            .args(args)
             .output()?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)?;
-        let rejects = v["rejects"]
+        serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)
+    }
+
+    /// Registrations accepted in group "demo" (`gkmctl stats demo`) and requests refused by
+    /// reason in the whole controller (`gkmctl status`).
+    pub fn stats(&self) -> std::io::Result<(u64, BTreeMap<String, u64>)> {
+        let registrations = self.ctl(&["stats", "demo"])?["registrations"]
+            .as_u64()
+            .unwrap_or(0);
+        let rejects = self.ctl(&["status"])?["rejects"]
             .as_object()
             .map(|m| {
                 m.iter()
@@ -467,7 +475,7 @@ impl Controller {
                     .collect()
             })
             .unwrap_or_default();
-        Ok((v["registrations"].as_u64().unwrap_or(0), rejects))
+        Ok((registrations, rejects))
     }
 }
 

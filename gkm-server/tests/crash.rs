@@ -487,12 +487,22 @@ fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
         let before = capture.max_epoch_so_far();
         let restart = Instant::now();
         controller = run.server.start();
-        let after = run.server.epoch();
+        // The restarted controller rekeys at once, above everything persisted (and so above
+        // everything sent: nothing leaves before it is persisted).
+        let after = loop {
+            let epoch = run.server.epoch();
+            if epoch > before || restart.elapsed() > Duration::from_secs(10) {
+                break epoch;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         restarts.push(restart.elapsed());
         assert!(
             after > before,
-            "kill {}: restarted at epoch {after}, but epoch {before} was on the wire before",
-            restarts.len()
+            "kill {}: restarted at epoch {after}, but epoch {before} was on the wire before; \
+             wire checks: {:#?}",
+            restarts.len(),
+            capture.wire.lock().unwrap().violations
         );
     }
     let churn = started.elapsed();
@@ -534,7 +544,7 @@ fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
     // No member re-registered because of a kill: only fresh starts, evictions, and welcomes a
     // kill may have cut off.
     let (admitted, torn) = admissions(&run.server.state.join("audit.jsonl"));
-    let mut extra = 0;
+    let (mut extra, mut ended_total) = (0, 0);
     for (i, slot) in run.slots.iter().enumerate() {
         let got = admitted.get(&slot.identity).copied().unwrap_or(0);
         let evicted = u32::try_from(slot.evicted.len()).unwrap();
@@ -548,6 +558,7 @@ fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
         );
         extra += got.saturating_sub(slot.starts + evicted);
         let ended = memberships_ended(&run.logs, i);
+        ended_total += ended;
         assert!(
             ended <= evicted,
             "member {i}: the controller ended its membership {ended} times, evicted {evicted}"
@@ -561,8 +572,8 @@ fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
         "crash run: {} kills, {} operations ({} joins, {} leaves, {} evictions) in {:.1} s \
          (churn {:.1} s); final epoch {final_epoch}; restart median {} ms; {} rekey datagrams, \
          {} wraps checked ({} distinct), {} heartbeats, {} epochs with datagrams missing on the \
-         wire, {} unauthentic; {} admissions ({} after a kill cut a welcome), {torn} torn audit \
-         lines",
+         wire, {} unauthentic; {} admissions ({} after a kill cut a welcome), {ended_total} \
+         memberships ended by evictions, {torn} torn audit lines",
         restarts.len(),
         plan.operations,
         run.joins,
@@ -581,6 +592,8 @@ fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
         extra,
     );
     assert!(wire.violations.is_empty(), "{:#?}", wire.violations);
+    // Evicted members notice (the logs are read right).
+    assert!(run.evictions == 0 || ended_total > 0);
     assert_eq!(restarts.len(), plan.kills);
     assert!(wire.wraps_seen > 0 && wire.heartbeats > 0);
 }
