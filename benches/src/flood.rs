@@ -387,7 +387,8 @@ impl Controller {
     /// Starts `gkm-server` from `bin_dir` (where `gkmctl` is too) with `allowed` on the allow
     /// list; returns once its control socket answers (at most 20 s).
     pub fn start(bin_dir: &Path, allowed: &Identity) -> std::io::Result<Controller> {
-        let dir = std::env::temp_dir().join(format!("gkm-flood-{}-{}", std::process::id(), now_ms()));
+        let dir =
+            std::env::temp_dir().join(format!("gkm-flood-{}-{}", std::process::id(), now_ms()));
         std::fs::create_dir_all(&dir)?;
         let (port, mport) = (free_port()?, free_port()?);
         let config = dir.join("gkm-server.toml");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use gkm_benches::flood::{Controller, Identity, measure, percentile};
 
 #[test]
-fn a_flood_is_refused_by_reason_and_an_allowed_member_still_registers() {
+fn v034_v035_a_flood_is_refused_by_reason_and_an_allowed_member_still_registers() {
     let exe = std::env::current_exe().unwrap();
     let bin_dir = exe.parent().unwrap().parent().unwrap();
     if !bin_dir.join("gkm-server").exists() || !bin_dir.join("gkmctl").exists() {

@@ -91,7 +91,10 @@ impl Wire {
         }
         self.last_rekey_epoch = epoch;
         self.max_epoch = self.max_epoch.max(epoch);
-        let part = self.parts.entry(epoch).or_insert((d.count, BTreeSet::new()));
+        let part = self
+            .parts
+            .entry(epoch)
+            .or_insert((d.count, BTreeSet::new()));
         if part.0 != d.count {
             self.violations.push(format!(
                 "epoch {epoch} announced {} and {} datagrams",
@@ -411,7 +414,7 @@ fn memberships_ended(logs: &Path, slot: usize) -> u32 {
 }
 
 #[test]
-fn kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
+fn v030_v032_kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
     let Some(member_bin) = member_binary() else {
         assert!(
             std::env::var_os("CI").is_none(),

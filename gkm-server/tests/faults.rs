@@ -116,7 +116,13 @@ fn make_state(server: &Server) -> Held {
     );
     members.pop();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while server.ctl_json(&["members", "demo"]).as_array().unwrap().len() != 3 {
+    while server
+        .ctl_json(&["members", "demo"])
+        .as_array()
+        .unwrap()
+        .len()
+        != 3
+    {
         assert!(Instant::now() < deadline, "eviction not applied");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -155,8 +161,7 @@ fn start_on(server: &Server, bytes: &[u8], held: &Held, label: &str) -> Outcome 
             assert!(!status.ends_with("status: 0"), "{label}: exit 0: {log}");
             assert!(
                 log.contains(&file.display().to_string())
-                    && (log.contains("restore it from a backup")
-                        || log.contains("move it away")),
+                    && (log.contains("restore it from a backup") || log.contains("move it away")),
                 "{label}: the error does not name the state file and what to do ({status}): {log}"
             );
             Outcome::Refused
@@ -184,7 +189,7 @@ fn start_on(server: &Server, bytes: &[u8], held: &Held, label: &str) -> Outcome 
 }
 
 #[test]
-fn a_flipped_or_cut_state_file_is_refused_clearly_or_served_unchanged() {
+fn v033_a_flipped_or_cut_state_file_is_refused_clearly_or_served_unchanged() {
     let server = Server::new("state-faults", "heartbeat_interval_ms = 200\n");
     let held = make_state(&server);
     let pristine = std::fs::read(server.state.join("state.redb")).unwrap();
@@ -214,7 +219,16 @@ fn a_flipped_or_cut_state_file_is_refused_clearly_or_served_unchanged() {
         bytes[pos] ^= 1 << bit;
         cases.push((format!("flip of bit {bit} at byte {pos}"), bytes));
     }
-    for cut in [0, 1, 64, 512, 4096, len / 2, len.saturating_sub(4096), len - 1] {
+    for cut in [
+        0,
+        1,
+        64,
+        512,
+        4096,
+        len / 2,
+        len.saturating_sub(4096),
+        len - 1,
+    ] {
         cases.push((
             format!("cut to {cut} of {len} bytes"),
             pristine[..cut.min(len)].to_vec(),
@@ -243,7 +257,12 @@ fn a_flipped_or_cut_state_file_is_refused_clearly_or_served_unchanged() {
     );
     let header = |list: &[String]| {
         list.iter()
-            .filter(|l| l.split(' ').next_back().and_then(|p| p.parse::<usize>().ok()) < Some(512))
+            .filter(|l| {
+                l.split(' ')
+                    .next_back()
+                    .and_then(|p| p.parse::<usize>().ok())
+                    < Some(512)
+            })
             .count()
     };
     eprintln!(

@@ -124,7 +124,6 @@ impl Running {
         }
         child.wait_with_output().unwrap()
     }
-
 }
 
 impl Drop for Running {
