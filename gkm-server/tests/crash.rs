@@ -473,18 +473,32 @@ fn v030_v032_kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
     );
 
     let mut restarts = Vec::new();
+    let mut on_send = 0;
     for op in 0..plan.operations {
+        let sent_before = capture.wire.lock().unwrap().last_rekey_epoch;
         run.operation();
-        std::thread::sleep(Duration::from_millis(20 + run.rng.next_u64() % 60));
         if !kill_points.contains(&op) {
+            std::thread::sleep(Duration::from_millis(20 + run.rng.next_u64() % 60));
             continue;
         }
-        // Kill at a random moment up to two batch intervals after the operation.
-        std::thread::sleep(Duration::from_millis(run.rng.next_u64() % 80));
         for slot in &mut run.slots {
             if slot.registering() {
                 slot.kills_while_registering += 1;
             }
+        }
+        if run.rng.next_u32() % 2 == 0 {
+            // At a random moment up to two batch intervals after the operation.
+            std::thread::sleep(Duration::from_millis(run.rng.next_u64() % 80));
+        } else {
+            // Or as soon as the operation's rekey is on the wire, while the controller may
+            // still be sending its datagrams and welcomes.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while capture.wire.lock().unwrap().last_rekey_epoch == sent_before
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            on_send += 1;
         }
         controller.kill();
         let before = capture.max_epoch_so_far();
@@ -572,7 +586,7 @@ fn v030_v032_kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
     let mut restart_ms: Vec<u128> = restarts.iter().map(Duration::as_millis).collect();
     restart_ms.sort_unstable();
     eprintln!(
-        "crash run: {} kills, {} operations ({} joins, {} leaves, {} evictions) in {:.1} s \
+        "crash run: {} kills ({on_send} as a rekey went out), {} operations ({} joins, {} leaves, {} evictions) in {:.1} s \
          (churn {:.1} s); final epoch {final_epoch}; restart median {} ms; {} rekey datagrams, \
          {} wraps checked ({} distinct), {} heartbeats, {} epochs with datagrams missing on the \
          wire, {} unauthentic; {} admissions ({} after a kill cut a welcome), {ended_total} \
