@@ -486,7 +486,7 @@ fn v030_v032_kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
                 slot.kills_while_registering += 1;
             }
         }
-        if run.rng.next_u32() % 2 == 0 {
+        if run.rng.next_u32().is_multiple_of(2) {
             // At a random moment up to two batch intervals after the operation.
             std::thread::sleep(Duration::from_millis(run.rng.next_u64() % 80));
         } else {

@@ -23,7 +23,7 @@ use rand_core::UnwrapErr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -234,13 +234,8 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
                     let conn = ConnId(next_conn);
                     let (tx, slots, done) = (req_tx.clone(), connections.clone(), readers.clone());
                     let task = tokio::spawn(async move {
-                        // Admitted by closing another: its slot frees once its task is dropped.
-                        let permit = match permit {
-                            Some(permit) => permit,
-                            None => match tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()).await {
-                                Ok(Ok(permit)) => permit,
-                                _ => return,
-                            },
+                        let Some(permit) = slot(permit, slots).await else {
+                            return;
                         };
                         request_connection(stream, conn, tx, reply_wait, &done).await;
                         drop(permit);
@@ -479,6 +474,21 @@ async fn serve_metrics(mut stream: TcpStream, text: String) {
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// A request slot: `permit` when one was free, else (a connection was closed to make room) the
+/// slot that frees once the closed connection's task is dropped.
+async fn slot(
+    permit: Option<OwnedSemaphorePermit>,
+    slots: Arc<Semaphore>,
+) -> Option<OwnedSemaphorePermit> {
+    match permit {
+        Some(permit) => Some(permit),
+        None => tokio::time::timeout(SLOT_WAIT, slots.acquire_owned())
+            .await
+            .ok()?
+            .ok(),
+    }
 }
 
 /// One request connection: a length-prefixed frame in, one frame out, close.
