@@ -429,7 +429,7 @@ fn v030_v032_kill_9_during_churn_never_reuses_a_nonce_nor_goes_back_an_epoch() {
     let kill_points = plan.kill_points(&mut rng);
     let server = Server::new(
         "crash",
-        "repeats = 1\nbatch_interval_ms = 40\nheartbeat_interval_ms = 150\n",
+        "repeats = 1\nbatch_interval_ms = 40\nheartbeat_interval_ms = 150\nmtu = 576\n",
     );
     let mut controller = server.start();
     let key = server.public_key_hex();
