@@ -9,6 +9,7 @@
 //! | `benches/tree.rs` | leave, join, hash-forward join, refresh and a batch of 64 leaves + 64 joins at n = 2^10, 2^14, 2^17, 2^20 (d = 4) |
 //! | `benches/crypto.rs` | the primitives: BLAKE3 `derive_key`, ChaCha20-Poly1305 seal/open of a 32-byte key with 40 bytes of AD, one wrap as the tree makes it, one wrap applied by a member, Ed25519 sign / `verify_strict` of 1200 bytes |
 //! | `benches/wire.rs` | pack and pack_signed of one leave at 2^20, decode of one datagram, `AuthenticRekey::verify`, and a member's verify → fresh → apply |
+//! | `src/bin/flood.rs` | a registration flood against the real daemon ([`flood`]): a legitimate member's registration time idle and under flood, the daemon's memory, refusals by reason |
 //! | `src/bin/report.rs` | wire bytes per leave, rekey time against the time of its wraps and signatures alone, member apply against one verify plus its unwraps, memory per member |
 //!
 //! This library holds the setup they share, all deterministic (ChaCha20 seeded by a constant, a
@@ -30,6 +31,8 @@
 //! join is preceded by an untimed leave of a random member; a batch of 64 leaves and 64 joins
 //! keeps the size by itself. The tree's shape stays that of the full tree, no clone is needed,
 //! and one tree per size serves every benchmark.
+
+pub mod flood;
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};

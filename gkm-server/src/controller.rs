@@ -287,6 +287,9 @@ pub enum Response {
         members: usize,
         /// The controller's public key, hex.
         public_key: String,
+        /// Requests refused, by reason: in every group, and before any group could be named
+        /// (malformed requests, registrations whose signature does not verify).
+        rejects: BTreeMap<Reject, u64>,
     },
     /// Groups.
     Groups(Vec<GroupInfo>),
@@ -339,6 +342,7 @@ pub struct Controller<R> {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     workers: usize,
+    rejects: BTreeMap<Reject, u64>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -372,6 +376,7 @@ impl<R: CryptoRng> Controller<R> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             workers: 1,
+            rejects: BTreeMap::new(),
         })
     }
 
@@ -495,6 +500,7 @@ impl<R: CryptoRng> Controller<R> {
                 groups: self.groups.len(),
                 members: self.groups.values().map(|g| g.members.len()).sum(),
                 public_key: hex(&self.public_key()),
+                rejects: self.rejects.clone(),
             }),
             Command::Groups => Ok(Response::Groups(
                 self.groups.values().map(Group::info).collect(),
@@ -611,6 +617,7 @@ impl<R: CryptoRng> Controller<R> {
     }
 
     fn reject(&mut self, conn: ConnId, now: Timestamp, group: GroupId, reason: Reject) {
+        *self.rejects.entry(reason).or_default() += 1;
         if let Some(g) = self.groups.get_mut(&group) {
             *g.stats.rejects.entry(reason).or_default() += 1;
         }

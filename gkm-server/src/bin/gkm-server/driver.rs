@@ -6,7 +6,7 @@
 //! datagram of that group is also sent by unicast to the subscriber's address until the
 //! subscription is older than the group's lease.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,7 +23,8 @@ use rand_core::UnwrapErr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, Interface};
@@ -31,8 +32,11 @@ use crate::state::StateDir;
 
 /// Largest request frame.
 const MAX_FRAME: usize = 65_536;
-/// Concurrent request connections; more are refused (closed at once).
+/// Concurrent request connections. When all are taken, the oldest one still reading its request
+/// is closed to make room (see [`Readers`]); when none is reading, a new one is refused.
 const MAX_CONNECTIONS: usize = 256;
+/// How long a connection admitted by closing another waits for that one's slot.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Concurrent control connections.
 const MAX_CONTROL: usize = 16;
 /// Time to read one request.
@@ -48,6 +52,33 @@ struct Incoming {
     conn: ConnId,
     bytes: Vec<u8>,
     reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// Request connections still reading their request, oldest first. A member sends its request as
+/// soon as it connects; connections that stay silent (slowloris) are the ones closed when every
+/// slot is taken, so they cannot lock members out for a read timeout at a time.
+#[derive(Clone, Default)]
+struct Readers(Arc<std::sync::Mutex<VecDeque<(ConnId, AbortHandle)>>>);
+
+impl Readers {
+    fn push(&self, conn: ConnId, task: AbortHandle) {
+        if let Ok(mut q) = self.0.lock() {
+            q.push_back((conn, task));
+        }
+    }
+
+    /// `conn` has read its request (or given up).
+    fn done(&self, conn: ConnId) {
+        if let Ok(mut q) = self.0.lock() {
+            q.retain(|(c, _)| *c != conn);
+        }
+    }
+
+    /// Closes the oldest connection still reading; whether there was one.
+    fn close_oldest(&self) -> bool {
+        let oldest = self.0.lock().ok().and_then(|mut q| q.pop_front());
+        oldest.map(|(_, task)| task.abort()).is_some()
+    }
 }
 
 struct ControlCall {
@@ -163,6 +194,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
     let (req_tx, mut req_rx) = mpsc::channel::<Incoming>(MAX_CONNECTIONS);
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlCall>(MAX_CONTROL);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let readers = Readers::default();
     let controls = Arc::new(Semaphore::new(MAX_CONTROL));
     let reply_wait = READ_TIMEOUT
         + Duration::from_millis(
@@ -190,17 +222,27 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Ok(permit) = connections.clone().try_acquire_owned() else {
-                        warn!(%peer, "too many request connections; refusing");
-                        continue;
+                    let permit = match connections.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) if readers.close_oldest() => None,
+                        Err(_) => {
+                            warn!(%peer, "too many request connections; refusing");
+                            continue;
+                        }
                     };
                     next_conn += 1;
                     let conn = ConnId(next_conn);
-                    let tx = req_tx.clone();
-                    tokio::spawn(async move {
-                        request_connection(stream, conn, tx, reply_wait).await;
+                    let (tx, slots, done) = (req_tx.clone(), connections.clone(), readers.clone());
+                    let task = tokio::spawn(async move {
+                        let Some(permit) = slot(permit, slots).await else {
+                            return;
+                        };
+                        request_connection(stream, conn, tx, reply_wait, &done).await;
                         drop(permit);
                     });
+                    // The runtime is single-threaded: the task has not run yet, so it is queued
+                    // before it can mark itself done.
+                    readers.push(conn, task.abort_handle());
                 }
                 Err(e) => warn!("accept failed: {e}"),
             },
@@ -434,14 +476,32 @@ async fn serve_metrics(mut stream: TcpStream, text: String) {
     let _ = stream.shutdown().await;
 }
 
+/// A request slot: `permit` when one was free, else (a connection was closed to make room) the
+/// slot that frees once the closed connection's task is dropped.
+async fn slot(
+    permit: Option<OwnedSemaphorePermit>,
+    slots: Arc<Semaphore>,
+) -> Option<OwnedSemaphorePermit> {
+    match permit {
+        Some(permit) => Some(permit),
+        None => tokio::time::timeout(SLOT_WAIT, slots.acquire_owned())
+            .await
+            .ok()?
+            .ok(),
+    }
+}
+
 /// One request connection: a length-prefixed frame in, one frame out, close.
 async fn request_connection(
     mut stream: TcpStream,
     conn: ConnId,
     tx: mpsc::Sender<Incoming>,
     reply_wait: Duration,
+    readers: &Readers,
 ) {
-    let bytes = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut stream)).await {
+    let read = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut stream)).await;
+    readers.done(conn);
+    let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             debug!(conn = conn.0, "bad request frame: {e}");

@@ -104,7 +104,7 @@ impl StateDir {
     pub(crate) fn open_store(&self) -> Result<(RedbStore, Vec<GroupState>)> {
         let key = read_key(&self.storage_key())?;
         let path = self.database();
-        let db = match Database::create(&path) {
+        let db = match open_database(&path) {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => bail!(
                 "state directory {} is in use by another gkm-server; stop it or pass --state-dir",
@@ -124,6 +124,20 @@ impl StateDir {
             .load_all()
             .with_context(|| format!("state file {} is corrupt or was tampered with; refusing to serve (restore it from a backup, or move it away to start every group afresh)", path.display()))?;
         Ok((store, states))
+    }
+}
+
+/// Opens the database, checking every page's checksum: redb trusts a cleanly closed file
+/// otherwise, and may panic on one altered outside it ("Malformed allocator state"). An existing
+/// file is opened, never initialized: redb would turn an empty (truncated) file into a new, empty
+/// database, and the daemon would start every group afresh at epoch 0.
+fn open_database(path: &Path) -> Result<Database, DatabaseError> {
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    if path.exists() {
+        builder.open(path)
+    } else {
+        builder.create(path)
     }
 }
 
