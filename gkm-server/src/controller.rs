@@ -1,6 +1,7 @@
 //! The controller state machine. See the crate docs for the call order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Batch, Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeError, dot};
@@ -10,14 +11,14 @@ use serde::Serialize;
 use thiserror::Error;
 use wire::{
     Codec, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
-    RegistrationRequest, ResyncRequest, SealedFor, SealedKind, WireError, open_with, pack_signed,
-    seal_path, sign, verifying_key,
+    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor, SealedKind, WireError, open_with,
+    pack, seal_path, sign, verifying_key,
 };
 use zeroize::Zeroizing;
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
 use crate::roster::Roster;
-use crate::store::{GroupState, MemberRecord, Store, StoreError};
+use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
 
 /// Bytes to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -302,6 +303,19 @@ pub enum Response {
     Stats(Stats),
 }
 
+/// The time each phase of one rekey took (see [`Controller::set_profiler`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyProfile {
+    /// The tree's rekey (marking, new keys, wraps) and the roster's update.
+    pub tree: Duration,
+    /// Making the changes durable (the store's save).
+    pub persist: Duration,
+    /// Packing the datagrams and signing them.
+    pub sign: Duration,
+    /// Sealing and signing the joiners' welcomes.
+    pub welcomes: Duration,
+}
+
 /// One welcome to seal: the join it answers, the member's id and its keys.
 type WelcomeJob<'a> = (&'a PendingJoin, MemberId, &'a MemberPath);
 
@@ -325,6 +339,10 @@ struct Group {
     nonces: HashMap<[u8; NONCE_LEN], Timestamp>,
     epoch_times: BTreeMap<u64, Timestamp>,
     stats: Stats,
+    /// Whether the store holds this group's state (so a delta can be applied to it).
+    saved: bool,
+    /// Records written as deltas since the last full save.
+    logged: usize,
 }
 
 /// The controller: every group's tree, members and timers.
@@ -337,6 +355,8 @@ pub struct Controller<R> {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     workers: usize,
+    profiler: Option<fn() -> Instant>,
+    profile: Option<RekeyProfile>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -370,6 +390,8 @@ impl<R: CryptoRng> Controller<R> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             workers: 1,
+            profiler: None,
+            profile: None,
         })
     }
 
@@ -377,6 +399,17 @@ impl<R: CryptoRng> Controller<R> {
     /// does no I/O on them; the driver passes the machine's parallelism.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
+    }
+
+    /// Lets the controller time the phases of each rekey with `now` (a monotonic clock the
+    /// driver passes, e.g. `Instant::now`; benchmarks only). See [`Controller::last_rekey_profile`].
+    pub fn set_profiler(&mut self, now: fn() -> Instant) {
+        self.profiler = Some(now);
+    }
+
+    /// How long the phases of the last rekey took, once a profiler is set.
+    pub fn last_rekey_profile(&self) -> Option<RekeyProfile> {
+        self.profile
     }
 
     /// The controller's public key, which members pin.
@@ -748,6 +781,7 @@ impl<R: CryptoRng> Controller<R> {
 
     /// One rekey of group `id`: the pending batch, or a refresh.
     fn rekey(&mut self, id: GroupId, now: Timestamp) {
+        let started = self.profiler.map(|now| now());
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
@@ -825,21 +859,15 @@ impl<R: CryptoRng> Controller<R> {
         g.epoch_times.insert(epoch.0, now);
         g.next_refresh =
             (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
-        // Write-ahead: the new state is durable before anything encrypted under it is queued.
-        let state = g.state();
-        if let Err(error) = self.store.save(&state) {
+        let tree_done = self.profiler.map(|now| now());
+        // Write-ahead: the changes are durable before anything encrypted under them is queued.
+        if let Err(error) = g.persist(self.store.as_mut()) {
             self.store_failed(id, epoch, &error);
             return;
         }
-        let Some(g) = self.groups.get_mut(&id) else {
-            return;
-        };
-        let datagrams = match pack_signed(&rekey, &g.tree, g.policy.mtu, &self.signer) {
-            Ok(d) => d,
-            Err(_) => {
-                pack_signed(&rekey, &g.tree, wire::MAX_DATAGRAM, &self.signer).unwrap_or_default()
-            }
-        };
+        let persisted = self.profiler.map(|now| now());
+        let datagrams = pack_and_sign(&rekey, &g.tree, g.policy.mtu, &self.signer, self.workers);
+        let signed = self.profiler.map(|now| now());
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
@@ -856,6 +884,16 @@ impl<R: CryptoRng> Controller<R> {
             }
         }
         let replies = self.seal_welcomes(id, &welcomes);
+        if let (Some(now), Some(start), Some(tree_done), Some(persisted), Some(signed)) =
+            (self.profiler, started, tree_done, persisted, signed)
+        {
+            self.profile = Some(RekeyProfile {
+                tree: tree_done - start,
+                persist: persisted - tree_done,
+                sign: signed - persisted,
+                welcomes: now() - signed,
+            });
+        }
         for ((join, member, _), reply) in welcomes.iter().zip(replies) {
             self.transmits.push_back(Transmit::Reply {
                 conn: join.conn,
@@ -962,6 +1000,37 @@ impl<R: CryptoRng> Controller<R> {
     }
 }
 
+/// Packs a rekey into datagrams (at the MTU, or at the largest datagram if a node's items do not
+/// fit in it) and signs them on up to `workers` threads, in order.
+fn pack_and_sign(
+    rekey: &lkh_tree::Rekey,
+    tree: &KeyTree,
+    mtu: usize,
+    signer: &SigningKey,
+    workers: usize,
+) -> Vec<Vec<u8>> {
+    let datagrams = pack(rekey, tree, mtu)
+        .or_else(|_| pack(rekey, tree, wire::MAX_DATAGRAM))
+        .unwrap_or_default();
+    let sign_part =
+        |part: &[RekeyDatagram]| -> Vec<Vec<u8>> { part.iter().map(|d| d.sign(signer)).collect() };
+    // A signature takes about 20 µs: fewer than 64 per thread is not worth a thread.
+    let chunk = datagrams.len().div_ceil(workers.max(1)).max(64);
+    if datagrams.len() <= chunk {
+        return sign_part(&datagrams);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = datagrams
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || sign_part(part)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn wire_reject(error: &WireError) -> Reject {
     match error {
         WireError::BadSignature => Reject::BadSignature,
@@ -987,6 +1056,7 @@ impl Group {
     fn restore(policy: GroupPolicy, state: &GroupState, now: Timestamp) -> Result<Self, TreeError> {
         let tree = KeyTree::restore(&state.tree)?;
         let mut group = Self::with_tree(policy, tree, state.members.clone(), now);
+        group.saved = true;
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
         group.batch_due = Some(now);
@@ -995,10 +1065,11 @@ impl Group {
 
     fn with_tree(
         policy: GroupPolicy,
-        tree: KeyTree,
+        mut tree: KeyTree,
         members: Vec<MemberRecord>,
         now: Timestamp,
     ) -> Self {
+        tree.track_changes();
         Group {
             next_lease_scan: now.plus(policy.lease_ms / 4),
             next_refresh: (policy.refresh_interval_ms > 0)
@@ -1013,7 +1084,38 @@ impl Group {
             nonces: HashMap::new(),
             epoch_times: BTreeMap::new(),
             stats: Stats::default(),
+            saved: false,
+            logged: 0,
         }
+    }
+
+    /// Write-ahead: makes the changes since the last save durable, as a delta, or in full when
+    /// the store holds no state of this group (first save, or the last save failed) or the deltas
+    /// since the last full save hold about as many records as the state (compaction: the stored
+    /// log stays within about twice the state).
+    fn persist(&mut self, store: &mut (dyn Store + Send)) -> Result<(), StoreError> {
+        let (members, removed_members) = self.members.take_changes();
+        let delta = GroupDelta {
+            group: self.policy.id,
+            config: self.tree.config(),
+            epoch: self.tree.epoch(),
+            tree: self.tree.take_changes(),
+            members,
+            removed_members,
+        };
+        let logged = self.logged.saturating_add(delta.records());
+        // A state holds each member's record and at most two nodes per member.
+        let state_records = self.members.len().saturating_mul(3).max(64);
+        let full = !self.saved || logged > state_records;
+        let result = if full {
+            drop(delta);
+            store.save(&self.state())
+        } else {
+            store.save_delta(&delta)
+        };
+        self.saved = result.is_ok();
+        self.logged = if full { 0 } else { logged };
+        result
     }
 
     fn state(&self) -> GroupState {
