@@ -731,8 +731,8 @@ mod tests {
     fn altered_missing_or_moved_rows_are_refused() {
         let dir = Temp::new("corrupt");
         let good = dir.file("good.redb");
-        churned(&good, 4);
-        // Rows 0..: base (rows 0..=k), deltas; the full save at round 2 began a new base.
+        churned(&good, 8);
+        // Rows 0..: base (rows 0..=k), deltas; the full save at round 4 began a new base.
         let (store, _) = DiskStore::open(&good, &KEY).unwrap();
         let head = store.heads[&GroupId(4)];
         drop(store);
@@ -788,7 +788,7 @@ mod tests {
             tx.commit().unwrap();
         });
         assert!(
-            moved.contains("group 5: head does not authenticate"),
+            moved.contains("g5: head does not authenticate"),
             "{moved}"
         );
     }
