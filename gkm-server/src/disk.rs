@@ -787,10 +787,7 @@ mod tests {
             }
             tx.commit().unwrap();
         });
-        assert!(
-            moved.contains("g5: head does not authenticate"),
-            "{moved}"
-        );
+        assert!(moved.contains("g5: head does not authenticate"), "{moved}");
     }
 
     #[test]
