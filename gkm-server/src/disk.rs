@@ -301,12 +301,12 @@ impl DiskStore {
 impl Store for DiskStore {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
         let mut rows = Rows::default();
-        encode_base(&mut rows.open(), state);
+        encode_base(rows.open(), state);
         for node in &state.tree.nodes {
-            encode_node(&mut rows.open(), node);
+            encode_node(rows.open(), node);
         }
         for member in &state.members {
-            encode_member(&mut rows.open(), member);
+            encode_member(rows.open(), member);
         }
         self.write(state.tree.group, &rows.done(), true)
     }
@@ -327,10 +327,10 @@ impl Store for DiskStore {
             out.extend_from_slice(&leaf.0.to_be_bytes());
         }
         for node in &delta.tree.changed {
-            encode_node(&mut rows.open(), node);
+            encode_node(rows.open(), node);
         }
         for member in &delta.members {
-            encode_member(&mut rows.open(), member);
+            encode_member(rows.open(), member);
         }
         self.write(delta.group, &rows.done(), false)
     }
@@ -604,32 +604,21 @@ mod tests {
         }
     }
 
-    /// Comparable contents: nodes by id with their key bytes, members by leaf.
-    fn contents(
-        state: &GroupState,
-    ) -> (
-        u64,
-        Vec<(u32, Option<u32>, bool, u64, [u8; 32])>,
-        Vec<MemberRecord>,
-    ) {
-        let mut nodes: Vec<_> = state
-            .tree
-            .nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.id.0,
-                    n.parent.map(|p| p.0),
-                    n.leaf,
-                    n.version.0,
-                    *n.key.as_bytes(),
-                )
-            })
-            .collect();
-        nodes.sort_unstable();
-        let mut members = state.members.clone();
+    /// Comparable contents: the base record, then nodes by id and members by leaf, encoded.
+    fn contents(state: &GroupState) -> Vec<u8> {
+        let mut nodes: Vec<&NodeRecord> = state.tree.nodes.iter().collect();
+        nodes.sort_by_key(|n| n.id);
+        let mut members: Vec<&MemberRecord> = state.members.iter().collect();
         members.sort_by_key(|m| m.leaf);
-        (state.tree.epoch.0, nodes, members)
+        let mut out = Vec::new();
+        encode_base(&mut out, state);
+        for n in nodes {
+            encode_node(&mut out, n);
+        }
+        for m in members {
+            encode_member(&mut out, m);
+        }
+        out
     }
 
     /// A store holding a full save and then `rounds` deltas of random churn (a full save again

@@ -214,7 +214,7 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
-fn start(restored: Vec<GroupState>, store: Tee, now: u64, seed: u64) -> Run {
+fn start(restored: Vec<GroupState>, store: &Tee, now: u64, seed: u64) -> Run {
     let controller = Controller::new(
         SigningKey::from_bytes(&[9; 32]),
         ChaCha20Rng::seed_from_u64(seed),
@@ -244,7 +244,7 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     let mut memory = MemoryStore::default();
     memory.save(&base).unwrap();
     let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
-    let mut run = start(vec![base], store.clone(), START, 1);
+    let mut run = start(vec![base], &store, START, 1);
     run.controller.handle_timeout(Timestamp(START));
     for round in 0..16 {
         run.churn();
@@ -280,7 +280,7 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     let mut memory = MemoryStore::default();
     memory.save(&loaded[0]).unwrap();
     let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
-    let mut run = start(loaded, store.clone(), now, 50);
+    let mut run = start(loaded, &store, now, 50);
     run.controller.handle_timeout(Timestamp(now));
     run.churn();
     assert!(run.state().tree.epoch > epoch);
