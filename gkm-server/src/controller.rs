@@ -308,12 +308,34 @@ pub enum Response {
 pub struct RekeyProfile {
     /// The tree's rekey (marking, new keys, wraps) and the roster's update.
     pub tree: Duration,
-    /// Making the changes durable (the store's save).
+    /// Making the changes durable (the store's save; with workers, on its own thread while the
+    /// datagrams are packed and signed).
     pub persist: Duration,
-    /// Packing the datagrams and signing them.
+    /// Packing the datagrams.
+    pub pack: Duration,
+    /// Signing them (on the workers), and waiting for the save if it took longer.
     pub sign: Duration,
+    /// From the start of the rekey until its changes were durable and its datagrams signed.
+    pub ready: Duration,
     /// Sealing and signing the joiners' welcomes.
     pub welcomes: Duration,
+}
+
+/// What one rekey writes to the store.
+enum Save {
+    /// The whole state.
+    Full(GroupState),
+    /// The changes since the last save.
+    Delta(GroupDelta),
+}
+
+impl Save {
+    fn write(&self, store: &mut (dyn Store + Send)) -> Result<(), StoreError> {
+        match self {
+            Save::Full(state) => store.save(state),
+            Save::Delta(delta) => store.save_delta(delta),
+        }
+    }
 }
 
 /// One welcome to seal: the join it answers, the member's id and its keys.
@@ -395,8 +417,10 @@ impl<R: CryptoRng> Controller<R> {
         })
     }
 
-    /// Lets the controller seal a batch's welcomes on up to `workers` threads (default 1). It
-    /// does no I/O on them; the driver passes the machine's parallelism.
+    /// Lets the controller seal a batch's welcomes and sign its datagrams on up to `workers`
+    /// threads (default 1), and, with more than one, run the store's save on a thread of its own
+    /// while the datagrams are packed and signed (nothing is queued before the save returns). The
+    /// driver passes the machine's parallelism.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
     }
@@ -859,15 +883,42 @@ impl<R: CryptoRng> Controller<R> {
         g.epoch_times.insert(epoch.0, now);
         g.next_refresh =
             (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
-        let tree_done = self.profiler.map(|now| now());
+        let clock = self.profiler;
+        let tree_done = clock.map(|now| now());
         // Write-ahead: the changes are durable before anything encrypted under them is queued.
-        if let Err(error) = g.persist(self.store.as_mut()) {
+        // With workers, the save runs while the datagrams are packed and signed.
+        let save = g.take_save();
+        let (mtu, tree) = (g.policy.mtu, &g.tree);
+        let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
+        let pack_and_sign = || {
+            let packed = pack_rekey(&rekey, tree, mtu);
+            let packed_at = clock.map(|now| now());
+            (sign_all(&packed, signer, workers), packed_at)
+        };
+        let timed_write = |store: &mut (dyn Store + Send)| {
+            let result = save.write(store);
+            (result, clock.map(|now| now()))
+        };
+        let ((saved, persisted), (datagrams, packed)) = if workers > 1 {
+            std::thread::scope(|scope| {
+                let writer = scope.spawn(|| timed_write(store));
+                let signed = pack_and_sign();
+                let saved = writer.join().unwrap_or_else(|_| {
+                    (Err(StoreError::Backend("the store panicked".into())), None)
+                });
+                (saved, signed)
+            })
+        } else {
+            let saved = timed_write(store);
+            (saved, pack_and_sign())
+        };
+        let signed = clock.map(|now| now());
+        g.saved = saved.is_ok();
+        drop(save);
+        if let Err(error) = saved {
             self.store_failed(id, epoch, &error);
             return;
         }
-        let persisted = self.profiler.map(|now| now());
-        let datagrams = pack_and_sign(&rekey, &g.tree, g.policy.mtu, &self.signer, self.workers);
-        let signed = self.profiler.map(|now| now());
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
@@ -884,13 +935,21 @@ impl<R: CryptoRng> Controller<R> {
             }
         }
         let replies = self.seal_welcomes(id, &welcomes);
-        if let (Some(now), Some(start), Some(tree_done), Some(persisted), Some(signed)) =
-            (self.profiler, started, tree_done, persisted, signed)
+        if let (
+            Some(now),
+            Some(start),
+            Some(tree_done),
+            Some(persisted),
+            Some(packed),
+            Some(signed),
+        ) = (clock, started, tree_done, persisted, packed, signed)
         {
             self.profile = Some(RekeyProfile {
                 tree: tree_done - start,
                 persist: persisted - tree_done,
-                sign: signed - persisted,
+                pack: packed - tree_done,
+                sign: signed.saturating_duration_since(packed),
+                ready: signed - start,
                 welcomes: now() - signed,
             });
         }
@@ -1000,24 +1059,22 @@ impl<R: CryptoRng> Controller<R> {
     }
 }
 
-/// Packs a rekey into datagrams (at the MTU, or at the largest datagram if a node's items do not
-/// fit in it) and signs them on up to `workers` threads, in order.
-fn pack_and_sign(
-    rekey: &lkh_tree::Rekey,
-    tree: &KeyTree,
-    mtu: usize,
-    signer: &SigningKey,
-    workers: usize,
-) -> Vec<Vec<u8>> {
-    let datagrams = pack(rekey, tree, mtu)
+/// Packs a rekey into datagrams: at the MTU, or at the largest datagram if a node's items do not
+/// fit in it.
+fn pack_rekey(rekey: &lkh_tree::Rekey, tree: &KeyTree, mtu: usize) -> Vec<RekeyDatagram> {
+    pack(rekey, tree, mtu)
         .or_else(|_| pack(rekey, tree, wire::MAX_DATAGRAM))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Signs datagrams on up to `workers` threads; the result keeps their order.
+fn sign_all(datagrams: &[RekeyDatagram], signer: &SigningKey, workers: usize) -> Vec<Vec<u8>> {
     let sign_part =
         |part: &[RekeyDatagram]| -> Vec<Vec<u8>> { part.iter().map(|d| d.sign(signer)).collect() };
     // A signature takes about 20 µs: fewer than 64 per thread is not worth a thread.
     let chunk = datagrams.len().div_ceil(workers.max(1)).max(64);
     if datagrams.len() <= chunk {
-        return sign_part(&datagrams);
+        return sign_part(datagrams);
     }
     std::thread::scope(|scope| {
         let handles: Vec<_> = datagrams
@@ -1089,11 +1146,11 @@ impl Group {
         }
     }
 
-    /// Write-ahead: makes the changes since the last save durable, as a delta, or in full when
-    /// the store holds no state of this group (first save, or the last save failed) or the deltas
-    /// since the last full save hold about as many records as the state (compaction: the stored
-    /// log stays within about twice the state).
-    fn persist(&mut self, store: &mut (dyn Store + Send)) -> Result<(), StoreError> {
+    /// What makes the changes since the last save durable: a delta, or the whole state when the
+    /// store holds none of this group (first save, or the last save failed) or the deltas since
+    /// the last full save hold about as many records as the state (compaction: the stored log
+    /// stays within about twice the state). Clears the record of changes.
+    fn take_save(&mut self) -> Save {
         let (members, removed_members) = self.members.take_changes();
         let delta = GroupDelta {
             group: self.policy.id,
@@ -1106,16 +1163,14 @@ impl Group {
         let logged = self.logged.saturating_add(delta.records());
         // A state holds each member's record and at most two nodes per member.
         let state_records = self.members.len().saturating_mul(3).max(64);
-        let full = !self.saved || logged > state_records;
-        let result = if full {
+        if !self.saved || logged > state_records {
             drop(delta);
-            store.save(&self.state())
+            self.logged = 0;
+            Save::Full(self.state())
         } else {
-            store.save_delta(&delta)
-        };
-        self.saved = result.is_ok();
-        self.logged = if full { 0 } else { logged };
-        result
+            self.logged = logged;
+            Save::Delta(delta)
+        }
     }
 
     fn state(&self) -> GroupState {

@@ -215,7 +215,7 @@ fn temp(name: &str) -> PathBuf {
 }
 
 fn start(restored: Vec<GroupState>, store: &Tee, now: u64, seed: u64) -> Run {
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         SigningKey::from_bytes(&[9; 32]),
         ChaCha20Rng::seed_from_u64(seed),
         Box::new(store.clone()),
@@ -224,6 +224,8 @@ fn start(restored: Vec<GroupState>, store: &Tee, now: u64, seed: u64) -> Run {
         Timestamp(now),
     )
     .unwrap();
+    // Two workers: the save runs on its own thread while the datagrams are signed.
+    controller.set_workers(2);
     Run {
         controller,
         rng: ChaCha20Rng::seed_from_u64(seed + 1),
