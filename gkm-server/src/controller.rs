@@ -1,7 +1,7 @@
 //! The controller state machine. See the crate docs for the call order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Batch, Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeError, dot};
@@ -303,7 +303,8 @@ pub enum Response {
     Stats(Stats),
 }
 
-/// The time each phase of one rekey took (see [`Controller::set_profiler`]).
+/// The time each phase of one rekey took, by the profiler's clock (see
+/// [`Controller::set_profiler`]; with a CPU clock, phases that overlap count each other's time).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RekeyProfile {
     /// The tree's rekey (marking, new keys, wraps) and the roster's update.
@@ -377,7 +378,7 @@ pub struct Controller<R> {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     workers: usize,
-    profiler: Option<fn() -> Instant>,
+    profiler: Option<fn() -> Duration>,
     profile: Option<RekeyProfile>,
 }
 
@@ -425,10 +426,11 @@ impl<R: CryptoRng> Controller<R> {
         self.workers = workers.max(1);
     }
 
-    /// Lets the controller time the phases of each rekey with `now` (a monotonic clock the
-    /// driver passes, e.g. `Instant::now`; benchmarks only). See [`Controller::last_rekey_profile`].
-    pub fn set_profiler(&mut self, now: fn() -> Instant) {
-        self.profiler = Some(now);
+    /// Lets the controller time the phases of each rekey with `clock`, a reading as time since
+    /// any fixed origin that the driver passes: monotonic wall time, or the process's CPU time
+    /// (benchmarks only). See [`Controller::last_rekey_profile`].
+    pub fn set_profiler(&mut self, clock: fn() -> Duration) {
+        self.profiler = Some(clock);
     }
 
     /// How long the phases of the last rekey took, once a profiler is set.
@@ -948,7 +950,7 @@ impl<R: CryptoRng> Controller<R> {
                 tree: tree_done - start,
                 persist: persisted - tree_done,
                 pack: packed - tree_done,
-                sign: signed.saturating_duration_since(packed),
+                sign: signed.saturating_sub(packed),
                 ready: signed - start,
                 welcomes: now() - signed,
             });

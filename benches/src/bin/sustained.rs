@@ -20,6 +20,7 @@
 //! `cargo run --release -p gkm-benches --bin sustained -- 1048576 10 100000`
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,26 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Monotonic wall time since the first reading.
+fn wall() -> Duration {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// CPU time of this process, all threads (user + system), at the kernel's 10 ms tick.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 /// The machine's 1-, 5- and 15-minute load averages (other processes share the cores).
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -203,7 +224,17 @@ fn main() {
     )
     .expect("a valid state");
     controller.set_workers(2);
-    controller.set_profiler(Instant::now);
+    let cpu_clock = std::env::var("SUSTAINED_CLOCK").is_ok_and(|c| c == "cpu");
+    let clock: fn() -> Duration = if cpu_clock { cpu } else { wall };
+    controller.set_profiler(clock);
+    println!(
+        "phase times by {}",
+        if cpu_clock {
+            "process CPU time (all threads; phases that overlap count each other's time)"
+        } else {
+            "wall time (set SUSTAINED_CLOCK=cpu for CPU time)"
+        }
+    );
     let mut now = START;
     // The restored group rekeys at once (untimed).
     controller.handle_timeout(Timestamp(now));
@@ -220,32 +251,32 @@ fn main() {
             changes,
             ..Batch::default()
         };
-        let t = Instant::now();
+        let t = clock();
         for bytes in &built {
             let request =
                 wire::open_with::<RegistrationRequest>(bytes, |r| wire::verifying_key(&r.identity));
             assert!(request.is_ok());
         }
-        m.verify = t.elapsed();
-        let t = Instant::now();
+        m.verify = clock() - t;
+        let t = clock();
         for _ in 0..leaves {
             let Some(member) = evictable.pop() else { break };
             controller
                 .handle_command(Timestamp(now), Command::Evict("bench".into(), member))
                 .expect("a member");
         }
-        m.evictions = t.elapsed();
-        let t = Instant::now();
+        m.evictions = clock() - t;
+        let t = clock();
         for bytes in &built {
             conn += 1;
             controller.handle_request(ConnId(conn), Timestamp(now), bytes);
         }
-        m.requests = t.elapsed();
+        m.requests = clock() - t;
         let before = store.0.lock().expect("store").bytes_written();
         now += 1_000;
-        let t = Instant::now();
+        let t = clock();
         controller.handle_timeout(Timestamp(now));
-        m.rekey = t.elapsed();
+        m.rekey = clock() - t;
         m.written = store.0.lock().expect("store").bytes_written() - before;
         let profile = controller.last_rekey_profile().expect("a profile");
         (m.tree, m.persist, m.pack, m.sign, m.ready, m.welcomes) = (
