@@ -47,8 +47,10 @@ const LOG_LABEL: &[u8] = b"gkm v2 log row";
 const HEAD_LABEL: &[u8] = b"gkm v2 head";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
-/// Plaintext bytes per row (a save is cut into rows of about this size).
-const ROW_BYTES: usize = 256 * 1024;
+/// Plaintext bytes after which a row is cut. A row ends at most one record (< 128 bytes) past it,
+/// so a sealed row stays under 256 KiB: redb allocates large values in power-of-two pages, and a
+/// row just over 256 KiB would take 512.
+const ROW_BYTES: usize = 256 * 1024 - 256;
 /// Most tree nodes or members one stored group may hold (2^25).
 pub const MAX_RECORDS: usize = 1 << 25;
 
