@@ -947,12 +947,12 @@ impl<R: CryptoRng> Controller<R> {
         ) = (clock, started, tree_done, persisted, packed, signed)
         {
             self.profile = Some(RekeyProfile {
-                tree: tree_done - start,
-                persist: persisted - tree_done,
-                pack: packed - tree_done,
+                tree: tree_done.saturating_sub(start),
+                persist: persisted.saturating_sub(tree_done),
+                pack: packed.saturating_sub(tree_done),
                 sign: signed.saturating_sub(packed),
-                ready: signed - start,
-                welcomes: now() - signed,
+                ready: signed.saturating_sub(start),
+                welcomes: now().saturating_sub(signed),
             });
         }
         for ((join, member, _), reply) in welcomes.iter().zip(replies) {

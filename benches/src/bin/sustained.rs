@@ -257,7 +257,7 @@ fn main() {
                 wire::open_with::<RegistrationRequest>(bytes, |r| wire::verifying_key(&r.identity));
             assert!(request.is_ok());
         }
-        m.verify = clock() - t;
+        m.verify = clock().saturating_sub(t);
         let t = clock();
         for _ in 0..leaves {
             let Some(member) = evictable.pop() else { break };
@@ -265,18 +265,18 @@ fn main() {
                 .handle_command(Timestamp(now), Command::Evict("bench".into(), member))
                 .expect("a member");
         }
-        m.evictions = clock() - t;
+        m.evictions = clock().saturating_sub(t);
         let t = clock();
         for bytes in &built {
             conn += 1;
             controller.handle_request(ConnId(conn), Timestamp(now), bytes);
         }
-        m.requests = clock() - t;
+        m.requests = clock().saturating_sub(t);
         let before = store.0.lock().expect("store").bytes_written();
         now += 1_000;
         let t = clock();
         controller.handle_timeout(Timestamp(now));
-        m.rekey = clock() - t;
+        m.rekey = clock().saturating_sub(t);
         m.written = store.0.lock().expect("store").bytes_written() - before;
         let profile = controller.last_rekey_profile().expect("a profile");
         (m.tree, m.persist, m.pack, m.sign, m.ready, m.welcomes) = (
