@@ -16,8 +16,8 @@
 //!
 //! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
 //! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
-//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists the
-//! new state through [`Store`] *before* queueing anything encrypted under it, multicasts the
+//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists what
+//! the rekey changed through [`Store`] *before* queueing anything encrypted under it, multicasts the
 //! signed datagrams (repeated as configured), sends heartbeats, answers resyncs and renews
 //! leases.
 //!
