@@ -1,6 +1,7 @@
 //! The controller state machine. See the crate docs for the call order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Batch, Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeError, dot};
@@ -10,14 +11,14 @@ use serde::Serialize;
 use thiserror::Error;
 use wire::{
     Codec, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
-    RegistrationRequest, ResyncRequest, SealedFor, SealedKind, WireError, open_with, pack_signed,
-    seal_path, sign, verifying_key,
+    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor, SealedKind, WireError, open_with,
+    pack, seal_path, sign, verifying_key,
 };
 use zeroize::Zeroizing;
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 use crate::roster::Roster;
-use crate::store::{GroupState, MemberRecord, Store, StoreError};
+use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
 
 /// Bytes to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,6 +306,42 @@ pub enum Response {
     Stats(Stats),
 }
 
+/// The time each phase of one rekey took, by the profiler's clock (see
+/// [`Controller::set_profiler`]; with a CPU clock, phases that overlap count each other's time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyProfile {
+    /// The tree's rekey (marking, new keys, wraps) and the roster's update.
+    pub tree: Duration,
+    /// Making the changes durable (the store's save; with workers, on its own thread while the
+    /// datagrams are packed and signed).
+    pub persist: Duration,
+    /// Packing the datagrams.
+    pub pack: Duration,
+    /// Signing them (on the workers), and waiting for the save if it took longer.
+    pub sign: Duration,
+    /// From the start of the rekey until its changes were durable and its datagrams signed.
+    pub ready: Duration,
+    /// Sealing and signing the joiners' welcomes.
+    pub welcomes: Duration,
+}
+
+/// What one rekey writes to the store.
+enum Save {
+    /// The whole state.
+    Full(GroupState),
+    /// The changes since the last save.
+    Delta(GroupDelta),
+}
+
+impl Save {
+    fn write(&self, store: &mut (dyn Store + Send)) -> Result<(), StoreError> {
+        match self {
+            Save::Full(state) => store.save(state),
+            Save::Delta(delta) => store.save_delta(delta),
+        }
+    }
+}
+
 /// One welcome to seal: the join it answers, the member's id and its keys.
 type WelcomeJob<'a> = (&'a PendingJoin, MemberId, &'a MemberPath);
 
@@ -330,6 +367,10 @@ struct Group {
     /// Repeat sends waiting for their time, earliest first.
     spaced: VecDeque<(Timestamp, Vec<u8>)>,
     stats: Stats,
+    /// Whether the store holds this group's state (so a delta can be applied to it).
+    saved: bool,
+    /// Records written as deltas since the last full save.
+    logged: usize,
 }
 
 /// The controller: every group's tree, members and timers.
@@ -343,6 +384,8 @@ pub struct Controller<R> {
     events: VecDeque<Event>,
     workers: usize,
     rejects: BTreeMap<Reject, u64>,
+    profiler: Option<fn() -> Duration>,
+    profile: Option<RekeyProfile>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -377,13 +420,29 @@ impl<R: CryptoRng> Controller<R> {
             events: VecDeque::new(),
             workers: 1,
             rejects: BTreeMap::new(),
+            profiler: None,
+            profile: None,
         })
     }
 
-    /// Lets the controller seal a batch's welcomes on up to `workers` threads (default 1). It
-    /// does no I/O on them; the driver passes the machine's parallelism.
+    /// Lets the controller seal a batch's welcomes and sign its datagrams on up to `workers`
+    /// threads (default 1), and, with more than one, run the store's save on a thread of its own
+    /// while the datagrams are packed and signed (nothing is queued before the save returns). The
+    /// driver passes the machine's parallelism.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
+    }
+
+    /// Lets the controller time the phases of each rekey with `clock`, a reading as time since
+    /// any fixed origin that the driver passes: monotonic wall time, or the process's CPU time
+    /// (benchmarks only). See [`Controller::last_rekey_profile`].
+    pub fn set_profiler(&mut self, clock: fn() -> Duration) {
+        self.profiler = Some(clock);
+    }
+
+    /// How long the phases of the last rekey took, once a profiler is set.
+    pub fn last_rekey_profile(&self) -> Option<RekeyProfile> {
+        self.profile
     }
 
     /// The controller's public key, which members pin.
@@ -772,6 +831,7 @@ impl<R: CryptoRng> Controller<R> {
 
     /// One rekey of group `id`: the pending batch, or a refresh.
     fn rekey(&mut self, id: GroupId, now: Timestamp) {
+        let started = self.profiler.map(|now| now());
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
@@ -849,21 +909,42 @@ impl<R: CryptoRng> Controller<R> {
         g.epoch_times.insert(epoch.0, now);
         g.next_refresh =
             (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
-        // Write-ahead: the new state is durable before anything encrypted under it is queued.
-        let state = g.state();
-        if let Err(error) = self.store.save(&state) {
+        let clock = self.profiler;
+        let tree_done = clock.map(|now| now());
+        // Write-ahead: the changes are durable before anything encrypted under them is queued.
+        // With workers, the save runs while the datagrams are packed and signed.
+        let save = g.take_save();
+        let (mtu, tree) = (g.policy.mtu, &g.tree);
+        let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
+        let pack_and_sign = || {
+            let packed = pack_rekey(&rekey, tree, mtu);
+            let packed_at = clock.map(|now| now());
+            (sign_all(&packed, signer, workers), packed_at)
+        };
+        let timed_write = |store: &mut (dyn Store + Send)| {
+            let result = save.write(store);
+            (result, clock.map(|now| now()))
+        };
+        let ((saved, persisted), (datagrams, packed)) = if workers > 1 {
+            std::thread::scope(|scope| {
+                let writer = scope.spawn(|| timed_write(store));
+                let signed = pack_and_sign();
+                let saved = writer.join().unwrap_or_else(|_| {
+                    (Err(StoreError::Backend("the store panicked".into())), None)
+                });
+                (saved, signed)
+            })
+        } else {
+            let saved = timed_write(store);
+            (saved, pack_and_sign())
+        };
+        let signed = clock.map(|now| now());
+        g.saved = saved.is_ok();
+        drop(save);
+        if let Err(error) = saved {
             self.store_failed(id, epoch, &error);
             return;
         }
-        let Some(g) = self.groups.get_mut(&id) else {
-            return;
-        };
-        let datagrams = match pack_signed(&rekey, &g.tree, g.policy.mtu, &self.signer) {
-            Ok(d) => d,
-            Err(_) => {
-                pack_signed(&rekey, &g.tree, wire::MAX_DATAGRAM, &self.signer).unwrap_or_default()
-            }
-        };
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
@@ -887,6 +968,24 @@ impl<R: CryptoRng> Controller<R> {
             }
         }
         let replies = self.seal_welcomes(id, &welcomes);
+        if let (
+            Some(now),
+            Some(start),
+            Some(tree_done),
+            Some(persisted),
+            Some(packed),
+            Some(signed),
+        ) = (clock, started, tree_done, persisted, packed, signed)
+        {
+            self.profile = Some(RekeyProfile {
+                tree: tree_done.saturating_sub(start),
+                persist: persisted.saturating_sub(tree_done),
+                pack: packed.saturating_sub(tree_done),
+                sign: signed.saturating_sub(packed),
+                ready: signed.saturating_sub(start),
+                welcomes: now().saturating_sub(signed),
+            });
+        }
         for ((join, member, _), reply) in welcomes.iter().zip(replies) {
             self.transmits.push_back(Transmit::Reply {
                 conn: join.conn,
@@ -993,6 +1092,35 @@ impl<R: CryptoRng> Controller<R> {
     }
 }
 
+/// Packs a rekey into datagrams: at the MTU, or at the largest datagram if a node's items do not
+/// fit in it.
+fn pack_rekey(rekey: &lkh_tree::Rekey, tree: &KeyTree, mtu: usize) -> Vec<RekeyDatagram> {
+    pack(rekey, tree, mtu)
+        .or_else(|_| pack(rekey, tree, wire::MAX_DATAGRAM))
+        .unwrap_or_default()
+}
+
+/// Signs datagrams on up to `workers` threads; the result keeps their order.
+fn sign_all(datagrams: &[RekeyDatagram], signer: &SigningKey, workers: usize) -> Vec<Vec<u8>> {
+    let sign_part =
+        |part: &[RekeyDatagram]| -> Vec<Vec<u8>> { part.iter().map(|d| d.sign(signer)).collect() };
+    // A signature takes about 20 µs: fewer than 64 per thread is not worth a thread.
+    let chunk = datagrams.len().div_ceil(workers.max(1)).max(64);
+    if datagrams.len() <= chunk {
+        return sign_part(datagrams);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = datagrams
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || sign_part(part)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn wire_reject(error: &WireError) -> Reject {
     match error {
         WireError::BadSignature => Reject::BadSignature,
@@ -1018,6 +1146,7 @@ impl Group {
     fn restore(policy: GroupPolicy, state: &GroupState, now: Timestamp) -> Result<Self, TreeError> {
         let tree = KeyTree::restore(&state.tree)?;
         let mut group = Self::with_tree(policy, tree, state.members.clone(), now);
+        group.saved = true;
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
         group.batch_due = Some(now);
@@ -1026,10 +1155,11 @@ impl Group {
 
     fn with_tree(
         policy: GroupPolicy,
-        tree: KeyTree,
+        mut tree: KeyTree,
         members: Vec<MemberRecord>,
         now: Timestamp,
     ) -> Self {
+        tree.track_changes();
         Group {
             next_lease_scan: now.plus(policy.lease_ms / 4),
             next_refresh: (policy.refresh_interval_ms > 0)
@@ -1045,6 +1175,35 @@ impl Group {
             epoch_times: BTreeMap::new(),
             spaced: VecDeque::new(),
             stats: Stats::default(),
+            saved: false,
+            logged: 0,
+        }
+    }
+
+    /// What makes the changes since the last save durable: a delta, or the whole state when the
+    /// store holds none of this group (first save, or the last save failed) or the deltas since
+    /// the last full save hold about as many records as the state (compaction: the stored log
+    /// stays within about twice the state). Clears the record of changes.
+    fn take_save(&mut self) -> Save {
+        let (members, removed_members) = self.members.take_changes();
+        let delta = GroupDelta {
+            group: self.policy.id,
+            config: self.tree.config(),
+            epoch: self.tree.epoch(),
+            tree: self.tree.take_changes(),
+            members,
+            removed_members,
+        };
+        let logged = self.logged.saturating_add(delta.records());
+        // A state holds each member's record and at most two nodes per member.
+        let state_records = self.members.len().saturating_mul(3).max(64);
+        if !self.saved || logged > state_records {
+            drop(delta);
+            self.logged = 0;
+            Save::Full(self.state())
+        } else {
+            self.logged = logged;
+            Save::Delta(delta)
         }
     }
 

@@ -16,24 +16,32 @@
 //!
 //! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
 //! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
-//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists the
-//! new state through [`Store`] *before* queueing anything encrypted under it, multicasts the
+//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists what
+//! the rekey changed through [`Store`] *before* queueing anything encrypted under it, multicasts the
 //! signed datagrams (repeated as configured), sends heartbeats, answers resyncs and renews
 //! leases.
 //!
-//! What it does not do: sockets, files, the control socket, timers (see the binaries).
+//! What it does not do: sockets, files, the control socket, timers (see the binaries). The
+//! feature `disk` (on by default, through `daemon`) adds `DiskStore`, the daemon's store in a
+//! redb file; the controller itself never touches it but through [`Store`].
 
 #![forbid(unsafe_code)]
 
 pub mod control;
 mod controller;
+#[cfg(feature = "disk")]
+mod disk;
 mod policy;
 mod roster;
 mod store;
 
 pub use controller::{
     Command, CommandError, Controller, DepartReason, Event, GroupInfo, KeyInfo, MemberInfo, Reject,
-    Response, Stats, Transmit,
+    RekeyProfile, Response, Stats, Transmit,
 };
+#[cfg(feature = "disk")]
+pub use disk::{DiskStore, MAX_RECORDS};
 pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
-pub use store::{GroupState, MemberRecord, MemoryStore, Store, StoreError};
+pub use store::{
+    GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, Store, StoreError,
+};

@@ -20,6 +20,8 @@ struct Slot {
     hpke_key: [u8; 32],
     joined: u64,
     lease_until: Timestamp,
+    /// Listed in `changed` (cleared by [`Roster::take_changes`]).
+    changed: bool,
 }
 
 /// A group's members.
@@ -28,6 +30,9 @@ pub(crate) struct Roster {
     identities: HashMap<u64, u32>,
     fingerprint: RandomState,
     len: usize,
+    /// Leaves whose record was added, changed or removed since the last take (a leaf at most
+    /// once while its slot is held; a removed and refilled leaf may repeat until the take).
+    changed: Vec<u32>,
 }
 
 impl Roster {
@@ -42,11 +47,51 @@ impl Roster {
             identities: HashMap::new(),
             fingerprint: RandomState::new(),
             len: 0,
+            changed: Vec::new(),
         };
         for r in records {
             roster.insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
         }
+        // The restored records are the stored ones: nothing to save.
+        roster.take_changed_leaves();
         roster
+    }
+
+    /// Notes that the record at `leaf` changed.
+    fn mark(&mut self, leaf: usize) {
+        if let Some(Some(slot)) = self.slots.get_mut(leaf) {
+            if slot.changed {
+                return;
+            }
+            slot.changed = true;
+        }
+        self.changed.push(u32::try_from(leaf).unwrap_or(u32::MAX));
+    }
+
+    /// The leaves changed since the last take, ascending, each once; clears the record.
+    fn take_changed_leaves(&mut self) -> Vec<u32> {
+        let mut leaves = std::mem::take(&mut self.changed);
+        leaves.sort_unstable();
+        leaves.dedup();
+        for &leaf in &leaves {
+            if let Some(Some(slot)) = self.slots.get_mut(leaf as usize) {
+                slot.changed = false;
+            }
+        }
+        leaves
+    }
+
+    /// The records added or changed since the last take, and the leaves whose record is gone.
+    pub(crate) fn take_changes(&mut self) -> (Vec<MemberRecord>, Vec<NodeId>) {
+        let mut records = Vec::new();
+        let mut removed = Vec::new();
+        for leaf in self.take_changed_leaves() {
+            match self.record(leaf as usize) {
+                Some(record) => records.push(record),
+                None => removed.push(NodeId(leaf)),
+            }
+        }
+        (records, removed)
     }
 
     /// The id of the member that joined at `leaf` in epoch `joined`.
@@ -81,6 +126,7 @@ impl Roster {
         if let Some(Some(slot)) = self.slots.get_mut(leaf) {
             slot.lease_until = until;
         }
+        self.mark(leaf);
         true
     }
 
@@ -118,8 +164,10 @@ impl Roster {
                 hpke_key,
                 joined,
                 lease_until,
+                changed: false,
             });
         }
+        self.mark(index);
         self.identities
             .insert(self.fingerprint.hash_one(identity), leaf.0);
         Self::id(leaf, joined)
@@ -131,6 +179,7 @@ impl Roster {
         if let Some(slot) = self.slots.get_mut(leaf) {
             *slot = None;
         }
+        self.mark(leaf);
         self.len -= 1;
         let key = self.fingerprint.hash_one(record.identity);
         if self.identities.get(&key) == Some(&record.leaf.0) {

@@ -1,9 +1,9 @@
-//! Persistence: the [`Store`] the controller writes every group's state to before anything
-//! encrypted under it leaves the process (write-ahead), and [`MemoryStore`] for tests and netsim.
+//! Persistence: the [`Store`] the controller writes every rekey's changes to before anything
+//! encrypted under them leaves the process (write-ahead), and [`MemoryStore`] for tests.
 
 use std::collections::BTreeMap;
 
-use lkh_tree::{GroupId, NodeId, TreeSnapshot};
+use lkh_tree::{Epoch, GroupId, NodeId, NodeRecord, TreeChanges, TreeConfig, TreeSnapshot};
 use thiserror::Error;
 use wire::MemberId;
 
@@ -45,27 +45,153 @@ pub enum StoreError {
     /// Stored state did not decode or authenticate.
     #[error("stored state is corrupt: {0}")]
     Corrupt(String),
+    /// Another process holds the store.
+    #[error("the state store is in use by another process")]
+    InUse,
 }
 
-/// Durable storage of group states.
+/// What one rekey changed in a group's durable state (write-ahead: the controller hands it to
+/// [`Store::save_delta`] before anything encrypted under the new keys is queued). Holds keys: the
+/// store seals it.
+#[derive(Clone, Debug)]
+pub struct GroupDelta {
+    /// The group.
+    pub group: GroupId,
+    /// The tree parameters (unchanged since the group was created).
+    pub config: TreeConfig,
+    /// The new epoch.
+    pub epoch: Epoch,
+    /// Tree nodes added or changed, and removed.
+    pub tree: TreeChanges,
+    /// Member records added or changed (a lease renewed), keyed by their leaf.
+    pub members: Vec<MemberRecord>,
+    /// Leaves whose member record is gone.
+    pub removed_members: Vec<NodeId>,
+}
+
+impl GroupDelta {
+    /// Records in this delta (what the controller counts to decide when to compact).
+    pub fn records(&self) -> usize {
+        self.tree.changed.len()
+            + self.tree.removed.len()
+            + self.members.len()
+            + self.removed_members.len()
+    }
+}
+
+impl GroupState {
+    /// Records in this state.
+    pub fn records(&self) -> usize {
+        self.tree.nodes.len() + self.members.len()
+    }
+}
+
+/// Durable storage of group states, written incrementally.
+///
+/// The controller calls [`Store::save`] for a group's first save, after a failed save, and to
+/// compact (once the deltas since the last full save hold more records than the state), and
+/// [`Store::save_delta`] for every other rekey. Both return only once the data is durable; a
+/// failed call may have written nothing or everything, never a part. Loading (store-specific)
+/// gives back the full [`GroupState`]: the last full save with every later delta applied.
 pub trait Store {
-    /// Durably replaces the state of `state.tree.group`. Returns only once it is on disk.
+    /// Durably replaces the whole state of `state.tree.group`.
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError>;
+    /// Durably applies one rekey's changes to the state saved so far. A group with no saved state
+    /// is an error (the controller then saves it in full).
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError>;
 }
 
-/// A store in memory: what was saved last, per group.
+/// One group's records as a store keeps them: by node id and by leaf.
+#[derive(Clone, Debug)]
+pub struct GroupRecords {
+    /// The group.
+    pub group: GroupId,
+    /// The tree parameters.
+    pub config: TreeConfig,
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Tree nodes by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Members by leaf.
+    pub members: BTreeMap<NodeId, MemberRecord>,
+}
+
+impl GroupRecords {
+    /// The records of a full state.
+    pub fn from_state(state: &GroupState) -> Self {
+        GroupRecords {
+            group: state.tree.group,
+            config: state.tree.config,
+            epoch: state.tree.epoch,
+            nodes: state.tree.nodes.iter().map(|n| (n.id, n.clone())).collect(),
+            members: state.members.iter().map(|m| (m.leaf, m.clone())).collect(),
+        }
+    }
+
+    /// Applies a delta of the same group (removals first, then additions and changes).
+    pub fn apply(&mut self, delta: &GroupDelta) {
+        self.epoch = delta.epoch;
+        for id in &delta.tree.removed {
+            self.nodes.remove(id);
+        }
+        for leaf in &delta.removed_members {
+            self.members.remove(leaf);
+        }
+        for node in &delta.tree.changed {
+            self.nodes.insert(node.id, node.clone());
+        }
+        for member in &delta.members {
+            self.members.insert(member.leaf, member.clone());
+        }
+    }
+
+    /// The full state (nodes by id: [`lkh_tree::KeyTree::restore`] takes any order).
+    pub fn to_state(&self) -> GroupState {
+        GroupState {
+            tree: TreeSnapshot {
+                group: self.group,
+                config: self.config,
+                epoch: self.epoch,
+                nodes: self.nodes.values().cloned().collect(),
+            },
+            members: self.members.values().cloned().collect(),
+        }
+    }
+}
+
+/// A store in memory: every group's records, with deltas applied as they come.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    /// The last state saved per group.
-    pub saved: BTreeMap<GroupId, GroupState>,
-    /// Saves so far.
+    /// The records per group.
+    pub groups: BTreeMap<GroupId, GroupRecords>,
+    /// Full saves so far.
     pub saves: u64,
+    /// Deltas saved so far.
+    pub deltas: u64,
+}
+
+impl MemoryStore {
+    /// Every group's state as a restart would load it.
+    pub fn states(&self) -> Vec<GroupState> {
+        self.groups.values().map(GroupRecords::to_state).collect()
+    }
 }
 
 impl Store for MemoryStore {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        self.saved.insert(state.tree.group, state.clone());
+        self.groups
+            .insert(state.tree.group, GroupRecords::from_state(state));
         self.saves += 1;
+        Ok(())
+    }
+
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        let records = self
+            .groups
+            .get_mut(&delta.group)
+            .ok_or_else(|| StoreError::Backend(format!("group {} was never saved", delta.group)))?;
+        records.apply(delta);
+        self.deltas += 1;
         Ok(())
     }
 }

@@ -425,6 +425,45 @@ fn after_kill_9_the_restarted_controller_continues_with_a_higher_epoch() {
 }
 
 #[test]
+fn a_daemon_restarted_twice_continues_from_its_saved_deltas() {
+    let setup = setup("deltas");
+    let daemon = setup.start();
+    // The first rekey saves the group in full; the later ones (second join, eviction, each
+    // restart's rekey) save deltas on top of it.
+    let (_a, a) = join(&setup, 6);
+    let (_b, b) = join(&setup, 7);
+    let (_c, c) = join(&setup, 8);
+    let joined = setup.epoch();
+    let out = setup.ctl(&["evict", "demo", &b.0.to_string()]);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup.epoch() == joined && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut epoch = setup.epoch();
+    assert!(epoch > joined, "the eviction was rekeyed");
+    drop(daemon); // SIGKILL
+    for _ in 0..2 {
+        let daemon = setup.start();
+        let after = setup.epoch();
+        assert!(after > epoch, "epoch {after} after restart, {epoch} before");
+        epoch = after;
+        let members = setup.ctl_json(&["members", "demo"]);
+        let mut ids: Vec<u64> = members
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        let mut want = vec![a.0, c.0];
+        want.sort_unstable();
+        assert_eq!(ids, want, "the evicted member stays gone");
+        drop(daemon);
+    }
+}
+
+#[test]
 fn state_sealed_under_another_storage_key_stops_the_daemon_with_the_file_named() {
     let setup = setup("tamper");
     let daemon = setup.start();

@@ -5,8 +5,8 @@
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store, StoreError,
-    Timestamp, Transmit,
+    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, MemoryStore, Response, Store,
+    StoreError, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -23,6 +23,9 @@ struct Shared(std::sync::Arc<std::sync::Mutex<MemoryStore>>);
 impl Store for Shared {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
         self.0.lock().unwrap().save(state)
+    }
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        self.0.lock().unwrap().save_delta(delta)
     }
 }
 
@@ -259,15 +262,7 @@ fn a_restarted_controller_continues_above_its_last_epoch() {
     let mut net = Net::new(20, 0.0);
     net.command(Command::Rekey("demo".into()));
     let (epoch_before, _) = net.controller.traffic_key(GROUP).unwrap();
-    let saved: Vec<GroupState> = net
-        .store
-        .0
-        .lock()
-        .unwrap()
-        .saved
-        .values()
-        .cloned()
-        .collect();
+    let saved: Vec<GroupState> = net.store.0.lock().unwrap().states();
     net.controller = Controller::new(
         net.signer.clone(),
         ChaCha20Rng::seed_from_u64(99),

@@ -647,6 +647,16 @@ pub struct NodeRecord {
     pub key: NodeKey,
 }
 
+/// The nodes that changed since the last [`KeyTree::take_changes`]: what an incremental store
+/// writes after a rekey. Holds keys: seal it before it leaves memory.
+#[derive(Clone, Debug, Default)]
+pub struct TreeChanges {
+    /// Live nodes whose parent, kind, key or version changed (new nodes included), by id.
+    pub changed: Vec<NodeRecord>,
+    /// Nodes that were removed (their ids are free), by id.
+    pub removed: Vec<NodeId>,
+}
+
 /// Everything needed to rebuild a tree: for persistence. Holds every key: seal it before it
 /// leaves memory.
 #[derive(Clone, Debug)]
@@ -657,7 +667,8 @@ pub struct TreeSnapshot {
     pub config: TreeConfig,
     /// The epoch.
     pub epoch: Epoch,
-    /// Live nodes, parents before children, the root first.
+    /// Live nodes. [`KeyTree::snapshot`] lists parents before children, the root first;
+    /// [`KeyTree::restore`] takes them in any order (e.g. by id, as a store keeps them).
     pub nodes: Vec<NodeRecord>,
 }
 
@@ -684,15 +695,45 @@ impl KeyTree {
         }
     }
 
+    /// Starts recording which nodes change, for [`KeyTree::take_changes`]. Off by default (a
+    /// tree that is never drained records nothing); the record holds at most one entry per node.
+    pub fn track_changes(&mut self) {
+        self.shape.track();
+    }
+
+    /// The nodes changed or removed since tracking started or since the last call, and clears
+    /// that record. Applied to a snapshot taken at that point (replace or add each changed node,
+    /// drop each removed one, set the epoch) it gives the current [`KeyTree::snapshot`], up to
+    /// the order of the nodes.
+    pub fn take_changes(&mut self) -> TreeChanges {
+        let mut out = TreeChanges::default();
+        for id in self.shape.take_touched() {
+            let n = self.shape.nodes.node(id);
+            if n.kind == Kind::Free {
+                out.removed.push(NodeId(id));
+                continue;
+            }
+            out.changed.push(NodeRecord {
+                id: NodeId(id),
+                parent: (n.parent != NIL).then_some(NodeId(n.parent)),
+                leaf: n.kind == Kind::Leaf,
+                version: KeyVersion(n.version),
+                key: n.node_key(),
+            });
+        }
+        out
+    }
+
     /// Rebuilds a tree from a snapshot, checking its structure (see [`TreeError::BadSnapshot`]).
     pub fn restore(snapshot: &TreeSnapshot) -> Result<KeyTree, TreeError> {
         let config = snapshot.config;
         if !(2..=64).contains(&config.degree) {
             return Err(TreeError::BadDegree(config.degree));
         }
-        let records: Vec<_> = snapshot
-            .nodes
-            .iter()
+        let order = parents_first(&snapshot.nodes).ok_or(TreeError::BadSnapshot)?;
+        let records: Vec<_> = order
+            .into_iter()
+            .filter_map(|i| snapshot.nodes.get(i))
             .map(|r| {
                 let kind = if r.leaf { Kind::Leaf } else { Kind::Internal };
                 let parent = r.parent.map_or(NIL, |p| p.0);
@@ -713,6 +754,35 @@ impl KeyTree {
             shape,
         })
     }
+}
+
+/// Indices of `nodes` ordered parents first, from the one root (breadth-first), or `None` when
+/// some node is not reachable from it (no root, two roots, an orphan, a cycle, a repeated id).
+fn parents_first(nodes: &[NodeRecord]) -> Option<Vec<usize>> {
+    let mut roots = nodes.iter().enumerate().filter(|(_, r)| r.parent.is_none());
+    let (root, None) = (roots.next()?.0, roots.next()) else {
+        return None;
+    };
+    let mut by_parent: Vec<(u32, usize)> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((r.parent?.0, i)))
+        .collect();
+    by_parent.sort_unstable();
+    let mut order = Vec::with_capacity(nodes.len());
+    order.push(root);
+    let mut next = 0;
+    while let Some(&parent) = order.get(next) {
+        next += 1;
+        let id = nodes.get(parent)?.id.0;
+        let start = by_parent.partition_point(|&(p, _)| p < id);
+        let end = by_parent.partition_point(|&(p, _)| p <= id);
+        order.extend(by_parent.get(start..end)?.iter().map(|&(_, i)| i));
+        if order.len() > nodes.len() {
+            return None;
+        }
+    }
+    (order.len() == nodes.len()).then_some(order)
 }
 
 /// The largest height allowed for `members` members: ceil(log_d n) + 1.

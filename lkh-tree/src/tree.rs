@@ -52,6 +52,8 @@ pub(crate) struct Node {
     pub(crate) depth: u8,
     pub(crate) children: u8,
     pub(crate) kind: Kind,
+    /// Listed in [`Shape::touched`] (only while changes are tracked).
+    touched: bool,
 }
 
 const FREE_NODE: Node = Node {
@@ -64,6 +66,7 @@ const FREE_NODE: Node = Node {
     depth: 0,
     children: 0,
     kind: Kind::Free,
+    touched: false,
 };
 
 impl Node {
@@ -135,6 +138,10 @@ pub(crate) struct Shape {
     leaves_by_depth: Vec<Vec<u32>>,
     open_by_depth: Vec<Vec<u32>>,
     pub(crate) members: usize,
+    /// Whether node changes are recorded in `touched` (see [`Shape::take_touched`]).
+    track: bool,
+    /// Nodes whose persisted fields (parent, kind, version, key) changed since the last take.
+    touched: Vec<u32>,
 }
 
 /// Where a join or a move lands.
@@ -157,6 +164,8 @@ impl Shape {
             leaves_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
             open_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
             members: 0,
+            track: false,
+            touched: Vec::new(),
         };
         let root = shape.alloc(Kind::Internal, 0);
         debug_assert_eq!(root, NodeId::ROOT.0);
@@ -172,6 +181,34 @@ impl Shape {
         let node = self.nodes.node_mut(id);
         node.key = *key.as_bytes();
         node.version = version.0;
+        self.touch(id);
+    }
+
+    /// Starts recording changed nodes (idempotent).
+    pub(crate) fn track(&mut self) {
+        self.track = true;
+    }
+
+    /// Records that `id`'s persisted fields changed (once until the next take).
+    fn touch(&mut self, id: u32) {
+        if !self.track {
+            return;
+        }
+        let node = self.nodes.node_mut(id);
+        if !node.touched {
+            node.touched = true;
+            self.touched.push(id);
+        }
+    }
+
+    /// The nodes changed (or freed) since the last call, ascending; clears the record.
+    pub(crate) fn take_touched(&mut self) -> Vec<u32> {
+        let mut ids = std::mem::take(&mut self.touched);
+        for &id in &ids {
+            self.nodes.node_mut(id).touched = false;
+        }
+        ids.sort_unstable();
+        ids
     }
 
     /// Children of `id`, in list order.
@@ -193,10 +230,14 @@ impl Shape {
             None => self.nodes.push(),
         };
         let node = self.nodes.node_mut(id);
+        // A freed id taken again keeps its place in the list of touched nodes.
+        let touched = node.touched;
         *node = FREE_NODE;
+        node.touched = touched;
         node.kind = kind;
         node.depth = depth;
         self.bucket_refresh(id);
+        self.touch(id);
         id
     }
 
@@ -216,6 +257,8 @@ impl Shape {
             leaves_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
             open_by_depth: vec![Vec::new(); MAX_DEPTH + 1],
             members: 0,
+            track: false,
+            touched: Vec::new(),
         };
         while shape.nodes.len() <= max {
             shape.nodes.push();
@@ -283,6 +326,7 @@ impl Shape {
         node.next_sibling = NIL;
         node.children = 0;
         self.pending_free.push(id);
+        self.touch(id);
     }
 
     pub(crate) fn end_batch(&mut self) {
@@ -299,6 +343,7 @@ impl Shape {
             node.next_sibling = head;
             node.depth = depth;
         }
+        self.touch(child);
         let p = self.nodes.node_mut(parent);
         p.first_child = child;
         p.children += 1;

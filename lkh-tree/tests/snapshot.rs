@@ -125,3 +125,69 @@ fn a_corrupt_snapshot_is_refused() {
         Some(TreeError::BadSnapshot)
     );
 }
+
+/// Nodes of a snapshot by id, as comparable tuples (the key bytes included).
+fn by_id(
+    nodes: &[lkh_tree::NodeRecord],
+) -> std::collections::BTreeMap<u32, (Option<u32>, bool, u64, [u8; 32])> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id.0,
+                (
+                    n.parent.map(|p| p.0),
+                    n.leaf,
+                    n.version.0,
+                    *n.key.as_bytes(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn tracked_changes_turn_an_old_snapshot_into_the_current_one() {
+    let mut rng = ChaCha20Rng::seed_from_u64(6);
+    let config = TreeConfig {
+        degree: 3,
+        ..TreeConfig::default()
+    };
+    let mut tree = KeyTree::new(GroupId(2), config, &mut rng).unwrap();
+    tree.rekey(
+        &Batch {
+            leaves: vec![],
+            joins: 200,
+        },
+        &mut rng,
+    )
+    .unwrap();
+    tree.track_changes();
+    let mut stored = by_id(&tree.snapshot().nodes);
+    for round in 0..30_u64 {
+        let members: Vec<NodeId> = tree.members().collect();
+        // Many leaves in some rounds force splits, prunes and rebalancing moves.
+        let step = if round % 5 == 4 { 2 } else { 7 };
+        let leaves = members.iter().step_by(step).copied().collect();
+        let joins = usize::try_from(round % 4 * 20).unwrap();
+        tree.rekey(&Batch { leaves, joins }, &mut rng).unwrap();
+        let changes = tree.take_changes();
+        for id in &changes.removed {
+            assert!(
+                stored.remove(&id.0).is_some(),
+                "removed node {id} was stored"
+            );
+        }
+        stored.extend(by_id(&changes.changed));
+        assert_eq!(stored, by_id(&tree.snapshot().nodes), "round {round}");
+    }
+    // The nodes as a store keeps them (by id, not parents first) restore the same tree.
+    let mut snapshot = tree.snapshot();
+    snapshot.nodes.sort_by_key(|n| n.id);
+    let restored = KeyTree::restore(&snapshot).unwrap();
+    assert_eq!(by_id(&restored.snapshot().nodes), stored);
+    assert!(
+        tree.take_changes().changed.is_empty(),
+        "a take clears the record"
+    );
+}

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, Response, Store, StoreError, Timestamp,
-    Transmit,
+    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, Response, Store, StoreError,
+    Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -197,6 +197,9 @@ pub(crate) struct NoStore;
 
 impl Store for NoStore {
     fn save(&mut self, _state: &GroupState) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn save_delta(&mut self, _delta: &GroupDelta) -> Result<(), StoreError> {
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! `controller_memory [N]`: the controller's memory per member at N members (default 10^6), as
 //! `Controller::memory_bytes` counts it (the key tree and the member roster), for a group
 //! restored from a state of N members; and the size of that state as the daemon persists it
-//! (49 bytes per tree node and 92 per member, plus a 28-byte seal).
+//! in a full save (50 bytes per tree node and 93 per member, plus 28 bytes of seal per row of
+//! about 256 KiB).
 
 use std::time::Instant;
 
@@ -66,6 +67,6 @@ fn main() {
     );
     println!(
         "persisted state (sealed)       {:>7.1} B/member",
-        per(nodes * 49 + n * 92 + 28)
+        per((nodes * 50 + n * 93) * (256 * 1024 + 28) / (256 * 1024))
     );
 }

@@ -309,12 +309,14 @@ pub(crate) async fn query_current(socket: &Path) -> anyhow::Result<KeyInfo> {
             )
         })?;
         let (reader, mut writer) = stream.into_split();
-        writer.write_all(b"{\"op\":\"current\"}\n").await?;
+        // A member that refuses us answers before reading: its answer counts more than our write.
+        let sent = writer.write_all(b"{\"op\":\"current\"}\n").await;
         let mut reader = BufReader::new(reader);
-        match read_line(&mut reader, MAX_ANSWER).await? {
-            Line::Text(line) => parse_answer(&line)
+        match read_line(&mut reader, MAX_ANSWER).await {
+            Ok(Line::Text(line)) => parse_answer(&line)
                 .map_err(|e| anyhow::anyhow!("the member at {} has no key: {e}", socket.display())),
-            Line::Closed | Line::TooLong => {
+            Ok(Line::Closed | Line::TooLong) | Err(_) => {
+                sent?;
                 anyhow::bail!("the member API at {} gave no answer", socket.display())
             }
         }

@@ -1,0 +1,374 @@
+//! `sustained [MEMBERS] [BATCHES] [CHANGES_PER_BATCH]`: sustained membership changes through the
+//! real controller, persisted to the real disk store and signed, one batch per (virtual) second.
+//!
+//! A `Controller` (the library, seeded RNG, two workers) is restored with MEMBERS members
+//! (default 2^20) from a `DiskStore` in a temporary directory, with `batch_interval_ms = 1000`.
+//! Each batch gathers CHANGES_PER_BATCH changes (default 100,000): half evictions of restored
+//! members, half joins from real signed registration requests (built before the timed region),
+//! then the virtual clock moves one second and `handle_timeout` rekeys: tree and wraps, the
+//! write-ahead save, packing and signing, welcome sealing.
+//!
+//! Two rates, each the median over the batches of changes / controller time:
+//! (a) the rekey pipeline: tree + wraps, then persistence alongside packing + signing, until the
+//!     rekey is durable and signed (no per-join registration crypto: request verification and
+//!     welcome sealing are left out);
+//! (b) everything: (a) plus handling the requests (timed around `handle_request`), the
+//!     evictions' commands and the welcome sealing;
+//! (b') as (b) with request handling counted at the cost of verifying the requests alone
+//!     (timed outside the controller), i.e. without the request path's bookkeeping.
+//!
+//! `cargo run --release -p gkm-benches --bin sustained -- 1048576 10 100000`
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use gkm_benches::{config, full_tree, rng};
+use gkm_server::{
+    Command, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy, GroupState,
+    MemberRecord, Store, StoreError, Timestamp, Transmit,
+};
+use lkh_tree::GroupId;
+use rand_core::Rng;
+use wire::{HpkeSecret, MemberId, RegistrationRequest, sign};
+
+const START: u64 = 1_800_000_000_000;
+
+/// The disk store, shared so the benchmark can read how much it wrote.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<DiskStore>>);
+
+impl Store for Shared {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.0.lock().expect("store").save(state)
+    }
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        self.0.lock().expect("store").save_delta(delta)
+    }
+}
+
+/// One batch's measurements.
+#[derive(Clone, Copy, Default)]
+struct Batch {
+    changes: usize,
+    requests: Duration,
+    evictions: Duration,
+    tree: Duration,
+    persist: Duration,
+    pack: Duration,
+    sign: Duration,
+    ready: Duration,
+    welcomes: Duration,
+    rekey: Duration,
+    written: u64,
+    datagrams: usize,
+    datagram_bytes: usize,
+    welcomed: usize,
+    /// Verifying the batch's requests alone (signature and decoding, one thread).
+    verify: Duration,
+}
+
+impl Batch {
+    /// The rekey until durable and signed (the save overlaps packing and signing).
+    fn pipeline(&self) -> Duration {
+        self.ready
+    }
+    fn everything(&self) -> Duration {
+        self.requests + self.evictions + self.rekey
+    }
+    /// As `everything`, with request handling at the cost of its crypto alone.
+    fn everything_at_crypto_cost(&self) -> Duration {
+        self.verify + self.evictions + self.rekey
+    }
+}
+
+/// `count` signed registration requests of fresh identities, stamped `at_ms`, on two threads.
+fn requests(group: GroupId, count: usize, seed: u64, at_ms: u64) -> Vec<Vec<u8>> {
+    let hpke = HpkeSecret::generate(&mut rng(seed))
+        .public_key()
+        .expect("a valid key");
+    let half = count / 2;
+    let make = move |from: usize, to: usize| {
+        let mut r = rng(seed ^ ((from as u64) << 1));
+        (from..to)
+            .map(|_| {
+                let mut key = [0u8; 32];
+                r.fill_bytes(&mut key);
+                let identity = SigningKey::from_bytes(&key);
+                let mut nonce = [0u8; 16];
+                r.fill_bytes(&mut nonce);
+                let request = RegistrationRequest {
+                    group,
+                    identity: identity.verifying_key().to_bytes(),
+                    hpke_key: hpke,
+                    timestamp_ms: at_ms,
+                    nonce,
+                    token: Vec::new(),
+                };
+                sign(&request, &identity)
+            })
+            .collect::<Vec<_>>()
+    };
+    let other = std::thread::spawn(move || make(half, count));
+    let mut out = make(0, half);
+    out.extend(other.join().expect("request builder"));
+    out
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Monotonic wall time since the first reading.
+fn wall() -> Duration {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// CPU time of this process, all threads (user + system), at the kernel's 10 ms tick.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The machine's 1-, 5- and 15-minute load averages (other processes share the cores).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1 << 20);
+    let batches: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let changes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let dir: PathBuf = std::env::temp_dir().join(format!("gkm-sustained-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.redb");
+
+    let started = Instant::now();
+    let fx = full_tree(n, config(4, false), 11);
+    let snapshot = fx.tree.snapshot();
+    let group = snapshot.group;
+    let members: Vec<MemberRecord> = fx
+        .tree
+        .members()
+        .enumerate()
+        .map(|(i, leaf)| {
+            let mut identity = [0u8; 32];
+            identity[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            MemberRecord {
+                id: MemberId((u64::from(leaf.0) << 32) | (snapshot.epoch.0 & 0xffff_ffff)),
+                identity,
+                hpke_key: [9; 32],
+                leaf,
+                joined: snapshot.epoch.0,
+                lease_until: Timestamp(u64::MAX),
+            }
+        })
+        .collect();
+    drop(fx);
+    let mut evictable: Vec<u64> = members.iter().map(|m| m.id.0).collect();
+    let mut shuffle = rng(5);
+    for i in (1..evictable.len()).rev() {
+        let j = usize::try_from(shuffle.next_u64() % (i as u64 + 1)).expect("index");
+        evictable.swap(i, j);
+    }
+    let state = GroupState {
+        tree: snapshot,
+        members,
+    };
+    let (mut disk, _) = DiskStore::open(&path, &[7; 32]).expect("store");
+    let saved = Instant::now();
+    disk.save(&state).expect("first save");
+    let save_time = saved.elapsed();
+    let state_file = std::fs::metadata(&path).map_or(0, |m| m.len());
+    println!(
+        "{n} members restored in {:.1} s; full save {:.0} ms, {} bytes written, state file {:.1} MB",
+        started.elapsed().as_secs_f64(),
+        ms(save_time),
+        disk.bytes_written(),
+        state_file as f64 / 1e6
+    );
+    let store = Shared(Arc::new(Mutex::new(disk)));
+
+    let mut policy = GroupPolicy::new("bench", group);
+    policy.tree = config(4, false);
+    policy.batch_interval_ms = 1_000;
+    policy.heartbeat_interval_ms = 1_000;
+    policy.lease_ms = 1 << 40;
+    policy.freshness_window_ms = 60_000;
+    let mut controller = Controller::new(
+        SigningKey::from_bytes(&[1; 32]),
+        rng(2),
+        Box::new(store.clone()),
+        vec![policy],
+        vec![state],
+        Timestamp(START),
+    )
+    .expect("a valid state");
+    controller.set_workers(2);
+    let cpu_clock = std::env::var("SUSTAINED_CLOCK").is_ok_and(|c| c == "cpu");
+    let clock: fn() -> Duration = if cpu_clock { cpu } else { wall };
+    controller.set_profiler(clock);
+    println!(
+        "phase times by {}",
+        if cpu_clock {
+            "process CPU time (all threads; phases that overlap count each other's time)"
+        } else {
+            "wall time (set SUSTAINED_CLOCK=cpu for CPU time)"
+        }
+    );
+    let mut now = START;
+    // The restored group rekeys at once (untimed).
+    controller.handle_timeout(Timestamp(now));
+    while controller.poll_transmit().is_some() {}
+    while controller.poll_event().is_some() {}
+
+    let mut results = Vec::new();
+    let mut conn = 0u64;
+    for b in 0..batches {
+        let joins = changes / 2;
+        let leaves = changes - joins;
+        let built = requests(group, joins, 1_000 + b as u64, now);
+        let mut m = Batch {
+            changes,
+            ..Batch::default()
+        };
+        let t = clock();
+        for bytes in &built {
+            let request =
+                wire::open_with::<RegistrationRequest>(bytes, |r| wire::verifying_key(&r.identity));
+            assert!(request.is_ok());
+        }
+        m.verify = clock().saturating_sub(t);
+        let t = clock();
+        for _ in 0..leaves {
+            let Some(member) = evictable.pop() else { break };
+            controller
+                .handle_command(Timestamp(now), Command::Evict("bench".into(), member))
+                .expect("a member");
+        }
+        m.evictions = clock().saturating_sub(t);
+        let t = clock();
+        for bytes in &built {
+            conn += 1;
+            controller.handle_request(ConnId(conn), Timestamp(now), bytes);
+        }
+        m.requests = clock().saturating_sub(t);
+        let before = store.0.lock().expect("store").bytes_written();
+        now += 1_000;
+        let t = clock();
+        controller.handle_timeout(Timestamp(now));
+        m.rekey = clock().saturating_sub(t);
+        m.written = store.0.lock().expect("store").bytes_written() - before;
+        let profile = controller.last_rekey_profile().expect("a profile");
+        (m.tree, m.persist, m.pack, m.sign, m.ready, m.welcomes) = (
+            profile.tree,
+            profile.persist,
+            profile.pack,
+            profile.sign,
+            profile.ready,
+            profile.welcomes,
+        );
+        while let Some(t) = controller.poll_transmit() {
+            if let Transmit::Reply { bytes, .. } = t
+                && matches!(
+                    wire::MessageType::peek(&bytes),
+                    Ok(wire::MessageType::Welcome)
+                )
+            {
+                m.welcomed += 1;
+            }
+        }
+        while let Some(event) = controller.poll_event() {
+            if let Event::Rekeyed {
+                datagrams, bytes, ..
+            } = event
+            {
+                (m.datagrams, m.datagram_bytes) = (datagrams, bytes);
+            }
+        }
+        println!(
+            "batch {b}: {} changes ({} welcomed), {} datagrams ({:.1} MB, each sent twice); tree+wrap {:.0} ms, then persist {:.0} ms ({:.1} MB) alongside pack {:.0} ms + sign {:.0} ms: ready after {:.0} ms; welcomes {:.0} ms; requests {:.0} ms, evictions {:.0} ms; (a) {:.0}/s (b) {:.0}/s",
+            m.changes,
+            m.welcomed,
+            m.datagrams,
+            m.datagram_bytes as f64 / 1e6,
+            ms(m.tree),
+            ms(m.persist),
+            m.written as f64 / 1e6,
+            ms(m.pack),
+            ms(m.sign),
+            ms(m.ready),
+            ms(m.welcomes),
+            ms(m.requests),
+            ms(m.evictions),
+            m.changes as f64 / m.pipeline().as_secs_f64(),
+            m.changes as f64 / m.everything().as_secs_f64(),
+        );
+        results.push(m);
+    }
+    let state_file = std::fs::metadata(&path).map_or(0, |m| m.len());
+    drop(controller);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    let med = |f: fn(&Batch) -> f64| median(results.iter().map(f).collect());
+    let mean =
+        |f: fn(&Batch) -> f64| results.iter().map(f).sum::<f64>() / results.len().max(1) as f64;
+    println!(
+        "--- {n} members, {changes} changes per 1 s batch, {batches} batches, 2 workers; load average {}",
+        load_average()
+    );
+    println!(
+        "median per batch: tree+wrap {:.0} ms, persist {:.0} ms, pack {:.0} ms, sign {:.0} ms, ready (tree, then save alongside pack+sign) {:.0} ms, welcomes {:.0} ms, request handling {:.0} ms, evictions {:.0} ms",
+        med(|m| ms(m.tree)),
+        med(|m| ms(m.persist)),
+        med(|m| ms(m.pack)),
+        med(|m| ms(m.sign)),
+        med(|m| ms(m.ready)),
+        med(|m| ms(m.welcomes)),
+        med(|m| ms(m.requests)),
+        med(|m| ms(m.evictions)),
+    );
+    println!(
+        "request verification alone (one thread, outside the controller): median {:.0} ms",
+        med(|m| ms(m.verify))
+    );
+    println!(
+        "bytes written per batch: median {:.1} MB, mean {:.1} MB (compaction included); state file {:.1} MB at the end",
+        med(|m| m.written as f64 / 1e6),
+        mean(|m| m.written as f64 / 1e6),
+        state_file as f64 / 1e6
+    );
+    println!(
+        "(a) rekey pipeline (tree, wrap, persist, pack, sign): median {:.0} changes/s, mean-time rate {:.0}/s",
+        med(|m| m.changes as f64 / m.pipeline().as_secs_f64()),
+        changes as f64 / (mean(|m| m.pipeline().as_secs_f64())),
+    );
+    println!(
+        "(b) everything (+ request verification, evictions, welcome sealing): median {:.0} changes/s, mean-time rate {:.0}/s",
+        med(|m| m.changes as f64 / m.everything().as_secs_f64()),
+        changes as f64 / (mean(|m| m.everything().as_secs_f64())),
+    );
+    println!(
+        "(b') everything, request handling counted at its verification cost alone: median {:.0} changes/s",
+        med(|m| m.changes as f64 / m.everything_at_crypto_cost().as_secs_f64()),
+    );
+}

@@ -1,0 +1,295 @@
+//! Incremental persistence: after random churn (evictions, joins, lease renewals), the deltas the
+//! controller saved rebuild exactly its in-memory state, in memory and on disk, and a controller
+//! restarted from the disk continues the group.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::SigningKey;
+use gkm_server::{
+    Command, ConnId, Controller, DiskStore, GroupDelta, GroupPolicy, GroupState, MemberRecord,
+    MemoryStore, Response, Store, StoreError, Timestamp,
+};
+use lkh_tree::{Batch, Epoch, GroupId, KeyTree, TreeConfig};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use wire::{HpkeSecret, MemberId, RegistrationRequest, ResyncRequest, sign};
+
+const GROUP: GroupId = GroupId(3);
+const START: u64 = 1_800_000_000_000;
+const KEY: [u8; 32] = [5; 32];
+
+/// Both stores, written in step; the disk one can be taken out to reopen its file.
+#[derive(Clone)]
+struct Tee(Arc<Mutex<(MemoryStore, Option<DiskStore>)>>);
+
+impl Store for Tee {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        let mut both = self.0.lock().unwrap();
+        both.0.save(state)?;
+        both.1.as_mut().unwrap().save(state)
+    }
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        let mut both = self.0.lock().unwrap();
+        both.0.save_delta(delta)?;
+        both.1.as_mut().unwrap().save_delta(delta)
+    }
+}
+
+type Contents = (
+    u64,
+    Vec<(u32, Option<u32>, bool, u64, [u8; 32])>,
+    Vec<MemberRecord>,
+);
+
+/// Comparable contents: the epoch, nodes by id with their key bytes, members by leaf.
+fn contents(state: &GroupState) -> Contents {
+    let mut nodes: Vec<_> = state
+        .tree
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id.0,
+                n.parent.map(|p| p.0),
+                n.leaf,
+                n.version.0,
+                *n.key.as_bytes(),
+            )
+        })
+        .collect();
+    nodes.sort_unstable();
+    let mut members = state.members.clone();
+    members.sort_by_key(|m| m.leaf);
+    (state.tree.epoch.0, nodes, members)
+}
+
+fn policy() -> GroupPolicy {
+    let mut p = GroupPolicy::new("g", GROUP);
+    p.batch_interval_ms = 1_000;
+    p.heartbeat_interval_ms = 1_000;
+    p.lease_ms = 3_600_000;
+    p
+}
+
+fn initial(members: usize) -> GroupState {
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let mut tree = KeyTree::new(GROUP, TreeConfig::default(), &mut rng).unwrap();
+    tree.rekey(
+        &Batch {
+            leaves: vec![],
+            joins: members,
+        },
+        &mut rng,
+    )
+    .unwrap();
+    let records = tree
+        .members()
+        .map(|leaf| MemberRecord {
+            id: MemberId((u64::from(leaf.0) << 32) | 1),
+            identity: [u8::try_from(leaf.0 % 256).unwrap(); 32],
+            hpke_key: [1; 32],
+            leaf,
+            joined: 1,
+            lease_until: Timestamp(START + 3_600_000),
+        })
+        .collect();
+    GroupState {
+        tree: tree.snapshot(),
+        members: records,
+    }
+}
+
+struct Run {
+    controller: Controller<ChaCha20Rng>,
+    rng: ChaCha20Rng,
+    now: u64,
+    conn: u64,
+    /// Identity keys of the members that joined by request, by public key.
+    keys: HashMap<[u8; 32], SigningKey>,
+}
+
+impl Run {
+    fn members(&mut self) -> Vec<(u64, [u8; 32])> {
+        let Ok(Response::Members(list)) = self
+            .controller
+            .handle_command(Timestamp(self.now), Command::Members("g".into()))
+        else {
+            panic!("members")
+        };
+        list.iter()
+            .map(|m| {
+                let mut identity = [0u8; 32];
+                for (i, byte) in identity.iter_mut().enumerate() {
+                    *byte = u8::from_str_radix(&m.identity[2 * i..2 * i + 2], 16).unwrap();
+                }
+                (m.id, identity)
+            })
+            .collect()
+    }
+
+    fn join(&mut self) {
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        let identity = SigningKey::from_bytes(&seed);
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let request = RegistrationRequest {
+            group: GROUP,
+            identity: identity.verifying_key().to_bytes(),
+            hpke_key: HpkeSecret::generate(&mut self.rng).public_key().unwrap(),
+            timestamp_ms: self.now,
+            nonce,
+            token: Vec::new(),
+        };
+        self.conn += 1;
+        self.controller.handle_request(
+            ConnId(self.conn),
+            Timestamp(self.now),
+            &sign(&request, &identity),
+        );
+        self.keys.insert(request.identity, identity);
+    }
+
+    fn renew(&mut self, member: u64, identity: &[u8; 32]) {
+        let Some(key) = self.keys.get(identity) else {
+            return;
+        };
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let request = ResyncRequest {
+            group: GROUP,
+            member: MemberId(member),
+            epoch: Epoch(u64::MAX),
+            timestamp_ms: self.now,
+            nonce,
+        };
+        self.conn += 1;
+        self.controller.handle_request(
+            ConnId(self.conn),
+            Timestamp(self.now),
+            &sign(&request, key),
+        );
+    }
+
+    /// One batch: evictions, joins and renewals, then the rekey a second later.
+    fn churn(&mut self) {
+        let members = self.members();
+        for (id, identity) in &members {
+            match self.rng.next_u32() % 8 {
+                0 => {
+                    self.controller
+                        .handle_command(Timestamp(self.now), Command::Evict("g".into(), *id))
+                        .unwrap();
+                }
+                1 => self.renew(*id, identity),
+                _ => {}
+            }
+        }
+        for _ in 0..self.rng.next_u32() % 50 {
+            self.join();
+        }
+        self.now += 1_000;
+        self.controller.handle_timeout(Timestamp(self.now));
+        while self.controller.poll_transmit().is_some() {}
+        while let Some(event) = self.controller.poll_event() {
+            assert!(
+                !matches!(event, gkm_server::Event::StoreFailed { .. }),
+                "{event:?}"
+            );
+        }
+        self.now += 500;
+    }
+
+    fn state(&self) -> GroupState {
+        self.controller.group_state(GROUP).unwrap()
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gkm-persist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn start(restored: Vec<GroupState>, store: &Tee, now: u64, seed: u64) -> Run {
+    let mut controller = Controller::new(
+        SigningKey::from_bytes(&[9; 32]),
+        ChaCha20Rng::seed_from_u64(seed),
+        Box::new(store.clone()),
+        vec![policy()],
+        restored,
+        Timestamp(now),
+    )
+    .unwrap();
+    // Two workers: the save runs on its own thread while the datagrams are signed.
+    controller.set_workers(2);
+    Run {
+        controller,
+        rng: ChaCha20Rng::seed_from_u64(seed + 1),
+        now,
+        conn: 0,
+        keys: HashMap::new(),
+    }
+}
+
+#[test]
+fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
+    let dir = temp("churn");
+    let path = dir.join("state.redb");
+    let base = initial(200);
+    let (mut disk, loaded) = DiskStore::open(&path, &KEY).unwrap();
+    assert!(loaded.is_empty());
+    disk.save(&base).unwrap();
+    let mut memory = MemoryStore::default();
+    memory.save(&base).unwrap();
+    let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
+    let mut run = start(vec![base], &store, START, 1);
+    run.controller.handle_timeout(Timestamp(START));
+    for round in 0..16 {
+        run.churn();
+        let saved = store.0.lock().unwrap().0.states();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(contents(&saved[0]), contents(&run.state()), "round {round}");
+    }
+    let (saves, deltas) = {
+        let both = store.0.lock().unwrap();
+        (both.0.saves, both.0.deltas)
+    };
+    assert!(
+        saves >= 2,
+        "compaction wrote the state again ({saves} full saves)"
+    );
+    assert!(deltas >= 10, "most rekeys saved deltas ({deltas})");
+    let renewed = run
+        .state()
+        .members
+        .iter()
+        .filter(|m| m.lease_until.0 > START + 3_600_000)
+        .count();
+    assert!(renewed > 0, "some leases were renewed");
+
+    // Reopen the file: the same state, and a controller restarted from it continues the group.
+    let want = run.state();
+    let (epoch, now) = (want.tree.epoch, run.now);
+    drop(run);
+    store.0.lock().unwrap().1 = None;
+    let (disk, loaded) = DiskStore::open(&path, &KEY).unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(contents(&loaded[0]), contents(&want));
+    let mut memory = MemoryStore::default();
+    memory.save(&loaded[0]).unwrap();
+    let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
+    let mut run = start(loaded, &store, now, 50);
+    run.controller.handle_timeout(Timestamp(now));
+    run.churn();
+    assert!(run.state().tree.epoch > epoch);
+    assert_eq!(
+        contents(&store.0.lock().unwrap().0.states()[0]),
+        contents(&run.state())
+    );
+    drop(run);
+    let _ = std::fs::remove_dir_all(&dir);
+}
