@@ -3,6 +3,10 @@
 //! registration's own crypto alone allows, measured in the same run: verifying the request's
 //! Ed25519 signature, sealing the path keys with HPKE and signing the welcome.
 //!
+//! The client runs on the same cores as the daemon, as the crypto baseline does not: so it also
+//! prints the CPU time the daemon and this client (its connection threads: connect, write, read,
+//! close) spent during the run, and the daemon's CPU time per registration next to the crypto's.
+//!
 //! `cargo build --release --bins && target/release/registrations 2000 16`
 
 use std::io::{Read, Write};
@@ -45,6 +49,27 @@ fn request(seed: u64, group: GroupId) -> (Vec<u8>, HpkeSecret) {
         token: Vec::new(),
     };
     (sign(&request, &identity), hpke)
+}
+
+/// CPU seconds (user + system, all threads) a process has used so far, from `/proc/PID/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    // Linux reports these in USER_HZ, 100 per second on every architecture it runs on.
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after its closing parenthesis;
+    // utime and stime are fields 14 and 15, so the 12th and 13th from there.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS
 }
 
 fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -161,6 +186,8 @@ fn main() {
         Arc::new((0..n as u64).map(|i| request(i, group).0).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let welcomed = Arc::new(AtomicUsize::new(0));
+    let server_pid = server.id().to_string();
+    let (server_cpu0, client_cpu0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
     let started = Instant::now();
     let handles: Vec<_> = (0..conns)
         .map(|_| {
@@ -191,6 +218,8 @@ fn main() {
         h.join().expect("client");
     }
     let elapsed = started.elapsed();
+    let server_cpu = cpu_seconds(&server_pid) - server_cpu0;
+    let client_cpu = cpu_seconds("self") - client_cpu0;
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -209,5 +238,13 @@ fn main() {
         "ratio to 2-thread crypto: {:.2}; to 1-thread crypto: {:.2}",
         rate / two,
         rate / one
+    );
+    let busy = (server_cpu + client_cpu) / elapsed.as_secs_f64();
+    println!(
+        "CPU during the run: daemon {server_cpu:.2} s, client {client_cpu:.2} s ({:.0}% of all CPU used, {busy:.2} cores busy); \
+         daemon CPU per registration {:.0} us against {:.0} us of crypto (1 thread)",
+        100.0 * client_cpu / (server_cpu + client_cpu).max(1e-9),
+        1e6 * server_cpu / ok.max(1) as f64,
+        1e6 / one
     );
 }

@@ -163,6 +163,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         replies: mpsc::channel(64),
         fanout_next: tokio::time::Instant::now(),
         renew,
+        persist_due: false,
     };
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
@@ -181,6 +182,8 @@ struct Driver {
     replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
     fanout_next: tokio::time::Instant,
     renew: Duration,
+    /// The membership changed since it was last written to the state directory.
+    persist_due: bool,
 }
 
 impl Driver {
@@ -190,6 +193,13 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.drain();
+            if self.persist_due {
+                // Applications hear of a new key first: the API tasks (woken by `publish`) write
+                // it to their watchers before this task spends time on the membership file.
+                tokio::task::yield_now().await;
+                self.persist_due = false;
+                self.persist();
+            }
             let sleep = self
                 .member
                 .poll_timeout()
@@ -254,9 +264,9 @@ impl Driver {
                     member.0,
                     hex::encode(kcv.0)
                 );
-                // Applications get the key first; the membership file (fsynced) follows.
+                // Applications get the key first; the membership file follows (in `run`).
                 publish(&self.member, &self.keys);
-                self.persist();
+                self.persist_due = true;
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
             }
@@ -264,7 +274,7 @@ impl Driver {
                 publish(&self.member, &self.keys);
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
-                self.persist();
+                self.persist_due = true;
             }
             MemberEvent::MembershipEnded => {
                 warn!("membership ended (evicted, expired or left): registering again");
