@@ -349,6 +349,14 @@ pub enum Inbound {
 /// thread, many at once; the controller then checks freshness, replay and authorization
 /// ([`Controller::handle_inbound`]). Resync and leave requests are passed through as
 /// [`Inbound::MemberSigned`]: their key is in the controller's state.
+///
+/// ```
+/// use gkm_server::{Inbound, Reject, verify_request};
+/// // Bytes that are not a signed request never become a verified registration.
+/// let inbound = verify_request(b"not a request".to_vec());
+/// assert_eq!(inbound, Inbound::Refused(Reject::Malformed));
+/// # let _: Option<wire::RegistrationRequest> = None;
+/// ```
 pub fn verify_request(bytes: Vec<u8>) -> Inbound {
     match MessageType::peek(&bytes) {
         Ok(MessageType::RegistrationRequest) => {

@@ -33,6 +33,11 @@ use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Key changes are written to the membership file at most this long after they happen, several
+/// in one write. Every member of a group changes keys at once; writing the file (a new inode
+/// each time) cost more than verifying and applying the rekey. A member restarted from an older
+/// file sees the heartbeat ahead of it and resyncs. A new membership is written at once.
+const PERSIST_COALESCE: Duration = Duration::from_secs(1);
 
 /// Settings of `run`.
 pub(crate) struct RunConfig {
@@ -163,7 +168,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         replies: mpsc::channel(64),
         fanout_next: tokio::time::Instant::now(),
         renew,
-        persist_due: false,
+        persist_at: None,
     };
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
@@ -182,8 +187,8 @@ struct Driver {
     replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
     fanout_next: tokio::time::Instant,
     renew: Duration,
-    /// The membership changed since it was last written to the state directory.
-    persist_due: bool,
+    /// When the membership file is next written: it changed since it was last written.
+    persist_at: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -193,13 +198,17 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.drain();
-            if self.persist_due {
+            if self
+                .persist_at
+                .is_some_and(|at| at <= tokio::time::Instant::now())
+            {
                 // Applications hear of a new key first: the API tasks (woken by `publish`) write
                 // it to their watchers before this task spends time on the membership file.
                 tokio::task::yield_now().await;
-                self.persist_due = false;
+                self.persist_at = None;
                 self.persist();
             }
+            let persist_at = self.persist_at;
             let sleep = self
                 .member
                 .poll_timeout()
@@ -220,6 +229,7 @@ impl Driver {
                 Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
                 () = tokio::time::sleep_until(self.fanout_next), if fanout => self.ask_fanout().await,
+                () = sleep_until_some(persist_at), if persist_at.is_some() => {}
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -266,7 +276,7 @@ impl Driver {
                 );
                 // Applications get the key first; the membership file follows (in `run`).
                 publish(&self.member, &self.keys);
-                self.persist_due = true;
+                self.persist_within(Duration::ZERO);
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
             }
@@ -274,7 +284,7 @@ impl Driver {
                 publish(&self.member, &self.keys);
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
-                self.persist_due = true;
+                self.persist_within(PERSIST_COALESCE);
             }
             MemberEvent::MembershipEnded => {
                 warn!("membership ended (evicted, expired or left): registering again");
@@ -285,6 +295,12 @@ impl Driver {
             }
         }
         publish(&self.member, &self.keys);
+    }
+
+    /// Schedules writing the membership file within `delay` (or sooner, if already scheduled).
+    fn persist_within(&mut self, delay: Duration) {
+        let at = tokio::time::Instant::now() + delay;
+        self.persist_at = Some(self.persist_at.map_or(at, |t| t.min(at)));
     }
 
     fn persist(&self) {
@@ -333,6 +349,14 @@ impl Driver {
         }
         self.dir.remove_membership();
         self.keys.send_replace(None);
+    }
+}
+
+/// Sleeps until `at`; never returns for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
