@@ -4,8 +4,9 @@
 //! loop: rekey/heartbeat datagram (multicast or fan-out) -> handle_datagram
 //!       reply on a request's TCP connection              -> handle_reply
 //!       timer                                            -> handle_timeout
-//!       then: each poll_request on its own TCP connection (5 s), each poll_event logged,
-//!             persisted and published on the API; sleep until poll_timeout
+//!       then: each poll_request on its own TCP connection (5 s), each poll_event published
+//!             on the API and logged; the membership file written (key changes coalesced,
+//!             1-2 s later); sleep until poll_timeout
 //!       SIGTERM/SIGINT: leave(), send the leave request, exit 0
 //! ```
 
@@ -33,11 +34,12 @@ use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Key changes are written to the membership file at most this long after they happen, several
+/// Key changes are written to the membership file 1 to 2 s (at random) after they happen, several
 /// in one write. Every member of a group changes keys at once; writing the file (a new inode
-/// each time) cost more than verifying and applying the rekey. A member restarted from an older
-/// file sees the heartbeat ahead of it and resyncs. A new membership is written at once.
-const PERSIST_COALESCE: Duration = Duration::from_secs(1);
+/// each time) cost more than verifying and applying the rekey, and members sharing a machine
+/// would all write in the same instant. A member restarted from an older file sees the
+/// heartbeat ahead of it and resyncs. A new membership is written at once.
+const PERSIST_COALESCE_MS: std::ops::Range<u64> = 1_000..2_000;
 
 /// Settings of `run`.
 pub(crate) struct RunConfig {
@@ -284,7 +286,9 @@ impl Driver {
                 publish(&self.member, &self.keys);
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
-                self.persist_within(PERSIST_COALESCE);
+                let spread = PERSIST_COALESCE_MS.end - PERSIST_COALESCE_MS.start;
+                let delay = PERSIST_COALESCE_MS.start + self.side_rng.next_u64() % spread;
+                self.persist_within(Duration::from_millis(delay));
             }
             MemberEvent::MembershipEnded => {
                 warn!("membership ended (evicted, expired or left): registering again");
