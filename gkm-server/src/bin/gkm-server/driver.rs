@@ -53,6 +53,8 @@ const MAX_QUEUED_OTHER: usize = 64;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle time allowed on a control connection between lines.
 const CONTROL_IDLE: Duration = Duration::from_secs(300);
+/// Pause after a failed accept (out of file descriptors, say) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Subscribers remembered per group.
 const MAX_SUBSCRIBERS: usize = 4_096;
 
@@ -275,8 +277,11 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         task.abort();
     }
     let _ = queue.tx.send(ToController::Stop);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
     let _ = std::fs::remove_file(&control_path);
+    if !matches!(joined, Ok(Ok(()))) {
+        anyhow::bail!("the controller thread panicked; its message is above");
+    }
     info!("stopped");
     Ok(())
 }
@@ -501,7 +506,10 @@ async fn accept_requests(listener: TcpListener, queue: ControllerQueue, reply_wa
                     drop(permit);
                 });
             }
-            Err(e) => warn!("accept failed: {e}"),
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
     }
 }
@@ -538,7 +546,10 @@ async fn accept_control(control: UnixListener, uid: u32, queue: ControllerQueue)
                     drop(permit);
                 });
             }
-            Err(e) => warn!("control accept failed: {e}"),
+            Err(e) => {
+                warn!("control accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
     }
 }
@@ -550,6 +561,7 @@ async fn accept_metrics(listener: Option<TcpListener>, queue: ControllerQueue) {
     };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
         let (tx, rx) = oneshot::channel();
