@@ -171,6 +171,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         fanout_next: tokio::time::Instant::now(),
         renew,
         persist_at: None,
+        published: false,
     };
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
@@ -191,6 +192,8 @@ struct Driver {
     renew: Duration,
     /// When the membership file is next written: it changed since it was last written.
     persist_at: Option<tokio::time::Instant>,
+    /// A key change was published to the API since the loop last yielded.
+    published: bool,
 }
 
 impl Driver {
@@ -200,13 +203,15 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.drain();
+            if std::mem::take(&mut self.published) {
+                // Applications hear of a new key first: the API tasks (woken by `publish`) write
+                // it to their watchers before this task reads the next datagram or writes files.
+                tokio::task::yield_now().await;
+            }
             if self
                 .persist_at
                 .is_some_and(|at| at <= tokio::time::Instant::now())
             {
-                // Applications hear of a new key first: the API tasks (woken by `publish`) write
-                // it to their watchers before this task spends time on the membership file.
-                tokio::task::yield_now().await;
                 self.persist_at = None;
                 self.persist();
             }
@@ -278,12 +283,14 @@ impl Driver {
                 );
                 // Applications get the key first; the membership file follows (in `run`).
                 publish(&self.member, &self.keys);
+                self.published = true;
                 self.persist_within(Duration::ZERO);
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
                 publish(&self.member, &self.keys);
+                self.published = true;
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
                 let spread = PERSIST_COALESCE_MS.end - PERSIST_COALESCE_MS.start;
