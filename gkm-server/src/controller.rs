@@ -1,6 +1,6 @@
 //! The controller state machine. See the crate docs for the call order.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -342,6 +342,79 @@ impl Save {
     }
 }
 
+/// A registration request whose Ed25519 signature verified under the identity key it carries.
+///
+/// Only [`verify_request`] makes one (the field is private), and the controller's join logic
+/// takes nothing else, so bytes whose signature was not checked cannot reach it:
+///
+/// ```compile_fail
+/// # fn forge(request: wire::RegistrationRequest) -> gkm_server::VerifiedRegistration {
+/// gkm_server::VerifiedRegistration(request)
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedRegistration(RegistrationRequest);
+
+impl VerifiedRegistration {
+    /// The request.
+    pub fn request(&self) -> &RegistrationRequest {
+        &self.0
+    }
+}
+
+/// A resync or leave request, decoded enough to know its kind. It is signed by a member's
+/// identity key, which only the controller's state holds, so [`Controller::handle_inbound`]
+/// verifies it against the member's record before using any field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberSigned {
+    kind: MessageType,
+    bytes: Vec<u8>,
+}
+
+/// What [`verify_request`] makes of a request's bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A registration whose signature verified.
+    Registration(VerifiedRegistration),
+    /// A resync or leave, verified by the controller against the member's record.
+    MemberSigned(MemberSigned),
+    /// Refused before any state was consulted: malformed, a bad signature, or a kind a
+    /// controller does not accept.
+    Refused(Reject),
+}
+
+/// The checks of a request that need no controller state, as a pure function: it decodes a
+/// registration request and verifies its Ed25519 signature under the identity key it names,
+/// before anything in it is used. It costs one signature verification and may run on any
+/// thread, many at once; the controller then checks freshness, replay and authorization
+/// ([`Controller::handle_inbound`]). Resync and leave requests are passed through as
+/// [`Inbound::MemberSigned`]: their key is in the controller's state.
+///
+/// ```
+/// use gkm_server::{Inbound, Reject, verify_request};
+/// // Bytes that are not a signed request never become a verified registration.
+/// let inbound = verify_request(b"not a request".to_vec());
+/// assert_eq!(inbound, Inbound::Refused(Reject::Malformed));
+/// # let _: Option<wire::RegistrationRequest> = None;
+/// ```
+pub fn verify_request(bytes: Vec<u8>) -> Inbound {
+    match MessageType::peek(&bytes) {
+        Ok(MessageType::RegistrationRequest) => {
+            match open_with::<RegistrationRequest>(&bytes, |r| verifying_key(&r.identity)) {
+                Ok(verified) => {
+                    Inbound::Registration(VerifiedRegistration(verified.into_message()))
+                }
+                Err(error) => Inbound::Refused(wire_reject(&error)),
+            }
+        }
+        Ok(kind @ (MessageType::ResyncRequest | MessageType::Leave)) => {
+            Inbound::MemberSigned(MemberSigned { kind, bytes })
+        }
+        Ok(_) => Inbound::Refused(Reject::UnexpectedMessage),
+        Err(_) => Inbound::Refused(Reject::Malformed),
+    }
+}
+
 /// One welcome to seal: the join it answers, the member's id and its keys.
 type WelcomeJob<'a> = (&'a PendingJoin, MemberId, &'a MemberPath);
 
@@ -362,7 +435,7 @@ struct Group {
     batch_due: Option<Timestamp>,
     next_heartbeat: Timestamp,
     next_refresh: Option<Timestamp>,
-    nonces: HashMap<[u8; NONCE_LEN], Timestamp>,
+    nonces: SeenNonces,
     epoch_times: BTreeMap<u64, Timestamp>,
     /// Repeat sends waiting for their time, earliest first.
     spaced: VecDeque<(Timestamp, Vec<u8>)>,
@@ -451,14 +524,29 @@ impl<R: CryptoRng> Controller<R> {
     }
 
     /// A request from a member's connection: registration, resync (also renews the lease) or
-    /// leave. The reply, if any, comes out of [`Controller::poll_transmit`].
+    /// leave. The reply, if any, comes out of [`Controller::poll_transmit`]. The same as
+    /// [`Controller::handle_inbound`] of [`verify_request`]`(bytes)`; a driver that wants the
+    /// signature checks off the controller's thread calls those two itself.
     pub fn handle_request(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) {
-        let outcome = match MessageType::peek(bytes) {
-            Ok(MessageType::RegistrationRequest) => self.register(conn, now, bytes),
-            Ok(MessageType::ResyncRequest) => self.resync(conn, now, bytes),
-            Ok(MessageType::Leave) => self.leave(conn, now, bytes),
-            Ok(_) => Err((Reject::UnexpectedMessage, GroupId(0))),
-            Err(_) => Err((Reject::Malformed, GroupId(0))),
+        self.handle_inbound(conn, now, verify_request(bytes.to_vec()));
+    }
+
+    /// A request after [`verify_request`]: the checks that need the controller's state
+    /// (freshness, replay, authorization, membership; a member-signed request's signature) and
+    /// then the request itself. The reply, if any, comes out of [`Controller::poll_transmit`].
+    pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
+        let outcome = match inbound {
+            Inbound::Registration(request) => self.register(conn, now, request),
+            Inbound::MemberSigned(MemberSigned {
+                kind: MessageType::ResyncRequest,
+                bytes,
+            }) => self.resync(conn, now, &bytes),
+            Inbound::MemberSigned(MemberSigned {
+                kind: MessageType::Leave,
+                bytes,
+            }) => self.leave(conn, now, &bytes),
+            Inbound::MemberSigned(_) => Err((Reject::UnexpectedMessage, GroupId(0))),
+            Inbound::Refused(reason) => Err((reason, GroupId(0))),
         };
         if let Err((reason, group)) = outcome {
             self.reject(conn, now, group, reason);
@@ -692,15 +780,15 @@ impl<R: CryptoRng> Controller<R> {
         });
     }
 
+    /// The join logic: takes only a [`VerifiedRegistration`], so nothing here reads a request
+    /// whose signature was not checked.
     fn register(
         &mut self,
         conn: ConnId,
         now: Timestamp,
-        bytes: &[u8],
+        request: VerifiedRegistration,
     ) -> Result<(), (Reject, GroupId)> {
-        let request = open_with::<RegistrationRequest>(bytes, |r| verifying_key(&r.identity))
-            .map_err(|e| (wire_reject(&e), GroupId(0)))?
-            .into_message();
+        let request = request.0;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         let join = PendingJoin {
@@ -1121,6 +1209,32 @@ fn sign_all(datagrams: &[RekeyDatagram], signer: &SigningKey, workers: usize) ->
     })
 }
 
+/// Request nonces seen within the last `keep_ms`, forgotten oldest first (so a request costs
+/// the same however many are remembered).
+#[derive(Default)]
+struct SeenNonces {
+    seen: HashSet<[u8; NONCE_LEN]>,
+    order: VecDeque<(Timestamp, [u8; NONCE_LEN])>,
+}
+
+impl SeenNonces {
+    /// Records `nonce` at `now`; false if it was seen within the last `keep_ms`.
+    fn insert(&mut self, nonce: [u8; NONCE_LEN], now: Timestamp, keep_ms: u64) -> bool {
+        while let Some(&(at, old)) = self.order.front() {
+            if at.0.saturating_add(keep_ms) > now.0 {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+        }
+        if !self.seen.insert(nonce) {
+            return false;
+        }
+        self.order.push_back((now, nonce));
+        true
+    }
+}
+
 fn wire_reject(error: &WireError) -> Reject {
     match error {
         WireError::BadSignature => Reject::BadSignature,
@@ -1171,7 +1285,7 @@ impl Group {
             departures: BTreeMap::new(),
             batch_due: None,
             next_heartbeat: now,
-            nonces: HashMap::new(),
+            nonces: SeenNonces::default(),
             epoch_times: BTreeMap::new(),
             spaced: VecDeque::new(),
             stats: Stats::default(),
@@ -1229,9 +1343,7 @@ impl Group {
         if at_ms.abs_diff(now.0) > window {
             return Err(Reject::StaleRequest);
         }
-        self.nonces
-            .retain(|_, seen| seen.0.saturating_add(2 * window) > now.0);
-        if self.nonces.insert(nonce, now).is_some() {
+        if !self.nonces.insert(nonce, now, 2 * window) {
             return Err(Reject::Replayed);
         }
         Ok(())

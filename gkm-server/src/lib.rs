@@ -6,7 +6,9 @@
 //! random source: the driver (the daemon, or netsim) passes `now` and the RNG in.
 //!
 //! ```text
-//! driver loop:  receive request ──► handle_request(conn, now, bytes)
+//! any thread:   request bytes   ──► verify_request(bytes) ──► Inbound   (signature checks)
+//! driver loop:  Inbound         ──► handle_inbound(conn, now, inbound)
+//!               (or both in one: handle_request(conn, now, bytes))
 //!               control command ──► handle_command(now, command) ──► response
 //!               timer fired     ──► handle_timeout(now)
 //!               then drain      ◄── poll_transmit()  (multicast datagrams, replies)
@@ -36,8 +38,9 @@ mod roster;
 mod store;
 
 pub use controller::{
-    Command, CommandError, Controller, DepartReason, Event, GroupInfo, KeyInfo, MemberInfo, Reject,
-    RekeyProfile, Response, Stats, Transmit,
+    Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
+    MemberInfo, MemberSigned, Reject, RekeyProfile, Response, Stats, Transmit,
+    VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::{DiskStore, MAX_RECORDS};

@@ -5,8 +5,8 @@
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, MemoryStore, Response, Store,
-    StoreError, Timestamp, Transmit,
+    Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, Inbound, MemoryStore,
+    Reject, Response, Store, StoreError, Timestamp, Transmit, verify_request,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -514,4 +514,95 @@ fn repeat_sends_are_spaced_as_the_policy_says() {
             assert!(later[4].is_empty(), "three copies in all");
         }
     }
+}
+
+/// The controller's view in brief: groups (epoch, members, pending changes) and the members
+/// (id, identity, leaf, epoch joined; not the lease left, which the clock changes).
+fn snapshot(net: &mut Net) -> (Response, Vec<(u64, String, u32, u64)>) {
+    let Response::Members(members) = net.command(Command::Members("demo".into())) else {
+        panic!("no member list")
+    };
+    let members = members
+        .into_iter()
+        .map(|m| (m.id, m.identity, m.leaf, m.joined))
+        .collect();
+    (net.command(Command::Groups), members)
+}
+
+#[test]
+fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_nothing() {
+    let mut net = Net::new(3, 0.0);
+    let before = snapshot(&mut net);
+    let identity = SigningKey::from_bytes(&[11; 32]);
+    let good = registration(&identity, [5; 16], net.now, b"");
+    let mut bad_signature = good.clone();
+    *bad_signature.last_mut().unwrap() ^= 1;
+    let mut other_key = good.clone();
+    // The HPKE key (after the 12-byte header, 32-byte identity): a substituted key, same signature.
+    other_key[12 + 32] ^= 1;
+    for forged in [bad_signature, other_key] {
+        let inbound = verify_request(forged);
+        assert_eq!(inbound, Inbound::Refused(Reject::BadSignature));
+        net.controller
+            .handle_inbound(ConnId(0), Timestamp(net.now), inbound);
+        assert_eq!(reply_code(&mut net.controller), Some(401));
+        let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
+        assert_eq!(
+            events,
+            vec![Event::Rejected {
+                reason: Reject::BadSignature,
+                at: net.now
+            }],
+            "counted as a rejection, nothing else"
+        );
+        net.advance(2_000, 100);
+        assert_eq!(snapshot(&mut net), before, "no state changed");
+    }
+    // The same request, signature intact, is admitted: the refusals above were for the forgery.
+    let Inbound::Registration(verified) = verify_request(good.clone()) else {
+        panic!("a well-signed registration did not verify")
+    };
+    assert_eq!(
+        verified.request().identity,
+        identity.verifying_key().to_bytes()
+    );
+    net.controller.handle_inbound(
+        ConnId(0),
+        Timestamp(net.now),
+        Inbound::Registration(verified),
+    );
+    assert_eq!(reply_code(&mut net.controller), None, "welcomed");
+    // Replayed through the split path too: refused, no churn.
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    net.controller
+        .handle_inbound(ConnId(0), Timestamp(net.now + 5), verify_request(good));
+    assert_eq!(reply_code(&mut net.controller), Some(409));
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+}
+
+#[test]
+fn member_signed_and_unexpected_requests_are_left_to_the_controller_or_refused() {
+    let heartbeat = wire::Heartbeat {
+        group: GROUP,
+        epoch: lkh_tree::Epoch(1),
+        kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
+        timestamp_ms: START,
+    };
+    let signed = wire::sign(&heartbeat, &SigningKey::from_bytes(&[1; 32]));
+    assert_eq!(
+        verify_request(signed),
+        Inbound::Refused(Reject::UnexpectedMessage)
+    );
+    assert_eq!(
+        verify_request(b"GK\x01".to_vec()),
+        Inbound::Refused(Reject::Malformed)
+    );
+    let leave = wire::LeaveRequest {
+        group: GROUP,
+        member: wire::MemberId(3),
+        timestamp_ms: START,
+        nonce: [0; 16],
+    };
+    let bytes = wire::sign(&leave, &SigningKey::from_bytes(&[1; 32]));
+    assert!(matches!(verify_request(bytes), Inbound::MemberSigned(_)));
 }

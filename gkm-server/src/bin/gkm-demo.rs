@@ -132,30 +132,78 @@ fn find<'a>(value: &'a Value, key: &str, want: Option<&str>) -> Option<&'a Value
     }
 }
 
-/// Follows a member's `watch` stream until it reports `target` (bounded by [`SETTLE`]); waits
-/// at `ready` once subscribed so the caller starts the clock after every watcher is in place.
-fn watch_until(socket: &Path, target: u64, ready: &std::sync::Barrier) -> Option<Instant> {
-    let stream = UnixStream::connect(socket).ok();
-    let mut reader = stream.as_ref().and_then(|s| {
-        s.set_read_timeout(Some(SETTLE)).ok()?;
-        let mut w = s.try_clone().ok()?;
-        writeln!(w, "{}", json!({"op": "watch"})).ok()?;
-        Some(BufReader::new(s.try_clone().ok()?))
-    });
+/// Follows every member's `watch` stream until each reports `target` (each bounded by
+/// [`SETTLE`]), all on one thread: a current-thread runtime with one task per stream, so the
+/// measuring side wakes as little as it can while the members work. Sends on `ready` once every
+/// stream is subscribed, so the caller starts the clock after every watcher is in place. Returns,
+/// per socket, when its line arrived.
+fn watch_all(
+    sockets: Vec<PathBuf>,
+    target: u64,
+    ready: &std::sync::mpsc::Sender<()>,
+) -> Vec<Option<Instant>> {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        let _ = ready.send(());
+        return vec![None; sockets.len()];
+    };
+    runtime.block_on(async move {
+        let mut readers = Vec::with_capacity(sockets.len());
+        for socket in &sockets {
+            readers.push(subscribe(socket).await);
+        }
+        let _ = ready.send(());
+        let tasks: Vec<_> = readers
+            .into_iter()
+            .map(|reader| {
+                tokio::spawn(async move {
+                    let reader = reader?;
+                    tokio::time::timeout(SETTLE, until_epoch(reader, target))
+                        .await
+                        .ok()
+                        .flatten()
+                })
+            })
+            .collect();
+        let mut seen = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            seen.push(task.await.ok().flatten());
+        }
+        seen
+    })
+}
+
+type WatchReader = tokio::io::BufReader<tokio::net::UnixStream>;
+
+/// Connects to a member's API and asks to watch; returns once the first (current) line is read.
+async fn subscribe(socket: &Path) -> Option<WatchReader> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let request = format!("{}\n", json!({"op": "watch"}));
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut reader = tokio::io::BufReader::new(stream);
     let mut line = String::new();
-    let first = reader.as_mut().and_then(|r| r.read_line(&mut line).ok());
-    ready.wait();
-    first?;
+    let read = tokio::time::timeout(SETTLE, reader.read_line(&mut line)).await;
+    matches!(read, Ok(Ok(n)) if n > 0).then_some(reader)
+}
+
+/// Reads watch lines until one reports `target` or later; when that line arrived.
+async fn until_epoch(mut reader: WatchReader, target: u64) -> Option<Instant> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
     loop {
+        line.clear();
+        if reader.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let at = Instant::now();
         let epoch = serde_json::from_str::<Value>(&line)
             .ok()
             .and_then(|v| v.get("epoch")?.as_u64());
         if epoch.is_some_and(|e| e >= target) {
-            return Some(Instant::now());
-        }
-        line.clear();
-        if reader.as_mut()?.read_line(&mut line).ok()? == 0 {
-            return None;
+            return Some(at);
         }
     }
 }
@@ -438,25 +486,25 @@ impl Demo {
         for round in 0..rounds {
             let target = self.epoch()? + 1;
             let victim = 1 + round % (self.agents.len() - 1);
-            let (tx, rx) = std::sync::mpsc::channel();
-            let ready = std::sync::Arc::new(std::sync::Barrier::new(self.agents.len()));
-            for (i, agent) in self.agents.iter().enumerate().filter(|(i, _)| *i != victim) {
-                let socket = agent.dir.join("api.sock");
-                let (tx, ready) = (tx.clone(), ready.clone());
-                std::thread::spawn(move || {
-                    let seen = watch_until(&socket, target, &ready);
-                    let _ = tx.send((i, seen));
-                });
-            }
-            drop(tx);
-            ready.wait();
+            let sockets: Vec<PathBuf> = (0..self.agents.len())
+                .filter(|i| *i != victim)
+                .map(|i| self.agents[i].dir.join("api.sock"))
+                .collect();
+            let (ready_tx, ready) = std::sync::mpsc::channel();
+            let watcher = std::thread::spawn(move || watch_all(sockets, target, &ready_tx));
+            ready
+                .recv_timeout(SETTLE)
+                .context("the watchers did not subscribe")?;
             let (agent, member) = self.evict_prepare(victim)?;
             let started = Instant::now();
             self.evict_send(agent, member)?;
             let acked = started.elapsed();
+            let seen = watcher
+                .join()
+                .map_err(|_| anyhow::anyhow!("the watcher thread panicked"))?;
             let mut last = Duration::ZERO;
-            for (i, seen) in rx {
-                let at = seen.with_context(|| format!("member {i} never saw epoch {target}"))?;
+            for (i, at) in seen.into_iter().enumerate() {
+                let at = at.with_context(|| format!("member {i} never saw epoch {target}"))?;
                 last = last.max(at.saturating_duration_since(started));
             }
             samples.push(last);

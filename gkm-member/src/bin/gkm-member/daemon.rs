@@ -4,8 +4,9 @@
 //! loop: rekey/heartbeat datagram (multicast or fan-out) -> handle_datagram
 //!       reply on a request's TCP connection              -> handle_reply
 //!       timer                                            -> handle_timeout
-//!       then: each poll_request on its own TCP connection (5 s), each poll_event logged,
-//!             persisted and published on the API; sleep until poll_timeout
+//!       then: each poll_request on its own TCP connection (5 s), each poll_event published
+//!             on the API and logged; the membership file written (key changes coalesced,
+//!             1-2 s later); sleep until poll_timeout
 //!       SIGTERM/SIGINT: leave(), send the leave request, exit 0
 //! ```
 
@@ -33,6 +34,12 @@ use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Key changes are written to the membership file 1 to 2 s (at random) after they happen, several
+/// in one write. Every member of a group changes keys at once; writing the file (a new inode
+/// each time) cost more than verifying and applying the rekey, and members sharing a machine
+/// would all write in the same instant. A member restarted from an older file sees the
+/// heartbeat ahead of it and resyncs. A new membership is written at once.
+const PERSIST_COALESCE_MS: std::ops::Range<u64> = 1_000..2_000;
 
 /// Settings of `run`.
 pub(crate) struct RunConfig {
@@ -167,6 +174,8 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         renew,
         fanout_after: cfg.fanout_after,
         silent_until: None,
+        persist_at: None,
+        published: false,
     };
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
@@ -188,6 +197,10 @@ struct Driver {
     fanout_after: Option<Duration>,
     /// On multicast and admitted: when to give up on multicast unless a datagram arrives.
     silent_until: Option<tokio::time::Instant>,
+    /// When the membership file is next written: it changed since it was last written.
+    persist_at: Option<tokio::time::Instant>,
+    /// A key change was published to the API since the loop last yielded.
+    published: bool,
 }
 
 impl Driver {
@@ -198,6 +211,19 @@ impl Driver {
         self.heard(&[]);
         loop {
             self.drain();
+            if std::mem::take(&mut self.published) {
+                // Applications hear of a new key first: the API tasks (woken by `publish`) write
+                // it to their watchers before this task reads the next datagram or writes files.
+                tokio::task::yield_now().await;
+            }
+            if self
+                .persist_at
+                .is_some_and(|at| at <= tokio::time::Instant::now())
+            {
+                self.persist_at = None;
+                self.persist();
+            }
+            let persist_at = self.persist_at;
             let sleep = self
                 .member
                 .poll_timeout()
@@ -223,6 +249,7 @@ impl Driver {
                 () = tokio::time::sleep_until(silent_until), if self.silent_until.is_some() => {
                     self.switch_to_fanout().await;
                 }
+                () = sleep_until_some(persist_at), if persist_at.is_some() => {}
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -267,18 +294,22 @@ impl Driver {
                     member.0,
                     hex::encode(kcv.0)
                 );
-                // Applications get the key first; the membership file (fsynced) follows.
+                // Applications get the key first; the membership file follows (in `run`).
                 publish(&self.member, &self.keys);
-                self.persist();
+                self.published = true;
+                self.persist_within(Duration::ZERO);
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
                 self.heard(&[]);
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
                 publish(&self.member, &self.keys);
+                self.published = true;
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
-                self.persist();
+                let spread = PERSIST_COALESCE_MS.end - PERSIST_COALESCE_MS.start;
+                let delay = PERSIST_COALESCE_MS.start + self.side_rng.next_u64() % spread;
+                self.persist_within(Duration::from_millis(delay));
             }
             MemberEvent::MembershipEnded => {
                 warn!("membership ended (evicted, expired or left): registering again");
@@ -289,6 +320,12 @@ impl Driver {
             }
         }
         publish(&self.member, &self.keys);
+    }
+
+    /// Schedules writing the membership file within `delay` (or sooner, if already scheduled).
+    fn persist_within(&mut self, delay: Duration) {
+        let at = tokio::time::Instant::now() + delay;
+        self.persist_at = Some(self.persist_at.map_or(at, |t| t.min(at)));
     }
 
     fn persist(&self) {
@@ -370,6 +407,14 @@ impl Driver {
         }
         self.dir.remove_membership();
         self.keys.send_replace(None);
+    }
+}
+
+/// Sleeps until `at`; never returns for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,29 +1,41 @@
-//! The driver loop: receive → `handle_*` → drain `poll_*` → send → sleep until `poll_timeout()`.
+//! The driver: tokio tasks do the I/O and the stateless checks; one thread owns the controller.
 //!
-//! One task owns the [`Controller`]; connection tasks only frame bytes and pass them in over
-//! channels, so the controller needs no lock. Fan-out: a datagram on the request port's UDP
-//! socket is a subscription; when it is valid and the group's `fanout` is on, every multicast
-//! datagram of that group is also sent by unicast to the subscriber's address until the
-//! subscription is older than the group's lease.
+//! ```text
+//! tokio workers (one per core)            controller thread ("gkm-controller")
+//!   accept, read frame                      loop: recv message (or sleep until poll_timeout)
+//!   verify_request(bytes)   ── Inbound ──►        handle_inbound / _command / subscribe /
+//!   (Ed25519, any worker)                         handle_timeout (rekey: store commit,
+//!   control lines, UDP subscriptions ───►         welcome sealing on worker threads)
+//!   write the reply         ◄── oneshot ──        drain poll_transmit: replies, multicast
+//! ```
+//!
+//! The controller needs no lock: only its thread touches it. Its blocking work (the durable
+//! commit of each rekey, sealing a batch's welcomes) never stalls the tokio workers, so requests
+//! keep being read and their signatures verified on every core meanwhile. Fan-out: a datagram
+//! on the request port's UDP socket is a subscription; when it is valid and the group's `fanout`
+//! is on, every multicast datagram of that group is also sent by unicast to the subscriber's
+//! address until the subscription is older than the group's lease.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
-use gkm_server::{Command, ConnId, Controller, Event, Response, Timestamp, Transmit};
+use gkm_server::{Command, ConnId, Controller, Event, Inbound, Response, Timestamp, Transmit};
 use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -39,31 +51,66 @@ const MAX_CONNECTIONS: usize = 256;
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Concurrent control connections.
 const MAX_CONTROL: usize = 16;
+/// Fan-out subscriptions and metrics scrapes waiting for the controller; more are dropped.
+const MAX_QUEUED_OTHER: usize = 64;
 /// Time to read one request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle time allowed on a control connection between lines.
 const CONTROL_IDLE: Duration = Duration::from_secs(300);
+/// Pause after a failed accept (out of file descriptors, say) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Subscribers remembered per group.
 const MAX_SUBSCRIBERS: usize = 4_096;
 
 type OsRng = UnwrapErr<SysRng>;
 
-struct Incoming {
-    conn: ConnId,
-    bytes: Vec<u8>,
-    reply: oneshot::Sender<Vec<u8>>,
+/// What the tokio side hands the controller thread.
+enum ToController {
+    /// A request, after [`gkm_server::verify_request`].
+    Request {
+        conn: ConnId,
+        inbound: Inbound,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    /// A fan-out subscription datagram.
+    Subscribe { bytes: Vec<u8>, from: SocketAddr },
+    /// An operator's command.
+    Command {
+        command: Command,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A metrics scrape.
+    Metrics(oneshot::Sender<String>),
+    /// Stop: flush and end the thread.
+    Stop,
 }
 
 /// Request connections still reading their request, oldest first. A member sends its request as
 /// soon as it connects; connections that stay silent (slowloris) are the ones closed when every
 /// slot is taken, so they cannot lock members out for a read timeout at a time.
+///
+/// A connection is pushed before its task is spawned and gets its task's handle just after: on
+/// the multi-thread runtime the task may finish (and call [`Readers::done`]) in between, and an
+/// entry pushed after that would stay forever.
 #[derive(Clone, Default)]
-struct Readers(Arc<std::sync::Mutex<VecDeque<(ConnId, AbortHandle)>>>);
+struct Readers(Arc<std::sync::Mutex<VecDeque<Reader>>>);
+
+/// A connection reading its request, and its task once spawned.
+type Reader = (ConnId, Option<AbortHandle>);
 
 impl Readers {
-    fn push(&self, conn: ConnId, task: AbortHandle) {
+    fn push(&self, conn: ConnId) {
         if let Ok(mut q) = self.0.lock() {
-            q.push_back((conn, task));
+            q.push_back((conn, None));
+        }
+    }
+
+    /// Gives `conn`'s entry its task, unless the task is already done.
+    fn attach(&self, conn: ConnId, task: AbortHandle) {
+        if let Ok(mut q) = self.0.lock()
+            && let Some(entry) = q.iter_mut().find(|(c, _)| *c == conn)
+        {
+            entry.1 = Some(task);
         }
     }
 
@@ -76,14 +123,58 @@ impl Readers {
 
     /// Closes the oldest connection still reading; whether there was one.
     fn close_oldest(&self) -> bool {
-        let oldest = self.0.lock().ok().and_then(|mut q| q.pop_front());
-        oldest.map(|(_, task)| task.abort()).is_some()
+        let Ok(mut q) = self.0.lock() else {
+            return false;
+        };
+        let Some(at) = q.iter().position(|(_, task)| task.is_some()) else {
+            return false;
+        };
+        q.remove(at)
+            .and_then(|(_, task)| task)
+            .map(|task| task.abort())
+            .is_some()
     }
 }
 
-struct ControlCall {
-    command: Command,
-    reply: oneshot::Sender<Reply>,
+/// The sending side of the controller thread's queue. Requests and control commands are bounded
+/// by their connection limits; the others by [`MAX_QUEUED_OTHER`] (dropped past it, so a UDP
+/// flood cannot crowd out registrations).
+#[derive(Clone)]
+struct ControllerQueue {
+    tx: SyncSender<ToController>,
+    others: Arc<AtomicUsize>,
+}
+
+impl ControllerQueue {
+    fn new() -> (ControllerQueue, Receiver<ToController>) {
+        let (tx, rx) = sync_channel(MAX_CONNECTIONS + MAX_CONTROL + MAX_QUEUED_OTHER + 1);
+        let queue = ControllerQueue {
+            tx,
+            others: Arc::new(AtomicUsize::new(0)),
+        };
+        (queue, rx)
+    }
+
+    /// Queues a message; false when the controller has stopped (or the queue is full).
+    fn send(&self, message: ToController) -> bool {
+        let other = matches!(
+            message,
+            ToController::Subscribe { .. } | ToController::Metrics(_)
+        );
+        if other && self.others.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_OTHER {
+            self.others.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                if other {
+                    self.others.fetch_sub(1, Ordering::Relaxed);
+                }
+                false
+            }
+        }
+    }
 }
 
 /// A group's multicast socket and unicast subscribers.
@@ -96,12 +187,17 @@ struct GroupNet {
     subscribers: BTreeMap<SocketAddr, Timestamp>,
 }
 
+/// The controller thread's state.
 struct Driver {
     controller: Controller<OsRng>,
     groups: HashMap<GroupId, GroupNet>,
-    udp: Arc<UdpSocket>,
+    /// The request port's UDP socket (a clone of the one the subscription task reads).
+    udp: UdpSocket,
     pending: HashMap<ConnId, oneshot::Sender<Vec<u8>>>,
-    audit: File,
+    /// Pending replies are pruned of closed connections when there are this many.
+    prune_at: usize,
+    audit: BufWriter<File>,
+    others: Arc<AtomicUsize>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -155,12 +251,14 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
             config.listen
         )
     })?;
-    let udp = Arc::new(UdpSocket::bind(config.listen).await.with_context(|| {
+    let udp = UdpSocket::bind(config.listen).with_context(|| {
         format!(
             "cannot bind UDP {} for fan-out subscriptions",
             config.listen
         )
-    })?);
+    })?;
+    udp.set_nonblocking(true)?;
+    let udp_in = tokio::net::UdpSocket::from_std(udp.try_clone()?)?;
     let control_path = dir.control();
     // The state lock is ours (open_store), so a socket file left here is stale.
     let _ = std::fs::remove_file(&control_path);
@@ -175,6 +273,12 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         .mode(0o600)
         .open(dir.audit())
         .with_context(|| format!("cannot open audit log {}", dir.audit().display()))?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for metrics (in use? change `metrics` in the config)")
+        })?),
+        None => None,
+    };
 
     info!(
         listen = %config.listen,
@@ -182,20 +286,25 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         public_key = %hex::encode(controller.public_key()),
         "gkm-server serving"
     );
-    let mut driver = Driver {
+    let (queue, rx) = ControllerQueue::new();
+    let driver = Driver {
         controller,
         groups,
-        udp: udp.clone(),
+        udp,
         pending: HashMap::new(),
-        audit,
+        prune_at: 64,
+        audit: BufWriter::new(audit),
+        others: queue.others.clone(),
     };
-    driver.flush();
+    let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("gkm-controller".into())
+        .spawn(move || {
+            driver.run(&rx);
+            let _ = stopped_tx.send(());
+        })
+        .context("cannot start the controller thread")?;
 
-    let (req_tx, mut req_rx) = mpsc::channel::<Incoming>(MAX_CONNECTIONS);
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlCall>(MAX_CONTROL);
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let readers = Readers::default();
-    let controls = Arc::new(Semaphore::new(MAX_CONTROL));
     let reply_wait = READ_TIMEOUT
         + Duration::from_millis(
             config
@@ -206,83 +315,28 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
                 .max()
                 .unwrap_or(0),
         );
-    let metrics = match config.metrics {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen on {addr} for metrics (in use? change `metrics` in the config)")
-        })?),
-        None => None,
-    };
-    let mut next_conn = 0u64;
-    let mut udp_buf = vec![0u8; 65_536];
+    let tasks = [
+        tokio::spawn(accept_requests(listener, queue.clone(), reply_wait)),
+        tokio::spawn(receive_subscriptions(udp_in, queue.clone())),
+        tokio::spawn(accept_control(control, uid, queue.clone())),
+        tokio::spawn(accept_metrics(metrics, queue.clone())),
+    ];
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-
-    loop {
-        let sleep = driver.sleep();
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let permit = match connections.clone().try_acquire_owned() {
-                        Ok(permit) => Some(permit),
-                        Err(_) if readers.close_oldest() => None,
-                        Err(_) => {
-                            warn!(%peer, "too many request connections; refusing");
-                            continue;
-                        }
-                    };
-                    next_conn += 1;
-                    let conn = ConnId(next_conn);
-                    let (tx, slots, done) = (req_tx.clone(), connections.clone(), readers.clone());
-                    let task = tokio::spawn(async move {
-                        let Some(permit) = slot(permit, slots).await else {
-                            return;
-                        };
-                        request_connection(stream, conn, tx, reply_wait, &done).await;
-                        drop(permit);
-                    });
-                    // The runtime is single-threaded: the task has not run yet, so it is queued
-                    // before it can mark itself done.
-                    readers.push(conn, task.abort_handle());
-                }
-                Err(e) => warn!("accept failed: {e}"),
-            },
-            Some(incoming) = req_rx.recv() => driver.request(incoming),
-            received = udp.recv_from(&mut udp_buf) => match received {
-                Ok((n, from)) => driver.subscribe(udp_buf.get(..n).unwrap_or_default(), from),
-                Err(e) => debug!("udp receive failed: {e}"),
-            },
-            accepted = control.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let Ok(permit) = controls.clone().try_acquire_owned() else {
-                        warn!("too many control connections; refusing");
-                        continue;
-                    };
-                    let tx = ctl_tx.clone();
-                    tokio::spawn(async move {
-                        control_connection(stream, uid, tx).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => warn!("control accept failed: {e}"),
-            },
-            Some(call) = ctl_rx.recv() => driver.command(call),
-            accepted = accept_metrics(metrics.as_ref()) => {
-                if let Ok((stream, _)) = accepted {
-                    let text = driver.metrics();
-                    tokio::spawn(serve_metrics(stream, text));
-                }
-            }
-            () = sleep => {
-                driver.controller.handle_timeout(now());
-                driver.flush();
-            }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-        }
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: stopping"),
+        _ = sigint.recv() => info!("SIGINT: stopping"),
+        _ = stopped_rx => warn!("the controller thread ended"),
     }
-    drop(listener);
-    driver.flush();
+    for task in &tasks {
+        task.abort();
+    }
+    let _ = queue.tx.send(ToController::Stop);
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
     let _ = std::fs::remove_file(&control_path);
+    if !matches!(joined, Ok(Ok(()))) {
+        anyhow::bail!("the controller thread panicked; its message is above");
+    }
     info!("stopped");
     Ok(())
 }
@@ -296,17 +350,50 @@ fn now() -> Timestamp {
 }
 
 impl Driver {
-    fn sleep(&self) -> impl Future<Output = ()> + use<> {
-        let deadline = self.controller.poll_timeout();
-        async move {
-            match deadline {
-                Some(t) => {
-                    let wait = t.0.saturating_sub(now().0);
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+    /// The controller thread: handles queued messages, fires timers, until told to stop.
+    fn run(mut self, rx: &Receiver<ToController>) {
+        self.flush();
+        loop {
+            let wait = match self.controller.poll_timeout() {
+                Some(due) if due <= now() => {
+                    self.controller.handle_timeout(now());
+                    self.flush();
+                    continue;
                 }
-                None => std::future::pending().await,
+                Some(due) => Duration::from_millis(due.0.saturating_sub(now().0)),
+                None => Duration::from_secs(3600),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(ToController::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(message) => self.handle(message),
+                Err(RecvTimeoutError::Timeout) => {}
             }
         }
+        self.flush();
+    }
+
+    fn handle(&mut self, message: ToController) {
+        match message {
+            ToController::Request {
+                conn,
+                inbound,
+                reply,
+            } => self.request(conn, inbound, reply),
+            ToController::Subscribe { bytes, from } => {
+                self.others.fetch_sub(1, Ordering::Relaxed);
+                self.subscribe(&bytes, from);
+            }
+            ToController::Command { command, reply } => {
+                let outcome = self.controller.handle_command(now(), command);
+                let _ = reply.send(Reply::from_outcome(outcome));
+            }
+            ToController::Metrics(reply) => {
+                self.others.fetch_sub(1, Ordering::Relaxed);
+                let _ = reply.send(self.metrics());
+            }
+            ToController::Stop => {}
+        }
+        self.flush();
     }
 
     /// The Prometheus text exposition of every group's counters.
@@ -341,12 +428,14 @@ impl Driver {
         out
     }
 
-    fn request(&mut self, incoming: Incoming) {
-        self.pending.retain(|_, tx| !tx.is_closed());
-        self.pending.insert(incoming.conn, incoming.reply);
-        self.controller
-            .handle_request(incoming.conn, now(), &incoming.bytes);
-        self.flush();
+    fn request(&mut self, conn: ConnId, inbound: Inbound, reply: oneshot::Sender<Vec<u8>>) {
+        // Connections that gave up waiting leave closed senders; drop them now and then.
+        if self.pending.len() >= self.prune_at {
+            self.pending.retain(|_, tx| !tx.is_closed());
+            self.prune_at = (2 * self.pending.len()).max(64);
+        }
+        self.pending.insert(conn, reply);
+        self.controller.handle_inbound(conn, now(), inbound);
     }
 
     fn subscribe(&mut self, bytes: &[u8], from: SocketAddr) {
@@ -371,13 +460,6 @@ impl Driver {
             }
             Err(reason) => debug!(%from, ?reason, "subscription refused"),
         }
-        self.flush();
-    }
-
-    fn command(&mut self, call: ControlCall) {
-        let outcome = self.controller.handle_command(now(), call.command);
-        let _ = call.reply.send(Reply::from_outcome(outcome));
-        self.flush();
     }
 
     /// Sends every queued transmit and writes every queued event.
@@ -392,8 +474,13 @@ impl Driver {
                 Transmit::Multicast { group, bytes } => self.multicast(group, &bytes),
             }
         }
+        let mut wrote = false;
         while let Some(event) = self.controller.poll_event() {
             self.audit(&event);
+            wrote = true;
+        }
+        if wrote && let Err(e) = self.audit.flush() {
+            warn!("cannot append to the audit log: {e}");
         }
     }
 
@@ -401,7 +488,7 @@ impl Driver {
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
-        if let Err(e) = g.socket.try_send_to(bytes, g.to) {
+        if let Err(e) = g.socket.send_to(bytes, g.to) {
             warn!(group = %g.name, "multicast send to {} failed: {e}", g.to);
         }
         if g.fanout {
@@ -409,7 +496,7 @@ impl Driver {
             let lease = g.lease_ms;
             g.subscribers.retain(|_, since| since.plus(lease) > at);
             for to in g.subscribers.keys() {
-                if let Err(e) = self.udp.try_send_to(bytes, *to) {
+                if let Err(e) = self.udp.send_to(bytes, *to) {
                     debug!(group = %g.name, "fan-out send to {to} failed: {e}");
                 }
             }
@@ -452,15 +539,105 @@ fn multicast_socket(
         _ => anyhow::bail!("multicast address and interface are of different IP versions"),
     }
     socket.set_nonblocking(true)?;
-    Ok(UdpSocket::from_std(socket.into())?)
+    Ok(socket.into())
 }
 
-async fn accept_metrics(
-    listener: Option<&TcpListener>,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+/// Accepts request connections, each served by its own task (at most [`MAX_CONNECTIONS`]).
+async fn accept_requests(listener: TcpListener, queue: ControllerQueue, reply_wait: Duration) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let readers = Readers::default();
+    let mut next_conn = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let permit = match connections.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) if readers.close_oldest() => None,
+                    Err(_) => {
+                        warn!(%peer, "too many request connections; refusing");
+                        continue;
+                    }
+                };
+                next_conn += 1;
+                let conn = ConnId(next_conn);
+                let (queue, slots, done) = (queue.clone(), connections.clone(), readers.clone());
+                readers.push(conn);
+                let task = tokio::spawn(async move {
+                    let Some(permit) = slot(permit, slots).await else {
+                        done.done(conn);
+                        return;
+                    };
+                    request_connection(stream, conn, &queue, reply_wait, &done).await;
+                    drop(permit);
+                });
+                readers.attach(conn, task.abort_handle());
+            }
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Passes fan-out subscription datagrams to the controller.
+async fn receive_subscriptions(udp: tokio::net::UdpSocket, queue: ControllerQueue) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match udp.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let bytes = buf.get(..n).unwrap_or_default().to_vec();
+                if !queue.send(ToController::Subscribe { bytes, from }) {
+                    debug!(%from, "subscription dropped: the controller is busy");
+                }
+            }
+            Err(e) => debug!("udp receive failed: {e}"),
+        }
+    }
+}
+
+/// Accepts control connections (at most [`MAX_CONTROL`]).
+async fn accept_control(control: UnixListener, uid: u32, queue: ControllerQueue) {
+    let controls = Arc::new(Semaphore::new(MAX_CONTROL));
+    loop {
+        match control.accept().await {
+            Ok((stream, _)) => {
+                let Ok(permit) = controls.clone().try_acquire_owned() else {
+                    warn!("too many control connections; refusing");
+                    continue;
+                };
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    control_connection(stream, uid, &queue).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                warn!("control accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Answers metrics scrapes, if a metrics address is configured.
+async fn accept_metrics(listener: Option<TcpListener>, queue: ControllerQueue) {
+    let Some(listener) = listener else {
+        return;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            continue;
+        };
+        let (tx, rx) = oneshot::channel();
+        if queue.send(ToController::Metrics(tx)) {
+            tokio::spawn(async move {
+                if let Ok(text) = rx.await {
+                    serve_metrics(stream, text).await;
+                }
+            });
+        }
     }
 }
 
@@ -491,11 +668,12 @@ async fn slot(
     }
 }
 
-/// One request connection: a length-prefixed frame in, one frame out, close.
+/// One request connection: a length-prefixed frame in, its signature checks (on this worker),
+/// then the controller; one frame out, close.
 async fn request_connection(
     mut stream: TcpStream,
     conn: ConnId,
-    tx: mpsc::Sender<Incoming>,
+    queue: &ControllerQueue,
     reply_wait: Duration,
     readers: &Readers,
 ) {
@@ -512,13 +690,14 @@ async fn request_connection(
             return;
         }
     };
+    let inbound = gkm_server::verify_request(bytes);
     let (reply_tx, reply_rx) = oneshot::channel();
-    let incoming = Incoming {
+    let request = ToController::Request {
         conn,
-        bytes,
+        inbound,
         reply: reply_tx,
     };
-    if tx.send(incoming).await.is_err() {
+    if !queue.send(request) {
         return;
     }
     if let Ok(Ok(reply)) = tokio::time::timeout(reply_wait, reply_rx).await {
@@ -550,7 +729,7 @@ async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// One control connection: JSON request lines in, JSON reply lines out.
-async fn control_connection(stream: UnixStream, uid: u32, tx: mpsc::Sender<ControlCall>) {
+async fn control_connection(stream: UnixStream, uid: u32, queue: &ControllerQueue) {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == uid => {}
         Ok(cred) => {
@@ -591,7 +770,7 @@ async fn control_connection(stream: UnixStream, uid: u32, tx: mpsc::Sender<Contr
         let reply = if too_long {
             Reply::error(format!("request line longer than {MAX_LINE} bytes"))
         } else {
-            answer(&line, &tx).await
+            answer(&line, queue).await
         };
         let Ok(mut out) = serde_json::to_vec(&reply) else {
             return;
@@ -603,7 +782,7 @@ async fn control_connection(stream: UnixStream, uid: u32, tx: mpsc::Sender<Contr
     }
 }
 
-async fn answer(line: &[u8], tx: &mpsc::Sender<ControlCall>) -> Reply {
+async fn answer(line: &[u8], queue: &ControllerQueue) -> Reply {
     let request: Request = match serde_json::from_slice(line.trim_ascii()) {
         Ok(r) => r,
         Err(e) => return Reply::parse_error(&e),
@@ -613,14 +792,10 @@ async fn answer(line: &[u8], tx: &mpsc::Sender<ControlCall>) -> Reply {
         Err(message) => return Reply::error(message),
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    if tx
-        .send(ControlCall {
-            command,
-            reply: reply_tx,
-        })
-        .await
-        .is_err()
-    {
+    if !queue.send(ToController::Command {
+        command,
+        reply: reply_tx,
+    }) {
         return Reply::error("gkm-server is stopping");
     }
     reply_rx

@@ -80,7 +80,9 @@ fn run(config: Option<&std::path::Path>, dir: &StateDir) -> anyhow::Result<()> {
     if !dir.initialized() {
         init(dir)?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // I/O and request signature checks on every core; the controller has its own thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
         .enable_all()
         .build()?;
     runtime.block_on(driver::serve(config, dir))
