@@ -120,10 +120,15 @@ impl Agents {
                 moved = true;
                 match t {
                     Transmit::Multicast { bytes, .. } => {
-                        members.iter_mut().for_each(|m| m.handle_datagram(NOW, &bytes));
+                        members
+                            .iter_mut()
+                            .for_each(|m| m.handle_datagram(NOW, &bytes));
                     }
                     Transmit::Reply { conn, bytes } => {
-                        if let Some(m) = usize::try_from(conn.0).ok().and_then(|i| members.get_mut(i)) {
+                        if let Some(m) = usize::try_from(conn.0)
+                            .ok()
+                            .and_then(|i| members.get_mut(i))
+                        {
                             m.handle_reply(NOW, &bytes);
                         }
                     }
@@ -159,7 +164,15 @@ impl Agents {
     pub fn member(&self) -> (Member<ChaCha20Rng>, Vec<u8>) {
         let (id, path) = &self.member;
         let rng = ChaCha20Rng::seed_from_u64(RESUMED_RNG);
-        let mut member = Member::resume(member_config(), identity(0), hpke(0), rng, *id, path.clone(), NOW);
+        let mut member = Member::resume(
+            member_config(),
+            identity(0),
+            hpke(0),
+            rng,
+            *id,
+            path.clone(),
+            NOW,
+        );
         let resync = member.poll_request().unwrap_or_default();
         (member, resync)
     }
@@ -177,7 +190,13 @@ impl Agents {
         }
         let (_, resync) = self.member();
         controller.handle_request(CONN, Timestamp(NOW), &resync);
-        (multicast, replies(&mut controller).into_iter().next().unwrap_or_default())
+        (
+            multicast,
+            replies(&mut controller)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -225,10 +244,12 @@ fn group_view(controller: &mut Controller<ChaCha20Rng>) -> (Epoch, Vec<u64>) {
 fn signed_body(body: &[u8], key: &SigningKey, kinds: &[MessageType]) -> Option<Vec<u8>> {
     let kind = MessageType::peek(body).ok().filter(|k| kinds.contains(k))?;
     match kind {
-        MessageType::RegistrationRequest => {
-            RegistrationRequest::decode_exact(body).ok().map(|m| sign(&m, key))
-        }
-        MessageType::ResyncRequest => ResyncRequest::decode_exact(body).ok().map(|m| sign(&m, key)),
+        MessageType::RegistrationRequest => RegistrationRequest::decode_exact(body)
+            .ok()
+            .map(|m| sign(&m, key)),
+        MessageType::ResyncRequest => ResyncRequest::decode_exact(body)
+            .ok()
+            .map(|m| sign(&m, key)),
         MessageType::Leave => LeaveRequest::decode_exact(body).ok().map(|m| sign(&m, key)),
         MessageType::Heartbeat => Heartbeat::decode_exact(body).ok().map(|m| sign(&m, key)),
         MessageType::Rekey => RekeyDatagram::decode_exact(body).ok().map(|m| m.sign(key)),
@@ -280,7 +301,11 @@ pub fn controller_request(data: &[u8]) -> bool {
             && ErrorMessage::decode_exact(a).is_ok_and(|e| e.code != 0)
     });
     if refused {
-        assert_eq!(group_view(&mut controller), before, "a refused request changed the group");
+        assert_eq!(
+            group_view(&mut controller),
+            before,
+            "a refused request changed the group"
+        );
     }
     !refused
 }
@@ -295,8 +320,15 @@ pub fn controller_subscribe(data: &[u8]) -> bool {
     let mut controller = agents.controller();
     let before = group_view(&mut controller);
     let outcome = controller.subscribe(Timestamp(NOW), &bytes);
-    assert!(controller.poll_transmit().is_none(), "a subscription sent something");
-    assert_eq!(group_view(&mut controller), before, "a subscription changed the group");
+    assert!(
+        controller.poll_transmit().is_none(),
+        "a subscription sent something"
+    );
+    assert_eq!(
+        group_view(&mut controller),
+        before,
+        "a subscription changed the group"
+    );
     if let Ok((group, member)) = outcome {
         assert_eq!(group, GROUP);
         assert!(before.1.contains(&member.0), "a non-member subscribed");

@@ -20,7 +20,7 @@ mod replay;
 const MIN_REPLAYED: usize = 40;
 
 #[test]
-fn v023_agent_corpus_replays_without_panics_and_refusals_change_nothing() {
+fn v028_agent_corpus_replays_without_panics_and_refusals_change_nothing() {
     let fuzz = replay::fuzz_dir(env!("CARGO_MANIFEST_DIR"));
     let replayed = replay::corpus(&fuzz, agents::TARGETS, agents::run, |_| true);
     assert!(

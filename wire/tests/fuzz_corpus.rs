@@ -25,7 +25,10 @@ const DECODERS: usize = 9;
 
 /// Decoders must accept their `valid-*` seeds; the member targets name seeds by intent only.
 fn strict(target: &str) -> bool {
-    TARGETS.iter().position(|t| *t == target).is_some_and(|i| i < DECODERS)
+    TARGETS
+        .iter()
+        .position(|t| *t == target)
+        .is_some_and(|i| i < DECODERS)
 }
 
 #[test]
