@@ -14,7 +14,9 @@ use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig};
-use gkm_server::{Command, ConnId, Controller, GroupPolicy, MemoryStore, Timestamp, Transmit};
+use gkm_server::{
+    Command, ConnId, Controller, Event, GroupPolicy, MemoryStore, Timestamp, Transmit,
+};
 use lkh_tree::{Epoch, GroupId, NodeId, Wrap};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -95,6 +97,8 @@ pub struct Run {
     pub traffic: BTreeMap<u64, [u8; 32]>,
     /// The version of every node's key just before the rekey of each epoch.
     pub versions: BTreeMap<u64, HashMap<u32, u64>>,
+    /// Every audit event the controller emitted.
+    pub events: Vec<Event>,
     /// Every request a member sent, with the member's index.
     pub requests: Vec<(usize, Vec<u8>)>,
     seeds: u64,
@@ -121,6 +125,7 @@ impl Run {
             traffic: BTreeMap::new(),
             versions: BTreeMap::new(),
             requests: Vec::new(),
+            events: Vec::new(),
             seeds: 1000,
             queue: Vec::new(),
         };
@@ -184,7 +189,9 @@ impl Run {
         while let Some(t) = self.controller.poll_transmit() {
             self.queue.push(t);
         }
-        while self.controller.poll_event().is_some() {}
+        while let Some(event) = self.controller.poll_event() {
+            self.events.push(event);
+        }
         out
     }
 
