@@ -260,6 +260,7 @@ fn v024_every_bit_flip_truncation_and_extension_of_captured_datagrams_is_refused
     let mut cases = 0;
     // Heartbeats first: an authentic one would make the member (one epoch behind) resync.
     for bytes in beats.iter().chain(&rekeys) {
+        let bytes: &[u8] = bytes;
         for bit in 0..bytes.len() * 8 {
             let mut flipped = bytes.to_vec();
             flipped[bit / 8] ^= 1 << (bit % 8);
@@ -270,8 +271,8 @@ fn v024_every_bit_flip_truncation_and_extension_of_captured_datagrams_is_refused
             refused(member, now, &bytes[..len]);
             cases += 1;
         }
-        for tail in [&[0u8][..], &[0xff], &[0; SIGNATURE_LEN], &bytes[..]] {
-            refused(member, now, &[&bytes[..], tail].concat());
+        for tail in [&[0u8][..], &[0xff], &[0; SIGNATURE_LEN], bytes] {
+            refused(member, now, &[bytes, tail].concat());
             cases += 1;
         }
     }

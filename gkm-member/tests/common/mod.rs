@@ -31,7 +31,11 @@ impl Running {
     /// Spawns `cmd` with stdout and stderr appended to `log` (a file, so that a verbose child
     /// never blocks on a full pipe).
     pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Self {
-        let out = File::options().create(true).append(true).open(log).expect("log file");
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
         Running(Some(cmd.stdout(out).stderr(err).spawn().expect("spawn")))
     }
@@ -88,7 +92,6 @@ pub fn current(socket: &Path) -> Option<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_str(&line).ok()?;
     v["epoch"].is_u64().then_some(v)
 }
-
 
 /// Waits until every socket reports a key, all with the same epoch and KCV.
 pub fn converged(sockets: &[&Path], limit: Duration) -> serde_json::Value {

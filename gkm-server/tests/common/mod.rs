@@ -141,7 +141,7 @@ impl Run {
     pub fn add_member(&mut self) -> usize {
         self.seeds += 1;
         let seed = self.seeds;
-        let rng = ChaCha20Rng::seed_from_u64(seed ^ 0x726e_67);
+        let rng = ChaCha20Rng::seed_from_u64(seed ^ 0x0072_6e67);
         let member = Member::new(config(), identity(seed), hpke(seed), rng, self.now);
         self.agents.push(Agent {
             member,
@@ -256,7 +256,7 @@ impl Run {
         let end = self.now + total;
         while self.now < end {
             self.now = (self.now + step).min(end);
-            self.call(|c, now| c.handle_timeout(now));
+            self.call(Controller::handle_timeout);
             let now = self.now;
             for a in self.agents.iter_mut().filter(|a| a.live) {
                 a.member.handle_timeout(now);
