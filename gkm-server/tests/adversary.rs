@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::{GROUP, Run, Seen, dropped, hpke, identity, policy, seal_wrap};
+use common::attack::seal_wrap;
+use common::{GROUP, Run, Seen, dropped, hpke, identity, policy};
 use ed25519_dalek::SigningKey;
 use gkm_member::Member;
 use gkm_server::{Command, ConnId, Response, Timestamp, Transmit};
@@ -67,6 +68,7 @@ fn refused(member: &mut Member<ChaCha20Rng>, now: u64, bytes: &[u8]) {
 fn root_forgery(path: &MemberPath, epoch: Epoch, new_root: &[u8; 32]) -> RekeyDatagram {
     let root = path.keys().last().expect("a path has a root");
     let wrap = seal_wrap(
+        GROUP,
         root.key.as_bytes(),
         epoch,
         (NodeId::ROOT, NodeId::ROOT, root.version.0),

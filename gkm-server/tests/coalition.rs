@@ -12,130 +12,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use common::{GROUP, Keys, Run, open_wrap, policy};
+use common::attack::{Keys, Loot};
+use common::{GROUP, Run, policy};
 use ed25519_dalek::SigningKey;
 use lkh_tree::checker::KeyGraph;
-use lkh_tree::{Advance, Encryption, Epoch, KeyVersion, NodeId, NodeKey, Rekey};
+use lkh_tree::{Advance, Encryption, KeyVersion, NodeId, Rekey};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use wire::{AuthenticRekey, MessageType, RekeyDatagram};
-
-/// Every key instance the attackers hold, several candidates per instance allowed.
-type Pool = BTreeMap<(u32, u64), BTreeSet<[u8; 32]>>;
-
-/// What the attackers learned.
-#[derive(Default)]
-struct Loot {
-    keys: Pool,
-    seeds: Pool,
-    /// Instances learned by opening a wrap (authenticated by the AEAD, so certainly real).
-    opened: BTreeSet<(u32, u64)>,
-}
-
-impl Loot {
-    fn new(held: &Keys) -> Loot {
-        let mut loot = Loot::default();
-        for (&instance, key) in held {
-            loot.keys.entry(instance).or_default().insert(*key);
-        }
-        loot
-    }
-
-    fn add(pool: &mut Pool, instance: (u32, u64), key: [u8; 32]) -> bool {
-        pool.entry(instance).or_default().insert(key)
-    }
-
-    /// Keys of `node` held at versions below `epoch`, with their versions.
-    fn older(&self, node: NodeId, epoch: u64) -> Vec<(u64, [u8; 32])> {
-        self.keys
-            .range((node.0, 0)..(node.0, epoch))
-            .flat_map(|(&(_, v), keys)| keys.iter().map(move |k| (v, *k)))
-            .collect()
-    }
-
-    /// One pass over one datagram; whether anything new was learned.
-    fn pass(&mut self, d: &RekeyDatagram) -> bool {
-        let e = d.epoch.0;
-        let mut progress = false;
-        for &node in &d.advances {
-            for (_, old) in self.older(node, e) {
-                let new = NodeKey::from_bytes(old).hash_forward(node, KeyVersion(e));
-                progress |= Loot::add(&mut self.keys, (node.0, e), *new.as_bytes());
-            }
-        }
-        for wrap in &d.wraps {
-            let candidates: Vec<(u64, [u8; 32])> = if wrap.under_new {
-                let held = self
-                    .keys
-                    .get(&(wrap.wrapping.0, e))
-                    .cloned()
-                    .unwrap_or_default();
-                held.into_iter().map(|k| (e, k)).collect()
-            } else {
-                self.older(wrap.wrapping, e)
-            };
-            for (version, key) in candidates {
-                let Some(plain) = open_wrap(&key, e, wrap, version) else {
-                    continue;
-                };
-                let instance = (wrap.target.0, e);
-                self.opened.insert(instance);
-                progress |= self.learn(d.seeds, wrap.target, e, plain);
-            }
-        }
-        for link in &d.links {
-            let seeds = self
-                .seeds
-                .get(&(link.child.0, e))
-                .cloned()
-                .unwrap_or_default();
-            for seed in seeds {
-                let next = NodeKey::from_bytes(seed).one_way_next(link.parent);
-                progress |= self.learn(true, link.parent, e, *next.as_bytes());
-            }
-        }
-        progress
-    }
-
-    fn learn(&mut self, seeds: bool, node: NodeId, e: u64, plain: [u8; 32]) -> bool {
-        if !seeds {
-            return Loot::add(&mut self.keys, (node.0, e), plain);
-        }
-        let key = NodeKey::from_bytes(plain).one_way_key(node);
-        Loot::add(&mut self.seeds, (node.0, e), plain)
-            | Loot::add(&mut self.keys, (node.0, e), *key.as_bytes())
-    }
-
-    /// Decrypts until nothing more opens (bounded).
-    fn attack(&mut self, captures: &[RekeyDatagram]) {
-        for _ in 0..captures.len() + 2 {
-            let mut progress = false;
-            for d in captures {
-                progress |= self.pass(d);
-            }
-            if !progress {
-                return;
-            }
-        }
-        panic!("the attack did not reach a fixed point");
-    }
-
-    /// Epochs whose real traffic key (the controller's) the attackers derived.
-    fn traffic_epochs(&self, run: &Run) -> BTreeSet<u64> {
-        self.keys
-            .range((0, 0)..(1, 0))
-            .filter(|((_, e), candidates)| {
-                candidates.iter().any(|root| {
-                    let derived = NodeKey::from_bytes(*root).traffic_key(GROUP, Epoch(*e));
-                    run.traffic.get(e) == Some(derived.as_bytes())
-                })
-            })
-            .map(|((_, e), _)| *e)
-            .collect()
-    }
-}
 
 /// The verified rekey datagrams among the multicast captures from index `from` on.
 fn rekeys(run: &Run, from: usize) -> Vec<RekeyDatagram> {
@@ -220,10 +106,10 @@ fn coalition_learns_nothing_new(run: &Run, who: &[usize]) -> usize {
     for &i in who {
         held.extend(run.agents[i].known.iter().map(|(k, v)| (*k, *v)));
     }
-    let mut loot = Loot::new(&held);
+    let mut loot = Loot::new(GROUP, &held);
     loot.attack(&captures);
     let allowed = member_epochs(run, who);
-    let learned = loot.traffic_epochs(run);
+    let learned = loot.traffic_epochs(&run.traffic);
     let forbidden: Vec<&u64> = learned.difference(&allowed).collect();
     assert!(
         forbidden.is_empty(),
@@ -265,9 +151,9 @@ fn a_stayer_decrypts_everything(run: &Run, stayer: usize, from_member: usize) {
         .filter(|((_, v), _)| *v < start)
         .map(|(k, v)| (*k, *v))
         .collect();
-    let mut loot = Loot::new(&held);
+    let mut loot = Loot::new(GROUP, &held);
     loot.attack(&captures);
-    let learned = loot.traffic_epochs(run);
+    let learned = loot.traffic_epochs(&run.traffic);
     let wanted: BTreeSet<u64> = (start..=run.epoch()).collect();
     assert_eq!(
         wanted.difference(&learned).count(),

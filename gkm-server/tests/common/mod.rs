@@ -1,8 +1,7 @@
 //! Shared by the adversary tests: a real [`Controller`] and real [`Member`]s wired together in
 //! memory on a virtual clock, recording everything the controller sends (the captures an
-//! eavesdropper gets), the controller's traffic key of every epoch, what every member knew, and
-//! an independent implementation of the key wrap from the specification (RFC-notes/lkh.md,
-//! wire-format.md), for attackers that forge or open wraps themselves.
+//! eavesdropper gets), the controller's traffic key of every epoch and what every member knew;
+//! and ([`attack`]) attackers that forge or open wraps themselves.
 
 #![allow(dead_code, reason = "each test file uses part of the harness")]
 #![allow(unreachable_pub, reason = "shared by the test files, not exported")]
@@ -10,14 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig};
 use gkm_server::{
     Command, ConnId, Controller, Event, GroupPolicy, MemoryStore, Timestamp, Transmit,
 };
-use lkh_tree::{Epoch, GroupId, NodeId, Wrap};
+use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::HpkeSecret;
@@ -31,8 +28,9 @@ pub const START: u64 = 1_800_000_000_000;
 /// The controller's signing key seed.
 pub const SIGNER_SEED: [u8; 32] = [42; 32];
 
-/// A key instance an adversary may hold: (node, version) → key bytes.
-pub type Keys = BTreeMap<(u32, u64), [u8; 32]>;
+pub mod attack;
+
+pub use attack::Keys;
 
 /// The default policy with fast heartbeats; `one_way` picks one-way leaves (the default) or
 /// plain group-oriented LKH.
@@ -375,70 +373,4 @@ impl Seen {
 /// Datagrams the member refused, all reasons together.
 pub fn dropped(member: &Member<ChaCha20Rng>) -> u64 {
     member.stats().dropped.values().sum()
-}
-
-/// The AEAD of a wrap under `key` (RFC-notes/lkh.md: ChaCha20-Poly1305 under
-/// `derive_key("gkm v1 2026-11 lkh wrap key", key)`, nonce `epoch ‖ target`, associated data
-/// `group ‖ epoch ‖ target ‖ epoch ‖ wrapping ‖ wrapping version`).
-fn wrap_aead(
-    key: &[u8; 32],
-    epoch: u64,
-    wrap: (NodeId, NodeId, u64),
-) -> (ChaCha20Poly1305, Nonce, [u8; 40]) {
-    let (target, wrapping, wrapping_version) = wrap;
-    let cipher =
-        ChaCha20Poly1305::new(&blake3::derive_key("gkm v1 2026-11 lkh wrap key", key).into());
-    let mut nonce = [0u8; 12];
-    nonce[..8].copy_from_slice(&epoch.to_be_bytes());
-    nonce[8..].copy_from_slice(&target.0.to_be_bytes());
-    let mut ad = [0u8; 40];
-    ad[..8].copy_from_slice(&GROUP.0.to_be_bytes());
-    ad[8..16].copy_from_slice(&epoch.to_be_bytes());
-    ad[16..20].copy_from_slice(&target.0.to_be_bytes());
-    ad[20..28].copy_from_slice(&epoch.to_be_bytes());
-    ad[28..32].copy_from_slice(&wrapping.0.to_be_bytes());
-    ad[32..40].copy_from_slice(&wrapping_version.to_be_bytes());
-    (cipher, Nonce::from(nonce), ad)
-}
-
-/// Wraps `plain` as the new key of `target` in `epoch` under `key`, the key of `wrapping` at
-/// `wrapping_version`: what an insider holding `key` can make.
-pub fn seal_wrap(
-    key: &[u8; 32],
-    epoch: Epoch,
-    (target, wrapping, wrapping_version): (NodeId, NodeId, u64),
-    plain: &[u8; 32],
-) -> Wrap {
-    let (cipher, nonce, ad) = wrap_aead(key, epoch.0, (target, wrapping, wrapping_version));
-    let mut ciphertext = [0u8; 48];
-    let (body, tag_out) = ciphertext.split_at_mut(32);
-    body.copy_from_slice(plain);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce, &ad, body.into())
-        .expect("a 32-byte key wraps");
-    tag_out.copy_from_slice(&tag);
-    Wrap {
-        target,
-        wrapping,
-        under_new: wrapping_version == epoch.0,
-        ciphertext,
-    }
-}
-
-/// Opens `wrap` of `epoch` with `key`, taken as the key of the wrapping node at
-/// `wrapping_version`; `None` if it does not authenticate.
-pub fn open_wrap(
-    key: &[u8; 32],
-    epoch: u64,
-    wrap: &Wrap,
-    wrapping_version: u64,
-) -> Option<[u8; 32]> {
-    let (cipher, nonce, ad) = wrap_aead(key, epoch, (wrap.target, wrap.wrapping, wrapping_version));
-    let mut body = [0u8; 32];
-    body.copy_from_slice(&wrap.ciphertext[..32]);
-    let tag = Tag::try_from(&wrap.ciphertext[32..]).ok()?;
-    cipher
-        .decrypt_inout_detached(&nonce, &ad, (&mut body[..]).into(), &tag)
-        .ok()?;
-    Some(body)
 }
