@@ -91,6 +91,8 @@ pub struct Agents {
     pub member: (MemberId, MemberPath),
     /// Member ids, in registration order.
     pub ids: Vec<MemberId>,
+    /// Member 0's identity key and HPKE secret (made once: key generation is slow under ASan).
+    keys: (SigningKey, [u8; 32]),
 }
 
 impl Agents {
@@ -147,16 +149,14 @@ impl Agents {
             state: controller.group_state(GROUP).expect("the fixture group"),
             member: (id, path.clone()),
             ids,
+            keys: (identity(0), *hpke(0).as_bytes()),
         }
     }
 
-    /// A controller restored from the fixture state, past its restart rekey, with nothing queued.
+    /// A controller restored from the fixture state (its restart rekey still pending: the first
+    /// timeout, or the first accepted registration or leave, makes it).
     pub fn controller(&self) -> Controller<ChaCha20Rng> {
-        let mut controller = new_controller(vec![self.state.clone()]);
-        controller.handle_timeout(Timestamp(NOW));
-        while controller.poll_transmit().is_some() {}
-        while controller.poll_event().is_some() {}
-        controller
+        new_controller(vec![self.state.clone()])
     }
 
     /// Member 0 resumed from its keys (one epoch behind [`Agents::controller`]), with its resync
@@ -164,10 +164,11 @@ impl Agents {
     pub fn member(&self) -> (Member<ChaCha20Rng>, Vec<u8>) {
         let (id, path) = &self.member;
         let rng = ChaCha20Rng::seed_from_u64(RESUMED_RNG);
+        let (identity, hpke) = (self.keys.0.clone(), HpkeSecret::from_bytes(self.keys.1));
         let mut member = Member::resume(
             member_config(),
-            identity(0),
-            hpke(0),
+            identity,
+            hpke,
             rng,
             *id,
             path.clone(),
@@ -177,8 +178,8 @@ impl Agents {
         (member, resync)
     }
 
-    /// Every multicast datagram and reply the controller sends in [`Agents::controller`]'s
-    /// restart rekey, and its reply to member 0's resync (for the corpus).
+    /// Every multicast datagram the controller sends in its restart rekey, and its reply to
+    /// member 0's resync after it (for the corpus).
     pub fn captures(&self) -> (Vec<Vec<u8>>, Vec<u8>) {
         let mut controller = new_controller(vec![self.state.clone()]);
         controller.handle_timeout(Timestamp(NOW));
