@@ -165,15 +165,8 @@ impl Agents {
         let (id, path) = &self.member;
         let rng = ChaCha20Rng::seed_from_u64(RESUMED_RNG);
         let (identity, hpke) = (self.keys.0.clone(), HpkeSecret::from_bytes(self.keys.1));
-        let mut member = Member::resume(
-            member_config(),
-            identity,
-            hpke,
-            rng,
-            *id,
-            path.clone(),
-            NOW,
-        );
+        let mut member =
+            Member::resume(member_config(), identity, hpke, rng, *id, path.clone(), NOW);
         let resync = member.poll_request().unwrap_or_default();
         (member, resync)
     }
