@@ -1,11 +1,13 @@
 //! Forward secrecy on the wire: the real controller and real member daemons on loopback, and an
 //! eavesdropper with a UDP socket joined to the group that records every multicast datagram.
 //! Member c is killed (so it cannot register again) and evicted; the group churns on (operator
-//! rekeys, a join, a leave). With every path key c held (its membership file at the moment of
-//! its eviction) the attack of `gkm-server/tests/common/attack.rs` opens every wrap it can in
-//! every captured datagram: it learns none of the traffic keys the remaining members' local API
-//! hands out after the eviction. The same attack with member a's keys from the same moment
-//! learns every one of them, so the captures and the attack are complete. Skipped with a note
+//! rekeys), then member e is killed and evicted too, then a join, a leave and a rekey. With
+//! every path key each held (its membership file at the moment of its eviction) the attack of
+//! `gkm-server/tests/common/attack.rs` opens every wrap it can in every captured datagram: c
+//! learns none of the traffic keys the remaining members' local API hands out after its
+//! eviction, e none after its own, and c and e together none after e's. The same attack with
+//! member a's keys from before c's eviction learns every one of them, so the captures and the
+//! attack are complete. Skipped with a note
 //! when the controller binary has not been built.
 
 #![allow(clippy::cast_possible_truncation, reason = "small test indices")]
@@ -32,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use attack::{Keys, Loot};
-use common::{Lab, converged, current, server_binary};
+use common::{Lab, Running, converged, current, server_binary};
 use ed25519_dalek::VerifyingKey;
 use lkh_tree::{GroupId, MemberPath};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -137,6 +139,25 @@ fn watch(traffic: &mut BTreeMap<u64, [u8; 32]>, sockets: &[PathBuf], limit: Dura
     }
 }
 
+/// Kills the member (so it cannot register again) and evicts it.
+fn evict(lab: &Lab, member: Running, socket: &Path) {
+    let id = current(socket).unwrap()["member"].as_u64().unwrap();
+    member.signal("KILL");
+    drop(member.wait(Duration::from_secs(5)));
+    gkmctl(lab, &["evict", "demo", &id.to_string()]);
+}
+
+/// The rekey datagrams of `captured` signed by the controller, of epochs after `epoch`.
+fn verified(captured: &[Vec<u8>], controller: &VerifyingKey, epoch: u64) -> Vec<RekeyDatagram> {
+    captured
+        .iter()
+        .filter(|b| MessageType::peek(b) == Ok(MessageType::Rekey))
+        .filter_map(|b| AuthenticRekey::verify(b, controller).ok())
+        .map(|a| a.datagram().clone())
+        .filter(|d| d.epoch.0 > epoch)
+        .collect()
+}
+
 fn gkmctl(lab: &Lab, args: &[&str]) {
     let out = Command::new(lab.server.with_file_name("gkmctl"))
         .arg("--socket")
@@ -148,7 +169,7 @@ fn gkmctl(lab: &Lab, args: &[&str]) {
 }
 
 #[test]
-fn v026_an_evicted_daemon_decrypts_no_later_traffic_key_from_real_captures() {
+fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_real_captures() {
     let Some(server) = server_binary() else {
         eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
@@ -159,24 +180,34 @@ fn v026_an_evicted_daemon_decrypts_no_later_traffic_key_from_real_captures() {
     let a = lab.member("a", &[], None);
     let b = lab.member("b", &[], None);
     let c = lab.member("c", &[], None);
+    let e = lab.member("e", &[], None);
     let api = |name: &str| lab.dir.join(name).join("api.sock");
-    let first = converged(&[&api("a"), &api("b"), &api("c")], Duration::from_secs(20));
+    let all = [api("a"), api("b"), api("c"), api("e")];
+    let first = converged(
+        &all.each_ref().map(PathBuf::as_path),
+        Duration::from_secs(20),
+    );
     let group = GroupId(first["group"].as_u64().unwrap());
     let epoch = first["epoch"].as_u64().unwrap();
     let c_keys = path_keys(&lab.dir.join("c"), group, epoch);
     let a_keys = path_keys(&lab.dir.join("a"), group, epoch);
-    let c_id = current(&api("c")).unwrap()["member"].as_u64().unwrap();
 
-    c.signal("KILL");
-    drop(c.wait(Duration::from_secs(5)));
-    gkmctl(&lab, &["evict", "demo", &c_id.to_string()]);
+    // c is killed (so it cannot register again) and evicted; rekeys follow.
+    evict(&lab, c, &api("c"));
     let mut traffic = BTreeMap::new();
-    let mut sockets = vec![api("a"), api("b")];
+    let mut sockets = vec![api("a"), api("b"), api("e")];
     watch(&mut traffic, &sockets, Duration::from_millis(500));
     for _ in 0..3 {
         gkmctl(&lab, &["rekey", "demo"]);
         watch(&mut traffic, &sockets, Duration::from_millis(300));
     }
+    // Then e, which held the keys of the epochs in between.
+    let refs: Vec<&Path> = sockets.iter().map(PathBuf::as_path).collect();
+    let held = converged(&refs, Duration::from_secs(20));
+    let e_epoch = held["epoch"].as_u64().unwrap();
+    let e_keys = path_keys(&lab.dir.join("e"), group, e_epoch);
+    evict(&lab, e, &api("e"));
+    sockets.pop();
     let d = lab.member("d", &[], None);
     sockets.push(api("d"));
     watch(&mut traffic, &sockets, Duration::from_secs(1));
@@ -195,38 +226,49 @@ fn v026_an_evicted_daemon_decrypts_no_later_traffic_key_from_real_captures() {
     drop(controller.wait(Duration::from_secs(10)));
 
     let later: BTreeMap<u64, [u8; 32]> = traffic.into_iter().filter(|(e, _)| *e > epoch).collect();
+    let after_e = later.keys().filter(|&&x| x > e_epoch).count();
     assert!(
-        later.len() >= 5 && later.contains_key(&last["epoch"].as_u64().unwrap()),
+        after_e >= 3 && later.contains_key(&last["epoch"].as_u64().unwrap()),
         "too few later epochs recorded: {:?}",
         later.keys()
     );
     let key: [u8; 32] = hex::decode(&lab.key).unwrap().try_into().unwrap();
-    let controller_key = VerifyingKey::from_bytes(&key).unwrap();
-    let rekeys: Vec<RekeyDatagram> = captured
-        .iter()
-        .filter(|b| MessageType::peek(b) == Ok(MessageType::Rekey))
-        .filter_map(|b| AuthenticRekey::verify(b, &controller_key).ok())
-        .map(|a| a.datagram().clone())
-        .filter(|d| d.epoch.0 > epoch)
-        .collect();
-    let mut evicted = Loot::new(group, &c_keys);
-    evicted.attack(&rekeys);
-    let stolen = evicted.traffic_epochs(&later);
-    let mut stayer = Loot::new(group, &a_keys);
-    stayer.attack(&rekeys);
-    let derived = stayer.traffic_epochs(&later);
+    let rekeys = verified(&captured, &VerifyingKey::from_bytes(&key).unwrap(), epoch);
+    let stolen = |keys: &Keys| {
+        let mut loot = Loot::new(group, keys);
+        loot.attack(&rekeys);
+        loot.traffic_epochs(&later)
+    };
+    let by_c = stolen(&c_keys);
+    let by_e = stolen(&e_keys);
+    let together = stolen(
+        &c_keys
+            .iter()
+            .chain(&e_keys)
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+    );
+    let derived = stolen(&a_keys);
     println!(
-        "{} datagrams captured, {} rekey datagrams after the eviction, {} later epochs: the \
-         evicted member decrypted {}, the stayer {}",
+        "{} datagrams captured, {} rekey datagrams after the first eviction, {} later epochs \
+         ({after_e} after the second): c decrypted {}, e {} (of its own epochs: none after \
+         {e_epoch}), c and e together {}, the stayer {}",
         captured.len(),
         rekeys.len(),
         later.len(),
-        stolen.len(),
+        by_c.len(),
+        by_e.len(),
+        together.len(),
         derived.len()
     );
+    assert!(by_c.is_empty(), "the evicted c decrypted epochs {by_c:?}");
     assert!(
-        stolen.is_empty(),
-        "the evicted member decrypted epochs {stolen:?}"
+        by_e.iter().all(|&x| x <= e_epoch),
+        "the evicted e decrypted {by_e:?}"
+    );
+    assert!(
+        together.iter().all(|&x| x <= e_epoch),
+        "c and e together decrypted {together:?}"
     );
     assert_eq!(
         derived.len(),
