@@ -48,6 +48,21 @@ fn forged_signatures(
     ]
 }
 
+/// Every single-bit flip, every truncation and four extensions of `bytes`.
+fn damaged(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for bit in 0..bytes.len() * 8 {
+        let mut flipped = bytes.to_vec();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        out.push(flipped);
+    }
+    out.extend((0..bytes.len()).map(|len| bytes[..len].to_vec()));
+    for tail in [&[0u8][..], &[0xff], &[0; SIGNATURE_LEN], bytes] {
+        out.push([bytes, tail].concat());
+    }
+    out
+}
+
 /// Feeds `bytes` to the member and checks it was refused and changed nothing.
 fn refused(member: &mut Member<ChaCha20Rng>, now: u64, bytes: &[u8]) {
     let before = Seen::of(member);
@@ -190,7 +205,7 @@ fn v023_an_insider_cannot_forge_rekeys_heartbeats_or_resyncs() {
 }
 
 #[test]
-fn v023_an_insider_cannot_forge_a_resync_response() {
+fn v023_v024_forged_or_damaged_resync_responses_are_refused() {
     let mut run = Run::new(policy(true), 8);
     let (victim, insider) = (0, 1);
     let seed = run.agents[victim].seed;
@@ -234,9 +249,22 @@ fn v023_an_insider_cannot_forge_a_resync_response() {
             "a forged resync response was taken"
         );
     }
-    // Once the group has moved on, the controller's real answer is taken.
+    // Once the group has moved on, the controller answers; damaged copies of its answer are
+    // refused, the answer itself is taken.
     run.rekey();
     let reply = answer(&mut run, &request);
+    let before = Seen::of(&resumed);
+    let variants = damaged(&reply);
+    for bytes in &variants {
+        resumed.handle_reply(run.now, bytes);
+        assert_eq!(
+            Seen::of(&resumed),
+            before,
+            "a damaged resync response was taken"
+        );
+        assert!(resumed.poll_request().is_none());
+    }
+    println!("{} damaged resync responses refused", variants.len());
     resumed.handle_reply(run.now, &reply);
     assert_eq!(resumed.stats().resyncs, 1);
     let key = resumed.traffic_key().expect("keys").1;
@@ -263,18 +291,8 @@ fn v024_every_bit_flip_truncation_and_extension_of_captured_datagrams_is_refused
     // Heartbeats first: an authentic one would make the member (one epoch behind) resync.
     for bytes in beats.iter().chain(&rekeys) {
         let bytes: &[u8] = bytes;
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes.to_vec();
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            refused(member, now, &flipped);
-            cases += 1;
-        }
-        for len in 0..bytes.len() {
-            refused(member, now, &bytes[..len]);
-            cases += 1;
-        }
-        for tail in [&[0u8][..], &[0xff], &[0; SIGNATURE_LEN], bytes] {
-            refused(member, now, &[bytes, tail].concat());
+        for damaged in damaged(bytes) {
+            refused(member, now, &damaged);
             cases += 1;
         }
     }
