@@ -511,6 +511,16 @@ fn requests() -> Files {
     let own = resync(a.ids[0], now, 3);
     named(&mut files, "valid-signed-resync-body", to_sign(m, own.to_bytes()));
     let again = registration(&agents::identity(2), now, 4);
+    // A low-order X25519 key: nothing can be sealed to it.
+    let unusable = RegistrationRequest {
+        hpke_key: [0; 32],
+        ..registration(&agents::identity(1), now, 8)
+    };
+    named(
+        &mut files,
+        "invalid-unusable-hpke-key",
+        to_sign(1, unusable.to_bytes()),
+    );
     named(&mut files, "valid-signed-register-body", to_sign(2, again.to_bytes()));
     named(
         &mut files,

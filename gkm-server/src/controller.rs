@@ -619,6 +619,8 @@ impl<R: CryptoRng> Controller<R> {
             .map_err(|e| (wire_reject(&e), GroupId(0)))?
             .into_message();
         let gid = request.group;
+        // A key no welcome can be sealed to is refused before it costs a rekey or a leaf.
+        wire::check_hpke_key(&request.hpke_key).map_err(|_| (Reject::Malformed, gid))?;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         let join = PendingJoin {
             conn,

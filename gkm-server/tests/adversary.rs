@@ -464,3 +464,34 @@ fn member_count(run: &mut Run) -> usize {
         other => panic!("no groups: {other:?}"),
     }
 }
+
+/// Found by the `controller_request` fuzz target's corpus: a registration carrying a low-order
+/// X25519 key was admitted (a rekey, and a current member re-registering lost its membership)
+/// before its welcome failed to seal.
+#[test]
+fn v030_a_registration_with_an_unusable_hpke_key_changes_nothing() {
+    let mut run = Run::new(policy(true), 6);
+    let epoch = run.epoch();
+    let members = member_count(&mut run);
+    let current = identity(run.agents[2].seed);
+    let stranger = SigningKey::from_bytes(&[0x31; 32]);
+    for (i, who) in [current, stranger].iter().enumerate() {
+        let request = wire::RegistrationRequest {
+            group: GROUP,
+            identity: who.verifying_key().to_bytes(),
+            hpke_key: [0; 32],
+            timestamp_ms: run.now,
+            nonce: [i as u8 + 1; 16],
+            token: Vec::new(),
+        };
+        let reply = answer(&mut run, &sign(&request, who));
+        assert_eq!(ErrorMessage::decode_exact(&reply).map(|e| e.code), Ok(400));
+        assert_eq!(run.epoch(), epoch, "no rekey");
+        assert_eq!(member_count(&mut run), members);
+    }
+    run.advance(2_000, 500);
+    assert!(
+        run.converged(),
+        "the member whose identity was used is still in"
+    );
+}
