@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS};
+use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS, agents};
 use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
     Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MAX_REASON, MAX_SEALED, MAX_TOKEN,
@@ -437,10 +437,228 @@ fn member_apply() -> Files {
     files
 }
 
+/// A member-signed or controller-signed seed for the agent targets: selector 1 and the body.
+fn to_sign(selector: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut out = vec![selector];
+    out.extend(body);
+    out
+}
+
+/// A raw seed for the agent targets: selector 0 and the bytes.
+fn raw(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// The unsigned body of a signed message.
+fn body(signed: &[u8]) -> Vec<u8> {
+    signed[..signed.len() - wire::SIGNATURE_LEN].to_vec()
+}
+
+fn flipped(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    out[at] ^= 0x04;
+    out
+}
+
+fn resync(id: MemberId, at: u64, nonce: u8) -> ResyncRequest {
+    ResyncRequest {
+        group: agents::GROUP,
+        member: id,
+        epoch: Epoch(1),
+        timestamp_ms: at,
+        nonce: [nonce; 16],
+    }
+}
+
+fn registration(identity: &ed25519_dalek::SigningKey, at: u64, nonce: u8) -> RegistrationRequest {
+    RegistrationRequest {
+        group: agents::GROUP,
+        identity: identity.verifying_key().to_bytes(),
+        hpke_key: wire::HpkeSecret::from_bytes([0x42; 32])
+            .public_key()
+            .expect("a valid X25519 secret"),
+        timestamp_ms: at,
+        nonce: [nonce; 16],
+        token: Vec::new(),
+    }
+}
+
+/// Requests shared by the controller targets: (name, input).
+fn requests() -> Files {
+    let mut files = Files::new();
+    let a = agents::Agents::get();
+    let now = agents::NOW;
+    let (_, member_resync) = a.member();
+    let stranger = agents::identity(agents::MEMBERS + 1);
+    let m = agents::MEMBERS as u8;
+    named(&mut files, "valid-resync", raw(&member_resync));
+    let reg = wire::sign(&registration(&stranger, now, 1), &stranger);
+    named(&mut files, "valid-register-stranger", raw(&reg));
+    let leave = LeaveRequest {
+        group: agents::GROUP,
+        member: a.ids[1],
+        timestamp_ms: now,
+        nonce: [2; 16],
+    };
+    named(
+        &mut files,
+        "valid-leave",
+        raw(&wire::sign(&leave, &agents::identity(1))),
+    );
+    named(&mut files, "valid-signed-leave-body", to_sign(1, leave.to_bytes()));
+    let own = resync(a.ids[0], now, 3);
+    named(&mut files, "valid-signed-resync-body", to_sign(m, own.to_bytes()));
+    let again = registration(&agents::identity(2), now, 4);
+    // A low-order X25519 key: nothing can be sealed to it.
+    let unusable = RegistrationRequest {
+        hpke_key: [0; 32],
+        ..registration(&agents::identity(1), now, 8)
+    };
+    named(
+        &mut files,
+        "invalid-unusable-hpke-key",
+        to_sign(1, unusable.to_bytes()),
+    );
+    named(&mut files, "valid-signed-register-body", to_sign(2, again.to_bytes()));
+    named(
+        &mut files,
+        "invalid-resync-signed-by-another-member",
+        to_sign(1, own.to_bytes()),
+    );
+    named(
+        &mut files,
+        "invalid-resync-signature-bit",
+        raw(&flipped(&member_resync, member_resync.len() - 1)),
+    );
+    named(
+        &mut files,
+        "invalid-resync-body-bit",
+        raw(&flipped(&member_resync, wire::HEADER_LEN + 2)),
+    );
+    let stale = wire::sign(&registration(&stranger, now - 600_000, 5), &stranger);
+    named(&mut files, "invalid-stale-registration", raw(&stale));
+    let other = ResyncRequest {
+        group: GroupId(12),
+        ..resync(a.ids[0], now, 6)
+    };
+    named(&mut files, "invalid-other-group", to_sign(m, other.to_bytes()));
+    let forged = ResyncRequest {
+        member: MemberId(0xdead_beef),
+        ..resync(a.ids[0], now, 7)
+    };
+    named(&mut files, "invalid-not-a-member", to_sign(m, forged.to_bytes()));
+    named(&mut files, "invalid-empty", raw(&[]));
+    named(&mut files, "invalid-garbage", raw(b"GK\x01\x05 not a request"));
+    files
+}
+
+fn controller_request() -> Files {
+    let mut files = requests();
+    let (multicast, _) = agents::Agents::get().captures();
+    named(&mut files, "invalid-multicast-as-request", raw(&multicast[0]));
+    files
+}
+
+fn controller_subscribe() -> Files {
+    // A subscription is a resync request; registrations and leaves are refused.
+    requests()
+        .into_iter()
+        .map(|(name, bytes)| {
+            let kind = wire::MessageType::peek(&bytes[1..]).ok();
+            let resync = kind == Some(wire::MessageType::ResyncRequest);
+            match name.strip_prefix("valid-") {
+                Some(rest) if !resync => (format!("invalid-not-a-resync-{rest}"), bytes),
+                _ => (name, bytes),
+            }
+        })
+        .collect()
+}
+
+fn control_json() -> Files {
+    let a = agents::Agents::get();
+    let g = agents::GROUP_NAME;
+    let lines = [
+        ("valid-status", r#"{"cmd":"status"}"#.to_owned()),
+        ("valid-groups", r#"{"cmd":"groups"}"#.to_owned()),
+        ("valid-members", format!(r#"{{"cmd":"members","group":"{g}"}}"#)),
+        ("valid-evict", format!(r#"{{"cmd":"evict","group":"{g}","member":{}}}"#, a.ids[1].0)),
+        ("valid-rekey", format!(r#"{{"cmd":"rekey","group":"{g}"}}"#)),
+        ("valid-policy", format!(r#"{{"cmd":"policy","group":"{g}"}}"#)),
+        ("valid-policy-set", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=3"}}"#)),
+        ("valid-keys", format!(r#"{{"cmd":"keys","group":"{g}"}}"#)),
+        ("valid-tree", format!(r#"{{"cmd":"tree","group":"{g}"}}"#)),
+        ("valid-stats", format!(r#"{{"cmd":"stats","group":"{g}"}}"#)),
+        ("invalid-unknown-group", r#"{"cmd":"members","group":"nope"}"#.to_owned()),
+        ("invalid-unknown-member", format!(r#"{{"cmd":"evict","group":"{g}","member":999}}"#)),
+        ("invalid-unknown-cmd", r#"{"cmd":"nope"}"#.to_owned()),
+        ("invalid-extra-field", r#"{"cmd":"status","x":1}"#.to_owned()),
+        ("invalid-not-key-value", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats"}}"#)),
+        ("invalid-bad-value", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=99"}}"#)),
+        ("invalid-not-json", "garbage".to_owned()),
+    ];
+    lines
+        .into_iter()
+        .map(|(name, line)| (name.to_owned(), line.into_bytes()))
+        .collect()
+}
+
+fn member_multicast() -> Files {
+    let mut files = Files::new();
+    let (multicast, _) = agents::Agents::get().captures();
+    let (beats, rekeys): (Vec<_>, Vec<_>) = multicast
+        .iter()
+        .partition(|b| wire::MessageType::peek(b) == Ok(wire::MessageType::Heartbeat));
+    for (i, bytes) in rekeys.iter().enumerate() {
+        let applies = agents::member_multicast(&raw(bytes));
+        let name = if applies { "valid-rekey" } else { "rekey" };
+        named(&mut files, &format!("{name}-{i:02}"), raw(bytes));
+        named(&mut files, &format!("{name}-body-{i:02}"), to_sign(1, body(bytes)));
+    }
+    let rekey = rekeys[0];
+    named(&mut files, "invalid-rekey-signature-bit", raw(&flipped(rekey, rekey.len() - 1)));
+    named(&mut files, "invalid-rekey-body-bit", raw(&flipped(rekey, wire::HEADER_LEN + 3)));
+    named(&mut files, "invalid-rekey-truncated", raw(&rekey[..rekey.len() - 1]));
+    let mut stale = RekeyDatagram::decode_exact(&body(rekey)).expect("a captured rekey decodes");
+    stale.epoch = Epoch(stale.epoch.0 - 1);
+    named(&mut files, "invalid-stale-rekey-body", to_sign(1, stale.to_bytes()));
+    let beat = beats[0];
+    named(&mut files, "beat-ahead", raw(beat));
+    let mut far = Heartbeat::decode_exact(&body(beat)).expect("a captured heartbeat decodes");
+    far.epoch = Epoch(u64::MAX);
+    named(&mut files, "beat-far-ahead-body", to_sign(1, far.to_bytes()));
+    named(&mut files, "invalid-beat-signature-bit", raw(&flipped(beat, beat.len() - 1)));
+    named(&mut files, "invalid-garbage", raw(b"GK\x01\x03 not a datagram"));
+    files
+}
+
+fn member_reply() -> Files {
+    let mut files = Files::new();
+    let (_, reply) = agents::Agents::get().captures();
+    named(&mut files, "valid-resync", raw(&reply));
+    named(&mut files, "valid-resync-body", to_sign(1, body(&reply)));
+    named(&mut files, "invalid-signature-bit", raw(&flipped(&reply, reply.len() - 1)));
+    named(&mut files, "invalid-body-bit", raw(&flipped(&reply, reply.len() / 2)));
+    let mut other = SealedPath::decode_exact(&body(&reply)).expect("a captured reply decodes");
+    other.request_nonce = [0; 16];
+    named(&mut files, "invalid-other-nonce-body", to_sign(1, other.to_bytes()));
+    for code in [0u16, 404, 409] {
+        let error = ErrorMessage {
+            group: agents::GROUP,
+            code,
+            reason: "seed".into(),
+        };
+        named(&mut files, &format!("error-{code}"), raw(&error.to_bytes()));
+    }
+    named(&mut files, "invalid-garbage", raw(b"GK\x01\x06 not a reply"));
+    files
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut total = 0;
-    for &target in TARGETS {
+    for &target in TARGETS.iter().chain(agents::TARGETS) {
         let files = match target {
             "registration_request" => registration_request(),
             "sealed_path" => sealed_path(),
@@ -453,6 +671,11 @@ fn main() {
             "path_keys" => path_keys(),
             "member_datagram" => member_datagram(),
             "member_apply" => member_apply(),
+            "controller_request" => controller_request(),
+            "controller_subscribe" => controller_subscribe(),
+            "control_json" => control_json(),
+            "member_multicast" => member_multicast(),
+            "member_reply" => member_reply(),
             other => panic!("no corpus for target {other}"),
         };
         let dir = root.join(target);
@@ -463,7 +686,7 @@ fn main() {
         let (mut valid, mut accepted) = (0, 0);
         for (name, bytes) in &files {
             // Every file goes through the target's own check now, so a bad seed fails here.
-            let ok = gkm_fuzz::run(target, bytes).expect("a known target");
+            let ok = gkm_fuzz::run_any(target, bytes).expect("a known target");
             accepted += usize::from(ok);
             valid += usize::from(name.starts_with("valid"));
             fs::write(dir.join(name), bytes).expect("write a corpus file");

@@ -3,95 +3,13 @@
 //! and one on fan-out, converge on the same key; a member killed with SIGKILL resumes from its
 //! membership file without registering again; SIGTERM makes both leave and exit 0.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gkm-member");
-
-struct Running(Option<Child>);
-
-impl Running {
-    fn spawn(cmd: &mut Command) -> Self {
-        Running(Some(
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn"),
-        ))
-    }
-
-    fn signal(&self, sig: &str) {
-        let id = self.0.as_ref().unwrap().id();
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(id.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait(mut self, limit: Duration) -> Output {
-        let mut child = self.0.take().unwrap();
-        let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < limit,
-                "process did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn server_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("gkm-server");
-    path.exists().then_some(path)
-}
-
-fn current(socket: &Path) -> Option<serde_json::Value> {
-    let mut stream = UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"{\"op\":\"current\"}\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    v["epoch"].is_u64().then_some(v)
-}
-
-/// Waits until every socket reports a key, all with the same epoch and KCV.
-fn converged(sockets: &[&Path], limit: Duration) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let answers: Vec<_> = sockets.iter().map(|s| current(s)).collect();
-        if let Some(Some(first)) = answers.first()
-            && answers.iter().all(|a| {
-                a.as_ref()
-                    .is_some_and(|a| a["epoch"] == first["epoch"] && a["kcv"] == first["kcv"])
-            })
-        {
-            return first.clone();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "members did not converge: {answers:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::{BIN, Lab, converged, current, server_binary};
 
 /// Runs this binary with `args` as uid/gid 65534 (nobody), or says why it cannot.
 fn as_nobody(args: &[&str]) -> Result<Output, String> {
@@ -145,54 +63,10 @@ fn members_follow_the_real_controller() {
         eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("gkm-member-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = 40_000 + u16::try_from(std::process::id() % 1000).unwrap() * 10;
-    let (tcp, mcast) = (base, base + 1);
-
-    let init = Command::new(&server)
-        .args(["init", "--state-dir"])
-        .arg(dir.join("srv"))
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    let key = String::from_utf8(init.stdout).unwrap();
-    let key = key.lines().next().unwrap().trim().to_owned();
-    let config_path = dir.join("srv").join("gkm-server.toml");
-    let config = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace("47700", &tcp.to_string())
-        .replace("47701", &mcast.to_string());
-    std::fs::write(&config_path, config).unwrap();
-    let controller = Running::spawn(
-        Command::new(&server)
-            .args(["run", "--state-dir"])
-            .arg(dir.join("srv"))
-            .arg("--config")
-            .arg(&config_path),
-    );
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "controller did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    let member = |name: &str, extra: &[&str]| {
-        Running::spawn(
-            Command::new(BIN)
-                .args(["run", "--group", "demo", "--controller-key", &key])
-                .args(["--controller", &format!("127.0.0.1:{tcp}")])
-                .args(["--multicast", &format!("239.255.77.1:{mcast}")])
-                .args(extra)
-                .arg("--state-dir")
-                .arg(dir.join(name))
-                .env("RUST_LOG", "info"),
-        )
-    };
+    let lab = Lab::new("e2e", &server, 0);
+    let dir = lab.dir.clone();
+    let controller = lab.controller(None);
+    let member = |name: &str, extra: &[&str]| lab.member(name, extra, None);
     let a = member("a", &[]);
     let b = member("b", &["--no-multicast"]);
     let (sa, sb) = (dir.join("a/api.sock"), dir.join("b/api.sock"));

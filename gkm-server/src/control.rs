@@ -17,10 +17,11 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// The controller in brief.
-    Status,
+    /// The controller in brief. (Variants without fields are written `{}` so that
+    /// `deny_unknown_fields` applies to them too: serde ignores extra fields of unit variants.)
+    Status {},
     /// Every group.
-    Groups,
+    Groups {},
     /// A group's members.
     Members {
         /// Group name.
@@ -67,8 +68,8 @@ impl Request {
     /// The controller command this request asks for; `Err` says what is wrong with it.
     pub fn into_command(self) -> Result<Command, String> {
         Ok(match self {
-            Request::Status => Command::Status,
-            Request::Groups => Command::Groups,
+            Request::Status {} => Command::Status,
+            Request::Groups {} => Command::Groups,
             Request::Members { group } => Command::Members(group),
             Request::Evict { group, member } => Command::Evict(group, member),
             Request::Rekey { group } => Command::Rekey(group),
@@ -163,7 +164,21 @@ mod tests {
             ))
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"nope"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).expect("valid request");
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"cmd":"status"}"#);
         assert!(serde_json::from_str::<Request>("garbage").is_err());
+    }
+
+    /// Found by the `control_json` fuzz target: `{"cmd":"status","x":1}` was accepted.
+    #[test]
+    fn v029_control_requests_with_unknown_fields_are_refused() {
+        for line in [
+            r#"{"cmd":"status","x":1}"#,
+            r#"{"cmd":"groups","group":"demo"}"#,
+            r#"{"cmd":"rekey","group":"demo","now":true}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(line).is_err(), "{line}");
+        }
     }
 
     #[test]

@@ -439,6 +439,8 @@ struct Group {
     epoch_times: BTreeMap<u64, Timestamp>,
     /// Repeat sends waiting for their time, earliest first.
     spaced: VecDeque<(Timestamp, Vec<u8>)>,
+    /// After a restart: requests made before it are refused (their nonces were not kept).
+    fresh_since: Option<Timestamp>,
     stats: Stats,
     /// Whether the store holds this group's state (so a delta can be applied to it).
     saved: bool,
@@ -790,6 +792,8 @@ impl<R: CryptoRng> Controller<R> {
     ) -> Result<(), (Reject, GroupId)> {
         let request = request.0;
         let gid = request.group;
+        // A key no welcome can be sealed to is refused before it costs a rekey or a leaf.
+        wire::check_hpke_key(&request.hpke_key).map_err(|_| (Reject::Malformed, gid))?;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         let join = PendingJoin {
             conn,
@@ -1264,6 +1268,9 @@ impl Group {
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
         group.batch_due = Some(now);
+        // The nonces seen before the restart are gone: a request made before it could be
+        // replayed within the freshness window, so only requests made since are taken.
+        group.fresh_since = Some(now);
         Ok(group)
     }
 
@@ -1288,6 +1295,7 @@ impl Group {
             nonces: SeenNonces::default(),
             epoch_times: BTreeMap::new(),
             spaced: VecDeque::new(),
+            fresh_since: None,
             stats: Stats::default(),
             saved: false,
             logged: 0,
@@ -1340,7 +1348,7 @@ impl Group {
         nonce: [u8; NONCE_LEN],
     ) -> Result<(), Reject> {
         let window = self.policy.freshness_window_ms;
-        if at_ms.abs_diff(now.0) > window {
+        if at_ms.abs_diff(now.0) > window || self.fresh_since.is_some_and(|t| at_ms < t.0) {
             return Err(Reject::StaleRequest);
         }
         if !self.nonces.insert(nonce, now, 2 * window) {

@@ -606,3 +606,47 @@ fn member_signed_and_unexpected_requests_are_left_to_the_controller_or_refused()
     let bytes = wire::sign(&leave, &SigningKey::from_bytes(&[1; 32]));
     assert!(matches!(verify_request(bytes), Inbound::MemberSigned(_)));
 }
+
+#[test]
+fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
+    let mut net = Net::new(3, 0.0);
+    let identity = SigningKey::from_bytes(&[9; 32]);
+    let request = registration(&identity, [3; 16], net.now, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &request);
+    assert_eq!(reply_code(&mut net.controller), None, "welcomed");
+    net.advance(1_000, 250);
+    let saved: Vec<GroupState> = net.store.0.lock().unwrap().states();
+    net.controller = Controller::new(
+        net.signer.clone(),
+        ChaCha20Rng::seed_from_u64(77),
+        Box::new(net.store.clone()),
+        vec![policy()],
+        saved,
+        Timestamp(net.now),
+    )
+    .unwrap();
+    net.advance(1_000, 250);
+    let before = snapshot(&mut net);
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    // Within the freshness window, but made before the restart: its nonce is forgotten.
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &request);
+    assert_eq!(
+        reply_code(&mut net.controller),
+        Some(409),
+        "refused as stale"
+    );
+    net.advance(1_000, 250);
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+    assert_eq!(snapshot(&mut net), before, "nothing changed");
+    // A request made after the restart is taken.
+    let fresh = registration(&identity, [4; 16], net.now, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &fresh);
+    assert_eq!(
+        reply_code(&mut net.controller),
+        None,
+        "a fresh one is welcomed"
+    );
+}

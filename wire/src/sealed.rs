@@ -122,6 +122,23 @@ pub fn seal_path<R: CryptoRng + ?Sized>(
     Ok(sealed)
 }
 
+/// Checks that a path can be sealed to the X25519 key `public`: a low-order point makes every
+/// Diffie-Hellman output zero, which HPKE refuses. The controller checks a registration's key
+/// before admitting anyone, so a welcome it cannot seal never costs a rekey or a member's leaf.
+pub fn check_hpke_key(public: &[u8; 32]) -> Result<(), WireError> {
+    let unusable = || WireError::Decode(DecodeError::Invalid("HPKE public key"));
+    let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(public).map_err(|_| unusable())?;
+    let (probe, _) = Kem::derive_keypair(b"gkm v1 HPKE key check");
+    hpke::setup_receiver::<ChaCha20Poly1305, HkdfSha256, Kem>(
+        &OpModeR::Base,
+        &probe,
+        &encapped,
+        INFO_LABEL,
+    )
+    .map(|_| ())
+    .map_err(|_| unusable())
+}
+
 /// Opens a sealed path (whose signature the caller checked) and checks the path it holds.
 pub fn open_path(sealed: &SealedPath, secret: &HpkeSecret) -> Result<MemberPath, WireError> {
     let bad = |what| WireError::Decode(DecodeError::Invalid(what));
@@ -172,6 +189,19 @@ mod tests {
     use rand_core::SeedableRng;
 
     use super::*;
+
+    /// Found by the `controller_request` fuzz target's corpus: a registration with a low-order
+    /// key was admitted before its welcome failed to seal.
+    #[test]
+    fn v037_low_order_hpke_keys_are_unusable() {
+        let good = HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(3));
+        assert_eq!(check_hpke_key(&good.public_key().unwrap()), Ok(()));
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for low_order in [[0u8; 32], one] {
+            assert!(check_hpke_key(&low_order).is_err());
+        }
+    }
 
     #[test]
     fn a_sealed_path_opens_only_for_its_member_and_context() {

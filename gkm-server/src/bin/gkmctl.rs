@@ -81,8 +81,8 @@ enum Cmd {
 impl Cmd {
     fn request(&self) -> Request {
         match self {
-            Cmd::Status => Request::Status,
-            Cmd::Groups => Request::Groups,
+            Cmd::Status => Request::Status {},
+            Cmd::Groups => Request::Groups {},
             Cmd::Members { group } => Request::Members {
                 group: group.clone(),
             },
