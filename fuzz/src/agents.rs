@@ -22,7 +22,7 @@ use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig};
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Timestamp,
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store, Timestamp,
     Transmit,
 };
 use lkh_tree::{Epoch, GroupId, MemberPath};
@@ -199,10 +199,16 @@ fn member_config() -> MemberConfig {
 }
 
 fn new_controller(restored: Vec<GroupState>) -> Controller<ChaCha20Rng> {
+    // The store holds what the controller is restored from, as a daemon's store does: the
+    // controller saves its next rekey as a delta to it.
+    let mut store = MemoryStore::default();
+    for state in &restored {
+        store.save(state).expect("a memory store saves");
+    }
     Controller::new(
         SigningKey::from_bytes(&SIGNER_SEED),
         ChaCha20Rng::seed_from_u64(0x6374_726c),
-        Box::new(MemoryStore::default()),
+        Box::new(store),
         vec![policy()],
         restored,
         Timestamp(NOW),
