@@ -239,6 +239,15 @@ impl<R: CryptoRng> Member<R> {
         self.renew_at = None;
     }
 
+    /// The rekey channel has been silent for longer than heartbeats allow: asks the controller for
+    /// the current path keys (a resync, after the usual grace). A member that is no longer one
+    /// learns it from the answer and registers again. Does nothing unless admitted.
+    pub fn check_in(&mut self, now: Millis) {
+        if matches!(self.state, State::Active { .. }) {
+            self.behind(now);
+        }
+    }
+
     /// Timers: registration retries, resyncs when behind, lease renewals.
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.retry_at.is_some_and(|t| t <= now) {

@@ -247,7 +247,7 @@ impl Driver {
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
                 () = tokio::time::sleep_until(self.fanout_next), if fanout => self.ask_fanout().await,
                 () = tokio::time::sleep_until(silent_until), if self.silent_until.is_some() => {
-                    self.switch_to_fanout().await;
+                    self.silent().await;
                 }
                 () = sleep_until_some(persist_at), if persist_at.is_some() => {}
                 _ = sigterm.recv() => break,
@@ -336,24 +336,40 @@ impl Driver {
         }
     }
 
-    /// Restarts the multicast silence timer when a rekey or heartbeat arrives by multicast
-    /// (`[]`: at start and on admission). Anything else on the socket does not count.
+    /// Restarts the silence timer when a rekey or heartbeat arrives (`[]`: at start and on
+    /// admission). Anything else on the socket does not count.
     fn heard(&mut self, bytes: &[u8]) {
         let group_traffic = bytes.is_empty()
             || matches!(
                 wire::MessageType::peek(bytes),
                 Ok(wire::MessageType::Rekey | wire::MessageType::Heartbeat)
             );
-        if let (Rekeys::Multicast(_), Some(after), true) =
-            (&self.rekeys, self.fanout_after, group_traffic)
-        {
+        if let (Some(after), true) = (self.fanout_after, group_traffic) {
             self.silent_until = Some(tokio::time::Instant::now() + after);
         }
     }
 
+    /// Nothing arrived for too long. On multicast: switch to unicast fan-out. On fan-out: ask the
+    /// controller for the current keys over TCP (the controller ignores fan-out requests of a
+    /// member it evicted, so this is how such a member learns it must register again).
+    async fn silent(&mut self) {
+        match self.rekeys {
+            Rekeys::Multicast(_) => self.switch_to_fanout().await,
+            Rekeys::Fanout(_) => {
+                warn!(
+                    "no rekey or heartbeat by fan-out for {:?}: asking controller {} for the \
+                     current keys",
+                    self.fanout_after.unwrap_or_default(),
+                    self.controller
+                );
+                self.member.check_in(now_ms());
+            }
+        }
+        self.heard(&[]);
+    }
+
     /// Multicast stayed silent too long: receive by unicast fan-out from now on.
     async fn switch_to_fanout(&mut self) {
-        self.silent_until = None;
         match net::fanout_socket(self.controller).await {
             Ok(socket) => {
                 warn!(

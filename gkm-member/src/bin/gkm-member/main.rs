@@ -101,8 +101,9 @@ struct RunArgs {
     /// Lease renewal period in milliseconds (default 20000).
     #[arg(long)]
     renew_ms: Option<u64>,
-    /// Once admitted, switch to unicast fan-out when no rekey or heartbeat arrives by multicast
-    /// for this many milliseconds (a network that silently drops multicast); 0: never.
+    /// When no rekey or heartbeat arrives for this many milliseconds: on multicast, switch to
+    /// unicast fan-out (a network that silently drops multicast); on fan-out, ask the controller
+    /// for the current keys over TCP. 0: never.
     #[arg(long, default_value_t = 10_000)]
     fanout_after_ms: u64,
 }
