@@ -37,6 +37,7 @@ pub mod flood;
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use ed25519_dalek::SigningKey;
+use gkm_server::{MemberRecord, Timestamp};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, NodeId, Rekey, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -118,6 +119,26 @@ pub fn full_tree(n: usize, config: TreeConfig, seed: u64) -> Fixture {
         rng,
         id_bound,
     }
+}
+
+/// A record for every member of `tree`, as if all joined in epoch `joined` (identities made
+/// from their index, one `hpke_key` for all, leases that never run out).
+pub fn member_records(tree: &KeyTree, joined: u64, hpke_key: [u8; 32]) -> Vec<MemberRecord> {
+    tree.members()
+        .enumerate()
+        .map(|(i, leaf)| {
+            let mut identity = [0u8; 32];
+            identity[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            MemberRecord {
+                id: wire::MemberId((u64::from(leaf.0) << 32) | (joined & 0xffff_ffff)),
+                identity,
+                hpke_key,
+                leaf,
+                joined,
+                lease_until: Timestamp(u64::MAX),
+            }
+        })
+        .collect()
 }
 
 /// The one-leave rekey of a tree, packed and signed, with two members' paths from before it.

@@ -65,6 +65,29 @@ pub struct Replayed {
     pub failures: Vec<String>,
 }
 
+impl Replayed {
+    /// Panics with every failure, or when fewer than `min` files were replayed (files went
+    /// missing).
+    pub fn assert_clean(&self, min: usize) {
+        assert_none("corpus", &self.failures);
+        assert!(
+            self.files >= min,
+            "replayed only {} corpus files, expected at least {min}",
+            self.files
+        );
+    }
+}
+
+/// Panics with every failure of the `what` replay, one per line.
+pub fn assert_none(what: &str, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} {what} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Replays `fuzz/corpus/<target>/` for every target. Each target needs at least 3 files and
 /// one accepted; `strict(target)` says whether its `valid-*` files must be accepted.
 pub fn corpus(fuzz: &Path, targets: &[&str], check: Check, strict: fn(&str) -> bool) -> Replayed {

@@ -23,27 +23,12 @@ const MIN_REPLAYED: usize = 40;
 fn v028_agent_corpus_replays_without_panics_and_refusals_change_nothing() {
     let fuzz = replay::fuzz_dir(env!("CARGO_MANIFEST_DIR"));
     let replayed = replay::corpus(&fuzz, agents::TARGETS, agents::run, |_| true);
-    assert!(
-        replayed.failures.is_empty(),
-        "{} corpus failures:\n{}",
-        replayed.failures.len(),
-        replayed.failures.join("\n")
-    );
-    assert!(
-        replayed.files >= MIN_REPLAYED,
-        "replayed only {} corpus files, expected at least {MIN_REPLAYED}",
-        replayed.files
-    );
+    replayed.assert_clean(MIN_REPLAYED);
 }
 
 #[test]
 fn saved_agent_crash_inputs_no_longer_panic() {
     let fuzz = replay::fuzz_dir(env!("CARGO_MANIFEST_DIR"));
     let failures = replay::regressions(&fuzz, agents::TARGETS, agents::run);
-    assert!(
-        failures.is_empty(),
-        "{} regression failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    replay::assert_none("regression", &failures);
 }

@@ -7,10 +7,8 @@
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
-use gkm_benches::{config, full_tree, rng};
-use gkm_server::{Controller, GroupPolicy, GroupState, MemberRecord, MemoryStore, Timestamp};
-
-use wire::MemberId;
+use gkm_benches::{config, full_tree, member_records, rng};
+use gkm_server::{Controller, GroupPolicy, GroupState, MemoryStore, Timestamp};
 
 fn main() {
     let n: usize = std::env::args()
@@ -22,23 +20,7 @@ fn main() {
     let snapshot = fx.tree.snapshot();
     let nodes = snapshot.nodes.len();
     let group = snapshot.group;
-    let members: Vec<MemberRecord> = fx
-        .tree
-        .members()
-        .enumerate()
-        .map(|(i, leaf)| {
-            let mut identity = [0u8; 32];
-            identity[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            MemberRecord {
-                id: MemberId((u64::from(leaf.0) << 32) | 1),
-                identity,
-                hpke_key: [0; 32],
-                leaf,
-                joined: 1,
-                lease_until: Timestamp(u64::MAX),
-            }
-        })
-        .collect();
+    let members = member_records(&fx.tree, 1, [0; 32]);
     drop(fx);
     let state = GroupState {
         tree: snapshot,

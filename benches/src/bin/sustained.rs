@@ -25,14 +25,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use gkm_benches::{config, full_tree, rng};
+use gkm_benches::{config, full_tree, member_records, rng};
 use gkm_server::{
-    Command, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy, GroupState,
-    MemberRecord, Store, StoreError, Timestamp, Transmit,
+    Command, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy, GroupState, Store,
+    StoreError, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_core::Rng;
-use wire::{HpkeSecret, MemberId, RegistrationRequest, sign};
+use wire::{HpkeSecret, RegistrationRequest, sign};
 
 const START: u64 = 1_800_000_000_000;
 
@@ -166,23 +166,7 @@ fn main() {
     let fx = full_tree(n, config(4, false), 11);
     let snapshot = fx.tree.snapshot();
     let group = snapshot.group;
-    let members: Vec<MemberRecord> = fx
-        .tree
-        .members()
-        .enumerate()
-        .map(|(i, leaf)| {
-            let mut identity = [0u8; 32];
-            identity[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            MemberRecord {
-                id: MemberId((u64::from(leaf.0) << 32) | (snapshot.epoch.0 & 0xffff_ffff)),
-                identity,
-                hpke_key: [9; 32],
-                leaf,
-                joined: snapshot.epoch.0,
-                lease_until: Timestamp(u64::MAX),
-            }
-        })
-        .collect();
+    let members = member_records(&fx.tree, snapshot.epoch.0, [9; 32]);
     drop(fx);
     let mut evictable: Vec<u64> = members.iter().map(|m| m.id.0).collect();
     let mut shuffle = rng(5);
