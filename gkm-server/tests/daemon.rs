@@ -3,14 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod support;
+
+use support::{free_port, now_ms, temp_dir};
+
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use gkm_member::{Member, MemberConfig, MemberEvent};
@@ -22,37 +26,6 @@ use wire::{HpkeSecret, MemberId};
 const SERVER: &str = env!("CARGO_BIN_EXE_gkm-server");
 const GKMCTL: &str = env!("CARGO_BIN_EXE_gkmctl");
 static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-/// A fresh, empty temp directory for one test.
-fn temp_dir(tag: &str) -> PathBuf {
-    let n = NEXT.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("gkm-daemon-{}-{tag}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A port free for both TCP and UDP on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
 
 struct Setup {
     dir: PathBuf,

@@ -3,7 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+mod support;
+
+use support::free_port;
+
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -11,17 +14,6 @@ use std::time::{Duration, Instant};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_gkm-server");
 const GKMCTL: &str = env!("CARGO_BIN_EXE_gkmctl");
-
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
 
 struct Daemon {
     child: Child,
