@@ -118,6 +118,9 @@ impl Agents {
                     controller.handle_request(ConnId(i as u64), Timestamp(NOW), &request);
                 }
             }
+            if controller.poll_timeout().is_some_and(|t| t.0 <= NOW) {
+                controller.handle_timeout(Timestamp(NOW));
+            }
             while let Some(t) = controller.poll_transmit() {
                 moved = true;
                 match t {
@@ -154,7 +157,7 @@ impl Agents {
     }
 
     /// A controller restored from the fixture state (its restart rekey still pending: the first
-    /// timeout, or the first accepted registration or leave, makes it).
+    /// timeout makes it).
     pub fn controller(&self) -> Controller<ChaCha20Rng> {
         new_controller(vec![self.state.clone()])
     }
@@ -284,7 +287,7 @@ fn controller_signer(_: u8) -> SigningKey {
 }
 
 /// `Controller::handle_request` on a controller with members. Every request is answered on its
-/// connection; a refused one (an error reply with a non-zero code) changes neither the epoch
+/// connection (a join after the timeout that rekeys it in); a refused one (an error reply with a non-zero code) changes neither the epoch
 /// nor the membership. Whether it was answered without refusal.
 pub fn controller_request(data: &[u8]) -> bool {
     let Some(bytes) = input(data, member_signer, REQUESTS) else {
@@ -294,7 +297,12 @@ pub fn controller_request(data: &[u8]) -> bool {
     let mut controller = agents.controller();
     let before = group_view(&mut controller);
     controller.handle_request(CONN, Timestamp(NOW), &bytes);
-    let answers = replies(&mut controller);
+    let mut answers = replies(&mut controller);
+    if answers.is_empty() {
+        // A join is answered by the rekey that admits it, which the next timeout makes.
+        controller.handle_timeout(Timestamp(NOW));
+        answers = replies(&mut controller);
+    }
     assert!(!answers.is_empty(), "a request got no reply");
     let refused = answers.iter().any(|a| {
         MessageType::peek(a) == Ok(MessageType::Error)

@@ -47,7 +47,9 @@ pub struct MemberConfig {
     pub renew_interval_ms: u64,
     /// How long to wait for a missed rekey before asking for a resync.
     pub resync_grace_ms: u64,
-    /// How long to wait for a reply before asking again.
+    /// How long to wait for a reply before asking again; each unanswered request doubles it (up
+    /// to 16 times), with up to half of it again added at random so that members refused together
+    /// do not retry together.
     pub retry_ms: u64,
 }
 
@@ -128,6 +130,8 @@ pub struct Member<R> {
     events: VecDeque<MemberEvent>,
     /// When to resend the registration or a resync.
     retry_at: Option<Millis>,
+    /// Requests in a row that got no answer (the retry backoff).
+    unanswered: u32,
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
     renew_at: Option<Millis>,
@@ -176,6 +180,7 @@ impl<R: CryptoRng> Member<R> {
             requests: VecDeque::new(),
             events: VecDeque::new(),
             retry_at: None,
+            unanswered: 0,
             resync_at: None,
             renew_at: None,
             stats: MemberStats::default(),
@@ -252,6 +257,7 @@ impl<R: CryptoRng> Member<R> {
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
+            self.unanswered = self.unanswered.saturating_add(1);
             match self.state {
                 State::Registering { .. } => self.register(now),
                 State::Active { .. } => self.send_resync(now),
@@ -279,6 +285,7 @@ impl<R: CryptoRng> Member<R> {
 
     /// The reply to a request: a welcome, a resync response or an error message.
     pub fn handle_reply(&mut self, now: Millis, bytes: &[u8]) {
+        self.unanswered = 0;
         match MessageType::peek(bytes) {
             Ok(MessageType::Welcome | MessageType::ResyncResponse) => self.sealed(now, bytes),
             Ok(MessageType::Error) => self.error(now, bytes),
@@ -427,7 +434,7 @@ impl<R: CryptoRng> Member<R> {
                     code,
                     reason: message.reason,
                 });
-                self.retry_at = Some(now + self.config.retry_ms);
+                self.retry_at = Some(now + self.retry_delay());
             }
         }
     }
@@ -447,7 +454,7 @@ impl<R: CryptoRng> Member<R> {
         };
         self.requests.push_back(sign(&request, &self.identity));
         self.state = State::Registering { nonce };
-        self.retry_at = Some(now + self.config.retry_ms);
+        self.retry_at = Some(now + self.retry_delay());
         self.renew_at = None;
         self.resync_at = None;
     }
@@ -467,7 +474,18 @@ impl<R: CryptoRng> Member<R> {
         };
         self.requests.push_back(sign(&request, &self.identity));
         self.outstanding = Some(nonce);
-        self.retry_at = Some(now + self.config.retry_ms);
+        self.retry_at = Some(now + self.retry_delay());
+    }
+
+    /// The wait before asking again: `retry_ms` doubled per unanswered request in a row, plus
+    /// up to half of that at random.
+    fn retry_delay(&mut self) -> u64 {
+        let base = self
+            .config
+            .retry_ms
+            .saturating_mul(1 << self.unanswered.min(4));
+        let spread = base / 2;
+        base + self.rng.next_u64() % (spread + 1)
     }
 
     fn nonce(&mut self) -> [u8; NONCE_LEN] {

@@ -208,6 +208,8 @@ fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_rea
     let e_keys = path_keys(&lab.dir.join("e"), group, e_epoch);
     evict(&lab, e, &api("e"));
     sockets.pop();
+    // The eviction's epoch is recorded before d's join can follow it within one poll.
+    watch(&mut traffic, &sockets, Duration::from_millis(300));
     let d = lab.member("d", &[], None);
     sockets.push(api("d"));
     watch(&mut traffic, &sockets, Duration::from_secs(1));

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Batch, Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeError, dot};
-use rand_chacha::ChaCha20Rng;
-use rand_core::{CryptoRng, SeedableRng};
+use rand_core::CryptoRng;
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
-    Codec, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
+    Codec, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
     RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor, SealedKind, WireError, open_with,
-    pack, seal_path, sign, verifying_key,
+    pack, seal_path_with, sign, verifying_key,
 };
-use zeroize::Zeroizing;
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 use crate::roster::Roster;
@@ -49,7 +47,7 @@ pub enum DepartReason {
     Evicted,
     /// Its lease ran out.
     Expired,
-    /// It registered again (its old leaf is replaced).
+    /// It registered again with a new HPKE key, having lost its keys (its old leaf is replaced).
     Replaced,
 }
 
@@ -105,6 +103,18 @@ pub enum Event {
         /// Identity key, hex.
         identity: String,
         /// Epoch it joined in.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// A current member registered again with the keys it holds (a retry whose welcome it
+    /// missed): it was sent its current path; nothing was rekeyed.
+    Rewelcomed {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// The current epoch.
         epoch: u64,
         /// When.
         at: u64,
@@ -342,23 +352,34 @@ impl Save {
     }
 }
 
-/// A registration request whose Ed25519 signature verified under the identity key it carries.
+/// A registration request whose Ed25519 signature verified under the identity key it carries,
+/// with the HPKE encapsulation its welcome will be sealed with (so its key is known usable).
 ///
-/// Only [`verify_request`] makes one (the field is private), and the controller's join logic
+/// Only [`verify_request`] makes one (the fields are private), and the controller's join logic
 /// takes nothing else, so bytes whose signature was not checked cannot reach it:
 ///
 /// ```compile_fail
 /// # fn forge(request: wire::RegistrationRequest) -> gkm_server::VerifiedRegistration {
-/// gkm_server::VerifiedRegistration(request)
+/// gkm_server::VerifiedRegistration { request, encapsulation: todo!() }
 /// # }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerifiedRegistration(RegistrationRequest);
+#[derive(Debug)]
+pub struct VerifiedRegistration {
+    request: RegistrationRequest,
+    encapsulation: Encapsulation,
+}
 
 impl VerifiedRegistration {
     /// The request.
     pub fn request(&self) -> &RegistrationRequest {
-        &self.0
+        &self.request
+    }
+}
+
+/// Equal when the requests are (the encapsulations are random and secret).
+impl PartialEq for VerifiedRegistration {
+    fn eq(&self, other: &Self) -> bool {
+        self.request == other.request
     }
 }
 
@@ -372,10 +393,10 @@ pub struct MemberSigned {
 }
 
 /// What [`verify_request`] makes of a request's bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Inbound {
-    /// A registration whose signature verified.
-    Registration(VerifiedRegistration),
+    /// A registration whose signature verified (boxed: it holds the welcome's HPKE context).
+    Registration(Box<VerifiedRegistration>),
     /// A resync or leave, verified by the controller against the member's record.
     MemberSigned(MemberSigned),
     /// Refused before any state was consulted: malformed, a bad signature, or a kind a
@@ -383,28 +404,38 @@ pub enum Inbound {
     Refused(Reject),
 }
 
-/// The checks of a request that need no controller state, as a pure function: it decodes a
-/// registration request and verifies its Ed25519 signature under the identity key it names,
-/// before anything in it is used. It costs one signature verification and may run on any
-/// thread, many at once; the controller then checks freshness, replay and authorization
-/// ([`Controller::handle_inbound`]). Resync and leave requests are passed through as
-/// [`Inbound::MemberSigned`]: their key is in the controller's state.
+/// The checks of a request that need no controller state, as a function of the bytes and an
+/// RNG: it decodes a registration request and verifies its Ed25519 signature under the identity
+/// key it names, before anything in it is used; then it makes the HPKE encapsulation of the
+/// welcome to the request's key (refusing a key no welcome can be sealed to, GKM-V037). That is
+/// one signature verification and the welcome's X25519 work, on any thread, many at once; the
+/// controller then checks freshness, replay and authorization ([`Controller::handle_inbound`])
+/// and seals the welcome with a symmetric key only. Resync and leave requests are passed
+/// through as [`Inbound::MemberSigned`]: their key is in the controller's state.
 ///
 /// ```
 /// use gkm_server::{Inbound, Reject, verify_request};
+/// use rand_core::SeedableRng;
+/// let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
 /// // Bytes that are not a signed request never become a verified registration.
-/// let inbound = verify_request(b"not a request".to_vec());
+/// let inbound = verify_request(b"not a request".to_vec(), &mut rng);
 /// assert_eq!(inbound, Inbound::Refused(Reject::Malformed));
 /// # let _: Option<wire::RegistrationRequest> = None;
 /// ```
-pub fn verify_request(bytes: Vec<u8>) -> Inbound {
+pub fn verify_request<R: CryptoRng + ?Sized>(bytes: Vec<u8>, rng: &mut R) -> Inbound {
     match MessageType::peek(&bytes) {
         Ok(MessageType::RegistrationRequest) => {
-            match open_with::<RegistrationRequest>(&bytes, |r| verifying_key(&r.identity)) {
-                Ok(verified) => {
-                    Inbound::Registration(VerifiedRegistration(verified.into_message()))
-                }
-                Err(error) => Inbound::Refused(wire_reject(&error)),
+            let request =
+                match open_with::<RegistrationRequest>(&bytes, |r| verifying_key(&r.identity)) {
+                    Ok(verified) => verified.into_message(),
+                    Err(error) => return Inbound::Refused(wire_reject(&error)),
+                };
+            match Encapsulation::new(&request.hpke_key, request.group, rng) {
+                Ok(encapsulation) => Inbound::Registration(Box::new(VerifiedRegistration {
+                    request,
+                    encapsulation,
+                })),
+                Err(_) => Inbound::Refused(Reject::Malformed),
             }
         }
         Ok(kind @ (MessageType::ResyncRequest | MessageType::Leave)) => {
@@ -415,14 +446,14 @@ pub fn verify_request(bytes: Vec<u8>) -> Inbound {
     }
 }
 
-/// One welcome to seal: the join it answers, the member's id and its keys.
-type WelcomeJob<'a> = (&'a PendingJoin, MemberId, &'a MemberPath);
+/// One welcome to seal: its encapsulation, what it names, the keys.
+type WelcomeJob<'a> = (Encapsulation, SealedFor, &'a MemberPath);
 
 struct PendingJoin {
     conn: ConnId,
     identity: [u8; 32],
-    hpke_key: [u8; 32],
     nonce: [u8; NONCE_LEN],
+    encapsulation: Encapsulation,
 }
 
 struct Group {
@@ -530,7 +561,8 @@ impl<R: CryptoRng> Controller<R> {
     /// [`Controller::handle_inbound`] of [`verify_request`]`(bytes)`; a driver that wants the
     /// signature checks off the controller's thread calls those two itself.
     pub fn handle_request(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) {
-        self.handle_inbound(conn, now, verify_request(bytes.to_vec()));
+        let inbound = verify_request(bytes.to_vec(), &mut self.rng);
+        self.handle_inbound(conn, now, inbound);
     }
 
     /// A request after [`verify_request`]: the checks that need the controller's state
@@ -538,7 +570,7 @@ impl<R: CryptoRng> Controller<R> {
     /// then the request itself. The reply, if any, comes out of [`Controller::poll_transmit`].
     pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
         let outcome = match inbound {
-            Inbound::Registration(request) => self.register(conn, now, request),
+            Inbound::Registration(request) => self.register(conn, now, *request),
             Inbound::MemberSigned(MemberSigned {
                 kind: MessageType::ResyncRequest,
                 bytes,
@@ -671,7 +703,6 @@ impl<R: CryptoRng> Controller<R> {
                 }
                 g.departures.insert(MemberId(member), DepartReason::Evicted);
                 g.schedule(now);
-                self.handle_timeout(now);
                 Ok(Response::Ok)
             }
             Command::Rekey(name) => {
@@ -790,33 +821,42 @@ impl<R: CryptoRng> Controller<R> {
         now: Timestamp,
         request: VerifiedRegistration,
     ) -> Result<(), (Reject, GroupId)> {
-        let request = request.0;
+        let VerifiedRegistration {
+            request,
+            encapsulation,
+        } = request;
         let gid = request.group;
-        // A key no welcome can be sealed to is refused before it costs a rekey or a leaf.
-        wire::check_hpke_key(&request.hpke_key).map_err(|_| (Reject::Malformed, gid))?;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         let join = PendingJoin {
             conn,
             identity: request.identity,
-            hpke_key: request.hpke_key,
             nonce: request.nonce,
+            encapsulation,
         };
         // A retry while the first request waits for its batch replaces it (its token is spent).
         if let Some(pending) = g.joins.iter_mut().find(|j| j.identity == request.identity) {
             *pending = join;
             return Ok(());
         }
-        // A current member registering again (it lost its keys, or a retry whose welcome it
-        // missed) was authorized before; anyone else must be now.
+        // A current member registering again was authorized before. With the same HPKE key it
+        // is a retry whose welcome it missed: it gets its current path, and nobody else is
+        // rekeyed. With a new key it lost its keys: a new leaf, and the old one departs. Anyone
+        // else, a member whose departure is pending included, must be authorized now.
         match g.members.by_identity(&request.identity) {
-            Some(old) => {
+            Some(old) if !g.departures.contains_key(&old) => {
+                let same_key = g
+                    .members
+                    .get(old)
+                    .is_some_and(|r| r.hpke_key == request.hpke_key);
+                if same_key {
+                    return self.rewelcome(now, gid, old, join);
+                }
                 g.departures.insert(old, DepartReason::Replaced);
             }
-            None => g.authorize(&request).map_err(|r| (r, gid))?,
+            _ => g.authorize(&request).map_err(|r| (r, gid))?,
         }
         g.joins.push(join);
         g.schedule(now);
-        self.handle_timeout(now);
         Ok(())
     }
 
@@ -836,20 +876,70 @@ impl<R: CryptoRng> Controller<R> {
             .members
             .get(request.member)
             .ok_or((Reject::NotAMember, gid))?;
-        let (leaf, hpke_key) = (record.leaf, record.hpke_key);
         if request.epoch >= g.tree.epoch() {
             self.ack(conn, gid, "lease renewed");
             return Ok(());
         }
-        let path = g.tree.member_path(leaf).ok_or((Reject::NotAMember, gid))?;
         g.stats.resyncs += 1;
         let to = SealedFor {
             kind: SealedKind::Resync,
             member: request.member,
             request_nonce: request.nonce,
-            recipient: hpke_key,
+            recipient: record.hpke_key,
         };
-        let sealed = seal_path(&path, &to, &mut self.rng).map_err(|_| (Reject::Malformed, gid))?;
+        let encapsulation = Encapsulation::new(&record.hpke_key, gid, &mut self.rng)
+            .map_err(|_| (Reject::Malformed, gid))?;
+        self.reply_path(conn, gid, record.leaf, &to, encapsulation)
+    }
+
+    /// A current member's registration with the keys it has: a welcome with its current path,
+    /// and its lease renewed. No rekey: it could already read everything up to now.
+    fn rewelcome(
+        &mut self,
+        now: Timestamp,
+        gid: GroupId,
+        member: MemberId,
+        join: PendingJoin,
+    ) -> Result<(), (Reject, GroupId)> {
+        let g = self
+            .group_mut(gid)
+            .map_err(|_| (Reject::UnknownGroup, gid))?;
+        let lease_until = now.plus(g.policy.lease_ms);
+        g.members.renew(member, lease_until);
+        let leaf = g.members.get(member).ok_or((Reject::NotAMember, gid))?.leaf;
+        g.stats.registrations += 1;
+        let epoch = g.tree.epoch();
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member,
+            request_nonce: join.nonce,
+            recipient: *join.encapsulation.recipient(),
+        };
+        self.reply_path(join.conn, gid, leaf, &to, join.encapsulation)?;
+        self.events.push_back(Event::Rewelcomed {
+            group: gid.0,
+            member: member.0,
+            epoch: epoch.0,
+            at: now.0,
+        });
+        Ok(())
+    }
+
+    /// Seals the current path of `leaf` to `to` and queues it, signed, as the reply on `conn`.
+    fn reply_path(
+        &mut self,
+        conn: ConnId,
+        gid: GroupId,
+        leaf: NodeId,
+        to: &SealedFor,
+        encapsulation: Encapsulation,
+    ) -> Result<(), (Reject, GroupId)> {
+        let g = self
+            .group_mut(gid)
+            .map_err(|_| (Reject::UnknownGroup, gid))?;
+        let path = g.tree.member_path(leaf).ok_or((Reject::NotAMember, gid))?;
+        let sealed =
+            seal_path_with(&path, to, encapsulation).map_err(|_| (Reject::Malformed, gid))?;
         let bytes = sign(&sealed, &self.signer);
         self.transmits.push_back(Transmit::Reply { conn, bytes });
         Ok(())
@@ -867,7 +957,6 @@ impl<R: CryptoRng> Controller<R> {
         g.departures.insert(request.member, DepartReason::Left);
         g.schedule(now);
         self.ack(conn, gid, "leave accepted");
-        self.handle_timeout(now);
         Ok(())
     }
 
@@ -987,16 +1076,23 @@ impl<R: CryptoRng> Controller<R> {
                 });
             }
         }
-        let mut welcomes = Vec::with_capacity(joins.len());
-        for (join, joiner) in joins.iter().zip(&rekey.joiners) {
-            let member = g.members.insert(
-                joiner.leaf,
-                join.identity,
-                join.hpke_key,
-                epoch.0,
-                now.plus(g.policy.lease_ms),
-            );
-            welcomes.push((join, member, &joiner.path));
+        let joined = joins.len();
+        let mut welcomes = Vec::with_capacity(joined);
+        let mut admitted = Vec::with_capacity(joined);
+        for (join, joiner) in joins.into_iter().zip(&rekey.joiners) {
+            let recipient = *join.encapsulation.recipient();
+            let lease_until = now.plus(g.policy.lease_ms);
+            let member =
+                g.members
+                    .insert(joiner.leaf, join.identity, recipient, epoch.0, lease_until);
+            let to = SealedFor {
+                kind: SealedKind::Welcome,
+                member,
+                request_nonce: join.nonce,
+                recipient,
+            };
+            welcomes.push((join.encapsulation, to, &joiner.path));
+            admitted.push((join.conn, member, join.identity));
         }
         g.epoch_times.insert(epoch.0, now);
         g.next_refresh =
@@ -1043,7 +1139,7 @@ impl<R: CryptoRng> Controller<R> {
         g.stats.encryptions += rekey.encryptions.len() as u64;
         g.stats.datagrams += (datagrams.len() * repeats) as u64;
         g.stats.bytes += (bytes * repeats) as u64;
-        g.stats.registrations += welcomes.len() as u64;
+        g.stats.registrations += admitted.len() as u64;
         let spacing = g.policy.repeat_spacing_ms;
         for copy in 0..repeats as u64 {
             for d in &datagrams {
@@ -1059,7 +1155,7 @@ impl<R: CryptoRng> Controller<R> {
                 }
             }
         }
-        let replies = self.seal_welcomes(id, &welcomes);
+        let replies = self.seal_welcomes(id, welcomes);
         if let (
             Some(now),
             Some(start),
@@ -1078,15 +1174,13 @@ impl<R: CryptoRng> Controller<R> {
                 welcomes: now().saturating_sub(signed),
             });
         }
-        for ((join, member, _), reply) in welcomes.iter().zip(replies) {
-            self.transmits.push_back(Transmit::Reply {
-                conn: join.conn,
-                bytes: reply,
-            });
+        for ((conn, member, identity), reply) in admitted.into_iter().zip(replies) {
+            self.transmits
+                .push_back(Transmit::Reply { conn, bytes: reply });
             self.events.push_back(Event::Admitted {
                 group: id.0,
                 member: member.0,
-                identity: hex(&join.identity),
+                identity: hex(&identity),
                 epoch: epoch.0,
                 at: now.0,
             });
@@ -1094,7 +1188,7 @@ impl<R: CryptoRng> Controller<R> {
         self.events.push_back(Event::Rekeyed {
             group: id.0,
             epoch: epoch.0,
-            joins: joins.len(),
+            joins: joined,
             departures: departures.len(),
             encryptions: rekey.encryptions.len(),
             datagrams: datagrams.len(),
@@ -1104,49 +1198,39 @@ impl<R: CryptoRng> Controller<R> {
         self.heartbeat(id, now);
     }
 
-    /// Seals and signs the welcomes of one rekey, on up to `workers` threads (each with its own
-    /// generator seeded from the controller's, so a seeded run stays reproducible).
-    fn seal_welcomes(&mut self, group: GroupId, welcomes: &[WelcomeJob<'_>]) -> Vec<Vec<u8>> {
-        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(16);
-        let jobs: Vec<_> = welcomes
-            .chunks(chunk)
-            .map(|part| {
-                let mut seed = Zeroizing::new([0u8; 32]);
-                self.rng.fill_bytes(seed.as_mut());
-                (part, seed)
-            })
-            .collect();
+    /// Seals and signs the welcomes of one rekey, on up to `workers` threads. The X25519 work was
+    /// done when each registration was verified; what is left is an AEAD seal and a signature.
+    fn seal_welcomes(&self, group: GroupId, welcomes: Vec<WelcomeJob<'_>>) -> Vec<Vec<u8>> {
         let signer = &self.signer;
-        // The worker seeds are secret (they make the HPKE ephemeral keys): zeroized when dropped.
-        let seal_part = |(part, seed): (&[WelcomeJob<'_>], Zeroizing<[u8; 32]>)| {
-            let mut rng = ChaCha20Rng::from_seed(*seed);
-            part.iter()
-                .map(|(join, member, path)| {
-                    let to = SealedFor {
-                        kind: SealedKind::Welcome,
-                        member: *member,
-                        request_nonce: join.nonce,
-                        recipient: join.hpke_key,
-                    };
-                    match seal_path(path, &to, &mut rng) {
-                        Ok(sealed) => sign(&sealed, signer),
-                        Err(_) => ErrorMessage {
-                            group,
-                            code: Reject::Malformed.code(),
-                            reason: "unusable HPKE key".into(),
-                        }
-                        .to_bytes(),
-                    }
-                })
-                .collect::<Vec<_>>()
+        let seal = |(encapsulation, to, path): WelcomeJob<'_>| match seal_path_with(
+            path,
+            &to,
+            encapsulation,
+        ) {
+            Ok(sealed) => sign(&sealed, signer),
+            Err(_) => ErrorMessage {
+                group,
+                code: Reject::Malformed.code(),
+                reason: "unusable HPKE key".into(),
+            }
+            .to_bytes(),
         };
-        if jobs.len() <= 1 {
-            return jobs.into_iter().flat_map(seal_part).collect();
+        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(16);
+        if welcomes.len() <= chunk {
+            return welcomes.into_iter().map(seal).collect();
         }
+        let mut parts = Vec::new();
+        let mut rest = welcomes;
+        while rest.len() > chunk {
+            let tail = rest.split_off(chunk);
+            parts.push(rest);
+            rest = tail;
+        }
+        parts.push(rest);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
+            let handles: Vec<_> = parts
                 .into_iter()
-                .map(|job| scope.spawn(move || seal_part(job)))
+                .map(|part| scope.spawn(move || part.into_iter().map(seal).collect::<Vec<_>>()))
                 .collect();
             handles
                 .into_iter()

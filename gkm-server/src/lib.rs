@@ -16,6 +16,12 @@
 //!               sleep until     ◄── poll_timeout()
 //! ```
 //!
+//! No `handle_*` call rekeys by itself: a join or departure is scheduled, and the rekey is made
+//! by the `handle_timeout` that `poll_timeout` asks for. With immediate rekeying
+//! (`batch_interval_ms = 0`) that timer is due at once, so a driver that handles everything
+//! already queued before it fires its timers turns a burst of changes into one rekey, and a
+//! lone change still goes out at once.
+//!
 //! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
 //! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
 //! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists what

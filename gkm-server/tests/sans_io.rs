@@ -16,6 +16,11 @@ use wire::HpkeSecret;
 const GROUP: GroupId = GroupId(1);
 const START: u64 = 1_800_000_000_000;
 
+/// A generator for `verify_request` (its draws make welcome encapsulations only).
+fn rng() -> ChaCha20Rng {
+    ChaCha20Rng::seed_from_u64(9)
+}
+
 /// A store the test can read back after the controller is dropped.
 #[derive(Clone, Default)]
 struct Shared(std::sync::Arc<std::sync::Mutex<MemoryStore>>);
@@ -109,6 +114,14 @@ impl Net {
                     self.controller
                         .handle_request(ConnId(i as u64), Timestamp(self.now), &request);
                 }
+            }
+            // As the daemon does: what arrived is handled, then the due timers fire.
+            if self
+                .controller
+                .poll_timeout()
+                .is_some_and(|t| t.0 <= self.now)
+            {
+                self.controller.handle_timeout(Timestamp(self.now));
             }
             while let Some(t) = self.controller.poll_transmit() {
                 moved = true;
@@ -205,6 +218,7 @@ fn an_evicted_member_loses_the_key_and_says_so() {
     let id = net.member_id(victim);
     let before = net.members[victim].traffic_key().unwrap().0;
     net.command(Command::Evict("demo".into(), id));
+    net.controller.handle_timeout(Timestamp(net.now));
     // Right after the rekey the victim still holds only the old epoch.
     let (epoch, key) = net.controller.traffic_key(GROUP).unwrap();
     assert!(epoch > before);
@@ -329,18 +343,24 @@ fn registration(identity: &SigningKey, nonce: [u8; 16], at: u64, token: &[u8]) -
     wire::sign(&request, identity)
 }
 
-/// The error code of the controller's next reply, or None for a welcome.
-fn reply_code(controller: &mut Controller<ChaCha20Rng>) -> Option<u16> {
-    while let Some(t) = controller.poll_transmit() {
-        if let Transmit::Reply { bytes, .. } = t {
-            return match wire::MessageType::peek(&bytes).unwrap() {
-                wire::MessageType::Error => Some(
-                    <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes)
-                        .unwrap()
-                        .code,
-                ),
-                _ => None,
-            };
+/// The error code of the controller's next reply, or None for a welcome. A refusal is answered
+/// at once; a join when the timers due at `now` fire (its rekey).
+fn reply_code(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<u16> {
+    for fire in [false, true] {
+        if fire {
+            controller.handle_timeout(Timestamp(now));
+        }
+        while let Some(t) = controller.poll_transmit() {
+            if let Transmit::Reply { bytes, .. } = t {
+                return match wire::MessageType::peek(&bytes).unwrap() {
+                    wire::MessageType::Error => Some(
+                        <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes)
+                            .unwrap()
+                            .code,
+                    ),
+                    _ => None,
+                };
+            }
         }
     }
     panic!("no reply");
@@ -354,7 +374,7 @@ fn v018_v019_replayed_and_stale_registrations_are_refused() {
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now), &request);
     assert_eq!(
-        reply_code(&mut net.controller),
+        reply_code(&mut net.controller, net.now),
         None,
         "the first one is welcomed"
     );
@@ -362,7 +382,7 @@ fn v018_v019_replayed_and_stale_registrations_are_refused() {
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now + 10), &request);
     assert_eq!(
-        reply_code(&mut net.controller),
+        reply_code(&mut net.controller, net.now),
         Some(409),
         "a replay is refused"
     );
@@ -370,7 +390,7 @@ fn v018_v019_replayed_and_stale_registrations_are_refused() {
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now), &old);
     assert_eq!(
-        reply_code(&mut net.controller),
+        reply_code(&mut net.controller, net.now),
         Some(409),
         "a stale request is refused"
     );
@@ -419,7 +439,7 @@ fn v020_restricted_groups_admit_listed_keys_and_single_use_tokens_only() {
             Timestamp(now),
             &registration(who, nonce, now, token),
         );
-        assert_eq!(reply_code(&mut controller), expected);
+        assert_eq!(reply_code(&mut controller, now), expected);
     }
 }
 
@@ -541,11 +561,11 @@ fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_no
     // The HPKE key (after the 12-byte header, 32-byte identity): a substituted key, same signature.
     other_key[12 + 32] ^= 1;
     for forged in [bad_signature, other_key] {
-        let inbound = verify_request(forged);
+        let inbound = verify_request(forged, &mut rng());
         assert_eq!(inbound, Inbound::Refused(Reject::BadSignature));
         net.controller
             .handle_inbound(ConnId(0), Timestamp(net.now), inbound);
-        assert_eq!(reply_code(&mut net.controller), Some(401));
+        assert_eq!(reply_code(&mut net.controller, net.now), Some(401));
         let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
         assert_eq!(
             events,
@@ -559,7 +579,7 @@ fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_no
         assert_eq!(snapshot(&mut net), before, "no state changed");
     }
     // The same request, signature intact, is admitted: the refusals above were for the forgery.
-    let Inbound::Registration(verified) = verify_request(good.clone()) else {
+    let Inbound::Registration(verified) = verify_request(good.clone(), &mut rng()) else {
         panic!("a well-signed registration did not verify")
     };
     assert_eq!(
@@ -571,12 +591,15 @@ fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_no
         Timestamp(net.now),
         Inbound::Registration(verified),
     );
-    assert_eq!(reply_code(&mut net.controller), None, "welcomed");
+    assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
     // Replayed through the split path too: refused, no churn.
     let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
-    net.controller
-        .handle_inbound(ConnId(0), Timestamp(net.now + 5), verify_request(good));
-    assert_eq!(reply_code(&mut net.controller), Some(409));
+    net.controller.handle_inbound(
+        ConnId(0),
+        Timestamp(net.now + 5),
+        verify_request(good, &mut rng()),
+    );
+    assert_eq!(reply_code(&mut net.controller, net.now), Some(409));
     assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
 }
 
@@ -590,11 +613,11 @@ fn member_signed_and_unexpected_requests_are_left_to_the_controller_or_refused()
     };
     let signed = wire::sign(&heartbeat, &SigningKey::from_bytes(&[1; 32]));
     assert_eq!(
-        verify_request(signed),
+        verify_request(signed, &mut rng()),
         Inbound::Refused(Reject::UnexpectedMessage)
     );
     assert_eq!(
-        verify_request(b"GK\x01".to_vec()),
+        verify_request(b"GK\x01".to_vec(), &mut rng()),
         Inbound::Refused(Reject::Malformed)
     );
     let leave = wire::LeaveRequest {
@@ -604,7 +627,10 @@ fn member_signed_and_unexpected_requests_are_left_to_the_controller_or_refused()
         nonce: [0; 16],
     };
     let bytes = wire::sign(&leave, &SigningKey::from_bytes(&[1; 32]));
-    assert!(matches!(verify_request(bytes), Inbound::MemberSigned(_)));
+    assert!(matches!(
+        verify_request(bytes, &mut rng()),
+        Inbound::MemberSigned(_)
+    ));
 }
 
 #[test]
@@ -614,7 +640,7 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
     let request = registration(&identity, [3; 16], net.now, b"");
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now), &request);
-    assert_eq!(reply_code(&mut net.controller), None, "welcomed");
+    assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
     net.advance(1_000, 250);
     let saved: Vec<GroupState> = net.store.0.lock().unwrap().states();
     net.controller = Controller::new(
@@ -633,7 +659,7 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now), &request);
     assert_eq!(
-        reply_code(&mut net.controller),
+        reply_code(&mut net.controller, net.now),
         Some(409),
         "refused as stale"
     );
@@ -645,8 +671,170 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
     net.controller
         .handle_request(ConnId(0), Timestamp(net.now), &fresh);
     assert_eq!(
-        reply_code(&mut net.controller),
+        reply_code(&mut net.controller, net.now),
         None,
         "a fresh one is welcomed"
     );
+}
+
+#[test]
+fn a_burst_of_changes_handled_before_the_timers_fire_is_one_rekey() {
+    let mut net = Net::new(4, 0.0);
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    for k in 0..3u8 {
+        let identity = SigningKey::from_bytes(&[20 + k; 32]);
+        let request = registration(&identity, [k; 16], net.now, b"");
+        net.controller
+            .handle_request(ConnId(100), Timestamp(net.now), &request);
+    }
+    let victim = net.member_id(0);
+    net.command(Command::Evict("demo".into(), victim));
+    assert_eq!(
+        net.controller.traffic_key(GROUP).unwrap().0,
+        epoch,
+        "nothing is rekeyed inside handle_*"
+    );
+    assert_eq!(
+        net.controller.poll_timeout(),
+        Some(Timestamp(net.now)),
+        "the rekey is due at once"
+    );
+    net.controller.handle_timeout(Timestamp(net.now));
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0.0, epoch.0 + 1);
+    let welcomes = std::iter::from_fn(|| net.controller.poll_transmit())
+        .filter(|t| {
+            matches!(t, Transmit::Reply { bytes, .. }
+                if wire::MessageType::peek(bytes) == Ok(wire::MessageType::Welcome))
+        })
+        .count();
+    assert_eq!(welcomes, 3, "the one rekey admitted all three");
+    let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
+    assert!(events.contains(&Event::Departed {
+        group: GROUP.0,
+        member: victim,
+        reason: gkm_server::DepartReason::Evicted,
+        epoch: epoch.0 + 1,
+        at: net.now,
+    }));
+}
+
+#[test]
+fn a_member_registering_again_with_its_keys_gets_its_path_and_nobody_is_rekeyed() {
+    let mut net = Net::new(2, 0.0);
+    let identity = SigningKey::from_bytes(&[30; 32]);
+    // `registration` derives the HPKE key from the timestamp: same time, same key.
+    let first = registration(&identity, [1; 16], net.now, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &first);
+    assert_eq!(reply_code(&mut net.controller, net.now), None);
+    while net.controller.poll_event().is_some() {}
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    // Its welcome was lost, so it asks again with the same keys.
+    let again = registration(&identity, [2; 16], net.now, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &again);
+    assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+    assert!(
+        net.controller.poll_timeout().is_some_and(|t| t.0 > net.now),
+        "no rekey is pending"
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
+    assert!(
+        matches!(events.as_slice(), [Event::Rewelcomed { epoch: e, .. }] if *e == epoch.0),
+        "{events:?}"
+    );
+    // With a new HPKE key it lost its keys: a new leaf, and the old one departs.
+    let lost = registration(&identity, [3; 16], net.now + 1, b"");
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now + 1), &lost);
+    assert_eq!(reply_code(&mut net.controller, net.now + 1), None);
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0.0, epoch.0 + 1);
+    let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Departed {
+            reason: gkm_server::DepartReason::Replaced,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_member_whose_eviction_is_pending_must_be_authorized_to_register_again() {
+    let mut policy = policy();
+    policy.enrollment = gkm_server::Enrollment::Restricted {
+        allowed: std::collections::BTreeSet::new(),
+        tokens: [b"once".to_vec()].into_iter().collect(),
+    };
+    let now = START;
+    let mut controller = Controller::new(
+        SigningKey::from_bytes(&[42; 32]),
+        ChaCha20Rng::seed_from_u64(1),
+        Box::new(MemoryStore::default()),
+        vec![policy],
+        vec![],
+        Timestamp(now),
+    )
+    .unwrap();
+    let identity = SigningKey::from_bytes(&[31; 32]);
+    let request = registration(&identity, [1; 16], now, b"once");
+    controller.handle_request(ConnId(0), Timestamp(now), &request);
+    assert_eq!(reply_code(&mut controller, now), None, "admitted");
+    let Ok(Response::Members(members)) =
+        controller.handle_command(Timestamp(now), Command::Members("demo".into()))
+    else {
+        panic!("no member list")
+    };
+    let set = Some(("batch_interval_ms".to_owned(), "1000".to_owned()));
+    controller
+        .handle_command(Timestamp(now), Command::Policy("demo".into(), set))
+        .unwrap();
+    controller
+        .handle_command(Timestamp(now), Command::Evict("demo".into(), members[0].id))
+        .unwrap();
+    // Same identity, same keys, while the eviction waits for its batch: the token is spent.
+    let again = registration(&identity, [2; 16], now, b"once");
+    controller.handle_request(ConnId(0), Timestamp(now), &again);
+    assert_eq!(reply_code(&mut controller, now), Some(403));
+}
+
+#[test]
+fn unanswered_requests_back_off_with_jitter_and_an_answer_resets_the_backoff() {
+    let signer = SigningKey::from_bytes(&[42; 32]);
+    let mut config = MemberConfig::new(GROUP, signer.verifying_key());
+    config.retry_ms = 1_000;
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let hpke = HpkeSecret::generate(&mut rng);
+    let identity = SigningKey::from_bytes(&[32; 32]);
+    let mut member = Member::new(config, identity, hpke, rng, START);
+    assert!(member.poll_request().is_some());
+    let mut now = START;
+    let mut gaps = Vec::new();
+    for _ in 0..8 {
+        let due = member.poll_timeout().unwrap();
+        gaps.push(due - now);
+        now = due;
+        member.handle_timeout(now);
+        assert!(member.poll_request().is_some(), "asked again");
+    }
+    let base = |k: usize| 1_000u64 << k.min(4);
+    for (k, gap) in gaps.iter().enumerate() {
+        assert!(
+            (base(k)..=base(k) * 3 / 2).contains(gap),
+            "retry {k} after {gap} ms"
+        );
+    }
+    assert!(
+        gaps.iter().enumerate().any(|(k, gap)| *gap != base(k)),
+        "jittered: {gaps:?}"
+    );
+    let refusal = wire::ErrorMessage {
+        group: GROUP,
+        code: 503,
+        reason: "busy".into(),
+    };
+    member.handle_reply(now, &wire::Codec::to_bytes(&refusal));
+    let gap = member.poll_timeout().unwrap() - now;
+    assert!((1_000..=1_500).contains(&gap), "after an answer: {gap} ms");
 }

@@ -82,7 +82,8 @@ enum Command {
         /// Leaves per second.
         #[arg(long, default_value_t = 1.0)]
         leave_rate: f64,
-        /// Batch interval, ms.
+        /// Batch interval, ms (0: rekey at once; changes within one 10 ms step share a rekey,
+        /// as requests queued together do in the daemon).
         #[arg(long, default_value_t = 1_000)]
         interval: u64,
         /// Loss per datagram and receiver, 0.0..1.0.

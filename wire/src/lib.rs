@@ -54,5 +54,5 @@ pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,
     MAX_DATAGRAM, MAX_LINKS, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
 };
-pub use sealed::{HpkeSecret, SealedFor, check_hpke_key, open_path, seal_path};
+pub use sealed::{Encapsulation, HpkeSecret, SealedFor, open_path, seal_path, seal_path_with};
 pub use signed::{SIGNATURE_LEN, Verified, open, open_with, sign, verifying_key};

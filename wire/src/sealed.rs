@@ -3,6 +3,7 @@
 //! and the group; the associated data binds every field of the [`SealedPath`] but the ciphertext,
 //! so a welcome cannot be replayed as a resync, to another member or for another request.
 
+use hpke::aead::AeadCtxS;
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
@@ -88,55 +89,96 @@ pub struct SealedFor {
     pub recipient: [u8; 32],
 }
 
+/// The sender's half of HPKE for one recipient and group, made before the path it will seal
+/// exists: the X25519 work of a welcome (an ephemeral key and one Diffie-Hellman), so it can be
+/// done where a registration is verified, on any thread. Making one is also the check that a
+/// path can be sealed to the key at all: a low-order point makes every Diffie-Hellman output
+/// zero, which HPKE refuses. Its keys are zeroized on drop (by the HPKE crate); it prints as
+/// `***`.
+pub struct Encapsulation {
+    recipient: [u8; 32],
+    group: GroupId,
+    encapped: [u8; 32],
+    context: AeadCtxS<ChaCha20Poly1305, HkdfSha256, Kem>,
+}
+
+impl core::fmt::Debug for Encapsulation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Encapsulation(***)")
+    }
+}
+
+impl Encapsulation {
+    /// Encapsulates to the X25519 key `recipient` for `group`; refuses a key no path can be
+    /// sealed to.
+    pub fn new<R: CryptoRng + ?Sized>(
+        recipient: &[u8; 32],
+        group: GroupId,
+        rng: &mut R,
+    ) -> Result<Self, WireError> {
+        let unusable = || WireError::Decode(DecodeError::Invalid("HPKE public key"));
+        let public =
+            <Kem as hpke::Kem>::PublicKey::from_bytes(recipient).map_err(|_| unusable())?;
+        let (encapped, context) = hpke::setup_sender_with_rng::<ChaCha20Poly1305, HkdfSha256, Kem>(
+            &OpModeS::Base,
+            &public,
+            &info(group),
+            &mut RngRef(rng),
+        )
+        .map_err(|_| unusable())?;
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&encapped.to_bytes());
+        Ok(Encapsulation {
+            recipient: *recipient,
+            group,
+            encapped: bytes,
+            context,
+        })
+    }
+
+    /// The key it encapsulates to.
+    pub fn recipient(&self) -> &[u8; 32] {
+        &self.recipient
+    }
+}
+
 /// Seals `path` to the member (the caller signs the result with [`crate::sign`]).
 pub fn seal_path<R: CryptoRng + ?Sized>(
     path: &MemberPath,
     to: &SealedFor,
     rng: &mut R,
 ) -> Result<SealedPath, WireError> {
-    let recipient = <Kem as hpke::Kem>::PublicKey::from_bytes(&to.recipient)
-        .map_err(|_| WireError::Decode(DecodeError::Invalid("HPKE public key")))?;
+    let encapsulation = Encapsulation::new(&to.recipient, path.group(), rng)?;
+    seal_path_with(path, to, encapsulation)
+}
+
+/// Seals `path` to the member with an [`Encapsulation`] made earlier for `to.recipient` and the
+/// path's group (used once: it is consumed).
+pub fn seal_path_with(
+    path: &MemberPath,
+    to: &SealedFor,
+    mut encapsulation: Encapsulation,
+) -> Result<SealedPath, WireError> {
+    if encapsulation.recipient != to.recipient || encapsulation.group != path.group() {
+        return Err(WireError::Decode(DecodeError::Invalid(
+            "encapsulation made for another recipient or group",
+        )));
+    }
     let mut sealed = SealedPath {
         kind: to.kind,
         group: path.group(),
         member: to.member,
         epoch: path.epoch(),
         request_nonce: to.request_nonce,
-        encapped: [0; 32],
+        encapped: encapsulation.encapped,
         ciphertext: Vec::new(),
     };
     let plaintext = PathKeys::encode(path);
-    let mut rng = RngRef(rng);
-    let (encapped, ciphertext) =
-        hpke::single_shot_seal_with_rng::<ChaCha20Poly1305, HkdfSha256, Kem>(
-            &OpModeS::Base,
-            &recipient,
-            &info(path.group()),
-            &plaintext,
-            &associated_data(&sealed),
-            &mut rng,
-        )
+    sealed.ciphertext = encapsulation
+        .context
+        .seal(&plaintext, &associated_data(&sealed))
         .map_err(|_| WireError::Decode(DecodeError::Invalid("HPKE seal")))?;
-    sealed.encapped.copy_from_slice(&encapped.to_bytes());
-    sealed.ciphertext = ciphertext;
     Ok(sealed)
-}
-
-/// Checks that a path can be sealed to the X25519 key `public`: a low-order point makes every
-/// Diffie-Hellman output zero, which HPKE refuses. The controller checks a registration's key
-/// before admitting anyone, so a welcome it cannot seal never costs a rekey or a member's leaf.
-pub fn check_hpke_key(public: &[u8; 32]) -> Result<(), WireError> {
-    let unusable = || WireError::Decode(DecodeError::Invalid("HPKE public key"));
-    let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(public).map_err(|_| unusable())?;
-    let (probe, _) = Kem::derive_keypair(b"gkm v1 HPKE key check");
-    hpke::setup_receiver::<ChaCha20Poly1305, HkdfSha256, Kem>(
-        &OpModeR::Base,
-        &probe,
-        &encapped,
-        INFO_LABEL,
-    )
-    .map(|_| ())
-    .map_err(|_| unusable())
 }
 
 /// Opens a sealed path (whose signature the caller checked) and checks the path it holds.
@@ -195,11 +237,13 @@ mod tests {
     #[test]
     fn v037_low_order_hpke_keys_are_unusable() {
         let good = HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(3));
-        assert_eq!(check_hpke_key(&good.public_key().unwrap()), Ok(()));
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let group = GroupId(1);
+        assert!(Encapsulation::new(&good.public_key().unwrap(), group, &mut rng).is_ok());
         let mut one = [0u8; 32];
         one[0] = 1;
         for low_order in [[0u8; 32], one] {
-            assert!(check_hpke_key(&low_order).is_err());
+            assert!(Encapsulation::new(&low_order, group, &mut rng).is_err());
         }
     }
 

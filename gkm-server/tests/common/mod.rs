@@ -128,10 +128,11 @@ impl Run {
             queue: Vec::new(),
         };
         run.record_traffic_key();
+        // One at a time: each join its own epoch, as members arriving apart would be.
         for _ in 0..n {
             run.add_member();
+            run.pump();
         }
-        run.pump();
         run
     }
 
@@ -207,6 +208,16 @@ impl Run {
                     self.requests.push((i, request));
                 }
             }
+            // As the daemon does: what arrived is handled, then the due timers fire (a change
+            // is rekeyed by the timer, at once with immediate rekeying).
+            if self
+                .controller
+                .poll_timeout()
+                .is_some_and(|t| t.0 <= self.now)
+            {
+                moved = true;
+                self.call(Controller::handle_timeout);
+            }
             for t in std::mem::take(&mut self.queue) {
                 moved = true;
                 self.deliver(t);
@@ -280,8 +291,8 @@ impl Run {
         self.call(|c, now| c.handle_command(now, Command::Evict(NAME.into(), id)))
             .expect("a current member");
         self.agents[i].live = false;
-        self.agents[i].left = Some(self.epoch());
         self.pump();
+        self.agents[i].left = Some(self.epoch());
     }
 
     /// Agent `i` leaves; it hears nothing from now on.
@@ -296,8 +307,8 @@ impl Run {
         self.agents[i].captured_from = Some(self.multicast.len());
         self.call(|c, now| c.handle_request(ConnId(i as u64), now, &request));
         self.requests.push((i, request));
-        self.agents[i].left = Some(self.epoch());
         self.pump();
+        self.agents[i].left = Some(self.epoch());
     }
 
     /// An operator-requested rekey.
@@ -327,6 +338,7 @@ impl Run {
             let leaver = self.random_live(keep, rng);
             self.leave(leaver);
             self.add_member();
+            self.pump();
             self.add_member();
             self.pump();
             self.rekey();

@@ -170,6 +170,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         side_rng: store::os_rng()?,
         rekeys,
         replies: mpsc::channel(64),
+        in_flight: None,
         fanout_next: tokio::time::Instant::now(),
         renew,
         fanout_after: cfg.fanout_after,
@@ -192,6 +193,9 @@ struct Driver {
     side_rng: ChaCha20Rng,
     rekeys: Rekeys,
     replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
+    /// The request in flight. A newer one supersedes it: the member takes only the newest
+    /// request's reply, so the older connection is closed rather than left to wait.
+    in_flight: Option<tokio::task::JoinHandle<()>>,
     fanout_next: tokio::time::Instant,
     renew: Duration,
     fanout_after: Option<Duration>,
@@ -262,7 +266,10 @@ impl Driver {
     fn drain(&mut self) {
         while let Some(request) = self.member.poll_request() {
             let (controller, replies) = (self.controller, self.replies.0.clone());
-            tokio::spawn(async move {
+            if let Some(older) = self.in_flight.take() {
+                older.abort();
+            }
+            self.in_flight = Some(tokio::spawn(async move {
                 match tokio::time::timeout(REQUEST_TIMEOUT, request_reply(controller, &request))
                     .await
                 {
@@ -274,7 +281,7 @@ impl Driver {
                     }
                     Err(_) => warn!("controller {controller} did not answer in 5 s; will retry"),
                 }
-            });
+            }));
         }
         while let Some(event) = self.member.poll_event() {
             self.event(event);

@@ -59,6 +59,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const CONTROL_IDLE: Duration = Duration::from_secs(300);
 /// Pause after a failed accept (out of file descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Queued messages the controller thread handles before its timers get a turn (the queue holds
+/// at most one per connection, so this is the whole queue).
+const MAX_BURST: usize = MAX_CONNECTIONS + MAX_CONTROL + MAX_QUEUED_OTHER + 1;
 /// Subscribers remembered per group.
 const MAX_SUBSCRIBERS: usize = 4_096;
 
@@ -147,7 +150,7 @@ struct ControllerQueue {
 
 impl ControllerQueue {
     fn new() -> (ControllerQueue, Receiver<ToController>) {
-        let (tx, rx) = sync_channel(MAX_CONNECTIONS + MAX_CONTROL + MAX_QUEUED_OTHER + 1);
+        let (tx, rx) = sync_channel(MAX_BURST);
         let queue = ControllerQueue {
             tx,
             others: Arc::new(AtomicUsize::new(0)),
@@ -365,7 +368,18 @@ impl Driver {
             };
             match rx.recv_timeout(wait) {
                 Ok(ToController::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(message) => self.handle(message),
+                Ok(message) => {
+                    self.handle(message);
+                    // What queued up meanwhile is handled before the timers fire, so a burst of
+                    // changes becomes one rekey (a lone change still rekeys at once).
+                    for _ in 1..MAX_BURST {
+                        match rx.try_recv() {
+                            Ok(ToController::Stop) => return self.flush(),
+                            Ok(message) => self.handle(message),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
             }
         }
@@ -690,7 +704,8 @@ async fn request_connection(
             return;
         }
     };
-    let inbound = gkm_server::verify_request(bytes);
+    // The signature check and the welcome's X25519 work run here, on whichever core is free.
+    let inbound = gkm_server::verify_request(bytes, &mut UnwrapErr(SysRng));
     let (reply_tx, reply_rx) = oneshot::channel();
     let request = ToController::Request {
         conn,
