@@ -169,6 +169,25 @@ mod tests {
         assert!(serde_json::from_str::<Request>("garbage").is_err());
     }
 
+    #[test]
+    fn reject_names_are_their_json_names() {
+        use crate::Reject;
+        for reason in [
+            Reject::Malformed,
+            Reject::BadSignature,
+            Reject::UnknownGroup,
+            Reject::Unauthorized,
+            Reject::StaleRequest,
+            Reject::Replayed,
+            Reject::NotAMember,
+            Reject::UnexpectedMessage,
+            Reject::GroupFull,
+        ] {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.name()));
+        }
+    }
+
     /// Found by the `control_json` fuzz target: `{"cmd":"status","x":1}` was accepted.
     #[test]
     fn v029_control_requests_with_unknown_fields_are_refused() {

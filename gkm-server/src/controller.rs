@@ -76,6 +76,21 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// The reason's name in snake case, as in JSON answers and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::BadSignature => "bad_signature",
+            Reject::UnknownGroup => "unknown_group",
+            Reject::Unauthorized => "unauthorized",
+            Reject::StaleRequest => "stale_request",
+            Reject::Replayed => "replayed",
+            Reject::NotAMember => "not_a_member",
+            Reject::UnexpectedMessage => "unexpected_message",
+            Reject::GroupFull => "group_full",
+        }
+    }
+
     /// The error code sent to the member.
     pub fn code(self) -> u16 {
         match self {

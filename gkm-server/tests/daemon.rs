@@ -514,6 +514,19 @@ fn metrics_are_served_as_prometheus_text() {
     let setup = setup("metrics");
     let _daemon = setup.start();
     let (_m, _) = join(&setup, 6);
+    // Refusals by reason: one that names no group, one that names the group.
+    setup.request(b"not a request");
+    let stranger = wire::RegistrationRequest {
+        group: GroupId(u64::MAX),
+        identity: identity(7).verifying_key().to_bytes(),
+        hpke_key: HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(7))
+            .public_key()
+            .unwrap(),
+        timestamp_ms: now_ms(),
+        nonce: [7; 16],
+        token: Vec::new(),
+    };
+    setup.request(&wire::sign(&stranger, &identity(7)));
     let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, setup.metrics)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -525,4 +538,8 @@ fn metrics_are_served_as_prometheus_text() {
         text.contains("gkm_registrations_total{group=\"demo\"} 1"),
         "{text}"
     );
+    for reason in ["malformed", "unknown_group"] {
+        let line = format!("gkm_requests_rejected_total{{reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "{line} missing: {text}");
+    }
 }

@@ -410,7 +410,9 @@ impl Driver {
         self.flush();
     }
 
-    /// The Prometheus text exposition of every group's counters.
+    /// The Prometheus text exposition: per group `gkm_epoch`, `gkm_members`,
+    /// `gkm_pending_changes`, the `gkm_*_total` counters and `gkm_rejects_total` by reason; and
+    /// `gkm_requests_rejected_total` by reason over every request, those naming no group included.
     fn metrics(&mut self) -> String {
         let at = now();
         let mut out = String::new();
@@ -418,25 +420,38 @@ impl Driver {
         else {
             return out;
         };
-        let mut line = |name: &str, group: &str, value: u64| {
-            out.push_str(&format!("gkm_{name}{{group=\"{group}\"}} {value}\n"));
+        let mut line = |name: &str, labels: &str, value: u64| {
+            out.push_str(&format!("gkm_{name}{{{labels}}} {value}\n"));
         };
         for g in &groups {
-            line("epoch", &g.name, g.epoch);
-            line("members", &g.name, g.members as u64);
-            line("pending_changes", &g.name, g.pending as u64);
+            let group = format!("group=\"{}\"", g.name);
+            line("epoch", &group, g.epoch);
+            line("members", &group, g.members as u64);
+            line("pending_changes", &group, g.pending as u64);
             if let Ok(Response::Stats(s)) = self
                 .controller
                 .handle_command(at, Command::Stats(g.name.clone()))
             {
-                line("rekeys_total", &g.name, s.rekeys);
-                line("encryptions_total", &g.name, s.encryptions);
-                line("datagrams_total", &g.name, s.datagrams);
-                line("datagram_bytes_total", &g.name, s.bytes);
-                line("registrations_total", &g.name, s.registrations);
-                line("resyncs_total", &g.name, s.resyncs);
-                line("heartbeats_total", &g.name, s.heartbeats);
-                line("rejects_total", &g.name, s.rejects.values().sum());
+                line("rekeys_total", &group, s.rekeys);
+                line("encryptions_total", &group, s.encryptions);
+                line("datagrams_total", &group, s.datagrams);
+                line("datagram_bytes_total", &group, s.bytes);
+                line("registrations_total", &group, s.registrations);
+                line("resyncs_total", &group, s.resyncs);
+                line("heartbeats_total", &group, s.heartbeats);
+                for (reason, count) in &s.rejects {
+                    let labels = format!("{group},reason=\"{}\"", reason.name());
+                    line("rejects_total", &labels, *count);
+                }
+            }
+        }
+        // Every refusal, by reason, those naming no known group included.
+        if let Ok(Response::Status { rejects, .. }) =
+            self.controller.handle_command(at, Command::Status)
+        {
+            for (reason, count) in rejects {
+                let labels = format!("reason=\"{}\"", reason.name());
+                line("requests_rejected_total", &labels, count);
             }
         }
         out
