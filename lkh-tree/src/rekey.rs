@@ -604,12 +604,20 @@ impl KeyTree {
 
     /// The children of an internal node (empty for a leaf or an unknown id).
     pub fn children(&self, node: NodeId) -> Vec<NodeId> {
-        match self.shape.nodes.get(node.0) {
-            Some(n) if n.kind == Kind::Internal => {
-                self.shape.children(node.0).map(NodeId).collect()
-            }
-            _ => Vec::new(),
-        }
+        self.iter_children(node).collect()
+    }
+
+    /// The children of an internal node, in the order of [`KeyTree::children`], without
+    /// allocating (none for a leaf or an unknown id).
+    pub fn iter_children(&self, node: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        let internal = self
+            .shape
+            .nodes
+            .get(node.0)
+            .is_some_and(|n| n.kind == Kind::Internal);
+        self.shape
+            .children(if internal { node.0 } else { NIL })
+            .map(NodeId)
     }
 
     /// The version of a node's current key.
