@@ -394,6 +394,7 @@ impl<'a> Plan<'a> {
         let count = wraps + advances + rekey.links.len();
         let largest = keys.clone().map(|n| n.0).max().unwrap_or(0);
         let mut found = Found::new(tree, count, largest);
+        // Runs of items opened by one node (user-oriented wraps) look it up once.
         let mut last: Option<(NodeId, usize)> = None;
         let mut item_slots = Vec::with_capacity(count);
         for (item, node) in keys.enumerate() {
