@@ -549,7 +549,7 @@ impl<R: CryptoRng> Controller<R> {
     /// Lets the controller seal a batch's welcomes and sign its datagrams on up to `workers`
     /// threads (default 1), and, with more than one, run the store's save on a thread of its own
     /// while the datagrams are packed and signed (nothing is queued before the save returns). The
-    /// driver passes the machine's parallelism.
+    /// driver passes the machine's parallelism. The tree's key wraps are sealed on as many.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
     }
@@ -1059,7 +1059,10 @@ impl<R: CryptoRng> Controller<R> {
             leaves,
             joins: joins.len(),
         };
-        let rekey = match g.tree.rekey(&batch, &mut self.rng) {
+        let rekey = match g
+            .tree
+            .rekey_with_workers(&batch, &mut self.rng, self.workers)
+        {
             Ok(rekey) => rekey,
             Err(error) => {
                 // Nothing changed: the departures wait for the next batch, the joiners hear why.

@@ -24,7 +24,9 @@
 //!   decrypting what it saw; [`dot::tree_dot`] draws a tree.
 //!
 //! What it does not do: no I/O, no clock, no randomness of its own (an injected
-//! [`rand_core::CryptoRng`]), no wire format (see the `wire` crate), no persistence.
+//! [`rand_core::CryptoRng`]), no wire format (see the `wire` crate), no persistence. The only
+//! threads are those [`KeyTree::rekey_with_workers`] seals wraps on (scoped, joined before it
+//! returns; the result is the same on any number).
 //!
 //! Memory: about 92 bytes per member at degree 4 and 10^6 members (see
 //! [`KeyTree::memory_bytes`]).

@@ -211,11 +211,11 @@ impl Shape {
         ids
     }
 
-    /// Children of `id`, in list order.
+    /// Children of `id`, in list order (none for an id outside the arena, such as [`NIL`]).
     pub(crate) fn children(&self, id: u32) -> Children<'_> {
         Children {
             nodes: &self.nodes,
-            next: self.nodes.node(id).first_child,
+            next: self.nodes.get(id).map_or(NIL, |n| n.first_child),
         }
     }
 

@@ -268,8 +268,14 @@ pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagr
         .ok_or(WireError::MtuTooSmall(mtu))?;
     let plan = Plan::new(rekey, tree);
     let mut covers = Vec::new();
-    plan.visit(NodeId::ROOT, 0, budget, &mut covers)
-        .map_err(|()| WireError::MtuTooSmall(mtu))?;
+    plan.visit(
+        NodeId::ROOT,
+        plan.slot(NodeId::ROOT),
+        0,
+        budget,
+        &mut covers,
+    )
+    .map_err(|()| WireError::MtuTooSmall(mtu))?;
     let bins = plan.fill(&covers, budget);
     let count = u16::try_from(bins.len()).map_err(|_| WireError::MtuTooSmall(mtu))?;
     Ok(bins
@@ -290,7 +296,10 @@ struct Bin {
 impl Bin {
     fn datagram(mut self, rekey: &Rekey, index: u16, count: u16) -> RekeyDatagram {
         self.items.sort_unstable();
+        // Items are numbered wraps first, then advances, then links.
         let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
+        let first_advance = self.items.partition_point(|&i| i < wraps);
+        let first_link = self.items.partition_point(|&i| i < wraps + advances);
         let mut datagram = RekeyDatagram {
             group: rekey.group,
             epoch: rekey.epoch,
@@ -298,9 +307,9 @@ impl Bin {
             count,
             seeds: rekey.seeds,
             covers: self.covers,
-            advances: Vec::new(),
-            links: Vec::new(),
-            wraps: Vec::new(),
+            advances: Vec::with_capacity(first_link - first_advance),
+            links: Vec::with_capacity(self.items.len() - first_link),
+            wraps: Vec::with_capacity(first_advance),
         };
         for &item in &self.items {
             if let Some(e) = rekey.encryptions.get(item) {
@@ -342,79 +351,79 @@ pub fn pack_signed(
         .collect())
 }
 
-/// What each node's key is needed for: items (wraps, then advances, then links) grouped by the
-/// node whose key opens them, and the bytes of everything keyed at or below each node.
+/// What each node's key is needed for: the items (wraps, then advances, then links) grouped by
+/// the node whose key opens them, and the bytes of everything opened at or below each node.
+///
+/// Only nodes whose key opens an item, and their ancestors, have a [`Slot`], found by one walk up
+/// from each such node that stops at the first node already found. `by_slot` lists the items
+/// slot by slot in depth-first order (each node before its descendants), so the items opened in
+/// a node's subtree are one run of it.
 struct Plan<'a> {
     tree: &'a KeyTree,
-    sizes: Vec<usize>,
-    /// Item indices sorted by their key node; `own` maps a node to its range here and its bytes.
-    by_node: Vec<usize>,
-    own: HashMap<NodeId, (usize, usize, usize)>,
-    below: HashMap<NodeId, usize>,
+    /// Item indices, grouped by the slot of the node whose key opens them.
+    by_slot: Vec<usize>,
+    slots: Vec<Slot>,
+    /// Each found node's slot.
+    index: NodeIndex,
+}
+
+/// A node of a [`Plan`]: its parent's slot, its runs of `by_slot` and their bytes.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// The parent's slot (`None` for the root, or for a node outside the tree).
+    parent: Option<usize>,
+    /// The node's own items are `by_slot[start..own_end]`, its subtree's `by_slot[start..end]`.
+    start: usize,
+    own_end: usize,
+    end: usize,
+    /// Bytes of the node's own items.
+    own: usize,
+    /// Bytes of the items opened at or below the node.
+    below: usize,
 }
 
 impl<'a> Plan<'a> {
     fn new(rekey: &Rekey, tree: &'a KeyTree) -> Self {
         let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
-        let keys: Vec<NodeId> = rekey
+        let keys = rekey
             .encryptions
             .iter()
             .map(|e| e.wrapping)
             .chain(rekey.advances.iter().map(|a| a.node))
-            .chain(rekey.links.iter().map(|l| l.child))
-            .collect();
-        let sizes: Vec<usize> = (0..keys.len())
-            .map(|i| item_size(i, wraps, advances))
-            .collect();
-        let mut by_node: Vec<usize> = (0..keys.len()).collect();
-        by_node.sort_by_key(|&i| (keys.get(i).copied(), i));
-        let mut own: HashMap<NodeId, (usize, usize, usize)> = HashMap::default();
-        let mut below: HashMap<NodeId, usize> = HashMap::default();
-        for (position, &item) in by_node.iter().enumerate() {
-            let (Some(&node), Some(&size)) = (keys.get(item), sizes.get(item)) else {
-                continue;
+            .chain(rekey.links.iter().map(|l| l.child));
+        let count = wraps + advances + rekey.links.len();
+        let largest = keys.clone().map(|n| n.0).max().unwrap_or(0);
+        let mut found = Found::new(tree, count, largest);
+        // Runs of items opened by one node (user-oriented wraps) look it up once.
+        let mut last: Option<(NodeId, usize)> = None;
+        let mut item_slots = Vec::with_capacity(count);
+        for (item, node) in keys.enumerate() {
+            let slot = match last {
+                Some((n, slot)) if n == node => slot,
+                _ => found.slot(node),
             };
-            let range = own.entry(node).or_insert((position, position, 0));
-            range.1 = position + 1;
-            range.2 += size;
+            last = Some((node, slot));
+            found.add_item(slot, item_size(item, wraps, advances));
+            item_slots.push(slot);
         }
-        for (&node, &(_, _, bytes)) in &own {
-            let mut cursor = Some(node);
-            while let Some(n) = cursor {
-                *below.entry(n).or_default() += bytes;
-                cursor = tree.parent(n);
-            }
-        }
-        Plan {
-            tree,
-            sizes,
-            by_node,
-            own,
-            below,
-        }
+        found.into_plan(&item_slots)
     }
 
-    fn own_bytes(&self, node: NodeId) -> usize {
-        self.own.get(&node).map_or(0, |&(_, _, bytes)| bytes)
+    fn slot(&self, node: NodeId) -> Option<&Slot> {
+        self.index.get(node).and_then(|s| self.slots.get(s))
     }
 
-    fn own_items(&self, node: NodeId) -> &[usize] {
-        self.own
-            .get(&node)
-            .and_then(|&(start, end, _)| self.by_node.get(start..end))
-            .unwrap_or_default()
-    }
-
-    /// Finds the covers under `node`, whose strict ancestors open `above` bytes of items.
+    /// Finds the covers under `node` (whose slot is `slot`), whose strict ancestors open `above`
+    /// bytes of items.
     fn visit(
         &self,
         node: NodeId,
+        slot: Option<&Slot>,
         above: usize,
         budget: usize,
         covers: &mut Vec<NodeId>,
     ) -> Result<(), ()> {
-        let below = self.below.get(&node).copied().unwrap_or(0);
-        let own = self.own_bytes(node);
+        let (below, own) = slot.map_or((0, 0), |s| (s.below, s.own));
         let fits = above + below + 4 <= budget;
         // Small subtrees stay whole (few covers); large ones are split even when they fit, so
         // the greedy fill can pack datagrams tightly.
@@ -427,9 +436,9 @@ impl<'a> Plan<'a> {
         if member {
             return Err(());
         }
-        for child in self.tree.children(node) {
-            if self.below.contains_key(&child) {
-                self.visit(child, above + own, budget, covers)?;
+        for child in self.tree.iter_children(node) {
+            if let Some(child_slot) = self.slot(child) {
+                self.visit(child, Some(child_slot), above + own, budget, covers)?;
             } else if above + own + 4 <= budget {
                 // Nothing is keyed below this child: its members need only the path above.
                 covers.push(child);
@@ -440,37 +449,55 @@ impl<'a> Plan<'a> {
         Ok(())
     }
 
-    /// The items the members below a cover need: those opened on its path and in its subtree.
-    fn items(&self, cover: NodeId, out: &mut Vec<usize>) {
+    /// The slots of `node`'s strict ancestors (`node`'s own slot is `slot`), into `out`.
+    fn ancestors(&self, node: NodeId, slot: Option<usize>, out: &mut Vec<usize>) {
         out.clear();
-        let mut cursor = Some(cover);
-        while let Some(n) = cursor {
-            out.extend_from_slice(self.own_items(n));
-            cursor = self.tree.parent(n);
-        }
-        let mut stack: Vec<NodeId> = self.tree.children(cover);
-        while let Some(n) = stack.pop() {
-            if self.below.contains_key(&n) {
-                out.extend_from_slice(self.own_items(n));
-                stack.extend(self.tree.children(n));
-            }
+        let mut parent = match slot {
+            Some(s) => self.slots.get(s).and_then(|s| s.parent),
+            // A node with nothing keyed below it: its nearest ancestor with a slot.
+            None => std::iter::successors(self.tree.parent(node), |&n| self.tree.parent(n))
+                .find_map(|n| self.index.get(n)),
+        };
+        while let Some(p) = parent {
+            out.push(p);
+            parent = self.slots.get(p).and_then(|s| s.parent);
         }
     }
 
-    /// Fills covers into bins greedily in depth-first order.
+    fn own_items(&self, slot: usize) -> &[usize] {
+        self.slots
+            .get(slot)
+            .and_then(|s| self.by_slot.get(s.start..s.own_end))
+            .unwrap_or_default()
+    }
+
+    fn subtree_items(&self, slot: Option<usize>) -> &[usize] {
+        slot.and_then(|s| self.slots.get(s))
+            .and_then(|s| self.by_slot.get(s.start..s.end))
+            .unwrap_or_default()
+    }
+
+    /// Fills covers into bins greedily in depth-first order. The members below a cover need the
+    /// items opened on its path and in its subtree. Covers never nest, so a cover's subtree items
+    /// are new to every bin; the items of a node on its path are in a bin all together or not at
+    /// all.
     fn fill(&self, covers: &[NodeId], budget: usize) -> Vec<Bin> {
-        // The bin number (plus one) that last took each item.
-        let mut taken = vec![0usize; self.sizes.len()];
+        // The bin number (plus one) that last took each slot's own items.
+        let mut taken = vec![0usize; self.slots.len()];
         let mut bins = vec![Bin::default()];
-        let mut items = Vec::new();
+        let mut path = Vec::new();
         for &cover in covers {
-            self.items(cover, &mut items);
+            let slot = self.index.get(cover);
+            self.ancestors(cover, slot, &mut path);
+            let below = slot.and_then(|s| self.slots.get(s)).map_or(0, |s| s.below);
             let new_bytes = |bin: usize, taken: &[usize]| {
-                4 + items
-                    .iter()
-                    .filter(|&&i| taken.get(i) != Some(&bin))
-                    .filter_map(|&i| self.sizes.get(i))
-                    .sum::<usize>()
+                4 + below
+                    + path
+                        .iter()
+                        .filter(|&&a| taken.get(a) != Some(&bin))
+                        .filter_map(|&a| self.slots.get(a))
+                        .map(|s| s.own)
+                        .sum::<usize>()
             };
             let mut bin = bins.len();
             let mut extra = new_bytes(bin, &taken);
@@ -487,14 +514,197 @@ impl<'a> Plan<'a> {
             };
             current.covers.push(cover);
             current.bytes += extra;
-            for &i in &items {
-                if let Some(t) = taken.get_mut(i).filter(|t| **t != bin) {
+            for &a in &path {
+                if let Some(t) = taken.get_mut(a).filter(|t| **t != bin) {
                     *t = bin;
-                    current.items.push(i);
+                    current.items.extend_from_slice(self.own_items(a));
                 }
             }
+            current.items.extend_from_slice(self.subtree_items(slot));
         }
         bins.retain(|b| !b.covers.is_empty());
         bins
+    }
+}
+
+/// The slots of a [`Plan`] being found, numbered in the order found.
+struct Found<'a> {
+    tree: &'a KeyTree,
+    found: Vec<Slot>,
+    /// How many items each slot's node opens.
+    counts: Vec<usize>,
+    index: NodeIndex,
+}
+
+impl<'a> Found<'a> {
+    /// Room for `items` items whose key nodes' ids are at most `largest`.
+    fn new(tree: &'a KeyTree, items: usize, largest: u32) -> Self {
+        Found {
+            tree,
+            found: Vec::with_capacity(items),
+            counts: Vec::with_capacity(items),
+            index: NodeIndex::new(items, largest),
+        }
+    }
+
+    /// The slot of `node`, made, with those of its ancestors not yet found, if it is new.
+    fn slot(&mut self, node: NodeId) -> usize {
+        if let Some(slot) = self.index.get(node) {
+            return slot;
+        }
+        let first = self.push(node);
+        let mut child = first;
+        let mut cursor = self.tree.parent(node);
+        while let Some(parent) = cursor {
+            let known = self.index.get(parent);
+            let slot = known.unwrap_or_else(|| self.push(parent));
+            if let Some(c) = self.found.get_mut(child) {
+                c.parent = Some(slot);
+            }
+            if known.is_some() {
+                break;
+            }
+            child = slot;
+            cursor = self.tree.parent(parent);
+        }
+        first
+    }
+
+    fn push(&mut self, node: NodeId) -> usize {
+        let slot = self.found.len();
+        self.index.insert(node, slot);
+        self.found.push(Slot::default());
+        self.counts.push(0);
+        slot
+    }
+
+    fn add_item(&mut self, slot: usize, bytes: usize) {
+        if let (Some(s), Some(count)) = (self.found.get_mut(slot), self.counts.get_mut(slot)) {
+            s.own += bytes;
+            *count += 1;
+        }
+    }
+
+    /// The slots in depth-first order: each before its descendants.
+    fn depth_first(&self) -> Vec<usize> {
+        // Child lists as links (`usize::MAX` ends a list): each slot's first child and next sibling.
+        let n = self.found.len();
+        let mut first_child = vec![usize::MAX; n];
+        let mut next_sibling = vec![usize::MAX; n];
+        let mut stack = Vec::new();
+        for (slot, s) in self.found.iter().enumerate() {
+            let head = s.parent.and_then(|p| first_child.get_mut(p));
+            match (head, next_sibling.get_mut(slot)) {
+                (Some(head), Some(next)) => *next = std::mem::replace(head, slot),
+                _ => stack.push(slot),
+            }
+        }
+        let mut order = Vec::with_capacity(n);
+        while let Some(slot) = stack.pop() {
+            order.push(slot);
+            let mut child = first_child.get(slot).copied().unwrap_or(usize::MAX);
+            while let Some(&next) = next_sibling.get(child) {
+                stack.push(child);
+                child = next;
+            }
+        }
+        order
+    }
+
+    /// Lays the items out slot by slot in depth-first order, so that each subtree's items are one
+    /// run; `item_slots` holds each item's slot.
+    fn into_plan(mut self, item_slots: &[usize]) -> Plan<'a> {
+        let order = self.depth_first();
+        let mut next = 0;
+        for &slot in &order {
+            let (Some(s), Some(count)) = (self.found.get_mut(slot), self.counts.get_mut(slot))
+            else {
+                continue;
+            };
+            s.start = next;
+            next += *count;
+            (s.own_end, s.end, s.below) = (next, next, s.own);
+            // From here on, where the slot's next item goes.
+            *count = s.start;
+        }
+        // Descendants before ancestors: add each subtree into its parent's.
+        for &slot in order.iter().rev() {
+            let Some(&Slot {
+                parent: Some(parent),
+                end,
+                below,
+                ..
+            }) = self.found.get(slot)
+            else {
+                continue;
+            };
+            if let Some(p) = self.found.get_mut(parent) {
+                p.end = p.end.max(end);
+                p.below += below;
+            }
+        }
+        let mut by_slot = vec![0; item_slots.len()];
+        for (item, &slot) in item_slots.iter().enumerate() {
+            if let Some(position) = self.counts.get_mut(slot) {
+                if let Some(place) = by_slot.get_mut(*position) {
+                    *place = item;
+                }
+                *position += 1;
+            }
+        }
+        Plan {
+            tree: self.tree,
+            by_slot,
+            slots: self.found,
+            index: self.index,
+        }
+    }
+}
+
+/// Slots by node id: a table indexed by id when ids are dense enough, else a hash map.
+enum NodeIndex {
+    /// Entry `id` holds the slot of node `id` plus one, or 0.
+    Table(Vec<u32>),
+    Map(HashMap<NodeId, usize>),
+}
+
+impl NodeIndex {
+    /// A table when it takes at most 32 bytes per item (a large batch), else a map.
+    fn new(items: usize, largest: u32) -> Self {
+        let len = largest as usize + 1;
+        if len / 8 <= items {
+            NodeIndex::Table(vec![0; len])
+        } else {
+            NodeIndex::Map(HashMap::with_capacity_and_hasher(items, Default::default()))
+        }
+    }
+
+    fn get(&self, node: NodeId) -> Option<usize> {
+        match self {
+            NodeIndex::Table(table) => {
+                let entry = *table.get(node.0 as usize)?;
+                (entry as usize).checked_sub(1)
+            }
+            NodeIndex::Map(map) => map.get(&node).copied(),
+        }
+    }
+
+    fn insert(&mut self, node: NodeId, slot: usize) {
+        match self {
+            NodeIndex::Table(table) => {
+                let id = node.0 as usize;
+                if id >= table.len() {
+                    // An ancestor made after the keyed nodes (a split) can have a larger id.
+                    table.resize((id + 1).max(table.len() + table.len() / 8), 0);
+                }
+                // Slots are distinct ids, so `slot + 1` fits in a u32.
+                if let Some(entry) = table.get_mut(id) {
+                    *entry = u32::try_from(slot + 1).unwrap_or(0);
+                }
+            }
+            NodeIndex::Map(map) => {
+                map.insert(node, slot);
+            }
+        }
     }
 }
