@@ -186,9 +186,10 @@ impl Fixture {
     /// `k` distinct current members (k must not exceed the tree's size).
     pub fn random_members(&mut self, k: usize) -> Vec<NodeId> {
         let mut picked = Vec::with_capacity(k);
+        let mut seen = std::collections::HashSet::with_capacity(k);
         while picked.len() < k {
             let member = self.random_member();
-            if !picked.contains(&member) {
+            if seen.insert(member) {
                 picked.push(member);
             }
         }

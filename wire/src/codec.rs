@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 /// Why bytes were not a valid message. Malformed input only; a valid message that the protocol
-/// refuses is a [`crate::RejectError`].
+/// refuses is another [`crate::WireError`] (a bad signature, a stale epoch, a gap, ...).
 #[derive(Debug, Error, PartialEq, Eq, Clone)]
 #[non_exhaustive]
 pub enum DecodeError {
