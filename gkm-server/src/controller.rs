@@ -471,12 +471,51 @@ struct PendingJoin {
     encapsulation: Encapsulation,
 }
 
+/// The joins waiting for a group's next rekey, in arrival order, found by identity in constant
+/// time (a batch may hold hundreds of thousands).
+#[derive(Default)]
+struct PendingJoins {
+    list: Vec<PendingJoin>,
+    by_identity: HashMap<[u8; 32], usize>,
+}
+
+impl PendingJoins {
+    /// Puts `join` in place of a pending join of the same identity; hands it back if there is
+    /// none.
+    fn replace(&mut self, join: PendingJoin) -> Option<PendingJoin> {
+        match self.by_identity.get(&join.identity) {
+            Some(&at) => {
+                if let Some(pending) = self.list.get_mut(at) {
+                    *pending = join;
+                }
+                None
+            }
+            None => Some(join),
+        }
+    }
+
+    fn push(&mut self, join: PendingJoin) {
+        self.by_identity.insert(join.identity, self.list.len());
+        self.list.push(join);
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// All of them, leaving none.
+    fn take(&mut self) -> Vec<PendingJoin> {
+        self.by_identity.clear();
+        std::mem::take(&mut self.list)
+    }
+}
+
 struct Group {
     policy: GroupPolicy,
     tree: KeyTree,
     members: Roster,
     next_lease_scan: Timestamp,
-    joins: Vec<PendingJoin>,
+    joins: PendingJoins,
     departures: BTreeMap<MemberId, DepartReason>,
     batch_due: Option<Timestamp>,
     next_heartbeat: Timestamp,
@@ -849,10 +888,9 @@ impl<R: CryptoRng> Controller<R> {
             encapsulation,
         };
         // A retry while the first request waits for its batch replaces it (its token is spent).
-        if let Some(pending) = g.joins.iter_mut().find(|j| j.identity == request.identity) {
-            *pending = join;
+        let Some(join) = g.joins.replace(join) else {
             return Ok(());
-        }
+        };
         // A current member registering again was authorized before. With the same HPKE key it
         // is a retry whose welcome it missed: it gets its current path, and nobody else is
         // rekeyed. With a new key it lost its keys: a new leaf, and the old one departs. Anyone
@@ -1037,7 +1075,7 @@ impl<R: CryptoRng> Controller<R> {
             .filter_map(|m| g.members.get(*m).map(|r| r.leaf))
             .collect();
         let room = (NodeId::LIMIT as usize / 2).saturating_sub(g.tree.len());
-        let mut joins = std::mem::take(&mut g.joins);
+        let mut joins = g.joins.take();
         if joins.len() > room {
             for refused in joins.split_off(room) {
                 self.transmits.push_back(Transmit::Reply {
@@ -1390,7 +1428,7 @@ impl Group {
             policy,
             tree,
             members: Roster::new(members),
-            joins: Vec::new(),
+            joins: PendingJoins::default(),
             departures: BTreeMap::new(),
             batch_due: None,
             next_heartbeat: now,

@@ -838,3 +838,38 @@ fn unanswered_requests_back_off_with_jitter_and_an_answer_resets_the_backoff() {
     let gap = member.poll_timeout().unwrap() - now;
     assert!((1_000..=1_500).contains(&gap), "after an answer: {gap} ms");
 }
+
+#[test]
+fn a_retry_while_the_first_request_waits_for_its_batch_replaces_it() {
+    let mut net = Net::new(2, 0.0);
+    let set = Some(("batch_interval_ms".to_owned(), "1000".to_owned()));
+    net.command(Command::Policy("demo".into(), set));
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    let identity = SigningKey::from_bytes(&[33; 32]);
+    for (conn, nonce) in [(100, [1; 16]), (101, [2; 16])] {
+        let request = registration(&identity, nonce, net.now, b"");
+        net.controller
+            .handle_request(ConnId(conn), Timestamp(net.now), &request);
+    }
+    net.controller.handle_timeout(Timestamp(net.now + 1_000));
+    assert_eq!(net.controller.traffic_key(GROUP).unwrap().0.0, epoch.0 + 1);
+    let welcomed: Vec<u64> = std::iter::from_fn(|| net.controller.poll_transmit())
+        .filter_map(|t| match t {
+            Transmit::Reply { conn, bytes }
+                if wire::MessageType::peek(&bytes) == Ok(wire::MessageType::Welcome) =>
+            {
+                Some(conn.0)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        welcomed,
+        vec![101],
+        "one join, answered on the newer request"
+    );
+    let Response::Members(members) = net.command(Command::Members("demo".into())) else {
+        panic!("no member list")
+    };
+    assert_eq!(members.len(), 3);
+}
