@@ -16,8 +16,9 @@
 //!               sleep until     ◄── poll_timeout()
 //! ```
 //!
-//! No `handle_*` call rekeys by itself: a join or departure is scheduled, and the rekey is made
-//! by the `handle_timeout` that `poll_timeout` asks for. With immediate rekeying
+//! A join or departure never rekeys inside the `handle_*` call that brings it (only the operator's
+//! `rekey` command does, since it asks for one now): it is scheduled, and the rekey is made by the
+//! `handle_timeout` that `poll_timeout` asks for. With immediate rekeying
 //! (`batch_interval_ms = 0`) that timer is due at once, so a driver that handles everything
 //! already queued before it fires its timers turns a burst of changes into one rekey, and a
 //! lone change still goes out at once.
