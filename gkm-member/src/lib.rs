@@ -485,7 +485,7 @@ impl<R: CryptoRng> Member<R> {
             .retry_ms
             .saturating_mul(1 << self.unanswered.min(4));
         let spread = base / 2;
-        base + self.rng.next_u64() % (spread + 1)
+        base.saturating_add(self.rng.next_u64() % spread.saturating_add(1))
     }
 
     fn nonce(&mut self) -> [u8; NONCE_LEN] {

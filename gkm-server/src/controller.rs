@@ -957,10 +957,7 @@ impl<R: CryptoRng> Controller<R> {
         let g = self
             .group_mut(gid)
             .map_err(|_| (Reject::UnknownGroup, gid))?;
-        let lease_until = now.plus(g.policy.lease_ms);
-        g.members.renew(member, lease_until);
         let leaf = g.members.get(member).ok_or((Reject::NotAMember, gid))?.leaf;
-        g.stats.registrations += 1;
         let epoch = g.tree.epoch();
         let to = SealedFor {
             kind: SealedKind::Welcome,
@@ -969,6 +966,11 @@ impl<R: CryptoRng> Controller<R> {
             recipient: *join.encapsulation.recipient(),
         };
         self.reply_path(join.conn, gid, leaf, &to, join.encapsulation)?;
+        let g = self
+            .group_mut(gid)
+            .map_err(|_| (Reject::UnknownGroup, gid))?;
+        g.members.renew(member, now.plus(g.policy.lease_ms));
+        g.stats.registrations += 1;
         self.events.push_back(Event::Rewelcomed {
             group: gid.0,
             member: member.0,
