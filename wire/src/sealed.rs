@@ -248,6 +248,34 @@ mod tests {
     }
 
     #[test]
+    fn an_encapsulation_made_ahead_seals_once_for_its_recipient_and_group_only() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), &mut rng).unwrap();
+        let batch = Batch {
+            leaves: vec![],
+            joins: 2,
+        };
+        let rekey = tree.rekey(&batch, &mut rng).unwrap();
+        let path = &rekey.joiners[0].path;
+        let secret = HpkeSecret::generate(&mut rng);
+        let other = HpkeSecret::generate(&mut rng);
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member: MemberId(1),
+            request_nonce: [1; 16],
+            recipient: secret.public_key().unwrap(),
+        };
+        let ahead = Encapsulation::new(&to.recipient, GroupId(9), &mut rng).unwrap();
+        assert_eq!(format!("{ahead:?}"), "Encapsulation(***)");
+        let sealed = seal_path_with(path, &to, ahead).unwrap();
+        assert!(open_path(&sealed, &secret).is_ok());
+        let for_other = Encapsulation::new(&other.public_key().unwrap(), GroupId(9), &mut rng);
+        assert!(seal_path_with(path, &to, for_other.unwrap()).is_err());
+        let other_group = Encapsulation::new(&to.recipient, GroupId(10), &mut rng).unwrap();
+        assert!(seal_path_with(path, &to, other_group).is_err());
+    }
+
+    #[test]
     fn a_sealed_path_opens_only_for_its_member_and_context() {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), &mut rng).unwrap();
