@@ -6,7 +6,7 @@
 //! random source: the driver (the daemon, or netsim) passes `now` and the RNG in.
 //!
 //! ```text
-//! any thread:   request bytes   ──► verify_request(bytes) ──► Inbound   (signature checks)
+//! any thread:   request bytes   ──► verify_request(bytes, rng) ──► Inbound   (signature, HPKE)
 //! driver loop:  Inbound         ──► handle_inbound(conn, now, inbound)
 //!               (or both in one: handle_request(conn, now, bytes))
 //!               control command ──► handle_command(now, command) ──► response

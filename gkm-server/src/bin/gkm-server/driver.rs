@@ -3,9 +3,10 @@
 //! ```text
 //! tokio workers (one per core)            controller thread ("gkm-controller")
 //!   accept, read frame                      loop: recv message (or sleep until poll_timeout)
-//!   verify_request(bytes)   ── Inbound ──►        handle_inbound / _command / subscribe /
-//!   (Ed25519, any worker)                         handle_timeout (rekey: store commit,
-//!   control lines, UDP subscriptions ───►         welcome sealing on worker threads)
+//!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / subscribe for
+//!   (Ed25519, the welcome's X25519,               everything queued, then handle_timeout
+//!    any worker)                                  (rekey: store commit, welcome sealing on
+//!   control lines, UDP subscriptions ───►         worker threads)
 //!   write the reply         ◄── oneshot ──        drain poll_transmit: replies, multicast
 //! ```
 //!
