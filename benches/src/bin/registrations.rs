@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use gkm_benches::rng;
-use lkh_tree::{Batch, GroupId, KeyTree, TreeConfig};
+use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
 use rand_core::Rng;
 use wire::{
     HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
@@ -92,20 +92,47 @@ fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
 
 /// Crypto alone: verify the request, seal a path, sign the welcome; registrations per second
 /// on `threads` threads, and the CPU seconds that took.
-fn crypto_rate(requests: &[Vec<u8>], threads: usize) -> (f64, f64) {
+/// A member's path in a tree of `members`, to seal.
+fn sample_path(members: usize) -> Arc<MemberPath> {
     let mut r = rng(7);
     let mut tree =
         KeyTree::new(GroupId::from_name("demo"), TreeConfig::default(), &mut r).expect("tree");
-    let joined = tree
-        .rekey(
-            &Batch {
-                leaves: vec![],
-                joins: requests.len(),
-            },
-            &mut r,
-        )
-        .expect("joins");
-    let path = Arc::new(joined.joiners[requests.len() / 2].path.clone());
+    let batch = Batch {
+        leaves: vec![],
+        joins: members,
+    };
+    let joined = tree.rekey(&batch, &mut r).expect("joins");
+    Arc::new(joined.joiners[members / 2].path.clone())
+}
+
+/// HPKE seals of a path per second on one thread, alone: one per request's key.
+fn seal_rate(requests: &[Vec<u8>]) -> f64 {
+    let path = sample_path(requests.len());
+    let keys: Vec<[u8; 32]> = requests
+        .iter()
+        .map(|bytes| {
+            open_with::<RegistrationRequest>(bytes, |q| verifying_key(&q.identity))
+                .expect("valid")
+                .into_message()
+                .hpke_key
+        })
+        .collect();
+    let mut r = rng(9);
+    let started = Instant::now();
+    for recipient in keys {
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member: MemberId(1),
+            request_nonce: [0; 16],
+            recipient,
+        };
+        std::hint::black_box(seal_path(&path, &to, &mut r).expect("seals"));
+    }
+    requests.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn crypto_rate(requests: &[Vec<u8>], threads: usize) -> (f64, f64) {
+    let path = sample_path(requests.len());
     let signer = Arc::new(SigningKey::from_bytes(&[3; 32]));
     let cpu = cpu_seconds("self");
     let started = Instant::now();
@@ -235,6 +262,7 @@ fn main() {
     let rate = ok as f64 / elapsed.as_secs_f64();
     let (after, _) = crypto_rate(&requests, 2);
     let (one, _) = crypto_rate(&requests, 1);
+    let seals = seal_rate(&requests);
     let two = f64::midpoint(before, after);
     println!(
         "registrations over loopback TCP: {ok}/{n} welcomed in {:.2} s = {rate:.0} per second ({conns} client connections at a time, 20 ms batches)",
@@ -243,6 +271,7 @@ fn main() {
     println!(
         "registration crypto alone (verify request + HPKE seal + sign welcome): {before:.0}/s before and {after:.0}/s after on 2 threads, {one:.0}/s on 1 thread"
     );
+    println!("HPKE seal of a path alone: {seals:.0}/s on 1 thread");
     println!(
         "ratio to 2-thread crypto (mean of before and after): {:.2}",
         rate / two
