@@ -400,6 +400,15 @@ impl Driver {
             }
             ToController::Command { command, reply } => {
                 let outcome = self.controller.handle_command(now(), command);
+                // With immediate rekeying an eviction is answered once its rekey is durable and
+                // queued, as operators' scripts expect; a burst of requests is still coalesced.
+                if self
+                    .controller
+                    .poll_timeout()
+                    .is_some_and(|due| due <= now())
+                {
+                    self.controller.handle_timeout(now());
+                }
                 let _ = reply.send(Reply::from_outcome(outcome));
             }
             ToController::Metrics(reply) => {
