@@ -27,7 +27,6 @@ mod store;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -144,7 +143,7 @@ fn evict(lab: &Lab, member: Running, socket: &Path) {
     let id = current(socket).unwrap()["member"].as_u64().unwrap();
     member.signal("KILL");
     drop(member.wait(Duration::from_secs(5)));
-    gkmctl(lab, &["evict", "demo", &id.to_string()]);
+    lab.gkmctl(&["evict", "demo", &id.to_string()]);
 }
 
 /// The rekey datagrams of `captured` signed by the controller, of epochs after `epoch`.
@@ -156,16 +155,6 @@ fn verified(captured: &[Vec<u8>], controller: &VerifyingKey, epoch: u64) -> Vec<
         .map(|a| a.datagram().clone())
         .filter(|d| d.epoch.0 > epoch)
         .collect()
-}
-
-fn gkmctl(lab: &Lab, args: &[&str]) {
-    let out = Command::new(lab.server.with_file_name("gkmctl"))
-        .arg("--socket")
-        .arg(lab.dir.join("srv").join("control.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "gkmctl {args:?}: {out:?}");
 }
 
 #[test]
@@ -198,7 +187,7 @@ fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_rea
     let mut sockets = vec![api("a"), api("b"), api("e")];
     watch(&mut traffic, &sockets, Duration::from_millis(500));
     for _ in 0..3 {
-        gkmctl(&lab, &["rekey", "demo"]);
+        lab.gkmctl(&["rekey", "demo"]);
         watch(&mut traffic, &sockets, Duration::from_millis(300));
     }
     // Then e, which held the keys of the epochs in between.
@@ -216,7 +205,7 @@ fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_rea
     b.signal("TERM");
     drop(b.wait(Duration::from_secs(10)));
     sockets.remove(1);
-    gkmctl(&lab, &["rekey", "demo"]);
+    lab.gkmctl(&["rekey", "demo"]);
     let last = converged(&[&api("a"), &api("d")], Duration::from_secs(20));
     watch(&mut traffic, &sockets, Duration::from_millis(500));
     let captured = spy.finish();

@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aho_corasick::AhoCorasick;
@@ -148,18 +147,6 @@ fn watch(lab: &Lab, names: &[&str], keys: &mut Seen, limit: Duration) {
     }
 }
 
-fn gkmctl(lab: &Lab, args: &[&str]) -> String {
-    let ctl = lab.server.with_file_name("gkmctl");
-    let out = Command::new(ctl)
-        .arg("--socket")
-        .arg(lab.dir.join("srv").join("control.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "gkmctl {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
     let Some(server) = server_binary() else {
@@ -192,10 +179,10 @@ fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
 
     // Evict c (it registers again), rekey twice, let b leave, admit d, restart a.
     let c_id = current(&sockets[2]).unwrap()["member"].as_u64().unwrap();
-    gkmctl(&lab, &["evict", "demo", &c_id.to_string()]);
+    lab.gkmctl(&["evict", "demo", &c_id.to_string()]);
     watch(&lab, &names, &mut keys, Duration::from_secs(3));
     for _ in 0..2 {
-        gkmctl(&lab, &["rekey", "demo"]);
+        lab.gkmctl(&["rekey", "demo"]);
         watch(&lab, &names, &mut keys, Duration::from_millis(700));
     }
     let mut members = members.into_iter();
@@ -217,7 +204,7 @@ fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
         .collect();
     let live_refs: Vec<&Path> = live.iter().map(PathBuf::as_path).collect();
     converged(&live_refs, Duration::from_secs(20));
-    gkmctl(&lab, &["rekey", "demo"]);
+    lab.gkmctl(&["rekey", "demo"]);
     watch(&lab, &names, &mut keys, Duration::from_secs(1));
     for member in [a, c, d] {
         member.signal("TERM");

@@ -14,9 +14,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +25,7 @@ use ed25519_dalek::VerifyingKey;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use socket2::{Domain, Protocol, Socket, Type};
-use support::{Running, Server, member_binary, multicast_receiver};
+use support::{Running, Server, api_current, member_binary, multicast_receiver};
 use wire::{AuthenticRekey, Heartbeat, MessageType};
 
 const DEFAULT_KILLS: usize = 50;
@@ -234,13 +232,7 @@ impl Slot {
 
     /// The member's answer to `{"op":"current"}` when it holds a key.
     fn current(&self) -> Option<serde_json::Value> {
-        let mut stream = UnixStream::connect(self.api()).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        stream.write_all(b"{\"op\":\"current\"}\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["epoch"].is_u64().then_some(v)
+        api_current(&self.api(), Duration::from_secs(5))
     }
 
     /// Running and not (or no longer) holding a membership the controller gave it.

@@ -5,211 +5,42 @@
 
 mod support;
 
-use support::{free_port, now_ms, temp_dir};
+use support::{SERVER, Server, member_keys, new_member, now_ms, register, request, temp_dir};
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
-use gkm_member::{Member, MemberConfig, MemberEvent};
+use ed25519_dalek::SigningKey;
+use gkm_member::Member;
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{Rng, SeedableRng};
+use rand_core::SeedableRng;
 use wire::{HpkeSecret, MemberId};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_gkm-server");
-const GKMCTL: &str = env!("CARGO_BIN_EXE_gkmctl");
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-struct Setup {
-    dir: PathBuf,
-    state: PathBuf,
-    config: PathBuf,
-    port: u16,
-    mport: u16,
-    maddr: Ipv4Addr,
-    metrics: u16,
+/// The daemon these tests run: group "demo", one copy per rekey, heartbeats every 500 ms.
+fn setup(tag: &str) -> Server {
+    Server::new(tag, "repeats = 1\nheartbeat_interval_ms = 500")
 }
 
-fn setup(tag: &str) -> Setup {
-    let dir = temp_dir(tag);
-    let port = free_port();
-    let mport = free_port();
-    let metrics = free_port();
-    let n = u8::try_from(NEXT.fetch_add(1, Ordering::SeqCst) % 200).unwrap();
-    let maddr = Ipv4Addr::new(239, 255, 78, 10 + n);
-    let config = dir.join("gkm-server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics}\"\n\n[[group]]\nname = \"demo\"\n\
-             multicast = \"{maddr}:{mport}\"\ninterface = \"127.0.0.1\"\nrepeats = 1\n\
-             heartbeat_interval_ms = 500\n"
-        ),
-    )
-    .unwrap();
-    Setup {
-        state: dir.join("state"),
-        dir,
-        config,
-        port,
-        mport,
-        maddr,
-        metrics,
-    }
-}
-
-/// A running daemon, killed when dropped.
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Setup {
-    fn socket(&self) -> PathBuf {
-        self.state.join("control.sock")
-    }
-
-    fn spawn(&self) -> Child {
-        Command::new(SERVER)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    /// Starts the daemon and waits (at most 10 s) until its control socket answers.
-    fn start(&self) -> Daemon {
-        let mut daemon = Daemon {
-            child: self.spawn(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if UnixStream::connect(self.socket()).is_ok() {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                let mut err = String::new();
-                daemon
-                    .child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("gkm-server exited early ({status}): {err}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("gkm-server did not open its control socket within 10 s");
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(GKMCTL)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.ctl(&all);
-        assert!(
-            out.status.success(),
-            "gkmctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn epoch(&self) -> u64 {
-        self.ctl_json(&["groups"])[0]["epoch"].as_u64().unwrap()
-    }
-
-    fn public_key(&self) -> VerifyingKey {
-        let hex = self.ctl_json(&["status"])["public_key"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let bytes: [u8; 32] = hex::decode(hex).unwrap().try_into().unwrap();
-        VerifyingKey::from_bytes(&bytes).unwrap()
-    }
-
-    /// One request over TCP: frame, send, read the reply frame.
-    fn request(&self, bytes: &[u8]) -> Vec<u8> {
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut frame = u32::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
-        frame.extend_from_slice(bytes);
-        s.write_all(&frame).unwrap();
-        let mut reply = Vec::new();
-        s.read_to_end(&mut reply).unwrap();
-        assert!(reply.len() >= 4, "no reply frame");
-        let len = usize::try_from(u32::from_be_bytes(reply[..4].try_into().unwrap())).unwrap();
-        assert_eq!(len, reply.len() - 4);
-        reply.split_off(4)
-    }
-
-    fn multicast_receiver(&self) -> UdpSocket {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, self.mport)).unwrap();
-        socket
-            .join_multicast_v4(&self.maddr, &Ipv4Addr::LOCALHOST)
-            .unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        socket
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `gkm-server run` on `setup`, its output piped, not waited for.
+fn spawn(setup: &Server) -> Child {
+    setup
+        .command()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Registers a fresh in-process member over TCP; returns it once welcomed.
-fn join(setup: &Setup, seed: u64) -> (Member<ChaCha20Rng>, MemberId) {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut identity = [0u8; 32];
-    rng.fill_bytes(&mut identity);
-    let hpke = HpkeSecret::generate(&mut rng);
-    let config = MemberConfig::new(GroupId::from_name("demo"), setup.public_key());
-    let mut member = Member::new(
-        config,
-        SigningKey::from_bytes(&identity),
-        hpke,
-        rng,
-        now_ms(),
-    );
-    let request = member.poll_request().expect("a registration request");
-    let reply = setup.request(&request);
-    member.handle_reply(now_ms(), &reply);
-    while let Some(event) = member.poll_event() {
-        if let MemberEvent::Joined { member: id, .. } = event {
-            return (member, id);
-        }
-    }
-    panic!("no welcome: reply of {} bytes", reply.len());
+fn join(setup: &Server, seed: u64) -> (Member<ChaCha20Rng>, MemberId) {
+    let mut member = new_member(seed, setup.public_key());
+    let id = register(setup.port, &mut member).expect("a welcome");
+    (member, id)
 }
 
 /// Feeds multicast datagrams to `member` until its epoch reaches `epoch` (at most 5 s).
@@ -233,10 +64,7 @@ fn follow(member: &mut Member<ChaCha20Rng>, socket: &UdpSocket, epoch: u64) {
 
 /// The identity key `join` gives the member made from `seed`.
 fn identity(seed: u64) -> SigningKey {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut identity = [0u8; 32];
-    rng.fill_bytes(&mut identity);
-    SigningKey::from_bytes(&identity)
+    member_keys(seed).0
 }
 
 #[test]
@@ -307,7 +135,7 @@ fn garbage_gets_errors_and_the_daemon_keeps_serving() {
     let setup = setup("garbage");
     let _daemon = setup.start();
     // A well-framed request that is not a message: an error message back.
-    let reply = setup.request(b"\xffnot a gkm message");
+    let reply = request(setup.port, b"\xffnot a gkm message").unwrap();
     assert!(!reply.is_empty());
     // Bad frame lengths (0 and > 64 KiB) and a truncated frame: closed without a reply.
     for frame in [&[0u8, 0, 0, 0][..], &[0, 1, 0, 1], &[0, 0, 0, 9, 1]] {
@@ -354,7 +182,7 @@ fn garbage_gets_errors_and_the_daemon_keeps_serving() {
 fn a_second_daemon_on_the_same_state_dir_fails_clearly() {
     let setup = setup("lock");
     let _daemon = setup.start();
-    let mut second = setup.spawn();
+    let mut second = spawn(&setup);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = second.try_wait().unwrap() {
@@ -447,7 +275,7 @@ fn state_sealed_under_another_storage_key_stops_the_daemon_with_the_file_named()
     let mut bytes = std::fs::read(&key).unwrap();
     bytes[0] ^= 1;
     std::fs::write(&key, &bytes).unwrap();
-    let mut child = setup.spawn();
+    let mut child = spawn(&setup);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -515,7 +343,7 @@ fn metrics_are_served_as_prometheus_text() {
     let _daemon = setup.start();
     let (_m, _) = join(&setup, 6);
     // Refusals by reason: one that names no group, one that names the group.
-    setup.request(b"not a request");
+    request(setup.port, b"not a request").unwrap();
     let stranger = wire::RegistrationRequest {
         group: GroupId(u64::MAX),
         identity: identity(7).verifying_key().to_bytes(),
@@ -526,7 +354,7 @@ fn metrics_are_served_as_prometheus_text() {
         nonce: [7; 16],
         token: Vec::new(),
     };
-    setup.request(&wire::sign(&stranger, &identity(7)));
+    request(setup.port, &wire::sign(&stranger, &identity(7))).unwrap();
     let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, setup.metrics)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();

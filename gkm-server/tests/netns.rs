@@ -26,6 +26,8 @@
     reason = "counts and milliseconds of a bounded test run"
 )]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -675,12 +677,7 @@ struct Current {
 }
 
 fn current(api: &Path) -> Option<Current> {
-    let mut stream = UnixStream::connect(api).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"{\"op\":\"current\"}\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let v = support::api_current(api, Duration::from_secs(2))?;
     Some(Current {
         member: v["member"].as_u64()?,
         epoch: v["epoch"].as_u64()?,

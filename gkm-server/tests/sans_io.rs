@@ -164,6 +164,20 @@ impl Net {
         }
     }
 
+    /// A new controller restored from what the old one saved (its generator seeded `seed`).
+    fn restart(&mut self, seed: u64) {
+        let saved: Vec<GroupState> = self.store.0.lock().unwrap().states();
+        self.controller = Controller::new(
+            self.signer.clone(),
+            ChaCha20Rng::seed_from_u64(seed),
+            Box::new(self.store.clone()),
+            vec![policy()],
+            saved,
+            Timestamp(self.now),
+        )
+        .unwrap();
+    }
+
     fn command(&mut self, command: Command) -> Response {
         self.controller
             .handle_command(Timestamp(self.now), command)
@@ -276,16 +290,7 @@ fn a_restarted_controller_continues_above_its_last_epoch() {
     let mut net = Net::new(20, 0.0);
     net.command(Command::Rekey("demo".into()));
     let (epoch_before, _) = net.controller.traffic_key(GROUP).unwrap();
-    let saved: Vec<GroupState> = net.store.0.lock().unwrap().states();
-    net.controller = Controller::new(
-        net.signer.clone(),
-        ChaCha20Rng::seed_from_u64(99),
-        Box::new(net.store.clone()),
-        vec![policy()],
-        saved,
-        Timestamp(net.now),
-    )
-    .unwrap();
+    net.restart(99);
     net.advance(3_000, 250);
     let (epoch_after, _) = net.controller.traffic_key(GROUP).unwrap();
     assert!(epoch_after > epoch_before);
@@ -341,6 +346,27 @@ fn registration(identity: &SigningKey, nonce: [u8; 16], at: u64, token: &[u8]) -
         token: token.to_vec(),
     };
     wire::sign(&request, identity)
+}
+
+/// A controller at `START` whose group admits the keys `allowed` and the single-use `tokens`.
+fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> Controller<ChaCha20Rng> {
+    let mut policy = policy();
+    policy.enrollment = gkm_server::Enrollment::Restricted {
+        allowed: allowed
+            .iter()
+            .map(|k| k.verifying_key().to_bytes())
+            .collect(),
+        tokens: tokens.iter().map(|t| t.to_vec()).collect(),
+    };
+    Controller::new(
+        SigningKey::from_bytes(&[42; 32]),
+        ChaCha20Rng::seed_from_u64(1),
+        Box::new(MemoryStore::default()),
+        vec![policy],
+        vec![],
+        Timestamp(START),
+    )
+    .unwrap()
 }
 
 /// The error code of the controller's next reply, or None for a welcome. A refusal is answered
@@ -403,23 +429,9 @@ fn v018_v019_replayed_and_stale_registrations_are_refused() {
 
 #[test]
 fn v020_restricted_groups_admit_listed_keys_and_single_use_tokens_only() {
-    let signer = SigningKey::from_bytes(&[42; 32]);
     let listed = SigningKey::from_bytes(&[8; 32]);
-    let mut policy = policy();
-    policy.enrollment = gkm_server::Enrollment::Restricted {
-        allowed: [listed.verifying_key().to_bytes()].into_iter().collect(),
-        tokens: [b"one-time".to_vec()].into_iter().collect(),
-    };
     let now = START;
-    let mut controller = Controller::new(
-        signer,
-        ChaCha20Rng::seed_from_u64(1),
-        Box::new(MemoryStore::default()),
-        vec![policy],
-        vec![],
-        Timestamp(now),
-    )
-    .unwrap();
+    let mut controller = restricted(&[&listed], &[b"one-time"]);
     let stranger = SigningKey::from_bytes(&[9; 32]);
     type Case<'a> = (&'a SigningKey, [u8; 16], &'a [u8], Option<u16>);
     let cases: [Case<'_>; 4] = [
@@ -642,16 +654,7 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
         .handle_request(ConnId(0), Timestamp(net.now), &request);
     assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
     net.advance(1_000, 250);
-    let saved: Vec<GroupState> = net.store.0.lock().unwrap().states();
-    net.controller = Controller::new(
-        net.signer.clone(),
-        ChaCha20Rng::seed_from_u64(77),
-        Box::new(net.store.clone()),
-        vec![policy()],
-        saved,
-        Timestamp(net.now),
-    )
-    .unwrap();
+    net.restart(77);
     net.advance(1_000, 250);
     let before = snapshot(&mut net);
     let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
@@ -762,21 +765,8 @@ fn a_member_registering_again_with_its_keys_gets_its_path_and_nobody_is_rekeyed(
 
 #[test]
 fn a_member_whose_eviction_is_pending_must_be_authorized_to_register_again() {
-    let mut policy = policy();
-    policy.enrollment = gkm_server::Enrollment::Restricted {
-        allowed: std::collections::BTreeSet::new(),
-        tokens: [b"once".to_vec()].into_iter().collect(),
-    };
     let now = START;
-    let mut controller = Controller::new(
-        SigningKey::from_bytes(&[42; 32]),
-        ChaCha20Rng::seed_from_u64(1),
-        Box::new(MemoryStore::default()),
-        vec![policy],
-        vec![],
-        Timestamp(now),
-    )
-    .unwrap();
+    let mut controller = restricted(&[], &[b"once"]);
     let identity = SigningKey::from_bytes(&[31; 32]);
     let request = registration(&identity, [1; 16], now, b"once");
     controller.handle_request(ConnId(0), Timestamp(now), &request);

@@ -40,6 +40,11 @@ impl Running {
         Running(Some(cmd.stdout(out).stderr(err).spawn().expect("spawn")))
     }
 
+    /// The child's stderr, once (when spawned with its output piped).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.0.as_mut()?.stderr.take()
+    }
+
     /// Sends signal `sig` (a name, as `kill` takes it).
     pub fn signal(&self, sig: &str) {
         let id = self.0.as_ref().unwrap().id();
@@ -129,6 +134,18 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// Runs `gkmctl ARGS` against the lab's controller; its stdout, after asserting success.
+    pub fn gkmctl(&self, args: &[&str]) -> String {
+        let out = Command::new(self.server.with_file_name("gkmctl"))
+            .arg("--socket")
+            .arg(self.dir.join("srv").join("control.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "gkmctl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// A fresh directory with an initialized controller state directory; `offset` separates the
     /// ports of tests that run at once.
     pub fn new(tag: &str, server: &Path, offset: u16) -> Lab {

@@ -4,7 +4,7 @@
 
 #![allow(dead_code, reason = "each test crate uses a part of the helpers")]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -261,6 +261,14 @@ impl Server {
         self.ctl_json(&["groups"])[0]["epoch"].as_u64().unwrap()
     }
 
+    /// A socket receiving the group's multicast datagrams (reads time out at 200 ms).
+    pub(crate) fn multicast_receiver(&self) -> UdpSocket {
+        multicast_receiver(
+            SocketAddrV4::new(self.maddr, self.mport),
+            Duration::from_millis(200),
+        )
+    }
+
     /// The controller's public key, hex.
     pub(crate) fn public_key_hex(&self) -> String {
         self.ctl_json(&["status"])["public_key"]
@@ -346,6 +354,18 @@ pub(crate) fn now_ms() -> u64 {
             .as_millis(),
     )
     .unwrap()
+}
+
+/// A member agent's answer to `{"op":"current"}` on its API socket `api`, once it holds a key
+/// (reads time out after `timeout`).
+pub(crate) fn api_current(api: &Path, timeout: Duration) -> Option<serde_json::Value> {
+    let mut stream = UnixStream::connect(api).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(b"{\"op\":\"current\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    v["epoch"].is_u64().then_some(v)
 }
 
 /// A socket that receives the datagrams sent to `group` (bound to it, joined on loopback, with a
