@@ -35,7 +35,7 @@ use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
@@ -50,6 +50,10 @@ const MAX_FRAME: usize = 65_536;
 const MAX_CONNECTIONS: usize = 256;
 /// How long a connection admitted by closing another waits for that one's slot.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// Connections the kernel completes before we accept them (capped by `net.core.somaxconn`). The
+/// default of 128 overflows when a few hundred members connect at once while the workers are
+/// verifying; each overflow costs that member a 1 s SYN retransmission.
+const LISTEN_BACKLOG: u32 = 4_096;
 /// Concurrent control connections.
 const MAX_CONTROL: usize = 16;
 /// Fan-out subscriptions and metrics scrapes waiting for the controller; more are dropped.
@@ -249,7 +253,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
     .context("cannot build the controller from the stored state")?;
     controller.set_workers(std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
 
-    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+    let listener = request_listener(config.listen).with_context(|| {
         format!(
             "cannot listen on {} (in use? set `listen` in the config)",
             config.listen
@@ -617,6 +621,18 @@ async fn accept_requests(listener: TcpListener, queue: ControllerQueue, reply_wa
             }
         }
     }
+}
+
+/// The request port's listener, with room for a burst of connections ([`LISTEN_BACKLOG`]).
+fn request_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Passes fan-out subscription datagrams to the controller.
