@@ -371,3 +371,41 @@ fn metrics_are_served_as_prometheus_text() {
         assert!(text.contains(&line), "{line} missing: {text}");
     }
 }
+
+#[test]
+fn more_members_than_the_old_connection_cap_wait_for_one_batch_and_all_get_welcomes() {
+    // A connection stays open until its batch is rekeyed; with a fixed cap of 256 the rest were
+    // refused, so a long batch interval capped registrations at 256 per batch.
+    const MEMBERS: u64 = 300;
+    let setup = Server::new("connections", "repeats = 1\nbatch_interval_ms = 4000");
+    let _daemon = setup.start();
+    let key = setup.public_key();
+    let members: Vec<_> = (0..MEMBERS)
+        .map(|seed| {
+            let mut member = new_member(100 + seed, key);
+            let bytes = member.poll_request().unwrap();
+            (member, bytes)
+        })
+        .collect();
+    let port = setup.port;
+    let threads: Vec<_> = members
+        .into_iter()
+        .map(|(mut member, bytes)| {
+            std::thread::spawn(move || {
+                let reply = request(port, &bytes).ok()?;
+                member.handle_reply(now_ms(), &reply);
+                std::iter::from_fn(|| member.poll_event()).find_map(|event| match event {
+                    gkm_member::MemberEvent::Joined { epoch, .. } => Some(epoch.0),
+                    _ => None,
+                })
+            })
+        })
+        .collect();
+    let epochs: Vec<Option<u64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let welcomed = epochs.iter().flatten().count();
+    assert_eq!(welcomed, epochs.len(), "welcomed {welcomed} of {MEMBERS}");
+    assert!(
+        epochs.iter().all(|e| *e == Some(1)),
+        "one batch admits them all: {epochs:?}"
+    );
+}

@@ -20,6 +20,11 @@ listen = "127.0.0.1:47700"
 # Prometheus text endpoint (optional).
 # metrics = "127.0.0.1:9477"
 
+# Request connections open at once. A member's connection stays open until its batch is
+# rekeyed, so with batch_interval_ms = B at most max_connections * 1000 / B registrations
+# complete per second. Each takes a file descriptor: keep it under `ulimit -n`.
+# max_connections = 4096
+
 [[group]]
 name = "demo"
 multicast = "239.255.77.1:47701"
@@ -53,6 +58,9 @@ pub(crate) struct Config {
     /// Prometheus endpoint.
     #[serde(default)]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Request connections open at once.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: usize,
     /// Groups; one "demo" group when none is given.
     #[serde(default = "default_groups", rename = "group")]
     pub(crate) groups: Vec<GroupConfig>,
@@ -94,6 +102,11 @@ pub(crate) struct GroupConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 47_700))
 }
+/// The most request connections a config may allow.
+const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+fn default_max_connections() -> usize {
+    4_096
+}
 fn default_multicast() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(239, 255, 77, 1), 47_701))
 }
@@ -115,6 +128,7 @@ impl Default for Config {
         Config {
             listen: default_listen(),
             metrics: None,
+            max_connections: default_max_connections(),
             groups: default_groups(),
         }
     }
@@ -130,6 +144,13 @@ impl Config {
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config: Config = toml::from_str(&text)
             .with_context(|| format!("config file {} is not valid", path.display()))?;
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&config.max_connections) {
+            bail!(
+                "config file {}: max_connections is 1..={MAX_CONNECTIONS_LIMIT}, not {}",
+                path.display(),
+                config.max_connections
+            );
+        }
         let mut names = BTreeSet::new();
         for g in &config.groups {
             if !names.insert(g.name.as_str()) {
@@ -296,8 +317,25 @@ mod tests {
     fn the_default_file_parses_to_the_defaults() {
         let c: Config = toml::from_str(DEFAULT_TOML).unwrap();
         assert_eq!(c.listen, default_listen());
+        assert_eq!(c.max_connections, default_max_connections());
         assert_eq!(c.groups.len(), 1);
         let p = c.groups[0].policy().unwrap();
         assert_eq!(p, GroupPolicy::new("demo", GroupId::from_name("demo")));
+    }
+
+    #[test]
+    fn max_connections_out_of_range_is_refused_with_its_range() {
+        let path = std::env::temp_dir().join(format!("gkm-config-{}.toml", std::process::id()));
+        for (value, ok) in [("0", false), ("1", true), ("2000000", false)] {
+            std::fs::write(&path, format!("max_connections = {value}\n")).unwrap();
+            match Config::load(Some(&path)) {
+                Ok(c) => assert!(ok && c.max_connections == 1, "{value} accepted"),
+                Err(e) => assert!(
+                    !ok && format!("{e:#}").contains("max_connections is 1..="),
+                    "{value}: {e:#}"
+                ),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -17,7 +17,7 @@
 //! is on, every multicast datagram of that group is also sent by unicast to the subscriber's
 //! address until the subscription is older than the group's lease.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -45,9 +45,6 @@ use crate::state::StateDir;
 
 /// Largest request frame.
 const MAX_FRAME: usize = 65_536;
-/// Concurrent request connections. When all are taken, the oldest one still reading its request
-/// is closed to make room (see [`Readers`]); when none is reading, a new one is refused.
-const MAX_CONNECTIONS: usize = 256;
 /// How long a connection admitted by closing another waits for that one's slot.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Connections the kernel completes before we accept them (capped by `net.core.somaxconn`). The
@@ -64,9 +61,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const CONTROL_IDLE: Duration = Duration::from_secs(300);
 /// Pause after a failed accept (out of file descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-/// Queued messages the controller thread handles before its timers get a turn (the queue holds
-/// at most one per connection, so this is the whole queue).
-const MAX_BURST: usize = MAX_CONNECTIONS + MAX_CONTROL + MAX_QUEUED_OTHER + 1;
 /// Subscribers remembered per group.
 const MAX_SUBSCRIBERS: usize = 4_096;
 
@@ -93,52 +87,53 @@ enum ToController {
     Stop,
 }
 
-/// Request connections still reading their request, oldest first. A member sends its request as
-/// soon as it connects; connections that stay silent (slowloris) are the ones closed when every
-/// slot is taken, so they cannot lock members out for a read timeout at a time.
+/// Request connections still reading their request, by number (so oldest first). A member sends
+/// its request as soon as it connects; connections that stay silent (slowloris) are the ones
+/// closed when every slot is taken, so they cannot lock members out for a read timeout at a time.
 ///
-/// A connection is pushed before its task is spawned and gets its task's handle just after: on
+/// A connection is added before its task is spawned and gets its task's handle just after: on
 /// the multi-thread runtime the task may finish (and call [`Readers::done`]) in between, and an
-/// entry pushed after that would stay forever.
+/// entry added after that would stay forever.
 #[derive(Clone, Default)]
-struct Readers(Arc<std::sync::Mutex<VecDeque<Reader>>>);
-
-/// A connection reading its request, and its task once spawned.
-type Reader = (ConnId, Option<AbortHandle>);
+struct Readers(Arc<std::sync::Mutex<BTreeMap<ConnId, Option<AbortHandle>>>>);
 
 impl Readers {
     fn push(&self, conn: ConnId) {
-        if let Ok(mut q) = self.0.lock() {
-            q.push_back((conn, None));
+        if let Ok(mut readers) = self.0.lock() {
+            readers.insert(conn, None);
         }
     }
 
     /// Gives `conn`'s entry its task, unless the task is already done.
     fn attach(&self, conn: ConnId, task: AbortHandle) {
-        if let Ok(mut q) = self.0.lock()
-            && let Some(entry) = q.iter_mut().find(|(c, _)| *c == conn)
+        if let Ok(mut readers) = self.0.lock()
+            && let Some(entry) = readers.get_mut(&conn)
         {
-            entry.1 = Some(task);
+            *entry = Some(task);
         }
     }
 
     /// `conn` has read its request (or given up).
     fn done(&self, conn: ConnId) {
-        if let Ok(mut q) = self.0.lock() {
-            q.retain(|(c, _)| *c != conn);
+        if let Ok(mut readers) = self.0.lock() {
+            readers.remove(&conn);
         }
     }
 
     /// Closes the oldest connection still reading; whether there was one.
     fn close_oldest(&self) -> bool {
-        let Ok(mut q) = self.0.lock() else {
+        let Ok(mut readers) = self.0.lock() else {
             return false;
         };
-        let Some(at) = q.iter().position(|(_, task)| task.is_some()) else {
+        let Some(conn) = readers
+            .iter()
+            .find_map(|(conn, task)| task.is_some().then_some(*conn))
+        else {
             return false;
         };
-        q.remove(at)
-            .and_then(|(_, task)| task)
+        readers
+            .remove(&conn)
+            .flatten()
             .map(|task| task.abort())
             .is_some()
     }
@@ -153,9 +148,15 @@ struct ControllerQueue {
     others: Arc<AtomicUsize>,
 }
 
+/// The most messages the controller's queue holds with `max_connections` request connections:
+/// one per connection, control connection and other message, and a stop.
+fn queue_capacity(max_connections: usize) -> usize {
+    max_connections + MAX_CONTROL + MAX_QUEUED_OTHER + 1
+}
+
 impl ControllerQueue {
-    fn new() -> (ControllerQueue, Receiver<ToController>) {
-        let (tx, rx) = sync_channel(MAX_BURST);
+    fn new(capacity: usize) -> (ControllerQueue, Receiver<ToController>) {
+        let (tx, rx) = sync_channel(capacity);
         let queue = ControllerQueue {
             tx,
             others: Arc::new(AtomicUsize::new(0)),
@@ -206,6 +207,8 @@ struct Driver {
     prune_at: usize,
     audit: BufWriter<File>,
     others: Arc<AtomicUsize>,
+    /// Queued messages handled before the timers get a turn: the whole queue.
+    burst: usize,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -294,7 +297,9 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         public_key = %hex::encode(controller.public_key()),
         "gkm-server serving"
     );
-    let (queue, rx) = ControllerQueue::new();
+    warn_if_few_descriptors(config.max_connections);
+    let burst = queue_capacity(config.max_connections);
+    let (queue, rx) = ControllerQueue::new(burst);
     let driver = Driver {
         controller,
         groups,
@@ -303,6 +308,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         prune_at: 64,
         audit: BufWriter::new(audit),
         others: queue.others.clone(),
+        burst,
     };
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -324,7 +330,12 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
                 .unwrap_or(0),
         );
     let tasks = [
-        tokio::spawn(accept_requests(listener, queue.clone(), reply_wait)),
+        tokio::spawn(accept_requests(
+            listener,
+            queue.clone(),
+            config.max_connections,
+            reply_wait,
+        )),
         tokio::spawn(receive_subscriptions(udp_in, queue.clone())),
         tokio::spawn(accept_control(control, uid, queue.clone())),
         tokio::spawn(accept_metrics(metrics, queue.clone())),
@@ -377,7 +388,7 @@ impl Driver {
                     self.handle(message);
                     // What queued up meanwhile is handled before the timers fire, so a burst of
                     // changes becomes one rekey (a lone change still rekeys at once).
-                    for _ in 1..MAX_BURST {
+                    for _ in 1..self.burst {
                         match rx.try_recv() {
                             Ok(ToController::Stop) => return self.flush(),
                             Ok(message) => self.handle(message),
@@ -549,7 +560,16 @@ impl Driver {
     fn audit(&mut self, event: &Event) {
         match serde_json::to_string(event) {
             Ok(line) => {
-                info!(target: "audit", "{line}");
+                // One line per member would be one stderr write per registration; the audit
+                // file has them all, the log has them at debug.
+                if matches!(
+                    event,
+                    Event::Admitted { .. } | Event::Rewelcomed { .. } | Event::Departed { .. }
+                ) {
+                    debug!(target: "audit", "{line}");
+                } else {
+                    info!(target: "audit", "{line}");
+                }
                 if let Err(e) = writeln!(self.audit, "{line}") {
                     warn!("cannot append to the audit log: {e}");
                 }
@@ -585,9 +605,16 @@ fn multicast_socket(
     Ok(socket.into())
 }
 
-/// Accepts request connections, each served by its own task (at most [`MAX_CONNECTIONS`]).
-async fn accept_requests(listener: TcpListener, queue: ControllerQueue, reply_wait: Duration) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Accepts request connections, each served by its own task. With `max_connections` open, the
+/// oldest one still reading its request is closed to make room (see [`Readers`]); when none is
+/// reading, a new one is refused.
+async fn accept_requests(
+    listener: TcpListener,
+    queue: ControllerQueue,
+    max_connections: usize,
+    reply_wait: Duration,
+) {
+    let connections = Arc::new(Semaphore::new(max_connections));
     let readers = Readers::default();
     let mut next_conn = 0u64;
     loop {
@@ -620,6 +647,27 @@ async fn accept_requests(listener: TcpListener, queue: ControllerQueue, reply_wa
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
+    }
+}
+
+/// Warns when the open-file limit leaves too little room for `max_connections` (read from
+/// `/proc/self/limits`; nothing is said where that file is missing).
+fn warn_if_few_descriptors(max_connections: usize) {
+    /// Descriptors the daemon needs besides request connections: sockets, state, audit, control.
+    const OTHERS: usize = 64;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(soft) = soft
+        && soft < max_connections + OTHERS + MAX_CONTROL
+    {
+        warn!(
+            "the open-file limit is {soft}, too low for max_connections = {max_connections}: \
+             raise it (ulimit -n, or LimitNOFILE= under systemd) or lower max_connections"
+        );
     }
 }
 
