@@ -1,30 +1,38 @@
 //! `registrations [N] [CONNECTIONS]`: registrations per second over loopback TCP against a real
-//! `gkm-server` (run it from `target/release`, next to this binary), next to what the
-//! registration's own crypto alone allows, measured in the same run: verifying the request's
-//! Ed25519 signature, sealing the path keys with HPKE and signing the welcome.
+//! `gkm-server` (run it from `target/release`, next to this binary), each next to what the
+//! registration's own crypto alone allows on 2 threads, measured in the same run. Two runs of N
+//! registrations each, on one daemon:
 //!
-//! Fairness: the crypto is measured on 2 threads just before and just after the daemon run and
-//! the ratio taken to their mean, so load from other processes weighs on both alike. The client
-//! runs on the same cores as the daemon, as the crypto baseline does not, so the CPU time of the
-//! daemon and of this client (connect, write, read, close) is printed too, and the CPU per
-//! registration next to the crypto's. The client keeps CONNECTIONS registrations in flight:
-//! with 20 ms batches each connection completes at most one per batch, so few connections
-//! measure the batch interval, not the daemon (16 connections cap it at 800/s); the default of
-//! 200 stays under the daemon's 256 concurrent connections.
+//! 1. **Bare client** against **the controller's half** of the crypto (verify the request's
+//!    Ed25519 signature, seal the path keys with HPKE, sign the welcome). The requests are signed
+//!    before the run and a reply counts when it is a welcome, so the client does no crypto; its
+//!    TCP work still runs on the same 2 cores.
+//! 2. **Member client** against **the whole registration**: each registration is a real
+//!    `gkm_member::Member` (keys made beforehand, as `gkm-member init` does) that signs its
+//!    request when it sends it, and verifies and opens its welcome; it counts once the member has
+//!    joined. Its baseline is the same member code with the controller's half in between, no
+//!    sockets: every signature made and verified, the HPKE seal and its open.
+//!
+//! Fairness: each baseline is measured on 2 threads just before and just after its run, and the
+//! ratio taken to their mean, so load from other processes weighs on both alike. The CPU time of
+//! the daemon and of the client is printed too, per registration, next to the crypto's. The
+//! client keeps CONNECTIONS registrations in flight; the daemon runs with immediate rekeying (its
+//! default), so each batch holds the requests that arrived while the previous one was made.
 //!
 //! `cargo build --release --bins && target/release/registrations 6000 200`
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use gkm_benches::rng;
+use gkm_member::{Member, MemberConfig, MemberEvent};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
+use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 use wire::{
     HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
@@ -37,23 +45,42 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
-fn request(seed: u64, group: GroupId) -> (Vec<u8>, HpkeSecret) {
+/// A member's keys, made before it registers (`gkm-member init`).
+struct Keys {
+    identity: SigningKey,
+    hpke: HpkeSecret,
+    seed: u64,
+}
+
+fn keys(seed: u64) -> Keys {
     let mut r = rng(seed);
     let mut key = [0u8; 32];
     r.fill_bytes(&mut key);
-    let identity = SigningKey::from_bytes(&key);
-    let hpke = HpkeSecret::generate(&mut r);
-    let mut nonce = [0u8; 16];
-    r.fill_bytes(&mut nonce);
-    let request = RegistrationRequest {
-        group,
-        identity: identity.verifying_key().to_bytes(),
-        hpke_key: hpke.public_key().expect("a valid key"),
-        timestamp_ms: now_ms(),
-        nonce,
-        token: Vec::new(),
-    };
-    (sign(&request, &identity), hpke)
+    Keys {
+        identity: SigningKey::from_bytes(&key),
+        hpke: HpkeSecret::generate(&mut r),
+        seed,
+    }
+}
+
+/// A member of group "demo" that has just made (and signed) its registration request.
+fn member(keys: &Keys, controller: VerifyingKey) -> (Member<ChaCha20Rng>, Vec<u8>) {
+    let config = MemberConfig::new(GroupId::from_name("demo"), controller);
+    let mut member = Member::new(
+        config,
+        keys.identity.clone(),
+        keys.hpke.clone(),
+        rng(keys.seed),
+        now_ms(),
+    );
+    let request = member.poll_request().expect("a registration request");
+    (member, request)
+}
+
+/// Hands `reply` to `member`; whether it verified, opened and joined.
+fn joined(member: &mut Member<ChaCha20Rng>, reply: &[u8]) -> bool {
+    member.handle_reply(now_ms(), reply);
+    std::iter::from_fn(|| member.poll_event()).any(|e| matches!(e, MemberEvent::Joined { .. }))
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far, from `/proc/PID/stat`.
@@ -77,12 +104,14 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / TICKS
 }
 
+/// One request on its own connection, as a member sends it: one frame out, one frame back.
 fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    stream.write_all(&len.to_be_bytes())?;
-    stream.write_all(bytes)?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(bytes);
+    stream.write_all(&frame)?;
     let mut head = [0u8; 4];
     stream.read_exact(&mut head)?;
     let mut reply = vec![0u8; u32::from_be_bytes(head).min(1 << 16) as usize];
@@ -90,10 +119,8 @@ fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(reply)
 }
 
-/// Crypto alone: verify the request, seal a path, sign the welcome; registrations per second
-/// on `threads` threads, and the CPU seconds that took.
 /// A member's path in a tree of `members`, to seal.
-fn sample_path(members: usize) -> Arc<MemberPath> {
+fn sample_path(members: usize) -> MemberPath {
     let mut r = rng(7);
     let mut tree =
         KeyTree::new(GroupId::from_name("demo"), TreeConfig::default(), &mut r).expect("tree");
@@ -102,13 +129,56 @@ fn sample_path(members: usize) -> Arc<MemberPath> {
         joins: members,
     };
     let joined = tree.rekey(&batch, &mut r).expect("joins");
-    Arc::new(joined.joiners[members / 2].path.clone())
+    joined.joiners[members / 2].path.clone()
+}
+
+/// The controller's half of a registration's crypto: verify the request, seal `path` to its
+/// HPKE key, sign the welcome.
+fn controller_half(
+    request: &[u8],
+    path: &MemberPath,
+    signer: &SigningKey,
+    r: &mut ChaCha20Rng,
+) -> Vec<u8> {
+    let request = open_with::<RegistrationRequest>(request, |q| verifying_key(&q.identity))
+        .expect("valid")
+        .into_message();
+    let to = SealedFor {
+        kind: SealedKind::Welcome,
+        member: MemberId(1),
+        request_nonce: request.nonce,
+        recipient: request.hpke_key,
+    };
+    sign(&seal_path(path, &to, r).expect("seals"), signer)
+}
+
+/// Runs `work` once per item of `items` on `threads` threads; items per second and the CPU
+/// seconds that took.
+fn on_threads<T: Sync>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T, &mut ChaCha20Rng) + Sync,
+) -> (f64, f64) {
+    let cpu = cpu_seconds("self");
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for (t, chunk) in items.chunks(items.len().div_ceil(threads)).enumerate() {
+            let work = &work;
+            scope.spawn(move || {
+                let mut r = rng(100 + t as u64);
+                for item in chunk {
+                    work(item, &mut r);
+                }
+            });
+        }
+    });
+    let rate = items.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, cpu_seconds("self") - cpu)
 }
 
 /// HPKE seals of a path per second on one thread, alone: one per request's key.
-fn seal_rate(requests: &[Vec<u8>]) -> f64 {
-    let path = sample_path(requests.len());
-    let keys: Vec<[u8; 32]> = requests
+fn seal_rate(requests: &[Vec<u8>], path: &MemberPath) -> f64 {
+    let recipients: Vec<[u8; 32]> = requests
         .iter()
         .map(|bytes| {
             open_with::<RegistrationRequest>(bytes, |q| verifying_key(&q.identity))
@@ -117,58 +187,125 @@ fn seal_rate(requests: &[Vec<u8>]) -> f64 {
                 .hpke_key
         })
         .collect();
-    let mut r = rng(9);
-    let started = Instant::now();
-    for recipient in keys {
+    let (rate, _) = on_threads(&recipients, 1, |recipient, r| {
         let to = SealedFor {
             kind: SealedKind::Welcome,
             member: MemberId(1),
             request_nonce: [0; 16],
-            recipient,
+            recipient: *recipient,
         };
-        std::hint::black_box(seal_path(&path, &to, &mut r).expect("seals"));
-    }
-    requests.len() as f64 / started.elapsed().as_secs_f64()
+        std::hint::black_box(seal_path(path, &to, r).expect("seals"));
+    });
+    rate
 }
 
-fn crypto_rate(requests: &[Vec<u8>], threads: usize) -> (f64, f64) {
-    let path = sample_path(requests.len());
-    let signer = Arc::new(SigningKey::from_bytes(&[3; 32]));
-    let cpu = cpu_seconds("self");
+/// A daemon run: registrations completed, wall time, and the CPU seconds of the daemon and of
+/// this client.
+struct Run {
+    ok: usize,
+    elapsed: Duration,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+/// Keeps `conns` registrations in flight until `register` has been called for each of `0..n`;
+/// `register(i)` is true when registration `i` succeeded.
+fn run_clients(
+    server: &str,
+    n: usize,
+    conns: usize,
+    register: impl Fn(usize) -> bool + Sync,
+) -> Run {
+    let next = AtomicUsize::new(0);
+    let ok = AtomicUsize::new(0);
+    let (server_cpu0, client_cpu0) = (cpu_seconds(server), cpu_seconds("self"));
     let started = Instant::now();
-    let chunks: Vec<Vec<Vec<u8>>> = requests
-        .chunks(requests.len().div_ceil(threads))
-        .map(<[_]>::to_vec)
-        .collect();
-    let handles: Vec<_> = chunks
-        .into_iter()
-        .enumerate()
-        .map(|(t, chunk)| {
-            let (path, signer) = (path.clone(), signer.clone());
-            std::thread::spawn(move || {
-                let mut r = rng(100 + t as u64);
-                for bytes in chunk {
-                    let request =
-                        open_with::<RegistrationRequest>(&bytes, |q| verifying_key(&q.identity))
-                            .expect("valid")
-                            .into_message();
-                    let to = SealedFor {
-                        kind: SealedKind::Welcome,
-                        member: MemberId(1),
-                        request_nonce: request.nonce,
-                        recipient: request.hpke_key,
-                    };
-                    let sealed = seal_path(&path, &to, &mut r).expect("seals");
-                    std::hint::black_box(sign(&sealed, &signer));
+    std::thread::scope(|scope| {
+        for _ in 0..conns {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if register(i) {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("thread");
+            });
+        }
+    });
+    Run {
+        ok: ok.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        server_cpu: cpu_seconds(server) - server_cpu0,
+        client_cpu: cpu_seconds("self") - client_cpu0,
     }
-    let rate = requests.len() as f64 / started.elapsed().as_secs_f64();
-    (rate, cpu_seconds("self") - cpu)
+}
+
+/// Prints a run next to its baseline (before and after, items per second, and its CPU seconds).
+fn report(
+    what: &str,
+    baseline: &str,
+    run: &Run,
+    n: usize,
+    (before, after, crypto_cpu): (f64, f64, f64),
+) {
+    let rate = run.ok as f64 / run.elapsed.as_secs_f64();
+    let per = |seconds: f64, count: usize| 1e6 * seconds / count.max(1) as f64;
+    println!(
+        "{what}: {}/{n} in {:.2} s = {rate:.0} per second",
+        run.ok,
+        run.elapsed.as_secs_f64()
+    );
+    println!("  {baseline} alone: {before:.0}/s before and {after:.0}/s after on 2 threads");
+    println!(
+        "  ratio to it (mean of before and after): {:.2}",
+        rate / f64::midpoint(before, after)
+    );
+    println!(
+        "  CPU: daemon {:.2} s, client {:.2} s ({:.2} of 2 cores busy); per registration: daemon {:.0} us + client {:.0} us against {:.0} us of crypto alone",
+        run.server_cpu,
+        run.client_cpu,
+        (run.server_cpu + run.client_cpu) / run.elapsed.as_secs_f64(),
+        per(run.server_cpu, run.ok),
+        per(run.client_cpu, run.ok),
+        per(crypto_cpu, n),
+    );
+}
+
+/// Starts `gkm-server` in `dir` on `addr` (group "demo", immediate rekeying); its process.
+fn start_server(bin: &Path, dir: &Path, addr: &str, port: u16) -> (Child, VerifyingKey) {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(
+        dir.join("gkm-server.toml"),
+        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
+    )
+    .expect("config");
+    let state = dir.join("state");
+    let init = Command::new(bin)
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("init");
+    let key: [u8; 32] = hex::decode(String::from_utf8_lossy(&init.stdout).trim())
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .expect("init prints the controller's key");
+    let server = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(dir.join("gkm-server.toml"))
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let up = Instant::now();
+    while TcpStream::connect(addr).is_err() && up.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (server, VerifyingKey::from_bytes(&key).expect("a key"))
 }
 
 fn main() {
@@ -189,100 +326,79 @@ fn main() {
         .expect("port")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("gkm-server.toml"),
-        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nbatch_interval_ms = 20\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
-    )
-    .expect("config");
-    let state = dir.join("state");
-    Command::new(&bin)
-        .args(["init", "--state-dir"])
-        .arg(&state)
-        .stdout(Stdio::null())
-        .status()
-        .expect("init");
-    let mut server = Command::new(&bin)
-        .args(["run", "--config"])
-        .arg(dir.join("gkm-server.toml"))
-        .arg("--state-dir")
-        .arg(&state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server");
-    let up = Instant::now();
-    while TcpStream::connect(&addr).is_err() && up.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut server, controller) = start_server(&bin, &dir, &addr, port);
+    let pid = server.id().to_string();
+    let path = sample_path(n);
+    let signer = SigningKey::from_bytes(&[3; 32]);
+
+    // 1. Bare client, controller's half.
     let group = GroupId::from_name("demo");
-    let requests: Arc<Vec<Vec<u8>>> =
-        Arc::new((0..n as u64).map(|i| request(i, group).0).collect());
-    let next = Arc::new(AtomicUsize::new(0));
-    let welcomed = Arc::new(AtomicUsize::new(0));
-    let (before, crypto_cpu) = crypto_rate(&requests, 2);
-    let server_pid = server.id().to_string();
-    let (server_cpu0, client_cpu0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
-    let started = Instant::now();
-    let handles: Vec<_> = (0..conns)
-        .map(|_| {
-            let (requests, next, welcomed, addr) = (
-                requests.clone(),
-                next.clone(),
-                welcomed.clone(),
-                addr.clone(),
-            );
-            std::thread::spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(bytes) = requests.get(i) else { break };
-                    let welcome = exchange(&addr, bytes).is_ok_and(|reply| {
-                        matches!(
-                            wire::MessageType::peek(&reply),
-                            Ok(wire::MessageType::Welcome)
-                        )
-                    });
-                    if welcome {
-                        welcomed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
+    let requests: Vec<Vec<u8>> = (0..n as u64)
+        .map(|i| {
+            let k = keys(i);
+            let mut nonce = [0u8; 16];
+            rng(i).fill_bytes(&mut nonce);
+            let request = RegistrationRequest {
+                group,
+                identity: k.identity.verifying_key().to_bytes(),
+                hpke_key: k.hpke.public_key().expect("a valid key"),
+                timestamp_ms: now_ms(),
+                nonce,
+                token: Vec::new(),
+            };
+            sign(&request, &k.identity)
         })
         .collect();
-    for h in handles {
-        h.join().expect("client");
-    }
-    let elapsed = started.elapsed();
-    let server_cpu = cpu_seconds(&server_pid) - server_cpu0;
-    let client_cpu = cpu_seconds("self") - client_cpu0;
+    let half = |request: &Vec<u8>, r: &mut ChaCha20Rng| {
+        std::hint::black_box(controller_half(request, &path, &signer, r));
+    };
+    let (before, cpu) = on_threads(&requests, 2, half);
+    let bare = run_clients(&pid, n, conns, |i| {
+        exchange(&addr, &requests[i]).is_ok_and(|reply| {
+            matches!(
+                wire::MessageType::peek(&reply),
+                Ok(wire::MessageType::Welcome)
+            )
+        })
+    });
+    let (after, _) = on_threads(&requests, 2, half);
+
+    // 2. Member client, the whole registration.
+    let members: Vec<Keys> = (0..n as u64).map(|i| keys(1 << 32 | i)).collect();
+    let own_signer = SigningKey::from_bytes(&[3; 32]);
+    let own_key = own_signer.verifying_key();
+    let whole = |k: &Keys, r: &mut ChaCha20Rng| {
+        let (mut m, request) = member(k, own_key);
+        let welcome = controller_half(&request, &path, &own_signer, r);
+        assert!(joined(&mut m, &welcome), "the member joins");
+    };
+    let (whole_before, whole_cpu) = on_threads(&members, 2, whole);
+    let full = run_clients(&pid, n, conns, |i| {
+        let (mut m, request) = member(&members[i], controller);
+        exchange(&addr, &request).is_ok_and(|reply| joined(&mut m, &reply))
+    });
+    let (whole_after, _) = on_threads(&members, 2, whole);
+
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let ok = welcomed.load(Ordering::Relaxed);
-    let rate = ok as f64 / elapsed.as_secs_f64();
-    let (after, _) = crypto_rate(&requests, 2);
-    let (one, _) = crypto_rate(&requests, 1);
-    let seals = seal_rate(&requests);
-    let two = f64::midpoint(before, after);
+    let (one, _) = on_threads(&requests, 1, half);
     println!(
-        "registrations over loopback TCP: {ok}/{n} welcomed in {:.2} s = {rate:.0} per second ({conns} client connections at a time, 20 ms batches)",
-        elapsed.as_secs_f64()
+        "{conns} client connections at a time, immediate rekeying; controller's half of the crypto on 1 thread: {one:.0}/s; HPKE seal of a path alone: {:.0}/s on 1 thread",
+        seal_rate(&requests, &path)
     );
-    println!(
-        "registration crypto alone (verify request + HPKE seal + sign welcome): {before:.0}/s before and {after:.0}/s after on 2 threads, {one:.0}/s on 1 thread"
+    report(
+        "1. bare client (requests signed beforehand, a welcome counts)",
+        "the controller's half (verify request + HPKE seal + sign welcome)",
+        &bare,
+        n,
+        (before, after, cpu),
     );
-    println!("HPKE seal of a path alone: {seals:.0}/s on 1 thread");
-    println!(
-        "ratio to 2-thread crypto (mean of before and after): {:.2}",
-        rate / two
-    );
-    let per = |seconds: f64, count: usize| 1e6 * seconds / count.max(1) as f64;
-    println!(
-        "CPU: daemon {server_cpu:.2} s, client {client_cpu:.2} s ({:.2} of 2 cores busy); per registration: daemon {:.0} us + client {:.0} us against {:.0} us of crypto alone (CPU ratio {:.2})",
-        (server_cpu + client_cpu) / elapsed.as_secs_f64(),
-        per(server_cpu, ok),
-        per(client_cpu, ok),
-        per(crypto_cpu, n),
-        crypto_cpu / n.max(1) as f64 / ((server_cpu + client_cpu) / ok.max(1) as f64)
+    report(
+        "2. member client (signs its request, verifies and opens its welcome)",
+        "the whole registration's crypto (sign + verify request, HPKE seal, sign + verify welcome, HPKE open)",
+        &full,
+        n,
+        (whole_before, whole_after, whole_cpu),
     );
 }
