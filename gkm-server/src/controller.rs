@@ -714,6 +714,17 @@ impl<R: CryptoRng> Controller<R> {
             .min()
     }
 
+    /// The groups with a batch scheduled (due at or before [`Controller::poll_timeout`]'s
+    /// answer for them). A registration for one of these joins that batch whenever it is handled
+    /// before the batch is due, so a driver that handles its input before firing timers may hold
+    /// such registrations until then.
+    pub fn batching(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.batch_due.is_some())
+            .map(|(id, _)| *id)
+    }
+
     /// The next thing to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
@@ -1158,7 +1169,8 @@ impl<R: CryptoRng> Controller<R> {
         let clock = self.profiler;
         let tree_done = clock.map(|now| now());
         // Write-ahead: the changes are durable before anything encrypted under them is queued.
-        // With workers, the save runs while the datagrams are packed and signed.
+        // With workers, a large rekey's save runs while its datagrams are packed and signed; for
+        // a small one, the thread would cost more CPU than the signing it overlaps.
         let save = g.take_save();
         let (mtu, tree) = (g.policy.mtu, &g.tree);
         let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
@@ -1171,7 +1183,8 @@ impl<R: CryptoRng> Controller<R> {
             let result = save.write(store);
             (result, clock.map(|now| now()))
         };
-        let ((saved, persisted), (datagrams, packed)) = if workers > 1 {
+        let overlap = workers > 1 && rekey.encryptions.len() >= OVERLAP_SAVE_MIN;
+        let ((saved, persisted), (datagrams, packed)) = if overlap {
             std::thread::scope(|scope| {
                 let writer = scope.spawn(|| timed_write(store));
                 let signed = pack_and_sign();
@@ -1273,7 +1286,9 @@ impl<R: CryptoRng> Controller<R> {
             }
             .to_bytes(),
         };
-        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(16);
+        // A welcome takes about 25 µs to seal and sign, a thread tens of µs to start and join:
+        // a thread gets at least 64.
+        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(64);
         if welcomes.len() <= chunk {
             return welcomes.into_iter().map(seal).collect();
         }
@@ -1325,6 +1340,10 @@ impl<R: CryptoRng> Controller<R> {
         });
     }
 }
+
+/// Encryptions in a rekey from which its save runs on a thread of its own while the datagrams are
+/// packed and signed (about 40 encryptions fill a datagram, and a signature takes about 20 µs).
+const OVERLAP_SAVE_MIN: usize = 512;
 
 /// Packs a rekey into datagrams: at the MTU, or at the largest datagram if a node's items do not
 /// fit in it.

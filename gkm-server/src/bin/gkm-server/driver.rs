@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! tokio workers (one per core)            controller thread ("gkm-controller")
-//!   accept, read frame                      loop: recv message (or sleep until poll_timeout)
+//!   accept, read frame                      loop: take the queue (or sleep until poll_timeout)
 //!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / subscribe for
 //!   (Ed25519, the welcome's X25519,               everything queued, then handle_timeout
 //!    any worker)                                  (rekey: store commit, welcome sealing on
@@ -12,7 +12,9 @@
 //!
 //! The controller needs no lock: only its thread touches it. Its blocking work (the durable
 //! commit of each rekey, sealing a batch's welcomes) never stalls the tokio workers, so requests
-//! keep being read and their signatures verified on every core meanwhile. Fan-out: a datagram
+//! keep being read and their signatures verified on every core meanwhile. The queue (see
+//! [`crate::queue`]) lets registrations wait for their group's scheduled batch without waking
+//! the thread. Fan-out: a datagram
 //! on the request port's UDP socket is a subscription; when it is valid and the group's `fanout`
 //! is on, every multicast datagram of that group is also sent by unicast to the subscriber's
 //! address until the subscription is older than the group's lease.
@@ -23,8 +25,6 @@ use std::io::{BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -41,6 +41,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, Interface};
+use crate::queue::{ControllerQueue, MAX_QUEUED_OTHER, ToController};
 use crate::state::StateDir;
 
 /// Largest request frame.
@@ -53,39 +54,18 @@ const SLOT_WAIT: Duration = Duration::from_secs(1);
 const LISTEN_BACKLOG: u32 = 4_096;
 /// Concurrent control connections.
 const MAX_CONTROL: usize = 16;
-/// Fan-out subscriptions and metrics scrapes waiting for the controller; more are dropped.
-const MAX_QUEUED_OTHER: usize = 64;
 /// Time to read one request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle time allowed on a control connection between lines.
 const CONTROL_IDLE: Duration = Duration::from_secs(300);
 /// Pause after a failed accept (out of file descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// The controller thread's longest sleep when no timer is set.
+const IDLE_WAIT: Duration = Duration::from_secs(3_600);
 /// Subscribers remembered per group.
 const MAX_SUBSCRIBERS: usize = 4_096;
 
 type OsRng = UnwrapErr<SysRng>;
-
-/// What the tokio side hands the controller thread.
-enum ToController {
-    /// A request, after [`gkm_server::verify_request`].
-    Request {
-        conn: ConnId,
-        inbound: Inbound,
-        reply: oneshot::Sender<Vec<u8>>,
-    },
-    /// A fan-out subscription datagram.
-    Subscribe { bytes: Vec<u8>, from: SocketAddr },
-    /// An operator's command.
-    Command {
-        command: Command,
-        reply: oneshot::Sender<Reply>,
-    },
-    /// A metrics scrape.
-    Metrics(oneshot::Sender<String>),
-    /// Stop: flush and end the thread.
-    Stop,
-}
 
 /// Request connections still reading their request, by number (so oldest first). A member sends
 /// its request as soon as it connects; connections that stay silent (slowloris) are the ones
@@ -139,51 +119,10 @@ impl Readers {
     }
 }
 
-/// The sending side of the controller thread's queue. Requests and control commands are bounded
-/// by their connection limits; the others by [`MAX_QUEUED_OTHER`] (dropped past it, so a UDP
-/// flood cannot crowd out registrations).
-#[derive(Clone)]
-struct ControllerQueue {
-    tx: SyncSender<ToController>,
-    others: Arc<AtomicUsize>,
-}
-
 /// The most messages the controller's queue holds with `max_connections` request connections:
 /// one per connection, control connection and other message, and a stop.
 fn queue_capacity(max_connections: usize) -> usize {
     max_connections + MAX_CONTROL + MAX_QUEUED_OTHER + 1
-}
-
-impl ControllerQueue {
-    fn new(capacity: usize) -> (ControllerQueue, Receiver<ToController>) {
-        let (tx, rx) = sync_channel(capacity);
-        let queue = ControllerQueue {
-            tx,
-            others: Arc::new(AtomicUsize::new(0)),
-        };
-        (queue, rx)
-    }
-
-    /// Queues a message; false when the controller has stopped (or the queue is full).
-    fn send(&self, message: ToController) -> bool {
-        let other = matches!(
-            message,
-            ToController::Subscribe { .. } | ToController::Metrics(_)
-        );
-        if other && self.others.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_OTHER {
-            self.others.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        match self.tx.try_send(message) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                if other {
-                    self.others.fetch_sub(1, Ordering::Relaxed);
-                }
-                false
-            }
-        }
-    }
 }
 
 /// A group's multicast socket and unicast subscribers.
@@ -206,9 +145,6 @@ struct Driver {
     /// Pending replies are pruned of closed connections when there are this many.
     prune_at: usize,
     audit: BufWriter<File>,
-    others: Arc<AtomicUsize>,
-    /// Queued messages handled before the timers get a turn: the whole queue.
-    burst: usize,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -298,8 +234,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         "gkm-server serving"
     );
     warn_if_few_descriptors(config.max_connections);
-    let burst = queue_capacity(config.max_connections);
-    let (queue, rx) = ControllerQueue::new(burst);
+    let queue = ControllerQueue::new(queue_capacity(config.max_connections));
     let driver = Driver {
         controller,
         groups,
@@ -307,14 +242,14 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         pending: HashMap::new(),
         prune_at: 64,
         audit: BufWriter::new(audit),
-        others: queue.others.clone(),
-        burst,
     };
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+    let inbox = queue.clone();
     let thread = std::thread::Builder::new()
         .name("gkm-controller".into())
         .spawn(move || {
-            driver.run(&rx);
+            driver.run(&inbox);
+            inbox.close();
             let _ = stopped_tx.send(());
         })
         .context("cannot start the controller thread")?;
@@ -350,7 +285,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
     for task in &tasks {
         task.abort();
     }
-    let _ = queue.tx.send(ToController::Stop);
+    queue.send(ToController::Stop);
     let joined = tokio::task::spawn_blocking(move || thread.join()).await;
     let _ = std::fs::remove_file(&control_path);
     if !matches!(joined, Ok(Ok(()))) {
@@ -369,37 +304,31 @@ fn now() -> Timestamp {
 }
 
 impl Driver {
-    /// The controller thread: handles queued messages, fires timers, until told to stop.
-    fn run(mut self, rx: &Receiver<ToController>) {
+    /// The controller thread: handles everything queued, then fires the timers that are due,
+    /// until told to stop. Handling the queue first makes a burst of changes one rekey (a lone
+    /// change still rekeys at once), and a registration that waited for its group's batch (see
+    /// [`ControllerQueue`]) joins that batch.
+    fn run(mut self, queue: &ControllerQueue) {
         self.flush();
         loop {
-            let wait = match self.controller.poll_timeout() {
-                Some(due) if due <= now() => {
-                    self.controller.handle_timeout(now());
-                    self.flush();
-                    continue;
+            let wait = self.controller.poll_timeout().map_or(IDLE_WAIT, |due| {
+                Duration::from_millis(due.0.saturating_sub(now().0))
+            });
+            for message in queue.receive(wait, self.controller.batching()) {
+                if matches!(message, ToController::Stop) {
+                    return self.flush();
                 }
-                Some(due) => Duration::from_millis(due.0.saturating_sub(now().0)),
-                None => Duration::from_secs(3600),
-            };
-            match rx.recv_timeout(wait) {
-                Ok(ToController::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(message) => {
-                    self.handle(message);
-                    // What queued up meanwhile is handled before the timers fire, so a burst of
-                    // changes becomes one rekey (a lone change still rekeys at once).
-                    for _ in 1..self.burst {
-                        match rx.try_recv() {
-                            Ok(ToController::Stop) => return self.flush(),
-                            Ok(message) => self.handle(message),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
+                self.handle(message);
+            }
+            if self
+                .controller
+                .poll_timeout()
+                .is_some_and(|due| due <= now())
+            {
+                self.controller.handle_timeout(now());
+                self.flush();
             }
         }
-        self.flush();
     }
 
     fn handle(&mut self, message: ToController) {
@@ -409,10 +338,7 @@ impl Driver {
                 inbound,
                 reply,
             } => self.request(conn, inbound, reply),
-            ToController::Subscribe { bytes, from } => {
-                self.others.fetch_sub(1, Ordering::Relaxed);
-                self.subscribe(&bytes, from);
-            }
+            ToController::Subscribe { bytes, from } => self.subscribe(&bytes, from),
             ToController::Command { command, reply } => {
                 let outcome = self.controller.handle_command(now(), command);
                 // With immediate rekeying an eviction is answered once its rekey is durable and
@@ -427,7 +353,6 @@ impl Driver {
                 let _ = reply.send(Reply::from_outcome(outcome));
             }
             ToController::Metrics(reply) => {
-                self.others.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(self.metrics());
             }
             ToController::Stop => {}
@@ -810,25 +735,39 @@ async fn request_connection(
         };
         let mut frame = len.to_be_bytes().to_vec();
         frame.extend_from_slice(&reply);
+        // Dropping the stream closes it, which sends the FIN once the reply is out.
         if let Err(e) = stream.write_all(&frame).await {
             debug!(conn = conn.0, "reply write failed: {e}");
         }
-        let _ = stream.shutdown().await;
     }
 }
 
+/// Reads one length-prefixed frame. A request usually arrives in one segment, so the first read
+/// asks for more than the prefix and mostly gets the whole frame in one system call.
 async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+    const FIRST_READ: usize = 1_024;
+    let mut bytes = vec![0u8; FIRST_READ];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut bytes[got..]).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    let prefix: [u8; 4] = bytes[..4].try_into().unwrap_or_default();
+    let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
     if len == 0 || len > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame length {len} outside 1..={MAX_FRAME}"),
         ));
     }
-    let mut bytes = vec![0u8; len];
-    stream.read_exact(&mut bytes).await?;
+    // Anything after the frame is ignored, as it always was: one request per connection.
+    bytes.resize(4 + len, 0);
+    if let Some(rest) = bytes.get_mut(got..) {
+        stream.read_exact(rest).await?;
+    }
+    bytes.drain(..4);
     Ok(bytes)
 }
 

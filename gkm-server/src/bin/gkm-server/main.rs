@@ -7,6 +7,7 @@
 
 mod config;
 mod driver;
+mod queue;
 mod state;
 
 use std::path::PathBuf;

@@ -1,0 +1,281 @@
+//! The controller thread's queue: what the tokio side hands the thread that owns the
+//! `Controller`, and when that thread is woken for it.
+//!
+//! A registration for a group whose batch is already scheduled does not wake the thread: it joins
+//! that batch whenever it is handled before the batch is due, and the thread handles everything
+//! queued before it fires its timers. Under a stream of registrations with batching on, that
+//! saves the thread a wake-up (and the waker a system call) per member. Everything else wakes it.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use gkm_server::control::Reply;
+use gkm_server::{Command, ConnId, Inbound};
+use lkh_tree::GroupId;
+use tokio::sync::oneshot;
+
+/// Fan-out subscriptions and metrics scrapes waiting for the controller; more are dropped.
+pub(crate) const MAX_QUEUED_OTHER: usize = 64;
+
+/// What the tokio side hands the controller thread.
+pub(crate) enum ToController {
+    /// A request, after [`gkm_server::verify_request`].
+    Request {
+        conn: ConnId,
+        inbound: Inbound,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    /// A fan-out subscription datagram.
+    Subscribe { bytes: Vec<u8>, from: SocketAddr },
+    /// An operator's command.
+    Command {
+        command: Command,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A metrics scrape.
+    Metrics(oneshot::Sender<String>),
+    /// Stop: flush and end the thread.
+    Stop,
+}
+
+impl ToController {
+    /// A subscription or scrape: bounded apart, so a UDP flood cannot crowd out registrations.
+    fn is_other(&self) -> bool {
+        matches!(
+            self,
+            ToController::Subscribe { .. } | ToController::Metrics(_)
+        )
+    }
+
+    /// A registration for one of the `batching` groups: it can wait for that batch.
+    fn can_wait(&self, batching: &HashSet<GroupId>) -> bool {
+        matches!(
+            self,
+            ToController::Request { inbound: Inbound::Registration(r), .. }
+                if batching.contains(&r.request().group)
+        )
+    }
+}
+
+/// The queue's state, under one lock.
+#[derive(Default)]
+struct State {
+    messages: VecDeque<ToController>,
+    /// Subscriptions and scrapes among `messages`.
+    others: usize,
+    /// Messages among `messages` that must wake the thread.
+    urgent: usize,
+    /// Whether the thread is waiting (so a message that cannot wait must wake it).
+    waiting: bool,
+    /// Groups with a batch scheduled, as of the thread's last wait.
+    batching: HashSet<GroupId>,
+    /// The thread has ended: nothing more is taken.
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    capacity: usize,
+}
+
+/// Both ends of the queue (the tokio side sends, the controller thread receives). Requests and
+/// control commands are bounded by their connection limits through `capacity`; subscriptions and
+/// scrapes also by [`MAX_QUEUED_OTHER`].
+#[derive(Clone)]
+pub(crate) struct ControllerQueue(Arc<Shared>);
+
+impl ControllerQueue {
+    /// A queue holding at most `capacity` messages.
+    pub(crate) fn new(capacity: usize) -> ControllerQueue {
+        ControllerQueue(Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            capacity,
+        }))
+    }
+
+    /// Queues a message; false when it is full (for its kind; a stop always fits) or the thread
+    /// has ended.
+    pub(crate) fn send(&self, message: ToController) -> bool {
+        let Ok(mut state) = self.0.state.lock() else {
+            return false;
+        };
+        let other = message.is_other();
+        let full =
+            state.messages.len() >= self.0.capacity && !matches!(message, ToController::Stop);
+        if state.closed || full || (other && state.others >= MAX_QUEUED_OTHER) {
+            return false;
+        }
+        let urgent = !message.can_wait(&state.batching);
+        state.others += usize::from(other);
+        state.urgent += usize::from(urgent);
+        state.messages.push_back(message);
+        let wake = urgent && state.waiting;
+        drop(state);
+        if wake {
+            self.0.wake.notify_one();
+        }
+        true
+    }
+
+    /// The controller thread: everything queued, at once if anything is; otherwise after waiting
+    /// (at most `timeout`) for a message that cannot wait, `batching` being the groups with a
+    /// batch scheduled.
+    pub(crate) fn receive(
+        &self,
+        timeout: Duration,
+        batching: impl Iterator<Item = GroupId>,
+    ) -> VecDeque<ToController> {
+        let Ok(mut state) = self.0.state.lock() else {
+            return VecDeque::new();
+        };
+        if state.messages.is_empty() {
+            state.batching = batching.collect();
+            state.waiting = true;
+            let deadline = Instant::now() + timeout;
+            while state.urgent == 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = match self.0.wake.wait_timeout(state, left) {
+                    Ok((state, _)) => state,
+                    Err(_) => return VecDeque::new(),
+                };
+            }
+            state.waiting = false;
+        }
+        state.others = 0;
+        state.urgent = 0;
+        std::mem::take(&mut state.messages)
+    }
+
+    /// The controller thread has ended: later sends fail.
+    pub(crate) fn close(&self) {
+        if let Ok(mut state) = self.0.state.lock() {
+            state.closed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape() -> ToController {
+        ToController::Metrics(oneshot::channel().0)
+    }
+
+    #[test]
+    fn a_queued_message_is_taken_without_waiting() {
+        let queue = ControllerQueue::new(8);
+        assert!(queue.send(ToController::Stop));
+        let started = Instant::now();
+        let taken = queue.receive(Duration::from_secs(10), std::iter::empty());
+        assert_eq!(taken.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_message_that_cannot_wait_wakes_the_waiting_thread() {
+        let queue = ControllerQueue::new(8);
+        let sender = queue.clone();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(sender.send(ToController::Stop));
+        });
+        let started = Instant::now();
+        let taken = queue.receive(Duration::from_secs(10), std::iter::empty());
+        waker.join().unwrap();
+        assert_eq!(taken.len(), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken, not timed out"
+        );
+    }
+
+    #[test]
+    fn with_nothing_queued_the_thread_waits_for_its_timeout() {
+        let queue = ControllerQueue::new(8);
+        let started = Instant::now();
+        let taken = queue.receive(Duration::from_millis(30), std::iter::empty());
+        assert!(taken.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(30));
+    }
+
+    /// A verified registration for `group`.
+    fn registration(group: GroupId) -> ToController {
+        use rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let request = wire::RegistrationRequest {
+            group,
+            identity: identity.verifying_key().to_bytes(),
+            hpke_key: wire::HpkeSecret::generate(&mut rng).public_key().unwrap(),
+            timestamp_ms: 0,
+            nonce: [1; 16],
+            token: Vec::new(),
+        };
+        let inbound = gkm_server::verify_request(wire::sign(&request, &identity), &mut rng);
+        assert!(matches!(inbound, Inbound::Registration(_)));
+        ToController::Request {
+            conn: ConnId(1),
+            inbound,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// Sends a registration for `group` 20 ms into a wait of `timeout` while `batching` is
+    /// scheduled; how long the wait took and what it took.
+    fn wait_with(group: GroupId, batching: GroupId, timeout: Duration) -> (Duration, usize) {
+        let queue = ControllerQueue::new(8);
+        let sender = queue.clone();
+        let message = registration(group);
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(sender.send(message));
+        });
+        let started = Instant::now();
+        let taken = queue.receive(timeout, std::iter::once(batching));
+        waker.join().unwrap();
+        (started.elapsed(), taken.len())
+    }
+
+    #[test]
+    fn a_registration_waits_for_its_groups_batch_without_waking_the_thread() {
+        let group = GroupId(1);
+        let (waited, taken) = wait_with(group, group, Duration::from_millis(300));
+        assert_eq!(taken, 1);
+        assert!(
+            waited >= Duration::from_millis(300),
+            "woken after {waited:?}"
+        );
+        // For a group with no batch scheduled it wakes the thread: it starts one.
+        let (waited, taken) = wait_with(GroupId(2), group, Duration::from_secs(10));
+        assert_eq!(taken, 1);
+        assert!(waited < Duration::from_secs(5), "not woken: {waited:?}");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_overall_and_for_scrapes_and_refuses_after_close() {
+        let queue = ControllerQueue::new(MAX_QUEUED_OTHER + 2);
+        for _ in 0..MAX_QUEUED_OTHER {
+            assert!(queue.send(scrape()));
+        }
+        assert!(!queue.send(scrape()), "scrapes past their bound");
+        assert!(queue.send(registration(GroupId(1))));
+        assert!(queue.send(registration(GroupId(1))));
+        assert!(!queue.send(registration(GroupId(1))), "past the capacity");
+        assert!(queue.send(ToController::Stop), "a stop always fits");
+        assert_eq!(
+            queue.receive(Duration::ZERO, std::iter::empty()).len(),
+            MAX_QUEUED_OTHER + 3
+        );
+        assert!(queue.send(scrape()), "room again once taken");
+        queue.close();
+        assert!(!queue.send(ToController::Stop));
+    }
+}
