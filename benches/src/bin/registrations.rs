@@ -1,7 +1,7 @@
-//! `registrations [N] [CONNECTIONS]`: registrations per second over loopback TCP against a real
-//! `gkm-server` (run it from `target/release`, next to this binary), each next to what the
-//! registration's own crypto alone allows on 2 threads, measured in the same run. Two runs of N
-//! registrations each, on one daemon:
+//! `registrations [N] [CONNECTIONS] [BATCH_MS]`: registrations per second over loopback TCP
+//! against a real `gkm-server` (run it from `target/release`, next to this binary), each next to
+//! what the registration's own crypto alone allows on 2 threads, measured in the same run. Two
+//! runs of N registrations each, on one daemon:
 //!
 //! 1. **Bare client** against **the controller's half** of the crypto (verify the request's
 //!    Ed25519 signature, seal the path keys with HPKE, sign the welcome). The requests are signed
@@ -16,15 +16,17 @@
 //! Fairness: each baseline is measured on 2 threads just before and just after its run, and the
 //! ratio taken to their mean, so load from other processes weighs on both alike. The CPU time of
 //! the daemon and of the client is printed too, per registration, next to the crypto's. The
-//! client keeps CONNECTIONS registrations in flight; the daemon runs with immediate rekeying (its
-//! default), so each batch holds the requests that arrived while the previous one was made.
+//! client is event-driven (tokio, 2 workers), as member agents are, and keeps CONNECTIONS
+//! registrations in flight, each on its own connection; the group rekeys every BATCH_MS (0 is
+//! immediate rekeying: each batch holds what arrived while the previous one was made). A
+//! registration storm is what batching is for: the defaults are 1,000 connections and 50 ms.
 //!
-//! `cargo build --release --bins && target/release/registrations 6000 200`
+//! `cargo build --release --bins && target/release/registrations 6000 1000 50`
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +36,7 @@ use gkm_member::{Member, MemberConfig, MemberEvent};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::{
     HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
     verifying_key,
@@ -104,19 +107,30 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / TICKS
 }
 
-/// One request on its own connection, as a member sends it: one frame out, one frame back.
-fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    let mut frame = len.to_be_bytes().to_vec();
-    frame.extend_from_slice(bytes);
-    stream.write_all(&frame)?;
-    let mut head = [0u8; 4];
-    stream.read_exact(&mut head)?;
-    let mut reply = vec![0u8; u32::from_be_bytes(head).min(1 << 16) as usize];
-    stream.read_exact(&mut reply)?;
-    Ok(reply)
+/// One request on its own connection, as a member sends it: one frame out, one frame back (at
+/// most 10 s).
+async fn exchange(addr: &str, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let mut frame = len.to_be_bytes().to_vec();
+        frame.extend_from_slice(bytes);
+        stream.write_all(&frame).await?;
+        // The daemon closes the connection after its reply.
+        let mut reply = Vec::with_capacity(2_048);
+        stream.read_to_end(&mut reply).await?;
+        let len = reply
+            .first_chunk::<4>()
+            .map(|head| u32::from_be_bytes(*head) as usize);
+        if len != Some(reply.len().saturating_sub(4)) {
+            return Err(std::io::Error::other("not one reply frame"));
+        }
+        reply.drain(..4);
+        Ok(reply)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// A member's path in a tree of `members`, to seal.
@@ -208,31 +222,43 @@ struct Run {
     client_cpu: f64,
 }
 
-/// Keeps `conns` registrations in flight until `register` has been called for each of `0..n`;
-/// `register(i)` is true when registration `i` succeeded.
-fn run_clients(
-    server: &str,
-    n: usize,
-    conns: usize,
-    register: impl Fn(usize) -> bool + Sync,
-) -> Run {
-    let next = AtomicUsize::new(0);
-    let ok = AtomicUsize::new(0);
+/// Keeps `conns` registrations in flight, as tasks on a 2-worker tokio runtime, until `register`
+/// has run for each of `0..n`; `register(i)` is true when registration `i` succeeded.
+fn run_clients<R, F>(server: &str, n: usize, conns: usize, register: R) -> Run
+where
+    R: Fn(usize) -> F + Send + Sync + 'static,
+    F: Future<Output = bool> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_io()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    let register = Arc::new(register);
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
     let (server_cpu0, client_cpu0) = (cpu_seconds(server), cpu_seconds("self"));
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..conns {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
+    runtime.block_on(async {
+        let clients: Vec<_> = (0..conns)
+            .map(|_| {
+                let (register, next, ok) = (register.clone(), next.clone(), ok.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        if register(i).await {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    if register(i) {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.expect("a client task");
         }
     });
     Run {
@@ -274,12 +300,18 @@ fn report(
     );
 }
 
-/// Starts `gkm-server` in `dir` on `addr` (group "demo", immediate rekeying); its process.
-fn start_server(bin: &Path, dir: &Path, addr: &str, port: u16) -> (Child, VerifyingKey) {
+/// Starts `gkm-server` in `dir` on `addr` (group "demo", batches every `batch_ms`); its process
+/// and public key.
+fn start_server(
+    bin: &Path,
+    dir: &Path,
+    (addr, port): (&str, u16),
+    batch_ms: u64,
+) -> (Child, VerifyingKey) {
     std::fs::create_dir_all(dir).expect("dir");
     std::fs::write(
         dir.join("gkm-server.toml"),
-        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
+        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nbatch_interval_ms = {batch_ms}\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
     )
     .expect("config");
     let state = dir.join("state");
@@ -311,7 +343,8 @@ fn start_server(bin: &Path, dir: &Path, addr: &str, port: u16) -> (Child, Verify
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(6000);
-    let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let batch_ms: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let bin = std::env::current_exe()
         .expect("exe")
         .with_file_name("gkm-server");
@@ -326,7 +359,7 @@ fn main() {
         .expect("port")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let (mut server, controller) = start_server(&bin, &dir, &addr, port);
+    let (mut server, controller) = start_server(&bin, &dir, (&addr, port), batch_ms);
     let pid = server.id().to_string();
     let path = sample_path(n);
     let signer = SigningKey::from_bytes(&[3; 32]);
@@ -353,14 +386,22 @@ fn main() {
         std::hint::black_box(controller_half(request, &path, &signer, r));
     };
     let (before, cpu) = on_threads(&requests, 2, half);
-    let bare = run_clients(&pid, n, conns, |i| {
-        exchange(&addr, &requests[i]).is_ok_and(|reply| {
-            matches!(
-                wire::MessageType::peek(&reply),
-                Ok(wire::MessageType::Welcome)
-            )
+    let requests = Arc::new(requests);
+    let addr: Arc<str> = addr.into();
+    let bare = {
+        let (requests, addr) = (requests.clone(), addr.clone());
+        run_clients(&pid, n, conns, move |i| {
+            let (requests, addr) = (requests.clone(), addr.clone());
+            async move {
+                exchange(&addr, &requests[i]).await.is_ok_and(|reply| {
+                    matches!(
+                        wire::MessageType::peek(&reply),
+                        Ok(wire::MessageType::Welcome)
+                    )
+                })
+            }
         })
-    });
+    };
     let (after, _) = on_threads(&requests, 2, half);
 
     // 2. Member client, the whole registration.
@@ -373,10 +414,18 @@ fn main() {
         assert!(joined(&mut m, &welcome), "the member joins");
     };
     let (whole_before, whole_cpu) = on_threads(&members, 2, whole);
-    let full = run_clients(&pid, n, conns, |i| {
-        let (mut m, request) = member(&members[i], controller);
-        exchange(&addr, &request).is_ok_and(|reply| joined(&mut m, &reply))
-    });
+    let members = Arc::new(members);
+    let full = {
+        let (members, addr) = (members.clone(), addr.clone());
+        run_clients(&pid, n, conns, move |i| {
+            let (members, addr) = (members.clone(), addr.clone());
+            async move {
+                let (mut m, request) = member(&members[i], controller);
+                let reply = exchange(&addr, &request).await;
+                reply.is_ok_and(|reply| joined(&mut m, &reply))
+            }
+        })
+    };
     let (whole_after, _) = on_threads(&members, 2, whole);
 
     let _ = server.kill();
@@ -384,7 +433,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     let (one, _) = on_threads(&requests, 1, half);
     println!(
-        "{conns} client connections at a time, immediate rekeying; controller's half of the crypto on 1 thread: {one:.0}/s; HPKE seal of a path alone: {:.0}/s on 1 thread",
+        "{conns} client connections at a time, batches every {batch_ms} ms; controller's half of the crypto on 1 thread: {one:.0}/s; HPKE seal of a path alone: {:.0}/s on 1 thread",
         seal_rate(&requests, &path)
     );
     report(
