@@ -40,6 +40,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use wire::{AuthenticRekey, MessageType, RekeyDatagram};
 
 const GROUP_ADDR: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 1);
+/// The test reads path keys from the membership files: members write them within 0.2–0.4 s.
+const SAVE_SOON: &[&str] = &["--save-after-ms", "200"];
 
 /// Records every datagram sent to the group until stopped.
 struct Eavesdropper {
@@ -166,10 +168,10 @@ fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_rea
     let lab = Lab::new("coalition", &server, 7);
     let spy = Eavesdropper::join(lab.mcast);
     let controller = lab.controller(None);
-    let a = lab.member("a", &[], None);
-    let b = lab.member("b", &[], None);
-    let c = lab.member("c", &[], None);
-    let e = lab.member("e", &[], None);
+    let a = lab.member("a", SAVE_SOON, None);
+    let b = lab.member("b", SAVE_SOON, None);
+    let c = lab.member("c", SAVE_SOON, None);
+    let e = lab.member("e", SAVE_SOON, None);
     let api = |name: &str| lab.dir.join(name).join("api.sock");
     let all = [api("a"), api("b"), api("c"), api("e")];
     let first = converged(
@@ -199,7 +201,7 @@ fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_rea
     sockets.pop();
     // The eviction's epoch is recorded before d's join can follow it within one poll.
     watch(&mut traffic, &sockets, Duration::from_millis(300));
-    let d = lab.member("d", &[], None);
+    let d = lab.member("d", SAVE_SOON, None);
     sockets.push(api("d"));
     watch(&mut traffic, &sockets, Duration::from_secs(1));
     b.signal("TERM");

@@ -106,6 +106,12 @@ struct RunArgs {
     /// for the current keys over TCP. 0: never.
     #[arg(long, default_value_t = 10_000)]
     fanout_after_ms: u64,
+    /// Key changes are written to the membership file this many to twice as many milliseconds
+    /// after they happen, many changes in one write (a new membership is written at once). A
+    /// restarted member resyncs at once, so an older file costs nothing; fewer writes spare
+    /// flash storage, and agents sharing a host do not write in step.
+    #[arg(long, default_value_t = 30_000)]
+    save_after_ms: u64,
 }
 
 #[derive(Args)]
@@ -178,6 +184,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             renew_ms: args.renew_ms,
             fanout_after: (args.fanout_after_ms > 0)
                 .then(|| std::time::Duration::from_millis(args.fanout_after_ms)),
+            save_after_ms: args.save_after_ms,
         })),
         Command::Send {
             data,
