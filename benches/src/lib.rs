@@ -326,6 +326,28 @@ pub fn unwrap_like_member(
     Some(body)
 }
 
+/// CPU seconds (user + system, all threads) that process `pid` (or `"self"`) has used so far,
+/// from `/proc/PID/stat` at the kernel's tick; 0 if unreadable.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    // Linux reports these in USER_HZ, 100 per second on every architecture it runs on.
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after its closing parenthesis;
+    // utime and stime are fields 14 and 15, so the 12th and 13th from there.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS
+}
+
 /// The process's peak resident set (`VmHWM` of `/proc/self/status`), in KiB, if readable.
 pub fn peak_rss_kib() -> Option<u64> {
     proc_status_kib("VmHWM:")

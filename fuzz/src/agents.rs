@@ -287,8 +287,9 @@ fn controller_signer(_: u8) -> SigningKey {
 }
 
 /// `Controller::handle_request` on a controller with members. Every request is answered on its
-/// connection (a join after the timeout that rekeys it in); a refused one (an error reply with a non-zero code) changes neither the epoch
-/// nor the membership. Whether it was answered without refusal.
+/// connection (a join after the timeout that rekeys it in); a refused one (an error reply with a
+/// non-zero code) changes neither the epoch nor the membership. Whether it was answered without
+/// refusal.
 pub fn controller_request(data: &[u8]) -> bool {
     let Some(bytes) = input(data, member_signer, REQUESTS) else {
         return false;

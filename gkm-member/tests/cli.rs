@@ -250,3 +250,22 @@ fn recv_without_a_member_says_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gkm-member run"), "{err}");
 }
+
+#[test]
+fn a_save_delay_past_a_day_is_refused_with_its_range() {
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--group",
+            "demo",
+            "--controller-key",
+            &"00".repeat(32),
+        ])
+        .args(["--save-after-ms", "18446744073709551615"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--save-after-ms"), "{err}");
+    assert!(err.contains("86400000"), "{err}");
+}

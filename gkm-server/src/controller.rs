@@ -1,7 +1,7 @@
 //! The controller state machine. See the crate docs for the call order.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -1287,30 +1287,7 @@ impl<R: CryptoRng> Controller<R> {
             }
             .to_bytes(),
         };
-        // A welcome takes about 25 µs to seal and sign, a thread tens of µs to start and join:
-        // a thread gets at least 64.
-        let chunk = welcomes.len().div_ceil(self.workers.max(1)).max(64);
-        if welcomes.len() <= chunk {
-            return welcomes.into_iter().map(seal).collect();
-        }
-        let mut parts = Vec::new();
-        let mut rest = welcomes;
-        while rest.len() > chunk {
-            let tail = rest.split_off(chunk);
-            parts.push(rest);
-            rest = tail;
-        }
-        parts.push(rest);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|part| scope.spawn(move || part.into_iter().map(seal).collect::<Vec<_>>()))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
+        on_workers(welcomes, self.workers, seal)
     }
 
     fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
@@ -1356,44 +1333,57 @@ fn pack_rekey(rekey: &lkh_tree::Rekey, tree: &KeyTree, mtu: usize) -> Vec<RekeyD
 
 /// Signs datagrams on up to `workers` threads; the result keeps their order.
 fn sign_all(datagrams: &[RekeyDatagram], signer: &SigningKey, workers: usize) -> Vec<Vec<u8>> {
-    // Threads take 64 datagrams at a time (about 1.5 ms of signing) rather than a fixed share:
-    // a thread slowed by the save running beside it, or by the host, leaves the rest to others.
-    const CHUNK: usize = 64;
-    let sign_part =
-        |part: &[RekeyDatagram]| -> Vec<Vec<u8>> { part.iter().map(|d| d.sign(signer)).collect() };
-    if workers <= 1 || datagrams.len() <= CHUNK {
-        return sign_part(datagrams);
+    on_workers(datagrams.iter().collect(), workers, |d| d.sign(signer))
+}
+
+/// Items a thread of [`on_workers`] takes at a time: about 1.5 ms of signatures or welcomes
+/// (20–25 µs each), more than a thread costs to start and join.
+const WORKER_CHUNK: usize = 64;
+
+/// `work` done on every item on up to `workers` threads (the calling thread is one); the
+/// results keep the items' order. Threads take [`WORKER_CHUNK`] items at a time from a shared
+/// queue rather than a fixed share, so a thread slowed by the save running beside it, or by the
+/// host, leaves the rest to the others. A worker's panic is resumed here.
+fn on_workers<T: Send, U: Send>(
+    items: Vec<T>,
+    workers: usize,
+    work: impl Fn(T) -> U + Sync,
+) -> Vec<U> {
+    if workers <= 1 || items.len() <= WORKER_CHUNK {
+        return items.into_iter().map(work).collect();
     }
-    let next = AtomicUsize::new(0);
+    let mut chunks = Vec::with_capacity(items.len().div_ceil(WORKER_CHUNK));
+    let mut items = items.into_iter();
+    loop {
+        let chunk: Vec<T> = items.by_ref().take(WORKER_CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push((chunks.len(), chunk));
+    }
+    let queue = Mutex::new(chunks.into_iter());
     let take = || {
-        let mut signed = Vec::new();
-        loop {
-            let at = next.fetch_add(CHUNK, Ordering::Relaxed);
-            let Some(part) = datagrams.get(at..datagrams.len().min(at + CHUNK)) else {
-                return signed;
-            };
-            if part.is_empty() {
-                return signed;
-            }
-            signed.push((at, sign_part(part)));
+        let mut done = Vec::new();
+        // The guard moves into the closure and is dropped there: the lock is not held while
+        // the chunk is worked on.
+        while let Some((at, chunk)) = queue.lock().ok().and_then(|mut q| q.next()) {
+            done.push((at, chunk.into_iter().map(&work).collect::<Vec<U>>()));
         }
+        done
     };
-    let mut parts = std::thread::scope(|scope| {
+    let mut done = std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(take)).collect();
-        let mut parts = take();
+        let mut done = take();
         for helper in helpers {
-            parts.extend(helper.join().unwrap_or_default());
+            match helper.join() {
+                Ok(part) => done.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
         }
-        parts
+        done
     });
-    parts.sort_unstable_by_key(|(at, _)| *at);
-    let signed: Vec<Vec<u8>> = parts.into_iter().flat_map(|(_, part)| part).collect();
-    if signed.len() == datagrams.len() {
-        signed
-    } else {
-        // A helper failed: its share is missing, so sign everything here.
-        sign_part(datagrams)
-    }
+    done.sort_unstable_by_key(|(at, _)| *at);
+    done.into_iter().flat_map(|(_, part)| part).collect()
 }
 
 /// Request nonces seen within the last `keep_ms`, forgotten oldest first (so a request costs

@@ -369,6 +369,13 @@ fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> Controller<ChaCha20R
     .unwrap()
 }
 
+/// `controller` handles `request` on connection 0 at `at`; the code of its reply, as
+/// [`reply_code`] reads it (`None`: welcomed).
+fn request_code(controller: &mut Controller<ChaCha20Rng>, at: u64, request: &[u8]) -> Option<u16> {
+    controller.handle_request(ConnId(0), Timestamp(at), request);
+    reply_code(controller, at)
+}
+
 /// The error code of the controller's next reply, or None for a welcome. A refusal is answered
 /// at once; a join when the timers due at `now` fire (its rekey).
 fn reply_code(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<u16> {
@@ -397,26 +404,20 @@ fn v018_v019_replayed_and_stale_registrations_are_refused() {
     let mut net = Net::new(0, 0.0);
     let identity = SigningKey::from_bytes(&[7; 32]);
     let request = registration(&identity, [1; 16], net.now, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &request);
     assert_eq!(
-        reply_code(&mut net.controller, net.now),
+        request_code(&mut net.controller, net.now, &request),
         None,
         "the first one is welcomed"
     );
     let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now + 10), &request);
     assert_eq!(
-        reply_code(&mut net.controller, net.now),
+        request_code(&mut net.controller, net.now + 10, &request),
         Some(409),
         "a replay is refused"
     );
     let old = registration(&identity, [2; 16], net.now - 120_000, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &old);
     assert_eq!(
-        reply_code(&mut net.controller, net.now),
+        request_code(&mut net.controller, net.now, &old),
         Some(409),
         "a stale request is refused"
     );
@@ -650,19 +651,19 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
     let mut net = Net::new(3, 0.0);
     let identity = SigningKey::from_bytes(&[9; 32]);
     let request = registration(&identity, [3; 16], net.now, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &request);
-    assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
+    assert_eq!(
+        request_code(&mut net.controller, net.now, &request),
+        None,
+        "welcomed"
+    );
     net.advance(1_000, 250);
     net.restart(77);
     net.advance(1_000, 250);
     let before = snapshot(&mut net);
     let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
     // Within the freshness window, but made before the restart: its nonce is forgotten.
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &request);
     assert_eq!(
-        reply_code(&mut net.controller, net.now),
+        request_code(&mut net.controller, net.now, &request),
         Some(409),
         "refused as stale"
     );
@@ -671,10 +672,8 @@ fn v038_a_registration_captured_before_a_restart_is_refused_after_it() {
     assert_eq!(snapshot(&mut net), before, "nothing changed");
     // A request made after the restart is taken.
     let fresh = registration(&identity, [4; 16], net.now, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &fresh);
     assert_eq!(
-        reply_code(&mut net.controller, net.now),
+        request_code(&mut net.controller, net.now, &fresh),
         None,
         "a fresh one is welcomed"
     );
@@ -727,16 +726,16 @@ fn a_member_registering_again_with_its_keys_gets_its_path_and_nobody_is_rekeyed(
     let identity = SigningKey::from_bytes(&[30; 32]);
     // `registration` derives the HPKE key from the timestamp: same time, same key.
     let first = registration(&identity, [1; 16], net.now, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &first);
-    assert_eq!(reply_code(&mut net.controller, net.now), None);
+    assert_eq!(request_code(&mut net.controller, net.now, &first), None);
     while net.controller.poll_event().is_some() {}
     let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
     // Its welcome was lost, so it asks again with the same keys.
     let again = registration(&identity, [2; 16], net.now, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now), &again);
-    assert_eq!(reply_code(&mut net.controller, net.now), None, "welcomed");
+    assert_eq!(
+        request_code(&mut net.controller, net.now, &again),
+        None,
+        "welcomed"
+    );
     assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
     assert!(
         net.controller.poll_timeout().is_some_and(|t| t.0 > net.now),
@@ -749,9 +748,7 @@ fn a_member_registering_again_with_its_keys_gets_its_path_and_nobody_is_rekeyed(
     );
     // With a new HPKE key it lost its keys: a new leaf, and the old one departs.
     let lost = registration(&identity, [3; 16], net.now + 1, b"");
-    net.controller
-        .handle_request(ConnId(0), Timestamp(net.now + 1), &lost);
-    assert_eq!(reply_code(&mut net.controller, net.now + 1), None);
+    assert_eq!(request_code(&mut net.controller, net.now + 1, &lost), None);
     assert_eq!(net.controller.traffic_key(GROUP).unwrap().0.0, epoch.0 + 1);
     let events: Vec<Event> = std::iter::from_fn(|| net.controller.poll_event()).collect();
     assert!(events.iter().any(|e| matches!(
@@ -769,8 +766,11 @@ fn a_member_whose_eviction_is_pending_must_be_authorized_to_register_again() {
     let mut controller = restricted(&[], &[b"once"]);
     let identity = SigningKey::from_bytes(&[31; 32]);
     let request = registration(&identity, [1; 16], now, b"once");
-    controller.handle_request(ConnId(0), Timestamp(now), &request);
-    assert_eq!(reply_code(&mut controller, now), None, "admitted");
+    assert_eq!(
+        request_code(&mut controller, now, &request),
+        None,
+        "admitted"
+    );
     let Ok(Response::Members(members)) =
         controller.handle_command(Timestamp(now), Command::Members("demo".into()))
     else {
@@ -785,8 +785,7 @@ fn a_member_whose_eviction_is_pending_must_be_authorized_to_register_again() {
         .unwrap();
     // Same identity, same keys, while the eviction waits for its batch: the token is spent.
     let again = registration(&identity, [2; 16], now, b"once");
-    controller.handle_request(ConnId(0), Timestamp(now), &again);
-    assert_eq!(reply_code(&mut controller, now), Some(403));
+    assert_eq!(request_code(&mut controller, now, &again), Some(403));
 }
 
 #[test]

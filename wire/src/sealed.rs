@@ -232,6 +232,29 @@ mod tests {
 
     use super::*;
 
+    /// In a fresh tree of group 9 with `joins` members, joiner `index`'s path, an HPKE key for
+    /// it, and its welcome's addressing (member `index + 1`).
+    fn welcome(
+        joins: usize,
+        index: usize,
+        rng: &mut ChaCha20Rng,
+    ) -> (MemberPath, HpkeSecret, SealedFor) {
+        let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), rng).unwrap();
+        let batch = Batch {
+            leaves: vec![],
+            joins,
+        };
+        let path = tree.rekey(&batch, rng).unwrap().joiners[index].path.clone();
+        let secret = HpkeSecret::generate(rng);
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member: MemberId(index as u64 + 1),
+            request_nonce: [7; 16],
+            recipient: secret.public_key().unwrap(),
+        };
+        (path, secret, to)
+    }
+
     /// Found by the `controller_request` fuzz target's corpus: a registration with a low-order
     /// key was admitted before its welcome failed to seal.
     #[test]
@@ -250,53 +273,23 @@ mod tests {
     #[test]
     fn an_encapsulation_made_ahead_seals_once_for_its_recipient_and_group_only() {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
-        let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), &mut rng).unwrap();
-        let batch = Batch {
-            leaves: vec![],
-            joins: 2,
-        };
-        let rekey = tree.rekey(&batch, &mut rng).unwrap();
-        let path = &rekey.joiners[0].path;
-        let secret = HpkeSecret::generate(&mut rng);
+        let (path, secret, to) = welcome(2, 0, &mut rng);
         let other = HpkeSecret::generate(&mut rng);
-        let to = SealedFor {
-            kind: SealedKind::Welcome,
-            member: MemberId(1),
-            request_nonce: [1; 16],
-            recipient: secret.public_key().unwrap(),
-        };
         let ahead = Encapsulation::new(&to.recipient, GroupId(9), &mut rng).unwrap();
         assert_eq!(format!("{ahead:?}"), "Encapsulation(***)");
-        let sealed = seal_path_with(path, &to, ahead).unwrap();
+        let sealed = seal_path_with(&path, &to, ahead).unwrap();
         assert!(open_path(&sealed, &secret).is_ok());
         let for_other = Encapsulation::new(&other.public_key().unwrap(), GroupId(9), &mut rng);
-        assert!(seal_path_with(path, &to, for_other.unwrap()).is_err());
+        assert!(seal_path_with(&path, &to, for_other.unwrap()).is_err());
         let other_group = Encapsulation::new(&to.recipient, GroupId(10), &mut rng).unwrap();
-        assert!(seal_path_with(path, &to, other_group).is_err());
+        assert!(seal_path_with(&path, &to, other_group).is_err());
     }
 
     #[test]
     fn a_sealed_path_opens_only_for_its_member_and_context() {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        let mut tree = KeyTree::new(GroupId(9), TreeConfig::default(), &mut rng).unwrap();
-        let rekey = tree
-            .rekey(
-                &Batch {
-                    leaves: vec![],
-                    joins: 5,
-                },
-                &mut rng,
-            )
-            .unwrap();
-        let path = &rekey.joiners[2].path;
-        let secret = HpkeSecret::generate(&mut rng);
-        let to = SealedFor {
-            kind: SealedKind::Welcome,
-            member: MemberId(3),
-            request_nonce: [7; 16],
-            recipient: secret.public_key().unwrap(),
-        };
-        let sealed = seal_path(path, &to, &mut rng).unwrap();
+        let (path, secret, to) = welcome(5, 2, &mut rng);
+        let sealed = seal_path(&path, &to, &mut rng).unwrap();
         let opened = open_path(&sealed, &secret).unwrap();
         assert_eq!(
             opened.root_key().unwrap().as_bytes(),

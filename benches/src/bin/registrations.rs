@@ -28,10 +28,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use gkm_benches::rng;
+use gkm_benches::flood::now_ms;
+use gkm_benches::{cpu_seconds, rng};
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
 use rand_chacha::ChaCha20Rng;
@@ -41,12 +42,6 @@ use wire::{
     HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
     verifying_key,
 };
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
 
 /// A member's keys, made before it registers (`gkm-member init`).
 struct Keys {
@@ -84,27 +79,6 @@ fn member(keys: &Keys, controller: VerifyingKey) -> (Member<ChaCha20Rng>, Vec<u8
 fn joined(member: &mut Member<ChaCha20Rng>, reply: &[u8]) -> bool {
     member.handle_reply(now_ms(), reply);
     std::iter::from_fn(|| member.poll_event()).any(|e| matches!(e, MemberEvent::Joined { .. }))
-}
-
-/// CPU seconds (user + system, all threads) a process has used so far, from `/proc/PID/stat`.
-fn cpu_seconds(pid: &str) -> f64 {
-    // Linux reports these in USER_HZ, 100 per second on every architecture it runs on.
-    const TICKS: f64 = 100.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) start after its closing parenthesis;
-    // utime and stime are fields 14 and 15, so the 12th and 13th from there.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / TICKS
 }
 
 /// One request on its own connection, as a member sends it: one frame out, one frame back (at
@@ -176,7 +150,10 @@ fn on_threads<T: Sync>(
     let cpu = cpu_seconds("self");
     let started = Instant::now();
     std::thread::scope(|scope| {
-        for (t, chunk) in items.chunks(items.len().div_ceil(threads)).enumerate() {
+        for (t, chunk) in items
+            .chunks(items.len().div_ceil(threads).max(1))
+            .enumerate()
+        {
             let work = &work;
             scope.spawn(move || {
                 let mut r = rng(100 + t as u64);
@@ -342,7 +319,11 @@ fn start_server(
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(6000);
+    let n: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(6000)
+        .max(1);
     let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let batch_ms: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let bin = std::env::current_exe()

@@ -144,16 +144,7 @@ fn wall() -> Duration {
 
 /// CPU time of this process, all threads (user + system), at the kernel's 10 ms tick.
 fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    Duration::from_secs_f64(gkm_benches::cpu_seconds("self"))
 }
 
 /// The machine's 1-, 5- and 15-minute load averages (other processes share the cores).

@@ -317,8 +317,8 @@ impl Driver {
                 self.published = true;
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
-                let delay =
-                    self.save_after_ms + self.side_rng.next_u64() % self.save_after_ms.max(1);
+                let jitter = self.side_rng.next_u64() % self.save_after_ms.max(1);
+                let delay = self.save_after_ms.saturating_add(jitter);
                 self.persist_within(Duration::from_millis(delay));
             }
             MemberEvent::MembershipEnded => {

@@ -66,6 +66,9 @@ enum Command {
     },
 }
 
+/// The longest `--save-after-ms`: a day (a longer wait would overflow the timer).
+const MAX_SAVE_AFTER_MS: u64 = 86_400_000;
+
 #[derive(Args)]
 struct RunArgs {
     /// The controller's TCP (and fan-out UDP) address.
@@ -109,8 +112,12 @@ struct RunArgs {
     /// Key changes are written to the membership file this many to twice as many milliseconds
     /// after they happen, many changes in one write (a new membership is written at once). A
     /// restarted member resyncs at once, so an older file costs nothing; fewer writes spare
-    /// flash storage, and agents sharing a host do not write in step.
-    #[arg(long, default_value_t = 30_000)]
+    /// flash storage, and agents sharing a host do not write in step. At most a day.
+    #[arg(
+        long,
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SAVE_AFTER_MS)
+    )]
     save_after_ms: u64,
 }
 
