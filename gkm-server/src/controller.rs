@@ -183,6 +183,17 @@ pub enum Event {
         /// The store's message.
         error: String,
     },
+    /// Compacting the stored state failed. Nothing was lost: the store still holds the last full
+    /// state and every delta since, and the next compaction is tried once as many records again
+    /// were saved.
+    CompactionFailed {
+        /// Group.
+        group: u64,
+        /// The epoch of the state that was being written.
+        epoch: u64,
+        /// The store's message.
+        error: String,
+    },
 }
 
 /// Counters per group.
@@ -355,16 +366,52 @@ pub struct RekeyProfile {
 enum Save {
     /// The whole state.
     Full(GroupState),
-    /// The changes since the last save.
-    Delta(GroupDelta),
+    /// The changes since the last save, and whether the store is to be compacted after them.
+    Delta(GroupDelta, bool),
 }
 
 impl Save {
-    fn write(&self, store: &mut (dyn Store + Send)) -> Result<(), StoreError> {
-        match self {
+    /// Writes the save; then, if it asks for one and the write succeeded, starts a compaction
+    /// to the state `tree` and `members` hold. Returns the write's result, the time it was done
+    /// by `clock`, and the compaction's start, if one was made.
+    fn write(
+        &self,
+        store: &mut (dyn Store + Send),
+        clock: Option<fn() -> Duration>,
+        tree: &KeyTree,
+        members: &Roster,
+    ) -> Written {
+        let result = match self {
             Save::Full(state) => store.save(state),
-            Save::Delta(delta) => store.save_delta(delta),
+            Save::Delta(delta, _) => store.save_delta(delta),
+        };
+        let at = clock.map(|now| now());
+        let compaction = match self {
+            Save::Delta(_, true) if result.is_ok() => {
+                Some(store.compact(group_state(tree, members)))
+            }
+            _ => None,
+        };
+        Written {
+            result,
+            at,
+            compaction,
         }
+    }
+}
+
+/// What [`Save::write`] did.
+struct Written {
+    result: Result<(), StoreError>,
+    at: Option<Duration>,
+    compaction: Option<Result<(), StoreError>>,
+}
+
+/// The durable state of a group whose tree and roster these are.
+fn group_state(tree: &KeyTree, members: &Roster) -> GroupState {
+    GroupState {
+        tree: tree.snapshot(),
+        members: members.records().collect(),
     }
 }
 
@@ -530,7 +577,7 @@ struct Group {
     stats: Stats,
     /// Whether the store holds this group's state (so a delta can be applied to it).
     saved: bool,
-    /// Records written as deltas since the last full save.
+    /// Records written as deltas since the last full state (save or compaction).
     logged: usize,
 }
 
@@ -1172,39 +1219,49 @@ impl<R: CryptoRng> Controller<R> {
         // Write-ahead: the changes are durable before anything encrypted under them is queued.
         // With workers, a large rekey's save runs while its datagrams are packed and signed; for
         // a small one, the thread would cost more CPU than the signing it overlaps.
+        // A compaction is started by the same thread, after the save: its snapshot of the state
+        // is taken while the datagrams are signed.
         let save = g.take_save();
-        let (mtu, tree) = (g.policy.mtu, &g.tree);
+        let (mtu, tree, members) = (g.policy.mtu, &g.tree, &g.members);
         let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
         let pack_and_sign = || {
             let packed = pack_rekey(&rekey, tree, mtu);
             let packed_at = clock.map(|now| now());
             (sign_all(&packed, signer, workers), packed_at)
         };
-        let timed_write = |store: &mut (dyn Store + Send)| {
-            let result = save.write(store);
-            (result, clock.map(|now| now()))
-        };
         let overlap = workers > 1 && rekey.encryptions.len() >= OVERLAP_SAVE_MIN;
-        let ((saved, persisted), (datagrams, packed)) = if overlap {
+        let (written, (datagrams, packed)) = if overlap {
             std::thread::scope(|scope| {
-                let writer = scope.spawn(|| timed_write(store));
+                let writer = scope.spawn(|| save.write(store, clock, tree, members));
                 let signed = pack_and_sign();
-                let saved = writer.join().unwrap_or_else(|_| {
-                    (Err(StoreError::Backend("the store panicked".into())), None)
+                let written = writer.join().unwrap_or_else(|_| Written {
+                    result: Err(StoreError::Backend("the store panicked".into())),
+                    at: None,
+                    compaction: None,
                 });
-                (saved, signed)
+                (written, signed)
             })
         } else {
-            let saved = timed_write(store);
-            (saved, pack_and_sign())
+            let written = save.write(store, clock, tree, members);
+            (written, pack_and_sign())
         };
         let signed = clock.map(|now| now());
-        g.saved = saved.is_ok();
+        g.saved = written.result.is_ok();
         drop(save);
-        if let Err(error) = saved {
+        if let Some(Err(error)) = written.compaction {
+            self.compaction_failed(id, epoch, &error);
+        }
+        if let Some(failure) = self.store.take_compaction_failure() {
+            self.compaction_failed(failure.group, failure.epoch, &failure.error);
+        }
+        let persisted = written.at;
+        if let Err(error) = written.result {
             self.store_failed(id, epoch, &error);
             return;
         }
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
@@ -1288,6 +1345,14 @@ impl<R: CryptoRng> Controller<R> {
             .to_bytes(),
         };
         on_workers(welcomes, self.workers, seal)
+    }
+
+    fn compaction_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
+        self.events.push_back(Event::CompactionFailed {
+            group: id.0,
+            epoch: epoch.0,
+            error: error.to_string(),
+        });
     }
 
     fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
@@ -1475,10 +1540,11 @@ impl Group {
         }
     }
 
-    /// What makes the changes since the last save durable: a delta, or the whole state when the
-    /// store holds none of this group (first save, or the last save failed) or the deltas since
-    /// the last full save hold about as many records as the state (compaction: the stored log
-    /// stays within about twice the state). Clears the record of changes.
+    /// What makes the changes since the last save durable: the whole state when the store holds
+    /// none of this group (first save, or the last save failed), else a delta, which asks for a
+    /// compaction once the deltas since the last full state (or compaction) hold about as many
+    /// records as the state, so the stored log stays within about twice the state. Clears the
+    /// record of changes.
     fn take_save(&mut self) -> Save {
         let (members, removed_members) = self.members.take_changes();
         let delta = GroupDelta {
@@ -1489,24 +1555,21 @@ impl Group {
             members,
             removed_members,
         };
-        let logged = self.logged.saturating_add(delta.records());
-        // A state holds each member's record and at most two nodes per member.
-        let state_records = self.members.len().saturating_mul(3).max(64);
-        if !self.saved || logged > state_records {
-            drop(delta);
+        if !self.saved {
             self.logged = 0;
-            Save::Full(self.state())
-        } else {
-            self.logged = logged;
-            Save::Delta(delta)
+            return Save::Full(self.state());
         }
+        self.logged = self.logged.saturating_add(delta.records());
+        // A state holds each member's record and at most two nodes per member.
+        let compact = self.logged > self.members.len().saturating_mul(3).max(64);
+        if compact {
+            self.logged = 0;
+        }
+        Save::Delta(delta, compact)
     }
 
     fn state(&self) -> GroupState {
-        GroupState {
-            tree: self.tree.snapshot(),
-            members: self.members.records().collect(),
-        }
+        group_state(&self.tree, &self.members)
     }
 
     fn schedule(&mut self, now: Timestamp) {

@@ -1,49 +1,69 @@
 //! [`DiskStore`]: group states in a redb file, written incrementally and sealed under a storage
 //! key (feature `disk`).
 //!
-//! Layout: each group is a log of sealed rows in the table `gkm log`, keyed by (group, sequence
-//! number), and a sealed head in `gkm heads` (group → first and next sequence number). A full
-//! save deletes the group's rows and writes the whole state as new rows starting with a base
-//! record; a delta appends rows. Each save is one redb write transaction, committed durably
-//! (fsync) before it returns, so a crash keeps a save whole or not at all. Sequence numbers are
-//! never reused, so a row of an older save cannot stand in for a newer one.
+//! Layout: each group's full state is a run of sealed rows in the table `gkm bases`, and the
+//! deltas saved since are a run of sealed rows in `gkm log`, both keyed by (group, sequence
+//! number); a sealed head in `gkm heads` (group → both runs) says which rows hold the state. A
+//! full save writes the state as new base rows, deletes the old ones and the deltas, and points
+//! the head at them; a delta appends log rows. Each is one redb write transaction, committed
+//! durably (fsync) before it returns, so a crash keeps a save whole or not at all. Sequence
+//! numbers are never reused within a table, so a row of an older save cannot stand in for a
+//! newer one. (Files written before `gkm bases` existed have no base run: their state begins with
+//! the first log row, and they load as they are.)
 //!
 //! Why a log and not a row per tree node: at a million members a batch of 100,000 changes touches
 //! a quarter of the records, spread over nearly every page of a B-tree keyed by node, and redb
 //! writes a touched page whole (copy-on-write), so per-node rows would rewrite most of the file
-//! every batch. The log writes each changed record once; the controller rewrites the state in
-//! full (compaction) once the deltas hold about as many records as the state.
+//! every batch. The log writes each changed record once.
+//!
+//! Compaction: once the deltas hold about as many records as the state, the controller hands the
+//! store the state its last delta leads to ([`Store::compact`]). A thread of the store writes it
+//! as new base rows, a few MiB per transaction, so a delta saved meanwhile waits for one of them
+//! at most, never for the whole state (at a million members, 167 MB and over a second). Only the
+//! last transaction points the head at the new rows and deletes the old base and the deltas the
+//! new base already holds. Until then the head names the old rows, so a crash or a failure in
+//! the middle loses nothing; the rows it wrote are ignored by loading and deleted by the next
+//! compaction or full save.
 //!
 //! Sealing: ChaCha20-Poly1305 under the storage key, with a random 96-bit nonce per row from the
 //! OS (never a counter: a counter rewound by a restored backup or a lost write would repeat a
 //! nonce; random nonces need no state and, at a few hundred rows a second, collide with
-//! probability below 2^-40 within a century of rows). The associated data names the row (label,
-//! group, sequence number), so rows cannot be moved between groups or positions.
+//! probability below 2^-40 within a century of rows). The associated data names the row (label
+//! of its table, group, sequence number), so rows cannot be moved between tables, groups or
+//! positions.
 //!
-//! Loading checks everything: every row authenticates, sequence numbers are contiguous from the
-//! head's first to its next, the first row holds the base record, record counts stay within
-//! [`MAX_RECORDS`]. Anything else is [`StoreError::Corrupt`] and nothing is served.
+//! Loading checks everything: every row the head names authenticates, sequence numbers are
+//! contiguous within each run and the log holds no row outside its run, the first row of the
+//! state holds the base record, record counts stay within [`MAX_RECORDS`]. Anything else is
+//! [`StoreError::Corrupt`] and nothing is served.
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use lkh_tree::{Epoch, GroupId, KeyVersion, NodeId, NodeKey, NodeRecord, Strategy, TreeConfig};
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
 };
 use wire::MemberId;
 use zeroize::Zeroizing;
 
 use crate::policy::Timestamp;
-use crate::store::{GroupDelta, GroupRecords, GroupState, MemberRecord, Store, StoreError};
+use crate::store::{
+    CompactionFailure, GroupDelta, GroupRecords, GroupState, MemberRecord, Store, StoreError,
+};
 
-const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("gkm log");
+type Rows = TableDefinition<'static, (u64, u64), &'static [u8]>;
+const LOG: Rows = TableDefinition::new("gkm log");
+const BASES: Rows = TableDefinition::new("gkm bases");
 const HEADS: TableDefinition<u64, &[u8]> = TableDefinition::new("gkm heads");
 /// The table of the first format (one sealed blob per group), which this store refuses.
 const OLD_TABLE: &str = "groups";
 const LOG_LABEL: &[u8] = b"gkm v2 log row";
+const BASE_LABEL: &[u8] = b"gkm v2 base row";
 const HEAD_LABEL: &[u8] = b"gkm v2 head";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -51,6 +71,8 @@ const TAG_LEN: usize = 16;
 /// so a sealed row stays under 256 KiB: redb allocates large values in power-of-two pages, and a
 /// row just over 256 KiB would take 512.
 const ROW_BYTES: usize = 256 * 1024 - 256;
+/// Rows a compaction writes per transaction (about 4 MiB).
+const COMPACTION_ROWS: usize = 16;
 /// Most tree nodes or members one stored group may hold (2^25).
 pub const MAX_RECORDS: usize = 1 << 25;
 
@@ -62,28 +84,55 @@ const MEMBER: u8 = 5;
 const MEMBER_GONE: u8 = 6;
 const NO_PARENT: u32 = u32::MAX;
 
-/// Where a group's log stands.
+/// The sequence numbers `first..next` of a run of rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    first: u64,
+    next: u64,
+}
+
+impl Span {
+    fn empty_at(seq: u64) -> Span {
+        Span {
+            first: seq,
+            next: seq,
+        }
+    }
+
+    fn is_empty(self) -> bool {
+        self.first == self.next
+    }
+}
+
+/// Which rows hold a group's state: its full state in `gkm bases`, then the deltas in `gkm log`.
+/// An empty base run means a file of the earlier layout, whose log begins with the full state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Head {
-    /// The sequence number of the base row.
-    first: u64,
-    /// The sequence number the next row takes.
-    next: u64,
+    base: Span,
+    log: Span,
+}
+
+/// A compaction running on its own thread.
+struct Running {
+    group: GroupId,
+    epoch: Epoch,
+    thread: JoinHandle<Result<(), StoreError>>,
 }
 
 /// Group states in a redb file, sealed under a storage key (see the module docs).
 pub struct DiskStore {
-    db: Database,
-    cipher: ChaCha20Poly1305,
-    heads: HashMap<GroupId, Head>,
-    written: u64,
+    db: Arc<Database>,
+    sealer: Sealer,
+    written: Arc<AtomicU64>,
+    compaction: Option<Running>,
+    failure: Option<CompactionFailure>,
 }
 
 impl std::fmt::Debug for DiskStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskStore")
-            .field("groups", &self.heads.len())
-            .field("written", &self.written)
+            .field("written", &self.bytes_written())
+            .field("compacting", &self.compaction.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -114,22 +163,23 @@ impl DiskStore {
             Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse),
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         };
-        let mut store = DiskStore {
-            db,
-            cipher: ChaCha20Poly1305::new(&(*key).into()),
-            heads: HashMap::new(),
-            written: 0,
+        let store = DiskStore {
+            db: Arc::new(db),
+            sealer: Sealer(ChaCha20Poly1305::new(&(*key).into())),
+            written: Arc::new(AtomicU64::new(0)),
+            compaction: None,
+            failure: None,
         };
         let states = store.load()?;
         Ok((store, states))
     }
 
-    /// Sealed bytes written since the store was opened (rows and heads).
+    /// Sealed bytes written since the store was opened (rows and heads, compactions included).
     pub fn bytes_written(&self) -> u64 {
-        self.written
+        self.written.load(Ordering::Relaxed)
     }
 
-    fn load(&mut self) -> Result<Vec<GroupState>, StoreError> {
+    fn load(&self) -> Result<Vec<GroupState>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let tables: Vec<String> = tx
             .list_tables()
@@ -148,116 +198,349 @@ impl DiskStore {
         }
         let heads = tx.open_table(HEADS).map_err(backend)?;
         let log = tx.open_table(LOG).map_err(backend)?;
+        let bases = if tables.iter().any(|t| t == BASES.name()) {
+            Some(tx.open_table(BASES).map_err(backend)?)
+        } else {
+            None
+        };
         let mut states = Vec::new();
+        let mut groups = Vec::new();
         for entry in heads.iter().map_err(backend)? {
             let (group, sealed) = entry.map_err(backend)?;
             let group = GroupId(group.value());
-            let head = self.open_head(group, sealed.value())?;
-            states.push(self.load_group(&log, group, head)?);
-            self.heads.insert(group, head);
+            let head = self.sealer.open_head(group, sealed.value())?;
+            let mut records = None;
+            if !head.base.is_empty() {
+                let bases = bases
+                    .as_ref()
+                    .ok_or_else(|| corrupt(group, "its base rows are missing"))?;
+                self.replay_run(bases, BASE_LABEL, group, head.base, &mut records)?;
+            }
+            self.replay_run(&log, LOG_LABEL, group, head.log, &mut records)?;
+            check_log_within(&log, group, head.log)?;
+            let records = records.ok_or_else(|| corrupt(group, "has no base row"))?;
+            if records.group != group {
+                return Err(corrupt(group, "holds another group's state"));
+            }
+            states.push(records.to_state());
+            groups.push(group);
         }
         // Rows of a group with no head are left over from nothing this store writes.
         for entry in log.iter().map_err(backend)? {
             let (key, _) = entry.map_err(backend)?;
             let group = GroupId(key.value().0);
-            if !self.heads.contains_key(&group) {
+            if !groups.contains(&group) {
                 return Err(corrupt(group, "has log rows but no head"));
             }
         }
         Ok(states)
     }
 
-    fn load_group(
+    /// Replays the rows `run` of `table` onto `records`; the state's first row (when `records`
+    /// is still empty) must begin with the base record.
+    fn replay_run(
         &self,
-        log: &impl ReadableTable<(u64, u64), &'static [u8]>,
+        table: &impl ReadableTable<(u64, u64), &'static [u8]>,
+        label: &[u8],
         group: GroupId,
-        head: Head,
-    ) -> Result<GroupState, StoreError> {
-        let mut records: Option<GroupRecords> = None;
-        let mut expected = head.first;
-        let rows = log
-            .range((group.0, 0)..=(group.0, u64::MAX))
+        run: Span,
+        records: &mut Option<GroupRecords>,
+    ) -> Result<(), StoreError> {
+        let mut expected = run.first;
+        let rows = table
+            .range((group.0, run.first)..(group.0, run.next))
             .map_err(backend)?;
         for entry in rows {
             let (key, sealed) = entry.map_err(backend)?;
             let seq = key.value().1;
-            if seq != expected || seq >= head.next {
+            if seq != expected {
                 return Err(corrupt(group, &format!("row {seq} is out of sequence")));
             }
-            let plain = self.open_row(group, seq, sealed.value())?;
-            replay(&mut records, seq == head.first, &plain)
+            let plain = self.sealer.open_row(label, group, seq, sealed.value())?;
+            replay(records, records.is_none(), &plain)
                 .map_err(|e| corrupt(group, &format!("row {seq} does not decode: {e}")))?;
             expected += 1;
         }
-        if expected != head.next {
+        if expected != run.next {
             return Err(corrupt(group, &format!("rows {expected}.. are missing")));
         }
-        let records = records.ok_or_else(|| corrupt(group, "has no base row"))?;
-        if records.group != group {
-            return Err(corrupt(group, "holds another group's state"));
-        }
-        Ok(records.to_state())
-    }
-
-    /// Writes `rows` (plaintexts) after the group's log, or, for a full save, in place of it.
-    fn write(
-        &mut self,
-        group: GroupId,
-        rows: &[Zeroizing<Vec<u8>>],
-        full: bool,
-    ) -> Result<(), StoreError> {
-        let old = self.heads.get(&group).copied();
-        let head = match (old, full) {
-            (Some(h), true) => Head {
-                first: h.next,
-                next: h.next,
-            },
-            (Some(h), false) => h,
-            (None, true) => Head { first: 0, next: 0 },
-            (None, false) => {
-                return Err(StoreError::Backend(format!(
-                    "group {group} was never saved"
-                )));
-            }
-        };
-        let mut written = 0u64;
-        let tx = self.db.begin_write().map_err(backend)?;
-        let mut next = head.next;
-        {
-            let mut log = tx.open_table(LOG).map_err(backend)?;
-            if let (Some(h), true) = (old, full) {
-                for seq in h.first..h.next {
-                    log.remove((group.0, seq)).map_err(backend)?;
-                }
-            }
-            for row in rows {
-                let sealed = self.seal(&row_aad(group, next), row)?;
-                log.insert((group.0, next), sealed.as_slice())
-                    .map_err(backend)?;
-                written += sealed.len() as u64;
-                next += 1;
-            }
-            let head = Head {
-                first: head.first,
-                next,
-            };
-            let sealed = self.seal(&head_aad(group), &encode_head(head))?;
-            let mut heads = tx.open_table(HEADS).map_err(backend)?;
-            heads.insert(group.0, sealed.as_slice()).map_err(backend)?;
-            written += sealed.len() as u64;
-        }
-        tx.commit().map_err(backend)?;
-        self.heads.insert(
-            group,
-            Head {
-                first: head.first,
-                next,
-            },
-        );
-        self.written += written;
         Ok(())
     }
 
+    /// Writes `rows` (plaintexts) after the group's log.
+    fn append(
+        &mut self,
+        group: GroupId,
+        rows: impl Iterator<Item = Zeroizing<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        self.reap_compaction();
+        let tx = self.db.begin_write().map_err(backend)?;
+        let written = {
+            let mut heads = tx.open_table(HEADS).map_err(backend)?;
+            let mut log = tx.open_table(LOG).map_err(backend)?;
+            let mut head = self
+                .sealer
+                .read_head(&heads, group)?
+                .ok_or_else(|| StoreError::Backend(format!("group {group} was never saved")))?;
+            let mut written = 0;
+            for row in rows {
+                written +=
+                    self.sealer
+                        .insert_row(&mut log, LOG_LABEL, group, head.log.next, &row)?;
+                head.log.next += 1;
+            }
+            written + self.sealer.write_head(&mut heads, group, head)?
+        };
+        tx.commit().map_err(backend)?;
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits for the running compaction, if any, and keeps its failure for
+    /// [`Store::take_compaction_failure`].
+    fn finish_compaction(&mut self) {
+        let Some(running) = self.compaction.take() else {
+            return;
+        };
+        let error = match running.thread.join() {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(_) => StoreError::Backend("the compaction thread panicked".into()),
+        };
+        self.failure = Some(CompactionFailure {
+            group: running.group,
+            epoch: running.epoch,
+            error,
+        });
+    }
+
+    /// [`DiskStore::finish_compaction`] if the compaction is done (never waits).
+    fn reap_compaction(&mut self) {
+        if self
+            .compaction
+            .as_ref()
+            .is_some_and(|r| r.thread.is_finished())
+        {
+            self.finish_compaction();
+        }
+    }
+}
+
+impl Drop for DiskStore {
+    /// Lets a running compaction finish (a process killed instead loses nothing but its work).
+    fn drop(&mut self) {
+        self.finish_compaction();
+    }
+}
+
+impl Store for DiskStore {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.finish_compaction();
+        let group = state.tree.group;
+        let tx = self.db.begin_write().map_err(backend)?;
+        let written = {
+            let mut heads = tx.open_table(HEADS).map_err(backend)?;
+            let mut log = tx.open_table(LOG).map_err(backend)?;
+            let mut bases = tx.open_table(BASES).map_err(backend)?;
+            let old = self.sealer.read_head(&heads, group)?;
+            let mut base = Span::empty_at(next_seq(&bases, group)?);
+            let mut written = 0;
+            for row in state_rows(state) {
+                written += self
+                    .sealer
+                    .insert_row(&mut bases, BASE_LABEL, group, base.next, &row)?;
+                base.next += 1;
+            }
+            let log_next = old.map_or(0, |h| h.log.next);
+            remove_below(&mut bases, group, base.first)?;
+            remove_below(&mut log, group, log_next)?;
+            let head = Head {
+                base,
+                log: Span::empty_at(log_next),
+            };
+            written + self.sealer.write_head(&mut heads, group, head)?
+        };
+        tx.commit().map_err(backend)?;
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        self.append(delta.group, delta_rows(delta))
+    }
+
+    /// Starts writing `state` on a thread of the store (see the module docs), after any earlier
+    /// compaction finished.
+    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+        self.finish_compaction();
+        let (group, epoch) = (state.tree.group, state.tree.epoch);
+        let job = Compaction::start(self, group)?;
+        let thread = std::thread::Builder::new()
+            .name("gkm-compaction".into())
+            .spawn(move || job.run(&state))
+            .map_err(|e| StoreError::Backend(format!("cannot start the compaction: {e}")))?;
+        self.compaction = Some(Running {
+            group,
+            epoch,
+            thread,
+        });
+        Ok(())
+    }
+
+    fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
+        self.reap_compaction();
+        self.failure.take()
+    }
+}
+
+/// One compaction: the state written as new base rows, then the head switched to them.
+struct Compaction {
+    db: Arc<Database>,
+    sealer: Sealer,
+    written: Arc<AtomicU64>,
+    group: GroupId,
+    /// The head when it started: the deltas after the state being written begin at its log's
+    /// `next`.
+    start: Head,
+}
+
+impl Compaction {
+    fn start(store: &DiskStore, group: GroupId) -> Result<Compaction, StoreError> {
+        let tx = store.db.begin_read().map_err(backend)?;
+        let heads = tx.open_table(HEADS).map_err(backend)?;
+        let start = store
+            .sealer
+            .read_head(&heads, group)?
+            .ok_or_else(|| StoreError::Backend(format!("group {group} was never saved")))?;
+        Ok(Compaction {
+            db: Arc::clone(&store.db),
+            sealer: store.sealer.clone(),
+            written: Arc::clone(&store.written),
+            group,
+            start,
+        })
+    }
+
+    fn run(self, state: &GroupState) -> Result<(), StoreError> {
+        let base = self.stage(state_rows(state))?;
+        self.switch(base)
+    }
+
+    /// Writes `rows` as base rows after every base row of the group, [`COMPACTION_ROWS`] per
+    /// transaction; returns their run. The head does not name them yet.
+    fn stage(&self, rows: impl Iterator<Item = Zeroizing<Vec<u8>>>) -> Result<Span, StoreError> {
+        let mut rows = rows.peekable();
+        let mut run: Option<Span> = None;
+        while rows.peek().is_some() {
+            let tx = self.db.begin_write().map_err(backend)?;
+            let mut written = 0;
+            {
+                let mut bases = tx.open_table(BASES).map_err(backend)?;
+                let span = match &mut run {
+                    Some(span) => span,
+                    None => run.insert(Span::empty_at(next_seq(&bases, self.group)?)),
+                };
+                for row in rows.by_ref().take(COMPACTION_ROWS) {
+                    written += self
+                        .sealer
+                        .insert_row(&mut bases, BASE_LABEL, self.group, span.next, &row)?;
+                    span.next += 1;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            self.written.fetch_add(written, Ordering::Relaxed);
+        }
+        run.ok_or_else(|| StoreError::Backend("a state has at least its base record".into()))
+    }
+
+    /// Points the head at `base` and the deltas saved since the compaction started, and deletes
+    /// the rows the new base replaces, in one transaction.
+    fn switch(&self, base: Span) -> Result<(), StoreError> {
+        let group = self.group;
+        let tx = self.db.begin_write().map_err(backend)?;
+        let written = {
+            let mut heads = tx.open_table(HEADS).map_err(backend)?;
+            let mut log = tx.open_table(LOG).map_err(backend)?;
+            let mut bases = tx.open_table(BASES).map_err(backend)?;
+            let now = self.sealer.read_head(&heads, group)?;
+            let unchanged = now.is_some_and(|h| {
+                h.base == self.start.base
+                    && h.log.first == self.start.log.first
+                    && h.log.next >= self.start.log.next
+            });
+            let Some(now) = now.filter(|_| unchanged) else {
+                return Err(StoreError::Backend(format!(
+                    "group {group} was saved in full during its compaction"
+                )));
+            };
+            remove_below(&mut bases, group, base.first)?;
+            remove_below(&mut log, group, self.start.log.next)?;
+            let head = Head {
+                base,
+                log: Span {
+                    first: self.start.log.next,
+                    next: now.log.next,
+                },
+            };
+            self.sealer.write_head(&mut heads, group, head)?
+        };
+        tx.commit().map_err(backend)?;
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The sequence number after the group's last row in `table` (0 if it has none).
+fn next_seq(
+    table: &Table<'_, (u64, u64), &'static [u8]>,
+    group: GroupId,
+) -> Result<u64, StoreError> {
+    let last = table
+        .range((group.0, 0)..=(group.0, u64::MAX))
+        .map_err(backend)?
+        .next_back()
+        .transpose()
+        .map_err(backend)?;
+    Ok(last.map_or(0, |(key, _)| key.value().1 + 1))
+}
+
+/// Deletes the group's rows numbered below `seq`.
+fn remove_below(
+    table: &mut Table<'_, (u64, u64), &'static [u8]>,
+    group: GroupId,
+    seq: u64,
+) -> Result<(), StoreError> {
+    table
+        .retain_in((group.0, 0)..(group.0, seq), |_, _| false)
+        .map_err(backend)
+}
+
+/// The log holds no row of the group outside its run.
+fn check_log_within(
+    log: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    group: GroupId,
+    run: Span,
+) -> Result<(), StoreError> {
+    let before = log
+        .range((group.0, 0)..(group.0, run.first))
+        .map_err(backend)?;
+    let after = log
+        .range((group.0, run.next)..=(group.0, u64::MAX))
+        .map_err(backend)?;
+    match before.chain(after).next() {
+        Some(entry) => {
+            let seq = entry.map_err(backend)?.0.value().1;
+            Err(corrupt(group, &format!("row {seq} is out of sequence")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The storage key's cipher, and how rows and heads are sealed with it.
+#[derive(Clone)]
+struct Sealer(ChaCha20Poly1305);
+
+impl Sealer {
     /// nonce (12) ‖ ciphertext ‖ tag (16).
     fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut nonce = [0u8; NONCE_LEN];
@@ -267,7 +550,7 @@ impl DiskStore {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plain);
         let tag = self
-            .cipher
+            .0
             .encrypt_inout_detached(
                 &Nonce::from(nonce),
                 aad,
@@ -283,24 +566,54 @@ impl DiskStore {
         let (body, tag) = rest.split_at(rest.len().checked_sub(TAG_LEN)?);
         let tag = Tag::try_from(tag).ok()?;
         let mut plain = Zeroizing::new(body.to_vec());
-        self.cipher
+        self.0
             .decrypt_inout_detached(&Nonce::from(*nonce), aad, plain.as_mut_slice().into(), &tag)
             .ok()?;
         Some(plain)
     }
 
+    /// Seals `plain` as row `seq` of the group in `table` (labelled `label`); returns the sealed
+    /// size.
+    fn insert_row(
+        &self,
+        table: &mut Table<'_, (u64, u64), &'static [u8]>,
+        label: &[u8],
+        group: GroupId,
+        seq: u64,
+        plain: &[u8],
+    ) -> Result<u64, StoreError> {
+        let sealed = self.seal(&row_aad(label, group, seq), plain)?;
+        table
+            .insert((group.0, seq), sealed.as_slice())
+            .map_err(backend)?;
+        Ok(sealed.len() as u64)
+    }
+
     fn open_row(
         &self,
+        label: &[u8],
         group: GroupId,
         seq: u64,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        self.unseal(&row_aad(group, seq), sealed).ok_or_else(|| {
-            corrupt(
-                group,
-                &format!("row {seq} does not authenticate (wrong storage.key, or altered)"),
-            )
-        })
+        self.unseal(&row_aad(label, group, seq), sealed)
+            .ok_or_else(|| {
+                corrupt(
+                    group,
+                    &format!("row {seq} does not authenticate (wrong storage.key, or altered)"),
+                )
+            })
+    }
+
+    fn read_head(
+        &self,
+        heads: &impl ReadableTable<u64, &'static [u8]>,
+        group: GroupId,
+    ) -> Result<Option<Head>, StoreError> {
+        match heads.get(group.0).map_err(backend)? {
+            Some(sealed) => self.open_head(group, sealed.value()).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn open_head(&self, group: GroupId, sealed: &[u8]) -> Result<Head, StoreError> {
@@ -312,64 +625,84 @@ impl DiskStore {
         })?;
         decode_head(&plain).ok_or_else(|| corrupt(group, "head does not decode"))
     }
-}
 
-impl Store for DiskStore {
-    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        let mut rows = Rows::default();
-        encode_base(rows.open(), state);
-        for node in &state.tree.nodes {
-            encode_node(rows.open(), node);
-        }
-        for member in &state.members {
-            encode_member(rows.open(), member);
-        }
-        self.write(state.tree.group, &rows.done(), true)
-    }
-
-    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
-        let mut rows = Rows::default();
-        let out = rows.open();
-        out.push(EPOCH);
-        out.extend_from_slice(&delta.epoch.0.to_be_bytes());
-        for id in &delta.tree.removed {
-            let out = rows.open();
-            out.push(NODE_GONE);
-            out.extend_from_slice(&id.0.to_be_bytes());
-        }
-        for leaf in &delta.removed_members {
-            let out = rows.open();
-            out.push(MEMBER_GONE);
-            out.extend_from_slice(&leaf.0.to_be_bytes());
-        }
-        for node in &delta.tree.changed {
-            encode_node(rows.open(), node);
-        }
-        for member in &delta.members {
-            encode_member(rows.open(), member);
-        }
-        self.write(delta.group, &rows.done(), false)
+    /// Seals and stores the group's head; returns the sealed size.
+    fn write_head(
+        &self,
+        heads: &mut Table<'_, u64, &'static [u8]>,
+        group: GroupId,
+        head: Head,
+    ) -> Result<u64, StoreError> {
+        let sealed = self.seal(&head_aad(group), &encode_head(head))?;
+        heads.insert(group.0, sealed.as_slice()).map_err(backend)?;
+        Ok(sealed.len() as u64)
     }
 }
 
-/// Plaintext rows being filled, each cut at about [`ROW_BYTES`].
-#[derive(Default)]
-struct Rows(Vec<Zeroizing<Vec<u8>>>);
+/// One record of a stored state or delta.
+enum Record<'a> {
+    Base(&'a GroupState),
+    Epoch(Epoch),
+    Node(&'a NodeRecord),
+    NodeGone(NodeId),
+    Member(&'a MemberRecord),
+    MemberGone(NodeId),
+}
 
-impl Rows {
-    /// The row to append the next record to.
-    fn open(&mut self) -> &mut Vec<u8> {
-        if self.0.last().is_none_or(|r| r.len() >= ROW_BYTES) {
-            self.0
-                .push(Zeroizing::new(Vec::with_capacity(ROW_BYTES + 128)));
+impl Record<'_> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Record::Base(state) => encode_base(out, state),
+            Record::Epoch(epoch) => {
+                out.push(EPOCH);
+                out.extend_from_slice(&epoch.0.to_be_bytes());
+            }
+            Record::Node(node) => encode_node(out, node),
+            Record::NodeGone(id) => {
+                out.push(NODE_GONE);
+                out.extend_from_slice(&id.0.to_be_bytes());
+            }
+            Record::Member(member) => encode_member(out, member),
+            Record::MemberGone(leaf) => {
+                out.push(MEMBER_GONE);
+                out.extend_from_slice(&leaf.0.to_be_bytes());
+            }
         }
-        let last = self.0.len() - 1;
-        &mut self.0[last]
     }
+}
 
-    fn done(self) -> Vec<Zeroizing<Vec<u8>>> {
-        self.0
-    }
+/// The rows (plaintexts) of a full state: the base record, the nodes, the members.
+fn state_rows(state: &GroupState) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + '_ {
+    let records = std::iter::once(Record::Base(state))
+        .chain(state.tree.nodes.iter().map(Record::Node))
+        .chain(state.members.iter().map(Record::Member));
+    cut_rows(records)
+}
+
+/// The rows (plaintexts) of a delta: its epoch, what was removed, what was added or changed.
+fn delta_rows(delta: &GroupDelta) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + '_ {
+    let records = std::iter::once(Record::Epoch(delta.epoch))
+        .chain(delta.tree.removed.iter().map(|&id| Record::NodeGone(id)))
+        .chain(delta.removed_members.iter().map(|&l| Record::MemberGone(l)))
+        .chain(delta.tree.changed.iter().map(Record::Node))
+        .chain(delta.members.iter().map(Record::Member));
+    cut_rows(records)
+}
+
+/// Encodes `records` into rows, each cut once it holds [`ROW_BYTES`].
+fn cut_rows<'a>(
+    records: impl Iterator<Item = Record<'a>>,
+) -> impl Iterator<Item = Zeroizing<Vec<u8>>> {
+    let mut records = records.peekable();
+    std::iter::from_fn(move || {
+        records.peek()?;
+        let mut row = Zeroizing::new(Vec::with_capacity(ROW_BYTES + 128));
+        while row.len() < ROW_BYTES {
+            let Some(record) = records.next() else { break };
+            record.encode(&mut row);
+        }
+        Some(row)
+    })
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -380,8 +713,8 @@ fn corrupt(group: GroupId, what: &str) -> StoreError {
     StoreError::Corrupt(format!("group {group}: {what}"))
 }
 
-fn row_aad(group: GroupId, seq: u64) -> Vec<u8> {
-    let mut aad = LOG_LABEL.to_vec();
+fn row_aad(label: &[u8], group: GroupId, seq: u64) -> Vec<u8> {
+    let mut aad = label.to_vec();
     aad.extend_from_slice(&group.0.to_be_bytes());
     aad.extend_from_slice(&seq.to_be_bytes());
     aad
@@ -393,19 +726,42 @@ fn head_aad(group: GroupId) -> Vec<u8> {
     aad
 }
 
+/// base run, log run (32 bytes).
 fn encode_head(head: Head) -> Vec<u8> {
-    let mut out = head.first.to_be_bytes().to_vec();
-    out.extend_from_slice(&head.next.to_be_bytes());
-    out
+    [
+        head.base.first,
+        head.base.next,
+        head.log.first,
+        head.log.next,
+    ]
+    .iter()
+    .flat_map(|n| n.to_be_bytes())
+    .collect()
 }
 
+/// A head: base run and log run (32 bytes), or only the log run (16 bytes, the earlier layout).
+/// Either run may be empty, not both; with no base run, the log begins with the state.
 fn decode_head(bytes: &[u8]) -> Option<Head> {
     let mut r = Reader(bytes);
-    let head = Head {
-        first: r.u64().ok()?,
-        next: r.u64().ok()?,
+    let mut span = || -> Option<Span> {
+        let span = Span {
+            first: r.u64().ok()?,
+            next: r.u64().ok()?,
+        };
+        (span.first <= span.next).then_some(span)
     };
-    (r.0.is_empty() && head.first < head.next).then_some(head)
+    let head = match bytes.len() {
+        16 => Head {
+            base: Span::empty_at(0),
+            log: span()?,
+        },
+        32 => Head {
+            base: span()?,
+            log: span()?,
+        },
+        _ => return None,
+    };
+    (!head.base.is_empty() || !head.log.is_empty()).then_some(head)
 }
 
 fn encode_base(out: &mut Vec<u8>, state: &GroupState) {
@@ -637,70 +993,252 @@ mod tests {
         out
     }
 
+    /// Random churn of one group: a tree, its members, and the deltas between them.
+    struct Churn {
+        rng: ChaCha20Rng,
+        tree: KeyTree,
+        members: GroupRecords,
+    }
+
+    impl Churn {
+        fn new(members: usize) -> Churn {
+            let mut rng = ChaCha20Rng::seed_from_u64(3);
+            let mut tree = KeyTree::new(GroupId(4), TreeConfig::default(), &mut rng).unwrap();
+            let joins = Batch {
+                leaves: vec![],
+                joins: members,
+            };
+            tree.rekey(&joins, &mut rng).unwrap();
+            tree.track_changes();
+            let members = GroupRecords::from_state(&GroupState {
+                tree: tree.snapshot(),
+                members: tree.members().map(|l| member(l, 1)).collect(),
+            });
+            Churn { rng, tree, members }
+        }
+
+        /// One rekey: about a fifth of the members leave, up to 60 join.
+        fn delta(&mut self) -> GroupDelta {
+            let rng = &mut self.rng;
+            let leaves: Vec<NodeId> = self
+                .tree
+                .members()
+                .filter(|_| rng.next_u32().is_multiple_of(5))
+                .collect();
+            let joins = usize::try_from(rng.next_u32() % 60).unwrap();
+            let batch = Batch {
+                leaves: leaves.clone(),
+                joins,
+            };
+            let rekey = self.tree.rekey(&batch, rng).unwrap();
+            let epoch = self.tree.epoch().0;
+            let delta = GroupDelta {
+                group: self.tree.group(),
+                config: self.tree.config(),
+                epoch: self.tree.epoch(),
+                tree: self.tree.take_changes(),
+                members: rekey
+                    .joiners
+                    .iter()
+                    .map(|j| member(j.leaf, epoch))
+                    .collect(),
+                removed_members: leaves,
+            };
+            self.members.apply(&delta);
+            delta
+        }
+
+        fn state(&self) -> GroupState {
+            state_of(&self.tree, &self.members)
+        }
+    }
+
     /// A store holding a full save and then `rounds` deltas of random churn (a full save again
     /// halfway); returns the state it should load.
     fn churned(path: &Path, rounds: u64) -> GroupState {
-        let mut rng = ChaCha20Rng::seed_from_u64(3);
-        let mut tree = KeyTree::new(GroupId(4), TreeConfig::default(), &mut rng).unwrap();
-        tree.rekey(
-            &Batch {
-                leaves: vec![],
-                joins: 300,
-            },
-            &mut rng,
-        )
-        .unwrap();
-        tree.track_changes();
-        let mut members = GroupRecords::from_state(&GroupState {
-            tree: tree.snapshot(),
-            members: tree.members().map(|l| member(l, 1)).collect(),
-        });
+        let mut churn = Churn::new(300);
         let (mut store, loaded) = DiskStore::open(path, &KEY).unwrap();
         assert!(loaded.is_empty());
-        store.save(&state_of(&tree, &members)).unwrap();
+        store.save(&churn.state()).unwrap();
         for round in 0..rounds {
-            let leaves: Vec<NodeId> = tree.members().filter(|_| rng.next_u32() % 5 == 0).collect();
-            let joins = usize::try_from(rng.next_u32() % 60).unwrap();
-            let rekey = tree
-                .rekey(
-                    &Batch {
-                        leaves: leaves.clone(),
-                        joins,
-                    },
-                    &mut rng,
-                )
-                .unwrap();
-            let joined: Vec<MemberRecord> = rekey
-                .joiners
-                .iter()
-                .map(|j| member(j.leaf, tree.epoch().0))
-                .collect();
-            let delta = GroupDelta {
-                group: tree.group(),
-                config: tree.config(),
-                epoch: tree.epoch(),
-                tree: tree.take_changes(),
-                members: joined,
-                removed_members: leaves,
-            };
-            members.apply(&delta);
+            let delta = churn.delta();
             if round == rounds / 2 {
-                store.save(&state_of(&tree, &members)).unwrap();
+                store.save(&churn.state()).unwrap();
             } else {
                 store.save_delta(&delta).unwrap();
             }
         }
-        state_of(&tree, &members)
+        churn.state()
+    }
+
+    fn head(store: &DiskStore) -> Head {
+        let tx = store.db.begin_read().unwrap();
+        let heads = tx.open_table(HEADS).unwrap();
+        store.sealer.read_head(&heads, GroupId(4)).unwrap().unwrap()
+    }
+
+    /// The sequence numbers of the group's rows in `table`.
+    fn seqs(store: &DiskStore, table: Rows) -> Vec<u64> {
+        let tx = store.db.begin_read().unwrap();
+        let table = tx.open_table(table).unwrap();
+        table
+            .range((4, 0)..=(4, u64::MAX))
+            .unwrap()
+            .map(|e| e.unwrap().0.value().1)
+            .collect()
+    }
+
+    fn reopened(path: &Path) -> GroupState {
+        let (_, mut loaded) = DiskStore::open(path, &KEY).unwrap();
+        assert_eq!(loaded.len(), 1);
+        loaded.pop().unwrap()
     }
 
     #[test]
     fn saves_and_deltas_load_as_the_state_they_describe() {
         let dir = Temp::new("reload");
         let want = churned(&dir.file("state.redb"), 12);
-        let (_, loaded) = DiskStore::open(&dir.file("state.redb"), &KEY).unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(contents(&loaded[0]), contents(&want));
-        KeyTree::restore(&loaded[0].tree).unwrap();
+        let loaded = reopened(&dir.file("state.redb"));
+        assert_eq!(contents(&loaded), contents(&want));
+        KeyTree::restore(&loaded.tree).unwrap();
+    }
+
+    #[test]
+    fn a_compaction_replaces_the_stored_rows_while_deltas_are_saved() {
+        let dir = Temp::new("compact");
+        let path = dir.file("state.redb");
+        let mut churn = Churn::new(20_000);
+        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
+        store.save(&churn.state()).unwrap();
+        for _ in 0..5 {
+            store.save_delta(&churn.delta()).unwrap();
+        }
+        let before = head(&store);
+        store.compact(churn.state()).unwrap();
+        for _ in 0..3 {
+            store.save_delta(&churn.delta()).unwrap();
+        }
+        store.finish_compaction();
+        assert!(store.take_compaction_failure().is_none());
+        let after = head(&store);
+        assert!(after.base.first >= before.base.next, "{after:?} {before:?}");
+        assert!(after.base.next - after.base.first >= 2, "{after:?}");
+        assert_eq!(
+            after.log,
+            Span {
+                first: before.log.next,
+                next: before.log.next + 3
+            }
+        );
+        // The old base and the deltas the new base holds are gone.
+        let base_rows: Vec<u64> = (after.base.first..after.base.next).collect();
+        assert_eq!(seqs(&store, BASES), base_rows);
+        let log_rows: Vec<u64> = (after.log.first..after.log.next).collect();
+        assert_eq!(seqs(&store, LOG), log_rows);
+        store.save_delta(&churn.delta()).unwrap();
+        drop(store);
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn a_compaction_cut_short_loses_nothing_and_the_next_one_clears_its_rows() {
+        let dir = Temp::new("cut-short");
+        let path = dir.file("state.redb");
+        let mut churn = Churn::new(20_000);
+        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
+        store.save(&churn.state()).unwrap();
+        store.save_delta(&churn.delta()).unwrap();
+        // Two of its rows written, one per transaction, then the process dies.
+        let job = Compaction::start(&store, GroupId(4)).unwrap();
+        let state = churn.state();
+        let staged = job.stage(state_rows(&state).take(2)).unwrap();
+        assert_eq!(staged.next - staged.first, 2);
+        drop(job);
+        store.save_delta(&churn.delta()).unwrap();
+        let old = head(&store);
+        drop(store);
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+
+        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
+        assert_eq!(head(&store), old);
+        store.compact(churn.state()).unwrap();
+        store.finish_compaction();
+        assert!(store.take_compaction_failure().is_none());
+        let new = head(&store);
+        assert!(new.base.first >= staged.next, "{new:?} {staged:?}");
+        let base_rows: Vec<u64> = (new.base.first..new.base.next).collect();
+        assert_eq!(
+            seqs(&store, BASES),
+            base_rows,
+            "the cut-short rows are gone"
+        );
+        drop(store);
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn a_compaction_overtaken_by_a_full_save_is_dropped() {
+        let dir = Temp::new("overtaken");
+        let path = dir.file("state.redb");
+        let mut churn = Churn::new(300);
+        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
+        store.save(&churn.state()).unwrap();
+        store.save_delta(&churn.delta()).unwrap();
+        let job = Compaction::start(&store, GroupId(4)).unwrap();
+        let stale = churn.state();
+        let staged = job.stage(state_rows(&stale)).unwrap();
+        churn.delta();
+        store.save(&churn.state()).unwrap();
+        let error = job.switch(staged).unwrap_err();
+        assert!(error.to_string().contains("saved in full"), "{error}");
+        drop((job, store));
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn a_file_of_the_earlier_layout_loads_and_is_compacted() {
+        let dir = Temp::new("earlier");
+        let path = dir.file("state.redb");
+        let mut churn = Churn::new(300);
+        {
+            // As stores wrote before `gkm bases`: the state then the deltas in the log, and a
+            // head of the log's run only.
+            let (store, _) = DiskStore::open(&path, &KEY).unwrap();
+            let state = churn.state();
+            let delta = churn.delta();
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut log = tx.open_table(LOG).unwrap();
+                let mut next = 7;
+                for row in state_rows(&state).chain(delta_rows(&delta)) {
+                    store
+                        .sealer
+                        .insert_row(&mut log, LOG_LABEL, GroupId(4), next, &row)
+                        .unwrap();
+                    next += 1;
+                }
+                let run = Span { first: 7, next };
+                let sealed = store.sealer.seal(
+                    &head_aad(GroupId(4)),
+                    &encode_head(Head {
+                        base: run,
+                        log: run,
+                    })[16..],
+                );
+                let mut heads = tx.open_table(HEADS).unwrap();
+                heads.insert(4, sealed.unwrap().as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
+        store.save_delta(&churn.delta()).unwrap();
+        store.compact(churn.state()).unwrap();
+        store.finish_compaction();
+        assert!(store.take_compaction_failure().is_none());
+        assert!(seqs(&store, LOG).is_empty(), "the old log is gone");
+        drop(store);
+        assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
     }
 
     /// Opens a copy of a good store after `tamper` changed it; returns the load error.
@@ -720,15 +1258,19 @@ mod tests {
         }
     }
 
-    fn edit_log(db: &Database, f: impl FnOnce(&mut redb::Table<'_, (u64, u64), &'static [u8]>)) {
+    fn edit(
+        db: &Database,
+        table: Rows,
+        f: impl FnOnce(&mut redb::Table<'_, (u64, u64), &'static [u8]>),
+    ) {
         let tx = db.begin_write().unwrap();
-        f(&mut tx.open_table(LOG).unwrap());
+        f(&mut tx.open_table(table).unwrap());
         tx.commit().unwrap();
     }
 
-    fn row(db: &Database, seq: u64) -> Vec<u8> {
+    fn row(db: &Database, table: Rows, seq: u64) -> Vec<u8> {
         let tx = db.begin_read().unwrap();
-        let table = tx.open_table(LOG).unwrap();
+        let table = tx.open_table(table).unwrap();
         table.get((4, seq)).unwrap().unwrap().value().to_vec()
     }
 
@@ -737,48 +1279,76 @@ mod tests {
         let dir = Temp::new("corrupt");
         let good = dir.file("good.redb");
         churned(&good, 8);
-        // Rows 0..: base (rows 0..=k), deltas; the full save at round 4 began a new base.
+        // The full save at round 4 wrote a new base; the log holds the deltas after it.
         let (store, _) = DiskStore::open(&good, &KEY).unwrap();
-        let head = store.heads[&GroupId(4)];
+        let Head { base, log } = head(&store);
         drop(store);
-        assert!(head.next - head.first >= 3);
+        assert!(log.next - log.first >= 3 && log.first > 0, "{log:?}");
 
         let flipped = tampered(&dir, &good, "flipped.redb", |db| {
-            let mut bytes = row(db, head.first + 1);
+            let mut bytes = row(db, LOG, log.first + 1);
             bytes[20] ^= 1;
-            edit_log(db, |t| {
-                t.insert((4, head.first + 1), bytes.as_slice()).unwrap();
+            edit(db, LOG, |t| {
+                t.insert((4, log.first + 1), bytes.as_slice()).unwrap();
             });
         });
         assert!(flipped.contains("does not authenticate"), "{flipped}");
 
+        let flipped_base = tampered(&dir, &good, "flipped-base.redb", |db| {
+            let mut bytes = row(db, BASES, base.first);
+            bytes[20] ^= 1;
+            edit(db, BASES, |t| {
+                t.insert((4, base.first), bytes.as_slice()).unwrap();
+            });
+        });
+        assert!(
+            flipped_base.contains("does not authenticate"),
+            "{flipped_base}"
+        );
+
         let swapped = tampered(&dir, &good, "swapped.redb", |db| {
-            let (a, b) = (row(db, head.first + 1), row(db, head.first + 2));
-            edit_log(db, |t| {
-                t.insert((4, head.first + 1), b.as_slice()).unwrap();
-                t.insert((4, head.first + 2), a.as_slice()).unwrap();
+            let (a, b) = (row(db, LOG, log.first + 1), row(db, LOG, log.first + 2));
+            edit(db, LOG, |t| {
+                t.insert((4, log.first + 1), b.as_slice()).unwrap();
+                t.insert((4, log.first + 2), a.as_slice()).unwrap();
             });
         });
         assert!(swapped.contains("does not authenticate"), "{swapped}");
 
+        // A base row (sealed for `gkm bases`) put in the log.
+        let moved_row = tampered(&dir, &good, "moved-row.redb", |db| {
+            let bytes = row(db, BASES, base.first);
+            edit(db, LOG, |t| {
+                t.insert((4, log.first + 1), bytes.as_slice()).unwrap();
+            });
+        });
+        assert!(moved_row.contains("does not authenticate"), "{moved_row}");
+
         let gap = tampered(&dir, &good, "gap.redb", |db| {
-            edit_log(db, |t| {
-                t.remove((4, head.first + 1)).unwrap();
+            edit(db, LOG, |t| {
+                t.remove((4, log.first + 1)).unwrap();
             });
         });
         assert!(gap.contains("out of sequence"), "{gap}");
 
         let cut = tampered(&dir, &good, "cut.redb", |db| {
-            edit_log(db, |t| {
-                t.remove((4, head.next - 1)).unwrap();
+            edit(db, LOG, |t| {
+                t.remove((4, log.next - 1)).unwrap();
             });
         });
         assert!(cut.contains("missing"), "{cut}");
 
+        let no_base = tampered(&dir, &good, "no-base.redb", |db| {
+            edit(db, BASES, |t| {
+                t.remove((4, base.first)).unwrap();
+            });
+        });
+        assert!(no_base.contains("missing"), "{no_base}");
+
         let stale = tampered(&dir, &good, "stale.redb", |db| {
-            let old = row(db, head.first);
-            edit_log(db, |t| {
-                t.insert((4, head.first - 1), old.as_slice()).unwrap();
+            let old = row(db, LOG, log.first);
+            edit(db, LOG, |t| {
+                t.insert((4, log.first - 1), old.as_slice()).unwrap();
             });
         });
         assert!(stale.contains("out of sequence"), "{stale}");

@@ -53,5 +53,6 @@ pub use controller::{
 pub use disk::{DiskStore, MAX_RECORDS};
 pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 pub use store::{
-    GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, Store, StoreError,
+    CompactionFailure, GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, Store,
+    StoreError,
 };

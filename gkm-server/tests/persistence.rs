@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Command, ConnId, Controller, DiskStore, GroupDelta, GroupPolicy, GroupState, MemberRecord,
-    MemoryStore, Response, Store, StoreError, Timestamp,
+    Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
+    GroupState, MemberRecord, MemoryStore, Response, Store, StoreError, Timestamp,
 };
 use lkh_tree::{Batch, Epoch, GroupId, KeyTree, TreeConfig};
 use rand_chacha::ChaCha20Rng;
@@ -34,6 +34,20 @@ impl Store for Tee {
         let mut both = self.0.lock().unwrap();
         both.0.save_delta(delta)?;
         both.1.as_mut().unwrap().save_delta(delta)
+    }
+    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+        let mut both = self.0.lock().unwrap();
+        both.0.compact(state.clone())?;
+        both.1.as_mut().unwrap().compact(state)
+    }
+    fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
+        self.0
+            .lock()
+            .unwrap()
+            .1
+            .as_mut()
+            .unwrap()
+            .take_compaction_failure()
     }
 }
 
@@ -173,8 +187,9 @@ impl Run {
         );
     }
 
-    /// One batch: evictions, joins and renewals, then the rekey a second later.
-    fn churn(&mut self) {
+    /// One batch: evictions, joins and renewals, then the rekey a second later; returns the
+    /// events.
+    fn churn(&mut self) -> Vec<Event> {
         let members = self.members();
         for (id, identity) in &members {
             match self.rng.next_u32() % 8 {
@@ -193,13 +208,9 @@ impl Run {
         self.now += 1_000;
         self.controller.handle_timeout(Timestamp(self.now));
         while self.controller.poll_transmit().is_some() {}
-        while let Some(event) = self.controller.poll_event() {
-            assert!(
-                !matches!(event, gkm_server::Event::StoreFailed { .. }),
-                "{event:?}"
-            );
-        }
+        let events = std::iter::from_fn(|| self.controller.poll_event()).collect();
         self.now += 500;
+        events
     }
 
     fn state(&self) -> GroupState {
@@ -214,11 +225,24 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
-fn start(restored: Vec<GroupState>, store: &Tee, now: u64, seed: u64) -> Run {
+/// Asserts that the store neither failed nor failed to compact.
+fn no_failure(events: &[Event]) {
+    for event in events {
+        assert!(
+            !matches!(
+                event,
+                Event::StoreFailed { .. } | Event::CompactionFailed { .. }
+            ),
+            "{event:?}"
+        );
+    }
+}
+
+fn start(restored: Vec<GroupState>, store: Box<dyn Store + Send>, now: u64, seed: u64) -> Run {
     let mut controller = Controller::new(
         SigningKey::from_bytes(&[9; 32]),
         ChaCha20Rng::seed_from_u64(seed),
-        Box::new(store.clone()),
+        store,
         vec![policy()],
         restored,
         Timestamp(now),
@@ -246,10 +270,10 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     let mut memory = MemoryStore::default();
     memory.save(&base).unwrap();
     let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
-    let mut run = start(vec![base], &store, START, 1);
+    let mut run = start(vec![base], Box::new(store.clone()), START, 1);
     run.controller.handle_timeout(Timestamp(START));
     for round in 0..16 {
-        run.churn();
+        no_failure(&run.churn());
         let saved = store.0.lock().unwrap().0.states();
         assert_eq!(saved.len(), 1);
         assert_eq!(contents(&saved[0]), contents(&run.state()), "round {round}");
@@ -282,9 +306,9 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     let mut memory = MemoryStore::default();
     memory.save(&loaded[0]).unwrap();
     let store = Tee(Arc::new(Mutex::new((memory, Some(disk)))));
-    let mut run = start(loaded, &store, now, 50);
+    let mut run = start(loaded, Box::new(store.clone()), now, 50);
     run.controller.handle_timeout(Timestamp(now));
-    run.churn();
+    no_failure(&run.churn());
     assert!(run.state().tree.epoch > epoch);
     assert_eq!(
         contents(&store.0.lock().unwrap().0.states()[0]),
@@ -292,4 +316,50 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     );
     drop(run);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A store in memory whose compactions fail, counting them.
+#[derive(Clone, Default)]
+struct FailingCompactions(Arc<Mutex<(MemoryStore, usize)>>);
+
+impl Store for FailingCompactions {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.0.lock().unwrap().0.save(state)
+    }
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        self.0.lock().unwrap().0.save_delta(delta)
+    }
+    fn compact(&mut self, _state: GroupState) -> Result<(), StoreError> {
+        self.0.lock().unwrap().1 += 1;
+        Err(StoreError::Backend("no space left on device".into()))
+    }
+}
+
+#[test]
+fn a_failed_compaction_is_reported_and_deltas_are_saved_as_before() {
+    let base = initial(200);
+    let store = FailingCompactions::default();
+    store.0.lock().unwrap().0.save(&base).unwrap();
+    let mut run = start(vec![base], Box::new(store.clone()), START, 3);
+    run.controller.handle_timeout(Timestamp(START));
+    let mut reported = 0;
+    for round in 0..16 {
+        for event in run.churn() {
+            match event {
+                Event::CompactionFailed { error, .. } => {
+                    assert!(error.contains("no space left"), "{error}");
+                    reported += 1;
+                }
+                Event::StoreFailed { .. } => panic!("{event:?}"),
+                _ => {}
+            }
+        }
+        let saved = store.0.lock().unwrap().0.states();
+        assert_eq!(contents(&saved[0]), contents(&run.state()), "round {round}");
+    }
+    let both = store.0.lock().unwrap();
+    let (saves, tried) = (both.0.saves, both.1);
+    assert!(tried >= 2, "compactions were tried again ({tried})");
+    assert_eq!(reported, tried, "each failure is reported");
+    assert_eq!(saves, 1, "no full save: the deltas were all durable");
 }

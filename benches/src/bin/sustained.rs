@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use gkm_benches::{config, full_tree, member_records, rng};
 use gkm_server::{
-    Command, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy, GroupState, Inbound,
-    Store, StoreError, Timestamp, Transmit, verify_request,
+    Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
+    GroupState, Inbound, Store, StoreError, Timestamp, Transmit, verify_request,
 };
 use lkh_tree::GroupId;
 use rand_core::Rng;
@@ -46,6 +46,12 @@ impl Store for Shared {
     }
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
         self.0.lock().expect("store").save_delta(delta)
+    }
+    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+        self.0.lock().expect("store").compact(state)
+    }
+    fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
+        self.0.lock().expect("store").take_compaction_failure()
     }
 }
 
