@@ -21,10 +21,11 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A port for this test run: distinct per call, varied per process.
+/// A port for this test run: distinct per call, varied per process, below the kernel's ephemeral
+/// range (10000-19999, apart from the end-to-end tests' 20000-29999).
 fn port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 30_000 + u16::try_from(std::process::id() % 1000).unwrap() * 20;
+    let base = 10_000 + u16::try_from(std::process::id() % 500).unwrap() * 20;
     base + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 

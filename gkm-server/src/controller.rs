@@ -366,45 +366,30 @@ pub struct RekeyProfile {
 enum Save {
     /// The whole state.
     Full(GroupState),
-    /// The changes since the last save, and whether the store is to be compacted after them.
-    Delta(GroupDelta, bool),
+    /// The changes since the last save.
+    Delta(GroupDelta),
+    /// The changes since the last save, and then the state they lead to in place of what the
+    /// store holds (compaction).
+    Compact(GroupDelta),
 }
 
 impl Save {
-    /// Writes the save; then, if it asks for one and the write succeeded, starts a compaction
-    /// to the state `tree` and `members` hold. Returns the write's result, the time it was done
-    /// by `clock`, and the compaction's start, if one was made.
+    /// Writes the save (for [`Save::Compact`], with the state that `tree` and `members` hold);
+    /// returns its result and the time it was durable by `clock`.
     fn write(
         &self,
         store: &mut (dyn Store + Send),
         clock: Option<fn() -> Duration>,
         tree: &KeyTree,
         members: &Roster,
-    ) -> Written {
+    ) -> (Result<(), StoreError>, Option<Duration>) {
         let result = match self {
             Save::Full(state) => store.save(state),
-            Save::Delta(delta, _) => store.save_delta(delta),
+            Save::Delta(delta) => store.save_delta(delta),
+            Save::Compact(delta) => store.save_delta_and_compact(delta, group_state(tree, members)),
         };
-        let at = clock.map(|now| now());
-        let compaction = match self {
-            Save::Delta(_, true) if result.is_ok() => {
-                Some(store.compact(group_state(tree, members)))
-            }
-            _ => None,
-        };
-        Written {
-            result,
-            at,
-            compaction,
-        }
+        (result, clock.map(|now| now()))
     }
-}
-
-/// What [`Save::write`] did.
-struct Written {
-    result: Result<(), StoreError>,
-    at: Option<Duration>,
-    compaction: Option<Result<(), StoreError>>,
 }
 
 /// The durable state of a group whose tree and roster these are.
@@ -1219,8 +1204,8 @@ impl<R: CryptoRng> Controller<R> {
         // Write-ahead: the changes are durable before anything encrypted under them is queued.
         // With workers, a large rekey's save runs while its datagrams are packed and signed; for
         // a small one, the thread would cost more CPU than the signing it overlaps.
-        // A compaction is started by the same thread, after the save: its snapshot of the state
-        // is taken while the datagrams are signed.
+        // A compaction's snapshot of the state is taken on the same thread, while the datagrams
+        // are signed.
         let save = g.take_save();
         let (mtu, tree, members) = (g.policy.mtu, &g.tree, &g.members);
         let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
@@ -1230,38 +1215,33 @@ impl<R: CryptoRng> Controller<R> {
             (sign_all(&packed, signer, workers), packed_at)
         };
         let overlap = workers > 1 && rekey.encryptions.len() >= OVERLAP_SAVE_MIN;
-        let (written, (datagrams, packed)) = if overlap {
+        let ((saved, persisted), (datagrams, packed)) = if overlap {
             std::thread::scope(|scope| {
                 let writer = scope.spawn(|| save.write(store, clock, tree, members));
                 let signed = pack_and_sign();
-                let written = writer.join().unwrap_or_else(|_| Written {
-                    result: Err(StoreError::Backend("the store panicked".into())),
-                    at: None,
-                    compaction: None,
+                let saved = writer.join().unwrap_or_else(|_| {
+                    (Err(StoreError::Backend("the store panicked".into())), None)
                 });
-                (written, signed)
+                (saved, signed)
             })
         } else {
-            let written = save.write(store, clock, tree, members);
-            (written, pack_and_sign())
+            let saved = save.write(store, clock, tree, members);
+            (saved, pack_and_sign())
         };
         let signed = clock.map(|now| now());
-        g.saved = written.result.is_ok();
+        g.saved = saved.is_ok();
         drop(save);
-        if let Some(Err(error)) = written.compaction {
-            self.compaction_failed(id, epoch, &error);
-        }
         if let Some(failure) = self.store.take_compaction_failure() {
-            self.compaction_failed(failure.group, failure.epoch, &failure.error);
+            self.events.push_back(Event::CompactionFailed {
+                group: failure.group.0,
+                epoch: failure.epoch.0,
+                error: failure.error.to_string(),
+            });
         }
-        let persisted = written.at;
-        if let Err(error) = written.result {
+        if let Err(error) = saved {
             self.store_failed(id, epoch, &error);
             return;
         }
-        let Some(g) = self.groups.get_mut(&id) else {
-            return;
-        };
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
@@ -1345,14 +1325,6 @@ impl<R: CryptoRng> Controller<R> {
             .to_bytes(),
         };
         on_workers(welcomes, self.workers, seal)
-    }
-
-    fn compaction_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
-        self.events.push_back(Event::CompactionFailed {
-            group: id.0,
-            epoch: epoch.0,
-            error: error.to_string(),
-        });
     }
 
     fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
@@ -1561,11 +1533,12 @@ impl Group {
         }
         self.logged = self.logged.saturating_add(delta.records());
         // A state holds each member's record and at most two nodes per member.
-        let compact = self.logged > self.members.len().saturating_mul(3).max(64);
-        if compact {
+        if self.logged > self.members.len().saturating_mul(3).max(64) {
             self.logged = 0;
+            Save::Compact(delta)
+        } else {
+            Save::Delta(delta)
         }
-        Save::Delta(delta, compact)
     }
 
     fn state(&self) -> GroupState {

@@ -17,13 +17,14 @@
 //! every batch. The log writes each changed record once.
 //!
 //! Compaction: once the deltas hold about as many records as the state, the controller hands the
-//! store the state its last delta leads to ([`Store::compact`]). A thread of the store writes it
-//! as new base rows, a few MiB per transaction, so a delta saved meanwhile waits for one of them
-//! at most, never for the whole state (at a million members, 167 MB and over a second). Only the
-//! last transaction points the head at the new rows and deletes the old base and the deltas the
-//! new base already holds. Until then the head names the old rows, so a crash or a failure in
-//! the middle loses nothing; the rows it wrote are ignored by loading and deleted by the next
-//! compaction or full save.
+//! store a delta together with the state it leads to ([`Store::save_delta_and_compact`]). The
+//! delta is saved as usual; then a thread of the store writes the state as new base rows, a few
+//! MiB per transaction, so a delta saved meanwhile waits for one of them at most, never for the
+//! whole state (at a million members, 167 MB and over a second). Only the last transaction points
+//! the head at the new rows and deletes the old base and the deltas the new base already holds.
+//! Until then the head names the old rows, so a crash or a failure in the middle loses nothing;
+//! the rows it wrote are ignored by loading and deleted by the next compaction or full save. A
+//! state that fits one row is saved in full at once instead of the delta.
 //!
 //! Sealing: ChaCha20-Poly1305 under the storage key, with a random 96-bit nonce per row from the
 //! OS (never a counter: a counter rewound by a restored backup or a lost write would repeat a
@@ -73,6 +74,8 @@ const TAG_LEN: usize = 16;
 const ROW_BYTES: usize = 256 * 1024 - 256;
 /// Rows a compaction writes per transaction (about 4 MiB).
 const COMPACTION_ROWS: usize = 16;
+/// Records that fit one row whatever their kind (a member record, the largest, is 93 bytes).
+const ONE_ROW_RECORDS: usize = ROW_BYTES / 96;
 /// Most tree nodes or members one stored group may hold (2^25).
 pub const MAX_RECORDS: usize = 1 << 25;
 
@@ -369,21 +372,42 @@ impl Store for DiskStore {
         self.append(delta.group, delta_rows(delta))
     }
 
-    /// Starts writing `state` on a thread of the store (see the module docs), after any earlier
-    /// compaction finished.
-    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+    /// Saves `delta`, then starts writing `state` on a thread of the store (see the module
+    /// docs), once any earlier compaction finished. A state that fits one row is saved in full
+    /// at once instead: one transaction costs less than the thread's three.
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
+        if state.records() <= ONE_ROW_RECORDS {
+            return self.save(&state);
+        }
+        self.save_delta(delta)?;
         self.finish_compaction();
         let (group, epoch) = (state.tree.group, state.tree.epoch);
-        let job = Compaction::start(self, group)?;
-        let thread = std::thread::Builder::new()
-            .name("gkm-compaction".into())
-            .spawn(move || job.run(&state))
-            .map_err(|e| StoreError::Backend(format!("cannot start the compaction: {e}")))?;
-        self.compaction = Some(Running {
-            group,
-            epoch,
-            thread,
+        let started = Compaction::start(self, group).and_then(|job| {
+            std::thread::Builder::new()
+                .name("gkm-compaction".into())
+                .spawn(move || job.run(&state))
+                .map_err(|e| StoreError::Backend(format!("cannot start the compaction: {e}")))
         });
+        match started {
+            Ok(thread) => {
+                self.compaction = Some(Running {
+                    group,
+                    epoch,
+                    thread,
+                });
+            }
+            Err(error) => {
+                self.failure = Some(CompactionFailure {
+                    group,
+                    epoch,
+                    error,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -1088,6 +1112,12 @@ mod tests {
             .collect()
     }
 
+    /// One more delta of `churn`, saved with a compaction.
+    fn compact(store: &mut DiskStore, churn: &mut Churn) {
+        let delta = churn.delta();
+        store.save_delta_and_compact(&delta, churn.state()).unwrap();
+    }
+
     fn reopened(path: &Path) -> GroupState {
         let (_, mut loaded) = DiskStore::open(path, &KEY).unwrap();
         assert_eq!(loaded.len(), 1);
@@ -1114,7 +1144,7 @@ mod tests {
             store.save_delta(&churn.delta()).unwrap();
         }
         let before = head(&store);
-        store.compact(churn.state()).unwrap();
+        compact(&mut store, &mut churn);
         for _ in 0..3 {
             store.save_delta(&churn.delta()).unwrap();
         }
@@ -1126,8 +1156,8 @@ mod tests {
         assert_eq!(
             after.log,
             Span {
-                first: before.log.next,
-                next: before.log.next + 3
+                first: before.log.next + 1,
+                next: before.log.next + 4
             }
         );
         // The old base and the deltas the new base holds are gone.
@@ -1138,6 +1168,22 @@ mod tests {
         store.save_delta(&churn.delta()).unwrap();
         drop(store);
         assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn a_small_state_is_compacted_in_full_at_once() {
+        let dir = Temp::new("compact-small");
+        let mut churn = Churn::new(300);
+        let (mut store, _) = DiskStore::open(&dir.file("state.redb"), &KEY).unwrap();
+        store.save(&churn.state()).unwrap();
+        store.save_delta(&churn.delta()).unwrap();
+        let before = head(&store);
+        compact(&mut store, &mut churn);
+        assert!(store.compaction.is_none(), "no thread for one row");
+        let after = head(&store);
+        assert_eq!(after.base.next - after.base.first, 1);
+        assert!(after.base.first >= before.base.next && after.log.is_empty());
+        assert!(seqs(&store, LOG).is_empty());
     }
 
     #[test]
@@ -1161,7 +1207,7 @@ mod tests {
 
         let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
         assert_eq!(head(&store), old);
-        store.compact(churn.state()).unwrap();
+        compact(&mut store, &mut churn);
         store.finish_compaction();
         assert!(store.take_compaction_failure().is_none());
         let new = head(&store);
@@ -1232,9 +1278,7 @@ mod tests {
         }
         assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
         let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
-        store.save_delta(&churn.delta()).unwrap();
-        store.compact(churn.state()).unwrap();
-        store.finish_compaction();
+        compact(&mut store, &mut churn);
         assert!(store.take_compaction_failure().is_none());
         assert!(seqs(&store, LOG).is_empty(), "the old log is gone");
         drop(store);

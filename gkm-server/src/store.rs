@@ -91,22 +91,27 @@ impl GroupState {
 /// The controller calls [`Store::save`] for a group's first save and after a failed save, and
 /// [`Store::save_delta`] for every other rekey. Both return only once the data is durable; a
 /// failed call may have written nothing or everything, never a part. Once the deltas since the
-/// last full state hold more records than the state, the controller also calls
-/// [`Store::compact`] right after a delta was saved. Loading (store-specific) gives back the
-/// full [`GroupState`]: the last full state with every later delta applied.
+/// last full state hold more records than the state, the controller calls
+/// [`Store::save_delta_and_compact`] instead of [`Store::save_delta`]. Loading (store-specific)
+/// gives back the full [`GroupState`]: the last full state with every later delta applied.
 pub trait Store {
     /// Durably replaces the whole state of `state.tree.group`.
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError>;
     /// Durably applies one rekey's changes to the state saved so far. A group with no saved state
     /// is an error (the controller then saves it in full).
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError>;
-    /// Replaces what the store holds of `state.tree.group` (a full state and the deltas after
-    /// it) by `state`, the state the last saved delta leads to, so that what is stored stops
-    /// growing. Nothing is lost if it fails or never finishes: until it is done, the store loads
-    /// as before, and deltas may be saved meanwhile. A store may do it in the background and
-    /// report a failure later through [`Store::take_compaction_failure`]; by default it is a
-    /// [`Store::save`].
-    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+    /// Durably applies `delta`, as [`Store::save_delta`] does, and replaces what the store holds
+    /// of the group (a full state and the deltas after it) by `state`, the state `delta` leads
+    /// to, so that what is stored stops growing. The result is the delta's: once it is `Ok`,
+    /// the delta is durable. The replacement may finish later, with deltas saved meanwhile, and
+    /// report a failure through [`Store::take_compaction_failure`]; nothing is lost if it fails
+    /// or never finishes. By default it is a [`Store::save`] of `state`.
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
+        let _ = delta;
         self.save(&state)
     }
     /// A compaction that failed in the background since the last call, if any.
@@ -115,7 +120,7 @@ pub trait Store {
     }
 }
 
-/// A compaction that failed after [`Store::compact`] returned. The stored full state and deltas
+/// A compaction that failed after [`Store::save_delta_and_compact`] returned. The stored full state and deltas
 /// it would have replaced are intact.
 #[derive(Debug)]
 pub struct CompactionFailure {

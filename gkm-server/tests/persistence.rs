@@ -35,10 +35,17 @@ impl Store for Tee {
         both.0.save_delta(delta)?;
         both.1.as_mut().unwrap().save_delta(delta)
     }
-    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
         let mut both = self.0.lock().unwrap();
-        both.0.compact(state.clone())?;
-        both.1.as_mut().unwrap().compact(state)
+        both.0.save_delta_and_compact(delta, state.clone())?;
+        both.1
+            .as_mut()
+            .unwrap()
+            .save_delta_and_compact(delta, state)
     }
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         self.0
@@ -261,9 +268,21 @@ fn start(restored: Vec<GroupState>, store: Box<dyn Store + Send>, now: u64, seed
 
 #[test]
 fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
-    let dir = temp("churn");
+    rebuild("churn", 200);
+}
+
+/// Compactions of more than one row run on the disk store's own thread.
+#[test]
+fn a_large_group_compacted_in_the_background_reloads_as_the_controller_holds_it() {
+    rebuild("churn-large", 4_000);
+}
+
+/// Churn through the controller into a memory store and a disk store side by side, every round
+/// compared; then the disk store reopened and the group continued from it.
+fn rebuild(name: &str, members: usize) {
+    let dir = temp(name);
     let path = dir.join("state.redb");
-    let base = initial(200);
+    let base = initial(members);
     let (mut disk, loaded) = DiskStore::open(&path, &KEY).unwrap();
     assert!(loaded.is_empty());
     disk.save(&base).unwrap();
@@ -318,9 +337,10 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A store in memory whose compactions fail, counting them.
+/// A store in memory whose compactions fail (reported later, as a store that compacts in the
+/// background does), counting them.
 #[derive(Clone, Default)]
-struct FailingCompactions(Arc<Mutex<(MemoryStore, usize)>>);
+struct FailingCompactions(Arc<Mutex<(MemoryStore, usize, Option<CompactionFailure>)>>);
 
 impl Store for FailingCompactions {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
@@ -329,9 +349,23 @@ impl Store for FailingCompactions {
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
         self.0.lock().unwrap().0.save_delta(delta)
     }
-    fn compact(&mut self, _state: GroupState) -> Result<(), StoreError> {
-        self.0.lock().unwrap().1 += 1;
-        Err(StoreError::Backend("no space left on device".into()))
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
+        let mut store = self.0.lock().unwrap();
+        store.0.save_delta(delta)?;
+        store.1 += 1;
+        store.2 = Some(CompactionFailure {
+            group: state.tree.group,
+            epoch: state.tree.epoch,
+            error: StoreError::Backend("no space left on device".into()),
+        });
+        Ok(())
+    }
+    fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
+        self.0.lock().unwrap().2.take()
     }
 }
 

@@ -47,8 +47,15 @@ impl Store for Shared {
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
         self.0.lock().expect("store").save_delta(delta)
     }
-    fn compact(&mut self, state: GroupState) -> Result<(), StoreError> {
-        self.0.lock().expect("store").compact(state)
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
+        self.0
+            .lock()
+            .expect("store")
+            .save_delta_and_compact(delta, state)
     }
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         self.0.lock().expect("store").take_compaction_failure()

@@ -40,6 +40,17 @@ impl Running {
         Running(Some(cmd.stdout(out).stderr(err).spawn().expect("spawn")))
     }
 
+    /// If the child has exited: its status, and its stderr when it was piped.
+    pub fn exit_report(&mut self) -> Option<String> {
+        let child = self.0.as_mut()?;
+        let status = child.try_wait().ok()??;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        Some(format!("{status}; stderr: {stderr}"))
+    }
+
     /// The child's stderr, once (when spawned with its output piped).
     pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
         self.0.as_mut()?.stderr.take()
@@ -147,12 +158,13 @@ impl Lab {
     }
 
     /// A fresh directory with an initialized controller state directory; `offset` separates the
-    /// ports of tests that run at once.
+    /// ports of tests that run at once. The ports (20000-29999) lie below the kernel's ephemeral
+    /// range (32768-60999), where a connection or UDP socket of any process could hold them.
     pub fn new(tag: &str, server: &Path, offset: u16) -> Lab {
         let dir = std::env::temp_dir().join(format!("gkm-member-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let base = 40_000 + u16::try_from(std::process::id() % 1000).unwrap() * 10 + offset;
+        let base = 20_000 + u16::try_from(std::process::id() % 1000).unwrap() * 10 + offset;
         let (tcp, mcast) = (base, base + 1);
         let init = Command::new(server)
             .args(["init", "--state-dir"])
@@ -195,12 +207,16 @@ impl Lab {
         if log.is_some() {
             cmd.env("RUST_LOG", "trace");
         }
-        let controller = Lab::spawn(&mut cmd, log);
+        let mut controller = Lab::spawn(&mut cmd, log);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.tcp)).is_err() {
+            if let Some(report) = controller.exit_report() {
+                panic!("the controller exited: {report} (log: {log:?})");
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
-                "controller did not listen"
+                "controller did not listen on {} (log: {log:?})",
+                self.tcp
             );
             std::thread::sleep(Duration::from_millis(50));
         }
