@@ -1112,6 +1112,15 @@ mod tests {
             .collect()
     }
 
+    /// A store at `path` holding a full save of a churning group of `members` and one delta.
+    fn saved(path: &Path, members: usize) -> (DiskStore, Churn) {
+        let mut churn = Churn::new(members);
+        let (mut store, _) = DiskStore::open(path, &KEY).unwrap();
+        store.save(&churn.state()).unwrap();
+        store.save_delta(&churn.delta()).unwrap();
+        (store, churn)
+    }
+
     /// One more delta of `churn`, saved with a compaction.
     fn compact(store: &mut DiskStore, churn: &mut Churn) {
         let delta = churn.delta();
@@ -1137,10 +1146,8 @@ mod tests {
     fn a_compaction_replaces_the_stored_rows_while_deltas_are_saved() {
         let dir = Temp::new("compact");
         let path = dir.file("state.redb");
-        let mut churn = Churn::new(20_000);
-        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
-        store.save(&churn.state()).unwrap();
-        for _ in 0..5 {
+        let (mut store, mut churn) = saved(&path, 20_000);
+        for _ in 0..4 {
             store.save_delta(&churn.delta()).unwrap();
         }
         let before = head(&store);
@@ -1173,10 +1180,7 @@ mod tests {
     #[test]
     fn a_small_state_is_compacted_in_full_at_once() {
         let dir = Temp::new("compact-small");
-        let mut churn = Churn::new(300);
-        let (mut store, _) = DiskStore::open(&dir.file("state.redb"), &KEY).unwrap();
-        store.save(&churn.state()).unwrap();
-        store.save_delta(&churn.delta()).unwrap();
+        let (mut store, mut churn) = saved(&dir.file("state.redb"), 300);
         let before = head(&store);
         compact(&mut store, &mut churn);
         assert!(store.compaction.is_none(), "no thread for one row");
@@ -1190,10 +1194,7 @@ mod tests {
     fn a_compaction_cut_short_loses_nothing_and_the_next_one_clears_its_rows() {
         let dir = Temp::new("cut-short");
         let path = dir.file("state.redb");
-        let mut churn = Churn::new(20_000);
-        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
-        store.save(&churn.state()).unwrap();
-        store.save_delta(&churn.delta()).unwrap();
+        let (mut store, mut churn) = saved(&path, 20_000);
         // Two of its rows written, one per transaction, then the process dies.
         let job = Compaction::start(&store, GroupId(4)).unwrap();
         let state = churn.state();
@@ -1226,10 +1227,7 @@ mod tests {
     fn a_compaction_overtaken_by_a_full_save_is_dropped() {
         let dir = Temp::new("overtaken");
         let path = dir.file("state.redb");
-        let mut churn = Churn::new(300);
-        let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
-        store.save(&churn.state()).unwrap();
-        store.save_delta(&churn.delta()).unwrap();
+        let (mut store, mut churn) = saved(&path, 300);
         let job = Compaction::start(&store, GroupId(4)).unwrap();
         let stale = churn.state();
         let staged = job.stage(state_rows(&stale)).unwrap();
