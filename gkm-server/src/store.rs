@@ -120,8 +120,8 @@ pub trait Store {
     }
 }
 
-/// A compaction that failed after [`Store::save_delta_and_compact`] returned. The stored full state and deltas
-/// it would have replaced are intact.
+/// A compaction that failed after [`Store::save_delta_and_compact`] returned. The stored full
+/// state and deltas it would have replaced are intact.
 #[derive(Debug)]
 pub struct CompactionFailure {
     /// The group.
