@@ -24,7 +24,8 @@
 //! the head at the new rows and deletes the old base and the deltas the new base already holds.
 //! Until then the head names the old rows, so a crash or a failure in the middle loses nothing;
 //! the rows it wrote are ignored by loading and deleted by the next compaction or full save. A
-//! state that fits one row is saved in full at once instead of the delta.
+//! state that fits one such transaction (about 43,000 records) is saved in full at once instead
+//! of the delta.
 //!
 //! Sealing: ChaCha20-Poly1305 under the storage key, with a random 96-bit nonce per row from the
 //! OS (never a counter: a counter rewound by a restored backup or a lost write would repeat a
@@ -74,8 +75,9 @@ const TAG_LEN: usize = 16;
 const ROW_BYTES: usize = 256 * 1024 - 256;
 /// Rows a compaction writes per transaction (about 4 MiB).
 const COMPACTION_ROWS: usize = 16;
-/// Records that fit one row whatever their kind (a member record, the largest, is 93 bytes).
-const ONE_ROW_RECORDS: usize = ROW_BYTES / 96;
+/// Records that fit one compaction transaction whatever their kind (a member record, the
+/// largest, is 93 bytes): about 43,000.
+const ONE_TRANSACTION_RECORDS: usize = COMPACTION_ROWS * (ROW_BYTES / 96);
 /// Most tree nodes or members one stored group may hold (2^25).
 pub const MAX_RECORDS: usize = 1 << 25;
 
@@ -373,14 +375,15 @@ impl Store for DiskStore {
     }
 
     /// Saves `delta`, then starts writing `state` on a thread of the store (see the module
-    /// docs), once any earlier compaction finished. A state that fits one row is saved in full
-    /// at once instead: one transaction costs less than the thread's three.
+    /// docs), once any earlier compaction finished. A state that fits one of the thread's
+    /// transactions is saved in full at once instead of the delta: the thread would write it in
+    /// one transaction too, and add the delta's and its last one.
     fn save_delta_and_compact(
         &mut self,
         delta: &GroupDelta,
         state: GroupState,
     ) -> Result<(), StoreError> {
-        if state.records() <= ONE_ROW_RECORDS {
+        if state.records() <= ONE_TRANSACTION_RECORDS {
             return self.save(&state);
         }
         self.save_delta(delta)?;
@@ -1146,25 +1149,31 @@ mod tests {
     fn a_compaction_replaces_the_stored_rows_while_deltas_are_saved() {
         let dir = Temp::new("compact");
         let path = dir.file("state.redb");
-        let (mut store, mut churn) = saved(&path, 20_000);
+        let (mut store, mut churn) = saved(&path, 100_000);
         for _ in 0..4 {
             store.save_delta(&churn.delta()).unwrap();
         }
         let before = head(&store);
-        compact(&mut store, &mut churn);
+        let rows = |delta: &GroupDelta| delta_rows(delta).count() as u64;
+        let delta = churn.delta();
+        store.save_delta_and_compact(&delta, churn.state()).unwrap();
+        let mut after_delta = rows(&delta);
+        assert!(store.compaction.is_some(), "on the thread");
         for _ in 0..3 {
-            store.save_delta(&churn.delta()).unwrap();
+            let delta = churn.delta();
+            store.save_delta(&delta).unwrap();
+            after_delta += rows(&delta);
         }
         store.finish_compaction();
         assert!(store.take_compaction_failure().is_none());
         let after = head(&store);
         assert!(after.base.first >= before.base.next, "{after:?} {before:?}");
-        assert!(after.base.next - after.base.first >= 2, "{after:?}");
+        assert!(after.base.next - after.base.first > 16, "{after:?}");
         assert_eq!(
             after.log,
             Span {
-                first: before.log.next + 1,
-                next: before.log.next + 4
+                first: before.log.next + rows(&delta),
+                next: before.log.next + after_delta,
             }
         );
         // The old base and the deltas the new base holds are gone.
@@ -1183,7 +1192,7 @@ mod tests {
         let (mut store, mut churn) = saved(&dir.file("state.redb"), 300);
         let before = head(&store);
         compact(&mut store, &mut churn);
-        assert!(store.compaction.is_none(), "no thread for one row");
+        assert!(store.compaction.is_none(), "no thread for one transaction");
         let after = head(&store);
         assert_eq!(after.base.next - after.base.first, 1);
         assert!(after.base.first >= before.base.next && after.log.is_empty());
@@ -1194,7 +1203,7 @@ mod tests {
     fn a_compaction_cut_short_loses_nothing_and_the_next_one_clears_its_rows() {
         let dir = Temp::new("cut-short");
         let path = dir.file("state.redb");
-        let (mut store, mut churn) = saved(&path, 20_000);
+        let (mut store, mut churn) = saved(&path, 100_000);
         // Two of its rows written, one per transaction, then the process dies.
         let job = Compaction::start(&store, GroupId(4)).unwrap();
         let state = churn.state();

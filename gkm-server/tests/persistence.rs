@@ -271,10 +271,11 @@ fn saved_deltas_rebuild_the_controllers_state_in_memory_and_on_disk() {
     rebuild("churn", 200);
 }
 
-/// Compactions of more than one row run on the disk store's own thread.
+/// Compactions of more than one transaction (over about 43,000 records) run on the disk store's
+/// own thread.
 #[test]
 fn a_large_group_compacted_in_the_background_reloads_as_the_controller_holds_it() {
-    rebuild("churn-large", 4_000);
+    rebuild("churn-large", 60_000);
 }
 
 /// Churn through the controller into a memory store and a disk store side by side, every round
