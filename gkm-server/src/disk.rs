@@ -517,7 +517,8 @@ impl Compaction {
     }
 }
 
-/// The sequence number after the group's last row in `table` (0 if it has none).
+/// The sequence number after the group's last row in `table` (0 if it has none). Keys are not
+/// authenticated, so a row numbered `u64::MAX` is refused, not wrapped around.
 fn next_seq(
     table: &Table<'_, (u64, u64), &'static [u8]>,
     group: GroupId,
@@ -528,7 +529,14 @@ fn next_seq(
         .next_back()
         .transpose()
         .map_err(backend)?;
-    Ok(last.map_or(0, |(key, _)| key.value().1 + 1))
+    match last {
+        None => Ok(0),
+        Some((key, _)) => key
+            .value()
+            .1
+            .checked_add(1)
+            .ok_or_else(|| corrupt(group, "has a row numbered 2^64 - 1")),
+    }
 }
 
 /// Deletes the group's rows numbered below `seq`.
@@ -1184,6 +1192,22 @@ mod tests {
         store.save_delta(&churn.delta()).unwrap();
         drop(store);
         assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn v036_a_row_numbered_at_the_end_of_the_sequence_is_refused_not_wrapped() {
+        let dir = Temp::new("last-seq");
+        let (mut store, churn) = saved(&dir.file("state.redb"), 300);
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(BASES)
+            .unwrap()
+            .insert((4, u64::MAX), &[0u8; 40][..])
+            .unwrap();
+        tx.commit().unwrap();
+        let before = head(&store);
+        let error = store.save(&churn.state()).unwrap_err();
+        assert!(error.to_string().contains("2^64 - 1"), "{error}");
+        assert_eq!(head(&store), before, "nothing changed");
     }
 
     #[test]
