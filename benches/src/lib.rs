@@ -348,6 +348,23 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / TICKS
 }
 
+/// TCP segments this host has sent so far (`OutSegs` of `/proc/net/snmp`, every process
+/// together); 0 if unreadable.
+pub fn tcp_segments_sent() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    // Two "Tcp:" lines: the field names, then their values, in the same order.
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "OutSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The process's peak resident set (`VmHWM` of `/proc/self/status`), in KiB, if readable.
 pub fn peak_rss_kib() -> Option<u64> {
     proc_status_kib("VmHWM:")

@@ -15,11 +15,13 @@
 //!
 //! Fairness: each baseline is measured on 2 threads just before and just after its run, and the
 //! ratio taken to their mean, so load from other processes weighs on both alike. The CPU time of
-//! the daemon and of the client is printed too, per registration, next to the crypto's. The
-//! client is event-driven (tokio, 2 workers), as member agents are, and keeps CONNECTIONS
-//! registrations in flight, each on its own connection; the group rekeys every BATCH_MS (0 is
-//! immediate rekeying: each batch holds what arrived while the previous one was made). A
-//! registration storm is what batching is for: the defaults are 1,000 connections and 50 ms.
+//! the daemon and of the client is printed too, per registration, next to the crypto's, and the
+//! TCP segments both ends sent per registration (`OutSegs` of the host, so the machine should be
+//! otherwise quiet). The client is event-driven (tokio, 2 workers), as member agents are, and
+//! keeps CONNECTIONS registrations in flight, each on its own connection; the group rekeys every
+//! BATCH_MS (0 is immediate rekeying: each batch holds what arrived while the previous one was
+//! made). A registration storm is what batching is for: the defaults are 1,000 connections and
+//! 50 ms.
 //!
 //! `cargo build --release --bins && target/release/registrations 6000 1000 50`
 
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use gkm_benches::flood::now_ms;
-use gkm_benches::{cpu_seconds, rng};
+use gkm_benches::{cpu_seconds, rng, tcp_segments_sent};
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
 use rand_chacha::ChaCha20Rng;
@@ -190,13 +192,14 @@ fn seal_rate(requests: &[Vec<u8>], path: &MemberPath) -> f64 {
     rate
 }
 
-/// A daemon run: registrations completed, wall time, and the CPU seconds of the daemon and of
-/// this client.
+/// A daemon run: registrations completed, wall time, the CPU seconds of the daemon and of this
+/// client, and the TCP segments sent meanwhile (both ends, loopback).
 struct Run {
     ok: usize,
     elapsed: Duration,
     server_cpu: f64,
     client_cpu: f64,
+    segments: u64,
 }
 
 /// Keeps `conns` registrations in flight, as tasks on a 2-worker tokio runtime, until `register`
@@ -216,6 +219,7 @@ where
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
     let (server_cpu0, client_cpu0) = (cpu_seconds(server), cpu_seconds("self"));
+    let segments0 = tcp_segments_sent();
     let started = Instant::now();
     runtime.block_on(async {
         let clients: Vec<_> = (0..conns)
@@ -243,6 +247,7 @@ where
         elapsed: started.elapsed(),
         server_cpu: cpu_seconds(server) - server_cpu0,
         client_cpu: cpu_seconds("self") - client_cpu0,
+        segments: tcp_segments_sent().saturating_sub(segments0),
     }
 }
 
@@ -274,6 +279,10 @@ fn report(
         per(run.server_cpu, run.ok),
         per(run.client_cpu, run.ok),
         per(crypto_cpu, n),
+    );
+    println!(
+        "  TCP segments sent, both ends: {:.1} per registration",
+        run.segments as f64 / run.ok.max(1) as f64
     );
 }
 

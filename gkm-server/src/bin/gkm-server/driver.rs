@@ -735,7 +735,11 @@ async fn request_connection(
         };
         let mut frame = len.to_be_bytes().to_vec();
         frame.extend_from_slice(&reply);
-        // Dropping the stream closes it, which sends the FIN once the reply is out.
+        // Corked, the reply waits in the socket until the stream is dropped; closing then sends
+        // it with the FIN in one segment, which the member acknowledges once.
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_cork(true) {
+            debug!(conn = conn.0, "cork failed: {e}");
+        }
         if let Err(e) = stream.write_all(&frame).await {
             debug!(conn = conn.0, "reply write failed: {e}");
         }
