@@ -1206,7 +1206,7 @@ impl<R: CryptoRng> Controller<R> {
         // a small one, the thread would cost more CPU than the signing it overlaps.
         // A compaction's snapshot of the state is taken on the same thread, while the datagrams
         // are signed.
-        let save = g.take_save();
+        let save = g.take_save(self.store.compacting());
         let (mtu, tree, members) = (g.policy.mtu, &g.tree, &g.members);
         let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
         let pack_and_sign = || {
@@ -1231,7 +1231,7 @@ impl<R: CryptoRng> Controller<R> {
         let signed = clock.map(|now| now());
         g.saved = saved.is_ok();
         drop(save);
-        if let Some(failure) = self.store.take_compaction_failure() {
+        while let Some(failure) = self.store.take_compaction_failure() {
             self.events.push_back(Event::CompactionFailed {
                 group: failure.group.0,
                 epoch: failure.epoch.0,
@@ -1515,9 +1515,10 @@ impl Group {
     /// What makes the changes since the last save durable: the whole state when the store holds
     /// none of this group (first save, or the last save failed), else a delta, which asks for a
     /// compaction once the deltas since the last full state (or compaction) hold about as many
-    /// records as the state, so the stored log stays within about twice the state. Clears the
-    /// record of changes.
-    fn take_save(&mut self) -> Save {
+    /// records as the state, so the stored log stays within about twice the state. While the
+    /// store is `compacting` (another group, or a slow disk), the compaction is asked for at a
+    /// later rekey instead. Clears the record of changes.
+    fn take_save(&mut self, compacting: bool) -> Save {
         let (members, removed_members) = self.members.take_changes();
         let delta = GroupDelta {
             group: self.policy.id,
@@ -1533,7 +1534,7 @@ impl Group {
         }
         self.logged = self.logged.saturating_add(delta.records());
         // A state holds each member's record and at most two nodes per member.
-        if self.logged > self.members.len().saturating_mul(3).max(64) {
+        if self.logged > self.members.len().saturating_mul(3).max(64) && !compacting {
             self.logged = 0;
             Save::Compact(delta)
         } else {

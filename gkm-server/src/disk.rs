@@ -25,7 +25,9 @@
 //! Until then the head names the old rows, so a crash or a failure in the middle loses nothing;
 //! the rows it wrote are ignored by loading and deleted by the next compaction or full save. A
 //! state that fits one such transaction (about 43,000 records) is saved in full at once instead
-//! of the delta.
+//! of the delta. One compaction runs at a time: while it does, [`Store::compacting`] says so and
+//! the controller saves other groups' deltas alone, asking for their compaction at a later rekey
+//! rather than making that rekey wait.
 //!
 //! Sealing: ChaCha20-Poly1305 under the storage key, with a random 96-bit nonce per row from the
 //! OS (never a counter: a counter rewound by a restored backup or a lost write would repeat a
@@ -39,6 +41,7 @@
 //! state holds the base record, record counts stay within [`MAX_RECORDS`]. Anything else is
 //! [`StoreError::Corrupt`] and nothing is served.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +133,9 @@ pub struct DiskStore {
     sealer: Sealer,
     written: Arc<AtomicU64>,
     compaction: Option<Running>,
-    failure: Option<CompactionFailure>,
+    /// Failed compactions not yet taken, oldest first (at most two: one finished, one that could
+    /// not start).
+    failures: VecDeque<CompactionFailure>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -173,7 +178,7 @@ impl DiskStore {
             sealer: Sealer(ChaCha20Poly1305::new(&(*key).into())),
             written: Arc::new(AtomicU64::new(0)),
             compaction: None,
-            failure: None,
+            failures: VecDeque::new(),
         };
         let states = store.load()?;
         Ok((store, states))
@@ -312,7 +317,7 @@ impl DiskStore {
             Ok(Err(error)) => error,
             Err(_) => StoreError::Backend("the compaction thread panicked".into()),
         };
-        self.failure = Some(CompactionFailure {
+        self.failures.push_back(CompactionFailure {
             group: running.group,
             epoch: running.epoch,
             error,
@@ -404,7 +409,7 @@ impl Store for DiskStore {
                 });
             }
             Err(error) => {
-                self.failure = Some(CompactionFailure {
+                self.failures.push_back(CompactionFailure {
                     group,
                     epoch,
                     error,
@@ -416,7 +421,12 @@ impl Store for DiskStore {
 
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         self.reap_compaction();
-        self.failure.take()
+        self.failures.pop_front()
+    }
+
+    fn compacting(&mut self) -> bool {
+        self.reap_compaction();
+        self.compaction.is_some()
     }
 }
 
@@ -1173,6 +1183,7 @@ mod tests {
             after_delta += rows(&delta);
         }
         store.finish_compaction();
+        assert!(!store.compacting());
         assert!(store.take_compaction_failure().is_none());
         let after = head(&store);
         assert!(after.base.first >= before.base.next, "{after:?} {before:?}");

@@ -92,7 +92,8 @@ impl GroupState {
 /// [`Store::save_delta`] for every other rekey. Both return only once the data is durable; a
 /// failed call may have written nothing or everything, never a part. Once the deltas since the
 /// last full state hold more records than the state, the controller calls
-/// [`Store::save_delta_and_compact`] instead of [`Store::save_delta`]. Loading (store-specific)
+/// [`Store::save_delta_and_compact`] instead of [`Store::save_delta`], unless
+/// [`Store::compacting`] says that an earlier compaction still runs. Loading (store-specific)
 /// gives back the full [`GroupState`]: the last full state with every later delta applied.
 pub trait Store {
     /// Durably replaces the whole state of `state.tree.group`.
@@ -114,9 +115,14 @@ pub trait Store {
         let _ = delta;
         self.save(&state)
     }
-    /// A compaction that failed in the background since the last call, if any.
+    /// The oldest compaction that failed in the background and was not yet taken, if any.
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         None
+    }
+    /// Whether a compaction that [`Store::save_delta_and_compact`] started still runs; the
+    /// controller then asks for no other, so that no rekey waits for it. By default, never.
+    fn compacting(&mut self) -> bool {
+        false
     }
 }
 

@@ -56,6 +56,9 @@ impl Store for Tee {
             .unwrap()
             .take_compaction_failure()
     }
+    fn compacting(&mut self) -> bool {
+        self.0.lock().unwrap().1.as_mut().unwrap().compacting()
+    }
 }
 
 type Contents = (
@@ -397,4 +400,76 @@ fn a_failed_compaction_is_reported_and_deltas_are_saved_as_before() {
     assert!(tried >= 2, "compactions were tried again ({tried})");
     assert_eq!(reported, tried, "each failure is reported");
     assert_eq!(saves, 1, "no full save: the deltas were all durable");
+}
+
+/// A store in memory that says it is compacting while `busy` is set, and records the round of
+/// each compaction asked of it.
+#[derive(Clone, Default)]
+struct BusyStore(Arc<Mutex<BusyState>>);
+
+#[derive(Default)]
+struct BusyState {
+    store: MemoryStore,
+    busy: bool,
+    round: usize,
+    compactions: Vec<usize>,
+}
+
+impl Store for BusyStore {
+    fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.0.lock().unwrap().store.save(state)
+    }
+    fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+        self.0.lock().unwrap().store.save_delta(delta)
+    }
+    fn save_delta_and_compact(
+        &mut self,
+        delta: &GroupDelta,
+        state: GroupState,
+    ) -> Result<(), StoreError> {
+        let mut busy = self.0.lock().unwrap();
+        assert!(!busy.busy, "a compaction was asked for while one ran");
+        let round = busy.round;
+        busy.compactions.push(round);
+        busy.store.save_delta_and_compact(delta, state)
+    }
+    fn compacting(&mut self) -> bool {
+        self.0.lock().unwrap().busy
+    }
+}
+
+#[test]
+fn a_compaction_due_while_another_runs_is_asked_for_at_the_first_rekey_after_it() {
+    let base = initial(200);
+    let store = BusyStore::default();
+    store.0.lock().unwrap().store.save(&base).unwrap();
+    let mut run = start(vec![base], Box::new(store.clone()), START, 4);
+    run.controller.handle_timeout(Timestamp(START));
+    // Free, then busy long past the point where a compaction is due, then free again.
+    let busy_rounds = 6..18;
+    for round in 0..24 {
+        {
+            let mut state = store.0.lock().unwrap();
+            state.round = round;
+            state.busy = busy_rounds.contains(&round);
+        }
+        no_failure(&run.churn());
+        let saved = store.0.lock().unwrap().store.states();
+        assert_eq!(contents(&saved[0]), contents(&run.state()), "round {round}");
+    }
+    let compactions = store.0.lock().unwrap().compactions.clone();
+    let waited = compactions.iter().position(|r| *r >= busy_rounds.end);
+    assert!(
+        compactions.iter().all(|r| !busy_rounds.contains(r)),
+        "{compactions:?}"
+    );
+    assert!(
+        compactions.len() >= 2 && waited.is_some(),
+        "compactions before and after the busy rounds: {compactions:?}"
+    );
+    assert_eq!(
+        compactions[waited.unwrap()],
+        busy_rounds.end,
+        "the compaction held back is asked for at the first rekey after: {compactions:?}"
+    );
 }
