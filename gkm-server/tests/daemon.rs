@@ -339,7 +339,11 @@ fn a_subscribed_member_gets_datagrams_by_unicast_fan_out() {
 
 #[test]
 fn metrics_are_served_as_prometheus_text() {
-    let setup = setup("metrics");
+    let setup = Server::new(
+        "metrics",
+        "repeats = 1\n\n[[group]]\nname = \"other\"\nmulticast = \"239.255.82.9:9\"\n\
+         interface = \"127.0.0.1\"",
+    );
     let _daemon = setup.start();
     let (_m, _) = join(&setup, 6);
     // Refusals by reason: one that names no group, one that names the group.
@@ -370,6 +374,28 @@ fn metrics_are_served_as_prometheus_text() {
         let line = format!("gkm_requests_rejected_total{{reason=\"{reason}\"}} 1");
         assert!(text.contains(&line), "{line} missing: {text}");
     }
+    assert!(text.contains("gkm_members{group=\"other\"} 0"), "{text}");
+    assert!(text.contains("# TYPE gkm_rekeys_total counter\n"), "{text}");
+    assert!(text.contains("# TYPE gkm_members gauge\n"), "{text}");
+    // Each family once, HELP and TYPE first, then all its samples together (both groups').
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let mut families = Vec::new();
+    for line in body.lines() {
+        if let Some(family) = line.strip_prefix("# TYPE ") {
+            families.push(family.split(' ').next().unwrap());
+        } else if !line.starts_with("# HELP ") {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert_eq!(
+                Some(&name),
+                families.last(),
+                "{line} outside its family: {body}"
+            );
+        }
+    }
+    let mut once = families.clone();
+    once.sort_unstable();
+    once.dedup();
+    assert_eq!(once.len(), families.len(), "a family twice: {families:?}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The TOML configuration: where to listen and, per group, its multicast address and policy.
 //! Every setting has a default, so `gkm-server run` works with no file at all.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
@@ -151,18 +151,41 @@ impl Config {
                 config.max_connections
             );
         }
-        let mut names = BTreeSet::new();
+        let mut ids = BTreeMap::new();
         for g in &config.groups {
-            if !names.insert(g.name.as_str()) {
+            if !valid_name(&g.name) {
                 bail!(
-                    "config file {}: group {:?} appears twice",
+                    "config file {}: group name {:?}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-'",
                     path.display(),
                     g.name
                 );
             }
+            if let Some(other) = ids.insert(g.id(), g.name.as_str()) {
+                let why = if other == g.name {
+                    format!("group {other:?} appears twice")
+                } else {
+                    format!(
+                        "groups {other:?} and {:?} have the same id; rename one",
+                        g.name
+                    )
+                };
+                bail!("config file {}: {why}", path.display());
+            }
         }
         Ok(config)
     }
+}
+
+/// The longest group name.
+const MAX_NAME: usize = 64;
+
+/// Whether `name` can name a group: it shows in tables, metric labels, logs and command lines
+/// as it is, so it holds no space, quote or control character.
+fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl GroupConfig {
@@ -321,6 +344,32 @@ mod tests {
         assert_eq!(c.groups.len(), 1);
         let p = c.groups[0].policy().unwrap();
         assert_eq!(p, GroupPolicy::new("demo", GroupId::from_name("demo")));
+    }
+
+    #[test]
+    fn group_names_that_would_not_print_plainly_are_refused() {
+        let path = std::env::temp_dir().join(format!("gkm-names-{}.toml", std::process::id()));
+        let long = "x".repeat(MAX_NAME + 1);
+        let cases = [
+            ("iptv-sports.eu_1", None),
+            ("", Some("group name \"\"")),
+            ("two words", Some("use 1 to 64 letters")),
+            ("quote\\\"", Some("use 1 to 64 letters")),
+            ("line\\n", Some("use 1 to 64 letters")),
+            (long.as_str(), Some("use 1 to 64 letters")),
+        ];
+        for (name, refused) in cases {
+            std::fs::write(&path, format!("[[group]]\nname = \"{name}\"\n")).unwrap();
+            match (Config::load(Some(&path)), refused) {
+                (Ok(c), None) => assert_eq!(c.groups[0].name, name),
+                (Err(e), Some(why)) => assert!(format!("{e:#}").contains(why), "{name:?}: {e:#}"),
+                (outcome, _) => panic!("{name:?}: {outcome:?}"),
+            }
+        }
+        std::fs::write(&path, "[[group]]\nname = \"a\"\n[[group]]\nname = \"a\"\n").unwrap();
+        let error = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(error.contains("group \"a\" appears twice"), "{error}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

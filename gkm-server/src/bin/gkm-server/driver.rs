@@ -30,7 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
-use gkm_server::{Command, ConnId, Controller, Event, Inbound, Response, Timestamp, Transmit};
+use gkm_server::{
+    Command, ConnId, Controller, Event, GroupInfo, Inbound, Response, Stats, Timestamp, Transmit,
+};
 use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -365,46 +367,104 @@ impl Driver {
     /// `gkm_requests_rejected_total` by reason over every request, those naming no group included.
     fn metrics(&mut self) -> String {
         let at = now();
-        let mut out = String::new();
         let Ok(Response::Groups(groups)) = self.controller.handle_command(at, Command::Groups)
         else {
-            return out;
+            return String::new();
         };
-        let mut line = |name: &str, labels: &str, value: u64| {
-            out.push_str(&format!("gkm_{name}{{{labels}}} {value}\n"));
-        };
-        for g in &groups {
-            let group = format!("group=\"{}\"", g.name);
-            line("epoch", &group, g.epoch);
-            line("members", &group, g.members as u64);
-            line("pending_changes", &group, g.pending as u64);
-            if let Ok(Response::Stats(s)) = self
-                .controller
-                .handle_command(at, Command::Stats(g.name.clone()))
-            {
-                line("rekeys_total", &group, s.rekeys);
-                line("encryptions_total", &group, s.encryptions);
-                line("datagrams_total", &group, s.datagrams);
-                line("datagram_bytes_total", &group, s.bytes);
-                line("registrations_total", &group, s.registrations);
-                line("resyncs_total", &group, s.resyncs);
-                line("heartbeats_total", &group, s.heartbeats);
-                for (reason, count) in &s.rejects {
-                    let labels = format!("{group},reason=\"{}\"", reason.name());
-                    line("rejects_total", &labels, *count);
+        let stats: Vec<(String, Stats)> = groups
+            .iter()
+            .filter_map(|g| {
+                match self
+                    .controller
+                    .handle_command(at, Command::Stats(g.name.clone()))
+                {
+                    Ok(Response::Stats(s)) => Some((label("group", &g.name), s)),
+                    _ => None,
                 }
-            }
+            })
+            .collect();
+        let mut out = Exposition::default();
+        let by_group = |value: fn(&GroupInfo) -> u64| {
+            groups
+                .iter()
+                .map(move |g| (label("group", &g.name), value(g)))
+        };
+        out.family(
+            "epoch",
+            "gauge",
+            "The group's epoch.",
+            by_group(|g| g.epoch),
+        );
+        out.family(
+            "members",
+            "gauge",
+            "Current members.",
+            by_group(|g| g.members as u64),
+        );
+        out.family(
+            "pending_changes",
+            "gauge",
+            "Joins and departures waiting for the next rekey.",
+            by_group(|g| g.pending as u64),
+        );
+        let counters: [Counter; 7] = [
+            ("rekeys_total", "Rekeys made.", |s| s.rekeys),
+            (
+                "encryptions_total",
+                "Key encryptions made by rekeys.",
+                |s| s.encryptions,
+            ),
+            (
+                "datagrams_total",
+                "Rekey datagrams sent, repeats included.",
+                |s| s.datagrams,
+            ),
+            (
+                "datagram_bytes_total",
+                "Bytes of rekey datagrams sent.",
+                |s| s.bytes,
+            ),
+            ("registrations_total", "Registrations accepted.", |s| {
+                s.registrations
+            }),
+            ("resyncs_total", "Resyncs answered with keys.", |s| {
+                s.resyncs
+            }),
+            ("heartbeats_total", "Heartbeats sent.", |s| s.heartbeats),
+        ];
+        for (name, help, value) in counters {
+            let samples = stats.iter().map(|(group, s)| (group.clone(), value(s)));
+            out.family(name, "counter", help, samples);
         }
+        let rejects = stats.iter().flat_map(|(group, s)| {
+            s.rejects.iter().map(move |(reason, count)| {
+                (
+                    format!("{group},{}", label("reason", reason.name())),
+                    *count,
+                )
+            })
+        });
+        out.family(
+            "rejects_total",
+            "counter",
+            "Requests for the group refused, by reason.",
+            rejects,
+        );
         // Every refusal, by reason, those naming no known group included.
         if let Ok(Response::Status { rejects, .. }) =
             self.controller.handle_command(at, Command::Status)
         {
-            for (reason, count) in rejects {
-                let labels = format!("reason=\"{}\"", reason.name());
-                line("requests_rejected_total", &labels, count);
-            }
+            let samples = rejects
+                .into_iter()
+                .map(|(reason, count)| (label("reason", reason.name()), count));
+            out.family(
+                "requests_rejected_total",
+                "counter",
+                "Requests refused, by reason, over every group and none.",
+                samples,
+            );
         }
-        out
+        out.0
     }
 
     fn request(&mut self, conn: ConnId, inbound: Inbound, reply: oneshot::Sender<Vec<u8>>) {
@@ -848,4 +908,40 @@ async fn answer(line: &[u8], queue: &ControllerQueue) -> Reply {
     reply_rx
         .await
         .unwrap_or_else(|_| Reply::error("gkm-server is stopping"))
+}
+
+/// A per-group counter of the exposition: its name, its help, and where [`Stats`] holds it.
+type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
+
+/// A Prometheus text exposition (format 0.0.4), written one metric family at a time: its HELP
+/// and TYPE lines, then all its samples, as the format requires.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    /// Family `gkm_NAME` of `kind` (counter or gauge), with its samples (labels, value).
+    fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        let out = &mut self.0;
+        out.push_str(&format!(
+            "# HELP gkm_{name} {help}\n# TYPE gkm_{name} {kind}\n"
+        ));
+        for (labels, value) in samples {
+            out.push_str(&format!("gkm_{name}{{{labels}}} {value}\n"));
+        }
+    }
+}
+
+/// `name="value"`, the value escaped as the exposition format asks (backslash, quote, newline).
+fn label(name: &str, value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{name}=\"{escaped}\"")
 }
