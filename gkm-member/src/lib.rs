@@ -86,8 +86,13 @@ pub enum MemberEvent {
         /// Check value of the new traffic key.
         kcv: Kcv,
     },
-    /// The controller says this member is no longer a member (evicted, expired or left).
-    MembershipEnded,
+    /// The controller says this member is no longer a member (evicted, expired, left or
+    /// replaced); the member registers again.
+    MembershipEnded {
+        /// What the controller said: how and at which epoch the membership ended, when the
+        /// controller still remembers it. Network text: print it escaped.
+        reason: String,
+    },
     /// The controller refused a request.
     Refused {
         /// The error code.
@@ -426,7 +431,9 @@ impl<R: CryptoRng> Member<R> {
                 self.renew_at = Some(now + self.config.renew_interval_ms);
             }
             404 if matches!(self.state, State::Active { .. }) => {
-                self.events.push_back(MemberEvent::MembershipEnded);
+                self.events.push_back(MemberEvent::MembershipEnded {
+                    reason: message.reason,
+                });
                 self.register(now);
             }
             code => {

@@ -103,3 +103,37 @@ fn members_follow_the_real_controller() {
     drop(controller.wait(Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
+    let Some(server) = server_binary() else {
+        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
+        return;
+    };
+    let lab = Lab::new("evicted", &server, 3);
+    let controller = lab.controller(None);
+    let a = lab.member("a", &[], None);
+    let socket = lab.dir.join("a/api.sock");
+    let joined = converged(&[&socket], Duration::from_secs(15));
+    let id = joined["member"].as_u64().unwrap();
+    lab.gkmctl(&["evict", "demo", &id.to_string()]);
+    // It notices (heartbeat ahead, then a refused resync) and comes back as a new member.
+    let start = Instant::now();
+    while current(&socket).and_then(|v| v["member"].as_u64()) == Some(id) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not back after its eviction"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.signal("TERM");
+    let out = a.wait(Duration::from_secs(10));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let told = format!(
+        "membership ended: the controller says \"member {id} was evicted by an operator at epoch"
+    );
+    assert!(log.contains(&told), "{log}");
+    controller.signal("TERM");
+    drop(controller.wait(Duration::from_secs(10)));
+    let _ = std::fs::remove_dir_all(&lab.dir);
+}

@@ -16,7 +16,7 @@ use wire::{
 };
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
-use crate::roster::Roster;
+use crate::roster::{Departed, Departure, Roster};
 use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
 
 /// Bytes to send.
@@ -50,6 +50,37 @@ pub enum DepartReason {
     Expired,
     /// It registered again with a new HPKE key, having lost its keys (its old leaf is replaced).
     Replaced,
+}
+
+impl DepartReason {
+    /// What member `member` is told when it asks after its membership ended at `epoch`.
+    fn told(self, member: MemberId, epoch: Epoch) -> String {
+        let how = match self {
+            DepartReason::Left => "left the group",
+            DepartReason::Evicted => "was evicted by an operator",
+            DepartReason::Expired => "let its lease run out",
+            DepartReason::Replaced => "was replaced by a registration with a new HPKE key",
+        };
+        format!("member {} {how} at epoch {}", member.0, epoch.0)
+    }
+}
+
+/// A refused request: why (counted by reason), the group it named, and what the requester is
+/// told when there is more to say than the reason's name.
+struct Refusal {
+    reason: Reject,
+    group: GroupId,
+    told: Option<String>,
+}
+
+impl From<(Reject, GroupId)> for Refusal {
+    fn from((reason, group): (Reject, GroupId)) -> Self {
+        Refusal {
+            reason,
+            group,
+            told: None,
+        }
+    }
 }
 
 /// Why a request was refused; counted per reason.
@@ -550,6 +581,8 @@ struct Group {
     next_lease_scan: Timestamp,
     joins: PendingJoins,
     departures: BTreeMap<MemberId, DepartReason>,
+    /// The latest departures, to tell a departed member why.
+    departed: Departed,
     batch_due: Option<Timestamp>,
     next_heartbeat: Timestamp,
     next_refresh: Option<Timestamp>,
@@ -657,7 +690,9 @@ impl<R: CryptoRng> Controller<R> {
     /// then the request itself. The reply, if any, comes out of [`Controller::poll_transmit`].
     pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
         let outcome = match inbound {
-            Inbound::Registration(request) => self.register(conn, now, *request),
+            Inbound::Registration(request) => {
+                self.register(conn, now, *request).map_err(Refusal::from)
+            }
             Inbound::MemberSigned(MemberSigned {
                 kind: MessageType::ResyncRequest,
                 bytes,
@@ -666,11 +701,11 @@ impl<R: CryptoRng> Controller<R> {
                 kind: MessageType::Leave,
                 bytes,
             }) => self.leave(conn, now, &bytes),
-            Inbound::MemberSigned(_) => Err((Reject::UnexpectedMessage, GroupId(0))),
-            Inbound::Refused(reason) => Err((reason, GroupId(0))),
+            Inbound::MemberSigned(_) => Err((Reject::UnexpectedMessage, GroupId(0)).into()),
+            Inbound::Refused(reason) => Err((reason, GroupId(0)).into()),
         };
-        if let Err((reason, group)) = outcome {
-            self.reject(conn, now, group, reason);
+        if let Err(refusal) = outcome {
+            self.reject(conn, now, refusal);
         }
     }
 
@@ -684,7 +719,7 @@ impl<R: CryptoRng> Controller<R> {
     ) -> Result<(GroupId, MemberId), Reject> {
         let request = self
             .member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))
-            .map_err(|(reason, _)| reason)?;
+            .map_err(|refusal| refusal.reason)?;
         let g = self
             .groups
             .get_mut(&request.group)
@@ -894,7 +929,12 @@ impl<R: CryptoRng> Controller<R> {
         Ok(g)
     }
 
-    fn reject(&mut self, conn: ConnId, now: Timestamp, group: GroupId, reason: Reject) {
+    fn reject(&mut self, conn: ConnId, now: Timestamp, refusal: Refusal) {
+        let Refusal {
+            reason,
+            group,
+            told,
+        } = refusal;
         *self.rejects.entry(reason).or_default() += 1;
         if let Some(g) = self.groups.get_mut(&group) {
             *g.stats.rejects.entry(reason).or_default() += 1;
@@ -903,7 +943,7 @@ impl<R: CryptoRng> Controller<R> {
         let message = ErrorMessage {
             group,
             code: reason.code(),
-            reason: format!("{reason:?}"),
+            reason: told.unwrap_or_else(|| format!("{reason:?}")),
         };
         self.transmits.push_back(Transmit::Reply {
             conn,
@@ -957,17 +997,12 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    fn resync(
-        &mut self,
-        conn: ConnId,
-        now: Timestamp,
-        bytes: &[u8],
-    ) -> Result<(), (Reject, GroupId)> {
+    fn resync(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) -> Result<(), Refusal> {
         let request = self.member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))?;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         if !g.members.renew(request.member, now.plus(g.policy.lease_ms)) {
-            return Err((Reject::NotAMember, gid));
+            return Err((Reject::NotAMember, gid).into());
         }
         let record = g
             .members
@@ -986,7 +1021,7 @@ impl<R: CryptoRng> Controller<R> {
         };
         let encapsulation = Encapsulation::new(&record.hpke_key, gid, &mut self.rng)
             .map_err(|_| (Reject::Malformed, gid))?;
-        self.reply_path(conn, gid, record.leaf, &to, encapsulation)
+        Ok(self.reply_path(conn, gid, record.leaf, &to, encapsulation)?)
     }
 
     /// A current member's registration with the keys it has: a welcome with its current path,
@@ -1044,12 +1079,7 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    fn leave(
-        &mut self,
-        conn: ConnId,
-        now: Timestamp,
-        bytes: &[u8],
-    ) -> Result<(), (Reject, GroupId)> {
+    fn leave(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) -> Result<(), Refusal> {
         let request = self.member_request::<LeaveRequest>(bytes, |r| (r.group, r.member))?;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
@@ -1060,30 +1090,41 @@ impl<R: CryptoRng> Controller<R> {
     }
 
     /// Decodes a request signed by a member's identity key and verifies it against the record.
+    /// A request from a recently departed member, verified against the identity it had, is
+    /// refused with the reason its membership ended, which it alone can learn.
     fn member_request<T: Codec>(
         &self,
         bytes: &[u8],
         who: impl Fn(&T) -> (GroupId, MemberId),
-    ) -> Result<T, (Reject, GroupId)> {
+    ) -> Result<T, Refusal> {
         let mut named = (GroupId(0), None);
+        let mut departed = None;
         let opened = open_with::<T>(bytes, |message| {
             let (gid, member) = who(message);
             named.0 = gid;
             let group = self.groups.get(&gid);
             named.1 = group.map(|g| g.members.contains(member));
-            let identity = group
-                .and_then(|g| g.members.get(member))
-                .map(|m| m.identity)
+            if let Some(record) = group.and_then(|g| g.members.get(member)) {
+                return verifying_key(&record.identity);
+            }
+            let departure = group
+                .and_then(|g| g.departed.get(member))
                 .ok_or(WireError::BadSignature)?;
-            verifying_key(&identity)
+            departed = Some((member, *departure));
+            verifying_key(&departure.identity)
         });
         match (opened, named) {
+            (Ok(_), (gid, _)) if let Some((member, d)) = departed => Err(Refusal {
+                reason: Reject::NotAMember,
+                group: gid,
+                told: Some(d.reason.told(member, d.epoch)),
+            }),
             (Ok(v), _) => Ok(v.into_message()),
-            (Err(_), (gid, None)) => Err((Reject::UnknownGroup, gid)),
+            (Err(_), (gid, None)) => Err((Reject::UnknownGroup, gid).into()),
             // Not signed by a current member: say so (a departed member re-registers), and
             // change nothing. The signature cannot be checked without a member's key.
-            (Err(_), (gid, Some(false))) => Err((Reject::NotAMember, gid)),
-            (Err(e), (gid, Some(true))) => Err((wire_reject(&e), gid)),
+            (Err(_), (gid, Some(false))) => Err((Reject::NotAMember, gid).into()),
+            (Err(e), (gid, Some(true))) => Err((wire_reject(&e), gid).into()),
         }
     }
 
@@ -1168,7 +1209,13 @@ impl<R: CryptoRng> Controller<R> {
         };
         let epoch = rekey.epoch;
         for (member, reason) in &departures {
-            if g.members.remove(*member).is_some() {
+            if let Some(record) = g.members.remove(*member) {
+                let departure = Departure {
+                    identity: record.identity,
+                    reason: *reason,
+                    epoch,
+                };
+                g.departed.record(*member, departure);
                 self.events.push_back(Event::Departed {
                     group: id.0,
                     member: member.0,
@@ -1500,6 +1547,7 @@ impl Group {
             members: Roster::new(members),
             joins: PendingJoins::default(),
             departures: BTreeMap::new(),
+            departed: Departed::default(),
             batch_due: None,
             next_heartbeat: now,
             nonces: SeenNonces::default(),

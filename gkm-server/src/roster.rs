@@ -5,12 +5,13 @@
 //! a collision); the full key is compared on every hit. About 150 bytes per member at degree 4
 //! (an 88-byte slot per tree node id that is a leaf or not, and the index).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
-use lkh_tree::NodeId;
+use lkh_tree::{Epoch, NodeId};
 use wire::MemberId;
 
+use crate::controller::DepartReason;
 use crate::policy::Timestamp;
 use crate::store::MemberRecord;
 
@@ -229,5 +230,41 @@ impl Roster {
                 .div_ceil(7)
                 .next_power_of_two()
                 * (size_of::<(u64, u32)>() + 1)
+    }
+}
+
+/// Departures remembered per group, so that a departed member that asks later is told why.
+pub(crate) const RECENT_DEPARTURES: usize = 4_096;
+
+/// How a membership ended: the identity that held it, why, and the epoch that ended it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Departure {
+    pub(crate) identity: [u8; 32],
+    pub(crate) reason: DepartReason,
+    pub(crate) epoch: Epoch,
+}
+
+/// The group's latest [`RECENT_DEPARTURES`] departures (the oldest are forgotten; a restart
+/// forgets all). Kept in memory only: what a departed member is told is a courtesy, not state.
+#[derive(Debug, Default)]
+pub(crate) struct Departed {
+    order: VecDeque<MemberId>,
+    by_id: HashMap<MemberId, Departure>,
+}
+
+impl Departed {
+    pub(crate) fn record(&mut self, member: MemberId, departure: Departure) {
+        if self.by_id.insert(member, departure).is_none() {
+            self.order.push_back(member);
+        }
+        while self.order.len() > RECENT_DEPARTURES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_id.remove(&oldest);
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, member: MemberId) -> Option<&Departure> {
+        self.by_id.get(&member)
     }
 }

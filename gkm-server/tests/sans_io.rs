@@ -11,7 +11,7 @@ use gkm_server::{
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use wire::HpkeSecret;
+use wire::{HpkeSecret, ResyncRequest};
 
 const GROUP: GroupId = GroupId(1);
 const START: u64 = 1_800_000_000_000;
@@ -238,9 +238,32 @@ fn an_evicted_member_loses_the_key_and_says_so() {
     assert!(epoch > before);
     let held = net.members[victim].traffic_key().unwrap();
     assert_ne!(held.1.as_bytes(), key.as_bytes());
-    // The heartbeat tells it it is behind; the resync says it is no longer a member.
+    // The heartbeat tells it it is behind; the resync says it is no longer a member, and why.
     net.advance(3_000, 250);
-    assert!(net.events[victim].contains(&MemberEvent::MembershipEnded));
+    let told = format!(
+        "member {} was evicted by an operator at epoch {}",
+        id, epoch.0
+    );
+    assert!(
+        net.events[victim].contains(&MemberEvent::MembershipEnded { reason: told }),
+        "{:?}",
+        net.events[victim]
+    );
+    // Anyone else naming it is told no more than that it is not a member.
+    let forged = ResyncRequest {
+        group: GROUP,
+        member: wire::MemberId(id),
+        epoch: before,
+        timestamp_ms: net.now,
+        nonce: [9; 16],
+    };
+    let forged = wire::sign(&forged, &SigningKey::from_bytes(&[77; 32]));
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &forged);
+    assert_eq!(
+        reply_error(&mut net.controller, net.now),
+        Some((404, "NotAMember".to_owned()))
+    );
     // It re-registers (open enrollment) and converges again as a new member.
     assert_eq!(net.converged().len(), 10);
     assert_ne!(net.member_id(victim), id);
@@ -283,6 +306,15 @@ fn leases_expire_without_renewal() {
         panic!()
     };
     assert_eq!(groups[0].members, 4, "the silent member's lease ran out");
+    // Awake again, it is told why its membership ended, and registers again.
+    net.advance(3_000, 250);
+    let told = |e: &MemberEvent| matches!(e, MemberEvent::MembershipEnded { reason } if reason.contains("let its lease run out"));
+    assert!(
+        net.events[silent].iter().any(told),
+        "{:?}",
+        net.events[silent]
+    );
+    assert_eq!(net.converged().len(), 5);
 }
 
 #[test]
@@ -299,11 +331,10 @@ fn a_restarted_controller_continues_above_its_last_epoch() {
         20,
         "members keep working without registering again"
     );
-    assert!(
-        net.events
-            .iter()
-            .all(|e| !e.contains(&MemberEvent::MembershipEnded))
-    );
+    assert!(net.events.iter().all(|e| {
+        !e.iter()
+            .any(|e| matches!(e, MemberEvent::MembershipEnded { .. }))
+    }));
 }
 
 #[test]
@@ -379,6 +410,11 @@ fn request_code(controller: &mut Controller<ChaCha20Rng>, at: u64, request: &[u8
 /// The error code of the controller's next reply, or None for a welcome. A refusal is answered
 /// at once; a join when the timers due at `now` fire (its rekey).
 fn reply_code(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<u16> {
+    reply_error(controller, now).map(|(code, _)| code)
+}
+
+/// [`reply_code`] with the reason the error gives.
+fn reply_error(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<(u16, String)> {
     for fire in [false, true] {
         if fire {
             controller.handle_timeout(Timestamp(now));
@@ -386,11 +422,11 @@ fn reply_code(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<u16>
         while let Some(t) = controller.poll_transmit() {
             if let Transmit::Reply { bytes, .. } = t {
                 return match wire::MessageType::peek(&bytes).unwrap() {
-                    wire::MessageType::Error => Some(
-                        <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes)
-                            .unwrap()
-                            .code,
-                    ),
+                    wire::MessageType::Error => {
+                        let error =
+                            <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes).unwrap();
+                        Some((error.code, error.reason))
+                    }
                     _ => None,
                 };
             }

@@ -321,12 +321,18 @@ impl Driver {
                 let delay = self.save_after_ms.saturating_add(jitter);
                 self.persist_within(Duration::from_millis(delay));
             }
-            MemberEvent::MembershipEnded => {
-                warn!("membership ended (evicted, expired or left): registering again");
+            MemberEvent::MembershipEnded { reason } => {
+                warn!(
+                    "membership ended: the controller says \"{}\"; registering again",
+                    reason.escape_debug()
+                );
                 self.dir.remove_membership();
             }
             MemberEvent::Refused { code, reason } => {
-                warn!("controller refused the request: {code} {reason}; retrying");
+                warn!(
+                    "controller refused the request: {code} \"{}\"; retrying",
+                    reason.escape_debug()
+                );
             }
         }
         publish(&self.member, &self.keys);
