@@ -48,8 +48,8 @@ pub struct MemberConfig {
     /// How long to wait for a missed rekey before asking for a resync.
     pub resync_grace_ms: u64,
     /// How long to wait for a reply before asking again; each unanswered request doubles it (up
-    /// to 16 times), with up to half of it again added at random so that members refused together
-    /// do not retry together.
+    /// to 16 times), and so does each refusal in a row, with up to half of it again added at
+    /// random so that members refused together do not retry together.
     pub retry_ms: u64,
 }
 
@@ -97,8 +97,10 @@ pub enum MemberEvent {
     Refused {
         /// The error code.
         code: u16,
-        /// The reason given.
+        /// The reason given (network text: print it escaped).
         reason: String,
+        /// When the member asks again, in milliseconds.
+        retry_in_ms: u64,
     },
 }
 
@@ -137,6 +139,8 @@ pub struct Member<R> {
     retry_at: Option<Millis>,
     /// Requests in a row that got no answer (the retry backoff).
     unanswered: u32,
+    /// Requests in a row that were refused (their retries back off too).
+    refused: u32,
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
     renew_at: Option<Millis>,
@@ -186,6 +190,7 @@ impl<R: CryptoRng> Member<R> {
             events: VecDeque::new(),
             retry_at: None,
             unanswered: 0,
+            refused: 0,
             resync_at: None,
             renew_at: None,
             stats: MemberStats::default(),
@@ -415,6 +420,7 @@ impl<R: CryptoRng> Member<R> {
         };
         self.outstanding = None;
         self.retry_at = None;
+        self.refused = 0;
         self.resync_at = None;
         self.renew_at = Some(now + self.config.renew_interval_ms);
         self.events.push_back(event);
@@ -427,21 +433,26 @@ impl<R: CryptoRng> Member<R> {
         self.outstanding = None;
         match message.code {
             0 => {
+                self.refused = 0;
                 self.retry_at = None;
                 self.renew_at = Some(now + self.config.renew_interval_ms);
             }
             404 if matches!(self.state, State::Active { .. }) => {
+                self.refused = 0;
                 self.events.push_back(MemberEvent::MembershipEnded {
                     reason: message.reason,
                 });
                 self.register(now);
             }
             code => {
+                let retry_in_ms = self.retry_delay();
+                self.refused = self.refused.saturating_add(1);
                 self.events.push_back(MemberEvent::Refused {
                     code,
                     reason: message.reason,
+                    retry_in_ms,
                 });
-                self.retry_at = Some(now + self.retry_delay());
+                self.retry_at = Some(now + retry_in_ms);
             }
         }
     }
@@ -484,13 +495,11 @@ impl<R: CryptoRng> Member<R> {
         self.retry_at = Some(now + self.retry_delay());
     }
 
-    /// The wait before asking again: `retry_ms` doubled per unanswered request in a row, plus
-    /// up to half of that at random.
+    /// The wait before asking again: `retry_ms` doubled per unanswered request in a row, or per
+    /// refusal in a row before this one (at most 16 times), plus up to half of that at random.
     fn retry_delay(&mut self) -> u64 {
-        let base = self
-            .config
-            .retry_ms
-            .saturating_mul(1 << self.unanswered.min(4));
+        let doublings = self.unanswered.max(self.refused).min(4);
+        let base = self.config.retry_ms.saturating_mul(1 << doublings);
         let spread = base / 2;
         base.saturating_add(self.rng.next_u64() % spread.saturating_add(1))
     }

@@ -825,7 +825,7 @@ fn a_member_whose_eviction_is_pending_must_be_authorized_to_register_again() {
 }
 
 #[test]
-fn unanswered_requests_back_off_with_jitter_and_an_answer_resets_the_backoff() {
+fn unanswered_and_refused_requests_back_off_with_jitter_and_an_answer_resets_the_backoff() {
     let signer = SigningKey::from_bytes(&[42; 32]);
     let mut config = MemberConfig::new(GROUP, signer.verifying_key());
     config.retry_ms = 1_000;
@@ -862,6 +862,23 @@ fn unanswered_requests_back_off_with_jitter_and_an_answer_resets_the_backoff() {
     member.handle_reply(now, &wire::Codec::to_bytes(&refusal));
     let gap = member.poll_timeout().unwrap() - now;
     assert!((1_000..=1_500).contains(&gap), "after an answer: {gap} ms");
+    // Refused again and again, it asks less and less often, and says when it asks next.
+    for k in 1..7 {
+        now = member.poll_timeout().unwrap();
+        member.handle_timeout(now);
+        assert!(member.poll_request().is_some());
+        member.handle_reply(now, &wire::Codec::to_bytes(&refusal));
+        let gap = member.poll_timeout().unwrap() - now;
+        assert!(
+            (base(k)..=base(k) * 3 / 2).contains(&gap),
+            "refusal {k}: {gap} ms"
+        );
+        let said = std::iter::from_fn(|| member.poll_event()).last();
+        assert!(
+            matches!(said, Some(MemberEvent::Refused { retry_in_ms, .. }) if retry_in_ms == gap),
+            "{said:?}"
+        );
+    }
 }
 
 #[test]

@@ -328,10 +328,22 @@ impl Driver {
                 );
                 self.dir.remove_membership();
             }
-            MemberEvent::Refused { code, reason } => {
+            MemberEvent::Refused {
+                code,
+                reason,
+                retry_in_ms,
+            } => {
+                let hint = if code == 403 {
+                    "; the group admits listed identity keys and enrollment tokens only: ask its \
+                     operator to list this member's identity key (logged at start) or for a \
+                     token (--token)"
+                } else {
+                    ""
+                };
                 warn!(
-                    "controller refused the request: {code} \"{}\"; retrying",
-                    reason.escape_debug()
+                    "controller refused the request: {code} \"{}\"{hint}; asking again in {} s",
+                    reason.escape_debug(),
+                    retry_in_ms.div_ceil(1_000)
                 );
             }
         }
