@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Lab, converged, current, server_binary};
+use common::{BIN, Lab, Running, converged, current, server_binary};
 
 /// Runs this binary with `args` as uid/gid 65534 (nobody), or says why it cannot.
 fn as_nobody(args: &[&str]) -> Result<Output, String> {
@@ -110,7 +110,7 @@ fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
         eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
-    let lab = Lab::new("evicted", &server, 3);
+    let lab = Lab::new("evicted", &server, 2);
     let controller = lab.controller(None);
     let a = lab.member("a", &[], None);
     let socket = lab.dir.join("a/api.sock");
@@ -133,6 +133,68 @@ fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
         "membership ended: the controller says \"member {id} was evicted by an operator at epoch"
     );
     assert!(log.contains(&told), "{log}");
+    controller.signal("TERM");
+    drop(controller.wait(Duration::from_secs(10)));
+    let _ = std::fs::remove_dir_all(&lab.dir);
+}
+
+#[test]
+fn a_member_given_another_groups_address_falls_back_to_fanout() {
+    let Some(server) = server_binary() else {
+        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
+        return;
+    };
+    let lab = Lab::new("wrong-address", &server, 4);
+    // Group "demo" heartbeats often on the address the member is given; "other" is elsewhere.
+    let config = lab.dir.join("srv/gkm-server.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "# heartbeat_interval_ms = 2000",
+        "heartbeat_interval_ms = 200",
+    );
+    text.push_str(&format!(
+        "\n[[group]]\nname = \"other\"\nmulticast = \"239.255.77.3:{}\"\ninterface = \"127.0.0.1\"\n",
+        lab.mcast
+    ));
+    std::fs::write(&config, text).unwrap();
+    let controller = lab.controller(None);
+    let member = Running::spawn(
+        Command::new(BIN)
+            .args(["run", "--group", "other", "--controller-key", &lab.key])
+            .args(["--controller", &format!("127.0.0.1:{}", lab.tcp)])
+            .args(["--multicast", &format!("239.255.77.1:{}", lab.mcast)])
+            .args(["--fanout-after-ms", "1500", "--renew-ms", "600000"])
+            .arg("--state-dir")
+            .arg(lab.dir.join("o")),
+    );
+    let socket = lab.dir.join("o/api.sock");
+    converged(&[&socket], Duration::from_secs(15));
+    // Its rekeys reach it only once it stops counting demo's heartbeats as its own.
+    for _ in 0..3 {
+        lab.gkmctl(&["rekey", "other"]);
+    }
+    let groups: serde_json::Value =
+        serde_json::from_str(&lab.gkmctl(&["--json", "groups"])).unwrap();
+    let epoch = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "other")
+        .unwrap()["epoch"]
+        .as_u64()
+        .unwrap();
+    let start = Instant::now();
+    while current(&socket).and_then(|v| v["epoch"].as_u64()) < Some(epoch) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "epoch {epoch} not reached"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    member.signal("TERM");
+    let out = member.wait(Duration::from_secs(10));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("switching to unicast fan-out"), "{log}");
     controller.signal("TERM");
     drop(controller.wait(Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(&lab.dir);

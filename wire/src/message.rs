@@ -75,8 +75,13 @@ impl MessageType {
 
     /// The type of the message in `bytes`, from its header, without decoding the rest.
     pub fn peek(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut reader = Reader::new(bytes);
-        Header::read_any(&mut reader).map(|(ty, _)| ty)
+        Self::peek_group(bytes).map(|(ty, _)| ty)
+    }
+
+    /// The type of the message in `bytes` and the group its header names, without decoding the
+    /// rest (nothing is authenticated yet).
+    pub fn peek_group(bytes: &[u8]) -> Result<(Self, GroupId), DecodeError> {
+        Header::read_any(&mut Reader::new(bytes))
     }
 }
 

@@ -364,13 +364,15 @@ impl Driver {
         }
     }
 
-    /// Restarts the silence timer when a rekey or heartbeat arrives (`[]`: at start and on
-    /// admission). Anything else on the socket does not count.
+    /// Restarts the silence timer when a rekey or heartbeat of this member's group arrives (`[]`:
+    /// at start and on admission). Anything else on the socket does not count, another group's
+    /// datagrams included (a member given another group's address falls back to fan-out).
     fn heard(&mut self, bytes: &[u8]) {
         let group_traffic = bytes.is_empty()
             || matches!(
-                wire::MessageType::peek(bytes),
-                Ok(wire::MessageType::Rekey | wire::MessageType::Heartbeat)
+                wire::MessageType::peek_group(bytes),
+                Ok((wire::MessageType::Rekey | wire::MessageType::Heartbeat, group))
+                    if group == self.group
             );
         if let (Some(after), true) = (self.fanout_after, group_traffic) {
             self.silent_until = Some(tokio::time::Instant::now() + after);

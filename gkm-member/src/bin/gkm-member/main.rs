@@ -83,7 +83,8 @@ struct RunArgs {
     /// The state directory (created with new keys if missing).
     #[arg(long, default_value = "./gkm-member-state")]
     state_dir: PathBuf,
-    /// The rekey multicast group.
+    /// The group's rekey multicast address: its `multicast` in the controller's config (a wrong
+    /// one hears no rekey of the group, and the member falls back to fan-out).
     #[arg(long, default_value = "239.255.77.1:47701")]
     multicast: SocketAddr,
     /// The local API socket (default: STATE_DIR/api.sock).
