@@ -89,6 +89,7 @@ fn sealed_path() -> Files {
         epoch: PATH_EPOCH,
         request_nonce: [0x44; 16],
         encapped: [0x55; 32],
+        rekey_address: Some(std::net::SocketAddr::from(([239, 255, 77, 1], 47701))),
         ciphertext: (0..sealed_len).map(|i| (i * 7 % 251) as u8).collect(),
     };
     named(&mut files, "valid-welcome", welcome.to_bytes());
@@ -99,6 +100,11 @@ fn sealed_path() -> Files {
         ..welcome.clone()
     };
     named(&mut files, "valid-resync", resync.to_bytes());
+    let unsaid = SealedPath {
+        rekey_address: None,
+        ..resync.clone()
+    };
+    named(&mut files, "valid-no-rekey-address", unsaid.to_bytes());
     let empty = SealedPath {
         ciphertext: Vec::new(),
         ..resync.clone()

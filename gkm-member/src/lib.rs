@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
@@ -144,6 +145,8 @@ pub struct Member<R> {
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
     renew_at: Option<Millis>,
+    /// Where the controller said the group's rekeys are multicast.
+    rekey_address: Option<SocketAddr>,
     stats: MemberStats,
 }
 
@@ -193,6 +196,7 @@ impl<R: CryptoRng> Member<R> {
             refused: 0,
             resync_at: None,
             renew_at: None,
+            rekey_address: None,
             stats: MemberStats::default(),
         }
     }
@@ -211,6 +215,12 @@ impl<R: CryptoRng> Member<R> {
             State::Active { member, path } => Some((*member, path)),
             _ => None,
         }
+    }
+
+    /// Where the controller multicasts the group's rekeys, as its last welcome or resync response
+    /// that named an address said (authenticated with it); `None` until one did.
+    pub fn rekey_address(&self) -> Option<SocketAddr> {
+        self.rekey_address
     }
 
     /// Counters.
@@ -394,6 +404,9 @@ impl<R: CryptoRng> Member<R> {
         let Ok(path) = open_path(&sealed, &self.hpke) else {
             return self.drop_datagram("sealed path does not open");
         };
+        if sealed.rekey_address.is_some() {
+            self.rekey_address = sealed.rekey_address;
+        }
         let older = matches!(&self.state, State::Active { path: current, .. } if path.epoch() <= current.epoch());
         if older {
             self.outstanding = None;

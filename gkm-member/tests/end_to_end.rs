@@ -138,14 +138,27 @@ fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
     let _ = std::fs::remove_dir_all(&lab.dir);
 }
 
+/// `gkm-member run` for group "other" of `lab`, with `extra` arguments.
+fn other_member(lab: &Lab, name: &str, extra: &[&str]) -> Running {
+    Running::spawn(
+        Command::new(BIN)
+            .args(["run", "--group", "other", "--controller-key", &lab.key])
+            .args(["--controller", &format!("127.0.0.1:{}", lab.tcp)])
+            .args(["--fanout-after-ms", "1500", "--renew-ms", "600000"])
+            .args(extra)
+            .arg("--state-dir")
+            .arg(lab.dir.join(name)),
+    )
+}
+
 #[test]
-fn a_member_given_another_groups_address_falls_back_to_fanout() {
+fn members_listen_where_the_controller_says_unless_told_otherwise() {
     let Some(server) = server_binary() else {
         eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
-    let lab = Lab::new("wrong-address", &server, 4);
-    // Group "demo" heartbeats often on the address the member is given; "other" is elsewhere.
+    let lab = Lab::new("rekey-address", &server, 4);
+    // Group "demo" heartbeats often on the default address; "other" multicasts elsewhere.
     let config = lab.dir.join("srv/gkm-server.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text = text.replace(
@@ -153,23 +166,19 @@ fn a_member_given_another_groups_address_falls_back_to_fanout() {
         "heartbeat_interval_ms = 200",
     );
     text.push_str(&format!(
-        "\n[[group]]\nname = \"other\"\nmulticast = \"239.255.77.3:{}\"\ninterface = \"127.0.0.1\"\n",
+        "\n[[group]]\nname = \"other\"\nmulticast = \"239.255.77.3:{}\"\ninterface = \"127.0.0.1\"\nheartbeat_interval_ms = 200\n",
         lab.mcast
     ));
     std::fs::write(&config, text).unwrap();
     let controller = lab.controller(None);
-    let member = Running::spawn(
-        Command::new(BIN)
-            .args(["run", "--group", "other", "--controller-key", &lab.key])
-            .args(["--controller", &format!("127.0.0.1:{}", lab.tcp)])
-            .args(["--multicast", &format!("239.255.77.1:{}", lab.mcast)])
-            .args(["--fanout-after-ms", "1500", "--renew-ms", "600000"])
-            .arg("--state-dir")
-            .arg(lab.dir.join("o")),
-    );
-    let socket = lab.dir.join("o/api.sock");
-    converged(&[&socket], Duration::from_secs(15));
-    // Its rekeys reach it only once it stops counting demo's heartbeats as its own.
+    // p is not told an address: the welcome names the group's. o is told demo's, and keeps it:
+    // it hears no rekey of its group there and falls back to fan-out (demo's heartbeats do not
+    // count).
+    let p = other_member(&lab, "p", &[]);
+    let demo_address = format!("239.255.77.1:{}", lab.mcast);
+    let o = other_member(&lab, "o", &["--multicast", &demo_address]);
+    let sockets = [lab.dir.join("p/api.sock"), lab.dir.join("o/api.sock")];
+    converged(&[&sockets[0], &sockets[1]], Duration::from_secs(15));
     for _ in 0..3 {
         lab.gkmctl(&["rekey", "other"]);
     }
@@ -184,17 +193,32 @@ fn a_member_given_another_groups_address_falls_back_to_fanout() {
         .as_u64()
         .unwrap();
     let start = Instant::now();
-    while current(&socket).and_then(|v| v["epoch"].as_u64()) < Some(epoch) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "epoch {epoch} not reached"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    for socket in &sockets {
+        while current(socket).and_then(|v| v["epoch"].as_u64()) < Some(epoch) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{}: epoch {epoch} not reached",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    member.signal("TERM");
-    let out = member.wait(Duration::from_secs(10));
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("switching to unicast fan-out"), "{log}");
+    let log = |member: Running| {
+        member.signal("TERM");
+        String::from_utf8_lossy(&member.wait(Duration::from_secs(10)).stderr).into_owned()
+    };
+    let (p, o) = (log(p), log(o));
+    let told = format!(
+        "multicasts this group's rekeys to 239.255.77.3:{}",
+        lab.mcast
+    );
+    assert!(p.contains(&format!("{told}: listening there")), "{p}");
+    assert!(!p.contains("switching to unicast fan-out"), "{p}");
+    assert!(
+        o.contains(&format!("{told}; staying on {demo_address}")),
+        "{o}"
+    );
+    assert!(o.contains("switching to unicast fan-out"), "{o}");
     controller.signal("TERM");
     drop(controller.wait(Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(&lab.dir);

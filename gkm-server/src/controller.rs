@@ -1018,6 +1018,7 @@ impl<R: CryptoRng> Controller<R> {
             member: request.member,
             request_nonce: request.nonce,
             recipient: record.hpke_key,
+            rekey_address: g.policy.rekey_address,
         };
         let encapsulation = Encapsulation::new(&record.hpke_key, gid, &mut self.rng)
             .map_err(|_| (Reject::Malformed, gid))?;
@@ -1043,6 +1044,7 @@ impl<R: CryptoRng> Controller<R> {
             member,
             request_nonce: join.nonce,
             recipient: *join.encapsulation.recipient(),
+            rekey_address: g.policy.rekey_address,
         };
         self.reply_path(join.conn, gid, leaf, &to, join.encapsulation)?;
         let g = self
@@ -1239,6 +1241,7 @@ impl<R: CryptoRng> Controller<R> {
                 member,
                 request_nonce: join.nonce,
                 recipient,
+                rekey_address: g.policy.rekey_address,
             };
             welcomes.push((join.encapsulation, to, &joiner.path));
             admitted.push((join.conn, member, join.identity));
@@ -1666,6 +1669,10 @@ impl Group {
             ("mtu", p.mtu.to_string()),
             ("freshness_window_ms", p.freshness_window_ms.to_string()),
             ("enrollment", enrollment),
+            (
+                "rekey_address",
+                p.rekey_address.map_or("-".to_owned(), |a| a.to_string()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -1,6 +1,7 @@
 //! Group policy and the small value types the controller's API uses.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 
 use lkh_tree::{GroupId, TreeConfig};
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,9 @@ pub struct GroupPolicy {
     pub freshness_window_ms: u64,
     /// Who may register.
     pub enrollment: Enrollment,
+    /// Where the group's rekeys and heartbeats are multicast, told to members in their welcomes
+    /// and resync responses so that they need not be configured with it (`None`: not told).
+    pub rekey_address: Option<SocketAddr>,
 }
 
 impl GroupPolicy {
@@ -90,6 +94,7 @@ impl GroupPolicy {
             mtu: wire::DEFAULT_MTU,
             freshness_window_ms: 60_000,
             enrollment: Enrollment::Open,
+            rekey_address: None,
         }
     }
 }

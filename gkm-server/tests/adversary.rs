@@ -237,6 +237,7 @@ fn v023_v024_forged_or_damaged_resync_responses_are_refused() {
         member: id,
         request_nonce: nonce,
         recipient: hpke(seed).public_key().expect("a valid key"),
+        rekey_address: None,
     };
     let sealed = seal_path(&planted, &to, &mut ChaCha20Rng::seed_from_u64(5)).expect("seals");
     let insider_key = identity(run.agents[insider].seed);

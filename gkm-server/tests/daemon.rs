@@ -8,7 +8,7 @@ mod support;
 use support::{SERVER, Server, member_keys, new_member, now_ms, register, request, temp_dir};
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
@@ -107,6 +107,9 @@ fn members_join_over_tcp_and_follow_an_eviction_by_multicast() {
     let (mut first, first_id) = join(&setup, 1);
     let (_second, second_id) = join(&setup, 2);
     assert_ne!(first_id, second_id);
+    // The welcome names the group's multicast address, as the config has it.
+    let configured = SocketAddr::from((setup.maddr, setup.mport));
+    assert_eq!(first.rekey_address(), Some(configured));
     let epoch = setup.epoch();
     follow(&mut first, &socket, epoch);
 

@@ -2,6 +2,8 @@
 //! welcome, heartbeat, resync request and response, leave, error, and the group data frame.
 //! Byte layouts are specified in `RFC-notes/wire-format.md`.
 
+use std::net::{IpAddr, SocketAddr};
+
 use lkh_tree::{
     Epoch, GroupId, KCV_LEN, KEY_LEN, Kcv, KeyVersion, MAX_DEPTH, MemberPath, NodeId, NodeKey,
     PathKey,
@@ -211,6 +213,9 @@ pub struct SealedPath {
     pub request_nonce: [u8; NONCE_LEN],
     /// The HPKE encapsulated key.
     pub encapped: [u8; 32],
+    /// Where the controller multicasts the group's rekeys and heartbeats (as its config says),
+    /// so that a member need not be told; `None` when it does not say.
+    pub rekey_address: Option<SocketAddr>,
     /// The HPKE ciphertext of a [`PathKeys`] encoding.
     pub ciphertext: Vec<u8>,
 }
@@ -228,6 +233,7 @@ impl SealedPath {
         let epoch = Epoch(r.u64("epoch")?);
         let request_nonce = r.array("request nonce")?;
         let encapped = r.array("encapsulated key")?;
+        let rekey_address = read_address(r)?;
         let len = usize::from(r.u16("ciphertext length")?);
         if len > MAX_SEALED {
             return Err(DecodeError::TooLong {
@@ -244,9 +250,42 @@ impl SealedPath {
             epoch,
             request_nonce,
             encapped,
+            rekey_address,
             ciphertext,
         })
     }
+}
+
+/// An optional socket address: a family byte (0: none, 4: IPv4, 6: IPv6), then the address
+/// (4 or 16 bytes) and the port (2 bytes).
+fn write_address(out: &mut Vec<u8>, address: Option<SocketAddr>) {
+    match address {
+        None => out.push(0),
+        Some(SocketAddr::V4(a)) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Some(SocketAddr::V6(a)) => {
+            out.push(6);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
+}
+
+fn read_address(r: &mut Reader<'_>) -> Result<Option<SocketAddr>, DecodeError> {
+    let ip = match r.u8("rekey address family")? {
+        0 => return Ok(None),
+        4 => IpAddr::from(r.array::<4>("rekey address")?),
+        6 => IpAddr::from(r.array::<16>("rekey address")?),
+        _ => {
+            return Err(DecodeError::Invalid(
+                "rekey address family is not 0, 4 or 6",
+            ));
+        }
+    };
+    Ok(Some(SocketAddr::new(ip, r.u16("rekey port")?)))
 }
 
 impl Codec for SealedPath {
@@ -256,6 +295,7 @@ impl Codec for SealedPath {
         out.extend_from_slice(&self.epoch.0.to_be_bytes());
         out.extend_from_slice(&self.request_nonce);
         out.extend_from_slice(&self.encapped);
+        write_address(out, self.rekey_address);
         put_count(out, CountWidth::U16, self.ciphertext.len());
         out.extend_from_slice(&self.ciphertext);
     }

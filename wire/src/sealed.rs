@@ -3,6 +3,8 @@
 //! and the group; the associated data binds every field of the [`SealedPath`] but the ciphertext,
 //! so a welcome cannot be replayed as a resync, to another member or for another request.
 
+use std::net::SocketAddr;
+
 use hpke::aead::AeadCtxS;
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
@@ -87,6 +89,8 @@ pub struct SealedFor {
     pub request_nonce: [u8; NONCE_LEN],
     /// The member's X25519 public key.
     pub recipient: [u8; 32],
+    /// Where the group's rekeys are multicast, if the controller says.
+    pub rekey_address: Option<SocketAddr>,
 }
 
 /// The sender's half of HPKE for one recipient and group, made before the path it will seal
@@ -171,6 +175,7 @@ pub fn seal_path_with(
         epoch: path.epoch(),
         request_nonce: to.request_nonce,
         encapped: encapsulation.encapped,
+        rekey_address: to.rekey_address,
         ciphertext: Vec::new(),
     };
     let plaintext = PathKeys::encode(path);
@@ -251,6 +256,7 @@ mod tests {
             member: MemberId(index as u64 + 1),
             request_nonce: [7; 16],
             recipient: secret.public_key().unwrap(),
+            rekey_address: Some("239.255.77.1:47701".parse().unwrap()),
         };
         (path, secret, to)
     }

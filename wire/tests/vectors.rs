@@ -62,6 +62,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 epoch: Epoch(9),
                 request_nonce: [0x33; 16],
                 encapped: [0x44; 32],
+                rekey_address: Some("239.255.77.1:47701".parse().unwrap()),
                 ciphertext: vec![0x55; 40],
             }
             .to_bytes(),
@@ -75,6 +76,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 epoch: Epoch(10),
                 request_nonce: [0x66; 16],
                 encapped: [0x77; 32],
+                rekey_address: Some("[ff15::77]:47702".parse().unwrap()),
                 ciphertext: vec![0x88; 17],
             }
             .to_bytes(),
@@ -189,10 +191,25 @@ fn message_encodings_match_the_stored_vectors() {
         "data",
         DataFrame::decode_exact(&bytes("data")).unwrap().to_bytes(),
     );
+    let welcome = SealedPath::decode_exact(&bytes("welcome")).unwrap();
+    assert_eq!(welcome.member, MemberId(42));
     assert_eq!(
-        SealedPath::decode_exact(&bytes("welcome")).unwrap().member,
-        MemberId(42)
+        welcome.rekey_address,
+        Some("239.255.77.1:47701".parse().unwrap())
     );
+    // The rekey address's family byte (after header, member, epoch, nonce and encapsulated
+    // key): 0 is no address, and anything but 0, 4 and 6 is refused.
+    const FAMILY: usize = 12 + 8 + 8 + 16 + 32;
+    let none = SealedPath {
+        rekey_address: None,
+        ..welcome.clone()
+    };
+    assert_eq!(none.to_bytes()[FAMILY], 0);
+    assert_eq!(SealedPath::decode_exact(&none.to_bytes()).unwrap(), none);
+    let mut odd = bytes("welcome");
+    assert_eq!(odd[FAMILY], 4);
+    odd[FAMILY] = 5;
+    assert!(SealedPath::decode_exact(&odd).is_err());
 }
 
 #[test]

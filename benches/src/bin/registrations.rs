@@ -138,6 +138,7 @@ fn controller_half(
         member: MemberId(1),
         request_nonce: request.nonce,
         recipient: request.hpke_key,
+        rekey_address: None,
     };
     sign(&seal_path(path, &to, r).expect("seals"), signer)
 }
@@ -186,6 +187,7 @@ fn seal_rate(requests: &[Vec<u8>], path: &MemberPath) -> f64 {
             member: MemberId(1),
             request_nonce: [0; 16],
             recipient: *recipient,
+            rekey_address: None,
         };
         std::hint::black_box(seal_path(path, &to, r).expect("seals"));
     });

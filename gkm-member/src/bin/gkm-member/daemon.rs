@@ -34,13 +34,20 @@ use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where rekeys are awaited until the controller names the group's address.
+const DEFAULT_MULTICAST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(239, 255, 77, 1),
+    47701,
+));
+
 /// Settings of `run`.
 pub(crate) struct RunConfig {
     pub(crate) controller: String,
     pub(crate) group: String,
     pub(crate) controller_key: String,
     pub(crate) state_dir: PathBuf,
-    pub(crate) multicast: SocketAddr,
+    /// Given on the command line; else the controller's word, [`DEFAULT_MULTICAST`] until then.
+    pub(crate) multicast: Option<SocketAddr>,
     pub(crate) interface: Ipv4Addr,
     pub(crate) interface_v6: u32,
     pub(crate) api_socket: Option<PathBuf>,
@@ -108,19 +115,19 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
     }
     let renew = Duration::from_millis(config.renew_interval_ms);
 
+    let listening = cfg.multicast.unwrap_or(DEFAULT_MULTICAST);
     let rekeys = if cfg.no_multicast {
         Rekeys::Fanout(net::fanout_socket(controller).await?)
     } else {
-        match net::multicast_receiver(cfg.multicast, cfg.interface, cfg.interface_v6) {
+        match net::multicast_receiver(listening, cfg.interface, cfg.interface_v6) {
             Ok(s) => {
-                info!("listening for rekeys on multicast {}", cfg.multicast);
+                info!("listening for rekeys on multicast {listening}");
                 Rekeys::Multicast(s)
             }
             Err(e) => {
                 warn!(
-                    "joining multicast group {} failed ({e}); asking the controller {controller} \
-                     for fan-out instead",
-                    cfg.multicast
+                    "joining multicast group {listening} failed ({e}); asking the controller \
+                     {controller} for fan-out instead"
                 );
                 Rekeys::Fanout(net::fanout_socket(controller).await?)
             }
@@ -169,6 +176,13 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         identity,
         side_rng: store::os_rng()?,
         rekeys,
+        multicast: Multicast {
+            given: cfg.multicast,
+            listening,
+            told: None,
+            interface: cfg.interface,
+            interface_v6: cfg.interface_v6,
+        },
         replies: mpsc::channel(64),
         in_flight: None,
         fanout_next: tokio::time::Instant::now(),
@@ -184,6 +198,18 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
     result
 }
 
+/// Where the member listens for multicast rekeys, and what it was told.
+struct Multicast {
+    /// `--multicast`, kept whatever the controller says.
+    given: Option<SocketAddr>,
+    /// The address the receiver joined (or would have).
+    listening: SocketAddr,
+    /// The controller's word last acted on.
+    told: Option<SocketAddr>,
+    interface: Ipv4Addr,
+    interface_v6: u32,
+}
+
 struct Driver {
     member: Member<ChaCha20Rng>,
     controller: SocketAddr,
@@ -193,6 +219,7 @@ struct Driver {
     identity: SigningKey,
     side_rng: ChaCha20Rng,
     rekeys: Rekeys,
+    multicast: Multicast,
     replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
     /// The request in flight. A newer one supersedes it: the member takes only the newest
     /// request's reply, so the older connection is closed rather than left to wait.
@@ -310,9 +337,11 @@ impl Driver {
                 self.persist_within(Duration::ZERO);
                 // Ask for fan-out at once: the controller learns where to send.
                 self.fanout_next = tokio::time::Instant::now();
+                self.follow_rekey_address();
                 self.heard(&[]);
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
+                self.follow_rekey_address();
                 publish(&self.member, &self.keys);
                 self.published = true;
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
@@ -376,6 +405,44 @@ impl Driver {
             );
         if let (Some(after), true) = (self.fanout_after, group_traffic) {
             self.silent_until = Some(tokio::time::Instant::now() + after);
+        }
+    }
+
+    /// Listens where the controller says the group's rekeys go, once it says (in a welcome or
+    /// resync response), unless `--multicast` was given or the member is on fan-out.
+    fn follow_rekey_address(&mut self) {
+        let told = self.member.rekey_address();
+        let m = &mut self.multicast;
+        if told == m.told {
+            return;
+        }
+        m.told = told;
+        let Some(told) = told else {
+            return;
+        };
+        if let Some(given) = m.given {
+            if given != told {
+                warn!(
+                    "--multicast {given} was given, but the controller multicasts this group's \
+                     rekeys to {told}; staying on {given}"
+                );
+            }
+            return;
+        }
+        if told == m.listening || !matches!(self.rekeys, Rekeys::Multicast(_)) {
+            return;
+        }
+        match net::multicast_receiver(told, m.interface, m.interface_v6) {
+            Ok(socket) => {
+                info!("the controller multicasts this group's rekeys to {told}: listening there");
+                self.rekeys = Rekeys::Multicast(socket);
+                m.listening = told;
+            }
+            Err(e) => warn!(
+                "joining multicast group {told}, which the controller names, failed ({e}); \
+                 staying on {}",
+                m.listening
+            ),
         }
     }
 

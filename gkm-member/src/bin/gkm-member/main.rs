@@ -83,10 +83,12 @@ struct RunArgs {
     /// The state directory (created with new keys if missing).
     #[arg(long, default_value = "./gkm-member-state")]
     state_dir: PathBuf,
-    /// The group's rekey multicast address: its `multicast` in the controller's config (a wrong
-    /// one hears no rekey of the group, and the member falls back to fan-out).
-    #[arg(long, default_value = "239.255.77.1:47701")]
-    multicast: SocketAddr,
+    /// The group's rekey multicast address. By default the one the controller names in its
+    /// welcome (239.255.77.1:47701 until then); given, it is kept whatever the controller says
+    /// (a relay's address, say). A wrong one hears no rekey of the group, and the member falls
+    /// back to fan-out.
+    #[arg(long)]
+    multicast: Option<SocketAddr>,
     /// The local API socket (default: STATE_DIR/api.sock).
     #[arg(long)]
     api_socket: Option<PathBuf>,

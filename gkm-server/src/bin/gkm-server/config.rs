@@ -245,6 +245,7 @@ impl GroupConfig {
     pub(crate) fn policy(&self) -> Result<GroupPolicy> {
         let what = |field: &str| format!("group {:?}: bad {field}", self.name);
         let mut p = GroupPolicy::new(&self.name, self.id());
+        p.rekey_address = Some(self.multicast);
         if let Some(d) = self.degree {
             if !(2..=64).contains(&d) {
                 bail!("{}: degree is 2..=64, not {d}", what("degree"));
@@ -343,7 +344,9 @@ mod tests {
         assert_eq!(c.max_connections, default_max_connections());
         assert_eq!(c.groups.len(), 1);
         let p = c.groups[0].policy().unwrap();
-        assert_eq!(p, GroupPolicy::new("demo", GroupId::from_name("demo")));
+        let mut want = GroupPolicy::new("demo", GroupId::from_name("demo"));
+        want.rekey_address = Some(default_multicast());
+        assert_eq!(p, want);
     }
 
     #[test]
