@@ -16,7 +16,7 @@ use wire::{
 };
 
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
-use crate::roster::{Departed, Departure, Roster};
+use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
 use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
 
 /// Bytes to send.
@@ -1210,14 +1210,19 @@ impl<R: CryptoRng> Controller<R> {
             }
         };
         let epoch = rekey.epoch;
-        for (member, reason) in &departures {
+        // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
+        // rest (a batch of 100,000 departures at 2^20 members).
+        let unrecorded = departures.len().saturating_sub(RECENT_DEPARTURES);
+        for (i, (member, reason)) in departures.iter().enumerate() {
             if let Some(record) = g.members.remove(*member) {
-                let departure = Departure {
-                    identity: record.identity,
-                    reason: *reason,
-                    epoch,
-                };
-                g.departed.record(*member, departure);
+                if i >= unrecorded {
+                    let departure = Departure {
+                        identity: record.identity,
+                        reason: *reason,
+                        epoch,
+                    };
+                    g.departed.record(*member, departure);
+                }
                 self.events.push_back(Event::Departed {
                     group: id.0,
                     member: member.0,
