@@ -7,9 +7,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, Lab, Running, converged, current, server_binary};
+use common::{BIN, Lab, Running, converged, current, server_binary, wait_for};
 
 /// Runs this binary with `args` as uid/gid 65534 (nobody), or says why it cannot.
 fn as_nobody(args: &[&str]) -> Result<Output, String> {
@@ -84,14 +84,9 @@ fn members_follow_the_real_controller() {
     let out_a = a.wait(Duration::from_secs(10));
     assert_eq!(out_a.status.code(), Some(0));
     // b sees a's departure as a rekey.
-    let start = Instant::now();
-    while current(&sb).map(|v| v["epoch"].clone()) == Some(after["epoch"].clone()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no rekey after a left"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(Duration::from_secs(10), "a rekey after a left", || {
+        current(&sb).map(|v| v["epoch"].clone()) != Some(after["epoch"].clone())
+    });
     b.signal("TERM");
     let out_b = b.wait(Duration::from_secs(10));
     assert_eq!(out_b.status.code(), Some(0));
@@ -118,14 +113,9 @@ fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
     let id = joined["member"].as_u64().unwrap();
     lab.gkmctl(&["evict", "demo", &id.to_string()]);
     // It notices (heartbeat ahead, then a refused resync) and comes back as a new member.
-    let start = Instant::now();
-    while current(&socket).and_then(|v| v["member"].as_u64()) == Some(id) {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "not back after its eviction"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(Duration::from_secs(15), "back after its eviction", || {
+        current(&socket).and_then(|v| v["member"].as_u64()) != Some(id)
+    });
     a.signal("TERM");
     let out = a.wait(Duration::from_secs(10));
     let log = String::from_utf8_lossy(&out.stderr);
@@ -192,17 +182,11 @@ fn members_listen_where_the_controller_says_unless_told_otherwise() {
         .unwrap()["epoch"]
         .as_u64()
         .unwrap();
-    let start = Instant::now();
-    for socket in &sockets {
-        while current(socket).and_then(|v| v["epoch"].as_u64()) < Some(epoch) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{}: epoch {epoch} not reached",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_for(Duration::from_secs(10), &format!("epoch {epoch}"), || {
+        sockets
+            .iter()
+            .all(|s| current(s).and_then(|v| v["epoch"].as_u64()) >= Some(epoch))
+    });
     let log = |member: Running| {
         member.signal("TERM");
         String::from_utf8_lossy(&member.wait(Duration::from_secs(10)).stderr).into_owned()

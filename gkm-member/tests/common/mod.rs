@@ -109,6 +109,15 @@ pub fn current(socket: &Path) -> Option<serde_json::Value> {
     v["epoch"].is_u64().then_some(v)
 }
 
+/// Polls `done` every 100 ms until it holds; panics with `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until every socket reports a key, all with the same epoch and KCV.
 pub fn converged(sockets: &[&Path], limit: Duration) -> serde_json::Value {
     let start = Instant::now();
