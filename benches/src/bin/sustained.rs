@@ -60,6 +60,9 @@ impl Store for Shared {
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         self.0.lock().expect("store").take_compaction_failure()
     }
+    fn compacting(&mut self) -> bool {
+        self.0.lock().expect("store").compacting()
+    }
 }
 
 /// One batch's measurements.

@@ -91,10 +91,14 @@ impl Drop for Running {
     }
 }
 
-/// The controller binary next to this test's, if it has been built.
+/// The controller binary next to this test's, if it has been built; if not, says the test is
+/// skipped.
 pub fn server_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let path = exe.parent()?.parent()?.join("gkm-server");
+    if !path.exists() {
+        eprintln!("skipped: target/debug/gkm-server is not built (cargo build -p gkm-server)");
+    }
     path.exists().then_some(path)
 }
 
