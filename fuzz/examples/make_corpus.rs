@@ -19,7 +19,8 @@ fn named(files: &mut Files, name: &str, bytes: Vec<u8>) {
     files.push((name.to_owned(), bytes));
 }
 
-/// Invalid variants of a valid encoding: truncated, bad magic, bad version, other type, trailing.
+/// Invalid variants of a valid encoding: truncated, bad magic, bad or old version, other type,
+/// trailing.
 fn invalid_variants(files: &mut Files, valid: &[u8]) {
     named(
         files,
@@ -35,8 +36,12 @@ fn invalid_variants(files: &mut Files, valid: &[u8]) {
     magic[0] = b'X';
     named(files, "invalid-bad-magic", magic);
     let mut version = valid.to_vec();
-    version[2] = 2;
+    version[2] = wire::VERSION + 1;
     named(files, "invalid-bad-version", version);
+    // The same bytes under version 1, before the rekey salt: refused by the header alone.
+    let mut old = valid.to_vec();
+    old[2] = 1;
+    named(files, "invalid-old-version-1", old);
     let mut ty = valid.to_vec();
     ty[3] = if ty[3] == 9 { 1 } else { ty[3] + 1 };
     named(files, "invalid-other-type", ty);
@@ -159,6 +164,7 @@ fn resync_request() -> Files {
         group: GROUP,
         member: MemberId(4),
         epoch: Epoch(18),
+        kcv: Kcv([0x5c; 8]),
         timestamp_ms: 1_760_000_000_456,
         nonce: [0x66; 16],
     };
@@ -167,6 +173,7 @@ fn resync_request() -> Files {
         group: GroupId(0),
         member: MemberId(0),
         epoch: Epoch(0),
+        kcv: Kcv([0x5c; 8]),
         timestamp_ms: 0,
         nonce: [0; 16],
     };
@@ -270,6 +277,7 @@ fn handmade_datagram() -> RekeyDatagram {
     RekeyDatagram {
         group: GROUP,
         epoch: Epoch(21),
+        salt: lkh_tree::RekeySalt([0x5a; lkh_tree::SALT_LEN]),
         index: 2,
         count: 3,
         seeds: true,
@@ -313,11 +321,11 @@ fn rekey_datagram() -> Files {
         index.to_bytes(),
     );
     let mut flagged = empty.to_bytes();
-    flagged.truncate(wire::HEADER_LEN + 12);
+    flagged.truncate(wire::HEADER_LEN + 12 + lkh_tree::SALT_LEN);
     flagged.extend_from_slice(&[1, 0x80, 0, 0, 0, 0, 0, 0, 0]);
     named(&mut files, "invalid-cover-top-bit", flagged);
     let mut many = empty.to_bytes();
-    many.truncate(wire::HEADER_LEN + 12);
+    many.truncate(wire::HEADER_LEN + 12 + lkh_tree::SALT_LEN);
     many.extend_from_slice(&[0, 0xff, 0xff, 0, 0]);
     named(&mut files, "invalid-advances-over-input", many);
     invalid_variants(&mut files, &handmade.to_bytes());
@@ -473,6 +481,7 @@ fn resync(id: MemberId, at: u64, nonce: u8) -> ResyncRequest {
         group: agents::GROUP,
         member: id,
         epoch: Epoch(1),
+        kcv: Kcv([0x5c; 8]),
         timestamp_ms: at,
         nonce: [nonce; 16],
     }

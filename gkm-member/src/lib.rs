@@ -52,10 +52,14 @@ pub struct MemberConfig {
     /// to 16 times), and so does each refusal in a row, with up to half of it again added at
     /// random so that members refused together do not retry together.
     pub retry_ms: u64,
+    /// A member told that its membership ended registers again after a random delay of up to
+    /// this long, so that the members of a group reset at once do not all register at once.
+    pub rejoin_spread_ms: u64,
 }
 
 impl MemberConfig {
-    /// Defaults: renew every 20 s, resync after 300 ms behind, retry after 2 s.
+    /// Defaults: renew every 20 s, resync after 300 ms behind, retry after 2 s, register again
+    /// within 5 s of a membership's end.
     pub fn new(group: GroupId, controller: VerifyingKey) -> Self {
         MemberConfig {
             group,
@@ -64,6 +68,7 @@ impl MemberConfig {
             renew_interval_ms: 20_000,
             resync_grace_ms: 300,
             retry_ms: 2_000,
+            rejoin_spread_ms: 5_000,
         }
     }
 }
@@ -87,8 +92,9 @@ pub enum MemberEvent {
         /// Check value of the new traffic key.
         kcv: Kcv,
     },
-    /// The controller says this member is no longer a member (evicted, expired, left or
-    /// replaced); the member registers again.
+    /// The controller says this member is no longer a member (evicted, expired, left, replaced
+    /// or excluded by a reset of the group); the member registers again after a random delay of
+    /// up to [`MemberConfig::rejoin_spread_ms`].
     MembershipEnded {
         /// What the controller said: how and at which epoch the membership ended, when the
         /// controller still remembers it. Network text: print it escaped.
@@ -121,6 +127,8 @@ enum State {
     Registering { nonce: [u8; NONCE_LEN] },
     /// A member with keys.
     Active { member: MemberId, path: MemberPath },
+    /// A membership ended; registers again at `retry_at`.
+    Ended,
     /// Left; does nothing more.
     Left,
 }
@@ -279,7 +287,7 @@ impl<R: CryptoRng> Member<R> {
             self.retry_at = None;
             self.unanswered = self.unanswered.saturating_add(1);
             match self.state {
-                State::Registering { .. } => self.register(now),
+                State::Registering { .. } | State::Ended => self.register(now),
                 State::Active { .. } => self.send_resync(now),
                 State::Left => {}
             }
@@ -407,8 +415,12 @@ impl<R: CryptoRng> Member<R> {
         if sealed.rekey_address.is_some() {
             self.rekey_address = sealed.rekey_address;
         }
-        let older = matches!(&self.state, State::Active { path: current, .. } if path.epoch() <= current.epoch());
-        if older {
+        // Nothing new: an older path, or the keys already held. A path of the member's own epoch
+        // with other keys replaces them (the controller's are the keys of that epoch).
+        let nothing_new = matches!(&self.state, State::Active { path: current, .. }
+            if path.epoch() < current.epoch()
+                || (path.epoch() == current.epoch() && kcv_of(&path) == kcv_of(current)));
+        if nothing_new {
             self.outstanding = None;
             return;
         }
@@ -455,7 +467,11 @@ impl<R: CryptoRng> Member<R> {
                 self.events.push_back(MemberEvent::MembershipEnded {
                     reason: message.reason,
                 });
-                self.register(now);
+                let spread = self.config.rejoin_spread_ms.saturating_add(1);
+                self.state = State::Ended;
+                self.retry_at = Some(now + self.rng.next_u64() % spread);
+                self.renew_at = None;
+                self.resync_at = None;
             }
             code => {
                 let retry_in_ms = self.retry_delay();
@@ -494,12 +510,13 @@ impl<R: CryptoRng> Member<R> {
         let State::Active { member, path } = &self.state else {
             return;
         };
-        let (member, epoch) = (*member, path.epoch());
+        let (member, epoch, kcv) = (*member, path.epoch(), kcv_of(path));
         let nonce = self.nonce();
         let request = ResyncRequest {
             group: self.config.group,
             member,
             epoch,
+            kcv,
             timestamp_ms: now,
             nonce,
         };
@@ -526,4 +543,11 @@ impl<R: CryptoRng> Member<R> {
     fn drop_datagram(&mut self, reason: &'static str) {
         *self.stats.dropped.entry(reason).or_default() += 1;
     }
+}
+
+/// The check value of the traffic key `path` leads to, as a resync request carries it (zero for
+/// a path without a root key, which [`wire::PathKeys`] never decodes).
+pub fn kcv_of(path: &MemberPath) -> Kcv {
+    path.traffic_key()
+        .map_or(Kcv([0; lkh_tree::KCV_LEN]), |k| k.check_value())
 }

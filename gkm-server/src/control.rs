@@ -62,6 +62,11 @@ pub enum Request {
         /// Group name.
         group: String,
     },
+    /// Exclude every member of a group at once (every key new; members register again).
+    Reset {
+        /// Group name.
+        group: String,
+    },
 }
 
 impl Request {
@@ -89,6 +94,7 @@ impl Request {
             Request::Keys { group } => Command::Keys(group),
             Request::Tree { group } => Command::Tree(group),
             Request::Stats { group } => Command::Stats(group),
+            Request::Reset { group } => Command::Reset(group),
         })
     }
 }

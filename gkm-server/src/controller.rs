@@ -50,6 +50,8 @@ pub enum DepartReason {
     Expired,
     /// It registered again with a new HPKE key, having lost its keys (its old leaf is replaced).
     Replaced,
+    /// An operator reset the group: every member was excluded at once and registers again.
+    Reset,
 }
 
 impl DepartReason {
@@ -60,16 +62,19 @@ impl DepartReason {
             DepartReason::Evicted => "was evicted by an operator",
             DepartReason::Expired => "let its lease run out",
             DepartReason::Replaced => "was replaced by a registration with a new HPKE key",
+            DepartReason::Reset => "was excluded when an operator reset the group",
         };
         format!("member {} {how} at epoch {}", member.0, epoch.0)
     }
 }
 
-/// A refused request: why (counted by reason), the group it named, and what the requester is
-/// told when there is more to say than the reason's name.
+/// A refused request: why (counted by reason), the group it named, the reason the requester is
+/// given (the same, unless telling would reveal something), and what it is told when there is
+/// more to say than that reason's name.
 struct Refusal {
     reason: Reject,
     group: GroupId,
+    answered: Reject,
     told: Option<String>,
 }
 
@@ -78,6 +83,7 @@ impl From<(Reject, GroupId)> for Refusal {
         Refusal {
             reason,
             group,
+            answered: reason,
             told: None,
         }
     }
@@ -179,6 +185,15 @@ pub enum Event {
         /// When.
         at: u64,
     },
+    /// An operator reset a group: every member is excluded by its next rekey (made at once).
+    Reset {
+        /// Group.
+        group: u64,
+        /// Members excluded.
+        members: usize,
+        /// When.
+        at: u64,
+    },
     /// A rekey was persisted and queued.
     Rekeyed {
         /// Group.
@@ -269,6 +284,8 @@ pub enum Command {
     Tree(String),
     /// A group's counters.
     Stats(String),
+    /// Exclude every member of a group at once: every key new (members register again).
+    Reset(String),
 }
 
 /// Why a command failed.
@@ -854,7 +871,38 @@ impl<R: CryptoRng> Controller<R> {
             Command::Keys(name) => Ok(Response::Keys(self.group(&name)?.inventory(now))),
             Command::Tree(name) => Ok(Response::Tree(dot::tree_dot(&self.group(&name)?.tree))),
             Command::Stats(name) => Ok(Response::Stats(self.group(&name)?.stats.clone())),
+            Command::Reset(name) => {
+                let id = self.group_id(&name)?;
+                self.reset(id, now, None);
+                Ok(Response::Ok)
+            }
         }
+    }
+
+    /// Excludes every member of group `id` at once, as RFC 9838 does when a key server is
+    /// suspected compromised: one rekey in which every member departs (reason
+    /// [`DepartReason::Reset`]), so every key is new and no one holds any; members that ask are
+    /// told, and register again. With `above`, the reset's epoch is numbered above it (the epoch
+    /// floor of a group restored from an older copy of its state). Returns whether the group
+    /// exists.
+    pub fn reset(&mut self, id: GroupId, now: Timestamp, above: Option<Epoch>) -> bool {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return false;
+        };
+        if let Some(above) = above {
+            g.tree.skip_epoch_to(above);
+        }
+        let everyone: Vec<MemberId> = g.members.records().map(|r| r.id).collect();
+        for member in everyone {
+            g.departures.insert(member, DepartReason::Reset);
+        }
+        self.events.push_back(Event::Reset {
+            group: id.0,
+            members: g.departures.len(),
+            at: now.0,
+        });
+        self.rekey(id, now);
+        true
     }
 
     /// The current state of a group, as the store holds it (for tests and the daemon).
@@ -933,6 +981,7 @@ impl<R: CryptoRng> Controller<R> {
         let Refusal {
             reason,
             group,
+            answered,
             told,
         } = refusal;
         *self.rejects.entry(reason).or_default() += 1;
@@ -942,8 +991,8 @@ impl<R: CryptoRng> Controller<R> {
         self.events.push_back(Event::Rejected { reason, at: now.0 });
         let message = ErrorMessage {
             group,
-            code: reason.code(),
-            reason: told.unwrap_or_else(|| format!("{reason:?}")),
+            code: answered.code(),
+            reason: told.unwrap_or_else(|| format!("{answered:?}")),
         };
         self.transmits.push_back(Transmit::Reply {
             conn,
@@ -1008,7 +1057,11 @@ impl<R: CryptoRng> Controller<R> {
             .members
             .get(request.member)
             .ok_or((Reject::NotAMember, gid))?;
-        if request.epoch >= g.tree.epoch() {
+        // Renewed only if the member holds this epoch's keys: the same epoch number with other
+        // keys (a controller that went back) is answered with the path.
+        let epoch = g.tree.epoch();
+        let current = g.tree.root_key().traffic_key(gid, epoch).check_value();
+        if request.epoch == epoch && request.kcv == current {
             self.ack(conn, gid, "lease renewed");
             return Ok(());
         }
@@ -1119,6 +1172,7 @@ impl<R: CryptoRng> Controller<R> {
             (Ok(_), (gid, _)) if let Some((member, d)) = departed => Err(Refusal {
                 reason: Reject::NotAMember,
                 group: gid,
+                answered: Reject::NotAMember,
                 told: Some(d.reason.told(member, d.epoch)),
             }),
             (Ok(v), _) => Ok(v.into_message()),
@@ -1126,7 +1180,14 @@ impl<R: CryptoRng> Controller<R> {
             // Not signed by a current member: say so (a departed member re-registers), and
             // change nothing. The signature cannot be checked without a member's key.
             (Err(_), (gid, Some(false))) => Err((Reject::NotAMember, gid).into()),
-            (Err(e), (gid, Some(true))) => Err((wire_reject(&e), gid).into()),
+            // A bad signature naming a current member is counted as one, but answered as a
+            // stranger is: a different answer would tell anyone which member ids are in use.
+            (Err(e), (gid, Some(true))) => Err(Refusal {
+                reason: wire_reject(&e),
+                group: gid,
+                answered: Reject::NotAMember,
+                told: None,
+            }),
         }
     }
 

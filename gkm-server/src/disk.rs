@@ -42,6 +42,7 @@
 //! [`StoreError::Corrupt`] and nothing is served.
 
 use std::collections::VecDeque;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,13 +151,20 @@ impl std::fmt::Debug for DiskStore {
 /// Opens the database, checking every page's checksum: redb trusts a cleanly closed file
 /// otherwise, and may panic on one altered outside it ("Malformed allocator state"). An existing
 /// file is opened, never initialized: redb would turn an empty (truncated) file into a new, empty
-/// database, and the daemon would start every group afresh at epoch 0.
+/// database, and the daemon would start every group afresh at epoch 0. A new file is made mode
+/// 0600 before redb initializes it (redb would create it with the umask's mode).
 fn open_database(path: &Path) -> Result<Database, DatabaseError> {
     let mut builder = Database::builder();
     builder.set_check_integrity_on_open(true);
     if path.exists() {
         builder.open(path)
     } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| DatabaseError::Storage(redb::StorageError::Io(e)))?;
         builder.create(path)
     }
 }

@@ -32,7 +32,8 @@
 //!
 //! What it does not do: sockets, files, the control socket, timers (see the binaries). The
 //! feature `disk` (on by default, through `daemon`) adds `DiskStore`, the daemon's store in a
-//! redb file; the controller itself never touches it but through [`Store`].
+//! redb file, and `EpochFloor`, the epoch floor kept beside it that refuses an older copy of
+//! that file; the controller itself never touches them but through [`Store`].
 
 #![forbid(unsafe_code)]
 
@@ -40,6 +41,8 @@ pub mod control;
 mod controller;
 #[cfg(feature = "disk")]
 mod disk;
+#[cfg(feature = "disk")]
+mod floor;
 mod policy;
 mod roster;
 mod store;
@@ -51,6 +54,8 @@ pub use controller::{
 };
 #[cfg(feature = "disk")]
 pub use disk::{DiskStore, MAX_RECORDS};
+#[cfg(feature = "disk")]
+pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
 pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 pub use store::{
     CompactionFailure, GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, Store,

@@ -13,7 +13,7 @@ use common::{GROUP, Run, Seen, dropped, hpke, identity, policy};
 use ed25519_dalek::SigningKey;
 use gkm_member::Member;
 use gkm_server::{Command, ConnId, Response, Timestamp, Transmit};
-use lkh_tree::{Epoch, Kcv, MemberPath, NodeId, NodeKey, PathKey, PathUpdate};
+use lkh_tree::{Epoch, Kcv, MemberPath, NodeId, NodeKey, PathKey, PathUpdate, RekeySalt};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{
@@ -78,13 +78,16 @@ fn refused(member: &mut Member<ChaCha20Rng>, now: u64, bytes: &[u8]) {
     );
 }
 
+/// The salt of forged datagrams (any value: the insider chooses it).
+const FORGED_SALT: RekeySalt = RekeySalt([0x42; 16]);
+
 /// A datagram for epoch `epoch` that replaces the root by `new_root`, wrapped under the root key
 /// the insider holds and covering every member: valid in every part but the signature.
 fn root_forgery(path: &MemberPath, epoch: Epoch, new_root: &[u8; 32]) -> RekeyDatagram {
     let root = path.keys().last().expect("a path has a root");
     let wrap = seal_wrap(
         GROUP,
-        root.key.as_bytes(),
+        (root.key.as_bytes(), &FORGED_SALT.0),
         epoch,
         (NodeId::ROOT, NodeId::ROOT, root.version.0),
         new_root,
@@ -95,6 +98,7 @@ fn root_forgery(path: &MemberPath, epoch: Epoch, new_root: &[u8; 32]) -> RekeyDa
         index: 0,
         count: 1,
         seeds: false,
+        salt: FORGED_SALT,
         covers: vec![NodeId::ROOT],
         advances: Vec::new(),
         links: Vec::new(),
@@ -140,6 +144,7 @@ fn v023_an_insider_cannot_forge_rekeys_heartbeats_or_resyncs() {
         advances: &[],
         links: &[],
         seeds: false,
+        salt: forged.salt,
     };
     let taken = victim_path
         .clone()

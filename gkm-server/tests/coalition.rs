@@ -73,6 +73,7 @@ fn key_graph(run: &Run, captures: &[RekeyDatagram]) -> KeyGraph {
                 .collect(),
             links: d.links.clone(),
             seeds: d.seeds,
+            salt: d.salt,
             joiners: Vec::new(),
             departed: Vec::new(),
             moved: Vec::new(),

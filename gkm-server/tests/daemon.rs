@@ -314,6 +314,7 @@ fn a_subscribed_member_gets_datagrams_by_unicast_fan_out() {
         group: GroupId::from_name("demo"),
         member: id,
         epoch: lkh_tree::Epoch(epoch),
+        kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
         timestamp_ms: now_ms(),
         nonce: [7; wire::NONCE_LEN],
     };

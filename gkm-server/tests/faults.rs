@@ -151,6 +151,11 @@ enum Outcome {
 fn start_on(server: &Server, bytes: &[u8], held: &Held, label: &str) -> Outcome {
     let file = server.state.join("state.redb");
     std::fs::write(&file, bytes).unwrap();
+    // Each case is a state file as its controller last left it: the epoch floor raised by an
+    // earlier case's restart would refuse it as an older copy (GKM-V042, tested apart).
+    for floor in ["epoch-floor.0", "epoch-floor.1"] {
+        let _ = std::fs::remove_file(server.state.join(floor));
+    }
     let log = server.dir.join("case.log");
     let _ = std::fs::remove_file(&log);
     let group = SocketAddrV4::new(server.maddr, server.mport);

@@ -11,7 +11,7 @@ use gkm_server::{
     Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
     GroupState, MemberRecord, MemoryStore, Response, Store, StoreError, Timestamp,
 };
-use lkh_tree::{Batch, Epoch, GroupId, KeyTree, TreeConfig};
+use lkh_tree::{Batch, GroupId, KeyTree, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{HpkeSecret, MemberId, RegistrationRequest, ResyncRequest, sign};
@@ -182,10 +182,13 @@ impl Run {
         };
         let mut nonce = [0u8; 16];
         self.rng.fill_bytes(&mut nonce);
+        // At the current epoch with its keys: a renewal, answered without a path.
+        let (epoch, traffic) = self.controller.traffic_key(GROUP).expect("the group");
         let request = ResyncRequest {
             group: GROUP,
             member: MemberId(member),
-            epoch: Epoch(u64::MAX),
+            epoch,
+            kcv: traffic.check_value(),
             timestamp_ms: self.now,
             nonce,
         };

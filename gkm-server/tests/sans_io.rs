@@ -8,7 +8,7 @@ use gkm_server::{
     Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, Inbound, MemoryStore,
     Reject, Response, Store, StoreError, Timestamp, Transmit, verify_request,
 };
-use lkh_tree::GroupId;
+use lkh_tree::{GroupId, Kcv};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{HpkeSecret, ResyncRequest};
@@ -220,7 +220,8 @@ fn sixty_members_register_and_converge_through_churn() {
             net.events.swap(i, k);
             net.events.pop();
         }
-        net.advance(2_000, 500);
+        // An evicted member registers again within the rejoin spread (5 s).
+        net.advance(8_000, 500);
         assert_eq!(net.converged().len(), 60, "round {round}");
     }
 }
@@ -254,6 +255,7 @@ fn an_evicted_member_loses_the_key_and_says_so() {
         group: GROUP,
         member: wire::MemberId(id),
         epoch: before,
+        kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
         timestamp_ms: net.now,
         nonce: [9; 16],
     };
@@ -267,6 +269,48 @@ fn an_evicted_member_loses_the_key_and_says_so() {
     // It re-registers (open enrollment) and converges again as a new member.
     assert_eq!(net.converged().len(), 10);
     assert_ne!(net.member_id(victim), id);
+}
+
+#[test]
+fn v043_a_reset_excludes_every_member_at_once_and_they_register_again() {
+    let mut net = Net::new(10, 0.0);
+    let ids: Vec<u64> = (0..10).map(|i| net.member_id(i)).collect();
+    let before = net.controller.traffic_key(GROUP).unwrap().0;
+    net.command(Command::Reset("demo".into()));
+    // One rekey, made at once: no member is left and none holds the new traffic key.
+    let (epoch, key) = net.controller.traffic_key(GROUP).unwrap();
+    assert_eq!(epoch, before.next().unwrap());
+    let Response::Members(left) = net.command(Command::Members("demo".into())) else {
+        panic!("members");
+    };
+    assert!(left.is_empty(), "{left:?}");
+    net.pump();
+    for member in &net.members {
+        let held = member.traffic_key().map(|(_, k)| *k.as_bytes());
+        assert_ne!(
+            held,
+            Some(*key.as_bytes()),
+            "a member kept a key through the reset"
+        );
+    }
+    // Each is told why when it asks, and registers again (open enrollment) as a new member,
+    // within the rejoin spread (5 s).
+    net.advance(10_000, 250);
+    for (i, id) in ids.iter().enumerate() {
+        let told = format!(
+            "member {id} was excluded when an operator reset the group at epoch {}",
+            epoch.0
+        );
+        assert!(
+            net.events[i].contains(&MemberEvent::MembershipEnded { reason: told }),
+            "{:?}",
+            net.events[i]
+        );
+    }
+    assert_eq!(net.converged().len(), 10);
+    for (i, id) in ids.iter().enumerate() {
+        assert_ne!(net.member_id(i), *id);
+    }
 }
 
 #[test]
@@ -650,6 +694,82 @@ fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_no
     );
     assert_eq!(reply_code(&mut net.controller, net.now), Some(409));
     assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+}
+
+#[test]
+fn v046_a_forged_request_naming_a_current_member_is_answered_as_one_naming_nobody() {
+    let mut net = Net::new(3, 0.0);
+    let before = snapshot(&mut net);
+    let (epoch, _) = net.controller.traffic_key(GROUP).unwrap();
+    let forger = SigningKey::from_bytes(&[77; 32]);
+    let mut answers = Vec::new();
+    for (i, member) in [net.member_id(1), 999_999].into_iter().enumerate() {
+        let forged = ResyncRequest {
+            group: GROUP,
+            member: wire::MemberId(member),
+            epoch,
+            kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
+            timestamp_ms: net.now,
+            nonce: [i as u8 + 1; 16],
+        };
+        let forged = wire::sign(&forged, &forger);
+        net.controller
+            .handle_request(ConnId(0), Timestamp(net.now), &forged);
+        answers.push(reply_error(&mut net.controller, net.now));
+    }
+    assert_eq!(answers[0], Some((404, "NotAMember".to_owned())));
+    assert_eq!(
+        answers[0], answers[1],
+        "the answer tells which member ids are in use"
+    );
+    // The operator still sees the forgery for what it is.
+    let Response::Status { rejects, .. } = net.command(Command::Status) else {
+        panic!("status");
+    };
+    assert_eq!(rejects.get(&Reject::BadSignature), Some(&1), "{rejects:?}");
+    assert_eq!(rejects.get(&Reject::NotAMember), Some(&1), "{rejects:?}");
+    assert_eq!(snapshot(&mut net), before, "no state changed");
+}
+
+/// The identity key of `Net`'s member `i` (its generator is seeded 1001 + i).
+fn identity_of(i: u64) -> SigningKey {
+    let mut seed = [0u8; 32];
+    ChaCha20Rng::seed_from_u64(1001 + i).fill_bytes(&mut seed);
+    SigningKey::from_bytes(&seed)
+}
+
+#[test]
+fn v047_a_resync_at_the_current_epoch_with_other_keys_gets_the_path_not_a_renewal() {
+    let mut net = Net::new(3, 0.0);
+    let (epoch, traffic) = net.controller.traffic_key(GROUP).unwrap();
+    let member = wire::MemberId(net.member_id(0));
+    let ask = |net: &mut Net, kcv: Kcv, nonce: u8| {
+        let request = ResyncRequest {
+            group: GROUP,
+            member,
+            epoch,
+            kcv,
+            timestamp_ms: net.now,
+            nonce: [nonce; 16],
+        };
+        let bytes = wire::sign(&request, &identity_of(0));
+        net.controller
+            .handle_request(ConnId(0), Timestamp(net.now), &bytes);
+        std::iter::from_fn(|| net.controller.poll_transmit()).find_map(|t| match t {
+            Transmit::Reply { bytes, .. } => Some(wire::MessageType::peek(&bytes).unwrap()),
+            Transmit::Multicast { .. } => None,
+        })
+    };
+    // Holding this epoch's keys: renewed (an acknowledgement, no path).
+    let renewed = ask(&mut net, traffic.check_value(), 1);
+    assert_eq!(
+        renewed,
+        Some(wire::MessageType::Error),
+        "code 0 acknowledges"
+    );
+    // The same epoch number with other keys (before: "lease renewed" by the epoch alone).
+    let other = ask(&mut net, Kcv([0xee; lkh_tree::KCV_LEN]), 2);
+    assert_eq!(other, Some(wire::MessageType::ResyncResponse));
 }
 
 #[test]

@@ -69,3 +69,12 @@ impl fmt::Display for GroupId {
         write!(f, "g{}", self.0)
     }
 }
+
+/// Length of a [`RekeySalt`].
+pub const SALT_LEN: usize = 16;
+
+/// Fresh randomness drawn for each rekey and carried (signed) in its datagrams. It enters the
+/// key of every wrap of that rekey, so no (key, nonce) pair repeats even if an epoch number is
+/// used twice (a controller restored from an older copy of its state). Public, not secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RekeySalt(pub [u8; SALT_LEN]);

@@ -42,7 +42,7 @@ mod secret;
 mod tree;
 mod wrap;
 
-pub use ids::{Epoch, GroupId, KeyVersion, NodeId};
+pub use ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
 pub use member::{Applied, ApplyError, MemberPath, PathKey, PathUpdate, Wrap};
 pub use rekey::{
     Advance, Batch, JoinerKeys, KeyTree, Link, MemberView, NodeRecord, Rekey, Strategy,

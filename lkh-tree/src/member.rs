@@ -10,7 +10,7 @@
 
 use thiserror::Error;
 
-use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt};
 use crate::rekey::Link;
 use crate::secret::{Kcv, NodeKey, TrafficKey};
 use crate::tree::MAX_DEPTH;
@@ -66,6 +66,8 @@ pub struct PathUpdate<'a> {
     pub links: &'a [Link],
     /// Whether the wraps carry one-way seeds rather than keys.
     pub seeds: bool,
+    /// The rekey's salt (in every wrap key).
+    pub salt: RekeySalt,
 }
 
 /// What a successful apply yields.
@@ -304,6 +306,7 @@ impl Working {
                     target: wrap.target,
                     wrapping: wrap.wrapping,
                     wrapping_version: version,
+                    salt: update.salt,
                 };
                 let opened = context
                     .open(&key, &wrap.ciphertext)

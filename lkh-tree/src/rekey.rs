@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap as HashMap;
 use rand_core::CryptoRng;
 use thiserror::Error;
 
-use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
 use crate::member::{MemberPath, PathKey, PathUpdate, Wrap};
 use crate::secret::NodeKey;
 use crate::tree::{Kind, MAX_DEPTH, NIL, Shape};
@@ -120,6 +120,8 @@ pub struct Rekey {
     pub links: Vec<Link>,
     /// Whether the wraps carry seeds (one-way path update) rather than keys.
     pub seeds: bool,
+    /// This rekey's salt: fresh randomness in every wrap key (carried in the datagrams).
+    pub salt: RekeySalt,
     /// One entry per joiner, for unicast.
     pub joiners: Vec<JoinerKeys>,
     /// Departed leaves, as given.
@@ -137,6 +139,7 @@ pub struct MemberView {
     advances: Vec<NodeId>,
     links: Vec<Link>,
     seeds: bool,
+    salt: RekeySalt,
 }
 
 impl MemberView {
@@ -148,6 +151,7 @@ impl MemberView {
             advances: &self.advances,
             links: &self.links,
             seeds: self.seeds,
+            salt: self.salt,
         }
     }
 }
@@ -165,6 +169,7 @@ impl Rekey {
             advances: self.advances.iter().map(|a| a.node).collect(),
             links: self.links.clone(),
             seeds: self.seeds,
+            salt: self.salt,
         }
     }
 
@@ -259,6 +264,13 @@ impl KeyTree {
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// Moves the epoch forward to `epoch` without changing a key, so that the next rekey is
+    /// numbered above it; never moves it back. For a reset of a group restored from an older
+    /// copy of its state: no epoch number that already went out under other keys is used again.
+    pub fn skip_epoch_to(&mut self, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
     }
 
     /// Current members.
@@ -376,7 +388,10 @@ impl KeyTree {
         marks.flags.entry(NodeId::ROOT.0).or_insert(MARK_REFRESH);
         let order = marks.bottom_up(&self.shape);
         let (renewed, advances, links) = self.renew_keys(&order, epoch, rng);
-        let encryptions = self.wraps(&order, &renewed, epoch, workers);
+        // Drawn after the keys, so that a seeded run's keys do not depend on it.
+        let mut salt = RekeySalt([0; SALT_LEN]);
+        rng.fill_bytes(&mut salt.0);
+        let encryptions = self.wraps(&order, &renewed, epoch, salt, workers);
         self.shape.end_batch();
         self.epoch = epoch;
         let joiners = joined
@@ -393,6 +408,7 @@ impl KeyTree {
             advances,
             links,
             seeds: self.config.one_way,
+            salt,
             joiners,
             departed: batch.leaves.clone(),
             moved,
@@ -512,6 +528,7 @@ impl KeyTree {
         order: &[(u32, u8)],
         renewed: &HashMap<u32, Renewed>,
         epoch: Epoch,
+        salt: RekeySalt,
         workers: usize,
     ) -> Vec<Encryption> {
         // A wrap takes about half a microsecond and a thread some tens: a thread gets at least
@@ -524,16 +541,16 @@ impl KeyTree {
         std::thread::scope(|scope| {
             let others: Vec<_> = parts
                 .map(|part| {
-                    let sealing = scope.spawn(move || self.wraps_of(part, renewed, epoch));
+                    let sealing = scope.spawn(move || self.wraps_of(part, renewed, epoch, salt));
                     (part, sealing)
                 })
                 .collect();
-            let mut out = self.wraps_of(first, renewed, epoch);
+            let mut out = self.wraps_of(first, renewed, epoch, salt);
             for (part, sealing) in others {
                 // A worker that failed has its run redone here.
                 let sealed = sealing
                     .join()
-                    .unwrap_or_else(|_| self.wraps_of(part, renewed, epoch));
+                    .unwrap_or_else(|_| self.wraps_of(part, renewed, epoch, salt));
                 out.extend(sealed);
             }
             out
@@ -546,6 +563,7 @@ impl KeyTree {
         order: &[(u32, u8)],
         renewed: &HashMap<u32, Renewed>,
         epoch: Epoch,
+        salt: RekeySalt,
     ) -> Vec<Encryption> {
         let mut out = Vec::new();
         for &(id, _) in order {
@@ -556,7 +574,14 @@ impl KeyTree {
             match self.config.strategy {
                 Strategy::Group | Strategy::Key => {
                     for (holder, version, key) in &holders {
-                        out.push(self.seal(epoch, id, &info.secret, *holder, *version, key));
+                        out.push(self.seal(
+                            (epoch, salt),
+                            id,
+                            &info.secret,
+                            *holder,
+                            *version,
+                            key,
+                        ));
                     }
                 }
                 Strategy::User => {
@@ -564,9 +589,14 @@ impl KeyTree {
                         let mut target = id;
                         while target != NIL {
                             if let Some(t) = renewed.get(&target) {
-                                out.push(
-                                    self.seal(epoch, target, &t.secret, *holder, *version, key),
-                                );
+                                out.push(self.seal(
+                                    (epoch, salt),
+                                    target,
+                                    &t.secret,
+                                    *holder,
+                                    *version,
+                                    key,
+                                ));
                             }
                             target = self.shape.nodes.node(target).parent;
                         }
@@ -611,7 +641,7 @@ impl KeyTree {
     )]
     fn seal(
         &self,
-        epoch: Epoch,
+        (epoch, salt): (Epoch, RekeySalt),
         target: u32,
         secret: &NodeKey,
         wrapping: u32,
@@ -624,6 +654,7 @@ impl KeyTree {
             target: NodeId(target),
             wrapping: NodeId(wrapping),
             wrapping_version,
+            salt,
         };
         context.seal(wrapping_key, secret)
     }

@@ -7,14 +7,14 @@ use rand_core::CryptoRng;
 use subtle::{Choice, ConstantTimeEq};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
 
 /// Length of every symmetric key in gkm.
 pub const KEY_LEN: usize = 32;
 /// Length of a key check value.
 pub const KCV_LEN: usize = 8;
 
-const LABEL_WRAP: &str = "gkm v1 2026-11 lkh wrap key";
+const LABEL_WRAP: &str = "gkm v2 2026-12 lkh wrap key with rekey salt";
 const LABEL_HASH_FORWARD: &str = "gkm v1 2026-11 lkh hash-forward";
 const LABEL_TRAFFIC: &str = "gkm v1 2026-11 traffic key";
 const LABEL_KCV: &str = "gkm v1 2026-11 key check value";
@@ -80,9 +80,16 @@ impl NodeKey {
         Self(bytes)
     }
 
-    /// The AEAD key used when this key wraps another (domain separation from every other use).
-    pub(crate) fn wrap_key(&self) -> [u8; KEY_LEN] {
-        blake3::derive_key(LABEL_WRAP, &self.0)
+    /// The AEAD key used when this key wraps another in the rekey salted with `salt` (domain
+    /// separation from every other use; a fresh key for every rekey, even one whose epoch number
+    /// was used before).
+    pub(crate) fn wrap_key(&self, salt: &RekeySalt) -> [u8; KEY_LEN] {
+        let mut input = [0u8; KEY_LEN + SALT_LEN];
+        input[..KEY_LEN].copy_from_slice(&self.0);
+        input[KEY_LEN..].copy_from_slice(&salt.0);
+        let key = blake3::derive_key(LABEL_WRAP, &input);
+        input.zeroize();
+        key
     }
 
     /// LKH+ hash-forward: the key of `node` at `version`, one-way from this (its previous) key.
@@ -150,7 +157,11 @@ mod tests {
         let traffic = key.traffic_key(GroupId(1), Epoch(9));
         assert_ne!(forward.as_bytes(), key.as_bytes());
         assert_ne!(forward.as_bytes(), traffic.as_bytes());
-        assert_ne!(key.wrap_key(), *key.as_bytes());
+        assert_ne!(key.wrap_key(&RekeySalt([0; SALT_LEN])), *key.as_bytes());
+        assert_ne!(
+            key.wrap_key(&RekeySalt([0; SALT_LEN])),
+            key.wrap_key(&RekeySalt([1; SALT_LEN]))
+        );
         assert_ne!(forward.check_value(), key.check_value());
         assert!(bool::from(key.ct_eq(&key.clone())));
         assert!(!bool::from(key.ct_eq(&forward)));

@@ -1,16 +1,20 @@
 //! Key wraps: ChaCha20-Poly1305 (RFC 8439) of one node key under another, with the deterministic
 //! nonce and associated data of DESIGN.md §3.
 //!
-//! The nonce is `epoch ‖ target node` (8 + 4 bytes, big endian). A key wraps at most one copy of
-//! a given target per epoch and epochs never repeat, so no (key, nonce) pair repeats. The AEAD key
-//! is not the node key itself but `derive_key("… lkh wrap key", node key)`. The associated data
-//! binds group, epoch, target node and version, wrapping node and version (40 bytes).
+//! The nonce is `epoch ‖ target node` (8 + 4 bytes, big endian). The AEAD key is not the node key
+//! itself but `derive_key("… lkh wrap key …", node key ‖ rekey salt)`, where the salt is 16 bytes
+//! drawn afresh for each rekey and signed in its datagrams. Within one rekey a key wraps at most
+//! one copy of a given target, so the nonce is unique under that rekey's AEAD key; across rekeys
+//! the AEAD keys differ, even when an epoch number comes back (a controller restored from an old
+//! copy of its state): no (key, nonce) pair repeats unless two 128-bit salts collide. The
+//! associated data binds group, epoch, target node and version, wrapping node and version
+//! (40 bytes).
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use zeroize::Zeroize;
 
-use crate::ids::{Epoch, GroupId, KeyVersion, NodeId};
+use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt};
 use crate::secret::{KEY_LEN, NodeKey};
 
 /// Length of a wrapped key: 32 bytes of ciphertext and a 16-byte tag.
@@ -46,6 +50,7 @@ pub(crate) struct WrapContext {
     pub(crate) target: NodeId,
     pub(crate) wrapping: NodeId,
     pub(crate) wrapping_version: KeyVersion,
+    pub(crate) salt: RekeySalt,
 }
 
 impl WrapContext {
@@ -68,8 +73,8 @@ impl WrapContext {
         ad
     }
 
-    fn cipher(wrapping_key: &NodeKey) -> ChaCha20Poly1305 {
-        let mut key = wrapping_key.wrap_key();
+    fn cipher(&self, wrapping_key: &NodeKey) -> ChaCha20Poly1305 {
+        let mut key = wrapping_key.wrap_key(&self.salt);
         let cipher = ChaCha20Poly1305::new(&key.into());
         key.zeroize();
         cipher
@@ -80,7 +85,7 @@ impl WrapContext {
         let mut ciphertext = [0u8; WRAPPED_LEN];
         let (body, tag_out) = ciphertext.split_at_mut(KEY_LEN);
         body.copy_from_slice(key.as_bytes());
-        let Ok(tag) = Self::cipher(wrapping_key).encrypt_inout_detached(
+        let Ok(tag) = self.cipher(wrapping_key).encrypt_inout_detached(
             &self.nonce(),
             &self.associated_data(),
             body.into(),
@@ -105,7 +110,7 @@ impl WrapContext {
         let mut body = [0u8; KEY_LEN];
         body.copy_from_slice(&ciphertext[..KEY_LEN]);
         let tag = Tag::try_from(&ciphertext[KEY_LEN..]).ok()?;
-        let opened = Self::cipher(wrapping_key).decrypt_inout_detached(
+        let opened = self.cipher(wrapping_key).decrypt_inout_detached(
             &self.nonce(),
             &self.associated_data(),
             (&mut body[..]).into(),
@@ -130,6 +135,7 @@ mod tests {
             target: NodeId(2),
             wrapping: NodeId(9),
             wrapping_version: KeyVersion(3),
+            salt: RekeySalt([5; crate::ids::SALT_LEN]),
         }
     }
 
@@ -149,5 +155,35 @@ mod tests {
         assert!(other.open(&kek, &enc.ciphertext).is_none());
         let wrong = NodeKey::from_bytes([3; KEY_LEN]);
         assert!(context().open(&wrong, &enc.ciphertext).is_none());
+        let mut other = context();
+        other.salt.0[0] ^= 1;
+        assert!(other.open(&kek, &enc.ciphertext).is_none());
+    }
+
+    #[test]
+    fn v041_the_same_epoch_and_keys_under_another_salt_share_no_keystream() {
+        // The rollback case: an epoch number comes back with the same wrapping key, nonce and
+        // associated data. Under another rekey salt the XOR of the plaintexts is not the XOR of
+        // the ciphertexts (it is under the same salt: the nonce reuse this salt prevents).
+        let kek = NodeKey::from_bytes([1; KEY_LEN]);
+        let (a, b) = (
+            NodeKey::from_bytes([2; KEY_LEN]),
+            NodeKey::from_bytes([3; KEY_LEN]),
+        );
+        let first = context().seal(&kek, &a);
+        let xor = |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(p, q)| p ^ q).collect::<Vec<u8>>();
+        let plain = xor(a.as_bytes(), b.as_bytes());
+        let same = context().seal(&kek, &b);
+        assert_eq!(
+            xor(&first.ciphertext[..KEY_LEN], &same.ciphertext[..KEY_LEN]),
+            plain
+        );
+        let mut salted = context();
+        salted.salt.0[15] ^= 0x80;
+        let second = salted.seal(&kek, &b);
+        assert_ne!(
+            xor(&first.ciphertext[..KEY_LEN], &second.ciphertext[..KEY_LEN]),
+            plain
+        );
     }
 }

@@ -151,6 +151,7 @@ fn v012_a_departed_member_cannot_apply_the_next_rekey() {
         advances: &[],
         links: &[],
         seeds: false,
+        salt: rekey.salt,
     };
     let before = gone.epoch();
     assert!(gone.apply(&update).is_err());
@@ -238,6 +239,7 @@ fn v011_stale_and_tampered_updates_leave_the_path_unchanged() {
         advances: &[],
         links: &[],
         seeds: false,
+        salt: rekey.salt,
     };
     let member = &mut paths[0];
     let before: Vec<_> = member.keys().iter().map(|k| (k.node, k.version)).collect();
@@ -250,6 +252,7 @@ fn v011_stale_and_tampered_updates_leave_the_path_unchanged() {
         advances: &[],
         links: &[],
         seeds: false,
+        salt: rekey.salt,
     };
     assert!(matches!(
         member.apply(&stale),

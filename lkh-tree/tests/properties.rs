@@ -261,6 +261,7 @@ impl Sim {
             advances: &advances,
             links: &rekey.links,
             seeds: rekey.seeds,
+            salt: rekey.salt,
         };
 
         self.check_members(&rekey, &update)?;
@@ -533,6 +534,7 @@ fn apply_all(paths: &mut [MemberPath], rekey: &Rekey, tree: &KeyTree) {
         advances: &advances,
         links: &rekey.links,
         seeds: rekey.seeds,
+        salt: rekey.salt,
     };
     for path in paths.iter_mut() {
         let leaf = path.leaf();
@@ -615,6 +617,7 @@ fn departed_member_cannot_apply_a_hash_forward_join() {
             advances: &advances,
             links: &rekey.links,
             seeds: rekey.seeds,
+            salt: rekey.salt,
         };
         assert!(
             gone.apply(&update).is_err(),

@@ -19,7 +19,11 @@ pub enum DecodeError {
     #[error("not a gkm message (bad magic)")]
     BadMagic,
     /// An unsupported protocol version.
-    #[error("unsupported protocol version {0}")]
+    #[error(
+        "protocol version {0} is not spoken here (this is gkm wire version {ours}): run the \
+         same gkm release on the controller and its members",
+        ours = crate::message::VERSION
+    )]
     BadVersion(u8),
     /// The message type byte is not the one expected here.
     #[error("unexpected message type {0}")]

@@ -14,8 +14,9 @@ use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 
 /// Magic bytes that open every message.
 pub const MAGIC: [u8; 2] = *b"GK";
-/// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this crate speaks. Version 2 put a per-rekey salt into rekey datagrams
+/// and every wrap key; version 1 messages are refused ([`DecodeError::BadVersion`]).
+pub const VERSION: u8 = 2;
 /// Length of the common header: magic, version, type, group.
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
 /// Length of a request nonce.
@@ -387,6 +388,9 @@ pub struct ResyncRequest {
     pub member: MemberId,
     /// The last epoch the member holds.
     pub epoch: Epoch,
+    /// The check value of the traffic key the member holds for `epoch`: a member whose keys are
+    /// not the controller's for that epoch gets its path, not an acknowledgement.
+    pub kcv: Kcv,
     /// Milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
     /// A random nonce.
@@ -398,6 +402,7 @@ impl Codec for ResyncRequest {
         Header::write(out, MessageType::ResyncRequest, self.group);
         out.extend_from_slice(&self.member.0.to_be_bytes());
         out.extend_from_slice(&self.epoch.0.to_be_bytes());
+        out.extend_from_slice(&self.kcv.0);
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out.extend_from_slice(&self.nonce);
     }
@@ -406,12 +411,14 @@ impl Codec for ResyncRequest {
         let group = Header::read(r, MessageType::ResyncRequest)?;
         let member = MemberId(r.u64("member id")?);
         let epoch = Epoch(r.u64("epoch")?);
+        let kcv = Kcv(r.array("key check value")?);
         let timestamp_ms = r.u64("timestamp")?;
         let nonce = r.array("nonce")?;
         Ok(ResyncRequest {
             group,
             member,
             epoch,
+            kcv,
             timestamp_ms,
             nonce,
         })

@@ -17,7 +17,7 @@ use rustc_hash::FxHashMap as HashMap;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{
     Applied, ApplyError, Epoch, GroupId, KeyTree, Link, MemberPath, NodeId, PathUpdate, Rekey,
-    WRAPPED_LEN, Wrap,
+    RekeySalt, SALT_LEN, WRAPPED_LEN, Wrap,
 };
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
@@ -40,7 +40,8 @@ pub const MAX_ADVANCES: usize = MAX_DATAGRAM / 4;
 /// Most one-way links in one datagram.
 pub const MAX_LINKS: usize = MAX_DATAGRAM / 8;
 /// Bytes of a datagram with no covers, advances, links or wraps (header through signature).
-pub const DATAGRAM_OVERHEAD: usize = HEADER_LEN + 8 + 2 + 2 + 1 + 1 + 2 + 2 + 2 + SIGNATURE_LEN;
+pub const DATAGRAM_OVERHEAD: usize =
+    HEADER_LEN + 8 + SALT_LEN + 2 + 2 + 1 + 1 + 2 + 2 + 2 + SIGNATURE_LEN;
 const FLAG_SEEDS: u8 = 1;
 
 const UNDER_NEW: u32 = 1 << 31;
@@ -52,6 +53,8 @@ pub struct RekeyDatagram {
     pub group: GroupId,
     /// The rekey's epoch.
     pub epoch: Epoch,
+    /// The rekey's salt, in every wrap key (the same in every datagram of the rekey).
+    pub salt: RekeySalt,
     /// This datagram's index among the epoch's datagrams.
     pub index: u16,
     /// How many datagrams the epoch has.
@@ -72,6 +75,7 @@ impl Codec for RekeyDatagram {
     fn encode(&self, out: &mut Vec<u8>) {
         Header::write(out, MessageType::Rekey, self.group);
         out.extend_from_slice(&self.epoch.0.to_be_bytes());
+        out.extend_from_slice(&self.salt.0);
         out.extend_from_slice(&self.index.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
         out.push(if self.seeds { FLAG_SEEDS } else { 0 });
@@ -100,6 +104,7 @@ impl Codec for RekeyDatagram {
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let group = Header::read(r, MessageType::Rekey)?;
         let epoch = Epoch(r.u64("epoch")?);
+        let salt = RekeySalt(r.array("rekey salt")?);
         let index = r.u16("datagram index")?;
         let count = r.u16("datagram count")?;
         if index >= count {
@@ -144,6 +149,7 @@ impl Codec for RekeyDatagram {
         Ok(RekeyDatagram {
             group,
             epoch,
+            salt,
             index,
             count,
             seeds,
@@ -252,6 +258,7 @@ impl FreshRekey<'_> {
             advances: &d.advances,
             links: &d.links,
             seeds: d.seeds,
+            salt: d.salt,
         };
         path.apply(&update).map_err(|e| match e {
             ApplyError::MissingKey(_) => WireError::NotForMe,
@@ -303,6 +310,7 @@ impl Bin {
         let mut datagram = RekeyDatagram {
             group: rekey.group,
             epoch: rekey.epoch,
+            salt: rekey.salt,
             index,
             count,
             seeds: rekey.seeds,

@@ -59,12 +59,14 @@ fn v006_v008_header_and_bounds_are_checked() {
         RegistrationRequest::decode_exact(&bytes),
         Err(DecodeError::BadMagic)
     );
-    let mut bytes = request().to_bytes();
-    bytes[2] = 2;
-    assert_eq!(
-        RegistrationRequest::decode_exact(&bytes),
-        Err(DecodeError::BadVersion(2))
-    );
+    for old_or_new in [1, wire::VERSION + 1] {
+        let mut bytes = request().to_bytes();
+        bytes[2] = old_or_new;
+        let refused = RegistrationRequest::decode_exact(&bytes);
+        assert_eq!(refused, Err(DecodeError::BadVersion(old_or_new)));
+        let said = refused.unwrap_err().to_string();
+        assert!(said.contains("same gkm release"), "{said}");
+    }
     let mut long = request();
     long.token = vec![0; 65];
     let bytes = long.to_bytes();

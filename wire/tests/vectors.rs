@@ -97,6 +97,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 group: g,
                 member: MemberId(42),
                 epoch: Epoch(8),
+                kcv: Kcv([0x5c; 8]),
                 timestamp_ms: 1_800_000_001_000,
                 nonce: [0x99; 16],
             }

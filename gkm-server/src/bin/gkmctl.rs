@@ -76,6 +76,16 @@ enum Cmd {
         /// Group name.
         group: String,
     },
+    /// Exclude every member of a group at once, for a controller host suspected compromised:
+    /// every key is new and no one holds one; members register again (and are authorized
+    /// again) after a random delay.
+    Reset {
+        /// Group name.
+        group: String,
+        /// Confirm: every member loses the group key until it registers again.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 impl Cmd {
@@ -106,12 +116,22 @@ impl Cmd {
             Cmd::Stats { group } => Request::Stats {
                 group: group.clone(),
             },
+            Cmd::Reset { group, .. } => Request::Reset {
+                group: group.clone(),
+            },
         }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Reset { group, yes: false } = &cli.command {
+        eprintln!(
+            "gkmctl: `reset {group}` excludes every member of {group} at once: each loses the \
+             group key until it registers again. Run `gkmctl reset {group} --yes` to do it."
+        );
+        return ExitCode::from(1);
+    }
     let reply = match call(&cli.socket, &cli.command.request()) {
         Ok(r) => r,
         Err(e) => {
@@ -167,6 +187,9 @@ fn render(command: &Cmd, data: &Value) -> String {
     match command {
         Cmd::Evict { group, member } => format!("evicted member {member} of {group}; rekeyed\n"),
         Cmd::Rekey { group } => format!("rekeyed {group}\n"),
+        Cmd::Reset { group, .. } => {
+            format!("reset {group}: every member was excluded and registers again\n")
+        }
         Cmd::Status => pairs(data, &["groups", "members", "public_key"]),
         Cmd::Groups => table(
             data,

@@ -14,18 +14,20 @@ use wire::RekeyDatagram;
 /// A key instance an adversary may hold: (node, version) → key bytes.
 pub type Keys = BTreeMap<(u32, u64), [u8; 32]>;
 
-/// The AEAD of a wrap under `key` (RFC-notes/lkh.md: ChaCha20-Poly1305 under
-/// `derive_key("gkm v1 2026-11 lkh wrap key", key)`, nonce `epoch ‖ target`, associated data
-/// `group ‖ epoch ‖ target ‖ epoch ‖ wrapping ‖ wrapping version`).
+/// The AEAD of a wrap under `key` in the rekey salted with `salt` (RFC-notes/lkh.md:
+/// ChaCha20-Poly1305 under `derive_key("gkm v2 2026-12 lkh wrap key with rekey salt", key ‖
+/// salt)`, nonce `epoch ‖ target`, associated data `group ‖ epoch ‖ target ‖ epoch ‖ wrapping ‖
+/// wrapping version`).
 fn wrap_aead(
     group: GroupId,
-    key: &[u8; 32],
+    (key, salt): (&[u8; 32], &[u8; 16]),
     epoch: u64,
     wrap: (NodeId, NodeId, u64),
 ) -> (ChaCha20Poly1305, Nonce, [u8; 40]) {
     let (target, wrapping, wrapping_version) = wrap;
-    let cipher =
-        ChaCha20Poly1305::new(&blake3::derive_key("gkm v1 2026-11 lkh wrap key", key).into());
+    let input = [&key[..], &salt[..]].concat();
+    let label = "gkm v2 2026-12 lkh wrap key with rekey salt";
+    let cipher = ChaCha20Poly1305::new(&blake3::derive_key(label, &input).into());
     let mut nonce = [0u8; 12];
     nonce[..8].copy_from_slice(&epoch.to_be_bytes());
     nonce[8..].copy_from_slice(&target.0.to_be_bytes());
@@ -43,7 +45,7 @@ fn wrap_aead(
 /// `wrapping_version`: what an insider holding `key` can make.
 pub fn seal_wrap(
     group: GroupId,
-    key: &[u8; 32],
+    key: (&[u8; 32], &[u8; 16]),
     epoch: Epoch,
     (target, wrapping, wrapping_version): (NodeId, NodeId, u64),
     plain: &[u8; 32],
@@ -68,7 +70,7 @@ pub fn seal_wrap(
 /// `wrapping_version`; `None` if it does not authenticate.
 pub fn open_wrap(
     group: GroupId,
-    key: &[u8; 32],
+    key: (&[u8; 32], &[u8; 16]),
     epoch: u64,
     wrap: &Wrap,
     wrapping_version: u64,
@@ -149,7 +151,7 @@ impl Loot {
                 self.older(wrap.wrapping, e)
             };
             for (version, key) in candidates {
-                let Some(plain) = open_wrap(self.group, &key, e, wrap, version) else {
+                let Some(plain) = open_wrap(self.group, (&key, &d.salt.0), e, wrap, version) else {
                     continue;
                 };
                 let instance = (wrap.target.0, e);

@@ -203,14 +203,23 @@ impl Server {
     /// Starts the daemon with stderr appended to `log`; once its control socket answers, the
     /// daemon, or if it exits first (or within 20 s neither happens), its status and log.
     pub(crate) fn try_start(&self, log: &Path) -> Result<Running, (String, String)> {
+        self.try_spawn(self.command(), log)
+    }
+
+    /// Starts `cmd` (this setup's `gkm-server run`, with more arguments or environment) as
+    /// [`Server::try_start`] does.
+    pub(crate) fn try_spawn(
+        &self,
+        mut cmd: Command,
+        log: &Path,
+    ) -> Result<Running, (String, String)> {
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
         let mut daemon = Running(Some(
-            self.command()
-                .stdout(Stdio::null())
+            cmd.stdout(Stdio::null())
                 .stderr(err)
                 .spawn()
                 .expect("spawn gkm-server"),

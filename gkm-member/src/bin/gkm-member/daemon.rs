@@ -496,6 +496,7 @@ impl Driver {
             group: self.group,
             member,
             epoch: path.epoch(),
+            kcv: gkm_member::kcv_of(path),
             timestamp_ms: now_ms(),
             nonce,
         };

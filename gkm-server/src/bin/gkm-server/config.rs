@@ -135,44 +135,94 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads `path`, or the defaults when `path` is `None`.
-    pub(crate) fn load(path: Option<&Path>) -> Result<Config> {
-        let Some(path) = path else {
-            return Ok(Config::default());
-        };
+    /// Reads and checks `path`: a setting that does not parse, an unknown key, or a value
+    /// the daemon could not serve is an error naming the file (and, from the parser, the line
+    /// and the key).
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config: Config = toml::from_str(&text)
             .with_context(|| format!("config file {} is not valid", path.display()))?;
-        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&config.max_connections) {
+        config
+            .check()
+            .with_context(|| format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Every check `run` would make of the settings before serving them.
+    fn check(&self) -> Result<()> {
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
             bail!(
-                "config file {}: max_connections is 1..={MAX_CONNECTIONS_LIMIT}, not {}",
-                path.display(),
-                config.max_connections
+                "max_connections is 1..={MAX_CONNECTIONS_LIMIT}, not {}",
+                self.max_connections
             );
         }
         let mut ids = BTreeMap::new();
-        for g in &config.groups {
+        for g in &self.groups {
             if !valid_name(&g.name) {
                 bail!(
-                    "config file {}: group name {:?}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-'",
-                    path.display(),
+                    "group name {:?}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-'",
                     g.name
                 );
             }
             if let Some(other) = ids.insert(g.id(), g.name.as_str()) {
-                let why = if other == g.name {
-                    format!("group {other:?} appears twice")
-                } else {
-                    format!(
-                        "groups {other:?} and {:?} have the same id; rename one",
-                        g.name
-                    )
-                };
-                bail!("config file {}: {why}", path.display());
+                if other == g.name {
+                    bail!("group {other:?} appears twice");
+                }
+                bail!(
+                    "groups {other:?} and {:?} have the same id; rename one",
+                    g.name
+                );
             }
+            g.policy()?;
+            g.interface()?;
         }
-        Ok(config)
+        Ok(())
+    }
+
+    /// What the daemon serves with this config, for people (`gkm-server check-config`).
+    pub(crate) fn describe(&self) -> Result<String> {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let metrics = self.metrics.map_or("off".to_owned(), |m| m.to_string());
+        writeln!(out, "listen            {}", self.listen)?;
+        writeln!(out, "metrics           {metrics}")?;
+        writeln!(out, "max_connections   {}", self.max_connections)?;
+        for g in &self.groups {
+            let p = g.policy()?;
+            writeln!(out, "group {:?} (id {})", g.name, p.id)?;
+            writeln!(
+                out,
+                "  multicast       {} ttl {} interface {} loop {}",
+                g.multicast, g.ttl, g.interface, g.multicast_loop
+            )?;
+            writeln!(out, "  fanout          {}", g.fanout)?;
+            let enrollment = match &p.enrollment {
+                Enrollment::Open => "open: anyone who can reach `listen` may join".to_owned(),
+                Enrollment::Restricted { allowed, tokens } => format!(
+                    "restricted: {} allowed identities, {} tokens (spent tokens are not shown)",
+                    allowed.len(),
+                    tokens.len()
+                ),
+            };
+            writeln!(out, "  enrollment      {enrollment}")?;
+            writeln!(
+                out,
+                "  tree            degree {} strategy {:?} hash_forward_joins {} one_way {}",
+                p.tree.degree, p.tree.strategy, p.tree.hash_forward_joins, p.tree.one_way
+            )?;
+            writeln!(
+                out,
+                "  timing          batch {} ms, heartbeat {} ms, lease {} ms, refresh {} ms",
+                p.batch_interval_ms, p.heartbeat_interval_ms, p.lease_ms, p.refresh_interval_ms
+            )?;
+            writeln!(
+                out,
+                "  datagrams       mtu {}, {} sends {} ms apart",
+                p.mtu, p.repeats, p.repeat_spacing_ms
+            )?;
+        }
+        Ok(out)
     }
 }
 
@@ -363,14 +413,14 @@ mod tests {
         ];
         for (name, refused) in cases {
             std::fs::write(&path, format!("[[group]]\nname = \"{name}\"\n")).unwrap();
-            match (Config::load(Some(&path)), refused) {
+            match (Config::load(&path), refused) {
                 (Ok(c), None) => assert_eq!(c.groups[0].name, name),
                 (Err(e), Some(why)) => assert!(format!("{e:#}").contains(why), "{name:?}: {e:#}"),
                 (outcome, _) => panic!("{name:?}: {outcome:?}"),
             }
         }
         std::fs::write(&path, "[[group]]\nname = \"a\"\n[[group]]\nname = \"a\"\n").unwrap();
-        let error = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        let error = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(error.contains("group \"a\" appears twice"), "{error}");
         let _ = std::fs::remove_file(&path);
     }
@@ -380,7 +430,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("gkm-config-{}.toml", std::process::id()));
         for (value, ok) in [("0", false), ("1", true), ("2000000", false)] {
             std::fs::write(&path, format!("max_connections = {value}\n")).unwrap();
-            match Config::load(Some(&path)) {
+            match Config::load(&path) {
                 Ok(c) => assert!(ok && c.max_connections == 1, "{value} accepted"),
                 Err(e) => assert!(
                     !ok && format!("{e:#}").contains("max_connections is 1..="),

@@ -150,9 +150,10 @@ struct Driver {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
+pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) -> Result<()> {
     let signer = dir.signer()?;
-    let (store, restored) = dir.open_store()?;
+    let opened = dir.open_store(allow_rollback)?;
+    let (store, restored) = (opened.store, opened.states);
     let restored_epochs: Vec<(GroupId, u64)> = restored
         .iter()
         .map(|s| (s.tree.group, s.tree.epoch.0))
@@ -192,6 +193,23 @@ pub(crate) async fn serve(config: Config, dir: &StateDir) -> Result<()> {
         now(),
     )
     .context("cannot build the controller from the stored state")?;
+    // A state older than the epoch floor is served only reset: its first act excludes every
+    // member, under an epoch above every one that went out before.
+    for behind in &opened.behind {
+        warn!(
+            group = %behind.group,
+            stored = behind.stored.0,
+            floor = behind.floor.0,
+            "--allow-rollback: the stored state is older than the epoch floor; resetting the group"
+        );
+        controller.reset(behind.group, now(), Some(behind.floor));
+    }
+    // A group started afresh (its state moved away) continues above the epochs it sent.
+    for (group, floor) in &opened.unstored {
+        if controller.reset(*group, now(), Some(*floor)) {
+            info!(%group, floor = floor.0, "no stored state: starting above the epoch floor");
+        }
+    }
     controller.set_workers(std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
 
     let listener = request_listener(config.listen).with_context(|| {

@@ -10,7 +10,7 @@ mod driver;
 mod queue;
 mod state;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -31,10 +31,31 @@ enum Cmd {
         /// State directory.
         #[arg(long, default_value = "./gkm-state")]
         state_dir: PathBuf,
+        /// Keep the storage key in this file (made if missing) instead of the state directory.
+        #[arg(long)]
+        storage_key_file: Option<PathBuf>,
     },
-    /// Serve (runs `init` first when the keys are missing).
+    /// Serve (runs `init` first when the controller key is missing).
     Run {
-        /// Config file (TOML); defaults apply without one.
+        /// Config file (TOML); without it, STATE_DIR/gkm-server.toml (the one `init` writes),
+        /// or the defaults when that file does not exist.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory.
+        #[arg(long, default_value = "./gkm-state")]
+        state_dir: PathBuf,
+        /// The storage key's file, if not in the state directory. Also: GKM_STORAGE_KEY (64 hex
+        /// digits) or $CREDENTIALS_DIRECTORY/storage.key (systemd LoadCredential=).
+        #[arg(long)]
+        storage_key_file: Option<PathBuf>,
+        /// Serve a state file older than this controller's epoch floor (a restored backup),
+        /// resetting each such group first: every member is excluded and registers again.
+        #[arg(long)]
+        allow_rollback: bool,
+    },
+    /// Check a config and print what `run` would serve with it; exits 1 if it would not start.
+    CheckConfig {
+        /// Config file (TOML); without it, STATE_DIR/gkm-server.toml, as `run` reads.
         #[arg(long)]
         config: Option<PathBuf>,
         /// State directory.
@@ -54,8 +75,23 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Cmd::Init { state_dir } => init(&StateDir::new(&state_dir)),
-        Cmd::Run { config, state_dir } => run(config.as_deref(), &StateDir::new(&state_dir)),
+        Cmd::Init {
+            state_dir,
+            storage_key_file,
+        } => init(&StateDir::new(&state_dir, storage_key_file.as_deref())),
+        Cmd::Run {
+            config,
+            state_dir,
+            storage_key_file,
+            allow_rollback,
+        } => run(
+            config.as_deref(),
+            &StateDir::new(&state_dir, storage_key_file.as_deref()),
+            allow_rollback,
+        ),
+        Cmd::CheckConfig { config, state_dir } => {
+            check_config(config.as_deref(), &StateDir::new(&state_dir, None))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,15 +112,44 @@ fn init(dir: &StateDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Option<&std::path::Path>, dir: &StateDir) -> anyhow::Result<()> {
-    let config = config::Config::load(config)?;
-    if !dir.initialized() {
+/// The config `run` serves: `--config`, else the state directory's file, else the defaults.
+fn load_config(config: Option<&Path>, dir: &StateDir) -> anyhow::Result<config::Config> {
+    let path = match config {
+        Some(path) => path.to_owned(),
+        None if dir.config().exists() => dir.config(),
+        None => {
+            tracing::info!(
+                "no {} and no --config: serving the defaults",
+                dir.config().display()
+            );
+            return Ok(config::Config::default());
+        }
+    };
+    config::Config::load(&path)
+}
+
+fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::Result<()> {
+    // A config given on the command line is checked before anything is created.
+    let given = config.map(config::Config::load).transpose()?;
+    // A state directory whose storage key is missing is not made anew: opening the store says
+    // where the key may come from.
+    if !dir.controller_key().exists() {
         init(dir)?;
     }
+    let config = match given {
+        Some(config) => config,
+        None => load_config(None, dir)?,
+    };
     // I/O and request signature checks on every core; the controller has its own thread.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
         .enable_all()
         .build()?;
-    runtime.block_on(driver::serve(config, dir))
+    runtime.block_on(driver::serve(config, dir, allow_rollback))
+}
+
+fn check_config(config: Option<&Path>, dir: &StateDir) -> anyhow::Result<()> {
+    let config = load_config(config, dir)?;
+    print!("{}", config.describe()?);
+    Ok(())
 }

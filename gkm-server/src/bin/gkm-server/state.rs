@@ -8,31 +8,67 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::SigningKey;
-use gkm_server::{DiskStore, GroupState, StoreError};
+use gkm_server::{Behind, DiskStore, EpochFloor, FloorError, FlooredStore, GroupState, StoreError};
+use lkh_tree::{Epoch, GroupId};
 use zeroize::Zeroizing;
+
+/// The environment variable that may hold the storage key (64 hex digits).
+pub(crate) const STORAGE_KEY_ENV: &str = "GKM_STORAGE_KEY";
+
+/// Where the storage key comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    /// A file: `--storage-key-file`, a systemd credential, or `STATE_DIR/storage.key`.
+    File(PathBuf),
+    /// [`STORAGE_KEY_ENV`].
+    Env,
+}
 
 /// The files of a state directory.
 pub(crate) struct StateDir {
     pub(crate) dir: PathBuf,
+    /// `--storage-key-file`, if given.
+    storage_key_file: Option<PathBuf>,
 }
 
 impl StateDir {
-    pub(crate) fn new(dir: &Path) -> StateDir {
+    pub(crate) fn new(dir: &Path, storage_key_file: Option<&Path>) -> StateDir {
         StateDir {
             dir: dir.to_owned(),
+            storage_key_file: storage_key_file.map(Path::to_owned),
         }
     }
     pub(crate) fn controller_key(&self) -> PathBuf {
         self.dir.join("controller.key")
     }
-    pub(crate) fn storage_key(&self) -> PathBuf {
-        self.dir.join("storage.key")
+    /// Where the storage key comes from, the first that applies: `--storage-key-file`,
+    /// `GKM_STORAGE_KEY`, `$CREDENTIALS_DIRECTORY/storage.key` (systemd's `LoadCredential=`),
+    /// `STATE_DIR/storage.key`. Kept apart from the state it seals, a stolen state directory
+    /// reveals no key.
+    pub(crate) fn storage_key(&self) -> KeySource {
+        if let Some(path) = &self.storage_key_file {
+            return KeySource::File(path.clone());
+        }
+        if std::env::var_os(STORAGE_KEY_ENV).is_some() {
+            return KeySource::Env;
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let credential = Path::new(&dir).join("storage.key");
+            if credential.exists() {
+                return KeySource::File(credential);
+            }
+        }
+        KeySource::File(self.dir.join("storage.key"))
     }
     pub(crate) fn config(&self) -> PathBuf {
         self.dir.join("gkm-server.toml")
     }
     pub(crate) fn database(&self) -> PathBuf {
         self.dir.join("state.redb")
+    }
+    /// The epoch floor (`epoch-floor.0` and `epoch-floor.1`).
+    pub(crate) fn floor(&self) -> PathBuf {
+        self.dir.join("epoch-floor")
     }
     pub(crate) fn audit(&self) -> PathBuf {
         self.dir.join("audit.jsonl")
@@ -41,22 +77,17 @@ impl StateDir {
         self.dir.join("control.sock")
     }
 
-    /// Whether both keys exist.
-    pub(crate) fn initialized(&self) -> bool {
-        self.controller_key().exists() && self.storage_key().exists()
-    }
-
-    /// Creates the directory (0700), both keys (0600) and a default config; returns the
-    /// controller's public key. Refuses to overwrite a key.
+    /// Creates the directory (0700), the controller key (0600), the storage key (0600) where it
+    /// is to be read from a file that does not exist yet, and a default config (0600: it may
+    /// hold enrollment tokens); returns the controller's public key. Refuses to overwrite the
+    /// controller key; a storage key given from elsewhere is used as it is.
     pub(crate) fn init(&self, default_config: &str) -> Result<[u8; 32]> {
-        for key in [self.controller_key(), self.storage_key()] {
-            if key.exists() {
-                bail!(
-                    "{} already exists; refusing to overwrite a key (delete it only to retire \
-                     this controller and shred its stored groups, or pass another --state-dir)",
-                    key.display()
-                );
-            }
+        if self.controller_key().exists() {
+            bail!(
+                "{} already exists; refusing to overwrite a key (delete it only to retire this \
+                 controller, or pass another --state-dir)",
+                self.controller_key().display()
+            );
         }
         fs::DirBuilder::new()
             .recursive(true)
@@ -69,12 +100,16 @@ impl StateDir {
         getrandom::fill(seed.as_mut_slice()).context("the OS random source failed")?;
         write_new(&self.controller_key(), seed.as_slice())?;
         let public = SigningKey::from_bytes(&seed).verifying_key().to_bytes();
-        let mut storage = Zeroizing::new([0u8; 32]);
-        getrandom::fill(storage.as_mut_slice()).context("the OS random source failed")?;
-        write_new(&self.storage_key(), storage.as_slice())?;
+        if let KeySource::File(path) = self.storage_key()
+            && !path.exists()
+        {
+            let mut storage = Zeroizing::new([0u8; 32]);
+            getrandom::fill(storage.as_mut_slice()).context("the OS random source failed")?;
+            write_new(&path, storage.as_slice())?;
+        }
+        self.read_storage_key()?;
         if !self.config().exists() {
-            fs::write(self.config(), default_config)
-                .with_context(|| format!("cannot write {}", self.config().display()))?;
+            write_new(&self.config(), default_config.as_bytes())?;
         }
         Ok(public)
     }
@@ -85,9 +120,53 @@ impl StateDir {
         Ok(SigningKey::from_bytes(&seed))
     }
 
-    /// Opens the store and loads every group; errors name the file and say what to do.
-    pub(crate) fn open_store(&self) -> Result<(DiskStore, Vec<GroupState>)> {
-        let key = read_key(&self.storage_key())?;
+    /// Opens the store, loads every group and checks them against the epoch floor; errors name
+    /// the file and say what to do. With `allow_rollback`, groups older than the floor are
+    /// loaded and returned as behind it: the caller must reset them before serving anything.
+    pub(crate) fn open_store(&self, allow_rollback: bool) -> Result<Opened> {
+        let (store, states) = self.open_database()?;
+        // A file made by an older release has the umask's mode: it is ours, tighten it.
+        fs::set_permissions(self.database(), fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot set mode 0600 on {}", self.database().display()))?;
+        let floor = EpochFloor::open(&self.floor()).map_err(anyhow::Error::new)?;
+        let behind = floor.behind(&states);
+        let unstored = floor.unstored(&states);
+        if !behind.is_empty() && !allow_rollback {
+            return Err(anyhow::Error::new(FloorError::RolledBack(behind))).with_context(|| {
+                format!(
+                    "state file {} is an older copy than this controller served (a restored \
+                     backup?); serving it would bring back members evicted since and reuse \
+                     epoch numbers. Restore the newest copy, or pass --allow-rollback to serve \
+                     it with every such group reset at once (every member registers again)",
+                    self.database().display()
+                )
+            });
+        }
+        Ok(Opened {
+            store: FlooredStore::new(store, floor),
+            states,
+            behind,
+            unstored,
+        })
+    }
+
+    /// The storage key, from where [`StateDir::storage_key`] says.
+    fn read_storage_key(&self) -> Result<Zeroizing<[u8; 32]>> {
+        match self.storage_key() {
+            KeySource::File(path) => read_key(&path),
+            KeySource::Env => {
+                let hex = Zeroizing::new(std::env::var(STORAGE_KEY_ENV).unwrap_or_default());
+                let mut key = Zeroizing::new([0u8; 32]);
+                hex::decode_to_slice(hex.trim(), key.as_mut_slice()).map_err(|_| {
+                    anyhow::anyhow!("{STORAGE_KEY_ENV} is set but is not 64 hex digits")
+                })?;
+                Ok(key)
+            }
+        }
+    }
+
+    fn open_database(&self) -> Result<(DiskStore, Vec<GroupState>)> {
+        let key = self.read_storage_key()?;
         let path = self.database();
         match DiskStore::open(&path, &key) {
             Ok(opened) => Ok(opened),
@@ -112,6 +191,18 @@ impl StateDir {
     }
 }
 
+/// What [`StateDir::open_store`] loaded.
+pub(crate) struct Opened {
+    /// The store, raising the epoch floor after every save.
+    pub(crate) store: FlooredStore<DiskStore>,
+    /// Every stored group.
+    pub(crate) states: Vec<GroupState>,
+    /// Groups loaded although older than the floor (`--allow-rollback`): reset them first.
+    pub(crate) behind: Vec<Behind>,
+    /// Groups with a floor but no stored state: start them above their floor.
+    pub(crate) unstored: Vec<(GroupId, Epoch)>,
+}
+
 fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -124,13 +215,26 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Reads a 32-byte key file, refusing one that others may read.
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let bytes = Zeroizing::new(fs::read(path).with_context(|| {
+    let mut file = fs::File::open(path).with_context(|| {
         format!(
-            "cannot read {}; run `gkm-server init` first",
+            "cannot read {}; run `gkm-server init` first (the storage key may also come from \
+             --storage-key-file, {STORAGE_KEY_ENV} or $CREDENTIALS_DIRECTORY/storage.key)",
             path.display()
         )
-    })?);
+    })?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} may be read by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, 33), &mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let mut key = Zeroizing::new([0u8; 32]);
     if bytes.len() != 32 {
         bail!("{} is not a 32-byte key file", path.display());

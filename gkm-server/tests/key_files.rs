@@ -1,0 +1,119 @@
+//! The storage key kept apart from the state it seals, and every state file private (GKM-V045):
+//! `--storage-key-file`, `GKM_STORAGE_KEY` and a systemd credential each serve the state; a
+//! state directory without the key serves nothing; a key file others may read is refused; the
+//! files `init` and `run` make are mode 0600.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{Running, SERVER, Server, new_member, register, temp_dir};
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Starts this setup's daemon as `edit` changes its command, then stops it; or the log of its
+/// refusal.
+fn serve(setup: &Server, edit: impl FnOnce(&mut Command)) -> Result<(), String> {
+    let mut cmd = setup.command();
+    edit(&mut cmd);
+    let daemon = setup
+        .try_spawn(cmd, &setup.dir.join("server.log"))
+        .map_err(|(_, log)| log)?;
+    stop(daemon);
+    Ok(())
+}
+
+fn stop(daemon: Running) {
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(20)).status.success());
+}
+
+#[test]
+fn v045_the_storage_key_can_live_outside_the_state_directory_and_state_files_are_private() {
+    let setup = Server::new("key-files", "");
+    let vault = temp_dir("vault");
+    let key = vault.join("storage.key");
+    let out = Command::new(SERVER)
+        .args(["init", "--state-dir"])
+        .arg(&setup.state)
+        .arg("--storage-key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !setup.state.join("storage.key").exists(),
+        "init wrote the key beside the state"
+    );
+    for file in [
+        &key,
+        &setup.state.join("controller.key"),
+        &setup.state.join("gkm-server.toml"),
+    ] {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+
+    // From the file given: served (a member joins, so a state is sealed), and the state file
+    // it makes is 0600.
+    let mut cmd = setup.command();
+    cmd.arg("--storage-key-file").arg(&key);
+    let daemon = setup
+        .try_spawn(cmd, &setup.dir.join("server.log"))
+        .unwrap_or_else(|(_, log)| panic!("{log}"));
+    let mut member = new_member(1, setup.public_key());
+    assert!(register(setup.port, &mut member).is_some());
+    stop(daemon);
+    assert_eq!(mode(&setup.state.join("state.redb")), 0o600);
+    for floor in ["epoch-floor.0", "epoch-floor.1", "audit.jsonl"] {
+        assert_eq!(mode(&setup.state.join(floor)), 0o600, "{floor}");
+    }
+
+    // Without it: nothing is served, and the error says where a key may come from.
+    let refused = serve(&setup, |_| {}).unwrap_err();
+    assert!(refused.contains("--storage-key-file"), "{refused}");
+
+    // From the environment, and from a systemd credential directory.
+    let hex = hex::encode(std::fs::read(&key).unwrap());
+    serve(&setup, |cmd| {
+        cmd.env("GKM_STORAGE_KEY", &hex);
+    })
+    .unwrap();
+    serve(&setup, |cmd| {
+        cmd.env("CREDENTIALS_DIRECTORY", &vault);
+    })
+    .unwrap();
+    let refused = serve(&setup, |cmd| {
+        cmd.env("GKM_STORAGE_KEY", "not a key");
+    })
+    .unwrap_err();
+    assert!(refused.contains("not 64 hex digits"), "{refused}");
+    assert!(
+        !refused.contains("not a key"),
+        "the variable's value was printed: {refused}"
+    );
+
+    // Another key does not open the state; a key file others may read is refused.
+    let refused = serve(&setup, |cmd| {
+        cmd.env("GKM_STORAGE_KEY", "11".repeat(32));
+    })
+    .unwrap_err();
+    assert!(refused.contains("state.redb"), "{refused}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = serve(&setup, |cmd| {
+        cmd.arg("--storage-key-file").arg(&key);
+    })
+    .unwrap_err();
+    assert!(refused.contains("chmod 600"), "{refused}");
+    let _ = std::fs::remove_dir_all(&vault);
+}
