@@ -10,6 +10,7 @@ use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
     Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MAX_REASON, MAX_SEALED, MAX_TOKEN,
     MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
+    Subscribe,
 };
 
 /// The files of one target: (name, bytes).
@@ -577,18 +578,50 @@ fn controller_request() -> Files {
 }
 
 fn controller_subscribe() -> Files {
-    // A subscription is a resync request; registrations and leaves are refused.
-    requests()
-        .into_iter()
-        .map(|(name, bytes)| {
-            let kind = wire::MessageType::peek(&bytes[1..]).ok();
-            let resync = kind == Some(wire::MessageType::ResyncRequest);
-            match name.strip_prefix("valid-") {
-                Some(rest) if !resync => (format!("invalid-not-a-resync-{rest}"), bytes),
-                _ => (name, bytes),
-            }
-        })
-        .collect()
+    let a = agents::Agents::get();
+    let now = agents::NOW;
+    let m = agents::MEMBERS as u8;
+    let subscribe = |member: MemberId, nonce: u8, cookie| Subscribe {
+        group: agents::GROUP,
+        member,
+        timestamp_ms: now,
+        nonce: [nonce; 16],
+        cookie,
+    };
+    let mut files = Files::new();
+    let ask = subscribe(a.ids[0], 1, None);
+    let signed = wire::sign(&ask, &agents::identity(0));
+    named(&mut files, "valid-ask-for-cookie", raw(&signed));
+    named(&mut files, "valid-signed-ask-body", to_sign(m, ask.to_bytes()));
+    let cookie = agents::cookie_for(&signed).expect("the fixture answers with a cookie");
+    let confirm = subscribe(a.ids[0], 2, Some(cookie));
+    let confirmed = wire::sign(&confirm, &agents::identity(0));
+    named(&mut files, "valid-echo-cookie", raw(&confirmed));
+    let mut forged = cookie;
+    forged.mac[0] ^= 1;
+    let bad = wire::sign(&subscribe(a.ids[0], 3, Some(forged)), &agents::identity(0));
+    named(&mut files, "invalid-forged-cookie", raw(&bad));
+    let stale = wire::Cookie {
+        issued_ms: now - gkm_server::COOKIE_LIFETIME_MS - 1,
+        ..cookie
+    };
+    let old = wire::sign(&subscribe(a.ids[0], 4, Some(stale)), &agents::identity(0));
+    named(&mut files, "invalid-expired-cookie", raw(&old));
+    let other = wire::sign(&subscribe(a.ids[1], 5, Some(cookie)), &agents::identity(1));
+    named(&mut files, "invalid-another-members-cookie", raw(&other));
+    let stranger = wire::sign(
+        &subscribe(MemberId(0xdead_beef), 6, None),
+        &agents::identity(agents::MEMBERS + 1),
+    );
+    named(&mut files, "invalid-not-a-member", raw(&stranger));
+    named(&mut files, "invalid-signature-bit", raw(&flipped(&signed, signed.len() - 1)));
+    // The version 1 subscription (a resync request by UDP) and other requests are refused.
+    for (name, bytes) in requests() {
+        if let Some(rest) = name.strip_prefix("valid-") {
+            named(&mut files, &format!("invalid-not-a-subscription-{rest}"), bytes);
+        }
+    }
+    files
 }
 
 fn control_json() -> Files {

@@ -1,5 +1,5 @@
 //! The checks behind the fuzz targets that drive the agents' state machines: the controller's
-//! request handling ([`Controller::handle_request`], [`Controller::subscribe`]), the control
+//! request handling ([`Controller::handle_request`], [`Controller::handle_subscription`]), the control
 //! socket's JSON requests, and the member's multicast and reply handling
 //! ([`Member::handle_datagram`], [`Member::handle_reply`]). Shared with the corpus replay test
 //! `gkm-server/tests/fuzz_corpus.rs`, which includes this file with `#[path]`.
@@ -16,21 +16,22 @@
 //!
 //! Uses only crates that `gkm-server` has (as dependencies or dev-dependencies).
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::OnceLock;
 
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig};
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store, Timestamp,
-    Transmit,
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store,
+    Subscription, Timestamp, Transmit,
 };
 use lkh_tree::{Epoch, GroupId, MemberPath};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use wire::{
     Codec, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest, MemberId, MessageType,
-    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedPath, sign,
+    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedPath, Subscribe, sign,
 };
 
 /// Every agent target, by the name of its directory under `fuzz/corpus/` and of its binary.
@@ -254,6 +255,7 @@ fn signed_body(body: &[u8], key: &SigningKey, kinds: &[MessageType]) -> Option<V
             .ok()
             .map(|m| sign(&m, key)),
         MessageType::Leave => LeaveRequest::decode_exact(body).ok().map(|m| sign(&m, key)),
+        MessageType::Subscribe => Subscribe::decode_exact(body).ok().map(|m| sign(&m, key)),
         MessageType::Heartbeat => Heartbeat::decode_exact(body).ok().map(|m| sign(&m, key)),
         MessageType::Rekey => RekeyDatagram::decode_exact(body).ok().map(|m| m.sign(key)),
         MessageType::Welcome | MessageType::ResyncResponse => {
@@ -319,30 +321,66 @@ pub fn controller_request(data: &[u8]) -> bool {
     !refused
 }
 
-/// `Controller::subscribe` (fan-out subscriptions): sends nothing and changes nothing; accepts
-/// only a current member of the group. Whether it was accepted.
+/// Where the fuzzed fan-out subscriptions come from.
+pub const FROM: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 9), 4_000));
+
+const SUBSCRIPTIONS: &[MessageType] = &[MessageType::Subscribe, MessageType::ResyncRequest];
+
+/// `Controller::handle_subscription` (fan-out subscriptions) from [`FROM`]: queues nothing and
+/// changes no group; a cookie goes back smaller than the request; an address is confirmed only
+/// for a current member, and nothing else is. Whether it was accepted.
 pub fn controller_subscribe(data: &[u8]) -> bool {
-    let Some(bytes) = input(data, member_signer, REQUESTS) else {
+    let Some(bytes) = input(data, member_signer, SUBSCRIPTIONS) else {
         return false;
     };
     let agents = Agents::get();
     let mut controller = agents.controller();
     let before = group_view(&mut controller);
-    let outcome = controller.subscribe(Timestamp(NOW), &bytes);
+    let outcome = controller.handle_subscription(Timestamp(NOW), FROM, &bytes);
     assert!(
         controller.poll_transmit().is_none(),
-        "a subscription sent something"
+        "a subscription queued something"
     );
     assert_eq!(
         group_view(&mut controller),
         before,
         "a subscription changed the group"
     );
-    if let Ok((group, member)) = outcome {
-        assert_eq!(group, GROUP);
-        assert!(before.1.contains(&member.0), "a non-member subscribed");
+    let confirmed = controller.fanout_addresses(GROUP, Timestamp(NOW));
+    match &outcome {
+        Ok(Subscription::Cookie(reply)) => {
+            assert!(
+                reply.len() < bytes.len(),
+                "a cookie larger than its request"
+            );
+            assert!(
+                confirmed.is_empty(),
+                "an address confirmed without a cookie"
+            );
+        }
+        Ok(Subscription::Confirmed { group, member }) => {
+            assert_eq!(*group, GROUP);
+            assert!(before.1.contains(&member.0), "a non-member subscribed");
+            assert_eq!(confirmed, vec![FROM]);
+        }
+        Err(_) => assert!(
+            confirmed.is_empty(),
+            "a refused subscription confirmed an address"
+        ),
     }
     outcome.is_ok()
+}
+
+/// A cookie the fixture controller sends to [`FROM`] for `member`'s subscription `request`
+/// (signed), for the corpus.
+pub fn cookie_for(request: &[u8]) -> Option<wire::Cookie> {
+    let mut controller = Agents::get().controller();
+    match controller.handle_subscription(Timestamp(NOW), FROM, request) {
+        Ok(Subscription::Cookie(reply)) => wire::CookieReply::decode_exact(&reply)
+            .ok()
+            .map(|r| r.cookie),
+        _ => None,
+    }
 }
 
 /// One control-socket line: parse, re-encode (must parse back equal), run on a controller with

@@ -27,9 +27,9 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
-    AuthenticRekey, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest, MemberId, MessageType,
-    NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
-    WireError, open, open_path, sign,
+    AuthenticRekey, Cookie, CookieReply, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest,
+    MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest,
+    SealedKind, SealedPath, Subscribe, WireError, open, open_path, sign,
 };
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
@@ -55,11 +55,15 @@ pub struct MemberConfig {
     /// A member told that its membership ended registers again after a random delay of up to
     /// this long, so that the members of a group reset at once do not all register at once.
     pub rejoin_spread_ms: u64,
+    /// Once admitted, how long without a verified rekey or heartbeat before the member asks the
+    /// controller for unicast fan-out (on multicast: a network that silently drops it), or for
+    /// the current keys (on fan-out). `None`: never.
+    pub fanout_after_ms: Option<u64>,
 }
 
 impl MemberConfig {
     /// Defaults: renew every 20 s, resync after 300 ms behind, retry after 2 s, register again
-    /// within 5 s of a membership's end.
+    /// within 5 s of a membership's end, fan-out after 10 s without a verified datagram.
     pub fn new(group: GroupId, controller: VerifyingKey) -> Self {
         MemberConfig {
             group,
@@ -69,6 +73,7 @@ impl MemberConfig {
             resync_grace_ms: 300,
             retry_ms: 2_000,
             rejoin_spread_ms: 5_000,
+            fanout_after_ms: Some(10_000),
         }
     }
 }
@@ -100,6 +105,11 @@ pub enum MemberEvent {
         /// controller still remembers it. Network text: print it escaped.
         reason: String,
     },
+    /// Nothing verified arrived by multicast for [`MemberConfig::fanout_after_ms`]: the member
+    /// now asks the controller for unicast fan-out (its datagrams come from
+    /// [`Member::poll_datagram`], to the controller's UDP port; the driver feeds what comes back
+    /// to [`Member::handle_datagram`]).
+    FanoutStarted,
     /// The controller refused a request.
     Refused {
         /// The error code.
@@ -133,6 +143,19 @@ enum State {
     Left,
 }
 
+/// How the group's datagrams reach the member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// By multicast.
+    Multicast,
+    /// By unicast from the controller: subscribed (again) at `subscribe_at`; `awaiting` while a
+    /// cookie was asked for and none came back yet (one reply is taken per request).
+    Fanout {
+        subscribe_at: Millis,
+        awaiting: bool,
+    },
+}
+
 /// A group member.
 pub struct Member<R> {
     config: MemberConfig,
@@ -146,6 +169,12 @@ pub struct Member<R> {
     events: VecDeque<MemberEvent>,
     /// When to resend the registration or a resync.
     retry_at: Option<Millis>,
+    /// Multicast, or unicast fan-out.
+    delivery: Delivery,
+    /// When a rekey or heartbeat last verified (the silence timer counts only those).
+    heard_at: Millis,
+    /// Datagrams for the controller's UDP port (fan-out subscriptions).
+    datagrams: VecDeque<Vec<u8>>,
     /// Requests in a row that got no answer (the retry backoff).
     unanswered: u32,
     /// Requests in a row that were refused (their retries back off too).
@@ -185,6 +214,7 @@ impl<R: CryptoRng> Member<R> {
     ) -> Self {
         let mut this = Self::idle(config, identity, hpke, rng);
         this.state = State::Active { member, path };
+        this.heard_at = now;
         this.send_resync(now);
         this
     }
@@ -200,6 +230,9 @@ impl<R: CryptoRng> Member<R> {
             requests: VecDeque::new(),
             events: VecDeque::new(),
             retry_at: None,
+            delivery: Delivery::Multicast,
+            heard_at: 0,
+            datagrams: VecDeque::new(),
             unanswered: 0,
             refused: 0,
             resync_at: None,
@@ -231,6 +264,11 @@ impl<R: CryptoRng> Member<R> {
         self.rekey_address
     }
 
+    /// The member's parameters.
+    pub fn config(&self) -> &MemberConfig {
+        &self.config
+    }
+
     /// Counters.
     pub fn stats(&self) -> &MemberStats {
         &self.stats
@@ -247,12 +285,123 @@ impl<R: CryptoRng> Member<R> {
         self.events.pop_front()
     }
 
+    /// The next datagram for the controller's UDP port (a fan-out subscription), sent from
+    /// the socket that receives the fan-out.
+    pub fn poll_datagram(&mut self) -> Option<Vec<u8>> {
+        self.datagrams.pop_front()
+    }
+
+    /// Whether the member receives by unicast fan-out.
+    pub fn on_fanout(&self) -> bool {
+        matches!(self.delivery, Delivery::Fanout { .. })
+    }
+
+    /// Receive by unicast fan-out from now on (the driver could not join the multicast group,
+    /// or was told not to). The member subscribes once admitted, and renews its subscription.
+    pub fn use_fanout(&mut self, now: Millis) {
+        if !self.on_fanout() {
+            self.delivery = Delivery::Fanout {
+                subscribe_at: now,
+                awaiting: false,
+            };
+            self.heard_at = now;
+        }
+    }
+
     /// The earliest time [`Member::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        [self.retry_at, self.resync_at, self.renew_at]
-            .into_iter()
-            .flatten()
-            .min()
+        let subscribe_at = match self.delivery {
+            Delivery::Fanout { subscribe_at, .. } => Some(subscribe_at),
+            Delivery::Multicast => None,
+        };
+        [
+            self.retry_at,
+            self.resync_at,
+            self.renew_at,
+            subscribe_at,
+            self.silence_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When silence on the rekey channel makes the member act, if it is admitted.
+    fn silence_at(&self) -> Option<Millis> {
+        let after = self.config.fanout_after_ms?;
+        matches!(self.state, State::Active { .. }).then(|| self.heard_at.saturating_add(after))
+    }
+
+    /// Silence: on multicast, fan-out from now on; on fan-out, ask for the current keys (a
+    /// member the controller no longer knows learns so, and registers again).
+    fn silent(&mut self, now: Millis) {
+        self.heard_at = now;
+        if let Delivery::Fanout { awaiting, .. } = self.delivery {
+            // Perhaps the confirmation was lost: subscribe again now, and resync meanwhile.
+            self.delivery = Delivery::Fanout {
+                subscribe_at: now,
+                awaiting,
+            };
+            self.behind(now);
+        } else {
+            self.use_fanout(now);
+            self.events.push_back(MemberEvent::FanoutStarted);
+        }
+    }
+
+    /// Sends a fan-out subscription when one is due: without a cookie, asking for one.
+    fn subscribe_when_due(&mut self, now: Millis) {
+        let Delivery::Fanout { subscribe_at, .. } = self.delivery else {
+            return;
+        };
+        if subscribe_at > now {
+            return;
+        }
+        // Asked again after `retry_ms` unless a cookie comes back (then after the renewal
+        // period): the request or its cookie may be lost, or the controller may have refused a
+        // second cookie within a second.
+        let admitted = matches!(self.state, State::Active { .. });
+        self.delivery = Delivery::Fanout {
+            subscribe_at: now + self.config.retry_ms,
+            awaiting: admitted,
+        };
+        if admitted {
+            self.send_subscription(now, None);
+        }
+    }
+
+    fn send_subscription(&mut self, now: Millis, cookie: Option<Cookie>) {
+        let State::Active { member, .. } = &self.state else {
+            return;
+        };
+        let request = Subscribe {
+            group: self.config.group,
+            member: *member,
+            timestamp_ms: now,
+            nonce: self.nonce(),
+            cookie,
+        };
+        self.datagrams.push_back(sign(&request, &self.identity));
+    }
+
+    /// A cookie from the controller, in answer to a subscription: echoed, signed, once.
+    fn cookie(&mut self, now: Millis, bytes: &[u8]) {
+        let Delivery::Fanout { awaiting: true, .. } = self.delivery else {
+            return self.drop_datagram("unexpected cookie");
+        };
+        let Ok(reply) = <CookieReply as wire::Codec>::decode_exact(bytes) else {
+            return self.drop_datagram("malformed cookie");
+        };
+        let ours = matches!(&self.state, State::Active { member, .. }
+            if *member == reply.member && reply.group == self.config.group);
+        if !ours {
+            return self.drop_datagram("unexpected cookie");
+        }
+        self.delivery = Delivery::Fanout {
+            subscribe_at: now + self.config.renew_interval_ms,
+            awaiting: false,
+        };
+        self.send_subscription(now, Some(reply.cookie));
     }
 
     /// Leaves the group: queues a signed leave request; the member does nothing more.
@@ -283,6 +432,10 @@ impl<R: CryptoRng> Member<R> {
 
     /// Timers: registration retries, resyncs when behind, lease renewals.
     pub fn handle_timeout(&mut self, now: Millis) {
+        if self.silence_at().is_some_and(|t| t <= now) {
+            self.silent(now);
+        }
+        self.subscribe_when_due(now);
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
             self.unanswered = self.unanswered.saturating_add(1);
@@ -307,6 +460,7 @@ impl<R: CryptoRng> Member<R> {
         match MessageType::peek(bytes) {
             Ok(MessageType::Rekey) => self.rekey(now, bytes),
             Ok(MessageType::Heartbeat) => self.heartbeat(now, bytes),
+            Ok(MessageType::CookieReply) => self.cookie(now, bytes),
             _ => self.drop_datagram("not a rekey or heartbeat"),
         }
     }
@@ -337,6 +491,9 @@ impl<R: CryptoRng> Member<R> {
             Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),
             Err(_) => return self.drop_datagram("malformed"),
         };
+        if authentic.datagram().group == self.config.group {
+            self.heard_at = now;
+        }
         let State::Active { path, .. } = &mut self.state else {
             return;
         };
@@ -376,14 +533,23 @@ impl<R: CryptoRng> Member<R> {
                 || (beat.epoch == mine && Some(beat.kcv) == kcv)
         };
         // A heartbeat that asks for nothing is dropped before its signature check (dropping
-        // changes nothing); only one that would make us resync must be authentic.
+        // changes nothing), unless half the silence allowed has passed: only a verified one
+        // tells the member that its rekey channel works. One that would make it resync must be
+        // authentic.
         let unverified = <Heartbeat as wire::Codec>::decode(&mut wire::Reader::new(bytes));
-        if unverified.as_ref().is_ok_and(in_step) {
+        let half_silent = self
+            .config
+            .fanout_after_ms
+            .is_some_and(|after| now >= self.heard_at.saturating_add(after / 2));
+        if unverified.as_ref().is_ok_and(in_step) && !half_silent {
             return;
         }
         let Ok(beat) = open::<Heartbeat>(bytes, &self.config.controller) else {
             return self.drop_datagram("bad heartbeat");
         };
+        if beat.message().group == group {
+            self.heard_at = now;
+        }
         if !in_step(beat.message()) {
             self.behind(now);
         }
@@ -439,6 +605,16 @@ impl<R: CryptoRng> Member<R> {
                 MemberEvent::KeyChanged { epoch, kcv }
             }
         };
+        if matches!(sealed.kind, SealedKind::Welcome) {
+            // Admitted: the silence timer starts, and a fan-out member subscribes at once.
+            self.heard_at = now;
+            if let Delivery::Fanout { awaiting, .. } = self.delivery {
+                self.delivery = Delivery::Fanout {
+                    subscribe_at: now,
+                    awaiting,
+                };
+            }
+        }
         self.state = State::Active {
             member: sealed.member,
             path,

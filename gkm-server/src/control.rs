@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::controller::{Command, CommandError, Response};
+use crate::controller::{BanTarget, Command, CommandError, Response};
 
 /// Longest request or reply line accepted, in bytes.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -33,6 +33,9 @@ pub enum Request {
         group: String,
         /// Member id.
         member: u64,
+        /// Also ban its identity.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ban: bool,
     },
     /// Rekey a group now.
     Rekey {
@@ -67,6 +70,25 @@ pub enum Request {
         /// Group name.
         group: String,
     },
+    /// Keep an identity out of a group (a current member with it is evicted).
+    Ban {
+        /// Group name.
+        group: String,
+        /// Ed25519 identity key, hex.
+        identity: String,
+    },
+    /// Lift a ban.
+    Unban {
+        /// Group name.
+        group: String,
+        /// Ed25519 identity key, hex.
+        identity: String,
+    },
+    /// A group's banned identities.
+    Bans {
+        /// Group name.
+        group: String,
+    },
 }
 
 impl Request {
@@ -76,7 +98,16 @@ impl Request {
             Request::Status {} => Command::Status,
             Request::Groups {} => Command::Groups,
             Request::Members { group } => Command::Members(group),
-            Request::Evict { group, member } => Command::Evict(group, member),
+            Request::Evict {
+                group,
+                member,
+                ban: false,
+            } => Command::Evict(group, member),
+            Request::Evict {
+                group,
+                member,
+                ban: true,
+            } => Command::Ban(group, BanTarget::Member(member)),
             Request::Rekey { group } => Command::Rekey(group),
             Request::Policy { group, set: None } => Command::Policy(group, None),
             Request::Policy {
@@ -95,8 +126,28 @@ impl Request {
             Request::Tree { group } => Command::Tree(group),
             Request::Stats { group } => Command::Stats(group),
             Request::Reset { group } => Command::Reset(group),
+            Request::Ban { group, identity } => {
+                Command::Ban(group, BanTarget::Identity(identity_key(&identity)?))
+            }
+            Request::Unban { group, identity } => Command::Unban(group, identity_key(&identity)?),
+            Request::Bans { group } => Command::Bans(group),
         })
     }
+}
+
+/// An Ed25519 identity key given as 64 hex digits.
+fn identity_key(hex: &str) -> Result<[u8; 32], String> {
+    let bytes: Option<[u8; 32]> = (hex.len() == 64)
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        })
+        .flatten()
+        .and_then(|v| v.try_into().ok());
+    bytes.ok_or_else(|| {
+        format!("identity {hex:?} is not 64 hex digits; `gkmctl members GROUP` shows identities")
+    })
 }
 
 /// One reply: `{"ok":true,"data":...}` or `{"ok":false,"error":"..."}`.
@@ -160,6 +211,29 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"evict","group":"demo","member":3}"#)
             .expect("valid request");
         assert_eq!(r.into_command(), Ok(Command::Evict("demo".into(), 3)));
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"evict","group":"demo","member":3,"ban":true}"#)
+                .unwrap();
+        assert_eq!(
+            r.into_command(),
+            Ok(Command::Ban("demo".into(), BanTarget::Member(3)))
+        );
+        let key = "0a".repeat(32);
+        let r: Request = serde_json::from_str(&format!(
+            r#"{{"cmd":"ban","group":"demo","identity":"{key}"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            r.into_command(),
+            Ok(Command::Ban("demo".into(), BanTarget::Identity([10; 32])))
+        );
+        for bad in ["0a", "zz".repeat(32).as_str(), &"0a".repeat(33)] {
+            let r = Request::Unban {
+                group: "demo".into(),
+                identity: bad.into(),
+            };
+            assert!(r.into_command().unwrap_err().contains("not 64 hex digits"));
+        }
         let r: Request =
             serde_json::from_str(r#"{"cmd":"policy","group":"g","set":"repeats=3"}"#).unwrap();
         assert_eq!(

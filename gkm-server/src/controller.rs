@@ -1,6 +1,7 @@
 //! The controller state machine. See the crate docs for the call order.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -10,11 +11,13 @@ use rand_core::CryptoRng;
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
-    Codec, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest, MemberId, MessageType, NONCE_LEN,
-    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor, SealedKind, WireError, open_with,
-    pack, seal_path_with, sign, verifying_key,
+    Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest, MemberId,
+    MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor,
+    SealedKind, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
 };
 
+use crate::fanout::{Cookies, Subscribers};
+use crate::gate::Gate;
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
 use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
@@ -35,6 +38,20 @@ pub enum Transmit {
         conn: ConnId,
         /// The reply.
         bytes: Vec<u8>,
+    },
+}
+
+/// What became of an accepted fan-out subscription ([`Controller::handle_subscription`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subscription {
+    /// Send these bytes (a [`wire::CookieReply`]) to the subscription's source address.
+    Cookie(Vec<u8>),
+    /// The source address is now the member's fan-out address.
+    Confirmed {
+        /// The group.
+        group: GroupId,
+        /// The member.
+        member: MemberId,
     },
 }
 
@@ -111,6 +128,10 @@ pub enum Reject {
     UnexpectedMessage,
     /// The group is full.
     GroupFull,
+    /// A fan-out subscription echoed a cookie that is not this controller's for its address.
+    BadCookie,
+    /// Too many fan-out cookies asked for by this member or from this address.
+    RateLimited,
 }
 
 impl Reject {
@@ -126,6 +147,8 @@ impl Reject {
             Reject::NotAMember => "not_a_member",
             Reject::UnexpectedMessage => "unexpected_message",
             Reject::GroupFull => "group_full",
+            Reject::BadCookie => "bad_cookie",
+            Reject::RateLimited => "rate_limited",
         }
     }
 
@@ -139,6 +162,8 @@ impl Reject {
             Reject::UnexpectedMessage => 405,
             Reject::StaleRequest | Reject::Replayed => 409,
             Reject::GroupFull => 507,
+            Reject::BadCookie => 403,
+            Reject::RateLimited => 429,
         }
     }
 }
@@ -182,6 +207,24 @@ pub enum Event {
         reason: DepartReason,
         /// Epoch of the rekey that shut it out.
         epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// An identity was banned from a group.
+    Banned {
+        /// Group.
+        group: u64,
+        /// Identity key, hex.
+        identity: String,
+        /// When.
+        at: u64,
+    },
+    /// A ban was lifted.
+    Unbanned {
+        /// Group.
+        group: u64,
+        /// Identity key, hex.
+        identity: String,
         /// When.
         at: u64,
     },
@@ -286,6 +329,22 @@ pub enum Command {
     Stats(String),
     /// Exclude every member of a group at once: every key new (members register again).
     Reset(String),
+    /// Keep an identity out of a group under every enrollment mode, across restarts; the member
+    /// named, or a current member with the identity, is evicted.
+    Ban(String, BanTarget),
+    /// Lift the ban of an identity.
+    Unban(String, [u8; 32]),
+    /// A group's banned identities.
+    Bans(String),
+}
+
+/// Whom a ban names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanTarget {
+    /// A current member, by id: its identity is banned and it is evicted.
+    Member(u64),
+    /// An identity key.
+    Identity([u8; 32]),
 }
 
 /// Why a command failed.
@@ -306,6 +365,12 @@ pub enum CommandError {
     /// An unknown policy key or a bad value.
     #[error("{0}")]
     BadPolicy(String),
+    /// The change holds in memory but the store failed; it is saved with the group's next save.
+    #[error("done, but not yet durable ({0}); it is saved with the group's next rekey")]
+    NotSaved(String),
+    /// The identity was not banned.
+    #[error("{0} is not banned in group {1:?}; `gkmctl bans {1}` lists the bans")]
+    NotBanned(String, String),
 }
 
 /// A group in brief.
@@ -389,6 +454,8 @@ pub enum Response {
     Tree(String),
     /// Counters.
     Stats(Stats),
+    /// Banned identities, hex.
+    Bans(Vec<String>),
 }
 
 /// The time each phase of one rekey took, by the profiler's clock (see
@@ -428,23 +495,25 @@ impl Save {
         &self,
         store: &mut (dyn Store + Send),
         clock: Option<fn() -> Duration>,
-        tree: &KeyTree,
-        members: &Roster,
+        (tree, members, gate): (&KeyTree, &Roster, &Gate),
     ) -> (Result<(), StoreError>, Option<Duration>) {
         let result = match self {
             Save::Full(state) => store.save(state),
             Save::Delta(delta) => store.save_delta(delta),
-            Save::Compact(delta) => store.save_delta_and_compact(delta, group_state(tree, members)),
+            Save::Compact(delta) => {
+                store.save_delta_and_compact(delta, group_state(tree, members, gate))
+            }
         };
         (result, clock.map(|now| now()))
     }
 }
 
-/// The durable state of a group whose tree and roster these are.
-fn group_state(tree: &KeyTree, members: &Roster) -> GroupState {
+/// The durable state of a group whose tree, roster and gate these are.
+fn group_state(tree: &KeyTree, members: &Roster, gate: &Gate) -> GroupState {
     GroupState {
         tree: tree.snapshot(),
         members: members.records().collect(),
+        enrollment: gate.records().clone(),
     }
 }
 
@@ -595,6 +664,10 @@ struct Group {
     policy: GroupPolicy,
     tree: KeyTree,
     members: Roster,
+    /// Spent tokens and bans.
+    gate: Gate,
+    /// Confirmed fan-out addresses.
+    subscribers: Subscribers,
     next_lease_scan: Timestamp,
     joins: PendingJoins,
     departures: BTreeMap<MemberId, DepartReason>,
@@ -623,6 +696,7 @@ pub struct Controller<R> {
     store: Box<dyn Store + Send>,
     groups: BTreeMap<GroupId, Group>,
     names: BTreeMap<String, GroupId>,
+    cookies: Cookies,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     workers: usize,
@@ -653,12 +727,15 @@ impl<R: CryptoRng> Controller<R> {
             names.insert(group.policy.name.clone(), group.policy.id);
             out.insert(group.policy.id, group);
         }
+        let mut cookie_key = [0u8; 32];
+        rng.fill_bytes(&mut cookie_key);
         Ok(Controller {
             signer,
             rng,
             store,
             groups: out,
             names,
+            cookies: Cookies::new(cookie_key),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             workers: 1,
@@ -726,23 +803,62 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
-    /// A fan-out subscription: a signed, fresh resync request from a current member, received
-    /// over UDP where multicast is not available. Returns who sent it, so the driver can send that
-    /// member's group's datagrams to the datagram's source address; changes nothing else.
-    pub fn subscribe(
+    /// A fan-out subscription datagram ([`wire::Subscribe`]) from `from`, where multicast does
+    /// not reach a member. Signed by a current member and fresh, without a cookie it is answered
+    /// with one, sent to `from` (smaller than the request; at most one per member a second and
+    /// [`crate::SOURCE_BUDGET`] per source address a second); echoing a valid cookie from `from`, it
+    /// makes `from` the member's one fan-out address ([`Controller::fanout_addresses`]).
+    /// Refusals change nothing and are answered with nothing.
+    pub fn handle_subscription(
         &mut self,
         now: Timestamp,
+        from: SocketAddr,
         bytes: &[u8],
-    ) -> Result<(GroupId, MemberId), Reject> {
+    ) -> Result<Subscription, Reject> {
         let request = self
-            .member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))
+            .member_request::<Subscribe>(bytes, |r| (r.group, r.member))
             .map_err(|refusal| refusal.reason)?;
-        let g = self
-            .groups
-            .get_mut(&request.group)
-            .ok_or(Reject::UnknownGroup)?;
+        let (gid, member) = (request.group, request.member);
+        let g = self.groups.get_mut(&gid).ok_or(Reject::UnknownGroup)?;
+        if !g.policy.fanout {
+            return Err(Reject::UnexpectedMessage);
+        }
         g.check_fresh(now, request.timestamp_ms, request.nonce)?;
-        Ok((request.group, request.member))
+        match request.cookie {
+            Some(cookie) => {
+                if !self.cookies.valid(gid, member, from, &cookie, now) {
+                    return Err(Reject::BadCookie);
+                }
+                g.subscribers.confirm(member, from, now);
+                Ok(Subscription::Confirmed { group: gid, member })
+            }
+            None => {
+                if !g.subscribers.may_send_cookie(member, now)
+                    || !self.cookies.spend(from.ip(), now)
+                {
+                    return Err(Reject::RateLimited);
+                }
+                let cookie = Cookie {
+                    issued_ms: now.0,
+                    mac: self.cookies.mac(gid, member, from, now.0),
+                };
+                let reply = CookieReply {
+                    group: gid,
+                    member,
+                    cookie,
+                };
+                Ok(Subscription::Cookie(reply.to_bytes()))
+            }
+        }
+    }
+
+    /// Where group `id`'s datagrams go by unicast besides multicast: the confirmed fan-out
+    /// address of each member that renewed its subscription within its lease.
+    pub fn fanout_addresses(&mut self, id: GroupId, now: Timestamp) -> Vec<SocketAddr> {
+        self.groups.get_mut(&id).map_or_else(Vec::new, |g| {
+            let lease = g.policy.lease_ms;
+            g.subscribers.addresses(now, lease)
+        })
     }
 
     /// Fires due batches, repeat sends, heartbeats, lease expiries and refreshes.
@@ -876,7 +992,78 @@ impl<R: CryptoRng> Controller<R> {
                 self.reset(id, now, None);
                 Ok(Response::Ok)
             }
+            Command::Ban(name, target) => self.ban(now, &name, target),
+            Command::Unban(name, identity) => {
+                let id = self.group_id(&name)?;
+                if !self.group_mut(id)?.gate.unban(identity) {
+                    return Err(CommandError::NotBanned(hex(&identity), name));
+                }
+                self.events.push_back(Event::Unbanned {
+                    group: id.0,
+                    identity: hex(&identity),
+                    at: now.0,
+                });
+                self.save_now(id)?;
+                Ok(Response::Ok)
+            }
+            Command::Bans(name) => {
+                let banned = &self.group(&name)?.gate.records().banned;
+                Ok(Response::Bans(banned.iter().map(|i| hex(i)).collect()))
+            }
         }
+    }
+
+    /// Bans an identity (`gkmctl ban`, `gkmctl evict --ban`): durable with the eviction's rekey
+    /// when a member is evicted, else saved at once.
+    fn ban(
+        &mut self,
+        now: Timestamp,
+        name: &str,
+        target: BanTarget,
+    ) -> Result<Response, CommandError> {
+        let id = self.group_id(name)?;
+        let g = self.group_mut(id)?;
+        let (identity, member) = match target {
+            BanTarget::Member(member) => {
+                let record =
+                    g.members
+                        .get(MemberId(member))
+                        .ok_or_else(|| CommandError::UnknownMember {
+                            group: name.to_owned(),
+                            member,
+                        })?;
+                (record.identity, Some(record.id))
+            }
+            BanTarget::Identity(identity) => (identity, g.members.by_identity(&identity)),
+        };
+        g.gate.ban(identity);
+        self.events.push_back(Event::Banned {
+            group: id.0,
+            identity: hex(&identity),
+            at: now.0,
+        });
+        match member {
+            Some(member) => {
+                let g = self.group_mut(id)?;
+                g.departures.insert(member, DepartReason::Evicted);
+                g.schedule(now);
+            }
+            None => self.save_now(id)?,
+        }
+        Ok(Response::Ok)
+    }
+
+    /// Saves what changed in group `id` now, outside a rekey (a ban or its lifting).
+    fn save_now(&mut self, id: GroupId) -> Result<(), CommandError> {
+        let compacting = self.store.compacting();
+        let g = self
+            .groups
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))?;
+        let save = g.take_save(compacting);
+        let (saved, _) = save.write(self.store.as_mut(), None, (&g.tree, &g.members, &g.gate));
+        g.saved = saved.is_ok();
+        saved.map_err(|e| CommandError::NotSaved(e.to_string()))
     }
 
     /// Excludes every member of group `id` at once, as RFC 9838 does when a key server is
@@ -1013,7 +1200,14 @@ impl<R: CryptoRng> Controller<R> {
             encapsulation,
         } = request;
         let gid = request.group;
-        let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
+        // The nonce is recorded only once the registration is authorized: refused strangers
+        // fill no memory of the controller's.
+        let g = self
+            .groups
+            .get_mut(&gid)
+            .ok_or((Reject::UnknownGroup, gid))?;
+        g.check_window(now, request.timestamp_ms, request.nonce)
+            .map_err(|r| (r, gid))?;
         let join = PendingJoin {
             conn,
             identity: request.identity,
@@ -1022,6 +1216,7 @@ impl<R: CryptoRng> Controller<R> {
         };
         // A retry while the first request waits for its batch replaces it (its token is spent).
         let Some(join) = g.joins.replace(join) else {
+            g.remember(now, request.nonce);
             return Ok(());
         };
         // A current member registering again was authorized before. With the same HPKE key it
@@ -1035,12 +1230,17 @@ impl<R: CryptoRng> Controller<R> {
                     .get(old)
                     .is_some_and(|r| r.hpke_key == request.hpke_key);
                 if same_key {
+                    g.remember(now, request.nonce);
                     return self.rewelcome(now, gid, old, join);
                 }
                 g.departures.insert(old, DepartReason::Replaced);
             }
-            _ => g.authorize(&request).map_err(|r| (r, gid))?,
+            _ => g
+                .gate
+                .authorize(&g.policy.enrollment, &request, now)
+                .map_err(|r| (r, gid))?,
         }
+        g.remember(now, request.nonce);
         g.joins.push(join);
         g.schedule(now);
         Ok(())
@@ -1225,7 +1425,23 @@ impl<R: CryptoRng> Controller<R> {
             .filter_map(|m| g.members.get(*m).map(|r| r.leaf))
             .collect();
         let room = (NodeId::LIMIT as usize / 2).saturating_sub(g.tree.len());
-        let mut joins = g.joins.take();
+        // A registration that waited for this batch while its identity was banned is refused.
+        let (banned, mut joins): (Vec<_>, Vec<_>) = g
+            .joins
+            .take()
+            .into_iter()
+            .partition(|join| g.gate.banned(&join.identity));
+        for refused in banned {
+            self.transmits.push_back(Transmit::Reply {
+                conn: refused.conn,
+                bytes: ErrorMessage {
+                    group: id,
+                    code: Reject::Unauthorized.code(),
+                    reason: "Unauthorized".into(),
+                }
+                .to_bytes(),
+            });
+        }
         if joins.len() > room {
             for refused in joins.split_off(room) {
                 self.transmits.push_back(Transmit::Reply {
@@ -1275,6 +1491,7 @@ impl<R: CryptoRng> Controller<R> {
         // rest (a batch of 100,000 departures at 2^20 members).
         let unrecorded = departures.len().saturating_sub(RECENT_DEPARTURES);
         for (i, (member, reason)) in departures.iter().enumerate() {
+            g.subscribers.remove(*member);
             if let Some(record) = g.members.remove(*member) {
                 if i >= unrecorded {
                     let departure = Departure {
@@ -1324,6 +1541,7 @@ impl<R: CryptoRng> Controller<R> {
         // are signed.
         let save = g.take_save(self.store.compacting());
         let (mtu, tree, members) = (g.policy.mtu, &g.tree, &g.members);
+        let parts = (tree, members, &g.gate);
         let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
         let pack_and_sign = || {
             let packed = pack_rekey(&rekey, tree, mtu);
@@ -1333,7 +1551,7 @@ impl<R: CryptoRng> Controller<R> {
         let overlap = workers > 1 && rekey.encryptions.len() >= OVERLAP_SAVE_MIN;
         let ((saved, persisted), (datagrams, packed)) = if overlap {
             std::thread::scope(|scope| {
-                let writer = scope.spawn(|| save.write(store, clock, tree, members));
+                let writer = scope.spawn(|| save.write(store, clock, parts));
                 let signed = pack_and_sign();
                 let saved = writer.join().unwrap_or_else(|_| {
                     (Err(StoreError::Backend("the store panicked".into())), None)
@@ -1341,7 +1559,7 @@ impl<R: CryptoRng> Controller<R> {
                 (saved, signed)
             })
         } else {
-            let saved = save.write(store, clock, tree, members);
+            let saved = save.write(store, clock, parts);
             (saved, pack_and_sign())
         };
         let signed = clock.map(|now| now());
@@ -1548,6 +1766,11 @@ struct SeenNonces {
 }
 
 impl SeenNonces {
+    /// Whether `nonce` is remembered (it may be older than the window until the next insert).
+    fn contains(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        self.seen.contains(nonce)
+    }
+
     /// Records `nonce` at `now`; false if it was seen within the last `keep_ms`.
     fn insert(&mut self, nonce: [u8; NONCE_LEN], now: Timestamp, keep_ms: u64) -> bool {
         while let Some(&(at, old)) = self.order.front() {
@@ -1584,12 +1807,19 @@ impl Group {
         now: Timestamp,
     ) -> Result<Self, TreeError> {
         let tree = KeyTree::new(policy.id, policy.tree, rng)?;
-        Ok(Self::with_tree(policy, tree, Vec::new(), now))
+        Ok(Self::with_tree(
+            policy,
+            tree,
+            Vec::new(),
+            Gate::default(),
+            now,
+        ))
     }
 
     fn restore(policy: GroupPolicy, state: &GroupState, now: Timestamp) -> Result<Self, TreeError> {
         let tree = KeyTree::restore(&state.tree)?;
-        let mut group = Self::with_tree(policy, tree, state.members.clone(), now);
+        let gate = Gate::new(state.enrollment.clone());
+        let mut group = Self::with_tree(policy, tree, state.members.clone(), gate, now);
         group.saved = true;
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
@@ -1604,6 +1834,7 @@ impl Group {
         policy: GroupPolicy,
         mut tree: KeyTree,
         members: Vec<MemberRecord>,
+        gate: Gate,
         now: Timestamp,
     ) -> Self {
         tree.track_changes();
@@ -1614,6 +1845,8 @@ impl Group {
             policy,
             tree,
             members: Roster::new(members),
+            gate,
+            subscribers: Subscribers::default(),
             joins: PendingJoins::default(),
             departures: BTreeMap::new(),
             departed: Departed::default(),
@@ -1644,6 +1877,7 @@ impl Group {
             tree: self.tree.take_changes(),
             members,
             removed_members,
+            enrollment: self.gate.take_changes(),
         };
         if !self.saved {
             self.logged = 0;
@@ -1660,7 +1894,7 @@ impl Group {
     }
 
     fn state(&self) -> GroupState {
-        group_state(&self.tree, &self.members)
+        group_state(&self.tree, &self.members, &self.gate)
     }
 
     fn schedule(&mut self, now: Timestamp) {
@@ -1674,27 +1908,33 @@ impl Group {
         at_ms: u64,
         nonce: [u8; NONCE_LEN],
     ) -> Result<(), Reject> {
+        self.check_window(now, at_ms, nonce)?;
+        self.remember(now, nonce);
+        Ok(())
+    }
+
+    /// Whether a request made at `at_ms` with `nonce` is fresh: within the window, made since a
+    /// restart, its nonce not seen. Records nothing.
+    fn check_window(
+        &self,
+        now: Timestamp,
+        at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<(), Reject> {
         let window = self.policy.freshness_window_ms;
         if at_ms.abs_diff(now.0) > window || self.fresh_since.is_some_and(|t| at_ms < t.0) {
             return Err(Reject::StaleRequest);
         }
-        if !self.nonces.insert(nonce, now, 2 * window) {
+        if self.nonces.contains(&nonce) {
             return Err(Reject::Replayed);
         }
         Ok(())
     }
 
-    fn authorize(&mut self, request: &RegistrationRequest) -> Result<(), Reject> {
-        match &mut self.policy.enrollment {
-            Enrollment::Open => Ok(()),
-            Enrollment::Restricted { allowed, tokens } => {
-                if allowed.contains(&request.identity) || tokens.remove(&request.token) {
-                    Ok(())
-                } else {
-                    Err(Reject::Unauthorized)
-                }
-            }
-        }
+    /// Records `nonce`, seen at `now`.
+    fn remember(&mut self, now: Timestamp, nonce: [u8; NONCE_LEN]) {
+        self.nonces
+            .insert(nonce, now, 2 * self.policy.freshness_window_ms);
     }
 
     fn info(&self) -> GroupInfo {

@@ -91,6 +91,9 @@ const NODE: u8 = 3;
 const NODE_GONE: u8 = 4;
 const MEMBER: u8 = 5;
 const MEMBER_GONE: u8 = 6;
+const SPENT: u8 = 7;
+const BANNED: u8 = 8;
+const UNBANNED: u8 = 9;
 const NO_PARENT: u32 = u32::MAX;
 
 /// The sequence numbers `first..next` of a run of rows.
@@ -700,6 +703,12 @@ enum Record<'a> {
     NodeGone(NodeId),
     Member(&'a MemberRecord),
     MemberGone(NodeId),
+    /// An enrollment token's digest, spent.
+    Spent(&'a [u8; 32]),
+    /// An identity banned.
+    Banned(&'a [u8; 32]),
+    /// An identity no longer banned.
+    Unbanned(&'a [u8; 32]),
 }
 
 impl Record<'_> {
@@ -720,6 +729,18 @@ impl Record<'_> {
                 out.push(MEMBER_GONE);
                 out.extend_from_slice(&leaf.0.to_be_bytes());
             }
+            Record::Spent(digest) => {
+                out.push(SPENT);
+                out.extend_from_slice(*digest);
+            }
+            Record::Banned(identity) => {
+                out.push(BANNED);
+                out.extend_from_slice(*identity);
+            }
+            Record::Unbanned(identity) => {
+                out.push(UNBANNED);
+                out.extend_from_slice(*identity);
+            }
         }
     }
 }
@@ -728,7 +749,9 @@ impl Record<'_> {
 fn state_rows(state: &GroupState) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + '_ {
     let records = std::iter::once(Record::Base(state))
         .chain(state.tree.nodes.iter().map(Record::Node))
-        .chain(state.members.iter().map(Record::Member));
+        .chain(state.members.iter().map(Record::Member))
+        .chain(state.enrollment.spent.iter().map(Record::Spent))
+        .chain(state.enrollment.banned.iter().map(Record::Banned));
     cut_rows(records)
 }
 
@@ -738,7 +761,10 @@ fn delta_rows(delta: &GroupDelta) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + 
         .chain(delta.tree.removed.iter().map(|&id| Record::NodeGone(id)))
         .chain(delta.removed_members.iter().map(|&l| Record::MemberGone(l)))
         .chain(delta.tree.changed.iter().map(Record::Node))
-        .chain(delta.members.iter().map(Record::Member));
+        .chain(delta.members.iter().map(Record::Member))
+        .chain(delta.enrollment.spent.iter().map(Record::Spent))
+        .chain(delta.enrollment.banned.iter().map(Record::Banned))
+        .chain(delta.enrollment.unbanned.iter().map(Record::Unbanned));
     cut_rows(records)
 }
 
@@ -887,9 +913,21 @@ fn replay(records: &mut Option<GroupRecords>, base: bool, plain: &[u8]) -> Resul
             MEMBER_GONE => {
                 records.members.remove(&NodeId(r.u32()?));
             }
+            SPENT => {
+                records.enrollment.spent.insert(r.take()?);
+            }
+            BANNED => {
+                records.enrollment.banned.insert(r.take()?);
+            }
+            UNBANNED => {
+                records.enrollment.banned.remove(&r.take::<32>()?);
+            }
             tag => return Err(format!("unknown record {tag}")),
         }
-        if records.nodes.len() > MAX_RECORDS || records.members.len() > MAX_RECORDS {
+        if records.nodes.len() > MAX_RECORDS
+            || records.members.len() > MAX_RECORDS
+            || records.enrollment.len() > MAX_RECORDS
+        {
             return Err(format!("more than {MAX_RECORDS} records"));
         }
     }
@@ -917,6 +955,7 @@ fn decode_base(r: &mut Reader<'_>) -> Result<GroupRecords, String> {
         epoch: Epoch(r.u64()?),
         nodes: std::collections::BTreeMap::new(),
         members: std::collections::BTreeMap::new(),
+        enrollment: crate::store::EnrollmentRecords::default(),
     })
 }
 
@@ -983,6 +1022,7 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::EnrollmentChanges;
     use lkh_tree::{Batch, KeyTree};
     use rand_chacha::ChaCha20Rng;
     use rand_core::{Rng, SeedableRng};
@@ -1026,10 +1066,12 @@ mod tests {
         GroupState {
             tree: tree.snapshot(),
             members: members.members.values().cloned().collect(),
+            enrollment: members.enrollment.clone(),
         }
     }
 
-    /// Comparable contents: the base record, then nodes by id and members by leaf, encoded.
+    /// Comparable contents: the base record, then nodes by id and members by leaf, encoded, then
+    /// the spent tokens and bans.
     fn contents(state: &GroupState) -> Vec<u8> {
         let mut nodes: Vec<&NodeRecord> = state.tree.nodes.iter().collect();
         nodes.sort_by_key(|n| n.id);
@@ -1042,6 +1084,12 @@ mod tests {
         }
         for m in members {
             encode_member(&mut out, m);
+        }
+        for record in state.enrollment.spent.iter().map(Record::Spent) {
+            record.encode(&mut out);
+        }
+        for record in state.enrollment.banned.iter().map(Record::Banned) {
+            record.encode(&mut out);
         }
         out
     }
@@ -1066,6 +1114,7 @@ mod tests {
             let members = GroupRecords::from_state(&GroupState {
                 tree: tree.snapshot(),
                 members: tree.members().map(|l| member(l, 1)).collect(),
+                enrollment: Default::default(),
             });
             Churn { rng, tree, members }
         }
@@ -1096,6 +1145,19 @@ mod tests {
                     .map(|j| member(j.leaf, epoch))
                     .collect(),
                 removed_members: leaves,
+                // A token spent and an identity banned each round; every third lifts a ban.
+                enrollment: {
+                    let tag = epoch.to_be_bytes()[7];
+                    EnrollmentChanges {
+                        spent: vec![[tag; 32]],
+                        banned: vec![[tag; 32]],
+                        unbanned: if epoch.is_multiple_of(3) {
+                            vec![[tag.wrapping_sub(1); 32]]
+                        } else {
+                            Vec::new()
+                        },
+                    }
+                },
             };
             self.members.apply(&delta);
             delta
@@ -1513,6 +1575,7 @@ mod tests {
                     nodes: Vec::new(),
                 },
                 members: Vec::new(),
+                enrollment: Default::default(),
             },
         );
         for cut in 0..base.len() {

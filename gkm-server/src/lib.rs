@@ -41,23 +41,27 @@ pub mod control;
 mod controller;
 #[cfg(feature = "disk")]
 mod disk;
+mod fanout;
 #[cfg(feature = "disk")]
 mod floor;
+mod gate;
 mod policy;
 mod roster;
 mod store;
 
 pub use controller::{
-    Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
-    MemberInfo, MemberSigned, Reject, RekeyProfile, Response, Stats, Transmit,
+    BanTarget, Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
+    MemberInfo, MemberSigned, Reject, RekeyProfile, Response, Stats, Subscription, Transmit,
     VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::{DiskStore, MAX_RECORDS};
+pub use fanout::{COOKIE_INTERVAL_MS, COOKIE_LIFETIME_MS, SOURCE_BUDGET};
 #[cfg(feature = "disk")]
 pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
-pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
+pub use gate::token_digest;
+pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp, TokenRule};
 pub use store::{
-    CompactionFailure, GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, Store,
-    StoreError,
+    CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
+    MemberRecord, MemoryStore, Store, StoreError,
 };

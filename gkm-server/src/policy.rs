@@ -1,6 +1,6 @@
 //! Group policy and the small value types the controller's API uses.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use lkh_tree::{GroupId, TreeConfig};
@@ -21,7 +21,7 @@ impl Timestamp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
-/// Who may register.
+/// Who may register. Banned identities (`gkmctl ban`) are refused under either.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Enrollment {
     /// Anyone who can sign a fresh request (for local demos and tests; the daemon warns).
@@ -30,9 +30,19 @@ pub enum Enrollment {
     Restricted {
         /// Allowed Ed25519 identity keys.
         allowed: BTreeSet<[u8; 32]>,
-        /// Unused single-use enrollment tokens.
-        tokens: BTreeSet<Vec<u8>>,
+        /// Single-use enrollment tokens, by digest ([`crate::token_digest`]), with their
+        /// conditions. A token is spent for good once used (the spent list is durable state).
+        tokens: BTreeMap<[u8; 32], TokenRule>,
     },
+}
+
+/// The conditions of one single-use enrollment token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenRule {
+    /// Refused from this time on (`None`: never expires).
+    pub expires: Option<Timestamp>,
+    /// Only this identity key may spend it (`None`: anyone).
+    pub identity: Option<[u8; 32]>,
 }
 
 /// The longest time between two sends of a rekey datagram.
@@ -71,6 +81,9 @@ pub struct GroupPolicy {
     /// Where the group's rekeys and heartbeats are multicast, told to members in their welcomes
     /// and resync responses so that they need not be configured with it (`None`: not told).
     pub rekey_address: Option<SocketAddr>,
+    /// Whether members that multicast does not reach may subscribe to unicast fan-out (each to
+    /// one address it proved it receives at).
+    pub fanout: bool,
 }
 
 impl GroupPolicy {
@@ -95,6 +108,7 @@ impl GroupPolicy {
             freshness_window_ms: 60_000,
             enrollment: Enrollment::Open,
             rekey_address: None,
+            fanout: true,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Persistence: the [`Store`] the controller writes every rekey's changes to before anything
 //! encrypted under them leaves the process (write-ahead), and [`MemoryStore`] for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lkh_tree::{Epoch, GroupId, NodeId, NodeRecord, TreeChanges, TreeConfig, TreeSnapshot};
 use thiserror::Error;
@@ -26,6 +26,16 @@ pub struct MemberRecord {
     pub lease_until: Timestamp,
 }
 
+/// What keeps a group's enrollment closed across restarts: the tokens spent and the identities
+/// banned. The config's allow list and tokens are policy, read at every start; these are state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnrollmentRecords {
+    /// Digests of the enrollment tokens spent (`derive_key("… spent token", token)`).
+    pub spent: BTreeSet<[u8; 32]>,
+    /// Identity keys refused under every enrollment mode.
+    pub banned: BTreeSet<[u8; 32]>,
+}
+
 /// One group's durable state.
 #[derive(Clone, Debug)]
 pub struct GroupState {
@@ -33,6 +43,8 @@ pub struct GroupState {
     pub tree: TreeSnapshot,
     /// The members.
     pub members: Vec<MemberRecord>,
+    /// Spent tokens and bans.
+    pub enrollment: EnrollmentRecords,
 }
 
 /// Why the store failed. The controller sends nothing of a rekey it could not persist.
@@ -67,6 +79,52 @@ pub struct GroupDelta {
     pub members: Vec<MemberRecord>,
     /// Leaves whose member record is gone.
     pub removed_members: Vec<NodeId>,
+    /// Enrollment tokens spent (digests), identities banned and unbanned, in that order.
+    pub enrollment: EnrollmentChanges,
+}
+
+/// Changes to a group's [`EnrollmentRecords`], applied spent, banned, unbanned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnrollmentChanges {
+    /// Token digests spent.
+    pub spent: Vec<[u8; 32]>,
+    /// Identities banned.
+    pub banned: Vec<[u8; 32]>,
+    /// Identities no longer banned.
+    pub unbanned: Vec<[u8; 32]>,
+}
+
+impl EnrollmentChanges {
+    /// How many changes.
+    pub fn len(&self) -> usize {
+        self.spent.len() + self.banned.len() + self.unbanned.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl EnrollmentRecords {
+    /// Applies `changes`.
+    pub fn apply(&mut self, changes: &EnrollmentChanges) {
+        self.spent.extend(changes.spent.iter().copied());
+        self.banned.extend(changes.banned.iter().copied());
+        for identity in &changes.unbanned {
+            self.banned.remove(identity);
+        }
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.spent.len() + self.banned.len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl GroupDelta {
@@ -76,13 +134,14 @@ impl GroupDelta {
             + self.tree.removed.len()
             + self.members.len()
             + self.removed_members.len()
+            + self.enrollment.len()
     }
 }
 
 impl GroupState {
     /// Records in this state.
     pub fn records(&self) -> usize {
-        self.tree.nodes.len() + self.members.len()
+        self.tree.nodes.len() + self.members.len() + self.enrollment.len()
     }
 }
 
@@ -151,6 +210,8 @@ pub struct GroupRecords {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     /// Members by leaf.
     pub members: BTreeMap<NodeId, MemberRecord>,
+    /// Spent tokens and bans.
+    pub enrollment: EnrollmentRecords,
 }
 
 impl GroupRecords {
@@ -162,6 +223,7 @@ impl GroupRecords {
             epoch: state.tree.epoch,
             nodes: state.tree.nodes.iter().map(|n| (n.id, n.clone())).collect(),
             members: state.members.iter().map(|m| (m.leaf, m.clone())).collect(),
+            enrollment: state.enrollment.clone(),
         }
     }
 
@@ -180,6 +242,7 @@ impl GroupRecords {
         for member in &delta.members {
             self.members.insert(member.leaf, member.clone());
         }
+        self.enrollment.apply(&delta.enrollment);
     }
 
     /// The full state (nodes by id: [`lkh_tree::KeyTree::restore`] takes any order).
@@ -192,6 +255,7 @@ impl GroupRecords {
                 nodes: self.nodes.values().cloned().collect(),
             },
             members: self.members.values().cloned().collect(),
+            enrollment: self.enrollment.clone(),
         }
     }
 }

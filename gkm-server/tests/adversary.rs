@@ -189,7 +189,7 @@ fn v023_an_insider_cannot_forge_rekeys_heartbeats_or_resyncs() {
         cases += 1;
     }
     let before = Seen::of(member);
-    member.handle_timeout(run.now + 10_000);
+    member.handle_timeout(run.now + 5_000);
     assert!(
         member.poll_request().is_none(),
         "forged heartbeats caused a resync"

@@ -308,35 +308,31 @@ fn state_sealed_under_another_storage_key_stops_the_daemon_with_the_file_named()
 fn a_subscribed_member_gets_datagrams_by_unicast_fan_out() {
     let setup = setup("fanout");
     let _daemon = setup.start();
-    let (mut member, id) = join(&setup, 5);
+    let (mut member, _) = join(&setup, 5);
     let epoch = setup.epoch();
-    let request = wire::ResyncRequest {
-        group: GroupId::from_name("demo"),
-        member: id,
-        epoch: lkh_tree::Epoch(epoch),
-        kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
-        timestamp_ms: now_ms(),
-        nonce: [7; wire::NONCE_LEN],
-    };
+    // The member's own state machine subscribes: it asks, echoes the cookie, and is confirmed.
+    member.use_fanout(now_ms());
     let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    udp.set_read_timeout(Some(Duration::from_millis(200)))
+    udp.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    udp.send_to(
-        &wire::sign(&request, &identity(5)),
-        (Ipv4Addr::LOCALHOST, setup.port),
-    )
-    .unwrap();
-    // Heartbeats (every 500 ms) arrive once the subscription is in.
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = vec![0u8; 65_536];
-    let first = loop {
-        assert!(Instant::now() < deadline, "no fan-out datagram");
-        if let Ok((n, from)) = udp.recv_from(&mut buf) {
-            break (n, from);
+    let mut kinds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Heartbeats (every 500 ms) arrive once the address is confirmed.
+    while !kinds.contains(&wire::MessageType::Heartbeat) {
+        assert!(Instant::now() < deadline, "no fan-out datagram: {kinds:?}");
+        member.handle_timeout(now_ms());
+        while let Some(bytes) = member.poll_datagram() {
+            udp.send_to(&bytes, (Ipv4Addr::LOCALHOST, setup.port))
+                .unwrap();
         }
-    };
-    assert_eq!(first.1.port(), setup.port);
-    member.handle_datagram(now_ms(), &buf[..first.0]);
+        if let Ok((n, from)) = udp.recv_from(&mut buf) {
+            assert_eq!(from.port(), setup.port);
+            kinds.push(wire::MessageType::peek(&buf[..n]).unwrap());
+            member.handle_datagram(now_ms(), &buf[..n]);
+        }
+    }
+    assert_eq!(kinds[0], wire::MessageType::CookieReply, "{kinds:?}");
     assert!(setup.ctl(&["rekey", "demo"]).status.success());
     follow(&mut member, &udp, epoch + 1);
 }

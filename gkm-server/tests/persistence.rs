@@ -122,6 +122,7 @@ fn initial(members: usize) -> GroupState {
     GroupState {
         tree: tree.snapshot(),
         members: records,
+        enrollment: Default::default(),
     }
 }
 

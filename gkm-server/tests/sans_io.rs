@@ -5,8 +5,9 @@
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, Inbound, MemoryStore,
-    Reject, Response, Store, StoreError, Timestamp, Transmit, verify_request,
+    BanTarget, Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, Inbound,
+    MemoryStore, Reject, Response, Store, StoreError, Subscription, Timestamp, TokenRule, Transmit,
+    token_digest, verify_request,
 };
 use lkh_tree::{GroupId, Kcv};
 use rand_chacha::ChaCha20Rng;
@@ -423,25 +424,163 @@ fn registration(identity: &SigningKey, nonce: [u8; 16], at: u64, token: &[u8]) -
     wire::sign(&request, identity)
 }
 
-/// A controller at `START` whose group admits the keys `allowed` and the single-use `tokens`.
-fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> Controller<ChaCha20Rng> {
+/// A policy whose group admits the keys `allowed` and the single-use `tokens` (with their rules).
+fn restricted_policy(allowed: &[&SigningKey], tokens: &[(&[u8], TokenRule)]) -> GroupPolicy {
     let mut policy = policy();
     policy.enrollment = gkm_server::Enrollment::Restricted {
         allowed: allowed
             .iter()
             .map(|k| k.verifying_key().to_bytes())
             .collect(),
-        tokens: tokens.iter().map(|t| t.to_vec()).collect(),
+        tokens: tokens
+            .iter()
+            .map(|(t, rule)| (token_digest(t), *rule))
+            .collect(),
     };
+    policy
+}
+
+/// A controller at `at` serving `policy`, continued from what `store` holds, as the daemon starts
+/// (the policy from the config, the state from the store).
+fn started(policy: &GroupPolicy, store: &Shared, at: u64) -> Controller<ChaCha20Rng> {
+    let states = store.0.lock().unwrap().states();
     Controller::new(
         SigningKey::from_bytes(&[42; 32]),
-        ChaCha20Rng::seed_from_u64(1),
-        Box::new(MemoryStore::default()),
-        vec![policy],
-        vec![],
-        Timestamp(START),
+        ChaCha20Rng::seed_from_u64(at),
+        Box::new(store.clone()),
+        vec![policy.clone()],
+        states,
+        Timestamp(at),
     )
     .unwrap()
+}
+
+/// A controller at `START` whose group admits the keys `allowed` and the single-use `tokens`.
+fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> Controller<ChaCha20Rng> {
+    let tokens: Vec<(&[u8], TokenRule)> =
+        tokens.iter().map(|t| (*t, TokenRule::default())).collect();
+    started(
+        &restricted_policy(allowed, &tokens),
+        &Shared::default(),
+        START,
+    )
+}
+
+#[test]
+fn v048_a_spent_token_stays_spent_across_restarts_and_tokens_expire_and_bind() {
+    let (a, b, c) = (
+        SigningKey::from_bytes(&[21; 32]),
+        SigningKey::from_bytes(&[22; 32]),
+        SigningKey::from_bytes(&[23; 32]),
+    );
+    let late = TokenRule {
+        expires: Some(Timestamp(START + 5_000)),
+        identity: None,
+    };
+    let bound = TokenRule {
+        expires: None,
+        identity: Some(c.verifying_key().to_bytes()),
+    };
+    let policy = restricted_policy(
+        &[],
+        &[
+            (b"tok-1", TokenRule::default()),
+            (b"tok-late", late),
+            (b"tok-c", bound),
+        ],
+    );
+    let store = Shared::default();
+    let mut controller = started(&policy, &store, START);
+    let join = |c: &mut Controller<ChaCha20Rng>, who: &SigningKey, at: u64, token: &[u8]| {
+        request_code(c, at, &registration(who, [at as u8; 16], at, token))
+    };
+    assert_eq!(join(&mut controller, &a, START + 1, b"tok-1"), None);
+    // The same config after a restart lists tok-1 again: spent is state, not policy.
+    let mut controller = started(&policy, &store, START + 10);
+    assert_eq!(join(&mut controller, &b, START + 11, b"tok-1"), Some(403));
+    let mut controller = started(&policy, &store, START + 20);
+    assert_eq!(join(&mut controller, &b, START + 21, b"tok-1"), Some(403));
+    // Bound to c: refused to b (and not spent by the refusal), taken by c.
+    assert_eq!(join(&mut controller, &b, START + 22, b"tok-c"), Some(403));
+    assert_eq!(join(&mut controller, &c, START + 23, b"tok-c"), None);
+    // Past its expiry: refused.
+    assert_eq!(
+        join(&mut controller, &b, START + 6_000, b"tok-late"),
+        Some(403)
+    );
+}
+
+#[test]
+fn v049_a_ban_keeps_an_identity_out_across_restarts_under_every_enrollment_mode() {
+    let (a, x) = (
+        SigningKey::from_bytes(&[31; 32]),
+        SigningKey::from_bytes(&[32; 32]),
+    );
+    let x_hex = hex_of(&x);
+    let open = policy();
+    let store = Shared::default();
+    let mut controller = started(&open, &store, START);
+    let join = |c: &mut Controller<ChaCha20Rng>, who: &SigningKey, at: u64| {
+        request_code(c, at, &registration(who, [at as u8; 16], at, b""))
+    };
+    let command = |c: &mut Controller<ChaCha20Rng>, at: u64, command: Command| {
+        let done = c.handle_command(Timestamp(at), command);
+        c.handle_timeout(Timestamp(at));
+        while c.poll_transmit().is_some() {}
+        done
+    };
+    assert_eq!(join(&mut controller, &a, START + 1), None);
+    let Ok(Response::Members(members)) =
+        command(&mut controller, START + 2, Command::Members("demo".into()))
+    else {
+        panic!("members");
+    };
+    let banned = Command::Ban("demo".into(), BanTarget::Member(members[0].id));
+    command(&mut controller, START + 3, banned).unwrap();
+    let banned = Command::Ban(
+        "demo".into(),
+        BanTarget::Identity(x.verifying_key().to_bytes()),
+    );
+    command(&mut controller, START + 4, banned).unwrap();
+    // Evicted, and refused under open enrollment, before and after restarts.
+    assert_eq!(controller.traffic_key(GROUP).map(|_| ()), Some(()));
+    let Ok(Response::Members(members)) =
+        command(&mut controller, START + 5, Command::Members("demo".into()))
+    else {
+        panic!("members");
+    };
+    assert!(members.is_empty(), "{members:?}");
+    assert_eq!(join(&mut controller, &a, START + 6), Some(403));
+    assert_eq!(join(&mut controller, &x, START + 7), Some(403));
+    let mut controller = started(&open, &store, START + 10);
+    assert_eq!(join(&mut controller, &a, START + 11), Some(403));
+    assert_eq!(join(&mut controller, &x, START + 12), Some(403));
+    let Ok(Response::Bans(bans)) =
+        command(&mut controller, START + 13, Command::Bans("demo".into()))
+    else {
+        panic!("bans");
+    };
+    assert_eq!(bans.len(), 2);
+    assert!(bans.contains(&x_hex), "{bans:?}");
+    // Lifted, durably.
+    let unban = Command::Unban("demo".into(), x.verifying_key().to_bytes());
+    command(&mut controller, START + 14, unban).unwrap();
+    let mut controller = started(&open, &store, START + 20);
+    assert_eq!(join(&mut controller, &x, START + 21), None);
+    assert_eq!(join(&mut controller, &a, START + 22), Some(403));
+    let again = Command::Unban("demo".into(), x.verifying_key().to_bytes());
+    assert!(
+        command(&mut controller, START + 23, again).is_err(),
+        "not banned"
+    );
+}
+
+fn hex_of(key: &SigningKey) -> String {
+    key.verifying_key()
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `controller` handles `request` on connection 0 at `at`; the code of its reply, as
@@ -770,6 +909,168 @@ fn v047_a_resync_at_the_current_epoch_with_other_keys_gets_the_path_not_a_renewa
     // The same epoch number with other keys (before: "lease renewed" by the epoch alone).
     let other = ask(&mut net, Kcv([0xee; lkh_tree::KCV_LEN]), 2);
     assert_eq!(other, Some(wire::MessageType::ResyncResponse));
+}
+
+#[test]
+fn v052_a_refused_registration_leaves_no_nonce_behind() {
+    // Refused strangers fill no memory of the controller's: their nonces are not recorded (the
+    // same nonce, now from a listed identity, is taken; before, it was refused as replayed).
+    let listed = SigningKey::from_bytes(&[8; 32]);
+    let stranger = SigningKey::from_bytes(&[9; 32]);
+    let mut controller = restricted(&[&listed], &[]);
+    let nonce = [77; 16];
+    let refused = registration(&stranger, nonce, START, b"");
+    assert_eq!(request_code(&mut controller, START, &refused), Some(403));
+    let listed_request = registration(&listed, nonce, START, b"");
+    assert_eq!(request_code(&mut controller, START, &listed_request), None);
+    // An admitted registration's nonce is recorded: its replay is refused.
+    assert_eq!(
+        request_code(&mut controller, START + 1, &listed_request),
+        Some(409)
+    );
+}
+
+#[test]
+fn v050_fan_out_goes_only_to_an_address_that_echoed_its_cookie_one_per_member() {
+    let mut net = Net::new(12, 0.0);
+    let now = Timestamp(net.now);
+    let ids: Vec<wire::MemberId> = (0..12).map(|i| wire::MemberId(net.member_id(i))).collect();
+    let ask = |i: usize, nonce: u8, cookie: Option<wire::Cookie>, at: Timestamp| {
+        let request = wire::Subscribe {
+            group: GROUP,
+            member: ids[i],
+            timestamp_ms: at.0,
+            nonce: [nonce; 16],
+            cookie,
+        };
+        wire::sign(&request, &identity_of(i as u64))
+    };
+    let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let (a, b, c) = (
+        at("192.0.2.1:5000"),
+        at("192.0.2.2:5000"),
+        at("192.0.2.3:6000"),
+    );
+    let cookie_of = |outcome: Result<Subscription, Reject>| match outcome {
+        Ok(Subscription::Cookie(reply)) => {
+            <wire::CookieReply as wire::Codec>::decode_exact(&reply)
+                .unwrap()
+                .cookie
+        }
+        other => panic!("no cookie: {other:?}"),
+    };
+    // Asked from a: a cookie for a, smaller than the request; a gets nothing else.
+    let request = ask(0, 1, None, now);
+    let outcome = net.controller.handle_subscription(now, a, &request);
+    let Ok(Subscription::Cookie(reply)) = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reply.len() * 2 < request.len(),
+        "{} vs {}",
+        reply.len(),
+        request.len()
+    );
+    let cookie = cookie_of(outcome);
+    assert!(net.controller.fanout_addresses(GROUP, now).is_empty());
+    // a's cookie echoed from b (a spoofer naming b): refused; from a: a is confirmed.
+    let from_b = net
+        .controller
+        .handle_subscription(now, b, &ask(0, 2, Some(cookie), now));
+    assert_eq!(from_b, Err(Reject::BadCookie));
+    assert!(net.controller.fanout_addresses(GROUP, now).is_empty());
+    // Another member cannot use it either, nor can it be replayed.
+    let other = net
+        .controller
+        .handle_subscription(now, a, &ask(1, 3, Some(cookie), now));
+    assert_eq!(other, Err(Reject::BadCookie));
+    let confirm = ask(0, 4, Some(cookie), now);
+    let confirmed = net.controller.handle_subscription(now, a, &confirm);
+    assert_eq!(
+        confirmed,
+        Ok(Subscription::Confirmed {
+            group: GROUP,
+            member: ids[0]
+        })
+    );
+    assert_eq!(net.controller.fanout_addresses(GROUP, now), vec![a]);
+    assert_eq!(
+        net.controller.handle_subscription(now, a, &confirm),
+        Err(Reject::Replayed)
+    );
+    // One cookie per member a second.
+    let again = net
+        .controller
+        .handle_subscription(now, c, &ask(0, 5, None, now));
+    assert_eq!(again, Err(Reject::RateLimited));
+    // A new confirmed address replaces the old: one address per member.
+    let later = Timestamp(now.0 + 1_500);
+    let cookie = cookie_of(
+        net.controller
+            .handle_subscription(later, c, &ask(0, 6, None, later)),
+    );
+    let moved = net
+        .controller
+        .handle_subscription(later, c, &ask(0, 7, Some(cookie), later));
+    assert!(moved.is_ok(), "{moved:?}");
+    assert_eq!(net.controller.fanout_addresses(GROUP, later), vec![c]);
+    // One source gets SOURCE_BUDGET cookies a second, whatever the members.
+    let source = at("198.51.100.7:7000");
+    let granted = (1..12)
+        .filter(|&i| {
+            let outcome = net.controller.handle_subscription(
+                later,
+                source,
+                &ask(i, 100 + i as u8, None, later),
+            );
+            outcome.is_ok()
+        })
+        .count();
+    assert_eq!(granted, gkm_server::SOURCE_BUDGET as usize);
+    // A departed member's address is dropped.
+    net.command(Command::Evict("demo".into(), ids[0].0));
+    net.controller.handle_timeout(Timestamp(net.now));
+    assert!(net.controller.fanout_addresses(GROUP, later).is_empty());
+}
+
+#[test]
+fn v051_only_verified_datagrams_keep_a_member_off_fan_out() {
+    let mut net = Net::new(2, 0.0);
+    let (epoch, traffic) = net.members[0].traffic_key().unwrap();
+    // Forged heartbeats that look in step (the member's epoch and check value), every 200 ms,
+    // and nothing real (the controller's multicast is lost): the member still moves to fan-out
+    // when its silence runs out. Before, any datagram with the group's header reset the timer.
+    let forged = wire::Heartbeat {
+        group: GROUP,
+        epoch,
+        kcv: traffic.check_value(),
+        timestamp_ms: net.now,
+    };
+    let forged = wire::sign(&forged, &SigningKey::from_bytes(&[66; 32]));
+    let start = net.now;
+    let after = net.members[0].config().fanout_after_ms.unwrap();
+    let mut switched = None;
+    for step in 1..=(2 * after / 200) {
+        let now = start + step * 200;
+        net.members[0].handle_datagram(now, &forged);
+        net.members[0].handle_timeout(now);
+        if std::iter::from_fn(|| net.members[0].poll_event())
+            .any(|e| e == MemberEvent::FanoutStarted)
+        {
+            switched = Some(now - start);
+            break;
+        }
+    }
+    let switched = switched.expect("forged heartbeats kept the member on multicast");
+    assert!(switched <= after + 200, "switched after {switched} ms");
+    assert!(net.members[0].on_fanout());
+    // On fan-out it subscribes: a signed subscription for the controller's UDP port.
+    net.members[0].handle_timeout(start + switched);
+    let datagram = net.members[0].poll_datagram().expect("a subscription");
+    assert_eq!(
+        wire::MessageType::peek(&datagram),
+        Ok(wire::MessageType::Subscribe)
+    );
 }
 
 #[test]

@@ -141,6 +141,7 @@ impl Scale {
             vec![GroupState {
                 tree: snapshot,
                 members,
+                enrollment: Default::default(),
             }],
             Timestamp(START),
         )?;

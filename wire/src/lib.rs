@@ -38,6 +38,7 @@
 mod codec;
 pub mod data;
 mod error;
+mod fanout;
 mod message;
 mod rekey;
 mod sealed;
@@ -45,6 +46,7 @@ mod signed;
 
 pub use codec::{Codec, CountWidth, DecodeError, Reader};
 pub use error::WireError;
+pub use fanout::{COOKIE_LEN, Cookie, CookieReply, Subscribe};
 pub use message::{
     DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD, MAX_REASON,
     MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys,

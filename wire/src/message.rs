@@ -58,6 +58,10 @@ pub enum MessageType {
     Error = 8,
     /// Member → group: application data under the traffic key.
     Data = 9,
+    /// Member → controller, UDP: a fan-out subscription (asks for a cookie, or echoes one).
+    Subscribe = 10,
+    /// Controller → a subscription's source address: the cookie to echo.
+    CookieReply = 11,
 }
 
 impl MessageType {
@@ -72,6 +76,8 @@ impl MessageType {
             7 => Self::Leave,
             8 => Self::Error,
             9 => Self::Data,
+            10 => Self::Subscribe,
+            11 => Self::CookieReply,
             other => return Err(DecodeError::BadType(other)),
         })
     }

@@ -25,6 +25,7 @@ fn main() {
     let state = GroupState {
         tree: snapshot,
         members,
+        enrollment: Default::default(),
     };
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = config(4, false);

@@ -198,6 +198,7 @@ fn main() {
     let state = GroupState {
         tree: snapshot,
         members,
+        enrollment: Default::default(),
     };
     let (mut disk, _) = DiskStore::open(&path, &[7; 32]).expect("store");
     let saved = Instant::now();

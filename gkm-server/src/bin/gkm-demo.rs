@@ -313,7 +313,8 @@ impl Demo {
                 "--multicast",
                 &self.multicast,
             ])
-            .args(["--token", &format!("demo-token-{i}")])
+            .arg("--token-file")
+            .arg(token_file(&dir, i)?)
             .arg("--state-dir")
             .arg(&dir)
             .env("RUST_LOG", "info")
@@ -593,4 +594,19 @@ impl Demo {
             eprintln!("logs kept in {}", self.root.display());
         }
     }
+}
+
+/// Writes member `i`'s enrollment token to a file of its own (0600) in `dir`.
+fn token_file(dir: &std::path::Path, i: usize) -> Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("token");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(format!("demo-token-{i}\n").as_bytes())?;
+    Ok(path)
 }

@@ -44,6 +44,29 @@ enum Cmd {
         group: String,
         /// Member id (see `gkmctl members GROUP`).
         member: u64,
+        /// Also ban its identity: it cannot register again, across restarts, until `unban`.
+        #[arg(long)]
+        ban: bool,
+    },
+    /// Keep an identity out of a group under every enrollment mode, across restarts (a current
+    /// member with it is evicted).
+    Ban {
+        /// Group name.
+        group: String,
+        /// Ed25519 identity key, 64 hex digits (see `gkmctl members GROUP`).
+        identity: String,
+    },
+    /// Lift a ban.
+    Unban {
+        /// Group name.
+        group: String,
+        /// Ed25519 identity key, 64 hex digits (see `gkmctl bans GROUP`).
+        identity: String,
+    },
+    /// A group's banned identities.
+    Bans {
+        /// Group name.
+        group: String,
     },
     /// Rekey a group now.
     Rekey {
@@ -96,9 +119,21 @@ impl Cmd {
             Cmd::Members { group } => Request::Members {
                 group: group.clone(),
             },
-            Cmd::Evict { group, member } => Request::Evict {
+            Cmd::Evict { group, member, ban } => Request::Evict {
                 group: group.clone(),
                 member: *member,
+                ban: *ban,
+            },
+            Cmd::Ban { group, identity } => Request::Ban {
+                group: group.clone(),
+                identity: identity.clone(),
+            },
+            Cmd::Unban { group, identity } => Request::Unban {
+                group: group.clone(),
+                identity: identity.clone(),
+            },
+            Cmd::Bans { group } => Request::Bans {
+                group: group.clone(),
             },
             Cmd::Rekey { group } => Request::Rekey {
                 group: group.clone(),
@@ -185,7 +220,26 @@ use std::io::Read as _;
 /// The human rendering of a command's data.
 fn render(command: &Cmd, data: &Value) -> String {
     match command {
-        Cmd::Evict { group, member } => format!("evicted member {member} of {group}; rekeyed\n"),
+        Cmd::Evict {
+            group,
+            member,
+            ban: false,
+        } => format!("evicted member {member} of {group}; rekeyed\n"),
+        Cmd::Evict {
+            group,
+            member,
+            ban: true,
+        } => format!("evicted and banned member {member} of {group}; rekeyed\n"),
+        Cmd::Ban { group, identity } => format!("banned {identity} from {group}\n"),
+        Cmd::Unban { group, identity } => format!("lifted the ban of {identity} in {group}\n"),
+        Cmd::Bans { .. } => {
+            let mut out = String::new();
+            for identity in data.as_array().into_iter().flatten() {
+                out.push_str(identity.as_str().unwrap_or_default());
+                out.push('\n');
+            }
+            out
+        }
         Cmd::Rekey { group } => format!("rekeyed {group}\n"),
         Cmd::Reset { group, .. } => {
             format!("reset {group}: every member was excluded and registers again\n")

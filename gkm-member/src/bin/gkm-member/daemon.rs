@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent, Millis};
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -24,7 +23,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use wire::{NONCE_LEN, ResyncRequest};
+
 use zeroize::Zeroizing;
 
 use crate::api::{self, KeyInfo};
@@ -113,7 +112,9 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
     if let Some(ms) = cfg.renew_ms {
         config.renew_interval_ms = ms;
     }
-    let renew = Duration::from_millis(config.renew_interval_ms);
+    config.fanout_after_ms = cfg
+        .fanout_after
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
 
     let listening = cfg.multicast.unwrap_or(DEFAULT_MULTICAST);
     let rekeys = if cfg.no_multicast {
@@ -142,7 +143,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
 
     let now = now_ms();
     let rng = store::os_rng()?;
-    let member = match dir.load_membership(group) {
+    let mut member = match dir.load_membership(group) {
         Ok(Some((id, path))) => {
             info!(
                 "resuming membership {} at epoch {} from {}",
@@ -165,6 +166,9 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
             Member::new(config, identity.clone(), hpke, rng, now)
         }
     };
+    if matches!(rekeys, Rekeys::Fanout(_)) {
+        member.use_fanout(now);
+    }
     publish(&member, &keys_tx);
 
     let mut driver = Driver {
@@ -173,7 +177,6 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         group,
         dir,
         keys: keys_tx,
-        identity,
         side_rng: store::os_rng()?,
         rekeys,
         multicast: Multicast {
@@ -185,10 +188,6 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         },
         replies: mpsc::channel(64),
         in_flight: None,
-        fanout_next: tokio::time::Instant::now(),
-        renew,
-        fanout_after: cfg.fanout_after,
-        silent_until: None,
         save_after_ms: cfg.save_after_ms,
         persist_at: None,
         published: false,
@@ -216,7 +215,6 @@ struct Driver {
     group: GroupId,
     dir: StateDir,
     keys: watch::Sender<Option<KeyInfo>>,
-    identity: SigningKey,
     side_rng: ChaCha20Rng,
     rekeys: Rekeys,
     multicast: Multicast,
@@ -224,11 +222,6 @@ struct Driver {
     /// The request in flight. A newer one supersedes it: the member takes only the newest
     /// request's reply, so the older connection is closed rather than left to wait.
     in_flight: Option<tokio::task::JoinHandle<()>>,
-    fanout_next: tokio::time::Instant,
-    renew: Duration,
-    fanout_after: Option<Duration>,
-    /// On multicast and admitted: when to give up on multicast unless a datagram arrives.
-    silent_until: Option<tokio::time::Instant>,
     /// Key changes are written this long to twice this long after they happen.
     save_after_ms: u64,
     /// When the membership file is next written: it changed since it was last written.
@@ -242,9 +235,9 @@ impl Driver {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut buf = vec![0u8; 65_536];
-        self.heard(&[]);
         loop {
             self.drain();
+            self.send_datagrams().await;
             if std::mem::take(&mut self.published) {
                 // Applications hear of a new key first: the API tasks (woken by `publish`) write
                 // it to their watchers before this task reads the next datagram or writes files.
@@ -264,14 +257,11 @@ impl Driver {
                 .map_or(Duration::from_secs(3600), |at| {
                     Duration::from_millis(at.saturating_sub(now_ms()))
                 });
-            let fanout = matches!(self.rekeys, Rekeys::Fanout(_));
-            let silent_until = self.silent_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 received = self.rekeys.socket().recv_from(&mut buf) => match received {
                     Ok((n, from)) => {
                         debug!("datagram of {n} bytes from {from}");
                         if let Some(bytes) = buf.get(..n) {
-                            self.heard(bytes);
                             self.member.handle_datagram(now_ms(), bytes);
                         }
                     }
@@ -279,10 +269,6 @@ impl Driver {
                 },
                 Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
-                () = tokio::time::sleep_until(self.fanout_next), if fanout => self.ask_fanout().await,
-                () = tokio::time::sleep_until(silent_until), if self.silent_until.is_some() => {
-                    self.silent().await;
-                }
                 () = sleep_until_some(persist_at), if persist_at.is_some() => {}
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -335,10 +321,7 @@ impl Driver {
                 publish(&self.member, &self.keys);
                 self.published = true;
                 self.persist_within(Duration::ZERO);
-                // Ask for fan-out at once: the controller learns where to send.
-                self.fanout_next = tokio::time::Instant::now();
                 self.follow_rekey_address();
-                self.heard(&[]);
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
                 self.follow_rekey_address();
@@ -357,6 +340,12 @@ impl Driver {
                 );
                 self.dir.remove_membership();
             }
+            MemberEvent::FanoutStarted => warn!(
+                "no verified rekey or heartbeat by multicast for {} ms: switching to unicast \
+                 fan-out from controller {}",
+                self.member_silence_ms(),
+                self.controller
+            ),
             MemberEvent::Refused {
                 code,
                 reason,
@@ -365,7 +354,7 @@ impl Driver {
                 let hint = if code == 403 {
                     "; the group admits listed identity keys and enrollment tokens only: ask its \
                      operator to list this member's identity key (logged at start) or for a \
-                     token (--token)"
+                     token (--token-file)"
                 } else {
                     ""
                 };
@@ -390,21 +379,6 @@ impl Driver {
             && let Err(e) = self.dir.save_membership(self.group, id, path)
         {
             warn!("cannot persist the membership: {e:#}; a restart will register again");
-        }
-    }
-
-    /// Restarts the silence timer when a rekey or heartbeat of this member's group arrives (`[]`:
-    /// at start and on admission). Anything else on the socket does not count, another group's
-    /// datagrams included (a member given another group's address falls back to fan-out).
-    fn heard(&mut self, bytes: &[u8]) {
-        let group_traffic = bytes.is_empty()
-            || matches!(
-                wire::MessageType::peek_group(bytes),
-                Ok((wire::MessageType::Rekey | wire::MessageType::Heartbeat, group))
-                    if group == self.group
-            );
-        if let (Some(after), true) = (self.fanout_after, group_traffic) {
-            self.silent_until = Some(tokio::time::Instant::now() + after);
         }
     }
 
@@ -446,64 +420,33 @@ impl Driver {
         }
     }
 
-    /// Nothing arrived for too long. On multicast: switch to unicast fan-out. On fan-out: ask the
-    /// controller for the current keys over TCP (the controller ignores fan-out requests of a
-    /// member it evicted, so this is how such a member learns it must register again).
-    async fn silent(&mut self) {
-        match self.rekeys {
-            Rekeys::Multicast(_) => self.switch_to_fanout().await,
-            Rekeys::Fanout(_) => {
-                warn!(
-                    "no rekey or heartbeat by fan-out for {:?}: asking controller {} for the \
-                     current keys",
-                    self.fanout_after.unwrap_or_default(),
-                    self.controller
-                );
-                self.member.check_in(now_ms());
-            }
-        }
-        self.heard(&[]);
+    fn member_silence_ms(&self) -> u64 {
+        self.member.config().fanout_after_ms.unwrap_or_default()
     }
 
-    /// Multicast stayed silent too long: receive by unicast fan-out from now on.
-    async fn switch_to_fanout(&mut self) {
-        match net::fanout_socket(self.controller).await {
-            Ok(socket) => {
-                warn!(
-                    "no rekey or heartbeat by multicast for {:?}: switching to unicast fan-out \
-                     from controller {}",
-                    self.fanout_after.unwrap_or_default(),
-                    self.controller
-                );
-                self.rekeys = Rekeys::Fanout(socket);
-                self.fanout_next = tokio::time::Instant::now();
+    /// Sends the member's datagrams for the controller (fan-out subscriptions), opening the
+    /// fan-out socket first when the member moved to fan-out.
+    async fn send_datagrams(&mut self) {
+        if self.member.on_fanout() && matches!(self.rekeys, Rekeys::Multicast(_)) {
+            match net::fanout_socket(self.controller).await {
+                Ok(socket) => self.rekeys = Rekeys::Fanout(socket),
+                Err(e) => warn!("cannot open a socket for fan-out ({e:#}); staying on multicast"),
             }
-            Err(e) => warn!("cannot open a socket for fan-out ({e:#}); staying on multicast"),
         }
-    }
-
-    /// Fan-out mode: a signed resync request as a datagram tells the controller where to send.
-    async fn ask_fanout(&mut self) {
-        self.fanout_next = tokio::time::Instant::now() + self.renew;
-        let Some((member, path)) = self.member.membership() else {
-            // Not admitted yet: try again shortly after the welcome.
-            self.fanout_next = tokio::time::Instant::now() + Duration::from_secs(1);
-            return;
-        };
-        let mut nonce = [0u8; NONCE_LEN];
-        self.side_rng.fill_bytes(&mut nonce);
-        let request = ResyncRequest {
-            group: self.group,
-            member,
-            epoch: path.epoch(),
-            kcv: gkm_member::kcv_of(path),
-            timestamp_ms: now_ms(),
-            nonce,
-        };
-        let bytes = wire::sign(&request, &self.identity);
-        match self.rekeys.socket().send_to(&bytes, self.controller).await {
-            Ok(_) => debug!("asked controller {} for fan-out", self.controller),
-            Err(e) => warn!("cannot ask controller {} for fan-out: {e}", self.controller),
+        while let Some(bytes) = self.member.poll_datagram() {
+            let Rekeys::Fanout(socket) = &self.rekeys else {
+                continue;
+            };
+            match socket.send_to(&bytes, self.controller).await {
+                Ok(_) => debug!(
+                    "fan-out subscription sent to controller {}",
+                    self.controller
+                ),
+                Err(e) => warn!(
+                    "cannot send a fan-out subscription to {}: {e}",
+                    self.controller
+                ),
+            }
         }
     }
 

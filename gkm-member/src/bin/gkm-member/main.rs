@@ -92,9 +92,10 @@ struct RunArgs {
     /// The local API socket (default: STATE_DIR/api.sock).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// An enrollment token.
+    /// A file holding an enrollment token (its first line; mode 0600, like a key): a token is a
+    /// secret, and `ps` shows command lines.
     #[arg(long)]
-    token: Option<String>,
+    token_file: Option<PathBuf>,
     /// IPv4 interface address for multicast.
     #[arg(long, default_value = "127.0.0.1")]
     interface: Ipv4Addr,
@@ -181,6 +182,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => runtime.block_on(daemon::run(daemon::RunConfig {
+            token: args
+                .token_file
+                .as_deref()
+                .map(store::read_token)
+                .transpose()?,
             controller: args.controller,
             group: args.group,
             controller_key: args.controller_key,
@@ -189,7 +195,6 @@ fn execute(command: Command) -> anyhow::Result<()> {
             interface: args.interface,
             interface_v6: args.interface_v6,
             api_socket: args.api_socket,
-            token: args.token,
             no_multicast: args.no_multicast,
             renew_ms: args.renew_ms,
             fanout_after: (args.fanout_after_ms > 0)

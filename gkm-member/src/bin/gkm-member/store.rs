@@ -239,3 +239,32 @@ fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     key.copy_from_slice(&bytes);
     Ok(key)
 }
+
+/// The enrollment token in `path`: its first line, at most [`wire::MAX_TOKEN`] bytes. Refused
+/// when others may read the file.
+pub(crate) fn read_token(path: &Path) -> Result<String> {
+    let mut file =
+        File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "token file {} may be read by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let mut text = Zeroizing::new(String::new());
+    (&mut file)
+        .take(4 * wire::MAX_TOKEN as u64)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() || token.len() > wire::MAX_TOKEN {
+        bail!(
+            "token file {}: the first line must hold a token of 1 to {} bytes",
+            path.display(),
+            wire::MAX_TOKEN
+        );
+    }
+    Ok(token.to_owned())
+}

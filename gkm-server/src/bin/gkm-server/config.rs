@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use gkm_server::{Enrollment, GroupPolicy};
+use gkm_server::{Enrollment, GroupPolicy, Timestamp, TokenRule};
 use lkh_tree::{GroupId, Strategy};
 use serde::Deserialize;
 
@@ -31,7 +31,10 @@ multicast = "239.255.77.1:47701"
 ttl = 1
 interface = "127.0.0.1"   # IPv4: the interface address; IPv6: the interface index
 loop = true
-fanout = true             # also send each datagram by unicast to subscribed members
+# Also send each datagram by unicast to members that multicast does not reach, each at the one
+# address where it proved (by echoing a cookie) that it receives: no address gets more than a
+# cookie smaller than the request before that.
+fanout = true
 # degree = 4
 # strategy = "group"      # group | key | user
 # hash_forward_joins = false
@@ -45,7 +48,9 @@ fanout = true             # also send each datagram by unicast to subscribed mem
 # mtu = 1200
 # enrollment = "open"     # open | restricted
 # allowed = []            # hex Ed25519 identity keys (restricted)
-# tokens = []             # single-use enrollment tokens (restricted)
+# Single-use enrollment tokens (restricted): a string, or a table that may set an expiry and
+# the one identity that may spend it. A token is spent for good, across restarts.
+# tokens = ["tok-1", { token = "tok-2", expires = 2027-06-30T00:00:00Z, identity = "<hex>" }]
 "#;
 
 /// The whole file.
@@ -96,7 +101,23 @@ pub(crate) struct GroupConfig {
     #[serde(default)]
     allowed: Vec<String>,
     #[serde(default)]
-    tokens: Vec<String>,
+    tokens: Vec<TokenConfig>,
+}
+
+/// One enrollment token: the token alone, or with its conditions.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenConfig {
+    Plain(String),
+    Rule(TokenRuleConfig),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRuleConfig {
+    token: String,
+    expires: Option<toml::value::Datetime>,
+    identity: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -296,6 +317,7 @@ impl GroupConfig {
         let what = |field: &str| format!("group {:?}: bad {field}", self.name);
         let mut p = GroupPolicy::new(&self.name, self.id());
         p.rekey_address = Some(self.multicast);
+        p.fanout = self.fanout;
         if let Some(d) = self.degree {
             if !(2..=64).contains(&d) {
                 bail!("{}: degree is 2..=64, not {d}", what("degree"));
@@ -367,13 +389,81 @@ impl GroupConfig {
                         })?;
                     allowed.insert(bytes);
                 }
-                let tokens = self.tokens.iter().map(|t| t.as_bytes().to_vec()).collect();
+                let mut tokens = BTreeMap::new();
+                for token in &self.tokens {
+                    let (token, rule) = token.rule().map_err(|e| e.context(what("token")))?;
+                    if tokens
+                        .insert(gkm_server::token_digest(token.as_bytes()), rule)
+                        .is_some()
+                    {
+                        bail!("{}: a token is listed twice", what("token"));
+                    }
+                }
                 Enrollment::Restricted { allowed, tokens }
             }
             Some(other) => bail!("{}: {other:?}; use open or restricted", what("enrollment")),
         };
         Ok(p)
     }
+}
+
+impl TokenConfig {
+    /// The token and its conditions.
+    fn rule(&self) -> Result<(&str, TokenRule)> {
+        let rule = match self {
+            TokenConfig::Plain(token) => return Ok((token, TokenRule::default())),
+            TokenConfig::Rule(rule) => rule,
+        };
+        let expires = rule
+            .expires
+            .as_ref()
+            .map(unix_ms)
+            .transpose()?
+            .map(Timestamp);
+        let identity = rule
+            .identity
+            .as_deref()
+            .map(|key| {
+                hex::decode(key)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .with_context(|| format!("identity {key:?} is not 64 hex digits"))
+            })
+            .transpose()?;
+        Ok((&rule.token, TokenRule { expires, identity }))
+    }
+}
+
+/// Milliseconds since the Unix epoch of a TOML date-time with an offset (an instant).
+fn unix_ms(at: &toml::value::Datetime) -> Result<u64> {
+    let (Some(date), Some(time), Some(offset)) = (at.date, at.time, at.offset) else {
+        bail!(
+            "expires {at} is not an instant: give a date, a time and an offset (2027-06-30T00:00:00Z)"
+        );
+    };
+    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+    let (y, m, d) = (
+        i64::from(date.year),
+        i64::from(date.month),
+        i64::from(date.day),
+    );
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let offset_minutes = match offset {
+        toml::value::Offset::Z => 0,
+        toml::value::Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let seconds = days * 86_400
+        + i64::from(time.hour) * 3_600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.unwrap_or(0))
+        - offset_minutes * 60;
+    let ms = seconds * 1_000 + i64::from(time.nanosecond.unwrap_or(0) / 1_000_000);
+    u64::try_from(ms).with_context(|| format!("expires {at} is before 1970"))
 }
 
 /// Where multicast leaves the host.
@@ -423,6 +513,42 @@ mod tests {
         let error = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(error.contains("group \"a\" appears twice"), "{error}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn token_expiries_are_instants() {
+        let at = |s: &str| unix_ms(&s.parse().unwrap());
+        assert_eq!(at("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(at("2027-06-30T00:00:00Z").unwrap(), 1_814_313_600_000);
+        assert_eq!(
+            at("2000-02-29T12:30:15.250+02:00").unwrap(),
+            951_820_215_250
+        );
+        assert!(at("2027-06-30").is_err(), "a date alone is not an instant");
+        assert!(
+            at("2027-06-30T00:00:00").is_err(),
+            "no offset: not an instant"
+        );
+    }
+
+    #[test]
+    fn tokens_may_carry_an_expiry_and_an_identity() {
+        let key = "ab".repeat(32);
+        let text = format!(
+            "[[group]]\nname = \"g\"\nenrollment = \"restricted\"\ntokens = [\"a\", \
+             {{ token = \"b\", expires = 2027-06-30T00:00:00Z, identity = \"{key}\" }}]\n"
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        let Enrollment::Restricted { tokens, .. } = c.groups[0].policy().unwrap().enrollment else {
+            panic!("restricted");
+        };
+        assert_eq!(
+            tokens[&gkm_server::token_digest(b"a")],
+            TokenRule::default()
+        );
+        let b = tokens[&gkm_server::token_digest(b"b")];
+        assert_eq!(b.expires, Some(Timestamp(1_814_313_600_000)));
+        assert_eq!(b.identity, Some([0xab; 32]));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! tokio workers (one per core)            controller thread ("gkm-controller")
 //!   accept, read frame                      loop: take the queue (or sleep until poll_timeout)
-//!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / subscribe for
+//!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / _subscription for
 //!   (Ed25519, the welcome's X25519,               everything queued, then handle_timeout
 //!    any worker)                                  (rekey: store commit, welcome sealing on
 //!   control lines, UDP subscriptions ───►         worker threads)
@@ -14,10 +14,11 @@
 //! commit of each rekey, sealing a batch's welcomes) never stalls the tokio workers, so requests
 //! keep being read and their signatures verified on every core meanwhile. The queue (see
 //! [`crate::queue`]) lets registrations wait for their group's scheduled batch without waking
-//! the thread. Fan-out: a datagram
-//! on the request port's UDP socket is a subscription; when it is valid and the group's `fanout`
-//! is on, every multicast datagram of that group is also sent by unicast to the subscriber's
-//! address until the subscription is older than the group's lease.
+//! the thread. Fan-out: a datagram on the request port's UDP socket is a subscription
+//! ([`gkm_server::Controller::handle_subscription`]): answered with a cookie at its source, or,
+//! echoing one, confirming the member's one fan-out address; every multicast datagram of the
+//! group is then also sent by unicast to each confirmed address, by a thread of its own
+//! ("gkm-fanout") so that the controller's thread does not wait on those sends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -31,7 +32,8 @@ use anyhow::{Context, Result};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
-    Command, ConnId, Controller, Event, GroupInfo, Inbound, Response, Stats, Timestamp, Transmit,
+    Command, ConnId, Controller, Event, GroupInfo, Inbound, Response, Stats, Subscription,
+    Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
@@ -46,8 +48,10 @@ use crate::config::{Config, Interface};
 use crate::queue::{ControllerQueue, MAX_QUEUED_OTHER, ToController};
 use crate::state::StateDir;
 
-/// Largest request frame.
-const MAX_FRAME: usize = 65_536;
+/// Largest request frame: the largest request, a registration with the longest token, is 229
+/// bytes; this leaves room for post-quantum HPKE keys (an X-Wing public key is 1,216 bytes) and
+/// bounds what one connection may make the daemon hold (it was 64 KiB).
+const MAX_FRAME: usize = 4_096;
 /// How long a connection admitted by closing another waits for that one's slot.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Connections the kernel completes before we accept them (capped by `net.core.somaxconn`). The
@@ -64,8 +68,6 @@ const CONTROL_IDLE: Duration = Duration::from_secs(300);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// The controller thread's longest sleep when no timer is set.
 const IDLE_WAIT: Duration = Duration::from_secs(3_600);
-/// Subscribers remembered per group.
-const MAX_SUBSCRIBERS: usize = 4_096;
 
 type OsRng = UnwrapErr<SysRng>;
 
@@ -127,14 +129,29 @@ fn queue_capacity(max_connections: usize) -> usize {
     max_connections + MAX_CONTROL + MAX_QUEUED_OTHER + 1
 }
 
-/// A group's multicast socket and unicast subscribers.
+/// A group's multicast socket.
 struct GroupNet {
     name: String,
     socket: UdpSocket,
     to: SocketAddr,
-    fanout: bool,
-    lease_ms: u64,
-    subscribers: BTreeMap<SocketAddr, Timestamp>,
+}
+
+/// One datagram for the fan-out thread and where to send it.
+type FanoutJob = (Arc<[u8]>, Vec<SocketAddr>);
+
+/// Datagrams waiting for the fan-out thread; past this, a datagram's fan-out is dropped (its
+/// repeats and the members' resyncs cover it).
+const FANOUT_QUEUE: usize = 1_024;
+
+/// Sends each job's datagram to each of its addresses, until the sender is dropped.
+fn fanout_thread(udp: &UdpSocket, jobs: std::sync::mpsc::Receiver<FanoutJob>) {
+    for (bytes, addresses) in jobs {
+        for to in addresses {
+            if let Err(e) = udp.send_to(&bytes, to) {
+                debug!("fan-out send to {to} failed: {e}");
+            }
+        }
+    }
 }
 
 /// The controller thread's state.
@@ -143,6 +160,8 @@ struct Driver {
     groups: HashMap<GroupId, GroupNet>,
     /// The request port's UDP socket (a clone of the one the subscription task reads).
     udp: UdpSocket,
+    /// Datagrams for the fan-out thread.
+    fanout: std::sync::mpsc::SyncSender<FanoutJob>,
     pending: HashMap<ConnId, oneshot::Sender<Vec<u8>>>,
     /// Pending replies are pruned of closed connections when there are this many.
     prune_at: usize,
@@ -174,9 +193,6 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
                         format!("group {:?}: cannot open its multicast socket", g.name)
                     })?,
                 to: g.multicast,
-                fanout: g.fanout,
-                lease_ms: policy.lease_ms,
-                subscribers: BTreeMap::new(),
             },
         );
         policies.push(policy);
@@ -255,10 +271,17 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
     );
     warn_if_few_descriptors(config.max_connections);
     let queue = ControllerQueue::new(queue_capacity(config.max_connections));
+    let (fanout, jobs) = std::sync::mpsc::sync_channel(FANOUT_QUEUE);
+    let fanout_udp = udp.try_clone()?;
+    std::thread::Builder::new()
+        .name("gkm-fanout".into())
+        .spawn(move || fanout_thread(&fanout_udp, jobs))
+        .context("cannot start the fan-out thread")?;
     let driver = Driver {
         controller,
         groups,
         udp,
+        fanout,
         pending: HashMap::new(),
         prune_at: 64,
         audit: BufWriter::new(audit),
@@ -496,24 +519,14 @@ impl Driver {
     }
 
     fn subscribe(&mut self, bytes: &[u8], from: SocketAddr) {
-        let at = now();
-        match self.controller.subscribe(at, bytes) {
-            Ok((group, member)) => {
-                let Some(g) = self.groups.get_mut(&group) else {
-                    return;
-                };
-                if !g.fanout {
-                    debug!(%from, group = %g.name, "fan-out is off for this group; subscription ignored");
-                    return;
+        match self.controller.handle_subscription(now(), from, bytes) {
+            Ok(Subscription::Cookie(cookie)) => {
+                if let Err(e) = self.udp.send_to(&cookie, from) {
+                    debug!(%from, "cannot send a fan-out cookie: {e}");
                 }
-                let lease = g.lease_ms;
-                g.subscribers.retain(|_, since| since.plus(lease) > at);
-                if g.subscribers.len() >= MAX_SUBSCRIBERS && !g.subscribers.contains_key(&from) {
-                    warn!(group = %g.name, "too many fan-out subscribers; ignoring {from}");
-                    return;
-                }
-                debug!(%from, group = %g.name, member = member.0, "fan-out subscription");
-                g.subscribers.insert(from, at);
+            }
+            Ok(Subscription::Confirmed { group, member }) => {
+                debug!(%from, %group, member = member.0, "fan-out address confirmed");
             }
             Err(reason) => debug!(%from, ?reason, "subscription refused"),
         }
@@ -548,15 +561,9 @@ impl Driver {
         if let Err(e) = g.socket.send_to(bytes, g.to) {
             warn!(group = %g.name, "multicast send to {} failed: {e}", g.to);
         }
-        if g.fanout {
-            let at = now();
-            let lease = g.lease_ms;
-            g.subscribers.retain(|_, since| since.plus(lease) > at);
-            for to in g.subscribers.keys() {
-                if let Err(e) = self.udp.send_to(bytes, *to) {
-                    debug!(group = %g.name, "fan-out send to {to} failed: {e}");
-                }
-            }
+        let addresses = self.controller.fanout_addresses(group, now());
+        if !addresses.is_empty() && self.fanout.try_send((Arc::from(bytes), addresses)).is_err() {
+            debug!(%group, "fan-out queue full: this datagram goes by multicast only");
         }
     }
 
