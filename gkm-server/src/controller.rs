@@ -16,7 +16,7 @@ use wire::{
     SealedKind, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
 };
 
-use crate::fanout::{Cookies, Subscribers};
+use crate::fanout::{Cookies, RateLimit, Subscribers};
 use crate::gate::Gate;
 use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
 use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
@@ -40,6 +40,9 @@ pub enum Transmit {
         bytes: Vec<u8>,
     },
 }
+
+/// The least time between two paths sent to one member by resync (each an HPKE seal).
+pub const RESYNC_INTERVAL_MS: u64 = 200;
 
 /// What became of an accepted fan-out subscription ([`Controller::handle_subscription`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -668,6 +671,8 @@ struct Group {
     gate: Gate,
     /// Confirmed fan-out addresses.
     subscribers: Subscribers,
+    /// When each member was last sent its path by resync.
+    resynced: RateLimit,
     next_lease_scan: Timestamp,
     joins: PendingJoins,
     departures: BTreeMap<MemberId, DepartReason>,
@@ -1265,6 +1270,10 @@ impl<R: CryptoRng> Controller<R> {
             self.ack(conn, gid, "lease renewed");
             return Ok(());
         }
+        // A path costs an HPKE seal: one per member per RESYNC_INTERVAL_MS.
+        if !g.resynced.allow(request.member, now) {
+            return Err((Reject::RateLimited, gid).into());
+        }
         g.stats.resyncs += 1;
         let to = SealedFor {
             kind: SealedKind::Resync,
@@ -1413,6 +1422,18 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
+    /// Answers a registration that waited for its batch with a refusal.
+    fn refuse_join(&mut self, conn: ConnId, group: GroupId, reject: Reject, reason: String) {
+        let code = reject.code();
+        let bytes = ErrorMessage {
+            group,
+            code,
+            reason,
+        }
+        .to_bytes();
+        self.transmits.push_back(Transmit::Reply { conn, bytes });
+    }
+
     /// One rekey of group `id`: the pending batch, or a refresh.
     fn rekey(&mut self, id: GroupId, now: Timestamp) {
         let started = self.profiler.map(|now| now());
@@ -1432,27 +1453,16 @@ impl<R: CryptoRng> Controller<R> {
             .into_iter()
             .partition(|join| g.gate.banned(&join.identity));
         for refused in banned {
-            self.transmits.push_back(Transmit::Reply {
-                conn: refused.conn,
-                bytes: ErrorMessage {
-                    group: id,
-                    code: Reject::Unauthorized.code(),
-                    reason: "Unauthorized".into(),
-                }
-                .to_bytes(),
-            });
+            self.refuse_join(
+                refused.conn,
+                id,
+                Reject::Unauthorized,
+                "Unauthorized".into(),
+            );
         }
         if joins.len() > room {
             for refused in joins.split_off(room) {
-                self.transmits.push_back(Transmit::Reply {
-                    conn: refused.conn,
-                    bytes: ErrorMessage {
-                        group: id,
-                        code: Reject::GroupFull.code(),
-                        reason: "group full".into(),
-                    }
-                    .to_bytes(),
-                });
+                self.refuse_join(refused.conn, id, Reject::GroupFull, "group full".into());
             }
         }
         let Some(g) = self.groups.get_mut(&id) else {
@@ -1473,15 +1483,7 @@ impl<R: CryptoRng> Controller<R> {
                 g.departures = departures;
                 let reason = format!("rekey refused: {error}");
                 for join in joins {
-                    self.transmits.push_back(Transmit::Reply {
-                        conn: join.conn,
-                        bytes: ErrorMessage {
-                            group: id,
-                            code: Reject::GroupFull.code(),
-                            reason: reason.clone(),
-                        }
-                        .to_bytes(),
-                    });
+                    self.refuse_join(join.conn, id, Reject::GroupFull, reason.clone());
                 }
                 return;
             }
@@ -1492,6 +1494,7 @@ impl<R: CryptoRng> Controller<R> {
         let unrecorded = departures.len().saturating_sub(RECENT_DEPARTURES);
         for (i, (member, reason)) in departures.iter().enumerate() {
             g.subscribers.remove(*member);
+            g.resynced.remove(*member);
             if let Some(record) = g.members.remove(*member) {
                 if i >= unrecorded {
                     let departure = Departure {
@@ -1847,6 +1850,7 @@ impl Group {
             members: Roster::new(members),
             gate,
             subscribers: Subscribers::default(),
+            resynced: RateLimit::new(RESYNC_INTERVAL_MS),
             joins: PendingJoins::default(),
             departures: BTreeMap::new(),
             departed: Departed::default(),

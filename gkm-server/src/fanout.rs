@@ -100,27 +100,61 @@ impl Cookies {
     }
 }
 
+/// At most one thing per member per interval (a cookie, a resync path).
+pub(crate) struct RateLimit {
+    interval_ms: u64,
+    last: HashMap<MemberId, Timestamp>,
+}
+
+impl RateLimit {
+    /// One per member per `interval_ms`.
+    pub(crate) fn new(interval_ms: u64) -> Self {
+        RateLimit {
+            interval_ms,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Whether `member` may have one now; records it if so.
+    pub(crate) fn allow(&mut self, member: MemberId, now: Timestamp) -> bool {
+        if self.last.len() >= 4_096 && !self.last.contains_key(&member) {
+            let interval = self.interval_ms;
+            self.last.retain(|_, at| at.plus(interval) > now);
+        }
+        match self.last.get(&member) {
+            Some(at) if at.plus(self.interval_ms) > now => false,
+            _ => {
+                self.last.insert(member, now);
+                true
+            }
+        }
+    }
+
+    /// Forgets `member`.
+    pub(crate) fn remove(&mut self, member: MemberId) {
+        self.last.remove(&member);
+    }
+}
+
 /// One group's confirmed fan-out addresses, one per member.
-#[derive(Default)]
 pub(crate) struct Subscribers {
     confirmed: HashMap<MemberId, (SocketAddr, Timestamp)>,
-    cookie_sent: HashMap<MemberId, Timestamp>,
+    cookie_sent: RateLimit,
+}
+
+impl Default for Subscribers {
+    fn default() -> Self {
+        Subscribers {
+            confirmed: HashMap::new(),
+            cookie_sent: RateLimit::new(COOKIE_INTERVAL_MS),
+        }
+    }
 }
 
 impl Subscribers {
     /// Whether `member` may be sent a cookie now (one per [`COOKIE_INTERVAL_MS`]); records it.
     pub(crate) fn may_send_cookie(&mut self, member: MemberId, now: Timestamp) -> bool {
-        if self.cookie_sent.len() > 2 * self.confirmed.len() + 4_096 {
-            self.cookie_sent
-                .retain(|_, at| at.plus(COOKIE_INTERVAL_MS) > now);
-        }
-        match self.cookie_sent.get(&member) {
-            Some(at) if at.plus(COOKIE_INTERVAL_MS) > now => false,
-            _ => {
-                self.cookie_sent.insert(member, now);
-                true
-            }
-        }
+        self.cookie_sent.allow(member, now)
     }
 
     /// `from` is now `member`'s fan-out address (replacing any other).
@@ -131,7 +165,7 @@ impl Subscribers {
     /// `member` departed.
     pub(crate) fn remove(&mut self, member: MemberId) {
         self.confirmed.remove(&member);
-        self.cookie_sent.remove(&member);
+        self.cookie_sent.remove(member);
     }
 
     /// The addresses confirmed within `lease_ms` (older ones are dropped).

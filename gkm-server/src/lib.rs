@@ -51,8 +51,8 @@ mod store;
 
 pub use controller::{
     BanTarget, Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
-    MemberInfo, MemberSigned, Reject, RekeyProfile, Response, Stats, Subscription, Transmit,
-    VerifiedRegistration, verify_request,
+    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Stats,
+    Subscription, Transmit, VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::{DiskStore, MAX_RECORDS};

@@ -931,6 +931,47 @@ fn v052_a_refused_registration_leaves_no_nonce_behind() {
 }
 
 #[test]
+fn v052_a_member_gets_one_resync_path_per_interval() {
+    let mut net = Net::new(2, 0.0);
+    let member = wire::MemberId(net.member_id(0));
+    let behind = |nonce: u8, at: u64| {
+        let request = ResyncRequest {
+            group: GROUP,
+            member,
+            epoch: lkh_tree::Epoch(0),
+            kcv: Kcv([0; lkh_tree::KCV_LEN]),
+            timestamp_ms: at,
+            nonce: [nonce; 16],
+        };
+        wire::sign(&request, &identity_of(0))
+    };
+    let now = net.now;
+    let kind = |net: &mut Net, at: u64, bytes: &[u8]| {
+        net.controller
+            .handle_request(ConnId(0), Timestamp(at), bytes);
+        std::iter::from_fn(|| net.controller.poll_transmit()).find_map(|t| match t {
+            Transmit::Reply { bytes, .. } => Some(bytes),
+            Transmit::Multicast { .. } => None,
+        })
+    };
+    let first = kind(&mut net, now, &behind(1, now)).unwrap();
+    assert_eq!(
+        wire::MessageType::peek(&first),
+        Ok(wire::MessageType::ResyncResponse)
+    );
+    // Again at once (each path is an HPKE seal): refused, 429.
+    let again = kind(&mut net, now + 10, &behind(2, now + 10)).unwrap();
+    let refused = <wire::ErrorMessage as wire::Codec>::decode_exact(&again).unwrap();
+    assert_eq!(refused.code, 429);
+    let later = now + gkm_server::RESYNC_INTERVAL_MS;
+    let third = kind(&mut net, later, &behind(3, later)).unwrap();
+    assert_eq!(
+        wire::MessageType::peek(&third),
+        Ok(wire::MessageType::ResyncResponse)
+    );
+}
+
+#[test]
 fn v050_fan_out_goes_only_to_an_address_that_echoed_its_cookie_one_per_member() {
     let mut net = Net::new(12, 0.0);
     let now = Timestamp(net.now);

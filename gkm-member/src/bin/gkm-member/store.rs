@@ -215,21 +215,27 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let mut file = File::open(path).with_context(|| {
-        format!(
-            "cannot open {}; run `gkm-member init` or pass the right --state-dir",
-            path.display()
-        )
-    })?;
+/// Opens a secret file, refusing one that others may read.
+fn open_private(path: &Path) -> Result<File> {
+    let file = File::open(path)?;
     let mode = file.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         bail!(
-            "{} is readable by others (mode {:o}); chmod 600 it",
+            "{} may be read by others (mode {:o}); chmod 600 it",
             path.display(),
             mode & 0o777
         );
     }
+    Ok(file)
+}
+
+fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let mut file = open_private(path).with_context(|| {
+        format!(
+            "cannot use {}; run `gkm-member init` or pass the right --state-dir",
+            path.display()
+        )
+    })?;
     let mut bytes = Zeroizing::new(Vec::new());
     (&mut file).take(33).read_to_end(&mut bytes)?;
     let mut key = Zeroizing::new([0u8; 32]);
@@ -244,15 +250,7 @@ fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
 /// when others may read the file.
 pub(crate) fn read_token(path: &Path) -> Result<String> {
     let mut file =
-        File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
-    let mode = file.metadata()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "token file {} may be read by others (mode {:o}); chmod 600 it",
-            path.display(),
-            mode & 0o777
-        );
-    }
+        open_private(path).with_context(|| format!("cannot use token file {}", path.display()))?;
     let mut text = Zeroizing::new(String::new());
     (&mut file)
         .take(4 * wire::MAX_TOKEN as u64)
