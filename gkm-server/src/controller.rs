@@ -41,7 +41,8 @@ pub enum Transmit {
     },
 }
 
-/// The least time between two paths sent to one member by resync (each an HPKE seal).
+/// The least time between two paths of one epoch sent to one member by resync (each an HPKE
+/// seal).
 pub const RESYNC_INTERVAL_MS: u64 = 200;
 
 /// What became of an accepted fan-out subscription ([`Controller::handle_subscription`]).
@@ -1270,8 +1271,9 @@ impl<R: CryptoRng> Controller<R> {
             self.ack(conn, gid, "lease renewed");
             return Ok(());
         }
-        // A path costs an HPKE seal: one per member per RESYNC_INTERVAL_MS.
-        if !g.resynced.allow(request.member, now) {
+        // A path costs an HPKE seal: one per member per RESYNC_INTERVAL_MS, unless the epoch
+        // moved since its last (a member that lost two rekeys in a row is not held back).
+        if !g.resynced.allow_in(request.member, now, epoch.0) {
             return Err((Reject::RateLimited, gid).into());
         }
         g.stats.resyncs += 1;

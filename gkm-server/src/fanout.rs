@@ -100,10 +100,11 @@ impl Cookies {
     }
 }
 
-/// At most one thing per member per interval (a cookie, a resync path).
+/// At most one thing per member per interval (a cookie, a resync path), or per `round` (a
+/// resync path for an epoch the member was not yet sent).
 pub(crate) struct RateLimit {
     interval_ms: u64,
-    last: HashMap<MemberId, Timestamp>,
+    last: HashMap<MemberId, (Timestamp, u64)>,
 }
 
 impl RateLimit {
@@ -117,14 +118,20 @@ impl RateLimit {
 
     /// Whether `member` may have one now; records it if so.
     pub(crate) fn allow(&mut self, member: MemberId, now: Timestamp) -> bool {
+        self.allow_in(member, now, 0)
+    }
+
+    /// Whether `member` may have one now in `round` (any number that only grows, such as an
+    /// epoch): a round it had none in yet is always allowed. Records it if so.
+    pub(crate) fn allow_in(&mut self, member: MemberId, now: Timestamp, round: u64) -> bool {
         if self.last.len() >= 4_096 && !self.last.contains_key(&member) {
             let interval = self.interval_ms;
-            self.last.retain(|_, at| at.plus(interval) > now);
+            self.last.retain(|_, (at, _)| at.plus(interval) > now);
         }
         match self.last.get(&member) {
-            Some(at) if at.plus(self.interval_ms) > now => false,
+            Some((at, seen)) if at.plus(self.interval_ms) > now && *seen >= round => false,
             _ => {
-                self.last.insert(member, now);
+                self.last.insert(member, (now, round));
                 true
             }
         }

@@ -931,7 +931,7 @@ fn v052_a_refused_registration_leaves_no_nonce_behind() {
 }
 
 #[test]
-fn v052_a_member_gets_one_resync_path_per_interval() {
+fn v052_a_member_gets_one_resync_path_per_epoch_and_interval() {
     let mut net = Net::new(2, 0.0);
     let member = wire::MemberId(net.member_id(0));
     let behind = |nonce: u8, at: u64| {
@@ -963,8 +963,18 @@ fn v052_a_member_gets_one_resync_path_per_interval() {
     let again = kind(&mut net, now + 10, &behind(2, now + 10)).unwrap();
     let refused = <wire::ErrorMessage as wire::Codec>::decode_exact(&again).unwrap();
     assert_eq!(refused.code, 429);
-    let later = now + gkm_server::RESYNC_INTERVAL_MS;
+    // A new epoch since its last path: sent at once (it lost two rekeys in a row).
+    net.controller
+        .handle_command(Timestamp(now + 20), Command::Rekey("demo".into()))
+        .unwrap();
+    let moved = kind(&mut net, now + 30, &behind(4, now + 30)).unwrap();
+    assert_eq!(
+        wire::MessageType::peek(&moved),
+        Ok(wire::MessageType::ResyncResponse)
+    );
+    let later = now + 30 + gkm_server::RESYNC_INTERVAL_MS;
     let third = kind(&mut net, later, &behind(3, later)).unwrap();
+    // (After the interval, a path of the same epoch again.)
     assert_eq!(
         wire::MessageType::peek(&third),
         Ok(wire::MessageType::ResyncResponse)

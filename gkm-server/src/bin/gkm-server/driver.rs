@@ -733,14 +733,23 @@ async fn accept_control(control: UnixListener, uid: u32, queue: ControllerQueue)
     }
 }
 
-/// Answers metrics scrapes, if a metrics address is configured.
+/// Metrics connections served at once; more are closed at once (a scraper needs one).
+const MAX_METRICS_CONNECTIONS: usize = 8;
+
+/// Answers metrics scrapes, if a metrics address is configured: at most
+/// [`MAX_METRICS_CONNECTIONS`] at a time.
 async fn accept_metrics(listener: Option<TcpListener>, queue: ControllerQueue) {
     let Some(listener) = listener else {
         return;
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(ACCEPT_BACKOFF).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!("too many metrics connections; closing one");
             continue;
         };
         let (tx, rx) = oneshot::channel();
@@ -749,6 +758,7 @@ async fn accept_metrics(listener: Option<TcpListener>, queue: ControllerQueue) {
                 if let Ok(text) = rx.await {
                     serve_metrics(stream, text).await;
                 }
+                drop(slot);
             });
         }
     }

@@ -16,8 +16,13 @@ use gkm_server::{Command, ConnId, Inbound};
 use lkh_tree::GroupId;
 use tokio::sync::oneshot;
 
-/// Fan-out subscriptions and metrics scrapes waiting for the controller; more are dropped.
-pub(crate) const MAX_QUEUED_OTHER: usize = 64;
+/// Fan-out subscriptions waiting for the controller; more are dropped.
+pub(crate) const MAX_QUEUED_SUBSCRIPTIONS: usize = 64;
+/// Metrics scrapes waiting for the controller, apart from subscriptions (a subscription flood
+/// does not blind monitoring, nor scrapes the subscriptions); more are refused.
+pub(crate) const MAX_QUEUED_SCRAPES: usize = 4;
+/// Subscriptions and scrapes waiting, at most.
+pub(crate) const MAX_QUEUED_OTHER: usize = MAX_QUEUED_SUBSCRIPTIONS + MAX_QUEUED_SCRAPES;
 
 /// What the tokio side hands the controller thread.
 pub(crate) enum ToController {
@@ -41,12 +46,14 @@ pub(crate) enum ToController {
 }
 
 impl ToController {
-    /// A subscription or scrape: bounded apart, so a UDP flood cannot crowd out registrations.
-    fn is_other(&self) -> bool {
-        matches!(
-            self,
-            ToController::Subscribe { .. } | ToController::Metrics(_)
-        )
+    /// Subscriptions and scrapes are bounded apart, each by its own budget, so a UDP flood can
+    /// crowd out neither registrations nor monitoring.
+    fn budget(&self) -> Option<Budget> {
+        match self {
+            ToController::Subscribe { .. } => Some(Budget::Subscriptions),
+            ToController::Metrics(_) => Some(Budget::Scrapes),
+            _ => None,
+        }
     }
 
     /// A registration for one of the `batching` groups: it can wait for that batch.
@@ -59,12 +66,30 @@ impl ToController {
     }
 }
 
+/// The bounded kinds of message.
+#[derive(Clone, Copy)]
+enum Budget {
+    Subscriptions,
+    Scrapes,
+}
+
+impl Budget {
+    fn limit(self) -> usize {
+        match self {
+            Budget::Subscriptions => MAX_QUEUED_SUBSCRIPTIONS,
+            Budget::Scrapes => MAX_QUEUED_SCRAPES,
+        }
+    }
+}
+
 /// The queue's state, under one lock.
 #[derive(Default)]
 struct State {
     messages: VecDeque<ToController>,
-    /// Subscriptions and scrapes among `messages`.
-    others: usize,
+    /// Subscriptions among `messages`.
+    subscriptions: usize,
+    /// Scrapes among `messages`.
+    scrapes: usize,
     /// Messages among `messages` that must wake the thread.
     urgent: usize,
     /// Whether the thread is waiting (so a message that cannot wait must wake it).
@@ -75,6 +100,15 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    fn count(&mut self, budget: Budget) -> &mut usize {
+        match budget {
+            Budget::Subscriptions => &mut self.subscriptions,
+            Budget::Scrapes => &mut self.scrapes,
+        }
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
@@ -83,7 +117,7 @@ struct Shared {
 
 /// Both ends of the queue (the tokio side sends, the controller thread receives). Requests and
 /// control commands are bounded by their connection limits through `capacity`; subscriptions and
-/// scrapes also by [`MAX_QUEUED_OTHER`].
+/// scrapes also by their own budgets ([`MAX_QUEUED_SUBSCRIPTIONS`], [`MAX_QUEUED_SCRAPES`]).
 #[derive(Clone)]
 pub(crate) struct ControllerQueue(Arc<Shared>);
 
@@ -103,14 +137,17 @@ impl ControllerQueue {
         let Ok(mut state) = self.0.state.lock() else {
             return false;
         };
-        let other = message.is_other();
+        let budget = message.budget();
         let full =
             state.messages.len() >= self.0.capacity && !matches!(message, ToController::Stop);
-        if state.closed || full || (other && state.others >= MAX_QUEUED_OTHER) {
+        let spent = budget.is_some_and(|b| *state.count(b) >= b.limit());
+        if state.closed || full || spent {
             return false;
         }
         let urgent = !message.can_wait(&state.batching);
-        state.others += usize::from(other);
+        if let Some(b) = budget {
+            *state.count(b) += 1;
+        }
         state.urgent += usize::from(urgent);
         state.messages.push_back(message);
         let wake = urgent && state.waiting;
@@ -148,7 +185,8 @@ impl ControllerQueue {
             }
             state.waiting = false;
         }
-        state.others = 0;
+        state.subscriptions = 0;
+        state.scrapes = 0;
         state.urgent = 0;
         std::mem::take(&mut state.messages)
     }
@@ -259,10 +297,25 @@ mod tests {
         assert!(waited < Duration::from_secs(5), "not woken: {waited:?}");
     }
 
+    fn subscription() -> ToController {
+        ToController::Subscribe {
+            bytes: Vec::new(),
+            from: SocketAddr::from(([127, 0, 0, 1], 9)),
+        }
+    }
+
     #[test]
-    fn the_queue_is_bounded_overall_and_for_scrapes_and_refuses_after_close() {
+    fn the_queue_is_bounded_overall_and_for_subscriptions_and_scrapes_apart() {
         let queue = ControllerQueue::new(MAX_QUEUED_OTHER + 2);
-        for _ in 0..MAX_QUEUED_OTHER {
+        for _ in 0..MAX_QUEUED_SUBSCRIPTIONS {
+            assert!(queue.send(subscription()));
+        }
+        assert!(
+            !queue.send(subscription()),
+            "subscriptions past their bound"
+        );
+        // A subscription flood leaves the scrapes their own room.
+        for _ in 0..MAX_QUEUED_SCRAPES {
             assert!(queue.send(scrape()));
         }
         assert!(!queue.send(scrape()), "scrapes past their bound");
