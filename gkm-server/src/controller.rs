@@ -15,6 +15,7 @@ use wire::{
     MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor,
     SealedKind, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
 };
+use zeroize::Zeroize;
 
 use crate::fanout::{Cookies, RateLimit, Subscribers};
 use crate::gate::Gate;
@@ -735,13 +736,15 @@ impl<R: CryptoRng> Controller<R> {
         }
         let mut cookie_key = [0u8; 32];
         rng.fill_bytes(&mut cookie_key);
+        let cookies = Cookies::new(cookie_key);
+        cookie_key.zeroize();
         Ok(Controller {
             signer,
             rng,
             store,
             groups: out,
             names,
-            cookies: Cookies::new(cookie_key),
+            cookies,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             workers: 1,

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use lkh_tree::GroupId;
 use wire::{COOKIE_LEN, Cookie, MemberId};
+use zeroize::Zeroizing;
 
 use crate::policy::Timestamp;
 
@@ -25,7 +26,7 @@ const MAX_SOURCES: usize = 65_536;
 
 /// The cookie key and the per-source budget (controller-wide).
 pub(crate) struct Cookies {
-    key: [u8; 32],
+    key: Zeroizing<[u8; 32]>,
     second: u64,
     sent: HashMap<IpAddr, u32>,
 }
@@ -34,7 +35,7 @@ impl Cookies {
     /// Cookies under `key` (random, drawn at start).
     pub(crate) fn new(key: [u8; 32]) -> Self {
         Cookies {
-            key,
+            key: Zeroizing::new(key),
             second: 0,
             sent: HashMap::new(),
         }

@@ -11,20 +11,6 @@ use std::time::Duration;
 
 use support::{Running, SERVER, Server, new_member, register};
 
-/// `gkm-server init --state-dir STATE`; panics unless it succeeds.
-fn init(setup: &Server) {
-    let out = Command::new(SERVER)
-        .args(["init", "--state-dir"])
-        .arg(&setup.state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The state directory's config with `edit` applied to its text.
 fn edit_config(setup: &Server, edit: impl FnOnce(String) -> String) {
     let path = setup.state.join("gkm-server.toml");
@@ -55,7 +41,7 @@ fn server(setup: &Server, args: &[&str]) -> Command {
 #[test]
 fn v040_run_serves_the_config_in_its_state_directory() {
     let setup = Server::new("state-config", "");
-    init(&setup);
+    setup.init(&[]);
     edit_config(&setup, |text| restricted(&setup, &text));
 
     let check = server(&setup, &["check-config"]).output().unwrap();
@@ -99,7 +85,7 @@ fn v040_run_serves_the_config_in_its_state_directory() {
 #[test]
 fn v040_a_config_with_an_unknown_key_stops_the_daemon_naming_file_line_and_key() {
     let setup = Server::new("bad-config", "");
-    init(&setup);
+    setup.init(&[]);
     edit_config(&setup, |text| {
         restricted(&setup, &text).replace("ttl = 1\n", "ttl = 1\nenrolment = \"open\"\n")
     });

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Running, SERVER, Server, new_member, register, temp_dir};
+use support::{Running, Server, new_member, register, temp_dir};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -40,18 +40,7 @@ fn v045_the_storage_key_can_live_outside_the_state_directory_and_state_files_are
     let setup = Server::new("key-files", "");
     let vault = temp_dir("vault");
     let key = vault.join("storage.key");
-    let out = Command::new(SERVER)
-        .args(["init", "--state-dir"])
-        .arg(&setup.state)
-        .arg("--storage-key-file")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.init(&["--storage-key-file".as_ref(), key.as_os_str()]);
     assert!(
         !setup.state.join("storage.key").exists(),
         "init wrote the key beside the state"

@@ -178,6 +178,21 @@ impl Server {
         }
     }
 
+    /// `gkm-server init --state-dir STATE ARGS`; panics unless it succeeds.
+    pub(crate) fn init(&self, args: &[&std::ffi::OsStr]) {
+        let out = Command::new(SERVER)
+            .args(["init", "--state-dir"])
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The control socket.
     pub(crate) fn socket(&self) -> PathBuf {
         self.state.join("control.sock")

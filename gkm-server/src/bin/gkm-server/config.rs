@@ -104,15 +104,16 @@ pub(crate) struct GroupConfig {
     tokens: Vec<TokenConfig>,
 }
 
-/// One enrollment token: the token alone, or with its conditions.
-#[derive(Debug, Deserialize)]
+/// One enrollment token: the token alone, or with its conditions. A token is a secret: its
+/// `Debug` prints `***`.
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum TokenConfig {
     Plain(String),
     Rule(TokenRuleConfig),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenRuleConfig {
     token: String,
@@ -407,6 +408,12 @@ impl GroupConfig {
     }
 }
 
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenConfig(***)")
+    }
+}
+
 impl TokenConfig {
     /// The token and its conditions.
     fn rule(&self) -> Result<(&str, TokenRule)> {
@@ -513,6 +520,16 @@ mod tests {
         let error = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(error.contains("group \"a\" appears twice"), "{error}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn tokens_never_print() {
+        let c: Config = toml::from_str(
+            "[[group]]\nname = \"g\"\ntokens = [\"sekrit-1\", { token = \"sekrit-2\" }]\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sekrit"), "{shown}");
     }
 
     #[test]
