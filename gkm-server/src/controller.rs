@@ -1478,6 +1478,8 @@ impl<R: CryptoRng> Controller<R> {
             leaves,
             joins: joins.len(),
         };
+        // Staged: until the save succeeds, the tree's changes can be undone (GKM-V053).
+        g.tree.stage();
         let rekey = match g
             .tree
             .rekey_with_workers(&batch, &mut self.rng, self.workers)
@@ -1485,6 +1487,10 @@ impl<R: CryptoRng> Controller<R> {
             Ok(rekey) => rekey,
             Err(error) => {
                 // Nothing changed: the departures wait for the next batch, the joiners hear why.
+                if g.tree.abort().is_err() {
+                    self.tree_lost(id);
+                    return;
+                }
                 g.departures = departures;
                 let reason = format!("rekey refused: {error}");
                 for join in joins {
@@ -1494,52 +1500,22 @@ impl<R: CryptoRng> Controller<R> {
             }
         };
         let epoch = rekey.epoch;
-        // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
-        // rest (a batch of 100,000 departures at 2^20 members).
-        let unrecorded = departures.len().saturating_sub(RECENT_DEPARTURES);
-        for (i, (member, reason)) in departures.iter().enumerate() {
-            g.subscribers.remove(*member);
-            g.resynced.remove(*member);
-            if let Some(record) = g.members.remove(*member) {
-                if i >= unrecorded {
-                    let departure = Departure {
-                        identity: record.identity,
-                        reason: *reason,
-                        epoch,
-                    };
-                    g.departed.record(*member, departure);
-                }
-                self.events.push_back(Event::Departed {
-                    group: id.0,
-                    member: member.0,
-                    reason: *reason,
-                    epoch: epoch.0,
-                    at: now.0,
-                });
-            }
-        }
-        let joined = joins.len();
-        let mut welcomes = Vec::with_capacity(joined);
-        let mut admitted = Vec::with_capacity(joined);
-        for (join, joiner) in joins.into_iter().zip(&rekey.joiners) {
-            let recipient = *join.encapsulation.recipient();
-            let lease_until = now.plus(g.policy.lease_ms);
-            let member =
+        // The roster changes with the tree, and is saved with it; nothing else changes (no
+        // event, no reply, no address forgotten) until the save has succeeded.
+        let removed: Vec<MemberRecord> = departures
+            .keys()
+            .filter_map(|member| g.members.remove(*member))
+            .collect();
+        let lease_until = now.plus(g.policy.lease_ms);
+        let admitted: Vec<MemberId> = joins
+            .iter()
+            .zip(&rekey.joiners)
+            .map(|(join, joiner)| {
+                let recipient = *join.encapsulation.recipient();
                 g.members
-                    .insert(joiner.leaf, join.identity, recipient, epoch.0, lease_until);
-            let to = SealedFor {
-                kind: SealedKind::Welcome,
-                member,
-                request_nonce: join.nonce,
-                recipient,
-                rekey_address: g.policy.rekey_address,
-            };
-            welcomes.push((join.encapsulation, to, &joiner.path));
-            admitted.push((join.conn, member, join.identity));
-        }
-        g.epoch_times.insert(epoch.0, now);
-        g.next_refresh =
-            (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
+                    .insert(joiner.leaf, join.identity, recipient, epoch.0, lease_until)
+            })
+            .collect();
         let clock = self.profiler;
         let tree_done = clock.map(|now| now());
         // Write-ahead: the changes are durable before anything encrypted under them is queued.
@@ -1571,7 +1547,6 @@ impl<R: CryptoRng> Controller<R> {
             (saved, pack_and_sign())
         };
         let signed = clock.map(|now| now());
-        g.saved = saved.is_ok();
         drop(save);
         while let Some(failure) = self.store.take_compaction_failure() {
             self.events.push_back(Event::CompactionFailed {
@@ -1582,15 +1557,88 @@ impl<R: CryptoRng> Controller<R> {
         }
         if let Err(error) = saved {
             self.store_failed(id, epoch, &error);
+            let Some(g) = self.groups.get_mut(&id) else {
+                return;
+            };
+            // Exactly as before: the epoch's keys and datagrams are dropped unsent, the roster
+            // and the tree go back, and the batch is tried again after a pause.
+            drop(datagrams);
+            for member in admitted {
+                g.members.remove(member);
+            }
+            for r in removed {
+                g.members
+                    .insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
+            }
+            let _ = g.members.take_changes();
+            g.saved = false;
+            if g.tree.abort().is_err() {
+                self.tree_lost(id);
+                return;
+            }
+            g.departures = departures;
+            for join in joins {
+                g.joins.push(join);
+            }
+            g.batch_due = Some(now.plus(SAVE_RETRY_MS));
             return;
         }
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        g.tree.commit();
+        g.saved = true;
+        // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
+        // rest (a batch of 100,000 departures at 2^20 members).
+        let unrecorded = removed.len().saturating_sub(RECENT_DEPARTURES);
+        for (i, record) in removed.iter().enumerate() {
+            let member = record.id;
+            let reason = departures
+                .get(&member)
+                .copied()
+                .unwrap_or(DepartReason::Left);
+            g.subscribers.remove(member);
+            g.resynced.remove(member);
+            if i >= unrecorded {
+                let departure = Departure {
+                    identity: record.identity,
+                    reason,
+                    epoch,
+                };
+                g.departed.record(member, departure);
+            }
+            self.events.push_back(Event::Departed {
+                group: id.0,
+                member: member.0,
+                reason,
+                epoch: epoch.0,
+                at: now.0,
+            });
+        }
+        let joined = joins.len();
+        let mut welcomes = Vec::with_capacity(joined);
+        let mut replies_to = Vec::with_capacity(joined);
+        for ((join, joiner), member) in joins.into_iter().zip(&rekey.joiners).zip(admitted) {
+            let to = SealedFor {
+                kind: SealedKind::Welcome,
+                member,
+                request_nonce: join.nonce,
+                recipient: *join.encapsulation.recipient(),
+                rekey_address: g.policy.rekey_address,
+            };
+            welcomes.push((join.encapsulation, to, &joiner.path));
+            replies_to.push((join.conn, member, join.identity));
+        }
+        g.epoch_times.insert(epoch.0, now);
+        g.next_refresh =
+            (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
         let repeats = usize::from(g.policy.repeats.max(1));
         g.stats.rekeys += 1;
         g.stats.encryptions += rekey.encryptions.len() as u64;
         g.stats.datagrams += (datagrams.len() * repeats) as u64;
         g.stats.bytes += (bytes * repeats) as u64;
-        g.stats.registrations += admitted.len() as u64;
+        g.stats.registrations += replies_to.len() as u64;
         let spacing = g.policy.repeat_spacing_ms;
         for copy in 0..repeats as u64 {
             for d in &datagrams {
@@ -1625,7 +1673,7 @@ impl<R: CryptoRng> Controller<R> {
                 welcomes: now().saturating_sub(signed),
             });
         }
-        for ((conn, member, identity), reply) in admitted.into_iter().zip(replies) {
+        for ((conn, member, identity), reply) in replies_to.into_iter().zip(replies) {
             self.transmits
                 .push_back(Transmit::Reply { conn, bytes: reply });
             self.events.push_back(Event::Admitted {
@@ -1640,7 +1688,7 @@ impl<R: CryptoRng> Controller<R> {
             group: id.0,
             epoch: epoch.0,
             joins: joined,
-            departures: departures.len(),
+            departures: removed.len(),
             encryptions: rekey.encryptions.len(),
             datagrams: datagrams.len(),
             bytes,
@@ -1667,6 +1715,21 @@ impl<R: CryptoRng> Controller<R> {
             .to_bytes(),
         };
         on_workers(welcomes, self.workers, seal)
+    }
+
+    /// A staged tree that could not be put back (never expected: the abort rebuilds a tree the
+    /// controller itself built): the group is dropped from memory, so that nothing of the unsaved
+    /// epoch is served; a restart loads its last durable state.
+    fn tree_lost(&mut self, id: GroupId) {
+        if let Some(g) = self.groups.remove(&id) {
+            self.events.push_back(Event::StoreFailed {
+                group: id.0,
+                epoch: g.tree.epoch().0,
+                error: "the group's unsaved rekey could not be undone; the group is unloaded \
+                        until the controller restarts from its store"
+                    .into(),
+            });
+        }
     }
 
     fn store_failed(&mut self, id: GroupId, epoch: Epoch, error: &StoreError) {
@@ -1697,6 +1760,9 @@ impl<R: CryptoRng> Controller<R> {
         });
     }
 }
+
+/// How long a batch whose save failed waits before it is tried again.
+const SAVE_RETRY_MS: u64 = 1_000;
 
 /// Encryptions in a rekey from which its save runs on a thread of its own while the datagrams are
 /// packed and signed (about 40 encryptions fill a datagram, and a signature takes about 20 µs).

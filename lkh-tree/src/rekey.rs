@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
 use crate::member::{MemberPath, PathKey, PathUpdate, Wrap};
 use crate::secret::NodeKey;
-use crate::tree::{Kind, MAX_DEPTH, NIL, Shape};
+use crate::tree::{Kind, MAX_DEPTH, NIL, Record, Shape};
 use crate::wrap::{Encryption, WrapContext};
 
 /// Which wraps a rekey makes (see the module docs).
@@ -222,12 +222,15 @@ const MARK_REFRESH: u8 = 8;
 /// Call order: [`KeyTree::new`], then any sequence of [`KeyTree::rekey`] (or
 /// [`KeyTree::rekey_with_workers`], or the shorthands [`KeyTree::join`], [`KeyTree::leave`],
 /// [`KeyTree::refresh`]); each returns a [`Rekey`] to persist and send. The tree changes in
-/// memory at once: persist the result before anything encrypted under it leaves the process.
+/// memory at once: persist the result before anything encrypted under it leaves the process,
+/// and open a stage first ([`KeyTree::stage`]) to be able to undo a rekey whose save failed.
 pub struct KeyTree {
     group: GroupId,
     config: TreeConfig,
     epoch: Epoch,
     pub(crate) shape: Shape,
+    /// The epoch before the open stage, if one is open.
+    staged_from: Option<Epoch>,
 }
 
 impl KeyTree {
@@ -248,6 +251,7 @@ impl KeyTree {
             config,
             epoch: Epoch(0),
             shape: Shape::new(config.degree, &NodeKey::random(rng)),
+            staged_from: None,
         })
     }
 
@@ -838,7 +842,88 @@ impl KeyTree {
             config,
             epoch: snapshot.epoch,
             shape,
+            staged_from: None,
         })
+    }
+}
+
+/// Staged rekeys: a rekey that cannot be made durable is undone.
+///
+/// [`KeyTree::stage`] opens a stage: the tree then keeps, for each node a rekey changes, its
+/// value from before (one record per node touched, so the cost follows the rekey, not the tree).
+/// [`KeyTree::commit`] drops what was kept once the rekey is saved; [`KeyTree::abort`] puts the
+/// tree back exactly as it was when the stage opened (keys, structure, epoch, and the record of
+/// changes not yet taken), for a save that failed. An abort rebuilds the tree's indexes, in time
+/// linear in its size: it is the rare path.
+impl KeyTree {
+    /// Opens a stage (an open one is committed first).
+    pub fn stage(&mut self) {
+        self.commit();
+        self.staged_from = Some(self.epoch);
+        self.shape.open_stage();
+    }
+
+    /// Whether a stage is open.
+    pub fn is_staged(&self) -> bool {
+        self.staged_from.is_some()
+    }
+
+    /// Keeps every change since [`KeyTree::stage`] (nothing if no stage is open).
+    pub fn commit(&mut self) {
+        self.staged_from = None;
+        self.shape.close_stage();
+    }
+
+    /// Undoes every change since [`KeyTree::stage`] (nothing if no stage is open). Changes
+    /// recorded before the stage and not yet taken are still reported by the next
+    /// [`KeyTree::take_changes`]; changes taken during the stage were of the stage, so the
+    /// caller's next save after an abort is of the whole tree.
+    pub fn abort(&mut self) -> Result<(), TreeError> {
+        let stage = self.shape.close_stage();
+        let Some(epoch) = self.staged_from.take() else {
+            return Ok(());
+        };
+        let mut by_id: HashMap<u32, Record> = self
+            .shape
+            .records()
+            .into_iter()
+            .map(|record| (record.0, record))
+            .collect();
+        let mut retouch = self.shape.touched_ids()[..stage.touched_before].to_vec();
+        for (id, old) in stage.kept {
+            match old {
+                Some(record) => {
+                    by_id.insert(id, record);
+                    retouch.push(id);
+                }
+                None => {
+                    by_id.remove(&id);
+                }
+            };
+        }
+        let nodes = by_id
+            .into_values()
+            .map(|(id, parent, kind, version, key)| NodeRecord {
+                id: NodeId(id),
+                parent: (parent != NIL).then_some(NodeId(parent)),
+                leaf: kind == Kind::Leaf,
+                version: KeyVersion(version),
+                key,
+            })
+            .collect();
+        let snapshot = TreeSnapshot {
+            group: self.group,
+            config: self.config,
+            epoch,
+            nodes,
+        };
+        let mut before = KeyTree::restore(&snapshot)?;
+        if self.shape.tracking() {
+            before.shape.track();
+            before.shape.retouch(&retouch);
+        }
+        *self = before;
+        Ok(())
     }
 }
 

@@ -54,6 +54,8 @@ pub(crate) struct Node {
     pub(crate) kind: Kind,
     /// Listed in [`Shape::touched`] (only while changes are tracked).
     touched: bool,
+    /// Its value before the open stage is kept in [`Shape::journal`].
+    journaled: bool,
 }
 
 const FREE_NODE: Node = Node {
@@ -67,6 +69,7 @@ const FREE_NODE: Node = Node {
     children: 0,
     kind: Kind::Free,
     touched: false,
+    journaled: false,
 };
 
 impl Node {
@@ -142,7 +145,22 @@ pub(crate) struct Shape {
     track: bool,
     /// Nodes whose persisted fields (parent, kind, version, key) changed since the last take.
     touched: Vec<u32>,
+    /// What the open stage keeps, if one is open.
+    journal: Option<Stage>,
 }
+
+/// What a stage keeps to undo itself.
+#[derive(Default)]
+pub(crate) struct Stage {
+    /// Each changed node's record from before the stage (`None` for a node that was free), in
+    /// the order first changed.
+    pub(crate) kept: Vec<(u32, Option<Record>)>,
+    /// How many entries of [`Shape::touched`] predate the stage (and have not been taken since).
+    pub(crate) touched_before: usize,
+}
+
+/// A node as persisted: (id, parent, kind, version, key).
+pub(crate) type Record = (u32, u32, Kind, u64, NodeKey);
 
 /// Where a join or a move lands.
 #[derive(Clone, Copy)]
@@ -166,6 +184,7 @@ impl Shape {
             members: 0,
             track: false,
             touched: Vec::new(),
+            journal: None,
         };
         let root = shape.alloc(Kind::Internal, 0);
         debug_assert_eq!(root, NodeId::ROOT.0);
@@ -178,15 +197,77 @@ impl Shape {
     }
 
     pub(crate) fn set_key(&mut self, id: u32, key: &NodeKey, version: KeyVersion) {
+        self.keep_old(id);
         let node = self.nodes.node_mut(id);
         node.key = *key.as_bytes();
         node.version = version.0;
         self.touch(id);
     }
 
+    /// Whether changed nodes are recorded.
+    pub(crate) fn tracking(&self) -> bool {
+        self.track
+    }
+
     /// Starts recording changed nodes (idempotent).
     pub(crate) fn track(&mut self) {
         self.track = true;
+    }
+
+    /// Opens a stage: from now on each node's persisted fields are kept before they first change,
+    /// until [`Shape::close_stage`].
+    pub(crate) fn open_stage(&mut self) {
+        self.journal = Some(Stage {
+            kept: Vec::new(),
+            touched_before: self.touched.len(),
+        });
+    }
+
+    /// Closes the open stage and returns what it kept (nothing when none was open).
+    pub(crate) fn close_stage(&mut self) -> Stage {
+        let journal = self.journal.take().unwrap_or_default();
+        for &(id, _) in &journal.kept {
+            if self.nodes.get(id).is_some_and(|node| node.journaled) {
+                self.nodes.node_mut(id).journaled = false;
+            }
+        }
+        journal
+    }
+
+    /// Keeps `id`'s persisted fields, before a change, if a stage is open and they are not kept
+    /// yet. An id at or beyond the arena's end was free.
+    fn keep_old(&mut self, id: u32) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        let Some(node) = self.nodes.get(id) else {
+            journal.kept.push((id, None));
+            return;
+        };
+        if node.journaled {
+            return;
+        }
+        let record = (node.kind != Kind::Free)
+            .then(|| (id, node.parent, node.kind, node.version, node.node_key()));
+        journal.kept.push((id, record));
+        self.nodes.node_mut(id).journaled = true;
+    }
+
+    /// Lists `ids` as touched again (after a rebuild that forgot them), growing the arena with free
+    /// ids where one lies beyond it, so that a removal not yet taken is still reported.
+    pub(crate) fn retouch(&mut self, ids: &[u32]) {
+        for &id in ids {
+            while self.nodes.len() <= id {
+                let free = self.nodes.push();
+                self.free.push(free);
+            }
+            self.touch(id);
+        }
+    }
+
+    /// The ids listed as touched, in the order first changed.
+    pub(crate) fn touched_ids(&self) -> &[u32] {
+        &self.touched
     }
 
     /// Records that `id`'s persisted fields changed (once until the next take).
@@ -203,6 +284,9 @@ impl Shape {
 
     /// The nodes changed (or freed) since the last call, ascending; clears the record.
     pub(crate) fn take_touched(&mut self) -> Vec<u32> {
+        if let Some(stage) = self.journal.as_mut() {
+            stage.touched_before = 0;
+        }
         let mut ids = std::mem::take(&mut self.touched);
         for &id in &ids {
             self.nodes.node_mut(id).touched = false;
@@ -229,11 +313,13 @@ impl Shape {
             Some(id) => id,
             None => self.nodes.push(),
         };
+        self.keep_old(id);
         let node = self.nodes.node_mut(id);
-        // A freed id taken again keeps its place in the list of touched nodes.
-        let touched = node.touched;
+        // A freed id taken again keeps its places in the lists of touched and kept nodes.
+        let (touched, journaled) = (node.touched, node.journaled);
         *node = FREE_NODE;
         node.touched = touched;
+        node.journaled = journaled;
         node.kind = kind;
         node.depth = depth;
         self.bucket_refresh(id);
@@ -244,7 +330,7 @@ impl Shape {
     /// Rebuilds a shape from records listed parents first (the root, id 0, first). Checks every
     /// link: ids below the limit and unique, parents present and internal, no more than `degree`
     /// children, depth within [`MAX_DEPTH`], no empty internal node but the root.
-    pub(crate) fn restore(degree: u8, records: &[(u32, u32, Kind, u64, NodeKey)]) -> Option<Self> {
+    pub(crate) fn restore(degree: u8, records: &[Record]) -> Option<Self> {
         let max = records.iter().map(|r| r.0).max()?;
         if max >= NodeId::LIMIT || records.first()?.0 != NodeId::ROOT.0 {
             return None;
@@ -259,6 +345,7 @@ impl Shape {
             members: 0,
             track: false,
             touched: Vec::new(),
+            journal: None,
         };
         while shape.nodes.len() <= max {
             shape.nodes.push();
@@ -304,7 +391,7 @@ impl Shape {
     }
 
     /// Live nodes, parents before children, as (id, parent, kind, version, key).
-    pub(crate) fn records(&self) -> Vec<(u32, u32, Kind, u64, NodeKey)> {
+    pub(crate) fn records(&self) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.nodes.len() as usize);
         let mut stack = vec![NodeId::ROOT.0];
         while let Some(id) = stack.pop() {
@@ -317,6 +404,7 @@ impl Shape {
 
     /// Frees a detached node; its id becomes reusable after [`Shape::end_batch`].
     fn release(&mut self, id: u32) {
+        self.keep_old(id);
         self.bucket_remove(id);
         let node = self.nodes.node_mut(id);
         node.key.zeroize();
@@ -336,6 +424,7 @@ impl Shape {
     fn attach(&mut self, parent: u32, child: u32) {
         let depth = self.nodes.node(parent).depth + 1;
         let head = self.nodes.node(parent).first_child;
+        self.keep_old(child);
         self.bucket_remove(child);
         {
             let node = self.nodes.node_mut(child);
@@ -352,6 +441,7 @@ impl Shape {
     }
 
     fn detach(&mut self, child: u32) -> u32 {
+        self.keep_old(child);
         let parent = self.nodes.node(child).parent;
         let after = self.nodes.node(child).next_sibling;
         if self.nodes.node(parent).first_child == child {

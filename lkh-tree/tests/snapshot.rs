@@ -191,3 +191,101 @@ fn tracked_changes_turn_an_old_snapshot_into_the_current_one() {
         "a take clears the record"
     );
 }
+
+/// GKM-V053: a rekey whose save failed is undone exactly: the same nodes, keys and epoch; the
+/// members who held the old keys follow the next rekey; the record of changes still turns the
+/// last stored state into the current one.
+#[test]
+fn v053_an_aborted_stage_leaves_the_tree_exactly_as_before() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let config = TreeConfig {
+        degree: 3,
+        one_way: true,
+        ..TreeConfig::default()
+    };
+    let mut tree = KeyTree::new(GroupId(5), config, &mut rng).unwrap();
+    let first = tree
+        .rekey(
+            &Batch {
+                leaves: vec![],
+                joins: 150,
+            },
+            &mut rng,
+        )
+        .unwrap();
+    let mut paths: Vec<_> = first.joiners.into_iter().map(|j| j.path).collect();
+    tree.track_changes();
+    let mut stored = by_id(&tree.snapshot().nodes);
+    let _ = tree.take_changes();
+    for round in 0..24_usize {
+        let members: Vec<NodeId> = tree.members().collect();
+        // Some rounds change nothing durable before the stage; others leave changes untaken.
+        let step = if round % 3 == 0 { 2 } else { 5 + round % 4 };
+        let leaves: Vec<NodeId> = members.iter().step_by(step).copied().collect();
+        let joins = round % 4 * 15;
+        let fail = round % 2 == 0;
+        let before = by_id(&tree.snapshot().nodes);
+        let (epoch, root) = (tree.epoch(), *tree.root_key().as_bytes());
+        tree.stage();
+        let rekey = tree.rekey(&Batch { leaves, joins }, &mut rng).unwrap();
+        assert!(tree.is_staged());
+        if fail {
+            tree.abort().unwrap();
+            assert!(!tree.is_staged());
+            assert_eq!(by_id(&tree.snapshot().nodes), before, "round {round}");
+            assert_eq!(tree.epoch(), epoch);
+            assert_eq!(tree.root_key().as_bytes(), &root);
+            continue;
+        }
+        tree.commit();
+        let changes = tree.take_changes();
+        for id in &changes.removed {
+            assert!(
+                stored.remove(&id.0).is_some(),
+                "removed node {id} was stored"
+            );
+        }
+        stored.extend(by_id(&changes.changed));
+        assert_eq!(stored, by_id(&tree.snapshot().nodes), "round {round}");
+        paths.retain(|p| !rekey.departed.contains(&p.leaf()));
+        for p in &mut paths {
+            p.apply(&rekey.member_view().update()).unwrap();
+            assert_eq!(p.root_key().unwrap().as_bytes(), tree.root_key().as_bytes());
+        }
+        paths.extend(rekey.joiners.into_iter().map(|j| j.path));
+    }
+}
+
+/// An abort keeps the changes recorded before the stage: they are reported by the next take.
+#[test]
+fn v053_an_abort_keeps_changes_recorded_before_the_stage() {
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let mut tree = KeyTree::new(GroupId(5), TreeConfig::default(), &mut rng).unwrap();
+    tree.rekey(
+        &Batch {
+            leaves: vec![],
+            joins: 40,
+        },
+        &mut rng,
+    )
+    .unwrap();
+    tree.track_changes();
+    let mut stored = by_id(&tree.snapshot().nodes);
+    let members: Vec<NodeId> = tree.members().collect();
+    let leaves = members.iter().step_by(3).copied().collect();
+    tree.rekey(&Batch { leaves, joins: 4 }, &mut rng).unwrap();
+    tree.stage();
+    let members: Vec<NodeId> = tree.members().collect();
+    let leaves = members.iter().step_by(2).copied().collect();
+    tree.rekey(&Batch { leaves, joins: 9 }, &mut rng).unwrap();
+    tree.abort().unwrap();
+    let changes = tree.take_changes();
+    for id in &changes.removed {
+        assert!(
+            stored.remove(&id.0).is_some(),
+            "removed node {id} was stored"
+        );
+    }
+    stored.extend(by_id(&changes.changed));
+    assert_eq!(stored, by_id(&tree.snapshot().nodes));
+}
