@@ -8,9 +8,9 @@ use std::path::Path;
 use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS, agents};
 use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
-    Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MAX_REASON, MAX_SEALED, MAX_TOKEN,
-    MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
-    Subscribe,
+    Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAX_REASON,
+    MAX_SEALED, MAX_TOKEN, MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest,
+    SealedKind, SealedPath, Status, Subscribe,
 };
 
 /// The files of one target: (name, bytes).
@@ -203,29 +203,58 @@ fn leave_request() -> Files {
     files
 }
 
+fn ack() -> Files {
+    let mut files = Files::new();
+    let ack = Ack {
+        group: GROUP,
+        member: MemberId(2),
+        acked: Acked::LeaseRenewed,
+        request_nonce: [0x77; 16],
+        epoch: Epoch(9),
+    };
+    named(&mut files, "valid", ack.to_bytes());
+    let left = Ack {
+        group: GroupId(u64::MAX),
+        member: MemberId(u64::MAX),
+        acked: Acked::Left,
+        request_nonce: [0xff; 16],
+        epoch: Epoch(u64::MAX),
+    };
+    named(&mut files, "valid-max", left.to_bytes());
+    let mut unknown = ack.to_bytes();
+    unknown[HEADER_LEN + 8] = 3;
+    named(&mut files, "invalid-unknown-kind", unknown);
+    invalid_variants(&mut files, &ack.to_bytes());
+    files
+}
+
 fn error_message() -> Files {
     let mut files = Files::new();
     let error = ErrorMessage {
         group: GROUP,
-        code: 403,
+        status: Status::Unauthorized,
         reason: "enrollment token already used".to_owned(),
     };
     named(&mut files, "valid-ascii", error.to_bytes());
     let utf8 = ErrorMessage {
         group: GROUP,
-        code: 409,
+        status: Status::Stale,
         reason: "clé déjà utilisée — 鍵".to_owned(),
     };
     named(&mut files, "valid-utf8", utf8.to_bytes());
     let empty = ErrorMessage {
         group: GROUP,
-        code: 0,
+        status: Status::UnknownGroup,
         reason: String::new(),
     };
     named(&mut files, "valid-empty-reason", empty.to_bytes());
+    // Code 0 was an acknowledgement before wire version 2 gave it a message of its own.
+    let mut zero = empty.to_bytes();
+    zero[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&[0, 0]);
+    named(&mut files, "invalid-code-0", zero);
     let max = ErrorMessage {
         group: GROUP,
-        code: u16::MAX,
+        status: Status::Other(u16::MAX),
         reason: "r".repeat(MAX_REASON),
     };
     named(&mut files, "valid-max-reason", max.to_bytes());
@@ -284,7 +313,10 @@ fn handmade_datagram() -> RekeyDatagram {
         seeds: true,
         covers: vec![NodeId(0), NodeId(5), NodeId(NodeId::LIMIT - 1)],
         advances: vec![NodeId(1), NodeId(2)],
-        links: vec![lkh_tree::Link { child: NodeId(4), parent: NodeId(1) }],
+        links: vec![lkh_tree::Link {
+            child: NodeId(4),
+            parent: NodeId(1),
+        }],
         wraps: vec![
             wrap(1, 4, false, 0x01),
             wrap(0, 1, true, 0x02),
@@ -523,9 +555,17 @@ fn requests() -> Files {
         "valid-leave",
         raw(&wire::sign(&leave, &agents::identity(1))),
     );
-    named(&mut files, "valid-signed-leave-body", to_sign(1, leave.to_bytes()));
+    named(
+        &mut files,
+        "valid-signed-leave-body",
+        to_sign(1, leave.to_bytes()),
+    );
     let own = resync(a.ids[0], now, 3);
-    named(&mut files, "valid-signed-resync-body", to_sign(m, own.to_bytes()));
+    named(
+        &mut files,
+        "valid-signed-resync-body",
+        to_sign(m, own.to_bytes()),
+    );
     let again = registration(&agents::identity(2), now, 4);
     // A low-order X25519 key: nothing can be sealed to it.
     let unusable = RegistrationRequest {
@@ -537,7 +577,11 @@ fn requests() -> Files {
         "invalid-unusable-hpke-key",
         to_sign(1, unusable.to_bytes()),
     );
-    named(&mut files, "valid-signed-register-body", to_sign(2, again.to_bytes()));
+    named(
+        &mut files,
+        "valid-signed-register-body",
+        to_sign(2, again.to_bytes()),
+    );
     named(
         &mut files,
         "invalid-resync-signed-by-another-member",
@@ -559,21 +603,37 @@ fn requests() -> Files {
         group: GroupId(12),
         ..resync(a.ids[0], now, 6)
     };
-    named(&mut files, "invalid-other-group", to_sign(m, other.to_bytes()));
+    named(
+        &mut files,
+        "invalid-other-group",
+        to_sign(m, other.to_bytes()),
+    );
     let forged = ResyncRequest {
         member: MemberId(0xdead_beef),
         ..resync(a.ids[0], now, 7)
     };
-    named(&mut files, "invalid-not-a-member", to_sign(m, forged.to_bytes()));
+    named(
+        &mut files,
+        "invalid-not-a-member",
+        to_sign(m, forged.to_bytes()),
+    );
     named(&mut files, "invalid-empty", raw(&[]));
-    named(&mut files, "invalid-garbage", raw(b"GK\x01\x05 not a request"));
+    named(
+        &mut files,
+        "invalid-garbage",
+        raw(b"GK\x01\x05 not a request"),
+    );
     files
 }
 
 fn controller_request() -> Files {
     let mut files = requests();
     let (multicast, _) = agents::Agents::get().captures();
-    named(&mut files, "invalid-multicast-as-request", raw(&multicast[0]));
+    named(
+        &mut files,
+        "invalid-multicast-as-request",
+        raw(&multicast[0]),
+    );
     files
 }
 
@@ -592,7 +652,11 @@ fn controller_subscribe() -> Files {
     let ask = subscribe(a.ids[0], 1, None);
     let signed = wire::sign(&ask, &agents::identity(0));
     named(&mut files, "valid-ask-for-cookie", raw(&signed));
-    named(&mut files, "valid-signed-ask-body", to_sign(m, ask.to_bytes()));
+    named(
+        &mut files,
+        "valid-signed-ask-body",
+        to_sign(m, ask.to_bytes()),
+    );
     let cookie = agents::cookie_for(&signed).expect("the fixture answers with a cookie");
     let confirm = subscribe(a.ids[0], 2, Some(cookie));
     let confirmed = wire::sign(&confirm, &agents::identity(0));
@@ -614,11 +678,19 @@ fn controller_subscribe() -> Files {
         &agents::identity(agents::MEMBERS + 1),
     );
     named(&mut files, "invalid-not-a-member", raw(&stranger));
-    named(&mut files, "invalid-signature-bit", raw(&flipped(&signed, signed.len() - 1)));
+    named(
+        &mut files,
+        "invalid-signature-bit",
+        raw(&flipped(&signed, signed.len() - 1)),
+    );
     // The version 1 subscription (a resync request by UDP) and other requests are refused.
     for (name, bytes) in requests() {
         if let Some(rest) = name.strip_prefix("valid-") {
-            named(&mut files, &format!("invalid-not-a-subscription-{rest}"), bytes);
+            named(
+                &mut files,
+                &format!("invalid-not-a-subscription-{rest}"),
+                bytes,
+            );
         }
     }
     files
@@ -630,20 +702,47 @@ fn control_json() -> Files {
     let lines = [
         ("valid-status", r#"{"cmd":"status"}"#.to_owned()),
         ("valid-groups", r#"{"cmd":"groups"}"#.to_owned()),
-        ("valid-members", format!(r#"{{"cmd":"members","group":"{g}"}}"#)),
-        ("valid-evict", format!(r#"{{"cmd":"evict","group":"{g}","member":{}}}"#, a.ids[1].0)),
+        (
+            "valid-members",
+            format!(r#"{{"cmd":"members","group":"{g}"}}"#),
+        ),
+        (
+            "valid-evict",
+            format!(r#"{{"cmd":"evict","group":"{g}","member":{}}}"#, a.ids[1].0),
+        ),
         ("valid-rekey", format!(r#"{{"cmd":"rekey","group":"{g}"}}"#)),
-        ("valid-policy", format!(r#"{{"cmd":"policy","group":"{g}"}}"#)),
-        ("valid-policy-set", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=3"}}"#)),
+        (
+            "valid-policy",
+            format!(r#"{{"cmd":"policy","group":"{g}"}}"#),
+        ),
+        (
+            "valid-policy-set",
+            format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=3"}}"#),
+        ),
         ("valid-keys", format!(r#"{{"cmd":"keys","group":"{g}"}}"#)),
         ("valid-tree", format!(r#"{{"cmd":"tree","group":"{g}"}}"#)),
         ("valid-stats", format!(r#"{{"cmd":"stats","group":"{g}"}}"#)),
-        ("invalid-unknown-group", r#"{"cmd":"members","group":"nope"}"#.to_owned()),
-        ("invalid-unknown-member", format!(r#"{{"cmd":"evict","group":"{g}","member":999}}"#)),
+        (
+            "invalid-unknown-group",
+            r#"{"cmd":"members","group":"nope"}"#.to_owned(),
+        ),
+        (
+            "invalid-unknown-member",
+            format!(r#"{{"cmd":"evict","group":"{g}","member":999}}"#),
+        ),
         ("invalid-unknown-cmd", r#"{"cmd":"nope"}"#.to_owned()),
-        ("invalid-extra-field", r#"{"cmd":"status","x":1}"#.to_owned()),
-        ("invalid-not-key-value", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats"}}"#)),
-        ("invalid-bad-value", format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=99"}}"#)),
+        (
+            "invalid-extra-field",
+            r#"{"cmd":"status","x":1}"#.to_owned(),
+        ),
+        (
+            "invalid-not-key-value",
+            format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats"}}"#),
+        ),
+        (
+            "invalid-bad-value",
+            format!(r#"{{"cmd":"policy","group":"{g}","set":"repeats=99"}}"#),
+        ),
         ("invalid-not-json", "garbage".to_owned()),
     ];
     lines
@@ -662,22 +761,54 @@ fn member_multicast() -> Files {
         let applies = agents::member_multicast(&raw(bytes));
         let name = if applies { "valid-rekey" } else { "rekey" };
         named(&mut files, &format!("{name}-{i:02}"), raw(bytes));
-        named(&mut files, &format!("{name}-body-{i:02}"), to_sign(1, body(bytes)));
+        named(
+            &mut files,
+            &format!("{name}-body-{i:02}"),
+            to_sign(1, body(bytes)),
+        );
     }
     let rekey = rekeys[0];
-    named(&mut files, "invalid-rekey-signature-bit", raw(&flipped(rekey, rekey.len() - 1)));
-    named(&mut files, "invalid-rekey-body-bit", raw(&flipped(rekey, wire::HEADER_LEN + 3)));
-    named(&mut files, "invalid-rekey-truncated", raw(&rekey[..rekey.len() - 1]));
+    named(
+        &mut files,
+        "invalid-rekey-signature-bit",
+        raw(&flipped(rekey, rekey.len() - 1)),
+    );
+    named(
+        &mut files,
+        "invalid-rekey-body-bit",
+        raw(&flipped(rekey, wire::HEADER_LEN + 3)),
+    );
+    named(
+        &mut files,
+        "invalid-rekey-truncated",
+        raw(&rekey[..rekey.len() - 1]),
+    );
     let mut stale = RekeyDatagram::decode_exact(&body(rekey)).expect("a captured rekey decodes");
     stale.epoch = Epoch(stale.epoch.0 - 1);
-    named(&mut files, "invalid-stale-rekey-body", to_sign(1, stale.to_bytes()));
+    named(
+        &mut files,
+        "invalid-stale-rekey-body",
+        to_sign(1, stale.to_bytes()),
+    );
     let beat = beats[0];
     named(&mut files, "beat-ahead", raw(beat));
     let mut far = Heartbeat::decode_exact(&body(beat)).expect("a captured heartbeat decodes");
     far.epoch = Epoch(u64::MAX);
-    named(&mut files, "beat-far-ahead-body", to_sign(1, far.to_bytes()));
-    named(&mut files, "invalid-beat-signature-bit", raw(&flipped(beat, beat.len() - 1)));
-    named(&mut files, "invalid-garbage", raw(b"GK\x01\x03 not a datagram"));
+    named(
+        &mut files,
+        "beat-far-ahead-body",
+        to_sign(1, far.to_bytes()),
+    );
+    named(
+        &mut files,
+        "invalid-beat-signature-bit",
+        raw(&flipped(beat, beat.len() - 1)),
+    );
+    named(
+        &mut files,
+        "invalid-garbage",
+        raw(b"GK\x01\x03 not a datagram"),
+    );
     files
 }
 
@@ -686,20 +817,45 @@ fn member_reply() -> Files {
     let (_, reply) = agents::Agents::get().captures();
     named(&mut files, "valid-resync", raw(&reply));
     named(&mut files, "valid-resync-body", to_sign(1, body(&reply)));
-    named(&mut files, "invalid-signature-bit", raw(&flipped(&reply, reply.len() - 1)));
-    named(&mut files, "invalid-body-bit", raw(&flipped(&reply, reply.len() / 2)));
+    named(
+        &mut files,
+        "invalid-signature-bit",
+        raw(&flipped(&reply, reply.len() - 1)),
+    );
+    named(
+        &mut files,
+        "invalid-body-bit",
+        raw(&flipped(&reply, reply.len() / 2)),
+    );
     let mut other = SealedPath::decode_exact(&body(&reply)).expect("a captured reply decodes");
     other.request_nonce = [0; 16];
-    named(&mut files, "invalid-other-nonce-body", to_sign(1, other.to_bytes()));
-    for code in [0u16, 404, 409] {
+    named(
+        &mut files,
+        "invalid-other-nonce-body",
+        to_sign(1, other.to_bytes()),
+    );
+    for status in [Status::NotAMember, Status::Stale, Status::UnknownGroup] {
         let error = ErrorMessage {
             group: agents::GROUP,
-            code,
+            status,
             reason: "seed".into(),
         };
-        named(&mut files, &format!("error-{code}"), raw(&error.to_bytes()));
+        let name = format!("error-{}", status.code());
+        named(&mut files, &name, raw(&error.to_bytes()));
     }
-    named(&mut files, "invalid-garbage", raw(b"GK\x01\x06 not a reply"));
+    let ack = Ack {
+        group: agents::GROUP,
+        member: wire::MemberId(1),
+        acked: Acked::LeaseRenewed,
+        request_nonce: [0; 16],
+        epoch: Epoch(1),
+    };
+    named(&mut files, "ack-unasked", raw(&ack.to_bytes()));
+    named(
+        &mut files,
+        "invalid-garbage",
+        raw(b"GK\x01\x06 not a reply"),
+    );
     files
 }
 
@@ -714,6 +870,7 @@ fn main() {
             "resync_request" => resync_request(),
             "leave_request" => leave_request(),
             "error_message" => error_message(),
+            "ack" => ack(),
             "data_frame" => data_frame(),
             "rekey_datagram" => rekey_datagram(),
             "path_keys" => path_keys(),

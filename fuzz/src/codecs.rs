@@ -13,8 +13,9 @@ use lkh_tree::{Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use wire::{
-    AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MessageType, PathKeys,
-    RegistrationRequest, RekeyDatagram, ResyncRequest, SIGNATURE_LEN, SealedKind, SealedPath,
+    Ack, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MessageType,
+    PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SIGNATURE_LEN, SealedKind,
+    SealedPath,
 };
 
 /// Every codec and member-path target, by the name of its directory under `fuzz/corpus/` and of its binary.
@@ -25,6 +26,7 @@ pub const TARGETS: &[&str] = &[
     "resync_request",
     "leave_request",
     "error_message",
+    "ack",
     "data_frame",
     "rekey_datagram",
     "path_keys",
@@ -42,6 +44,7 @@ pub fn run(target: &str, data: &[u8]) -> Option<bool> {
         "resync_request" => resync_request(data),
         "leave_request" => leave_request(data),
         "error_message" => error_message(data),
+        "ack" => ack(data),
         "data_frame" => data_frame(data),
         "rekey_datagram" => rekey_datagram(data),
         "path_keys" => path_keys(data),
@@ -100,6 +103,11 @@ pub fn leave_request(data: &[u8]) -> bool {
 /// `ErrorMessage::decode_exact`.
 pub fn error_message(data: &[u8]) -> bool {
     roundtrip::<ErrorMessage>(data, |_| MessageType::Error).is_some()
+}
+
+/// `Ack::decode_exact`.
+pub fn ack(data: &[u8]) -> bool {
+    roundtrip::<Ack>(data, |_| MessageType::Ack).is_some()
 }
 
 /// `DataFrame::decode_exact`.

@@ -27,9 +27,9 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
-    AuthenticRekey, Cookie, CookieReply, ErrorMessage, Heartbeat, HpkeSecret, LeaveRequest,
-    MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest,
-    SealedKind, SealedPath, Subscribe, WireError, open, open_path, sign,
+    Ack, Acked, AuthenticRekey, Cookie, CookieReply, ErrorMessage, Heartbeat, HpkeSecret,
+    LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
+    ResyncRequest, SealedKind, SealedPath, Status, Subscribe, WireError, open, open_path, sign,
 };
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
@@ -110,10 +110,16 @@ pub enum MemberEvent {
     /// [`Member::poll_datagram`], to the controller's UDP port; the driver feeds what comes back
     /// to [`Member::handle_datagram`]).
     FanoutStarted,
+    /// The controller has no such group (removed, or never configured): the member stops and
+    /// asks nothing more (a daemon exits, telling its operator to check the group).
+    GroupUnknown {
+        /// What the controller said (network text: print it escaped).
+        reason: String,
+    },
     /// The controller refused a request.
     Refused {
-        /// The error code.
-        code: u16,
+        /// Why.
+        status: Status,
         /// The reason given (network text: print it escaped).
         reason: String,
         /// When the member asks again, in milliseconds.
@@ -141,6 +147,8 @@ enum State {
     Ended,
     /// Left; does nothing more.
     Left,
+    /// The controller has no such group; does nothing more.
+    Stopped,
 }
 
 /// How the group's datagrams reach the member.
@@ -442,7 +450,7 @@ impl<R: CryptoRng> Member<R> {
             match self.state {
                 State::Registering { .. } | State::Ended => self.register(now),
                 State::Active { .. } => self.send_resync(now),
-                State::Left => {}
+                State::Left | State::Stopped => {}
             }
         }
         if self.resync_at.is_some_and(|t| t <= now) {
@@ -465,11 +473,13 @@ impl<R: CryptoRng> Member<R> {
         }
     }
 
-    /// The reply to a request: a welcome, a resync response or an error message.
+    /// The reply to a request: a welcome, a resync response, an acknowledgement or an error
+    /// message.
     pub fn handle_reply(&mut self, now: Millis, bytes: &[u8]) {
         self.unanswered = 0;
         match MessageType::peek(bytes) {
             Ok(MessageType::Welcome | MessageType::ResyncResponse) => self.sealed(now, bytes),
+            Ok(MessageType::Ack) => self.acknowledged(now, bytes),
             Ok(MessageType::Error) => self.error(now, bytes),
             _ => self.drop_datagram("malformed reply"),
         }
@@ -627,18 +637,32 @@ impl<R: CryptoRng> Member<R> {
         self.events.push_back(event);
     }
 
+    /// An acknowledgement of this member's outstanding renewal: the lease runs on.
+    fn acknowledged(&mut self, now: Millis, bytes: &[u8]) {
+        let Ok(ack) = <Ack as wire::Codec>::decode_exact(bytes) else {
+            return self.drop_datagram("malformed acknowledgement");
+        };
+        let ours = matches!(self.state, State::Active { member, .. } if member == ack.member);
+        if ack.group != self.config.group
+            || !ours
+            || self.outstanding != Some(ack.request_nonce)
+            || ack.acked != Acked::LeaseRenewed
+        {
+            return self.drop_datagram("unexpected acknowledgement");
+        }
+        self.outstanding = None;
+        self.refused = 0;
+        self.retry_at = None;
+        self.renew_at = Some(now + self.config.renew_interval_ms);
+    }
+
     fn error(&mut self, now: Millis, bytes: &[u8]) {
         let Ok(message) = <ErrorMessage as wire::Codec>::decode_exact(bytes) else {
             return self.drop_datagram("malformed error");
         };
         self.outstanding = None;
-        match message.code {
-            0 => {
-                self.refused = 0;
-                self.retry_at = None;
-                self.renew_at = Some(now + self.config.renew_interval_ms);
-            }
-            404 if matches!(self.state, State::Active { .. }) => {
+        match message.status {
+            Status::NotAMember if matches!(self.state, State::Active { .. }) => {
                 self.refused = 0;
                 self.events.push_back(MemberEvent::MembershipEnded {
                     reason: message.reason,
@@ -649,11 +673,20 @@ impl<R: CryptoRng> Member<R> {
                 self.renew_at = None;
                 self.resync_at = None;
             }
-            code => {
+            Status::UnknownGroup if message.group == self.config.group => {
+                self.events.push_back(MemberEvent::GroupUnknown {
+                    reason: message.reason,
+                });
+                self.state = State::Stopped;
+                self.retry_at = None;
+                self.renew_at = None;
+                self.resync_at = None;
+            }
+            status => {
                 let retry_in_ms = self.retry_delay();
                 self.refused = self.refused.saturating_add(1);
                 self.events.push_back(MemberEvent::Refused {
-                    code,
+                    status,
                     reason: message.reason,
                     retry_in_ms,
                 });

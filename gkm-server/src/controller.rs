@@ -11,9 +11,9 @@ use rand_core::CryptoRng;
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
-    Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest, MemberId,
-    MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor,
-    SealedKind, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
+    Ack, Acked, Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest,
+    MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor,
+    SealedKind, Status, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
 };
 use zeroize::Zeroize;
 
@@ -157,18 +157,18 @@ impl Reject {
         }
     }
 
-    /// The error code sent to the member.
-    pub fn code(self) -> u16 {
+    /// The status sent to the member.
+    pub fn status(self) -> Status {
         match self {
-            Reject::Malformed => 400,
-            Reject::BadSignature => 401,
-            Reject::Unauthorized => 403,
-            Reject::UnknownGroup | Reject::NotAMember => 404,
-            Reject::UnexpectedMessage => 405,
-            Reject::StaleRequest | Reject::Replayed => 409,
-            Reject::GroupFull => 507,
-            Reject::BadCookie => 403,
-            Reject::RateLimited => 429,
+            Reject::Malformed => Status::Malformed,
+            Reject::BadSignature => Status::BadSignature,
+            Reject::Unauthorized | Reject::BadCookie => Status::Unauthorized,
+            Reject::UnknownGroup => Status::UnknownGroup,
+            Reject::NotAMember => Status::NotAMember,
+            Reject::UnexpectedMessage => Status::UnexpectedMessage,
+            Reject::StaleRequest | Reject::Replayed => Status::Stale,
+            Reject::GroupFull => Status::GroupFull,
+            Reject::RateLimited => Status::RateLimited,
         }
     }
 }
@@ -1144,16 +1144,11 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))
     }
 
-    /// A positive reply: an error message with code 0.
-    fn ack(&mut self, conn: ConnId, group: GroupId, reason: &str) {
-        let ok = ErrorMessage {
-            group,
-            code: 0,
-            reason: reason.to_owned(),
-        };
+    /// A positive reply to a request that needed no keys.
+    fn ack(&mut self, conn: ConnId, ack: &Ack) {
         self.transmits.push_back(Transmit::Reply {
             conn,
-            bytes: ok.to_bytes(),
+            bytes: ack.to_bytes(),
         });
     }
 
@@ -1187,7 +1182,7 @@ impl<R: CryptoRng> Controller<R> {
         self.events.push_back(Event::Rejected { reason, at: now.0 });
         let message = ErrorMessage {
             group,
-            code: answered.code(),
+            status: answered.status(),
             reason: told.unwrap_or_else(|| format!("{answered:?}")),
         };
         self.transmits.push_back(Transmit::Reply {
@@ -1271,7 +1266,14 @@ impl<R: CryptoRng> Controller<R> {
         let epoch = g.tree.epoch();
         let current = g.tree.root_key().traffic_key(gid, epoch).check_value();
         if request.epoch == epoch && request.kcv == current {
-            self.ack(conn, gid, "lease renewed");
+            let ack = Ack {
+                group: gid,
+                member: request.member,
+                acked: Acked::LeaseRenewed,
+                request_nonce: request.nonce,
+                epoch,
+            };
+            self.ack(conn, &ack);
             return Ok(());
         }
         // A path costs an HPKE seal: one per member per RESYNC_INTERVAL_MS, unless the epoch
@@ -1354,7 +1356,14 @@ impl<R: CryptoRng> Controller<R> {
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         g.departures.insert(request.member, DepartReason::Left);
         g.schedule(now);
-        self.ack(conn, gid, "leave accepted");
+        let ack = Ack {
+            group: gid,
+            member: request.member,
+            acked: Acked::Left,
+            request_nonce: request.nonce,
+            epoch: g.tree.epoch(),
+        };
+        self.ack(conn, &ack);
         Ok(())
     }
 
@@ -1429,10 +1438,9 @@ impl<R: CryptoRng> Controller<R> {
 
     /// Answers a registration that waited for its batch with a refusal.
     fn refuse_join(&mut self, conn: ConnId, group: GroupId, reject: Reject, reason: String) {
-        let code = reject.code();
         let bytes = ErrorMessage {
             group,
-            code,
+            status: reject.status(),
             reason,
         }
         .to_bytes();
@@ -1709,7 +1717,7 @@ impl<R: CryptoRng> Controller<R> {
             Ok(sealed) => sign(&sealed, signer),
             Err(_) => ErrorMessage {
                 group,
-                code: Reject::Malformed.code(),
+                status: Reject::Malformed.status(),
                 reason: "unusable HPKE key".into(),
             }
             .to_bytes(),

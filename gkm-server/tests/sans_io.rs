@@ -608,7 +608,7 @@ fn reply_error(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<(u1
                     wire::MessageType::Error => {
                         let error =
                             <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes).unwrap();
-                        Some((error.code, error.reason))
+                        Some((error.status.code(), error.reason))
                     }
                     _ => None,
                 };
@@ -962,7 +962,7 @@ fn v052_a_member_gets_one_resync_path_per_epoch_and_interval() {
     // Again at once (each path is an HPKE seal): refused, 429.
     let again = kind(&mut net, now + 10, &behind(2, now + 10)).unwrap();
     let refused = <wire::ErrorMessage as wire::Codec>::decode_exact(&again).unwrap();
-    assert_eq!(refused.code, 429);
+    assert_eq!(refused.status, wire::Status::RateLimited);
     // A new epoch since its last path: sent at once (it lost two rekeys in a row).
     net.controller
         .handle_command(Timestamp(now + 20), Command::Rekey("demo".into()))
@@ -1328,7 +1328,7 @@ fn unanswered_and_refused_requests_back_off_with_jitter_and_an_answer_resets_the
     );
     let refusal = wire::ErrorMessage {
         group: GROUP,
-        code: 503,
+        status: wire::Status::Unavailable,
         reason: "busy".into(),
     };
     member.handle_reply(now, &wire::Codec::to_bytes(&refusal));
@@ -1386,4 +1386,104 @@ fn a_retry_while_the_first_request_waits_for_its_batch_replaces_it() {
         panic!("no member list")
     };
     assert_eq!(members.len(), 3);
+}
+
+/// GKM-V056: a member of a group its controller no longer has is told so with its own status
+/// (410, not the 404 of a departed member) and stops, instead of registering again forever.
+#[test]
+fn v056_a_member_of_a_removed_group_is_told_and_stops_asking() {
+    let mut net = Net::new(3, 0.0);
+    // The controller starts again without the group (an operator removed it from the config).
+    net.controller = Controller::new(
+        net.signer.clone(),
+        ChaCha20Rng::seed_from_u64(5),
+        Box::new(MemoryStore::default()),
+        vec![GroupPolicy::new("other", GroupId(2))],
+        vec![],
+        Timestamp(net.now),
+    )
+    .unwrap();
+    for m in &mut net.members {
+        m.check_in(net.now);
+    }
+    net.advance(5_000, 250);
+    for (i, events) in net.events.iter().enumerate() {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, MemberEvent::GroupUnknown { .. })),
+            "member {i}: {events:?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, MemberEvent::MembershipEnded { .. })),
+            "member {i} took it for a departure"
+        );
+    }
+    // Stopped: nothing more is asked, however long one waits.
+    for m in &mut net.members {
+        assert!(m.poll_request().is_none());
+        m.handle_timeout(net.now + 3_600_000);
+        assert!(m.poll_request().is_none(), "a stopped member asked again");
+        assert!(m.traffic_key().is_none());
+    }
+}
+
+/// GKM-V056: a renewal is acknowledged by an `Ack` naming the member, the request's nonce and
+/// the epoch (before: an error message with code 0); an acknowledgement of another request is
+/// dropped and changes nothing.
+#[test]
+fn v056_a_renewal_is_acknowledged_by_an_ack_of_its_own_request() {
+    let mut net = Net::new(2, 0.0);
+    let id = net.member_id(0);
+    net.members[0].check_in(net.now);
+    net.advance(3_000, 250);
+    let request = loop {
+        net.members[0].handle_timeout(net.now);
+        if let Some(r) = net.members[0].poll_request() {
+            break r;
+        }
+        net.now += 1_000;
+    };
+    net.controller
+        .handle_request(ConnId(0), Timestamp(net.now), &request);
+    let reply = std::iter::from_fn(|| net.controller.poll_transmit())
+        .find_map(|t| match t {
+            Transmit::Reply { bytes, .. } => Some(bytes),
+            Transmit::Multicast { .. } => None,
+        })
+        .unwrap();
+    let ack = <wire::Ack as wire::Codec>::decode_exact(&reply).unwrap();
+    assert_eq!(ack.member, wire::MemberId(id));
+    assert_eq!(ack.acked, wire::Acked::LeaseRenewed);
+    assert_eq!(ack.epoch, net.controller.traffic_key(GROUP).unwrap().0);
+    // Another request's acknowledgement is dropped: the member still waits for its own.
+    let mut other = ack.clone();
+    other.request_nonce = [0xee; 16];
+    let dropped = net.members[0].stats().dropped.values().sum::<u64>();
+    net.members[0].handle_reply(net.now, &wire::Codec::to_bytes(&other));
+    assert_eq!(
+        net.members[0].stats().dropped.values().sum::<u64>(),
+        dropped + 1
+    );
+    net.members[0].handle_reply(net.now, &reply);
+    // Renewed: heartbeats keep arriving and the member asks nothing until its renewal interval
+    // (10 s); an unanswered request would be asked again within about a second.
+    let start = net.now;
+    while net.now < start + 8_000 {
+        net.now += 250;
+        net.controller.handle_timeout(Timestamp(net.now));
+        while let Some(t) = net.controller.poll_transmit() {
+            if let Transmit::Multicast { bytes, .. } = t {
+                net.members[0].handle_datagram(net.now, &bytes);
+            }
+        }
+        net.members[0].handle_timeout(net.now);
+        assert!(
+            net.members[0].poll_request().is_none(),
+            "asked again {} ms after the acknowledgement",
+            net.now - start
+        );
+    }
 }

@@ -48,9 +48,9 @@ pub use codec::{Codec, CountWidth, DecodeError, Reader};
 pub use error::WireError;
 pub use fanout::{COOKIE_LEN, Cookie, CookieReply, Subscribe};
 pub use message::{
-    DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD, MAX_REASON,
-    MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys,
-    RegistrationRequest, ResyncRequest, SealedKind, SealedPath, VERSION,
+    Ack, Acked, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD,
+    MAX_REASON, MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys,
+    RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status, VERSION,
 };
 pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,

@@ -62,6 +62,8 @@ pub enum MessageType {
     Subscribe = 10,
     /// Controller → a subscription's source address: the cookie to echo.
     CookieReply = 11,
+    /// Controller → member: a request done that needs no keys (a lease renewed, a leave).
+    Ack = 12,
 }
 
 impl MessageType {
@@ -78,6 +80,7 @@ impl MessageType {
             9 => Self::Data,
             10 => Self::Subscribe,
             11 => Self::CookieReply,
+            12 => Self::Ack,
             other => return Err(DecodeError::BadType(other)),
         })
     }
@@ -467,14 +470,90 @@ impl Codec for LeaveRequest {
     }
 }
 
+/// Why the controller refused a request: the code of an [`ErrorMessage`], numbered as HTTP's.
+/// A code this crate does not know (from a later release) decodes as [`Status::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// 400: not a well-formed request, or a key no path can be sealed to.
+    Malformed,
+    /// 401: a signature that does not verify (a registration's; for a member's request the
+    /// answer is [`Status::NotAMember`], so that no one learns who is a member).
+    BadSignature,
+    /// 403: the identity is not allowed (not listed, banned, or its token spent).
+    Unauthorized,
+    /// 404: the request names no current member of the group (departed, or never one).
+    NotAMember,
+    /// 405: a message kind a controller does not accept.
+    UnexpectedMessage,
+    /// 409: outside the freshness window, or a replay.
+    Stale,
+    /// 410: the controller has no such group (removed, or never configured).
+    UnknownGroup,
+    /// 429: too many requests; ask again later.
+    RateLimited,
+    /// 503: the controller cannot make the change durable now; ask again later.
+    Unavailable,
+    /// 507: the group is full.
+    GroupFull,
+    /// A code this release does not know.
+    Other(u16),
+}
+
+impl Status {
+    /// The code on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Malformed => 400,
+            Status::BadSignature => 401,
+            Status::Unauthorized => 403,
+            Status::NotAMember => 404,
+            Status::UnexpectedMessage => 405,
+            Status::Stale => 409,
+            Status::UnknownGroup => 410,
+            Status::RateLimited => 429,
+            Status::Unavailable => 503,
+            Status::GroupFull => 507,
+            Status::Other(code) => code,
+        }
+    }
+
+    /// The status of a code (0 is not one: an acknowledgement is an [`Ack`]).
+    pub fn from_code(code: u16) -> Result<Status, DecodeError> {
+        Ok(match code {
+            0 => {
+                return Err(DecodeError::Invalid(
+                    "error code 0 (an acknowledgement is an Ack)",
+                ));
+            }
+            400 => Status::Malformed,
+            401 => Status::BadSignature,
+            403 => Status::Unauthorized,
+            404 => Status::NotAMember,
+            405 => Status::UnexpectedMessage,
+            409 => Status::Stale,
+            410 => Status::UnknownGroup,
+            429 => Status::RateLimited,
+            503 => Status::Unavailable,
+            507 => Status::GroupFull,
+            other => Status::Other(other),
+        })
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code())
+    }
+}
+
 /// Controller → member over the registration connection: why a request was refused. Unsigned
 /// and advisory: a member never changes keys because of one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMessage {
     /// The group.
     pub group: GroupId,
-    /// A machine-readable code.
-    pub code: u16,
+    /// Why.
+    pub status: Status,
     /// A human-readable reason (UTF-8, at most 256 bytes).
     pub reason: String,
 }
@@ -482,7 +561,7 @@ pub struct ErrorMessage {
 impl Codec for ErrorMessage {
     fn encode(&self, out: &mut Vec<u8>) {
         Header::write(out, MessageType::Error, self.group);
-        out.extend_from_slice(&self.code.to_be_bytes());
+        out.extend_from_slice(&self.status.code().to_be_bytes());
         let mut end = self.reason.len().min(MAX_REASON);
         while !self.reason.is_char_boundary(end) {
             end -= 1;
@@ -494,15 +573,69 @@ impl Codec for ErrorMessage {
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let group = Header::read(r, MessageType::Error)?;
-        let code = r.u16("error code")?;
+        let status = Status::from_code(r.u16("error code")?)?;
         let len = r.count(CountWidth::U16, 1, MAX_REASON, "reason length")?;
         let reason = std::str::from_utf8(r.take(len, "reason")?)
             .map_err(|_| DecodeError::Invalid("reason is not UTF-8"))?
             .to_owned();
         Ok(ErrorMessage {
             group,
-            code,
+            status,
             reason,
+        })
+    }
+}
+
+/// What an [`Ack`] acknowledges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acked {
+    /// A resync at the current epoch and keys: the member's lease was renewed.
+    LeaseRenewed = 1,
+    /// A leave: the member departs with the next rekey.
+    Left = 2,
+}
+
+/// Controller → member over the registration connection: a request done that needs no keys.
+/// Unsigned and advisory, as an [`ErrorMessage`]: it only tells the member when to ask next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The group.
+    pub group: GroupId,
+    /// The member.
+    pub member: MemberId,
+    /// What was done.
+    pub acked: Acked,
+    /// The nonce of the request acknowledged.
+    pub request_nonce: [u8; NONCE_LEN],
+    /// The controller's epoch.
+    pub epoch: Epoch,
+}
+
+impl Codec for Ack {
+    fn encode(&self, out: &mut Vec<u8>) {
+        Header::write(out, MessageType::Ack, self.group);
+        out.extend_from_slice(&self.member.0.to_be_bytes());
+        out.push(self.acked as u8);
+        out.extend_from_slice(&self.request_nonce);
+        out.extend_from_slice(&self.epoch.0.to_be_bytes());
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let group = Header::read(r, MessageType::Ack)?;
+        let member = MemberId(r.u64("member id")?);
+        let acked = match r.u8("acknowledged request")? {
+            1 => Acked::LeaseRenewed,
+            2 => Acked::Left,
+            _ => return Err(DecodeError::Invalid("acknowledged request")),
+        };
+        let request_nonce = r.array("request nonce")?;
+        let epoch = Epoch(r.u64("epoch")?);
+        Ok(Ack {
+            group,
+            member,
+            acked,
+            request_nonce,
+            epoch,
         })
     }
 }

@@ -21,7 +21,7 @@ use fuzz_checks::{TARGETS, run};
 /// The corpus holds 138 files; fewer than this means files went missing.
 const MIN_REPLAYED: usize = 120;
 /// The targets that decode one message; the others are the member's verify, fresh and apply.
-const DECODERS: usize = 9;
+const DECODERS: usize = 10;
 
 /// Decoders must accept their `valid-*` seeds; the member targets name seeds by intent only.
 fn strict(target: &str) -> bool {

@@ -133,3 +133,27 @@ fn v010_a_sealed_path_must_be_a_well_formed_path() {
     }
     assert!(PathKeys::decode(GroupId(1), rekey.epoch, &reversed).is_err());
 }
+
+/// GKM-V056: status codes are an enum both ways; an unknown code survives as `Other`; code 0
+/// (the acknowledgement before `Ack`) is refused.
+#[test]
+fn v056_status_codes_map_both_ways_and_code_0_is_not_an_error() {
+    use wire::Status;
+    for status in [
+        Status::Malformed,
+        Status::BadSignature,
+        Status::Unauthorized,
+        Status::NotAMember,
+        Status::UnexpectedMessage,
+        Status::Stale,
+        Status::UnknownGroup,
+        Status::RateLimited,
+        Status::Unavailable,
+        Status::GroupFull,
+        Status::Other(599),
+    ] {
+        assert_eq!(Status::from_code(status.code()), Ok(status));
+    }
+    assert_ne!(Status::NotAMember.code(), Status::UnknownGroup.code());
+    assert!(Status::from_code(0).is_err());
+}

@@ -14,8 +14,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde_json::{Value, json};
 use wire::{
-    AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MemberId, PathKeys,
-    RegistrationRequest, ResyncRequest, SealedKind, SealedPath, pack_signed,
+    Ack, Acked, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MemberId,
+    PathKeys, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status, pack_signed,
 };
 
 fn vector_path(name: &str) -> PathBuf {
@@ -117,8 +117,19 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
             "error",
             ErrorMessage {
                 group: g,
-                code: 403,
+                status: Status::Unauthorized,
                 reason: "not on the allow list".into(),
+            }
+            .to_bytes(),
+        ),
+        (
+            "ack",
+            Ack {
+                group: g,
+                member: MemberId(42),
+                acked: Acked::LeaseRenewed,
+                request_nonce: [0x99; 16],
+                epoch: Epoch(10),
             }
             .to_bytes(),
         ),

@@ -23,6 +23,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
+use wire::Status;
 
 use zeroize::Zeroizing;
 
@@ -188,6 +189,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         },
         replies: mpsc::channel(64),
         in_flight: None,
+        no_group: None,
         save_after_ms: cfg.save_after_ms,
         persist_at: None,
         published: false,
@@ -222,6 +224,8 @@ struct Driver {
     /// The request in flight. A newer one supersedes it: the member takes only the newest
     /// request's reply, so the older connection is closed rather than left to wait.
     in_flight: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the controller said it has no such group: the daemon stops with this reason.
+    no_group: Option<String>,
     /// Key changes are written this long to twice this long after they happen.
     save_after_ms: u64,
     /// When the membership file is next written: it changed since it was last written.
@@ -237,6 +241,17 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.drain();
+            if let Some(reason) = self.no_group.take() {
+                self.dir.remove_membership();
+                bail!(
+                    "controller {} has no group {} (it says \"{}\"): the group was removed or \
+                     was never configured there; check --group against `gkmctl groups` on the \
+                     controller",
+                    self.controller,
+                    self.group,
+                    reason.escape_debug()
+                );
+            }
             self.send_datagrams().await;
             if std::mem::take(&mut self.published) {
                 // Applications hear of a new key first: the API tasks (woken by `publish`) write
@@ -346,12 +361,13 @@ impl Driver {
                 self.member_silence_ms(),
                 self.controller
             ),
+            MemberEvent::GroupUnknown { reason } => self.no_group = Some(reason),
             MemberEvent::Refused {
-                code,
+                status,
                 reason,
                 retry_in_ms,
             } => {
-                let hint = if code == 403 {
+                let hint = if status == Status::Unauthorized {
                     "; the group admits listed identity keys and enrollment tokens only: ask its \
                      operator to list this member's identity key (logged at start) or for a \
                      token (--token-file)"
@@ -359,7 +375,7 @@ impl Driver {
                     ""
                 };
                 warn!(
-                    "controller refused the request: {code} \"{}\"{hint}; asking again in {} s",
+                    "controller refused the request: {status} \"{}\"{hint}; asking again in {} s",
                     reason.escape_debug(),
                     retry_in_ms.div_ceil(1_000)
                 );
