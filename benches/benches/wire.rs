@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use divan::{Bencher, black_box};
 use gkm_benches::{Fixture, LeaveCase, config, controller_key, full_tree};
 use lkh_tree::MemberPath;
-use wire::{AuthenticRekey, Codec, DEFAULT_MTU, RekeyDatagram, pack, pack_signed};
+use wire::{AuthenticRekey, Codec, DEFAULT_MTU, HeldPath, RekeyDatagram, pack, pack_signed};
 
 struct Setup {
     fixture: Fixture,
@@ -69,11 +69,11 @@ fn member_path(bencher: Bencher, path: &MemberPath) {
         .expect("a datagram serves every member");
     let bytes = &s.case.datagrams[index];
     bencher
-        .with_inputs(|| path.clone())
+        .with_inputs(|| HeldPath::trusted(path.clone()))
         .bench_local_values(|mut path| {
             let authentic = AuthenticRekey::verify(black_box(bytes), &controller).expect("valid");
-            let fresh = authentic.fresh(&path).expect("fresh");
-            fresh.apply(&mut path).expect("applies");
+            let fresh = authentic.fresh(&mut path).expect("fresh");
+            fresh.apply().expect("applies");
             path
         });
 }

@@ -13,9 +13,9 @@ use lkh_tree::{Epoch, GroupId, KeyTree, MemberPath, NodeId, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use wire::{
-    Ack, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MessageType,
-    PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SIGNATURE_LEN, SealedKind,
-    SealedPath,
+    Ack, AuthenticRekey, Codec, DataFrame, ErrorMessage, FreshRekey, Heartbeat, HeldPath,
+    LeaveRequest, MessageType, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest,
+    SIGNATURE_LEN, SealedKind, SealedPath,
 };
 
 /// Every codec and member-path target, by the name of its directory under `fuzz/corpus/` and of its binary.
@@ -220,11 +220,9 @@ impl Fixture {
 /// path). Must never panic. Whether the datagram applied.
 pub fn member_datagram(data: &[u8]) -> bool {
     let fixture = Fixture::get();
+    let mut path = HeldPath::trusted(fixture.path.clone());
     AuthenticRekey::verify(data, &fixture.controller)
-        .and_then(|a| {
-            a.fresh(&fixture.path)
-                .and_then(|f| f.apply(&mut fixture.path.clone()))
-        })
+        .and_then(|a| a.fresh(&mut path).and_then(FreshRekey::apply))
         .is_ok()
 }
 

@@ -27,8 +27,8 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
-    Ack, Acked, AuthenticRekey, Cookie, CookieReply, ErrorMessage, Heartbeat, HpkeSecret,
-    LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
+    Ack, Acked, AuthenticRekey, Cookie, CookieReply, ErrorMessage, FreshRekey, Heartbeat, HeldPath,
+    HpkeSecret, LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
     ResyncRequest, SealedKind, SealedPath, Status, Subscribe, WireError, open, open_path, sign,
 };
 
@@ -142,7 +142,7 @@ enum State {
     /// Waiting for a welcome to the request with this nonce.
     Registering { nonce: [u8; NONCE_LEN] },
     /// A member with keys.
-    Active { member: MemberId, path: MemberPath },
+    Active { member: MemberId, path: HeldPath },
     /// A membership ended; registers again at `retry_at`.
     Ended,
     /// Left; does nothing more.
@@ -221,6 +221,8 @@ impl<R: CryptoRng> Member<R> {
         now: Millis,
     ) -> Self {
         let mut this = Self::idle(config, identity, hpke, rng);
+        // Its own store: as trusted as its identity key.
+        let path = HeldPath::trusted(path);
         this.state = State::Active { member, path };
         this.heard_at = now;
         this.send_resync(now);
@@ -507,7 +509,7 @@ impl<R: CryptoRng> Member<R> {
         let State::Active { path, .. } = &mut self.state else {
             return;
         };
-        let outcome = authentic.fresh(path).and_then(|fresh| fresh.apply(path));
+        let outcome = authentic.fresh(path).and_then(FreshRekey::apply);
         match outcome {
             Ok(applied) => {
                 self.stats.applied += 1;
@@ -573,10 +575,10 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn sealed(&mut self, now: Millis, bytes: &[u8]) {
-        let Ok(sealed) = open::<SealedPath>(bytes, &self.config.controller) else {
+        let Ok(verified) = open::<SealedPath>(bytes, &self.config.controller) else {
             return self.drop_datagram("bad sealed path");
         };
-        let sealed = sealed.into_message();
+        let sealed = verified.message();
         let expected = match (&self.state, sealed.kind) {
             (State::Registering { nonce }, SealedKind::Welcome) => Some(*nonce),
             (State::Active { .. }, SealedKind::Resync) => self.outstanding,
@@ -585,7 +587,7 @@ impl<R: CryptoRng> Member<R> {
         if sealed.group != self.config.group || expected != Some(sealed.request_nonce) {
             return self.drop_datagram("unexpected sealed path");
         }
-        let Ok(path) = open_path(&sealed, &self.hpke) else {
+        let Ok(path) = open_path(&verified, &self.hpke) else {
             return self.drop_datagram("sealed path does not open");
         };
         if sealed.rekey_address.is_some() {

@@ -53,7 +53,7 @@ impl Wrap {
     }
 }
 
-/// The part of one rekey a member applies.
+/// The part of one rekey a member applies, taken as authentic (see [`MemberPath::apply`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PathUpdate<'a> {
     /// The rekey's epoch.
@@ -189,6 +189,10 @@ impl MemberPath {
     /// Applies the rekey of the next epoch: all or nothing. Keys of a rekey only make sense on
     /// top of the epoch before it (hash-forward advances, in particular, carry no check), so an
     /// older epoch is [`ApplyError::StaleEpoch`] and a later one [`ApplyError::Gap`].
+    ///
+    /// This is the tree's arithmetic, trusting its input: for the controller's side, simulations
+    /// and tests. A member agent's keys are a `wire::HeldPath`, which this cannot reach: they
+    /// change only by a rekey datagram whose signature verified (`wire::FreshRekey::apply`).
     pub fn apply(&mut self, update: &PathUpdate<'_>) -> Result<Applied, ApplyError> {
         if update.epoch <= self.epoch {
             return Err(ApplyError::StaleEpoch {

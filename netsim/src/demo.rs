@@ -7,12 +7,11 @@ use std::collections::HashMap;
 use ed25519_dalek::SigningKey;
 use lkh_tree::checker::KeyGraph;
 use lkh_tree::{
-    Batch, Epoch, GroupId, KeyTree, KeyVersion, MemberPath, NodeId, TrafficKey, TreeConfig,
-    TreeError,
+    Batch, Epoch, GroupId, KeyTree, KeyVersion, NodeId, TrafficKey, TreeConfig, TreeError,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use wire::{AuthenticRekey, Codec, DataFrame, WireError, data, pack_signed};
+use wire::{AuthenticRekey, Codec, DataFrame, HeldPath, WireError, data, pack_signed};
 
 /// Why a demo run stopped before its verdict.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +92,7 @@ impl Verdict {
 }
 
 struct Departed {
-    path: MemberPath,
+    path: HeldPath,
     welcome: Vec<(NodeId, KeyVersion)>,
 }
 
@@ -103,7 +102,8 @@ struct Sim {
     rng: ChaCha20Rng,
     signer: SigningKey,
     tree: KeyTree,
-    members: HashMap<NodeId, MemberPath>,
+    /// Each member's keys (as the controller computed them at its join or last resync).
+    members: HashMap<NodeId, HeldPath>,
     welcomes: HashMap<NodeId, Vec<(NodeId, KeyVersion)>>,
     departed: Vec<Departed>,
     graph: KeyGraph,
@@ -231,7 +231,8 @@ impl Sim {
                 .map(|k| (k.node, k.version))
                 .collect();
             self.welcomes.insert(joiner.leaf, welcome);
-            self.members.insert(joiner.leaf, joiner.path);
+            self.members
+                .insert(joiner.leaf, HeldPath::trusted(joiner.path));
         }
         self.departed_try(&authentic);
         Ok(EpochLine {
@@ -261,7 +262,7 @@ impl Sim {
                     continue;
                 };
                 if let Ok(fresh) = authentic.fresh(path) {
-                    match fresh.apply(path) {
+                    match fresh.apply() {
                         Ok(_) => applied = true,
                         Err(WireError::NotForMe) => {}
                         Err(other) => return Err(other),
@@ -271,7 +272,7 @@ impl Sim {
             if !applied {
                 resyncs += 1;
                 if let Some(current) = self.tree.member_path(leaf) {
-                    self.members.insert(leaf, current);
+                    self.members.insert(leaf, HeldPath::trusted(current));
                 }
             }
         }
@@ -304,8 +305,8 @@ impl Sim {
         for gone in &mut self.departed {
             for authentic in datagrams {
                 let applied = authentic
-                    .fresh(&gone.path)
-                    .is_ok_and(|fresh| fresh.apply(&mut gone.path).is_ok());
+                    .fresh(&mut gone.path)
+                    .is_ok_and(|fresh| fresh.apply().is_ok());
                 if applied {
                     self.verdict.departed_rekeys_applied += 1;
                 }

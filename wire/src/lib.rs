@@ -15,8 +15,11 @@
 //!                                                   serves path)                 nothing)
 //! ```
 //!
-//! Applying an unverified datagram does not compile: [`FreshRekey`] is only made from an
-//! [`AuthenticRekey`], which is only made by verifying a signature.
+//! Applying an unverified datagram does not compile: a member's keys are a [`HeldPath`], changed
+//! only by [`FreshRekey::apply`] (made only from an [`AuthenticRekey`], which is only made by
+//! verifying a signature, and bound to the path it was checked against) or replaced by
+//! [`open_path`] of a welcome whose signature verified. The `compile_fail` examples in
+//! [`HeldPath`]'s module show each shortcut refused.
 //!
 //! It seals and opens the path keys of welcomes and resync responses with HPKE (RFC 9180).
 //!
@@ -39,6 +42,7 @@ mod codec;
 pub mod data;
 mod error;
 mod fanout;
+mod held;
 mod message;
 mod rekey;
 mod sealed;
@@ -47,6 +51,7 @@ mod signed;
 pub use codec::{Codec, CountWidth, DecodeError, Reader};
 pub use error::WireError;
 pub use fanout::{COOKIE_LEN, Cookie, CookieReply, Subscribe};
+pub use held::HeldPath;
 pub use message::{
     Ack, Acked, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAGIC, MAX_PAYLOAD,
     MAX_REASON, MAX_SEALED, MAX_TOKEN, MemberId, MessageType, NONCE_LEN, PATH_KEY_LEN, PathKeys,

@@ -22,6 +22,7 @@ use lkh_tree::{
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 use crate::error::WireError;
+use crate::held::HeldPath;
 use crate::message::{HEADER_LEN, Header, MessageType, node_id};
 use crate::signed::{self, SIGNATURE_LEN};
 
@@ -214,9 +215,10 @@ impl AuthenticRekey {
 
     /// Checks that the datagram is for this member's group, of the epoch after its own (replays
     /// and duplicates are [`WireError::Stale`], a skipped epoch is [`WireError::Gap`]: resync)
-    /// and serves its path.
-    pub fn fresh(&self, path: &MemberPath) -> Result<FreshRekey<'_>, WireError> {
+    /// and serves its path; the result applies to that path only.
+    pub fn fresh<'p>(&self, held: &'p mut HeldPath) -> Result<FreshRekey<'_, 'p>, WireError> {
         let d = &self.0;
+        let path: &MemberPath = held;
         if d.group != path.group() {
             return Err(WireError::WrongGroup {
                 expected: path.group(),
@@ -238,20 +240,28 @@ impl AuthenticRekey {
         if !d.serves(path) {
             return Err(WireError::NotForMe);
         }
-        Ok(FreshRekey(&self.0))
+        Ok(FreshRekey {
+            datagram: &self.0,
+            path: held,
+        })
     }
 }
 
-/// An authentic datagram newer than the member's epoch: the only kind that can be applied.
+/// An authentic datagram of the epoch after the member's, that serves its path, bound to that
+/// path: the only kind that can be applied (see [`HeldPath`]).
 #[derive(Debug)]
-pub struct FreshRekey<'a>(&'a RekeyDatagram);
+pub struct FreshRekey<'a, 'p> {
+    datagram: &'a RekeyDatagram,
+    path: &'p mut HeldPath,
+}
 
-impl FreshRekey<'_> {
-    /// Applies the datagram to the member's path: all or nothing. A datagram that lacks a key of
-    /// the member's path is [`WireError::NotForMe`] (another datagram of the epoch, or a resync,
-    /// serves it).
-    pub fn apply(self, path: &mut MemberPath) -> Result<Applied, WireError> {
-        let d = self.0;
+impl FreshRekey<'_, '_> {
+    /// Applies the datagram to the path it was checked against: all or nothing. A datagram that
+    /// lacks a key of the member's path is [`WireError::NotForMe`] (another datagram of the
+    /// epoch, or a resync, serves it).
+    pub fn apply(self) -> Result<Applied, WireError> {
+        let d = self.datagram;
+        let path = self.path.keys_mut();
         let update = PathUpdate {
             epoch: d.epoch,
             wraps: &d.wraps,

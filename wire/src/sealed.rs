@@ -16,7 +16,9 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::codec::{Codec, DecodeError};
 use crate::error::WireError;
+use crate::held::HeldPath;
 use crate::message::{MemberId, NONCE_LEN, PathKeys, SealedKind, SealedPath};
+use crate::signed::Verified;
 
 type Kem = X25519HkdfSha256;
 
@@ -186,8 +188,13 @@ pub fn seal_path_with(
     Ok(sealed)
 }
 
-/// Opens a sealed path (whose signature the caller checked) and checks the path it holds.
-pub fn open_path(sealed: &SealedPath, secret: &HpkeSecret) -> Result<MemberPath, WireError> {
+/// Opens a sealed path whose controller signature verified ([`crate::open`]) and checks the
+/// path it holds: the keys a member then holds.
+pub fn open_path(
+    sealed: &Verified<SealedPath>,
+    secret: &HpkeSecret,
+) -> Result<HeldPath, WireError> {
+    let sealed = sealed.message();
     let bad = |what| WireError::Decode(DecodeError::Invalid(what));
     let key = <Kem as hpke::Kem>::PrivateKey::from_bytes(secret.as_bytes())
         .map_err(|_| bad("HPKE secret key"))?;
@@ -204,7 +211,7 @@ pub fn open_path(sealed: &SealedPath, secret: &HpkeSecret) -> Result<MemberPath,
     .map_err(|_| bad("sealed path does not open"))?;
     let path = PathKeys::decode(sealed.group, sealed.epoch, &plaintext);
     plaintext.zeroize();
-    Ok(path?)
+    Ok(HeldPath::trusted(path?))
 }
 
 /// Adapts `&mut R` (possibly unsized) to the sized RNG the HPKE API takes.
@@ -284,7 +291,7 @@ mod tests {
         let ahead = Encapsulation::new(&to.recipient, GroupId(9), &mut rng).unwrap();
         assert_eq!(format!("{ahead:?}"), "Encapsulation(***)");
         let sealed = seal_path_with(&path, &to, ahead).unwrap();
-        assert!(open_path(&sealed, &secret).is_ok());
+        assert!(open_path(&Verified::assume(sealed.clone()), &secret).is_ok());
         let for_other = Encapsulation::new(&other.public_key().unwrap(), GroupId(9), &mut rng);
         assert!(seal_path_with(&path, &to, for_other.unwrap()).is_err());
         let other_group = Encapsulation::new(&to.recipient, GroupId(10), &mut rng).unwrap();
@@ -296,19 +303,19 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         let (path, secret, to) = welcome(5, 2, &mut rng);
         let sealed = seal_path(&path, &to, &mut rng).unwrap();
-        let opened = open_path(&sealed, &secret).unwrap();
+        let opened = open_path(&Verified::assume(sealed.clone()), &secret).unwrap();
         assert_eq!(
             opened.root_key().unwrap().as_bytes(),
             path.root_key().unwrap().as_bytes()
         );
         let other = HpkeSecret::generate(&mut rng);
-        assert!(open_path(&sealed, &other).is_err());
+        assert!(open_path(&Verified::assume(sealed.clone()), &other).is_err());
         let mut as_resync = sealed.clone();
         as_resync.kind = SealedKind::Resync;
-        assert!(open_path(&as_resync, &secret).is_err());
+        assert!(open_path(&Verified::assume(as_resync.clone()), &secret).is_err());
         let mut other_member = sealed;
         other_member.member = MemberId(4);
-        assert!(open_path(&other_member, &secret).is_err());
+        assert!(open_path(&Verified::assume(other_member.clone()), &secret).is_err());
         assert_eq!(format!("{secret:?}"), "HpkeSecret(***)");
     }
 }

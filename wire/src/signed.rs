@@ -22,6 +22,12 @@ impl<T> Verified<T> {
         &self.0
     }
 
+    /// A message taken as verified, for tests of what follows verification.
+    #[cfg(test)]
+    pub(crate) fn assume(message: T) -> Self {
+        Verified(message)
+    }
+
     /// Takes the message out.
     pub fn into_message(self) -> T {
         self.0

@@ -4,14 +4,14 @@
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use ed25519_dalek::SigningKey;
-use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, Strategy, TreeConfig};
+use lkh_tree::{Batch, GroupId, KeyTree, Strategy, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use wire::{AuthenticRekey, DEFAULT_MTU, WireError, pack, pack_signed};
+use wire::{AuthenticRekey, DEFAULT_MTU, HeldPath, WireError, pack, pack_signed};
 
 struct Group {
     tree: KeyTree,
-    members: Vec<MemberPath>,
+    members: Vec<HeldPath>,
     rng: ChaCha20Rng,
     key: SigningKey,
 }
@@ -29,7 +29,11 @@ fn group(n: usize, config: TreeConfig, seed: u64) -> Group {
             &mut rng,
         )
         .unwrap();
-    let members = rekey.joiners.into_iter().map(|j| j.path).collect();
+    let members = rekey
+        .joiners
+        .into_iter()
+        .map(|j| HeldPath::trusted(j.path))
+        .collect();
     Group {
         tree,
         members,
@@ -51,7 +55,7 @@ fn deliver(g: &mut Group, datagrams: &[Vec<u8>]) {
         for authentic in &authentic {
             match authentic.fresh(member) {
                 Ok(fresh) => {
-                    fresh.apply(member).expect("applies");
+                    fresh.apply().expect("applies");
                     applied += 1;
                 }
                 Err(WireError::NotForMe | WireError::Stale { .. }) => {}
@@ -83,7 +87,8 @@ fn leave_and_deliver(g: &mut Group, leaves: usize, joins: usize, mtu: usize) -> 
     let datagrams = pack_signed(&rekey, &g.tree, mtu, &g.key).unwrap();
     assert!(datagrams.iter().all(|d| d.len() <= mtu));
     deliver(g, &datagrams);
-    g.members.extend(rekey.joiners.into_iter().map(|j| j.path));
+    g.members
+        .extend(rekey.joiners.into_iter().map(|j| HeldPath::trusted(j.path)));
     datagrams
 }
 
@@ -195,7 +200,7 @@ fn v001_v004_forged_and_replayed_datagrams_are_refused() {
     ));
     let datagrams = pack_signed(&rekey, &g.tree, DEFAULT_MTU, &g.key).unwrap();
     deliver(&mut g, &datagrams);
-    let member = &g.members[0];
+    let member = &mut g.members[0];
     let replay = AuthenticRekey::verify(&datagrams[0], &controller).unwrap();
     assert!(matches!(replay.fresh(member), Err(WireError::Stale { .. })));
 }
@@ -208,9 +213,12 @@ fn v003_v005_other_groups_and_skipped_epochs_are_refused() {
     let first = pack_signed(&first, &g.tree, DEFAULT_MTU, &g.key).unwrap();
     let second = g.tree.refresh(&mut g.rng).unwrap();
     let second = pack_signed(&second, &g.tree, DEFAULT_MTU, &g.key).unwrap();
-    let member = g.members[0].clone();
+    let mut member = g.members[0].clone();
     let ahead = AuthenticRekey::verify(&second[0], &controller).unwrap();
-    assert!(matches!(ahead.fresh(&member), Err(WireError::Gap { .. })));
+    assert!(matches!(
+        ahead.fresh(&mut member),
+        Err(WireError::Gap { .. })
+    ));
 
     let mut other = group(64, TreeConfig::default(), 17);
     other.tree = KeyTree::new(GroupId(4), TreeConfig::default(), &mut other.rng).unwrap();
@@ -227,13 +235,12 @@ fn v003_v005_other_groups_and_skipped_epochs_are_refused() {
     let foreign = pack_signed(&rekey, &other.tree, DEFAULT_MTU, &g.key).unwrap();
     let foreign = AuthenticRekey::verify(&foreign[0], &controller).unwrap();
     assert!(matches!(
-        foreign.fresh(&member),
+        foreign.fresh(&mut member),
         Err(WireError::WrongGroup { .. })
     ));
     // The right datagram still applies after both refusals.
-    let mut member = member;
     let next = AuthenticRekey::verify(&first[0], &controller).unwrap();
-    next.fresh(&member).unwrap().apply(&mut member).unwrap();
+    next.fresh(&mut member).unwrap().apply().unwrap();
 }
 
 #[test]

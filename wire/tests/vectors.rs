@@ -9,13 +9,14 @@
 use std::path::PathBuf;
 
 use ed25519_dalek::SigningKey;
-use lkh_tree::{Batch, Epoch, GroupId, Kcv, KeyTree, MemberPath, NodeId, TreeConfig};
+use lkh_tree::{Batch, Epoch, GroupId, Kcv, KeyTree, NodeId, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde_json::{Value, json};
 use wire::{
-    Ack, Acked, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, LeaveRequest, MemberId,
-    PathKeys, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status, pack_signed,
+    Ack, Acked, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, HeldPath, LeaveRequest,
+    MemberId, PathKeys, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status,
+    pack_signed,
 };
 
 fn vector_path(name: &str) -> PathBuf {
@@ -265,12 +266,14 @@ fn rekey_vector_decrypts_to_the_stored_traffic_key_check_value() {
     )
     .unwrap();
     let path_bytes = hex::decode(stored["member_path"].as_str().unwrap()).unwrap();
-    let mut path: MemberPath = PathKeys::decode(
-        group(),
-        Epoch(stored["member_epoch"].as_u64().unwrap()),
-        &path_bytes,
-    )
-    .unwrap();
+    let mut path = HeldPath::trusted(
+        PathKeys::decode(
+            group(),
+            Epoch(stored["member_epoch"].as_u64().unwrap()),
+            &path_bytes,
+        )
+        .unwrap(),
+    );
     assert_ne!(
         path.leaf(),
         NodeId(stored["departed_leaf"].as_u64().unwrap() as u32)
@@ -280,8 +283,8 @@ fn rekey_vector_decrypts_to_the_stored_traffic_key_check_value() {
         let authentic =
             AuthenticRekey::verify(&hex::decode(d.as_str().unwrap()).unwrap(), &controller)
                 .unwrap();
-        if let Ok(fresh) = authentic.fresh(&path) {
-            kcv = Some(fresh.apply(&mut path).unwrap().kcv);
+        if let Ok(fresh) = authentic.fresh(&mut path) {
+            kcv = Some(fresh.apply().unwrap().kcv);
         }
     }
     assert_eq!(

@@ -26,7 +26,7 @@ use gkm_benches::{
     unwrap_like_member, wrap_ad, wrap_like_tree,
 };
 use lkh_tree::{MemberPath, TreeConfig};
-use wire::{AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, WRAP_LEN, pack, pack_signed};
+use wire::{AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, HeldPath, WRAP_LEN, pack, pack_signed};
 
 /// Runs per measurement; the median is printed.
 const RUNS: usize = 7;
@@ -368,14 +368,16 @@ fn member_case(case: &LeaveCase, path: &MemberPath) -> (Stat, Stat, usize, usize
     let bytes = &case.datagrams[index];
     let unwraps = case.unwraps_for(path);
 
-    let paths: Vec<MemberPath> = (0..APPLIES).map(|_| path.clone()).collect();
+    let paths: Vec<HeldPath> = (0..APPLIES)
+        .map(|_| HeldPath::trusted(path.clone()))
+        .collect();
     let full = measure(APPLIES, || {
         let mut paths = paths.clone();
         let t0 = Instant::now();
         for path in &mut paths {
             let authentic = AuthenticRekey::verify(black_box(bytes), &controller).expect("valid");
             let fresh = authentic.fresh(path).expect("fresh");
-            black_box(fresh.apply(path).expect("applies"));
+            black_box(fresh.apply().expect("applies"));
         }
         let elapsed = t0.elapsed();
         drop(paths);
