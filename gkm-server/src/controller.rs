@@ -553,13 +553,140 @@ impl PartialEq for VerifiedRegistration {
     }
 }
 
-/// A resync or leave request, decoded enough to know its kind. It is signed by a member's
-/// identity key, which only the controller's state holds, so [`Controller::handle_inbound`]
-/// verifies it against the member's record before using any field.
+/// A resync, leave or fan-out subscription, decoded enough to know its kind. It is signed by a
+/// member's identity key, which only the controller's state holds: either the controller
+/// verifies it against the member's record ([`Controller::handle_inbound`]), or a driver checks
+/// it off the controller's thread first: [`Controller::signer_of`] names the key (a lookup),
+/// [`MemberSigned::check`] verifies the signature under it (on any thread), and the controller
+/// then only compares keys (GKM-V058).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberSigned {
     kind: MessageType,
     bytes: Vec<u8>,
+    checked: Option<Checked>,
+}
+
+/// What [`MemberSigned::check`] found, under which identity key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Checked {
+    /// The signature verified: the message, trusted as far as that key is the member's.
+    Valid { identity: [u8; 32], message: Opened },
+    /// It did not.
+    Invalid { identity: [u8; 32] },
+}
+
+/// A member-signed message whose signature verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Opened {
+    Resync(ResyncRequest),
+    Leave(LeaveRequest),
+    Subscribe(Subscribe),
+}
+
+/// The member-signed messages.
+trait MemberMessage: Codec + Sized {
+    /// The group and member it names.
+    fn names(&self) -> (GroupId, MemberId);
+    /// It, from a checked message of its kind.
+    fn take(opened: Opened) -> Option<Self>;
+    /// It, as a checked message.
+    fn wrap(self) -> Opened;
+}
+
+impl MemberMessage for ResyncRequest {
+    fn names(&self) -> (GroupId, MemberId) {
+        (self.group, self.member)
+    }
+    fn take(opened: Opened) -> Option<Self> {
+        match opened {
+            Opened::Resync(r) => Some(r),
+            _ => None,
+        }
+    }
+    fn wrap(self) -> Opened {
+        Opened::Resync(self)
+    }
+}
+
+impl MemberMessage for LeaveRequest {
+    fn names(&self) -> (GroupId, MemberId) {
+        (self.group, self.member)
+    }
+    fn take(opened: Opened) -> Option<Self> {
+        match opened {
+            Opened::Leave(r) => Some(r),
+            _ => None,
+        }
+    }
+    fn wrap(self) -> Opened {
+        Opened::Leave(self)
+    }
+}
+
+impl MemberMessage for Subscribe {
+    fn names(&self) -> (GroupId, MemberId) {
+        (self.group, self.member)
+    }
+    fn take(opened: Opened) -> Option<Self> {
+        match opened {
+            Opened::Subscribe(r) => Some(r),
+            _ => None,
+        }
+    }
+    fn wrap(self) -> Opened {
+        Opened::Subscribe(self)
+    }
+}
+
+impl MemberSigned {
+    /// A fan-out subscription datagram, to check off the controller's thread before
+    /// [`Controller::handle_checked_subscription`].
+    pub fn subscription(bytes: Vec<u8>) -> MemberSigned {
+        MemberSigned {
+            kind: MessageType::Subscribe,
+            bytes,
+            checked: None,
+        }
+    }
+
+    /// The group and member it names (not yet trusted), if it decodes.
+    fn names(&self) -> Option<(GroupId, MemberId)> {
+        let mut reader = wire::Reader::new(&self.bytes);
+        match self.kind {
+            MessageType::ResyncRequest => {
+                ResyncRequest::decode(&mut reader).ok().map(|m| m.names())
+            }
+            MessageType::Leave => LeaveRequest::decode(&mut reader).ok().map(|m| m.names()),
+            MessageType::Subscribe => Subscribe::decode(&mut reader).ok().map(|m| m.names()),
+            _ => None,
+        }
+    }
+
+    /// Verifies the signature under `identity`, the key [`Controller::signer_of`] named: one
+    /// Ed25519 verification, on any thread. Without a key nothing is checked; the controller
+    /// then answers as for any request naming no member.
+    pub fn check(mut self, identity: Option<[u8; 32]>) -> MemberSigned {
+        let Some(identity) = identity else {
+            return self;
+        };
+        let opened = match self.kind {
+            MessageType::ResyncRequest => Self::open::<ResyncRequest>(&self.bytes, &identity),
+            MessageType::Leave => Self::open::<LeaveRequest>(&self.bytes, &identity),
+            MessageType::Subscribe => Self::open::<Subscribe>(&self.bytes, &identity),
+            _ => None,
+        };
+        self.checked = Some(match opened {
+            Some(message) => Checked::Valid { identity, message },
+            None => Checked::Invalid { identity },
+        });
+        self
+    }
+
+    fn open<T: MemberMessage>(bytes: &[u8], identity: &[u8; 32]) -> Option<Opened> {
+        open_with::<T>(bytes, |_| verifying_key(identity))
+            .ok()
+            .map(|v| v.into_message().wrap())
+    }
 }
 
 /// What [`verify_request`] makes of a request's bytes.
@@ -609,7 +736,11 @@ pub fn verify_request<R: CryptoRng + ?Sized>(bytes: Vec<u8>, rng: &mut R) -> Inb
             }
         }
         Ok(kind @ (MessageType::ResyncRequest | MessageType::Leave)) => {
-            Inbound::MemberSigned(MemberSigned { kind, bytes })
+            Inbound::MemberSigned(MemberSigned {
+                kind,
+                bytes,
+                checked: None,
+            })
         }
         Ok(_) => Inbound::Refused(Reject::UnexpectedMessage),
         Err(_) => Inbound::Refused(Reject::Malformed),
@@ -710,6 +841,8 @@ pub struct Controller<R> {
     rejects: BTreeMap<Reject, u64>,
     profiler: Option<fn() -> Duration>,
     profile: Option<RekeyProfile>,
+    /// Member signatures verified on the controller's own thread.
+    signatures_verified: std::cell::Cell<u64>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -749,6 +882,7 @@ impl<R: CryptoRng> Controller<R> {
             events: VecDeque::new(),
             workers: 1,
             rejects: BTreeMap::new(),
+            signatures_verified: std::cell::Cell::new(0),
             profiler: None,
             profile: None,
         })
@@ -796,15 +930,11 @@ impl<R: CryptoRng> Controller<R> {
             Inbound::Registration(request) => {
                 self.register(conn, now, *request).map_err(Refusal::from)
             }
-            Inbound::MemberSigned(MemberSigned {
-                kind: MessageType::ResyncRequest,
-                bytes,
-            }) => self.resync(conn, now, &bytes),
-            Inbound::MemberSigned(MemberSigned {
-                kind: MessageType::Leave,
-                bytes,
-            }) => self.leave(conn, now, &bytes),
-            Inbound::MemberSigned(_) => Err((Reject::UnexpectedMessage, GroupId(0)).into()),
+            Inbound::MemberSigned(signed) => match signed.kind {
+                MessageType::ResyncRequest => self.resync(conn, now, signed),
+                MessageType::Leave => self.leave(conn, now, signed),
+                _ => Err((Reject::UnexpectedMessage, GroupId(0)).into()),
+            },
             Inbound::Refused(reason) => Err((reason, GroupId(0)).into()),
         };
         if let Err(refusal) = outcome {
@@ -824,8 +954,22 @@ impl<R: CryptoRng> Controller<R> {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Result<Subscription, Reject> {
+        self.handle_checked_subscription(now, from, MemberSigned::subscription(bytes.to_vec()))
+    }
+
+    /// As [`Controller::handle_subscription`], for a subscription the driver checked with
+    /// [`MemberSigned::check`] off the controller's thread (or not: then it is verified here).
+    pub fn handle_checked_subscription(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        signed: MemberSigned,
+    ) -> Result<Subscription, Reject> {
+        if signed.kind != MessageType::Subscribe {
+            return Err(Reject::UnexpectedMessage);
+        }
         let request = self
-            .member_request::<Subscribe>(bytes, |r| (r.group, r.member))
+            .member_request::<Subscribe>(signed)
             .map_err(|refusal| refusal.reason)?;
         let (gid, member) = (request.group, request.member);
         let g = self.groups.get_mut(&gid).ok_or(Reject::UnknownGroup)?;
@@ -1250,8 +1394,13 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    fn resync(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) -> Result<(), Refusal> {
-        let request = self.member_request::<ResyncRequest>(bytes, |r| (r.group, r.member))?;
+    fn resync(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+        signed: MemberSigned,
+    ) -> Result<(), Refusal> {
+        let request = self.member_request::<ResyncRequest>(signed)?;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         if !g.members.renew(request.member, now.plus(g.policy.lease_ms)) {
@@ -1350,8 +1499,8 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    fn leave(&mut self, conn: ConnId, now: Timestamp, bytes: &[u8]) -> Result<(), Refusal> {
-        let request = self.member_request::<LeaveRequest>(bytes, |r| (r.group, r.member))?;
+    fn leave(&mut self, conn: ConnId, now: Timestamp, signed: MemberSigned) -> Result<(), Refusal> {
+        let request = self.member_request::<LeaveRequest>(signed)?;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
         g.departures.insert(request.member, DepartReason::Left);
@@ -1367,30 +1516,73 @@ impl<R: CryptoRng> Controller<R> {
         Ok(())
     }
 
-    /// Decodes a request signed by a member's identity key and verifies it against the record.
+    /// Member signatures (resync, leave, subscription) verified on the controller's own thread
+    /// so far: those no driver checked beforehand with [`MemberSigned::check`]. The daemon's stay
+    /// at zero (GKM-V058).
+    pub fn signatures_verified(&self) -> u64 {
+        self.signatures_verified.get()
+    }
+
+    /// The identity key a member-signed message must be signed with: the named member's, or,
+    /// for a member departed lately, the one it had (it alone may learn why it left). `None` for
+    /// a message that does not decode or names no such member. A lookup, for a driver that
+    /// verifies signatures off the controller's thread ([`MemberSigned::check`]).
+    pub fn signer_of(&self, signed: &MemberSigned) -> Option<[u8; 32]> {
+        let (gid, member) = signed.names()?;
+        self.signer(gid, member).map(|(identity, _)| identity)
+    }
+
+    /// The identity key `member` of `gid` signs with, and its departure if it departed lately.
+    fn signer(&self, gid: GroupId, member: MemberId) -> Option<([u8; 32], Option<Departure>)> {
+        let group = self.groups.get(&gid)?;
+        if let Some(record) = group.members.get(member) {
+            return Some((record.identity, None));
+        }
+        let departure = group.departed.get(member)?;
+        Some((departure.identity, Some(*departure)))
+    }
+
+    /// Decodes a request signed by a member's identity key and verifies it against the record
+    /// (or takes the verdict of [`MemberSigned::check`], made under the key the record holds).
     /// A request from a recently departed member, verified against the identity it had, is
     /// refused with the reason its membership ended, which it alone can learn.
-    fn member_request<T: Codec>(
-        &self,
-        bytes: &[u8],
-        who: impl Fn(&T) -> (GroupId, MemberId),
-    ) -> Result<T, Refusal> {
+    fn member_request<T: MemberMessage>(&self, signed: MemberSigned) -> Result<T, Refusal> {
+        let MemberSigned { bytes, checked, .. } = signed;
         let mut named = (GroupId(0), None);
         let mut departed = None;
-        let opened = open_with::<T>(bytes, |message| {
-            let (gid, member) = who(message);
+        let mut verdict = None;
+        let opened = open_with::<T>(&bytes, |message| {
+            let (gid, member) = message.names();
             named.0 = gid;
             let group = self.groups.get(&gid);
             named.1 = group.map(|g| g.members.contains(member));
-            if let Some(record) = group.and_then(|g| g.members.get(member)) {
-                return verifying_key(&record.identity);
+            let (identity, departure) = self.signer(gid, member).ok_or(WireError::BadSignature)?;
+            departed = departure.map(|d| (member, d));
+            // Checked off the controller's thread under this very key: the verdict stands, and
+            // the signature is not verified again.
+            verdict = match checked {
+                Some(Checked::Valid {
+                    identity: key,
+                    message,
+                }) if key == identity => Some(T::take(message).ok_or(WireError::BadSignature)),
+                Some(Checked::Invalid { identity: key }) if key == identity => {
+                    Some(Err(WireError::BadSignature))
+                }
+                _ => None,
+            };
+            if verdict.is_some() {
+                return Err(WireError::Decode(wire::DecodeError::Invalid(
+                    "checked before",
+                )));
             }
-            let departure = group
-                .and_then(|g| g.departed.get(member))
-                .ok_or(WireError::BadSignature)?;
-            departed = Some((member, *departure));
-            verifying_key(&departure.identity)
+            let verified = self.signatures_verified.get();
+            self.signatures_verified.set(verified.saturating_add(1));
+            verifying_key(&identity)
         });
+        let opened = match verdict {
+            Some(result) => result,
+            None => opened.map(wire::Verified::into_message),
+        };
         match (opened, named) {
             (Ok(_), (gid, _)) if let Some((member, d)) = departed => Err(Refusal {
                 reason: Reject::NotAMember,
@@ -1398,7 +1590,7 @@ impl<R: CryptoRng> Controller<R> {
                 answered: Reject::NotAMember,
                 told: Some(d.reason.told(member, d.epoch)),
             }),
-            (Ok(v), _) => Ok(v.into_message()),
+            (Ok(v), _) => Ok(v),
             (Err(_), (gid, None)) => Err((Reject::UnknownGroup, gid).into()),
             // Not signed by a current member: say so (a departed member re-registers), and
             // change nothing. The signature cannot be checked without a member's key.

@@ -1487,3 +1487,67 @@ fn v056_a_renewal_is_acknowledged_by_an_ack_of_its_own_request() {
         );
     }
 }
+
+/// GKM-V058: a member-signed request checked off the controller's thread (the controller names
+/// the key, `MemberSigned::check` verifies under it) is not verified again on the controller's
+/// thread: forged requests naming a real member cost it a lookup, not a signature check; they
+/// are still refused as naming no member and counted as bad signatures, and genuine ones go
+/// through.
+#[test]
+fn v058_member_signatures_checked_off_the_controller_thread_are_not_verified_again() {
+    let mut net = Net::new(3, 0.0);
+    let id = net.member_id(0);
+    let (epoch, key) = net.controller.traffic_key(GROUP).unwrap();
+    let stranger = SigningKey::from_bytes(&[77; 32]);
+    let checked = |net: &Net, bytes: Vec<u8>| {
+        let gkm_server::Inbound::MemberSigned(signed) = verify_request(bytes, &mut rng()) else {
+            panic!("a resync is member-signed");
+        };
+        let identity = net.controller.signer_of(&signed);
+        gkm_server::Inbound::MemberSigned(signed.check(identity))
+    };
+    let before = net.controller.signatures_verified();
+    for k in 0..50_u8 {
+        let forged = ResyncRequest {
+            group: GROUP,
+            member: wire::MemberId(id),
+            epoch,
+            kcv: key.check_value(),
+            timestamp_ms: net.now,
+            nonce: [k; 16],
+        };
+        let inbound = checked(&net, wire::sign(&forged, &stranger));
+        net.controller
+            .handle_inbound(ConnId(100), Timestamp(net.now), inbound);
+        let Some(Transmit::Reply { bytes, .. }) = net.controller.poll_transmit() else {
+            panic!("a forged request is answered");
+        };
+        let error = <wire::ErrorMessage as wire::Codec>::decode_exact(&bytes).unwrap();
+        assert_eq!(error.status, wire::Status::NotAMember);
+    }
+    assert_eq!(net.controller.signatures_verified(), before);
+    let Response::Status { rejects, .. } = net.command(Command::Status) else {
+        panic!("status");
+    };
+    assert_eq!(rejects.get(&Reject::BadSignature), Some(&50));
+    // The member's own request, checked the same way, is acknowledged; none verified here.
+    let genuine = ResyncRequest {
+        group: GROUP,
+        member: wire::MemberId(id),
+        epoch,
+        kcv: key.check_value(),
+        timestamp_ms: net.now,
+        nonce: [200; 16],
+    };
+    // Member 0's identity key, as `Net::add_member` drew it.
+    let mut seed = [0u8; 32];
+    ChaCha20Rng::seed_from_u64(1001).fill_bytes(&mut seed);
+    let inbound = checked(&net, wire::sign(&genuine, &SigningKey::from_bytes(&seed)));
+    net.controller
+        .handle_inbound(ConnId(101), Timestamp(net.now), inbound);
+    let Some(Transmit::Reply { bytes: reply, .. }) = net.controller.poll_transmit() else {
+        panic!("a genuine request is answered");
+    };
+    assert!(<wire::Ack as wire::Codec>::decode_exact(&reply).is_ok());
+    assert_eq!(net.controller.signatures_verified(), before);
+}

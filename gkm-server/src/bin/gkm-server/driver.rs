@@ -3,6 +3,8 @@
 //! ```text
 //! tokio workers (one per core)            controller thread ("gkm-controller")
 //!   accept, read frame                      loop: take the queue (or sleep until poll_timeout)
+//!   member-signed: Lookup ──────────────►         signer_of (the member's identity key)
+//!   MemberSigned::check (Ed25519) ◄─ key ─
 //!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / _subscription for
 //!   (Ed25519, the welcome's X25519,               everything queued, then handle_timeout
 //!    any worker)                                  (rekey: store commit, welcome sealing on
@@ -32,8 +34,8 @@ use anyhow::{Context, Result};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
-    Command, ConnId, Controller, Event, GroupInfo, Inbound, Response, Stats, Subscription,
-    Timestamp, Transmit,
+    Command, ConnId, Controller, Event, GroupInfo, Inbound, MemberSigned, Response, Stats,
+    Subscription, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
@@ -381,7 +383,11 @@ impl Driver {
                 inbound,
                 reply,
             } => self.request(conn, inbound, reply),
-            ToController::Subscribe { bytes, from } => self.subscribe(&bytes, from),
+            ToController::Lookup { signed, reply, .. } => {
+                let identity = self.controller.signer_of(&signed);
+                let _ = reply.send((signed, identity));
+            }
+            ToController::Subscribe { signed, from } => self.subscribe(signed, from),
             ToController::Command { command, reply } => {
                 let outcome = self.controller.handle_command(now(), command);
                 // With immediate rekeying an eviction is answered once its rekey is durable and
@@ -518,8 +524,11 @@ impl Driver {
         self.controller.handle_inbound(conn, now(), inbound);
     }
 
-    fn subscribe(&mut self, bytes: &[u8], from: SocketAddr) {
-        match self.controller.handle_subscription(now(), from, bytes) {
+    fn subscribe(&mut self, signed: MemberSigned, from: SocketAddr) {
+        match self
+            .controller
+            .handle_checked_subscription(now(), from, signed)
+        {
             Ok(Subscription::Cookie(cookie)) => {
                 if let Err(e) = self.udp.send_to(&cookie, from) {
                     debug!(%from, "cannot send a fan-out cookie: {e}");
@@ -693,20 +702,52 @@ fn request_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Passes fan-out subscription datagrams to the controller.
+/// Passes fan-out subscription datagrams to the controller, their signatures checked here, off
+/// its thread: the controller names the key (a lookup), a tokio worker verifies under it.
 async fn receive_subscriptions(udp: tokio::net::UdpSocket, queue: ControllerQueue) {
     let mut buf = vec![0u8; 65_536];
     loop {
         match udp.recv_from(&mut buf).await {
             Ok((n, from)) => {
                 let bytes = buf.get(..n).unwrap_or_default().to_vec();
-                if !queue.send(ToController::Subscribe { bytes, from }) {
+                let signed = MemberSigned::subscription(bytes);
+                let Some(checked) = lookup(&queue, signed, true) else {
                     debug!(%from, "subscription dropped: the controller is busy");
-                }
+                    continue;
+                };
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    let Some(signed) = checked.await else {
+                        return;
+                    };
+                    if !queue.send(ToController::Subscribe { signed, from }) {
+                        debug!(%from, "subscription dropped: the controller is busy");
+                    }
+                });
             }
             Err(e) => debug!("udp receive failed: {e}"),
         }
     }
+}
+
+/// Asks the controller which identity key signs `signed` and, once it answers, verifies the
+/// signature under that key on this (tokio) thread: one Ed25519 verification that the
+/// controller's thread does not make. `None` when the queue is full or closed.
+fn lookup(
+    queue: &ControllerQueue,
+    signed: MemberSigned,
+    subscription: bool,
+) -> Option<impl Future<Output = Option<MemberSigned>> + use<>> {
+    let (reply, answer) = oneshot::channel();
+    let sent = queue.send(ToController::Lookup {
+        signed,
+        subscription,
+        reply,
+    });
+    sent.then_some(async move {
+        let (signed, identity) = answer.await.ok()?;
+        Some(signed.check(identity))
+    })
 }
 
 /// Accepts control connections (at most [`MAX_CONTROL`]).
@@ -813,8 +854,20 @@ async fn request_connection(
             return;
         }
     };
-    // The signature check and the welcome's X25519 work run here, on whichever core is free.
-    let inbound = gkm_server::verify_request(bytes, &mut UnwrapErr(SysRng));
+    // The signature check and the welcome's X25519 work run here, on whichever core is free; a
+    // member-signed request's key is looked up by the controller and its signature checked here.
+    let inbound = match gkm_server::verify_request(bytes, &mut UnwrapErr(SysRng)) {
+        Inbound::MemberSigned(signed) => {
+            let Some(checked) = lookup(queue, signed, false) else {
+                return;
+            };
+            match checked.await {
+                Some(signed) => Inbound::MemberSigned(signed),
+                None => return,
+            }
+        }
+        other => other,
+    };
     let (reply_tx, reply_rx) = oneshot::channel();
     let request = ToController::Request {
         conn,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use gkm_server::control::Reply;
-use gkm_server::{Command, ConnId, Inbound};
+use gkm_server::{Command, ConnId, Inbound, MemberSigned};
 use lkh_tree::GroupId;
 use tokio::sync::oneshot;
 
@@ -32,8 +32,19 @@ pub(crate) enum ToController {
         inbound: Inbound,
         reply: oneshot::Sender<Vec<u8>>,
     },
-    /// A fan-out subscription datagram.
-    Subscribe { bytes: Vec<u8>, from: SocketAddr },
+    /// Which identity key signs a member-signed request (a lookup, so that the signature is
+    /// verified off the controller's thread); `subscription` when it came by UDP (it then
+    /// counts against the subscriptions' budget).
+    Lookup {
+        signed: MemberSigned,
+        subscription: bool,
+        reply: oneshot::Sender<(MemberSigned, Option<[u8; 32]>)>,
+    },
+    /// A fan-out subscription datagram, checked ([`MemberSigned::check`]).
+    Subscribe {
+        signed: MemberSigned,
+        from: SocketAddr,
+    },
     /// An operator's command.
     Command {
         command: Command,
@@ -50,7 +61,10 @@ impl ToController {
     /// crowd out neither registrations nor monitoring.
     fn budget(&self) -> Option<Budget> {
         match self {
-            ToController::Subscribe { .. } => Some(Budget::Subscriptions),
+            ToController::Subscribe { .. }
+            | ToController::Lookup {
+                subscription: true, ..
+            } => Some(Budget::Subscriptions),
             ToController::Metrics(_) => Some(Budget::Scrapes),
             _ => None,
         }
@@ -299,7 +313,7 @@ mod tests {
 
     fn subscription() -> ToController {
         ToController::Subscribe {
-            bytes: Vec::new(),
+            signed: MemberSigned::subscription(Vec::new()),
             from: SocketAddr::from(([127, 0, 0, 1], 9)),
         }
     }
