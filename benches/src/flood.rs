@@ -8,6 +8,9 @@
 //!   list (`Unauthorized`);
 //! - bad signatures: the allowed identity's request with its signature altered (`BadSignature`);
 //! - replays: a captured valid request sent again (`Replayed`);
+//! - forged resyncs: resync requests naming the legitimate member, signed by other keys
+//!   (answered as naming no member, counted as `BadSignature`; their signature is checked off
+//!   the controller's thread, GKM-V058);
 //! - slowloris: connections opened and held without sending a byte, reopened when closed.
 //!
 //! Attackers connect from 127.0.0.2 (any 127/8 address is loopback); the legitimate member from
@@ -26,10 +29,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::GroupId;
+use lkh_tree::{Epoch, Kcv};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use wire::{HpkeSecret, MessageType, RegistrationRequest, SealedPath, open, sign};
+use wire::{
+    HpkeSecret, MemberId, MessageType, RegistrationRequest, ResyncRequest, SealedPath, open, sign,
+};
 
 /// Where attackers connect from.
 pub const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -167,6 +173,14 @@ pub fn register(
     None
 }
 
+/// Registers `identity` once and returns the member id its welcome names.
+fn member_id(target: &Target, identity: &Identity, rng: &mut ChaCha20Rng) -> Option<MemberId> {
+    let (request, nonce) = identity.registration(target.group, rng);
+    let reply = framed(Ipv4Addr::LOCALHOST, target.addr, &request).ok()??;
+    let sealed = open::<SealedPath>(&reply, &target.controller).ok()?;
+    (sealed.message().request_nonce == nonce).then_some(sealed.message().member)
+}
+
 /// What the attackers did.
 #[derive(Clone, Debug, Default)]
 pub struct Sent {
@@ -189,9 +203,34 @@ pub struct Flood {
 /// The attack kinds, each a function making one request's frame from a generator.
 type MakeFrame = Box<dyn FnMut(&mut ChaCha20Rng) -> (u32, Vec<u8>) + Send>;
 
-fn attack(kind: &str, target: &Target, allowed: &Identity, replay: &[u8]) -> MakeFrame {
+fn attack(
+    kind: &str,
+    target: &Target,
+    allowed: &Identity,
+    replay: &[u8],
+    member: MemberId,
+) -> MakeFrame {
     let group = target.group;
     match kind {
+        "forged resync" => Box::new(move |rng| {
+            let stranger = SigningKey::from_bytes(&{
+                let mut seed = [0u8; 32];
+                rng.fill_bytes(&mut seed);
+                seed
+            });
+            let mut nonce = [0u8; 16];
+            rng.fill_bytes(&mut nonce);
+            let request = ResyncRequest {
+                group,
+                member,
+                epoch: Epoch(0),
+                kcv: Kcv([0; lkh_tree::KCV_LEN]),
+                timestamp_ms: now_ms(),
+                nonce,
+            };
+            let bytes = sign(&request, &stranger);
+            (u32::try_from(bytes.len()).unwrap_or(0), bytes)
+        }),
         "garbage" => Box::new(|rng| {
             let mut bytes = vec![0u8; 1 + usize::try_from(rng.next_u32() % 200).unwrap_or(0)];
             rng.fill_bytes(&mut bytes);
@@ -280,22 +319,25 @@ fn slowloris(target: SocketAddr, connections: usize, stop: &AtomicBool) -> Sent 
 }
 
 /// The attack kinds that send requests.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
     "garbage",
     "oversize",
     "unknown key",
     "bad signature",
     "replay",
+    "forged resync",
 ];
 
 impl Flood {
     /// Starts `threads_per_kind` threads of each request-sending kind and one slowloris thread
     /// holding `connections` silent connections. `allowed` is the allow-listed identity (its
-    /// requests with bad signatures); `replay` a valid request already sent.
+    /// requests with bad signatures); `replay` a valid request already sent; `member` the member
+    /// id forged resyncs name.
     pub fn start(
         target: Target,
         allowed: &Identity,
         replay: &[u8],
+        member: MemberId,
         threads_per_kind: usize,
         connections: usize,
     ) -> Flood {
@@ -304,7 +346,7 @@ impl Flood {
         let mut seed = 1_000;
         for kind in KINDS {
             for _ in 0..threads_per_kind {
-                let make = attack(kind, &target, allowed, replay);
+                let make = attack(kind, &target, allowed, replay, member);
                 let stop = stop.clone();
                 seed += 1;
                 threads.push((
@@ -529,11 +571,12 @@ pub fn measure(
     let idle: Vec<Duration> = (0..idle_runs)
         .filter_map(|_| register(&target, allowed, &mut rng, limit))
         .collect();
+    let member = member_id(&target, allowed, &mut rng).unwrap_or(MemberId(0));
     let (replay, _) = allowed.registration(target.group, &mut rng);
     let _ = framed(Ipv4Addr::LOCALHOST, target.addr, &replay);
     let pid = controller.pid();
     let rss_before = rss_kib(pid).unwrap_or_default();
-    let flood = Flood::start(target, allowed, &replay, threads, connections);
+    let flood = Flood::start(target, allowed, &replay, member, threads, connections);
     let (mut during, mut missed, mut rss_during) = (Vec::new(), 0, 0);
     let started = Instant::now();
     while started.elapsed() < duration {
