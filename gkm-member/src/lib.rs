@@ -16,9 +16,15 @@
 //! Every datagram goes raw → authentic (Ed25519 under the pinned controller key) → fresh (the
 //! next epoch of its group) → applied; anything else is counted and dropped and changes nothing.
 //!
+//! [`data_keys::KeySchedule`] is the agent's other decision, also without I/O: which traffic key
+//! its applications send with and which they accept around a rekey (activation and deactivation
+//! delays).
+//!
 //! What it does not do: sockets, files, the local API socket (see the binary).
 
 #![forbid(unsafe_code)]
+
+pub mod data_keys;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;

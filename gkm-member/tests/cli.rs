@@ -1,14 +1,19 @@
 //! The `gkm-member` binary as a process, on loopback only: `init` file modes, the daemon's API
-//! before admission and its clean exit on SIGTERM, `send`/`recv` through a fake API, and, when
+//! before admission and its clean exit on SIGTERM, `send`/`recv` through a fake API (`recv`
+//! following its `watch` and refusing a dropped key, GKM-V055), and, when
 //! the controller binary has been built (`target/debug/gkm-server`), an end-to-end run.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{ChildStderr, Command};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use lkh_tree::{Epoch, GroupId, TrafficKey};
+use wire::Codec;
 
 mod common;
 
@@ -149,70 +154,176 @@ fn daemon_refuses_a_bad_controller_key_with_advice() {
     assert!(err.contains("64 hex digits"), "{err}");
 }
 
-/// A stand-in for `gkm-member run`'s API: answers every `current` with a fixed key.
-fn fake_api(socket: &Path, epoch: u64, key_byte: u8) -> std::thread::JoinHandle<()> {
-    let listener = UnixListener::bind(socket).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
+/// A `current`/`watch` line of member 21474836489 (leaf 5) of group 42: `accept` lists
+/// (epoch, key byte, drop_in_ms), newest first.
+fn keys_line(accept: &[(u64, u8, Option<u64>)], send_epoch: u64) -> String {
+    let entries: Vec<String> = accept
+        .iter()
+        .map(|(epoch, byte, drop_in)| {
+            let drop_in = drop_in.map(|ms| format!(",\"drop_in_ms\":{ms}"));
+            format!(
+                "{{\"epoch\":{epoch},\"traffic_key\":\"{}\",\"kcv\":\"0000000000000000\"{}}}",
+                hex::encode([*byte; 32]),
+                drop_in.unwrap_or_default()
+            )
+        })
+        .collect();
+    let (epoch, byte, _) = accept[0];
+    format!(
+        "{{\"group\":42,\"member\":21474836489,\"epoch\":{epoch},\"traffic_key\":\"{}\",\
+         \"kcv\":\"0000000000000000\",\"sender\":5,\"send_epoch\":{send_epoch},\
+         \"activate_in_ms\":0,\"accept\":[{}]}}\n",
+        hex::encode([byte; 32]),
+        entries.join(",")
+    )
+}
+
+/// What the fake agent serves: the `current` lines set so far (a watch gets each), the send key
+/// (epoch, key byte) and the next sequence number.
+struct Served {
+    lines: Vec<String>,
+    send: (u64, u8),
+    next_seq: u64,
+}
+
+/// A stand-in for `gkm-member run`'s API, for 20 s: `current` answers the last line set,
+/// `watch` that line and each one set later, `reserve` one number at a time from 0 up.
+struct FakeAgent(Arc<Mutex<Served>>);
+
+impl FakeAgent {
+    fn start(socket: &Path, epoch: u64, key_byte: u8) -> Self {
+        let served = Arc::new(Mutex::new(Served {
+            lines: vec![keys_line(&[(epoch, key_byte, None)], epoch)],
+            send: (epoch, key_byte),
+            next_seq: 0,
+        }));
+        let listener = UnixListener::bind(socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let shared = Arc::clone(&served);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let served = Arc::clone(&shared);
+                std::thread::spawn(move || FakeAgent::connection(&stream, &served));
+            }
+        });
+        FakeAgent(served)
+    }
+
+    /// A new key setting: watchers get `line`, reservations `send`.
+    fn set(&self, line: String, send: (u64, u8)) {
+        let mut served = self.0.lock().unwrap();
+        served.lines.push(line);
+        served.send = send;
+    }
+
+    fn connection(stream: &UnixStream, served: &Mutex<Served>) {
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut request = String::new();
+        if BufReader::new(stream).read_line(&mut request).is_err() {
+            return;
+        }
+        let mut writer = stream;
+        if request.contains("reserve") {
+            let answer = {
+                let mut s = served.lock().unwrap();
+                s.next_seq += 1;
+                format!(
+                    "{{\"group\":42,\"member\":21474836489,\"epoch\":{},\"traffic_key\":\"{}\",\
+                     \"kcv\":\"0000000000000000\",\"sender\":5,\"first\":{},\"count\":1}}\n",
+                    s.send.0,
+                    hex::encode([s.send.1; 32]),
+                    s.next_seq - 1
+                )
+            };
+            let _ = writer.write_all(answer.as_bytes());
+            return;
+        }
+        let watch = request.contains("watch");
+        let mut sent = if watch {
+            0
+        } else {
+            served.lock().unwrap().lines.len() - 1
+        };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
-            let Ok((stream, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            stream.set_nonblocking(false).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
+            let lines: Vec<String> = served.lock().unwrap().lines[sent..].to_vec();
+            for line in &lines {
+                if writer.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
             }
-            let answer = format!(
-                "{{\"group\":42,\"member\":21474836489,\"epoch\":{epoch},\"traffic_key\":\"{}\",\"kcv\":\"0000000000000000\"}}\n",
-                hex::encode([key_byte; 32])
-            );
-            let _ = (&stream).write_all(answer.as_bytes());
+            sent += lines.len();
+            if !watch {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-    })
+    }
+}
+
+/// `recv` on the data group `data` through the API at `socket`, with `args`; its stderr, read
+/// up to the line saying it listens.
+fn start_recv(socket: &Path, data: &str, args: &[&str]) -> (Running, BufReader<ChildStderr>) {
+    let mut recv = Running::spawn(
+        Command::new(BIN)
+            .arg("recv")
+            .args(args)
+            .args(["--data", data])
+            .arg("--api-socket")
+            .arg(socket),
+    );
+    let stderr = BufReader::new(recv.take_stderr().unwrap());
+    let mut stderr = stderr;
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    (recv, stderr)
+}
+
+/// Reads `stderr` up to a line containing `what`.
+fn read_until(stderr: &mut BufReader<ChildStderr>, what: &str) {
+    for _ in 0..100 {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no line with {what:?}"
+        );
+        if line.contains(what) {
+            return;
+        }
+    }
+    panic!("no line with {what:?} in 100");
+}
+
+/// A UDP socket that sends to multicast groups on loopback.
+fn multicast_sender() -> std::net::UdpSocket {
+    let raw = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket2::SockRef::from(&raw)
+        .set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
+        .unwrap();
+    raw
 }
 
 #[test]
 fn send_and_recv_round_trip_through_a_fake_api() {
     let dir = temp_dir("data");
     let socket = dir.join("api.sock");
-    let _api = fake_api(&socket, 9, 0x5a);
+    let _api = FakeAgent::start(&socket, 9, 0x5a);
     let data = format!("239.255.77.2:{}", port());
-    let recv = Running::spawn(
-        Command::new(BIN)
-            .args([
-                "recv",
-                "--count",
-                "2",
-                "--timeout-ms",
-                "10000",
-                "--data",
-                &data,
-            ])
-            .arg("--api-socket")
-            .arg(&socket),
-    );
-    // Wait until recv has joined the group (it says so on stderr).
-    let mut recv = recv;
-    let mut stderr = BufReader::new(recv.take_stderr().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "{line}");
+    let (recv, mut stderr) = start_recv(&socket, &data, &["--count", "2", "--timeout-ms", "10000"]);
 
     // Garbage on the data group is counted, not fatal.
-    let raw = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket2::SockRef::from(&raw)
-        .set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
-        .unwrap();
-    raw.send_to(b"not a frame", &data).unwrap();
+    multicast_sender().send_to(b"not a frame", &data).unwrap();
 
-    for message in ["first message", "second message"] {
+    for (seq, message) in ["first message", "second message"].iter().enumerate() {
         let out = Command::new(BIN)
             .args(["send", "--data", &data, "--api-socket"])
             .arg(&socket)
@@ -222,8 +333,8 @@ fn send_and_recv_round_trip_through_a_fake_api() {
         assert!(out.status.success(), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("epoch 9, sender 5"),
-            "sender is the leaf, the member id's high 32 bits: {err}"
+            err.contains(&format!("epoch 9, sender 5, seq {seq}")),
+            "sender and sequence number as the member reserved them: {err}"
         );
     }
     let out = recv.wait(Duration::from_secs(15));
@@ -235,6 +346,44 @@ fn send_and_recv_round_trip_through_a_fake_api() {
         "first message\nsecond message\n"
     );
     assert!(rest.contains("undecryptable: 1"), "{rest}");
+}
+
+#[test]
+fn v055_recv_follows_the_members_watch_and_refuses_a_dropped_key() {
+    let dir = temp_dir("watch");
+    let socket = dir.join("api.sock");
+    let agent = FakeAgent::start(&socket, 9, 0x09);
+    let data = format!("239.255.77.2:{}", port());
+    let (recv, mut stderr) = start_recv(&socket, &data, &["--count", "2", "--timeout-ms", "15000"]);
+    read_until(&mut stderr, "accepting epochs 9");
+    // A member evicted by the rekey to epoch 10 keeps epoch 9's key.
+    let frame = |epoch: u64, byte: u8, seq: u64, text: &str| {
+        let key = TrafficKey::from_bytes([byte; 32]);
+        wire::data::seal(&key, GroupId(42), Epoch(epoch), 99, seq, text.as_bytes()).to_bytes()
+    };
+    let raw = multicast_sender();
+    // The rekey: the member accepts epoch 9's key 1.5 s longer. recv learns it by watch alone.
+    agent.set(
+        keys_line(&[(10, 0x10, None), (9, 0x09, Some(1_500))], 9),
+        (9, 0x09),
+    );
+    let changed = Instant::now();
+    read_until(&mut stderr, "accepting epochs 10, 9");
+    raw.send_to(&frame(9, 0x09, 1, "old key, within the delay"), &data)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2_000).saturating_sub(changed.elapsed()));
+    raw.send_to(&frame(9, 0x09, 2, "old key, after the delay"), &data)
+        .unwrap();
+    raw.send_to(&frame(10, 0x10, 1, "new key"), &data).unwrap();
+    let out = recv.wait(Duration::from_secs(20));
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(out.status.success(), "{rest}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "old key, within the delay\nnew key\n"
+    );
+    assert!(rest.contains("retired: 1"), "{rest}");
 }
 
 #[test]
@@ -269,4 +418,34 @@ fn a_save_delay_past_a_day_is_refused_with_its_range() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--save-after-ms"), "{err}");
     assert!(err.contains("86400000"), "{err}");
+}
+
+#[test]
+fn key_delays_that_cannot_be_served_are_refused_with_what_to_pass() {
+    for (activation, deactivation, says) in [
+        ("500", "500", "must be longer than the activation delay"),
+        ("60001", "600000", "longer than the 60000 ms allowed"),
+        ("250", "600001", "longer than the 600000 ms allowed"),
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "run",
+                "--group",
+                "demo",
+                "--controller-key",
+                &"00".repeat(32),
+            ])
+            .args([
+                "--activation-ms",
+                activation,
+                "--deactivation-ms",
+                deactivation,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains("pass --activation-ms up to 60000"), "{err}");
+    }
 }

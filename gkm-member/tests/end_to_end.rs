@@ -1,13 +1,17 @@
 //! End to end on loopback with the real controller, when its binary has been built
 //! (`cargo build -p gkm-server`); skipped with a note otherwise. Two members, one on multicast
 //! and one on fan-out, converge on the same key; a member killed with SIGKILL resumes from its
-//! membership file without registering again; SIGTERM makes both leave and exit 0.
+//! membership file without registering again; SIGTERM makes both leave and exit 0. A real rekey
+//! moves the send key after the activation delay and drops the old key after the deactivation
+//! delay, each announced on `watch` (GKM-V055).
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{BIN, Lab, Running, converged, current, server_binary, wait_for};
 
@@ -200,6 +204,106 @@ fn members_listen_where_the_controller_says_unless_told_otherwise() {
         "{o}"
     );
     assert!(o.contains("switching to unicast fan-out"), "{o}");
+    controller.signal("TERM");
+    drop(controller.wait(Duration::from_secs(10)));
+    let _ = std::fs::remove_dir_all(&lab.dir);
+}
+
+/// The member's `watch` stream: one JSON value per line, each read within 10 s.
+struct Watch(BufReader<UnixStream>);
+
+impl Watch {
+    fn open(socket: &Path) -> Watch {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(b"{\"op\":\"watch\"}\n").unwrap();
+        Watch(BufReader::new(stream))
+    }
+
+    fn next(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.0
+            .read_line(&mut line)
+            .expect("a watch line within 10 s");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+/// The member's answer to one request.
+fn ask(socket: &Path, request: &str) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn v055_a_real_rekey_moves_senders_after_the_activation_delay_and_drops_the_old_key() {
+    let Some(server) = server_binary() else {
+        return;
+    };
+    let lab = Lab::new("delays", &server, 6);
+    let controller = lab.controller(None);
+    let delays = ["--activation-ms", "1000", "--deactivation-ms", "3000"];
+    let a = lab.member("a", &delays, None);
+    let socket = lab.dir.join("a/api.sock");
+    converged(&[&socket], Duration::from_secs(15));
+    let mut watch = Watch::open(&socket);
+    let first = watch.next();
+    let old = first["epoch"].as_u64().unwrap();
+    let reserve = r#"{"op":"reserve","count":1}"#;
+
+    lab.gkmctl(&["rekey", "demo"]);
+    // The rekey's line: the new key to accept at once, the old one to send with for 1 s more
+    // and to accept for 3 s.
+    let rekeyed = (0..10)
+        .map(|_| watch.next())
+        .find(|v| v["epoch"].as_u64() > Some(old))
+        .expect("a line with the new epoch");
+    let at = Instant::now();
+    assert_eq!(rekeyed["send_epoch"].as_u64(), Some(old), "{rekeyed}");
+    assert_eq!(
+        rekeyed["accept"][1]["epoch"].as_u64(),
+        Some(old),
+        "{rekeyed}"
+    );
+    let drop_in = rekeyed["accept"][1]["drop_in_ms"].as_u64().unwrap();
+    assert!((2_000..=3_000).contains(&drop_in), "{rekeyed}");
+    let early = ask(&socket, reserve);
+    if at.elapsed() < Duration::from_millis(800) {
+        assert_eq!(early["epoch"].as_u64(), Some(old), "{early}");
+    }
+    let new = rekeyed["epoch"].as_u64().unwrap();
+
+    let activated = watch.next();
+    assert_eq!(activated["send_epoch"].as_u64(), Some(new), "{activated}");
+    assert!(
+        at.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        at.elapsed()
+    );
+    assert_eq!(ask(&socket, reserve)["epoch"].as_u64(), Some(new));
+    let dropped = watch.next();
+    assert_eq!(dropped["accept"].as_array().unwrap().len(), 1, "{dropped}");
+    assert_eq!(
+        dropped["accept"][0]["epoch"].as_u64(),
+        Some(new),
+        "{dropped}"
+    );
+    assert!(
+        at.elapsed() >= Duration::from_millis(1_900),
+        "{:?}",
+        at.elapsed()
+    );
+
+    a.signal("TERM");
+    assert_eq!(a.wait(Duration::from_secs(10)).status.code(), Some(0));
     controller.signal("TERM");
     drop(controller.wait(Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(&lab.dir);

@@ -1,77 +1,168 @@
-//! The local API: a Unix socket (mode 0600) where local applications read the current traffic
-//! key. One JSON request per line, one JSON answer per line:
+//! The local API: a Unix socket (mode 0600) where local applications get the group's traffic
+//! keys and the sequence numbers to seal data frames with. One JSON request per line, one JSON
+//! answer per line:
 //!
 //! ```text
-//! {"op":"current"} -> {"group":G,"member":N,"epoch":E,"traffic_key":"hex","kcv":"hex",
-//!                      "applied":A,"resyncs":R}
-//!                     or {"error":"..."} before the member is admitted
-//! {"op":"watch"}   -> the current line, then one line per change until the client closes
+//! {"op":"current"}   -> {"group":G,"member":N,"epoch":E,"traffic_key":"hex","kcv":"hex",
+//!                        "applied":A,"resyncs":R,"sender":S,"send_epoch":F,"activate_in_ms":M,
+//!                        "accept":[{"epoch":E,"traffic_key":"hex","kcv":"hex"},
+//!                                  {"epoch":D,"traffic_key":"hex","kcv":"hex","drop_in_ms":T}]}
+//!                       or {"error":"..."} while the member holds no key
+//! {"op":"watch"}     -> the current line, then a line at every change until the client closes:
+//!                       a new key, a new key becoming the send key, an old key dropped
+//! {"op":"reserve","count":N}
+//!                    -> {"group":G,"member":N,"epoch":F,"traffic_key":"hex","kcv":"hex",
+//!                        "sender":S,"first":Q,"count":N}
 //! ```
+//!
+//! - `epoch`, `traffic_key`, `kcv`: the newest key the member holds (the group's epoch).
+//! - `send_epoch`: the key to SEND with now, one of `accept`. After a rekey it stays the previous
+//!   epoch's for the activation delay (`gkm-member run --activation-ms`), so that receivers whose
+//!   agents get the new key a little later already hold it; `activate_in_ms` says how long until
+//!   `epoch`'s key takes over (0: it has).
+//! - `accept`: the keys a receiver may ACCEPT, newest first. An older key carries `drop_in_ms`:
+//!   receivers refuse frames under it from then on (the deactivation delay after the agent got
+//!   the next key, `--deactivation-ms`); a key no longer listed is refused at once.
+//! - `reserve`: `count` (1 to 65,536) sequence numbers `first .. first+count` for sender id
+//!   `sender`, with the send key of that moment. Nonces are `sender ‖ seq`; the agent hands out
+//!   every number once, to one application, across restarts too (a high-water mark is written
+//!   to its state directory before numbers below it are handed out), so frames sealed with
+//!   reserved numbers never repeat a (key, nonce). A block stays usable under later send keys
+//!   while `member` is the same; once it is used up, reserve again. Never seal with a number you
+//!   did not reserve (a clock, a counter of your own).
 //!
 //! Lines are at most [`MAX_LINE`] bytes; a longer line is answered with an error and the
 //! connection closed; anything that is not a known request is answered with an error line.
 //! Only processes of the member's own uid are served (the socket's mode is 0600 and the peer's
 //! credentials are checked too); another uid gets an error line and the connection is closed.
 
+use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gkm_member::Millis;
+use gkm_member::data_keys::{AcceptedKey, KeySchedule};
 use serde::Deserialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
+use crate::seq::{Block, ReserveError, Sequences};
+
 /// The longest request line accepted.
 pub(crate) const MAX_LINE: usize = 4096;
-/// The longest answer line a client accepts.
-const MAX_ANSWER: usize = 4096;
+/// Room for an answer line: 4 keys and the rest fit in well under this, so building one never
+/// reallocates (a reallocation would leave a copy of the keys behind, not zeroized).
+const ANSWER_CAPACITY: usize = 2048;
+/// What an application hears while the member holds no key.
+const NOT_ADMITTED: &str = "not admitted yet: the member is registering; retry shortly";
 
-/// The key the member currently holds, as the API hands it out.
+/// The member's keys, as the driver publishes them to the API.
 #[derive(Clone)]
 pub(crate) struct KeyInfo {
     /// The group id.
     pub(crate) group: u64,
     /// The member's id.
     pub(crate) member: u64,
-    /// The epoch.
-    pub(crate) epoch: u64,
-    /// The traffic key.
-    pub(crate) key: Zeroizing<[u8; 32]>,
-    /// Its check value.
-    pub(crate) kcv: [u8; 8],
     /// Rekeys the member applied so far (this run).
     pub(crate) applied: u64,
     /// Unicast resyncs it needed so far (this run).
     pub(crate) resyncs: u64,
+    /// Its keys and when it got them (in the API clock's milliseconds).
+    pub(crate) schedule: KeySchedule,
 }
 
 impl KeyInfo {
-    /// The answer line, without the newline.
-    pub(crate) fn to_line(&self) -> Zeroizing<String> {
-        let key = Zeroizing::new(hex::encode(self.key.as_slice()));
-        Zeroizing::new(format!(
-            r#"{{"group":{},"member":{},"epoch":{},"traffic_key":"{}","kcv":"{}","applied":{},"resyncs":{}}}"#,
+    /// The sender id of this member's frames: its leaf, the high 32 bits of its member id (a
+    /// member id is `leaf << 32 | joined epoch`); a leaf is unique among the members holding a
+    /// key, since a joiner never gets a key from before its join.
+    pub(crate) fn sender(&self) -> u32 {
+        u32::try_from(self.member >> 32).unwrap_or(u32::MAX)
+    }
+
+    /// The `current` answer at `now`, without the newline.
+    pub(crate) fn to_line(&self, now: Millis) -> Zeroizing<String> {
+        let newest = self.schedule.accepted(now).next();
+        let (Some(newest), Some((send_epoch, _))) = (newest, self.schedule.send_key(now)) else {
+            return Zeroizing::new(error_line(NOT_ADMITTED));
+        };
+        let activate_in = self
+            .schedule
+            .activate_at(now)
+            .map_or(0, |at| at.saturating_sub(now));
+        let mut out = Zeroizing::new(String::with_capacity(ANSWER_CAPACITY));
+        let key = Zeroizing::new(hex::encode(newest.key.as_bytes()));
+        let _ = write!(
+            &mut *out,
+            r#"{{"group":{},"member":{},"epoch":{},"traffic_key":"{}","kcv":"{}","applied":{},"resyncs":{},"sender":{},"send_epoch":{},"activate_in_ms":{activate_in},"accept":["#,
             self.group,
             self.member,
-            self.epoch,
+            newest.epoch.0,
             key.as_str(),
-            hex::encode(self.kcv),
+            hex::encode(newest.kcv.0),
             self.applied,
-            self.resyncs
-        ))
+            self.resyncs,
+            self.sender(),
+            send_epoch.0,
+        );
+        for (i, accepted) in self.schedule.accepted(now).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            accepted_json(&mut out, &accepted, now);
+        }
+        out.push_str("]}");
+        out
     }
+}
+
+/// One entry of `accept`.
+fn accepted_json(out: &mut String, k: &AcceptedKey<'_>, now: Millis) {
+    let key = Zeroizing::new(hex::encode(k.key.as_bytes()));
+    let _ = write!(
+        out,
+        r#"{{"epoch":{},"traffic_key":"{}","kcv":"{}""#,
+        k.epoch.0,
+        key.as_str(),
+        hex::encode(k.kcv.0)
+    );
+    if let Some(at) = k.drop_at {
+        let _ = write!(out, r#","drop_in_ms":{}"#, at.saturating_sub(now));
+    }
+    out.push('}');
+}
+
+/// The API clock: milliseconds that never go back, the same clock as the driver's key schedule.
+pub(crate) type Clock = Arc<dyn Fn() -> Millis + Send + Sync>;
+
+/// What every API connection shares.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    /// The member's keys as the driver last published them (`None`: no key).
+    pub(crate) keys: watch::Receiver<Option<KeyInfo>>,
+    /// The agent's one sequence counter. Taken for a reservation only; a reservation that
+    /// raises the mark holds it over an fsync (once per [`crate::seq::CHUNK`] numbers).
+    pub(crate) sequences: Arc<Mutex<Sequences>>,
+    /// The clock.
+    pub(crate) clock: Clock,
 }
 
 /// A request line.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum Request {
-    /// The current key.
+    /// The current keys.
     Current,
-    /// The current key and every change.
+    /// The current keys and every change.
     Watch,
+    /// Sequence numbers to send with.
+    Reserve {
+        /// How many (1 to [`crate::seq::MAX_RESERVE`]).
+        count: u64,
+    },
 }
 
 /// An error answer line.
@@ -80,19 +171,56 @@ pub(crate) fn error_line(message: &str) -> String {
 }
 
 /// The answer to the current state.
-fn current_line(keys: &watch::Receiver<Option<KeyInfo>>) -> Zeroizing<String> {
-    match &*keys.borrow() {
-        Some(info) => info.to_line(),
-        None => Zeroizing::new(error_line(
-            "not admitted yet: the member is registering; retry shortly",
-        )),
+fn current_line(shared: &Shared) -> Zeroizing<String> {
+    let now = (shared.clock)();
+    match &*shared.keys.borrow() {
+        Some(info) => info.to_line(now),
+        None => Zeroizing::new(error_line(NOT_ADMITTED)),
     }
+}
+
+/// The answer to a reservation: a block of numbers and the send key, or why not. Nothing is
+/// reserved while the member holds no key.
+fn reserve_line(shared: &Shared, count: u64) -> Zeroizing<String> {
+    let now = (shared.clock)();
+    let sending = shared.keys.borrow().as_ref().and_then(|info| {
+        let (epoch, key) = info.schedule.send_key(now)?;
+        Some((info.group, info.member, info.sender(), epoch, key.clone()))
+    });
+    let Some((group, member, sender, epoch, key)) = sending else {
+        return Zeroizing::new(error_line(NOT_ADMITTED));
+    };
+    let block = match shared.sequences.lock() {
+        Ok(mut sequences) => sequences.reserve(count),
+        Err(_) => Err(ReserveError::Store("the counter is unusable".into())),
+    };
+    let Block { first, count } = match block {
+        Ok(block) => block,
+        Err(e) => {
+            if matches!(e, ReserveError::Store(_)) {
+                tracing::warn!("{e}");
+            }
+            return Zeroizing::new(error_line(&e.to_string()));
+        }
+    };
+    let hex_key = Zeroizing::new(hex::encode(key.as_bytes()));
+    let mut out = Zeroizing::new(String::with_capacity(ANSWER_CAPACITY));
+    let _ = write!(
+        &mut *out,
+        r#"{{"group":{group},"member":{member},"epoch":{},"traffic_key":"{}","kcv":"{}","sender":{sender},"first":{first},"count":{count}}}"#,
+        epoch.0,
+        hex_key.as_str(),
+        hex::encode(key.check_value().0),
+    );
+    out
 }
 
 /// Parses a request line.
 pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice(line).map_err(|e| {
-        format!(r#"bad request ({e}); send {{"op":"current"}} or {{"op":"watch"}}, one per line"#)
+        format!(
+            r#"bad request ({e}); send {{"op":"current"}}, {{"op":"watch"}} or {{"op":"reserve","count":N}}, one per line"#
+        )
     })
 }
 
@@ -163,7 +291,7 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<Listener> {
 }
 
 /// Serves clients of our uid until the listener fails for good.
-pub(crate) async fn serve(listener: Listener, keys: watch::Receiver<Option<KeyInfo>>) {
+pub(crate) async fn serve(listener: Listener, shared: Shared) {
     loop {
         match listener.socket.accept().await {
             Ok((mut stream, _)) => {
@@ -177,9 +305,9 @@ pub(crate) async fn serve(listener: Listener, keys: watch::Receiver<Option<KeyIn
                         continue;
                     }
                 }
-                let keys = keys.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = client(stream, keys).await {
+                    if let Err(e) = client(stream, shared).await {
                         tracing::debug!("API client: {e}");
                     }
                 });
@@ -192,7 +320,11 @@ pub(crate) async fn serve(listener: Listener, keys: watch::Receiver<Option<KeyIn
     }
 }
 
-async fn write_line<W: AsyncWriteExt + Unpin>(writer: &mut W, line: &str) -> io::Result<()> {
+/// Writes `line` and a newline in one write, from a buffer zeroized afterwards.
+pub(crate) async fn write_line<W: AsyncWriteExt + Unpin>(
+    writer: &mut W,
+    line: &str,
+) -> io::Result<()> {
     let mut out = Zeroizing::new(Vec::with_capacity(line.len() + 1));
     out.extend_from_slice(line.as_bytes());
     out.push(b'\n');
@@ -200,10 +332,7 @@ async fn write_line<W: AsyncWriteExt + Unpin>(writer: &mut W, line: &str) -> io:
 }
 
 /// Answers one client's requests.
-pub(crate) async fn client(
-    stream: UnixStream,
-    mut keys: watch::Receiver<Option<KeyInfo>>,
-) -> io::Result<()> {
+pub(crate) async fn client(stream: UnixStream, mut shared: Shared) -> io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
     loop {
@@ -218,29 +347,31 @@ pub(crate) async fn client(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match parse_request(&line) {
-            Err(msg) => write_line(&mut writer, &error_line(&msg)).await?,
-            Ok(Request::Current) => write_line(&mut writer, &current_line(&keys)).await?,
-            Ok(Request::Watch) => return watch_changes(reader, writer, &mut keys).await,
-        }
+        let answer = match parse_request(&line) {
+            Err(msg) => Zeroizing::new(error_line(&msg)),
+            Ok(Request::Current) => current_line(&shared),
+            Ok(Request::Reserve { count }) => reserve_line(&shared, count),
+            Ok(Request::Watch) => return watch_changes(reader, writer, &mut shared).await,
+        };
+        write_line(&mut writer, &answer).await?;
     }
 }
 
 async fn watch_changes<R: AsyncRead + Unpin, W: AsyncWriteExt + Unpin>(
     mut reader: R,
     mut writer: W,
-    keys: &mut watch::Receiver<Option<KeyInfo>>,
+    shared: &mut Shared,
 ) -> io::Result<()> {
-    keys.mark_unchanged();
-    write_line(&mut writer, &current_line(keys)).await?;
+    shared.keys.mark_unchanged();
+    write_line(&mut writer, &current_line(shared)).await?;
     let mut sink = [0u8; 256];
     loop {
         tokio::select! {
-            changed = keys.changed() => {
+            changed = shared.keys.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                let line = current_line(keys);
+                let line = current_line(shared);
                 write_line(&mut writer, &line).await?;
             }
             read = reader.read(&mut sink) => {
@@ -250,83 +381,4 @@ async fn watch_changes<R: AsyncRead + Unpin, W: AsyncWriteExt + Unpin>(
             }
         }
     }
-}
-
-/// An answer as a client reads it.
-#[derive(Deserialize)]
-struct Answer {
-    error: Option<String>,
-    group: Option<u64>,
-    member: Option<u64>,
-    epoch: Option<u64>,
-    traffic_key: Option<String>,
-    kcv: Option<String>,
-    applied: Option<u64>,
-    resyncs: Option<u64>,
-}
-
-/// Parses an answer line into a key, or the error it reports.
-pub(crate) fn parse_answer(line: &[u8]) -> Result<KeyInfo, String> {
-    let answer: Answer =
-        serde_json::from_slice(line).map_err(|e| format!("unreadable answer from the API: {e}"))?;
-    if let Some(error) = answer.error {
-        return Err(error);
-    }
-    let (Some(group), Some(member), Some(epoch), Some(key_hex), Some(kcv_hex)) = (
-        answer.group,
-        answer.member,
-        answer.epoch,
-        answer.traffic_key.map(Zeroizing::new),
-        answer.kcv,
-    ) else {
-        return Err("the API's answer lacks a field".into());
-    };
-    let mut key = Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(key_hex.as_str(), key.as_mut_slice())
-        .map_err(|e| format!("bad traffic_key in the API's answer: {e}"))?;
-    let mut kcv = [0u8; 8];
-    hex::decode_to_slice(&kcv_hex, &mut kcv)
-        .map_err(|e| format!("bad kcv in the API's answer: {e}"))?;
-    Ok(KeyInfo {
-        group,
-        member,
-        epoch,
-        key,
-        kcv,
-        applied: answer.applied.unwrap_or(0),
-        resyncs: answer.resyncs.unwrap_or(0),
-    })
-}
-
-/// Asks the member at `socket` for its current key.
-pub(crate) async fn query_current(socket: &Path) -> anyhow::Result<KeyInfo> {
-    let run = async {
-        let stream = UnixStream::connect(socket).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to the member API at {} ({e}); is `gkm-member run` running \
-                 with this --api-socket?",
-                socket.display()
-            )
-        })?;
-        let (reader, mut writer) = stream.into_split();
-        // A member that refuses us answers before reading: its answer counts more than our write.
-        let sent = writer.write_all(b"{\"op\":\"current\"}\n").await;
-        let mut reader = BufReader::new(reader);
-        match read_line(&mut reader, MAX_ANSWER).await {
-            Ok(Line::Text(line)) => parse_answer(&line)
-                .map_err(|e| anyhow::anyhow!("the member at {} has no key: {e}", socket.display())),
-            Ok(Line::Closed | Line::TooLong) | Err(_) => {
-                sent?;
-                anyhow::bail!("the member API at {} gave no answer", socket.display())
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "the member API at {} did not answer in 5 s",
-                socket.display()
-            )
-        })?
 }

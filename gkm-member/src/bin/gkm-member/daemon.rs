@@ -4,6 +4,7 @@
 //! loop: rekey/heartbeat datagram (multicast or fan-out) -> handle_datagram
 //!       reply on a request's TCP connection              -> handle_reply
 //!       timer                                            -> handle_timeout
+//!       key schedule timer (activation, deactivation) -> KeySchedule::handle_timeout
 //!       then: each poll_request on its own TCP connection (5 s), each poll_event published
 //!             on the API and logged; the membership file written (key changes coalesced,
 //!             30-60 s later); sleep until poll_timeout
@@ -12,9 +13,11 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use gkm_member::data_keys::{KeyDelays, KeySchedule};
 use gkm_member::{Member, MemberConfig, MemberEvent, Millis};
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -25,11 +28,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use wire::Status;
 
-use zeroize::Zeroizing;
-
 use crate::api::{self, KeyInfo};
 use crate::framing;
 use crate::net;
+use crate::seq::{SequenceFile, Sequences};
 use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
@@ -63,6 +65,16 @@ pub(crate) struct RunConfig {
     /// 10 ms to the p99 of `gkm-demo --evict-latency`, and it wears flash storage. A member
     /// restarted from an older file resyncs at once. A new membership is written at once.
     pub(crate) save_after_ms: u64,
+    /// When applications switch to a new key and stop accepting the previous one.
+    pub(crate) delays: KeyDelays,
+}
+
+/// Milliseconds of a clock that never goes back (since its first reading in this process): the
+/// key schedule's and the API's. A wall clock stepped back must not keep an old key alive.
+pub(crate) fn mono_ms() -> Millis {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -136,41 +148,41 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
 
+    let (mark, unvouched) = sequence_mark(&dir);
     let api_path = cfg.api_socket.clone().unwrap_or_else(|| dir.api_socket());
     let listener = api::bind(&api_path)?;
     let (keys_tx, keys_rx) = watch::channel::<Option<KeyInfo>>(None);
-    tokio::spawn(api::serve(listener, keys_rx));
+    let sequences = Sequences::new(mark, Box::new(SequenceFile::new(&cfg.state_dir)));
+    let sequences = Arc::new(Mutex::new(sequences));
+    tokio::spawn(api::serve(
+        listener,
+        api::Shared {
+            keys: keys_rx,
+            sequences: Arc::clone(&sequences),
+            clock: Arc::new(mono_ms),
+        },
+    ));
     info!("local API on {}", api_path.display());
 
     let now = now_ms();
-    let rng = store::os_rng()?;
-    let mut member = match dir.load_membership(group) {
-        Ok(Some((id, path))) => {
-            info!(
-                "resuming membership {} at epoch {} from {}",
-                id.0,
-                path.epoch(),
-                dir.membership_path().display()
-            );
-            Member::resume(config, identity.clone(), hpke, rng, id, path, now)
-        }
-        Ok(None) => {
-            info!(
-                "registering with controller {controller} for group {}",
-                cfg.group
-            );
-            Member::new(config, identity.clone(), hpke, rng, now)
-        }
-        Err(e) => {
-            warn!("{e:#}; registering anew");
-            dir.remove_membership();
-            Member::new(config, identity.clone(), hpke, rng, now)
-        }
+    let start = Start {
+        config,
+        identity: identity.clone(),
+        hpke,
+        rng: store::os_rng()?,
+        now,
+        controller,
+        group_name: cfg.group.clone(),
     };
+    let mut member = start_member(&dir, group, start, unvouched.as_deref());
+    if unvouched.is_some() {
+        // Only now that no stored membership is left: a mark written before it was dropped
+        // would vouch for its keys after a crash in between.
+        save_first_mark(&sequences, &dir);
+    }
     if matches!(rekeys, Rekeys::Fanout(_)) {
         member.use_fanout(now);
     }
-    publish(&member, &keys_tx);
 
     let mut driver = Driver {
         member,
@@ -193,10 +205,97 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         save_after_ms: cfg.save_after_ms,
         persist_at: None,
         published: false,
+        schedule: KeySchedule::new(cfg.delays),
     };
+    driver.publish(false);
     let result = driver.run().await;
     let _ = std::fs::remove_file(&api_path);
     result
+}
+
+/// The sequence counter's high-water mark (0 without one), and why it cannot vouch for the keys
+/// a stored membership holds, if it cannot: without the file (a release before it, or deleted)
+/// or with a damaged one, the numbers an earlier run handed out under those keys are unknown.
+fn sequence_mark(dir: &StateDir) -> (u64, Option<String>) {
+    match dir.load_sequence() {
+        Ok(Some(mark)) => (mark, None),
+        Ok(None) => (
+            0,
+            Some(format!("{} does not exist", dir.sequence_path().display())),
+        ),
+        Err(e) => (0, Some(format!("{e:#}"))),
+    }
+}
+
+/// Writes the sequence file of a run that found none (or a damaged one).
+fn save_first_mark(sequences: &Mutex<Sequences>, dir: &StateDir) {
+    let saved = match sequences.lock() {
+        Ok(mut sequences) => sequences.save_mark(),
+        Err(_) => Err(anyhow::anyhow!("the counter is unusable")),
+    };
+    if let Err(e) = saved {
+        warn!(
+            "cannot write {} ({e:#}); applications cannot reserve sequence numbers, and a \
+             restart will register anew",
+            dir.sequence_path().display()
+        );
+    }
+}
+
+/// What a member is made of.
+struct Start {
+    config: MemberConfig,
+    identity: ed25519_dalek::SigningKey,
+    hpke: wire::HpkeSecret,
+    rng: ChaCha20Rng,
+    now: Millis,
+    /// For the log: where it registers, and the group's name.
+    controller: SocketAddr,
+    group_name: String,
+}
+
+/// The member: resuming the stored membership, or registering. A stored membership is not
+/// resumed when the sequence counter cannot vouch for its keys (`unvouched` says why): this
+/// agent may have handed out numbers under them that it no longer knows, so it registers anew
+/// and gets keys no application of it ever sealed under.
+fn start_member(
+    dir: &StateDir,
+    group: GroupId,
+    s: Start,
+    unvouched: Option<&str>,
+) -> Member<ChaCha20Rng> {
+    match dir.load_membership(group) {
+        Ok(Some(_)) if unvouched.is_some() => {
+            warn!(
+                "{}: the sequence numbers used under the stored membership's keys are unknown; \
+                 registering anew, for keys never sealed under",
+                unvouched.unwrap_or_default()
+            );
+            dir.remove_membership();
+            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+        }
+        Ok(Some((id, path))) => {
+            info!(
+                "resuming membership {} at epoch {} from {}",
+                id.0,
+                path.epoch(),
+                dir.membership_path().display()
+            );
+            Member::resume(s.config, s.identity, s.hpke, s.rng, id, path, s.now)
+        }
+        Ok(None) => {
+            info!(
+                "registering with controller {} for group {}",
+                s.controller, s.group_name
+            );
+            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+        }
+        Err(e) => {
+            warn!("{e:#}; registering anew");
+            dir.remove_membership();
+            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+        }
+    }
 }
 
 /// Where the member listens for multicast rekeys, and what it was told.
@@ -232,6 +331,8 @@ struct Driver {
     persist_at: Option<tokio::time::Instant>,
     /// A key change was published to the API since the loop last yielded.
     published: bool,
+    /// Which key applications send with and which they accept (monotonic clock).
+    schedule: KeySchedule,
 }
 
 impl Driver {
@@ -266,6 +367,10 @@ impl Driver {
                 self.persist();
             }
             let persist_at = self.persist_at;
+            let schedule_in = self
+                .schedule
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.saturating_sub(mono_ms())));
             let sleep = self
                 .member
                 .poll_timeout()
@@ -285,6 +390,10 @@ impl Driver {
                 Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
                 () = sleep_until_some(persist_at), if persist_at.is_some() => {}
+                () = sleep_some(schedule_in), if schedule_in.is_some() => {
+                    self.schedule.handle_timeout(mono_ms());
+                    self.publish(true);
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -333,15 +442,13 @@ impl Driver {
                     hex::encode(kcv.0)
                 );
                 // Applications get the key first; the membership file follows (in `run`).
-                publish(&self.member, &self.keys);
-                self.published = true;
+                self.publish(false);
                 self.persist_within(Duration::ZERO);
                 self.follow_rekey_address();
             }
             MemberEvent::KeyChanged { epoch, kcv } => {
                 self.follow_rekey_address();
-                publish(&self.member, &self.keys);
-                self.published = true;
+                self.publish(false);
                 println!("epoch {epoch} kcv {}", hex::encode(kcv.0));
                 info!("key changed: epoch {epoch}, kcv {}", hex::encode(kcv.0));
                 let jitter = self.side_rng.next_u64() % self.save_after_ms.max(1);
@@ -381,7 +488,40 @@ impl Driver {
                 );
             }
         }
-        publish(&self.member, &self.keys);
+        self.publish(false);
+    }
+
+    /// Feeds the member's key to the key schedule and publishes the API's view when it changed:
+    /// a new key or membership, or none; with `force` (at a schedule timer: the send key changed
+    /// or a key was dropped) in any case.
+    fn publish(&mut self, force: bool) {
+        let now = mono_ms();
+        match (self.member.membership(), self.member.traffic_key()) {
+            (Some((id, _)), Some((epoch, key))) => self.schedule.handle_key(now, id, epoch, &key),
+            _ => self.schedule.clear(),
+        }
+        let info = match self.member.membership() {
+            Some((id, path)) if self.schedule.newest().is_some() => Some(KeyInfo {
+                group: path.group().0,
+                member: id.0,
+                applied: self.member.stats().applied,
+                resyncs: self.member.stats().resyncs,
+                schedule: self.schedule.clone(),
+            }),
+            _ => None,
+        };
+        let changed = force || {
+            let old = self.keys.borrow();
+            match (&*old, &info) {
+                (Some(a), Some(b)) => a.member != b.member || !a.schedule.same_keys(&b.schedule),
+                (None, None) => false,
+                _ => true,
+            }
+        };
+        if changed {
+            self.keys.send_replace(info);
+            self.published = true;
+        }
     }
 
     /// Schedules writing the membership file within `delay` (or sooner, if already scheduled).
@@ -491,30 +631,11 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The API's view of the member's key.
-fn publish(member: &Member<ChaCha20Rng>, keys: &watch::Sender<Option<KeyInfo>>) {
-    let info = match (member.membership(), member.traffic_key()) {
-        (Some((id, path)), Some((epoch, key))) => Some(KeyInfo {
-            group: path.group().0,
-            member: id.0,
-            epoch: epoch.0,
-            key: Zeroizing::new(*key.as_bytes()),
-            kcv: key.check_value().0,
-            applied: member.stats().applied,
-            resyncs: member.stats().resyncs,
-        }),
-        _ => None,
-    };
-    let changed = {
-        let old = keys.borrow();
-        match (&*old, &info) {
-            (Some(a), Some(b)) => a.epoch != b.epoch || a.kcv != b.kcv || a.member != b.member,
-            (None, None) => false,
-            _ => true,
-        }
-    };
-    if changed {
-        keys.send_replace(info);
+/// Sleeps for `d`; never returns for `None`.
+async fn sleep_some(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,20 +1,27 @@
-//! Group data frames for `send` and `recv`: sealing a message under the current traffic key, and
-//! opening received frames with the key of their epoch while refusing replays.
+//! Group data frames for `send` and `recv`: sealing a message under the send key, and opening
+//! received frames with the key of their epoch, among the keys the member agent says to accept,
+//! while refusing replays.
 //!
-//! Replay protection keeps, per (epoch, sender), the last [`WINDOW`] accepted sequence numbers
-//! and a floor below which everything is refused: a frame is accepted once, and reordering is
-//! tolerated within the window. Senders use the time in microseconds as the sequence number, so
-//! sequence numbers are sparse and a bitmap window over consecutive numbers would not fit.
+//! The receiver holds exactly the keys its agent's `watch` lines name, each until its drop time
+//! (the deactivation delay after the agent got the next key): a frame under any other epoch
+//! older than the newest is refused as [`Opened::Retired`], however authentic (an evicted member
+//! keeps the old key). Replay protection keeps, per (epoch, sender), the last [`WINDOW`]
+//! accepted sequence numbers and a floor below which everything is refused: a frame is accepted
+//! once, and reordering is tolerated within the window. A sender's numbers come from its agent's
+//! one counter, in blocks shared out among the agent's applications, so they rise with gaps;
+//! applications of one agent sending at once interleave their blocks, and a frame more than
+//! [`WINDOW`] accepted numbers behind its sender's newest is refused as a replay.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use lkh_tree::{Epoch, GroupId, TrafficKey};
+use gkm_member::Millis;
+use lkh_tree::{Epoch, GroupId, Kcv, TrafficKey};
 use wire::{Codec, DataFrame, MAX_PAYLOAD};
 
 /// Accepted sequence numbers remembered per (epoch, sender).
 pub(crate) const WINDOW: usize = 1024;
-/// Epochs whose keys a receiver keeps.
-pub(crate) const KEEP_EPOCHS: usize = 4;
+/// Keys a receiver holds at most (its agent names no more).
+pub(crate) const MAX_KEYS: usize = gkm_member::data_keys::MAX_HELD;
 /// Senders tracked per receiver (replay windows are bounded in number too).
 pub(crate) const MAX_SENDERS: usize = 4096;
 
@@ -70,16 +77,27 @@ pub(crate) enum Opened {
     Replayed,
     /// A frame of another group.
     OtherGroup,
-    /// No key for its epoch, a bad tag, or not a frame at all.
+    /// Under the key of an epoch older than the newest held, which the receiver dropped (past its
+    /// deactivation delay) or never accepted: refused unopened.
+    Retired,
+    /// No key for its (newer) epoch, a bad tag, or not a frame at all.
     Undecryptable,
     /// A new sender beyond [`MAX_SENDERS`].
     TooManySenders,
 }
 
-/// Keys of the last few epochs and the replay windows of their senders.
+/// A key held by a receiver.
+struct Held {
+    key: TrafficKey,
+    kcv: Kcv,
+    /// When it is dropped; `None` for the newest key.
+    drop_at: Option<Millis>,
+}
+
+/// The keys the member agent says to accept, and the replay windows of their senders.
 pub(crate) struct Receiver {
     group: GroupId,
-    keys: BTreeMap<u64, TrafficKey>,
+    keys: BTreeMap<u64, Held>,
     windows: HashMap<(u64, u32), ReplayWindow>,
 }
 
@@ -93,50 +111,79 @@ impl Receiver {
         }
     }
 
-    /// Adds the key of `epoch`; forgets the oldest epochs beyond [`KEEP_EPOCHS`].
-    pub(crate) fn add_key(&mut self, epoch: Epoch, key: TrafficKey) {
-        self.keys.insert(epoch.0, key);
-        while self.keys.len() > KEEP_EPOCHS {
-            if let Some((old, _)) = self.keys.pop_first() {
-                self.windows.retain(|(e, _), _| *e != old);
+    /// Takes the agent's word at `now`: exactly these keys (epoch, key, drop time) are accepted
+    /// from now on, at most [`MAX_KEYS`] of the newest. A drop time is never put off: a key
+    /// already held keeps the earlier of its two. A held epoch with another key (its group was
+    /// reset) starts with an empty replay window.
+    pub(crate) fn follow<'a>(
+        &mut self,
+        now: Millis,
+        keys: impl IntoIterator<Item = (Epoch, &'a TrafficKey, Option<Millis>)>,
+    ) {
+        let mut next = BTreeMap::new();
+        for (epoch, key, drop_at) in keys {
+            let kcv = key.check_value();
+            let held = self.keys.remove(&epoch.0).filter(|h| h.kcv == kcv);
+            if held.is_none() {
+                self.windows.retain(|(e, _), _| *e != epoch.0);
             }
+            let earlier = held.and_then(|h| h.drop_at);
+            let drop_at = match (earlier, drop_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            next.insert(
+                epoch.0,
+                Held {
+                    key: key.clone(),
+                    kcv,
+                    drop_at,
+                },
+            );
         }
+        while next.len() > MAX_KEYS {
+            next.pop_first();
+        }
+        self.keys = next;
+        self.expire(now);
     }
 
-    /// Whether the key of `epoch` is held.
-    pub(crate) fn has_key(&self, epoch: Epoch) -> bool {
-        self.keys.contains_key(&epoch.0)
+    /// The agent holds no key: nothing is accepted.
+    pub(crate) fn clear(&mut self) {
+        self.keys.clear();
+        self.windows.clear();
     }
 
-    /// The newest epoch whose key is held.
-    pub(crate) fn newest(&self) -> Option<Epoch> {
-        self.keys.last_key_value().map(|(e, _)| Epoch(*e))
+    /// Drops the keys whose time has come, and their replay windows.
+    fn expire(&mut self, now: Millis) {
+        self.keys
+            .retain(|_, held| held.drop_at.is_none_or(|at| at > now));
+        let keys = &self.keys;
+        self.windows.retain(|(e, _), _| keys.contains_key(e));
     }
 
-    /// The epoch a datagram claims, if it decodes as a frame of this group.
-    pub(crate) fn epoch_of(&self, bytes: &[u8]) -> Option<Epoch> {
-        DataFrame::decode_exact(bytes)
-            .ok()
-            .filter(|f| f.group == self.group)
-            .map(|f| f.epoch)
-    }
-
-    /// Decodes, checks replay, decrypts, then records the sequence number.
-    pub(crate) fn open(&mut self, bytes: &[u8]) -> Opened {
+    /// Decodes, drops expired keys, checks the key and replay, decrypts, then records the
+    /// sequence number.
+    pub(crate) fn open(&mut self, now: Millis, bytes: &[u8]) -> Opened {
         let Ok(frame) = DataFrame::decode_exact(bytes) else {
             return Opened::Undecryptable;
         };
         if frame.group != self.group {
             return Opened::OtherGroup;
         }
-        let Some(key) = self.keys.get(&frame.epoch.0) else {
-            return Opened::Undecryptable;
+        self.expire(now);
+        let Some(held) = self.keys.get(&frame.epoch.0) else {
+            let newest = self.keys.last_key_value().map(|(e, _)| *e);
+            return match newest {
+                Some(newest) if frame.epoch.0 < newest => Opened::Retired,
+                _ => Opened::Undecryptable,
+            };
         };
         let id = (frame.epoch.0, frame.sender);
         if self.windows.get(&id).is_some_and(|w| !w.fresh(frame.seq)) {
             return Opened::Replayed;
         }
-        let Ok(plain) = wire::data::open(key, &frame) else {
+        let Ok(plain) = wire::data::open(&held.key, &frame) else {
             return Opened::Undecryptable;
         };
         if !self.windows.contains_key(&id) && self.windows.len() >= MAX_SENDERS {

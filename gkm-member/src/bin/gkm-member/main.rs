@@ -4,17 +4,21 @@
 //! gkm-member init [--state-dir DIR]              make the identity and HPKE keys
 //! gkm-member run --controller ADDR --group NAME --controller-key HEX
 //!                                                register, follow rekeys, serve the local API
-//! gkm-member send --api-socket PATH MESSAGE     encrypt and multicast one message
-//! gkm-member recv --api-socket PATH             print the group's messages
+//! gkm-member send --api-socket PATH MESSAGE     reserve a sequence number, encrypt and
+//!                                                multicast one message
+//! gkm-member recv --api-socket PATH             follow the member's keys, print the group's
+//!                                                messages
 //! ```
 //!
 //! The protocol logic is the sans-I/O [`gkm_member::Member`]; this binary moves bytes and time.
 
 mod api;
+mod api_client;
 mod daemon;
 mod data;
 mod framing;
 mod net;
+mod seq;
 mod store;
 mod tools;
 
@@ -24,6 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use gkm_member::data_keys::{self, KeyDelays};
 
 #[derive(Parser)]
 #[command(name = "gkm-member", version, about = "gkm group member agent")]
@@ -42,18 +47,16 @@ enum Command {
     },
     /// Run the member: register, follow rekeys, serve the local API.
     Run(RunArgs),
-    /// Encrypt MESSAGE under the current traffic key and multicast it.
+    /// Encrypt MESSAGE under the send key and multicast it. The member hands out the sender id
+    /// (its leaf) and a sequence number no other sender of it ever got.
     Send {
         #[command(flatten)]
         data: DataArgs,
-        /// Sender id (default: the member's leaf, the high 32 bits of its member id, unique among
-        /// the members holding the current key).
-        #[arg(long)]
-        sender: Option<u32>,
         /// The message.
         message: String,
     },
-    /// Print each fresh, authentic message of the group on a line.
+    /// Print each fresh, authentic message of the group on a line, under the keys the member
+    /// accepts (followed as they change).
     Recv {
         #[command(flatten)]
         data: DataArgs,
@@ -123,6 +126,16 @@ struct RunArgs {
         value_parser = clap::value_parser!(u64).range(..=MAX_SAVE_AFTER_MS)
     )]
     save_after_ms: u64,
+    /// After a rekey, applications keep sending under the previous key for this many
+    /// milliseconds (RFC 9838's activation delay), so that receivers whose member gets the new
+    /// key a little later already hold it. At most 60000.
+    #[arg(long, default_value_t = data_keys::DEFAULT_ACTIVATION_MS)]
+    activation_ms: u64,
+    /// After a rekey, receivers accept frames under the previous key for this many
+    /// milliseconds, then refuse them (RFC 9838's deactivation delay): how long a member evicted
+    /// by the rekey can still inject frames. Longer than --activation-ms; at most 600000.
+    #[arg(long, default_value_t = data_keys::DEFAULT_DEACTIVATION_MS)]
+    deactivation_ms: u64,
 }
 
 #[derive(Args)]
@@ -171,6 +184,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The key delays of `run`, or what to pass instead.
+fn delays(activation_ms: u64, deactivation_ms: u64) -> anyhow::Result<KeyDelays> {
+    KeyDelays::new(activation_ms, deactivation_ms).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; pass --activation-ms up to {} and a longer --deactivation-ms up to {} \
+             (defaults {} and {})",
+            data_keys::MAX_ACTIVATION_MS,
+            data_keys::MAX_DEACTIVATION_MS,
+            data_keys::DEFAULT_ACTIVATION_MS,
+            data_keys::DEFAULT_DEACTIVATION_MS
+        )
+    })
+}
+
 fn execute(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -200,12 +227,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             fanout_after: (args.fanout_after_ms > 0)
                 .then(|| std::time::Duration::from_millis(args.fanout_after_ms)),
             save_after_ms: args.save_after_ms,
+            delays: delays(args.activation_ms, args.deactivation_ms)?,
         })),
-        Command::Send {
-            data,
-            sender,
-            message,
-        } => runtime.block_on(tools::send(&data.config(), sender, &message)),
+        Command::Send { data, message } => runtime.block_on(tools::send(&data.config(), &message)),
         Command::Recv {
             data,
             count,

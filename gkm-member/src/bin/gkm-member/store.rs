@@ -1,11 +1,14 @@
-//! The member's state directory: its identity and HPKE keys (made once by `init`) and its
-//! membership (member id and path keys, rewritten atomically after every key change).
+//! The member's state directory: its identity and HPKE keys (made once by `init`), its
+//! membership (member id and path keys, rewritten atomically after key changes) and the
+//! high-water mark of its data-frame sequence numbers (rewritten atomically and fsynced before
+//! numbers below it are handed out).
 //!
 //! ```text
 //! DIR/              mode 0700
 //!   identity.key    32-byte Ed25519 seed, mode 0600
 //!   hpke.key        32-byte X25519 secret, mode 0600
 //!   membership      "GKMM" 1 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ PathKeys, mode 0600
+//!   sequence        "GKMQ" 1 ‖ mark u64 ‖ !mark u64, mode 0600
 //!   api.sock        the local API (mode 0600)
 //! ```
 
@@ -27,6 +30,10 @@ const MEMBERSHIP_VERSION: u8 = 1;
 const MEMBERSHIP_HEADER: usize = 4 + 1 + 8 + 8 + 8;
 /// Larger membership files are refused unread.
 const MAX_MEMBERSHIP: u64 = 64 * 1024;
+const SEQUENCE_MAGIC: &[u8; 4] = b"GKMQ";
+const SEQUENCE_VERSION: u8 = 1;
+/// The sequence file's length: magic, version, the mark and its complement.
+const SEQUENCE_LEN: usize = 4 + 1 + 8 + 8;
 
 /// A ChaCha20 generator seeded from the OS CSPRNG.
 pub(crate) fn os_rng() -> Result<ChaCha20Rng> {
@@ -60,6 +67,11 @@ impl StateDir {
     /// Path of the membership file.
     pub(crate) fn membership_path(&self) -> PathBuf {
         self.dir.join("membership")
+    }
+
+    /// Path of the sequence file (the high-water mark of data-frame sequence numbers).
+    pub(crate) fn sequence_path(&self) -> PathBuf {
+        self.dir.join("sequence")
     }
 
     /// The default API socket path.
@@ -119,8 +131,45 @@ impl StateDir {
         path: &MemberPath,
     ) -> Result<()> {
         let bytes = encode_membership(group, member, path);
-        let target = self.membership_path();
-        let temp = self.dir.join("membership.tmp");
+        self.write_atomic(&self.membership_path(), &bytes, false)
+    }
+
+    /// Writes the sequence high-water mark atomically and durably: temporary file of mode 0600,
+    /// fsync, rename, fsync of the directory. Numbers below `mark` may be handed out once this
+    /// returned.
+    pub(crate) fn save_sequence(&self, mark: u64) -> Result<()> {
+        let mut bytes = Vec::with_capacity(SEQUENCE_LEN);
+        bytes.extend_from_slice(SEQUENCE_MAGIC);
+        bytes.push(SEQUENCE_VERSION);
+        bytes.extend_from_slice(&mark.to_be_bytes());
+        bytes.extend_from_slice(&(!mark).to_be_bytes());
+        self.write_atomic(&self.sequence_path(), &bytes, true)
+    }
+
+    /// The stored high-water mark, `None` if there is no sequence file; an error if it is
+    /// unreadable or damaged.
+    pub(crate) fn load_sequence(&self) -> Result<Option<u64>> {
+        let path = self.sequence_path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut bytes = Vec::new();
+        file.take(SEQUENCE_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        decode_sequence(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is damaged", path.display()))
+    }
+
+    /// Writes `bytes` to `target` through a temporary file of mode 0600 and a rename; with
+    /// `durable`, the file is fsynced before the rename and the directory after it.
+    fn write_atomic(&self, target: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+        let mut name = target.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        let temp = self.dir.join(name);
         let _ = fs::remove_file(&temp);
         let mut file = OpenOptions::new()
             .write(true)
@@ -128,10 +177,16 @@ impl StateDir {
             .mode(0o600)
             .open(&temp)
             .with_context(|| format!("cannot create {}", temp.display()))?;
-        file.write_all(&bytes)
+        file.write_all(bytes)
+            .and_then(|()| if durable { file.sync_all() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", temp.display()))?;
-        fs::rename(&temp, &target)
+        fs::rename(&temp, target)
             .with_context(|| format!("cannot rename {} to {}", temp.display(), target.display()))?;
+        if durable {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync directory {}", self.dir.display()))?;
+        }
         Ok(())
     }
 
@@ -157,6 +212,24 @@ impl StateDir {
     pub(crate) fn remove_membership(&self) {
         let _ = fs::remove_file(self.membership_path());
     }
+}
+
+/// The mark a sequence file holds; refuses another length, magic or version, and a mark whose
+/// complement does not match.
+pub(crate) fn decode_sequence(bytes: &[u8]) -> Result<u64> {
+    let Ok(bytes) = <&[u8; SEQUENCE_LEN]>::try_from(bytes) else {
+        bail!("{} bytes, not {SEQUENCE_LEN}", bytes.len());
+    };
+    let (head, numbers) = bytes.split_at(5);
+    if head[..4] != *SEQUENCE_MAGIC || head[4] != SEQUENCE_VERSION {
+        bail!("not a gkm sequence file (version {SEQUENCE_VERSION})");
+    }
+    let (mark, check) = numbers.split_at(8);
+    let mark = u64::from_be_bytes(mark.try_into()?);
+    if u64::from_be_bytes(check.try_into()?) != !mark {
+        bail!("its check does not match");
+    }
+    Ok(mark)
 }
 
 /// The membership file's bytes, zeroized on drop.

@@ -1,15 +1,18 @@
 //! `gkm-member send` and `gkm-member recv`: a minimal application using the local API. `send`
-//! encrypts one message under the current traffic key into a data frame and multicasts it;
-//! `recv` joins the data group and prints each fresh, authentic message on a line.
+//! reserves one sequence number, seals one message under the send key into a data frame and
+//! multicasts it; `recv` joins the data group, follows the member's keys through `watch` and
+//! prints each fresh, authentic message on a line.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
-use lkh_tree::{Epoch, GroupId, TrafficKey};
+use gkm_member::Millis;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
 
-use crate::api::{self, KeyInfo};
+use crate::api_client::{self, Keys, Watch};
 use crate::data::{Opened, Receiver, seal_frame};
 use crate::net;
 
@@ -21,25 +24,18 @@ pub(crate) struct DataConfig {
     pub(crate) interface_v6: u32,
 }
 
-fn traffic_key(info: &KeyInfo) -> TrafficKey {
-    TrafficKey::from_bytes(*info.key)
-}
+/// How long `recv` waits before watching again when the member closed its watch.
+const REWATCH_AFTER: Duration = Duration::from_secs(1);
 
-/// Sends `message` once.
-pub(crate) async fn send(cfg: &DataConfig, sender: Option<u32>, message: &str) -> Result<()> {
-    let info = api::query_current(&cfg.api_socket).await?;
-    // A member id is `leaf << 32 | joined epoch`; the leaf is unique among the members holding
-    // this epoch's key, so (sender, seq) nonces never collide between members.
-    let sender = sender.unwrap_or_else(|| u32::try_from(info.member >> 32).unwrap_or(u32::MAX));
-    let seq = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+/// Sends `message` once, with a sequence number reserved from the member.
+pub(crate) async fn send(cfg: &DataConfig, message: &str) -> Result<()> {
+    let block = api_client::reserve(&cfg.api_socket, 1).await?;
     let frame = seal_frame(
-        &traffic_key(&info),
-        GroupId(info.group),
-        Epoch(info.epoch),
-        sender,
-        seq,
+        &block.key,
+        block.group,
+        block.epoch,
+        block.sender,
+        block.first,
         message.as_bytes(),
     )
     .map_err(anyhow::Error::msg)?;
@@ -54,12 +50,76 @@ pub(crate) async fn send(cfg: &DataConfig, sender: Option<u32>, message: &str) -
         .await
         .map_err(|e| anyhow::anyhow!("cannot send to {} ({e}); check --data", cfg.data))?;
     eprintln!(
-        "sent {} bytes to {} (epoch {}, sender {sender}, seq {seq})",
+        "sent {} bytes to {} (epoch {}, sender {}, seq {})",
         message.len(),
         cfg.data,
-        info.epoch
+        block.epoch,
+        block.sender,
+        block.first
     );
     Ok(())
+}
+
+/// What became of the datagrams `recv` received.
+#[derive(Default)]
+struct Counts {
+    accepted: u64,
+    undecryptable: u64,
+    replayed: u64,
+    retired: u64,
+}
+
+impl Counts {
+    fn report(&self) {
+        eprintln!("undecryptable: {}", self.undecryptable);
+        if self.replayed > 0 {
+            eprintln!("replayed: {}", self.replayed);
+        }
+        if self.retired > 0 {
+            eprintln!(
+                "retired: {} (frames under a key the member no longer accepts)",
+                self.retired
+            );
+        }
+    }
+}
+
+/// The receiving side's clock: milliseconds since `recv` started, never going back.
+fn clock(start: Instant) -> impl Fn() -> Millis + Copy {
+    move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Takes a watch line: the keys it names, or none at all when the member has none.
+fn follow(receiver: &mut Receiver, now: Millis, line: Result<Keys, String>) {
+    match line {
+        Ok(keys) => {
+            receiver.follow(
+                now,
+                keys.accept.iter().map(|k| (k.epoch, &k.key, k.drop_at)),
+            );
+            let epochs: Vec<String> = keys.accept.iter().map(|k| k.epoch.to_string()).collect();
+            eprintln!(
+                "recv: accepting epochs {} (the member sends under {})",
+                epochs.join(", "),
+                keys.send_epoch
+            );
+        }
+        Err(e) => {
+            receiver.clear();
+            eprintln!("recv: the member holds no key ({e}); refusing every frame until it does");
+        }
+    }
+}
+
+/// Waits for the next watch line; pending forever without a watch.
+async fn next_line(
+    watch: &mut Option<Watch>,
+    now: impl Fn() -> Millis,
+) -> Result<Option<Result<Keys, String>>> {
+    match watch {
+        Some(w) => w.next(now).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Receives until `count` messages arrived or `timeout` passed.
@@ -75,54 +135,107 @@ pub(crate) async fn recv(
                 cfg.data
             )
         })?;
-    let info = api::query_current(&cfg.api_socket).await?;
-    let mut receiver = Receiver::new(GroupId(info.group));
-    receiver.add_key(Epoch(info.epoch), traffic_key(&info));
-    eprintln!("recv: listening on {} at epoch {}", cfg.data, info.epoch);
-
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let (mut accepted, mut undecryptable, mut replayed) = (0u64, 0u64, 0u64);
-    let mut buf = vec![0u8; 65_536];
-    while count.is_none_or(|c| accepted < c) {
-        let received = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, socket.recv_from(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => break,
-            },
-            None => socket.recv_from(&mut buf).await,
-        };
-        let Ok((n, _)) = received else { continue };
-        let Some(bytes) = buf.get(..n) else { continue };
-        if let Some(epoch) = receiver.epoch_of(bytes)
-            && !receiver.has_key(epoch)
-            && receiver.newest().is_none_or(|newest| epoch > newest)
-        {
-            // A newer epoch than we know: the member may have rekeyed since.
-            if let Ok(info) = api::query_current(&cfg.api_socket).await {
-                receiver.add_key(Epoch(info.epoch), traffic_key(&info));
-            }
-        }
-        match receiver.open(bytes) {
-            Opened::Message(plain) => {
-                accepted += 1;
-                println!("{}", String::from_utf8_lossy(&plain));
-            }
-            Opened::Replayed => replayed += 1,
-            Opened::OtherGroup => {}
-            Opened::Undecryptable | Opened::TooManySenders => undecryptable += 1,
-        }
-    }
-    eprintln!("undecryptable: {undecryptable}");
-    if replayed > 0 {
-        eprintln!("replayed: {replayed}");
-    }
+    let start = Instant::now();
+    let now = clock(start);
+    let (watch, keys) = Watch::open(&cfg.api_socket, now).await?;
+    let mut receiver = Receiver::new(keys.group);
+    eprintln!("recv: listening on {} at epoch {}", cfg.data, keys.epoch);
+    follow(&mut receiver, now(), Ok(keys));
+    let until = Until {
+        count,
+        deadline: timeout.map(|t| start + t),
+    };
+    let counts = receive(cfg, &socket, &mut receiver, watch, &until, now).await;
+    counts.report();
     if let Some(c) = count
-        && accepted < c
+        && counts.accepted < c
     {
         bail!(
-            "received {accepted} of {c} messages before the timeout; check that senders use \
-             the same group and --data address, or raise --timeout-ms"
+            "received {} of {c} messages before the timeout; check that senders use \
+             the same group and --data address, or raise --timeout-ms",
+            counts.accepted
         );
     }
     Ok(())
+}
+
+/// When `recv` stops.
+struct Until {
+    /// After this many messages.
+    count: Option<u64>,
+    /// At this time.
+    deadline: Option<Instant>,
+}
+
+/// The receive loop: datagrams, the member's key changes, and a new watch when the member
+/// closed the last one (it restarted), until enough messages or the deadline.
+async fn receive(
+    cfg: &DataConfig,
+    socket: &UdpSocket,
+    receiver: &mut Receiver,
+    watch: Watch,
+    until: &Until,
+    now: impl Fn() -> Millis + Copy,
+) -> Counts {
+    let mut watch = Some(watch);
+    let mut rewatch_at = None;
+    let mut counts = Counts::default();
+    let mut buf = vec![0u8; 65_536];
+    while until.count.is_none_or(|c| counts.accepted < c) {
+        tokio::select! {
+            () = sleep_until(until.deadline) => break,
+            () = sleep_until(rewatch_at), if rewatch_at.is_some() => {
+                rewatch_at = None;
+                match Watch::open(&cfg.api_socket, now).await {
+                    Ok((w, keys)) => {
+                        follow(receiver, now(), Ok(keys));
+                        watch = Some(w);
+                    }
+                    Err(e) => {
+                        eprintln!("recv: {e:#}; trying again");
+                        rewatch_at = Some(Instant::now() + REWATCH_AFTER);
+                    }
+                }
+            }
+            line = next_line(&mut watch, now) => match line {
+                Ok(Some(line)) => follow(receiver, now(), line),
+                Ok(None) | Err(_) => {
+                    eprintln!("recv: the member closed its key watch; watching again");
+                    watch = None;
+                    rewatch_at = Some(Instant::now() + REWATCH_AFTER);
+                }
+            },
+            received = socket.recv_from(&mut buf) => {
+                let Ok((n, _)) = received else { continue };
+                let Some(bytes) = buf.get(..n) else { continue };
+                tally(&mut counts, receiver.open(now(), bytes));
+            }
+        }
+    }
+    counts
+}
+
+/// Counts one datagram; prints a message.
+fn tally(counts: &mut Counts, opened: Opened) {
+    match opened {
+        Opened::Message(plain) => {
+            counts.accepted += 1;
+            println!("{}", String::from_utf8_lossy(&plain));
+        }
+        Opened::Replayed => counts.replayed += 1,
+        Opened::Retired => {
+            counts.retired += 1;
+            tracing::debug!("refused a frame under a key the member no longer accepts");
+        }
+        Opened::OtherGroup => {}
+        Opened::Undecryptable | Opened::TooManySenders => counts.undecryptable += 1,
+    }
+}
+
+/// Sleeps until `at`; never returns for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
