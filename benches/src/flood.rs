@@ -11,6 +11,8 @@
 //! - forged resyncs: resync requests naming the legitimate member, signed by other keys
 //!   (answered as naming no member, counted as `BadSignature`; their signature is checked off
 //!   the controller's thread, GKM-V058);
+//! - forged fan-out subscriptions naming the legitimate member, by UDP, from one thread as fast
+//!   as it can send (their signatures too are checked off the controller's thread);
 //! - slowloris: connections opened and held without sending a byte, reopened when closed.
 //!
 //! Attackers connect from 127.0.0.2 (any 127/8 address is loopback); the legitimate member from
@@ -318,6 +320,45 @@ fn slowloris(target: SocketAddr, connections: usize, stop: &AtomicBool) -> Sent 
     sent
 }
 
+/// Sends forged fan-out subscriptions naming `member` by UDP, as fast as one thread can, from a
+/// pool of 4,096 signed by strangers (made before the flood, so the attacker spends nothing on
+/// signing): each costs a controller an Ed25519 verification, on its own thread before GKM-V058.
+fn forged_subscriptions(target: &Target, member: MemberId, stop: &AtomicBool) -> Sent {
+    let mut rng = ChaCha20Rng::seed_from_u64(99);
+    let pool: Vec<Vec<u8>> = (0..4_096)
+        .map(|_| {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let mut nonce = [0u8; 16];
+            rng.fill_bytes(&mut nonce);
+            let request = wire::Subscribe {
+                group: target.group,
+                member,
+                timestamp_ms: now_ms(),
+                nonce,
+                cookie: None,
+            };
+            sign(&request, &SigningKey::from_bytes(&seed))
+        })
+        .collect();
+    let mut sent = Sent::default();
+    let Ok(socket) = UdpSocket::bind((ATTACKER, 0)) else {
+        sent.failed += 1;
+        return sent;
+    };
+    let mut count = 0_u64;
+    while !stop.load(Ordering::Relaxed) {
+        for datagram in &pool {
+            if socket.send_to(datagram, target.addr).is_err() {
+                sent.failed += 1;
+            }
+            count += 1;
+        }
+    }
+    sent.requests.push(("", count));
+    sent
+}
+
 /// The attack kinds that send requests.
 pub const KINDS: [&str; 6] = [
     "garbage",
@@ -355,6 +396,11 @@ impl Flood {
                 ));
             }
         }
+        let stop3 = stop.clone();
+        threads.push((
+            "forged subscription",
+            std::thread::spawn(move || forged_subscriptions(&target, member, &stop3)),
+        ));
         let stop2 = stop.clone();
         threads.push((
             "slowloris",

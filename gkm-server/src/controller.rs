@@ -564,6 +564,9 @@ pub struct MemberSigned {
     kind: MessageType,
     bytes: Vec<u8>,
     checked: Option<Checked>,
+    /// A subscription whose cheap checks [`Controller::admit_subscription`] passed (its source's
+    /// budget spent for it), so they are not made again.
+    admitted: bool,
 }
 
 /// What [`MemberSigned::check`] found, under which identity key.
@@ -646,20 +649,23 @@ impl MemberSigned {
             kind: MessageType::Subscribe,
             bytes,
             checked: None,
+            admitted: false,
         }
     }
 
     /// The group and member it names (not yet trusted), if it decodes.
     fn names(&self) -> Option<(GroupId, MemberId)> {
-        let mut reader = wire::Reader::new(&self.bytes);
         match self.kind {
-            MessageType::ResyncRequest => {
-                ResyncRequest::decode(&mut reader).ok().map(|m| m.names())
-            }
-            MessageType::Leave => LeaveRequest::decode(&mut reader).ok().map(|m| m.names()),
-            MessageType::Subscribe => Subscribe::decode(&mut reader).ok().map(|m| m.names()),
+            MessageType::ResyncRequest => self.decoded::<ResyncRequest>().map(|m| m.names()),
+            MessageType::Leave => self.decoded::<LeaveRequest>().map(|m| m.names()),
+            MessageType::Subscribe => self.decoded::<Subscribe>().map(|m| m.names()),
             _ => None,
         }
+    }
+
+    /// The message, decoded but not verified, if it is of kind `T`.
+    fn decoded<T: MemberMessage>(&self) -> Option<T> {
+        T::decode(&mut wire::Reader::new(&self.bytes)).ok()
     }
 
     /// Verifies the signature under `identity`, the key [`Controller::signer_of`] named: one
@@ -740,6 +746,7 @@ pub fn verify_request<R: CryptoRng + ?Sized>(bytes: Vec<u8>, rng: &mut R) -> Inb
                 kind,
                 bytes,
                 checked: None,
+                admitted: false,
             })
         }
         Ok(_) => Inbound::Refused(Reject::UnexpectedMessage),
@@ -968,6 +975,7 @@ impl<R: CryptoRng> Controller<R> {
         if signed.kind != MessageType::Subscribe {
             return Err(Reject::UnexpectedMessage);
         }
+        let admitted = signed.admitted;
         let request = self
             .member_request::<Subscribe>(signed)
             .map_err(|refusal| refusal.reason)?;
@@ -987,7 +995,7 @@ impl<R: CryptoRng> Controller<R> {
             }
             None => {
                 if !g.subscribers.may_send_cookie(member, now)
-                    || !self.cookies.spend(from.ip(), now)
+                    || !(admitted || self.cookies.spend(from.ip(), now))
                 {
                     return Err(Reject::RateLimited);
                 }
@@ -1514,6 +1522,34 @@ impl<R: CryptoRng> Controller<R> {
         };
         self.ack(conn, &ack);
         Ok(())
+    }
+
+    /// The cheap checks of a fan-out subscription, made before its signature is verified (off
+    /// the controller's thread): the group takes fan-out, an echoed cookie is this controller's
+    /// for the source address, a request for a cookie fits its source's budget (8 a second,
+    /// spent here). Then the identity key to verify it under, as [`Controller::signer_of`].
+    /// `None`: drop it unverified. A flood of forged subscriptions thus costs at most the
+    /// source budget in signature checks per source (a spoofed source can spend another's
+    /// budget, as it could before).
+    pub fn admit_subscription(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        signed: &mut MemberSigned,
+    ) -> Option<[u8; 32]> {
+        let request = signed.decoded::<Subscribe>()?;
+        let (gid, member) = request.names();
+        let g = self.groups.get(&gid)?;
+        if !g.policy.fanout {
+            return None;
+        }
+        match request.cookie {
+            Some(cookie) => self.cookies.valid(gid, member, from, &cookie, now),
+            None => self.cookies.spend(from.ip(), now),
+        }
+        .then_some(())?;
+        signed.admitted = true;
+        self.signer(gid, member).map(|(identity, _)| identity)
     }
 
     /// Member signatures (resync, leave, subscription) verified on the controller's own thread

@@ -1547,3 +1547,57 @@ fn v058_member_signatures_checked_off_the_controller_thread_are_not_verified_aga
     assert!(<wire::Ack as wire::Codec>::decode_exact(&reply).is_ok());
     assert_eq!(net.controller.signatures_verified(), before);
 }
+
+/// GKM-V058: forged fan-out subscriptions are admitted for a signature check (off the
+/// controller's thread) only within their source's budget (8 a second) or with a cookie that is
+/// this controller's for their address; the rest are dropped without one. An admitted forgery is
+/// refused; the member's own subscription still gets its cookie.
+#[test]
+fn v058_subscriptions_are_admitted_for_a_signature_check_within_their_sources_budget() {
+    let mut net = Net::new(2, 0.0);
+    let id = net.member_id(0);
+    let from: std::net::SocketAddr = "192.0.2.9:4000".parse().unwrap();
+    let stranger = SigningKey::from_bytes(&[55; 32]);
+    let forged = |k: u8, cookie: Option<wire::Cookie>, now: u64| {
+        let request = wire::Subscribe {
+            group: GROUP,
+            member: wire::MemberId(id),
+            timestamp_ms: now,
+            nonce: [k; 16],
+            cookie,
+        };
+        gkm_server::MemberSigned::subscription(wire::sign(&request, &stranger))
+    };
+    let now = Timestamp(net.now);
+    let admitted = (0..100_u8)
+        .filter(|&k| {
+            let mut signed = forged(k, None, now.0);
+            net.controller
+                .admit_subscription(now, from, &mut signed)
+                .is_some()
+        })
+        .count();
+    assert_eq!(admitted, 8, "the source's budget in a second");
+    let cookie = wire::Cookie {
+        issued_ms: now.0,
+        mac: [0; 16],
+    };
+    let later = Timestamp(net.now + 1_000);
+    let mut bad_cookie = forged(200, Some(cookie), later.0);
+    assert!(
+        net.controller
+            .admit_subscription(later, from, &mut bad_cookie)
+            .is_none(),
+        "a cookie not this controller's admits nothing"
+    );
+    // An admitted forgery, checked off the thread, is refused; nothing verified on it.
+    let mut signed = forged(201, None, later.0);
+    let identity = net.controller.admit_subscription(later, from, &mut signed);
+    assert!(identity.is_some());
+    let before = net.controller.signatures_verified();
+    let outcome = net
+        .controller
+        .handle_checked_subscription(later, from, signed.check(identity));
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(net.controller.signatures_verified(), before);
+}

@@ -383,8 +383,15 @@ impl Driver {
                 inbound,
                 reply,
             } => self.request(conn, inbound, reply),
-            ToController::Lookup { signed, reply, .. } => {
-                let identity = self.controller.signer_of(&signed);
+            ToController::Lookup {
+                mut signed,
+                from,
+                reply,
+            } => {
+                let identity = match from {
+                    Some(from) => self.controller.admit_subscription(now(), from, &mut signed),
+                    None => self.controller.signer_of(&signed),
+                };
                 let _ = reply.send((signed, identity));
             }
             ToController::Subscribe { signed, from } => self.subscribe(signed, from),
@@ -711,13 +718,15 @@ async fn receive_subscriptions(udp: tokio::net::UdpSocket, queue: ControllerQueu
             Ok((n, from)) => {
                 let bytes = buf.get(..n).unwrap_or_default().to_vec();
                 let signed = MemberSigned::subscription(bytes);
-                let Some(checked) = lookup(&queue, signed, true) else {
+                let Some(checked) = lookup(&queue, signed, Some(from)) else {
                     debug!(%from, "subscription dropped: the controller is busy");
                     continue;
                 };
                 let queue = queue.clone();
                 tokio::spawn(async move {
-                    let Some(signed) = checked.await else {
+                    // Not admitted (a bad cookie, a source over its budget, no such member):
+                    // dropped without a signature check.
+                    let Some((signed, true)) = checked.await else {
                         return;
                     };
                     if !queue.send(ToController::Subscribe { signed, from }) {
@@ -730,23 +739,25 @@ async fn receive_subscriptions(udp: tokio::net::UdpSocket, queue: ControllerQueu
     }
 }
 
-/// Asks the controller which identity key signs `signed` and, once it answers, verifies the
-/// signature under that key on this (tokio) thread: one Ed25519 verification that the
-/// controller's thread does not make. `None` when the queue is full or closed.
+/// Asks the controller which identity key signs `signed` (admitting it first if it is a
+/// subscription from `from`) and, once it answers, verifies the signature under that key on
+/// this (tokio) thread: one Ed25519 verification that the controller's thread does not make.
+/// The future gives the request and whether a key was named. `None` when the queue is full or
+/// closed.
 fn lookup(
     queue: &ControllerQueue,
     signed: MemberSigned,
-    subscription: bool,
-) -> Option<impl Future<Output = Option<MemberSigned>> + use<>> {
+    from: Option<SocketAddr>,
+) -> Option<impl Future<Output = Option<(MemberSigned, bool)>> + use<>> {
     let (reply, answer) = oneshot::channel();
     let sent = queue.send(ToController::Lookup {
         signed,
-        subscription,
+        from,
         reply,
     });
     sent.then_some(async move {
         let (signed, identity) = answer.await.ok()?;
-        Some(signed.check(identity))
+        Some((signed.check(identity), identity.is_some()))
     })
 }
 
@@ -858,11 +869,11 @@ async fn request_connection(
     // member-signed request's key is looked up by the controller and its signature checked here.
     let inbound = match gkm_server::verify_request(bytes, &mut UnwrapErr(SysRng)) {
         Inbound::MemberSigned(signed) => {
-            let Some(checked) = lookup(queue, signed, false) else {
+            let Some(checked) = lookup(queue, signed, None) else {
                 return;
             };
             match checked.await {
-                Some(signed) => Inbound::MemberSigned(signed),
+                Some((signed, _)) => Inbound::MemberSigned(signed),
                 None => return,
             }
         }

@@ -33,11 +33,11 @@ pub(crate) enum ToController {
         reply: oneshot::Sender<Vec<u8>>,
     },
     /// Which identity key signs a member-signed request (a lookup, so that the signature is
-    /// verified off the controller's thread); `subscription` when it came by UDP (it then
-    /// counts against the subscriptions' budget).
+    /// verified off the controller's thread); `from` a subscription's source (it is admitted
+    /// first, and counts against the subscriptions' budget).
     Lookup {
         signed: MemberSigned,
-        subscription: bool,
+        from: Option<SocketAddr>,
         reply: oneshot::Sender<(MemberSigned, Option<[u8; 32]>)>,
     },
     /// A fan-out subscription datagram, checked ([`MemberSigned::check`]).
@@ -61,10 +61,9 @@ impl ToController {
     /// crowd out neither registrations nor monitoring.
     fn budget(&self) -> Option<Budget> {
         match self {
-            ToController::Subscribe { .. }
-            | ToController::Lookup {
-                subscription: true, ..
-            } => Some(Budget::Subscriptions),
+            ToController::Subscribe { .. } | ToController::Lookup { from: Some(_), .. } => {
+                Some(Budget::Subscriptions)
+            }
             ToController::Metrics(_) => Some(Budget::Scrapes),
             _ => None,
         }
