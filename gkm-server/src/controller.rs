@@ -376,6 +376,14 @@ pub enum CommandError {
     /// The identity was not banned.
     #[error("{0} is not banned in group {1:?}; `gkmctl bans {1}` lists the bans")]
     NotBanned(String, String),
+    /// The rekey that makes the change could not be saved: nothing of it went out, and it is
+    /// tried again every second (GKM-V053).
+    #[error(
+        "not yet: the rekey could not be saved ({0}); nothing of it went out, the controller \
+         tries again every second, and until it succeeds the members (an evicted one too) keep \
+         the current key; free the state disk or fix the store"
+    )]
+    RekeyNotSaved(String),
 }
 
 /// A group in brief.
@@ -832,6 +840,8 @@ struct Group {
     saved: bool,
     /// Records written as deltas since the last full state (save or compaction).
     logged: usize,
+    /// Why the last rekey's save failed, until one succeeds.
+    save_failure: Option<String>,
 }
 
 /// The controller: every group's tree, members and timers.
@@ -1335,7 +1345,10 @@ impl<R: CryptoRng> Controller<R> {
         let message = ErrorMessage {
             group,
             status: answered.status(),
-            reason: told.unwrap_or_else(|| format!("{answered:?}")),
+            reason: told.unwrap_or_else(|| match answered {
+                Reject::UnknownGroup => format!("this controller has no group with id {}", group.0),
+                other => format!("{other:?}"),
+            }),
         };
         self.transmits.push_back(Transmit::Reply {
             conn,
@@ -1550,6 +1563,14 @@ impl<R: CryptoRng> Controller<R> {
         .then_some(())?;
         signed.admitted = true;
         self.signer(gid, member).map(|(identity, _)| identity)
+    }
+
+    /// Why group `name`'s last rekey could not be saved, while its batch waits to be tried
+    /// again; `None` once a save succeeded. A driver tells an operator whose eviction or rekey
+    /// is not yet done.
+    pub fn save_failure(&self, name: &str) -> Option<String> {
+        let id = self.names.get(name)?;
+        self.groups.get(id)?.save_failure.clone()
     }
 
     /// Member signatures (resync, leave, subscription) verified on the controller's own thread
@@ -1796,6 +1817,7 @@ impl<R: CryptoRng> Controller<R> {
             let Some(g) = self.groups.get_mut(&id) else {
                 return;
             };
+            g.save_failure = Some(error.to_string());
             // Exactly as before: the epoch's keys and datagrams are dropped unsent, the roster
             // and the tree go back, and the batch is tried again after a pause.
             drop(datagrams);
@@ -1824,6 +1846,7 @@ impl<R: CryptoRng> Controller<R> {
         };
         g.tree.commit();
         g.saved = true;
+        g.save_failure = None;
         // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
         // rest (a batch of 100,000 departures at 2^20 members).
         let unrecorded = removed.len().saturating_sub(RECENT_DEPARTURES);
@@ -2170,6 +2193,7 @@ impl Group {
             stats: Stats::default(),
             saved: false,
             logged: 0,
+            save_failure: None,
         }
     }
 

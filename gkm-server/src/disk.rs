@@ -43,7 +43,7 @@
 
 use std::collections::VecDeque;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -133,7 +133,13 @@ struct Running {
 
 /// Group states in a redb file, sealed under a storage key (see the module docs).
 pub struct DiskStore {
-    db: Arc<Database>,
+    /// The open file; `None` only while it is reopened after a failed write.
+    db: Option<Arc<Database>>,
+    /// Where it lives, to reopen it.
+    path: PathBuf,
+    /// A write failed: redb refuses every later one ("Previous I/O error occurred") until the
+    /// file is reopened, which the next save does (a disk that was full, then freed).
+    failed: bool,
     sealer: Sealer,
     written: Arc<AtomicU64>,
     compaction: Option<Running>,
@@ -185,7 +191,9 @@ impl DiskStore {
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         };
         let store = DiskStore {
-            db: Arc::new(db),
+            db: Some(Arc::new(db)),
+            path: path.to_path_buf(),
+            failed: false,
             sealer: Sealer(ChaCha20Poly1305::new(&(*key).into())),
             written: Arc::new(AtomicU64::new(0)),
             compaction: None,
@@ -195,13 +203,53 @@ impl DiskStore {
         Ok((store, states))
     }
 
+    /// The open file.
+    fn db(&self) -> Result<&Arc<Database>, StoreError> {
+        self.db.as_ref().ok_or_else(|| {
+            StoreError::Backend(format!(
+                "{} could not be reopened after a failed write",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// After a failed write, closes and reopens the file (redb recovers it to its last commit),
+    /// once a running compaction, which shares it, has ended.
+    fn reopen_if_failed(&mut self) -> Result<(), StoreError> {
+        if !self.failed {
+            return Ok(());
+        }
+        self.finish_compaction();
+        self.db = None;
+        let db = open_database(&self.path).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot reopen {} after a failed write: {e}",
+                self.path.display()
+            ))
+        })?;
+        self.db = Some(Arc::new(db));
+        self.failed = false;
+        Ok(())
+    }
+
+    /// Runs a write, noting its failure (see [`DiskStore::reopen_if_failed`]).
+    fn write<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.reopen_if_failed()?;
+        let result = write(self);
+        self.failed = result.is_err();
+        result
+    }
+
     /// Sealed bytes written since the store was opened (rows and heads, compactions included).
     pub fn bytes_written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
 
     fn load(&self) -> Result<Vec<GroupState>, StoreError> {
-        let tx = self.db.begin_read().map_err(backend)?;
+        let tx = self.db()?.begin_read().map_err(backend)?;
         let tables: Vec<String> = tx
             .list_tables()
             .map_err(backend)?
@@ -288,6 +336,38 @@ impl DiskStore {
         Ok(())
     }
 
+    /// Writes a group's whole state in one transaction, in place of what it held.
+    fn save_state(&mut self, state: &GroupState) -> Result<(), StoreError> {
+        self.finish_compaction();
+        let group = state.tree.group;
+        let tx = self.db()?.begin_write().map_err(backend)?;
+        let written = {
+            let mut heads = tx.open_table(HEADS).map_err(backend)?;
+            let mut log = tx.open_table(LOG).map_err(backend)?;
+            let mut bases = tx.open_table(BASES).map_err(backend)?;
+            let old = self.sealer.read_head(&heads, group)?;
+            let mut base = Span::empty_at(next_seq(&bases, group)?);
+            let mut written = 0;
+            for row in state_rows(state) {
+                written += self
+                    .sealer
+                    .insert_row(&mut bases, BASE_LABEL, group, base.next, &row)?;
+                base.next += 1;
+            }
+            let log_next = old.map_or(0, |h| h.log.next);
+            remove_below(&mut bases, group, base.first)?;
+            remove_below(&mut log, group, log_next)?;
+            let head = Head {
+                base,
+                log: Span::empty_at(log_next),
+            };
+            written + self.sealer.write_head(&mut heads, group, head)?
+        };
+        tx.commit().map_err(backend)?;
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Writes `rows` (plaintexts) after the group's log.
     fn append(
         &mut self,
@@ -295,7 +375,7 @@ impl DiskStore {
         rows: impl Iterator<Item = Zeroizing<Vec<u8>>>,
     ) -> Result<(), StoreError> {
         self.reap_compaction();
-        let tx = self.db.begin_write().map_err(backend)?;
+        let tx = self.db()?.begin_write().map_err(backend)?;
         let written = {
             let mut heads = tx.open_table(HEADS).map_err(backend)?;
             let mut log = tx.open_table(LOG).map_err(backend)?;
@@ -356,38 +436,11 @@ impl Drop for DiskStore {
 
 impl Store for DiskStore {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        self.finish_compaction();
-        let group = state.tree.group;
-        let tx = self.db.begin_write().map_err(backend)?;
-        let written = {
-            let mut heads = tx.open_table(HEADS).map_err(backend)?;
-            let mut log = tx.open_table(LOG).map_err(backend)?;
-            let mut bases = tx.open_table(BASES).map_err(backend)?;
-            let old = self.sealer.read_head(&heads, group)?;
-            let mut base = Span::empty_at(next_seq(&bases, group)?);
-            let mut written = 0;
-            for row in state_rows(state) {
-                written += self
-                    .sealer
-                    .insert_row(&mut bases, BASE_LABEL, group, base.next, &row)?;
-                base.next += 1;
-            }
-            let log_next = old.map_or(0, |h| h.log.next);
-            remove_below(&mut bases, group, base.first)?;
-            remove_below(&mut log, group, log_next)?;
-            let head = Head {
-                base,
-                log: Span::empty_at(log_next),
-            };
-            written + self.sealer.write_head(&mut heads, group, head)?
-        };
-        tx.commit().map_err(backend)?;
-        self.written.fetch_add(written, Ordering::Relaxed);
-        Ok(())
+        self.write(|store| store.save_state(state))
     }
 
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
-        self.append(delta.group, delta_rows(delta))
+        self.write(|store| store.append(delta.group, delta_rows(delta)))
     }
 
     /// Saves `delta`, then starts writing `state` on a thread of the store (see the module
@@ -454,14 +507,14 @@ struct Compaction {
 
 impl Compaction {
     fn start(store: &DiskStore, group: GroupId) -> Result<Compaction, StoreError> {
-        let tx = store.db.begin_read().map_err(backend)?;
+        let tx = store.db()?.begin_read().map_err(backend)?;
         let heads = tx.open_table(HEADS).map_err(backend)?;
         let start = store
             .sealer
             .read_head(&heads, group)?
             .ok_or_else(|| StoreError::Backend(format!("group {group} was never saved")))?;
         Ok(Compaction {
-            db: Arc::clone(&store.db),
+            db: Arc::clone(store.db()?),
             sealer: store.sealer.clone(),
             written: Arc::clone(&store.written),
             group,
@@ -1187,14 +1240,14 @@ mod tests {
     }
 
     fn head(store: &DiskStore) -> Head {
-        let tx = store.db.begin_read().unwrap();
+        let tx = store.db().unwrap().begin_read().unwrap();
         let heads = tx.open_table(HEADS).unwrap();
         store.sealer.read_head(&heads, GroupId(4)).unwrap().unwrap()
     }
 
     /// The sequence numbers of the group's rows in `table`.
     fn seqs(store: &DiskStore, table: Rows) -> Vec<u64> {
-        let tx = store.db.begin_read().unwrap();
+        let tx = store.db().unwrap().begin_read().unwrap();
         let table = tx.open_table(table).unwrap();
         table
             .range((4, 0)..=(4, u64::MAX))
@@ -1279,7 +1332,7 @@ mod tests {
     fn v036_a_row_numbered_at_the_end_of_the_sequence_is_refused_not_wrapped() {
         let dir = Temp::new("last-seq");
         let (mut store, churn) = saved(&dir.file("state.redb"), 300);
-        let tx = store.db.begin_write().unwrap();
+        let tx = store.db().unwrap().begin_write().unwrap();
         tx.open_table(BASES)
             .unwrap()
             .insert((4, u64::MAX), &[0u8; 40][..])
@@ -1364,7 +1417,7 @@ mod tests {
             let (store, _) = DiskStore::open(&path, &KEY).unwrap();
             let state = churn.state();
             let delta = churn.delta();
-            let tx = store.db.begin_write().unwrap();
+            let tx = store.db().unwrap().begin_write().unwrap();
             {
                 let mut log = tx.open_table(LOG).unwrap();
                 let mut next = 7;

@@ -188,6 +188,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         member,
         controller,
         group,
+        group_name: cfg.group.clone(),
         dir,
         keys: keys_tx,
         side_rng: store::os_rng()?,
@@ -314,6 +315,8 @@ struct Driver {
     member: Member<ChaCha20Rng>,
     controller: SocketAddr,
     group: GroupId,
+    /// The group as given by `--group`.
+    group_name: String,
     dir: StateDir,
     keys: watch::Sender<Option<KeyInfo>>,
     side_rng: ChaCha20Rng,
@@ -345,11 +348,12 @@ impl Driver {
             if let Some(reason) = self.no_group.take() {
                 self.dir.remove_membership();
                 bail!(
-                    "controller {} has no group {} (it says \"{}\"): the group was removed or \
-                     was never configured there; check --group against `gkmctl groups` on the \
-                     controller",
+                    "controller {} has no group {:?} (id {}; it says \"{}\"): the group was \
+                     removed or was never configured there; check --group against the NAME \
+                     column of `gkmctl groups` on the controller",
                     self.controller,
-                    self.group,
+                    self.group_name,
+                    self.group.0,
                     reason.escape_debug()
                 );
             }

@@ -200,7 +200,16 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         policies.push(policy);
     }
     for (group, epoch) in &restored_epochs {
-        info!(%group, epoch, "restored group state");
+        if groups.contains_key(group) {
+            info!(%group, epoch, "restored group state");
+        } else {
+            warn!(
+                %group,
+                epoch,
+                "the store holds a group that is not in the config: it is not served and its \
+                 members are told the group is unknown; add it back under its old name to serve it"
+            );
+        }
     }
     let mut controller = Controller::new(
         signer,
@@ -396,7 +405,13 @@ impl Driver {
             }
             ToController::Subscribe { signed, from } => self.subscribe(signed, from),
             ToController::Command { command, reply } => {
-                let outcome = self.controller.handle_command(now(), command);
+                let rekeys = match &command {
+                    Command::Evict(group, _) | Command::Rekey(group) | Command::Reset(group) => {
+                        Some(group.clone())
+                    }
+                    _ => None,
+                };
+                let mut outcome = self.controller.handle_command(now(), command);
                 // With immediate rekeying an eviction is answered once its rekey is durable and
                 // queued, as operators' scripts expect; a burst of requests is still coalesced.
                 if self
@@ -405,6 +420,12 @@ impl Driver {
                     .is_some_and(|due| due <= now())
                 {
                     self.controller.handle_timeout(now());
+                }
+                // A rekey whose save failed did nothing yet: say so, not "rekeyed".
+                if let Some(failure) = rekeys.and_then(|g| self.controller.save_failure(&g))
+                    && outcome.is_ok()
+                {
+                    outcome = Err(gkm_server::CommandError::RekeyNotSaved(failure));
                 }
                 let _ = reply.send(Reply::from_outcome(outcome));
             }
