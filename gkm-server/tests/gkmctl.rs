@@ -113,6 +113,14 @@ fn commands_print_tables_and_json() {
     let json: serde_json::Value =
         serde_json::from_slice(&d.ctl(&["--json", "groups"]).stdout).unwrap();
     assert_eq!(json[0]["name"], "demo");
+    // Global flags go after the command too, as operators type them (kubectl, ip).
+    let after = Command::new(GKMCTL)
+        .args(["groups", "--json", "--socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(json[0]["name"], "demo", "{after:?}");
 
     let out = d.ctl(&["policy", "demo", "--set", "repeats=3"]);
     assert_eq!(out.status.code(), Some(0));

@@ -17,11 +17,11 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(name = "gkmctl", version, about = "Control a running gkm-server")]
 struct Cli {
-    /// The daemon's control socket.
-    #[arg(long, default_value = "./gkm-state/control.sock")]
+    /// The daemon's control socket (before or after the command).
+    #[arg(long, global = true, default_value = "./gkm-state/control.sock")]
     socket: PathBuf,
-    /// Print the raw JSON data.
-    #[arg(long)]
+    /// Print the raw JSON data (before or after the command).
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Cmd,
