@@ -6,8 +6,8 @@
 
 use wire::RegistrationRequest;
 
-use crate::controller::Reject;
 use crate::policy::{Enrollment, Timestamp};
+use crate::reject::Reject;
 use crate::store::{EnrollmentChanges, EnrollmentRecords};
 
 /// The label of a token's digest: policies and the store hold digests, never tokens.

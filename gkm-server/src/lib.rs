@@ -46,6 +46,7 @@ mod fanout;
 mod floor;
 mod gate;
 mod policy;
+mod reject;
 mod roster;
 mod store;
 

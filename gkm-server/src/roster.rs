@@ -9,9 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
 use lkh_tree::{Epoch, NodeId};
+use serde::Serialize;
 use wire::MemberId;
 
-use crate::controller::DepartReason;
 use crate::policy::Timestamp;
 use crate::store::MemberRecord;
 
@@ -266,5 +266,35 @@ impl Departed {
 
     pub(crate) fn get(&self, member: MemberId) -> Option<&Departure> {
         self.by_id.get(&member)
+    }
+}
+
+/// Why a membership ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DepartReason {
+    /// The member left.
+    Left,
+    /// An operator evicted it.
+    Evicted,
+    /// Its lease ran out.
+    Expired,
+    /// It registered again with a new HPKE key, having lost its keys (its old leaf is replaced).
+    Replaced,
+    /// An operator reset the group: every member was excluded at once and registers again.
+    Reset,
+}
+
+impl DepartReason {
+    /// What member `member` is told when it asks after its membership ended at `epoch`.
+    pub(crate) fn told(self, member: MemberId, epoch: Epoch) -> String {
+        let how = match self {
+            DepartReason::Left => "left the group",
+            DepartReason::Evicted => "was evicted by an operator",
+            DepartReason::Expired => "let its lease run out",
+            DepartReason::Replaced => "was replaced by a registration with a new HPKE key",
+            DepartReason::Reset => "was excluded when an operator reset the group",
+        };
+        format!("member {} {how} at epoch {}", member.0, epoch.0)
     }
 }

@@ -43,10 +43,10 @@ mod tree;
 mod wrap;
 
 pub use ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
-pub use member::{Applied, ApplyError, MemberPath, PathKey, PathUpdate, Wrap};
+pub use member::{Applied, ApplyError, Link, MemberPath, PathKey, PathUpdate, Wrap};
 pub use rekey::{
-    Advance, Batch, JoinerKeys, KeyTree, Link, MemberView, NodeRecord, Rekey, Strategy,
-    TreeChanges, TreeConfig, TreeError, TreeSnapshot, height_bound,
+    Advance, Batch, JoinerKeys, KeyTree, MemberView, NodeRecord, Rekey, Strategy, TreeChanges,
+    TreeConfig, TreeError, TreeSnapshot, height_bound,
 };
 pub use secret::{KCV_LEN, KEY_LEN, Kcv, NodeKey, TrafficKey};
 pub use tree::MAX_DEPTH;

@@ -11,7 +11,6 @@
 use thiserror::Error;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt};
-use crate::rekey::Link;
 use crate::secret::{Kcv, NodeKey, TrafficKey};
 use crate::tree::MAX_DEPTH;
 use crate::wrap::{Encryption, WRAPPED_LEN, WrapContext};
@@ -51,6 +50,16 @@ impl Wrap {
             ciphertext: encryption.ciphertext,
         }
     }
+}
+
+/// A one-way chain link: members that learn `child`'s seed derive `parent`'s seed from it (and
+/// learn that `parent` is `child`'s parent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The renewed child whose seed continues the chain.
+    pub child: NodeId,
+    /// Its parent.
+    pub parent: NodeId,
 }
 
 /// The part of one rekey a member applies, taken as authentic (see [`MemberPath::apply`]).

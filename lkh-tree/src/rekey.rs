@@ -24,7 +24,7 @@ use rand_core::CryptoRng;
 use thiserror::Error;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
-use crate::member::{MemberPath, PathKey, PathUpdate, Wrap};
+use crate::member::{Link, MemberPath, PathKey, PathUpdate, Wrap};
 use crate::secret::NodeKey;
 use crate::tree::{Kind, MAX_DEPTH, NIL, Record, Shape};
 use crate::wrap::{Encryption, WrapContext};
@@ -84,16 +84,6 @@ pub struct Advance {
     pub node: NodeId,
     /// The version it advanced from.
     pub from: KeyVersion,
-}
-
-/// A one-way chain link: members that learn `child`'s seed derive `parent`'s seed from it (and
-/// learn that `parent` is `child`'s parent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Link {
-    /// The renewed child whose seed continues the chain.
-    pub child: NodeId,
-    /// Its parent.
-    pub parent: NodeId,
 }
 
 /// What a joiner receives by unicast: its leaf and every key on its path.

@@ -1,0 +1,359 @@
+//! What the controller takes and gives: transmits, events, commands and their answers, refusals.
+
+use super::*;
+pub use crate::reject::Reject;
+pub use crate::roster::DepartReason;
+
+/// Bytes to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// One datagram to a group's multicast address (or, in fan-out mode, to every member).
+    Multicast {
+        /// The group.
+        group: GroupId,
+        /// The signed datagram.
+        bytes: Vec<u8>,
+    },
+    /// The reply to one request connection.
+    Reply {
+        /// The connection.
+        conn: ConnId,
+        /// The reply.
+        bytes: Vec<u8>,
+    },
+}
+
+/// The least time between two paths of one epoch sent to one member by resync (each an HPKE
+/// seal).
+pub const RESYNC_INTERVAL_MS: u64 = 200;
+
+/// What became of an accepted fan-out subscription ([`Controller::handle_subscription`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subscription {
+    /// Send these bytes (a [`wire::CookieReply`]) to the subscription's source address.
+    Cookie(Vec<u8>),
+    /// The source address is now the member's fan-out address.
+    Confirmed {
+        /// The group.
+        group: GroupId,
+        /// The member.
+        member: MemberId,
+    },
+}
+
+/// Audit events: who, when, which epoch. Never key material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A member was admitted.
+    Admitted {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// Identity key, hex.
+        identity: String,
+        /// Epoch it joined in.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// A current member registered again with the keys it holds (a retry whose welcome it
+    /// missed): it was sent its current path; nothing was rekeyed.
+    Rewelcomed {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// The current epoch.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// A membership ended.
+    Departed {
+        /// Group.
+        group: u64,
+        /// Member id.
+        member: u64,
+        /// Why.
+        reason: DepartReason,
+        /// Epoch of the rekey that shut it out.
+        epoch: u64,
+        /// When.
+        at: u64,
+    },
+    /// An identity was banned from a group.
+    Banned {
+        /// Group.
+        group: u64,
+        /// Identity key, hex.
+        identity: String,
+        /// When.
+        at: u64,
+    },
+    /// A ban was lifted.
+    Unbanned {
+        /// Group.
+        group: u64,
+        /// Identity key, hex.
+        identity: String,
+        /// When.
+        at: u64,
+    },
+    /// An operator reset a group: every member is excluded by its next rekey (made at once).
+    Reset {
+        /// Group.
+        group: u64,
+        /// Members excluded.
+        members: usize,
+        /// When.
+        at: u64,
+    },
+    /// A rekey was persisted and queued.
+    Rekeyed {
+        /// Group.
+        group: u64,
+        /// The new epoch.
+        epoch: u64,
+        /// Joins, departures.
+        joins: usize,
+        /// Departures.
+        departures: usize,
+        /// Encryptions.
+        encryptions: usize,
+        /// Distinct datagrams (before repeats).
+        datagrams: usize,
+        /// Bytes of those datagrams.
+        bytes: usize,
+        /// When.
+        at: u64,
+    },
+    /// A request was refused.
+    Rejected {
+        /// Why.
+        reason: Reject,
+        /// When.
+        at: u64,
+    },
+    /// The store failed: the rekey was not sent.
+    StoreFailed {
+        /// Group.
+        group: u64,
+        /// The epoch that was not sent.
+        epoch: u64,
+        /// The store's message.
+        error: String,
+    },
+    /// Compacting the stored state failed. Nothing was lost: the store still holds the last full
+    /// state and every delta since, and the next compaction is tried once as many records again
+    /// were saved.
+    CompactionFailed {
+        /// Group.
+        group: u64,
+        /// The epoch of the state that was being written.
+        epoch: u64,
+        /// The store's message.
+        error: String,
+    },
+}
+
+/// Counters per group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Rekeys done.
+    pub rekeys: u64,
+    /// Encryptions made.
+    pub encryptions: u64,
+    /// Datagrams sent (repeats included).
+    pub datagrams: u64,
+    /// Bytes sent in datagrams (repeats included).
+    pub bytes: u64,
+    /// Registrations accepted.
+    pub registrations: u64,
+    /// Resyncs answered with keys.
+    pub resyncs: u64,
+    /// Heartbeats sent.
+    pub heartbeats: u64,
+    /// Requests refused, by reason.
+    pub rejects: BTreeMap<Reject, u64>,
+}
+
+/// An operator's command (from the control socket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The controller's state in brief.
+    Status,
+    /// Every group.
+    Groups,
+    /// A group's members.
+    Members(String),
+    /// End a membership now (rekeyed in the next batch).
+    Evict(String, u64),
+    /// Rekey a group now.
+    Rekey(String),
+    /// Show a group's policy, or change one setting.
+    Policy(String, Option<(String, String)>),
+    /// The key inventory of a group (never key material).
+    Keys(String),
+    /// The tree in DOT.
+    Tree(String),
+    /// A group's counters.
+    Stats(String),
+    /// Exclude every member of a group at once: every key new (members register again).
+    Reset(String),
+    /// Keep an identity out of a group under every enrollment mode, across restarts; the member
+    /// named, or a current member with the identity, is evicted.
+    Ban(String, BanTarget),
+    /// Lift the ban of an identity.
+    Unban(String, [u8; 32]),
+    /// A group's banned identities.
+    Bans(String),
+}
+
+/// Whom a ban names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanTarget {
+    /// A current member, by id: its identity is banned and it is evicted.
+    Member(u64),
+    /// An identity key.
+    Identity([u8; 32]),
+}
+
+/// Why a command failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No such group.
+    #[error("unknown group {0:?}; `gkmctl groups` lists them")]
+    UnknownGroup(String),
+    /// No such member.
+    #[error("group {group:?} has no member {member}; `gkmctl members {group}` lists them")]
+    UnknownMember {
+        /// The group.
+        group: String,
+        /// The member id.
+        member: u64,
+    },
+    /// An unknown policy key or a bad value.
+    #[error("{0}")]
+    BadPolicy(String),
+    /// The change holds in memory but the store failed; it is saved with the group's next save.
+    #[error("done, but not yet durable ({0}); it is saved with the group's next rekey")]
+    NotSaved(String),
+    /// The identity was not banned.
+    #[error("{0} is not banned in group {1:?}; `gkmctl bans {1}` lists the bans")]
+    NotBanned(String, String),
+    /// The rekey that makes the change could not be saved: nothing of it went out, and it is
+    /// tried again every second (GKM-V053).
+    #[error(
+        "not yet: the rekey could not be saved ({0}); nothing of it went out, the controller \
+         tries again every second, and until it succeeds the members (an evicted one too) keep \
+         the current key; free the state disk or fix the store"
+    )]
+    RekeyNotSaved(String),
+}
+
+/// A group in brief.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Members.
+    pub members: usize,
+    /// Tree degree.
+    pub degree: u8,
+    /// Tree height.
+    pub height: usize,
+    /// Changes waiting for the next batch.
+    pub pending: usize,
+}
+
+/// A member in brief.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemberInfo {
+    /// Member id.
+    pub id: u64,
+    /// Identity key, hex.
+    pub identity: String,
+    /// Leaf node.
+    pub leaf: u32,
+    /// Epoch it joined in.
+    pub joined: u64,
+    /// Milliseconds of lease left.
+    pub lease_left_ms: u64,
+}
+
+/// One key of the inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    /// Node.
+    pub node: u32,
+    /// Version (the epoch it was set in).
+    pub version: u64,
+    /// Epochs since it was set.
+    pub age_epochs: u64,
+    /// Milliseconds since it was set, when known.
+    pub age_ms: Option<u64>,
+    /// When it must change at the latest (the next periodic refresh of the root), if any.
+    pub expires_in_ms: Option<u64>,
+    /// Members holding it.
+    pub holders: usize,
+}
+
+/// A command's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// Status.
+    Status {
+        /// Groups served.
+        groups: usize,
+        /// Members in all groups.
+        members: usize,
+        /// The controller's public key, hex.
+        public_key: String,
+        /// Requests refused, by reason: in every group, and before any group could be named
+        /// (malformed requests, registrations whose signature does not verify).
+        rejects: BTreeMap<Reject, u64>,
+    },
+    /// Groups.
+    Groups(Vec<GroupInfo>),
+    /// Members.
+    Members(Vec<MemberInfo>),
+    /// Policy settings as (key, value).
+    Policy(Vec<(String, String)>),
+    /// Key inventory.
+    Keys(Vec<KeyInfo>),
+    /// DOT text.
+    Tree(String),
+    /// Counters.
+    Stats(Stats),
+    /// Banned identities, hex.
+    Bans(Vec<String>),
+}
+
+/// The time each phase of one rekey took, by the profiler's clock (see
+/// [`Controller::set_profiler`]; with a CPU clock, phases that overlap count each other's time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyProfile {
+    /// The tree's rekey (marking, new keys, wraps) and the roster's update.
+    pub tree: Duration,
+    /// Making the changes durable (the store's save; with workers, on its own thread while the
+    /// datagrams are packed and signed).
+    pub persist: Duration,
+    /// Packing the datagrams.
+    pub pack: Duration,
+    /// Signing them (on the workers), and waiting for the save if it took longer.
+    pub sign: Duration,
+    /// From the start of the rekey until its changes were durable and its datagrams signed.
+    pub ready: Duration,
+    /// Sealing and signing the joiners' welcomes.
+    pub welcomes: Duration,
+}

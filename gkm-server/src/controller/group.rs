@@ -1,0 +1,417 @@
+//! One group's state: tree, roster, gate, queues and timers, and what a save of it holds.
+
+use super::*;
+
+pub(super) struct PendingJoin {
+    pub(super) conn: ConnId,
+    pub(super) identity: [u8; 32],
+    pub(super) nonce: [u8; NONCE_LEN],
+    pub(super) encapsulation: Encapsulation,
+}
+
+/// The joins waiting for a group's next rekey, in arrival order, found by identity in constant
+/// time (a batch may hold hundreds of thousands).
+#[derive(Default)]
+pub(super) struct PendingJoins {
+    pub(super) list: Vec<PendingJoin>,
+    pub(super) by_identity: HashMap<[u8; 32], usize>,
+}
+
+impl PendingJoins {
+    /// Puts `join` in place of a pending join of the same identity; hands it back if there is
+    /// none.
+    pub(super) fn replace(&mut self, join: PendingJoin) -> Option<PendingJoin> {
+        match self.by_identity.get(&join.identity) {
+            Some(&at) => {
+                if let Some(pending) = self.list.get_mut(at) {
+                    *pending = join;
+                }
+                None
+            }
+            None => Some(join),
+        }
+    }
+
+    pub(super) fn push(&mut self, join: PendingJoin) {
+        self.by_identity.insert(join.identity, self.list.len());
+        self.list.push(join);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// All of them, leaving none.
+    pub(super) fn take(&mut self) -> Vec<PendingJoin> {
+        self.by_identity.clear();
+        std::mem::take(&mut self.list)
+    }
+}
+
+pub(super) struct Group {
+    pub(super) policy: GroupPolicy,
+    pub(super) tree: KeyTree,
+    pub(super) members: Roster,
+    /// Spent tokens and bans.
+    pub(super) gate: Gate,
+    /// Confirmed fan-out addresses.
+    pub(super) subscribers: Subscribers,
+    /// When each member was last sent its path by resync.
+    pub(super) resynced: RateLimit,
+    pub(super) next_lease_scan: Timestamp,
+    pub(super) joins: PendingJoins,
+    pub(super) departures: BTreeMap<MemberId, DepartReason>,
+    /// The latest departures, to tell a departed member why.
+    pub(super) departed: Departed,
+    pub(super) batch_due: Option<Timestamp>,
+    pub(super) next_heartbeat: Timestamp,
+    pub(super) next_refresh: Option<Timestamp>,
+    pub(super) nonces: SeenNonces,
+    pub(super) epoch_times: BTreeMap<u64, Timestamp>,
+    /// Repeat sends waiting for their time, earliest first.
+    pub(super) spaced: VecDeque<(Timestamp, Vec<u8>)>,
+    /// After a restart: requests made before it are refused (their nonces were not kept).
+    pub(super) fresh_since: Option<Timestamp>,
+    pub(super) stats: Stats,
+    /// Whether the store holds this group's state (so a delta can be applied to it).
+    pub(super) saved: bool,
+    /// Records written as deltas since the last full state (save or compaction).
+    pub(super) logged: usize,
+    /// Why the last rekey's save failed, until one succeeds.
+    pub(super) save_failure: Option<String>,
+}
+
+/// Request nonces seen within the last `keep_ms`, forgotten oldest first (so a request costs
+/// the same however many are remembered).
+#[derive(Default)]
+pub(super) struct SeenNonces {
+    pub(super) seen: HashSet<[u8; NONCE_LEN]>,
+    pub(super) order: VecDeque<(Timestamp, [u8; NONCE_LEN])>,
+}
+
+impl SeenNonces {
+    /// Whether `nonce` is remembered (it may be older than the window until the next insert).
+    pub(super) fn contains(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        self.seen.contains(nonce)
+    }
+
+    /// Records `nonce` at `now`; false if it was seen within the last `keep_ms`.
+    pub(super) fn insert(&mut self, nonce: [u8; NONCE_LEN], now: Timestamp, keep_ms: u64) -> bool {
+        while let Some(&(at, old)) = self.order.front() {
+            if at.0.saturating_add(keep_ms) > now.0 {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+        }
+        if !self.seen.insert(nonce) {
+            return false;
+        }
+        self.order.push_back((now, nonce));
+        true
+    }
+}
+
+impl Group {
+    pub(super) fn new<R: CryptoRng>(
+        policy: GroupPolicy,
+        rng: &mut R,
+        now: Timestamp,
+    ) -> Result<Self, TreeError> {
+        let tree = KeyTree::new(policy.id, policy.tree, rng)?;
+        Ok(Self::with_tree(
+            policy,
+            tree,
+            Vec::new(),
+            Gate::default(),
+            now,
+        ))
+    }
+
+    pub(super) fn restore(
+        policy: GroupPolicy,
+        state: &GroupState,
+        now: Timestamp,
+    ) -> Result<Self, TreeError> {
+        let tree = KeyTree::restore(&state.tree)?;
+        let gate = Gate::new(state.enrollment.clone());
+        let mut group = Self::with_tree(policy, tree, state.members.clone(), gate, now);
+        group.saved = true;
+        // A restarted controller rekeys at once: its first epoch is above every persisted one,
+        // and members that missed the crash window resync from the heartbeat.
+        group.batch_due = Some(now);
+        // The nonces seen before the restart are gone: a request made before it could be
+        // replayed within the freshness window, so only requests made since are taken.
+        group.fresh_since = Some(now);
+        Ok(group)
+    }
+
+    pub(super) fn with_tree(
+        policy: GroupPolicy,
+        mut tree: KeyTree,
+        members: Vec<MemberRecord>,
+        gate: Gate,
+        now: Timestamp,
+    ) -> Self {
+        tree.track_changes();
+        Group {
+            next_lease_scan: now.plus(policy.lease_ms / 4),
+            next_refresh: (policy.refresh_interval_ms > 0)
+                .then(|| now.plus(policy.refresh_interval_ms)),
+            policy,
+            tree,
+            members: Roster::new(members),
+            gate,
+            subscribers: Subscribers::default(),
+            resynced: RateLimit::new(RESYNC_INTERVAL_MS),
+            joins: PendingJoins::default(),
+            departures: BTreeMap::new(),
+            departed: Departed::default(),
+            batch_due: None,
+            next_heartbeat: now,
+            nonces: SeenNonces::default(),
+            epoch_times: BTreeMap::new(),
+            spaced: VecDeque::new(),
+            fresh_since: None,
+            stats: Stats::default(),
+            saved: false,
+            logged: 0,
+            save_failure: None,
+        }
+    }
+
+    /// What makes the changes since the last save durable: the whole state when the store holds
+    /// none of this group (first save, or the last save failed), else a delta, which asks for a
+    /// compaction once the deltas since the last full state (or compaction) hold about as many
+    /// records as the state, so the stored log stays within about twice the state. While the
+    /// store is `compacting` (another group, or a slow disk), the compaction is asked for at a
+    /// later rekey instead. Clears the record of changes.
+    pub(super) fn take_save(&mut self, compacting: bool) -> Save {
+        let (members, removed_members) = self.members.take_changes();
+        let delta = GroupDelta {
+            group: self.policy.id,
+            config: self.tree.config(),
+            epoch: self.tree.epoch(),
+            tree: self.tree.take_changes(),
+            members,
+            removed_members,
+            enrollment: self.gate.take_changes(),
+        };
+        if !self.saved {
+            self.logged = 0;
+            return Save::Full(self.state());
+        }
+        self.logged = self.logged.saturating_add(delta.records());
+        // A state holds each member's record and at most two nodes per member.
+        if self.logged > self.members.len().saturating_mul(3).max(64) && !compacting {
+            self.logged = 0;
+            Save::Compact(delta)
+        } else {
+            Save::Delta(delta)
+        }
+    }
+
+    pub(super) fn state(&self) -> GroupState {
+        group_state(&self.tree, &self.members, &self.gate)
+    }
+
+    pub(super) fn schedule(&mut self, now: Timestamp) {
+        let due = now.plus(self.policy.batch_interval_ms);
+        self.batch_due = Some(self.batch_due.map_or(due, |t| t.min(due)));
+    }
+
+    pub(super) fn check_fresh(
+        &mut self,
+        now: Timestamp,
+        at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<(), Reject> {
+        self.check_window(now, at_ms, nonce)?;
+        self.remember(now, nonce);
+        Ok(())
+    }
+
+    /// Whether a request made at `at_ms` with `nonce` is fresh: within the window, made since a
+    /// restart, its nonce not seen. Records nothing.
+    pub(super) fn check_window(
+        &self,
+        now: Timestamp,
+        at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<(), Reject> {
+        let window = self.policy.freshness_window_ms;
+        if at_ms.abs_diff(now.0) > window || self.fresh_since.is_some_and(|t| at_ms < t.0) {
+            return Err(Reject::StaleRequest);
+        }
+        if self.nonces.contains(&nonce) {
+            return Err(Reject::Replayed);
+        }
+        Ok(())
+    }
+
+    /// Records `nonce`, seen at `now`.
+    pub(super) fn remember(&mut self, now: Timestamp, nonce: [u8; NONCE_LEN]) {
+        self.nonces
+            .insert(nonce, now, 2 * self.policy.freshness_window_ms);
+    }
+
+    pub(super) fn info(&self) -> GroupInfo {
+        GroupInfo {
+            name: self.policy.name.clone(),
+            id: self.policy.id.0,
+            epoch: self.tree.epoch().0,
+            members: self.members.len(),
+            degree: self.policy.tree.degree,
+            height: self.tree.height(),
+            pending: self.joins.len() + self.departures.len(),
+        }
+    }
+
+    pub(super) fn policy_list(&self) -> Vec<(String, String)> {
+        let p = &self.policy;
+        let enrollment = match &p.enrollment {
+            Enrollment::Open => "open".to_owned(),
+            Enrollment::Restricted { allowed, tokens } => {
+                format!(
+                    "restricted ({} keys, {} tokens)",
+                    allowed.len(),
+                    tokens.len()
+                )
+            }
+        };
+        [
+            ("degree", p.tree.degree.to_string()),
+            ("strategy", format!("{:?}", p.tree.strategy).to_lowercase()),
+            ("hash_forward_joins", p.tree.hash_forward_joins.to_string()),
+            ("one_way", p.tree.one_way.to_string()),
+            ("batch_interval_ms", p.batch_interval_ms.to_string()),
+            ("heartbeat_interval_ms", p.heartbeat_interval_ms.to_string()),
+            ("lease_ms", p.lease_ms.to_string()),
+            ("refresh_interval_ms", p.refresh_interval_ms.to_string()),
+            ("repeats", p.repeats.to_string()),
+            ("repeat_spacing_ms", p.repeat_spacing_ms.to_string()),
+            ("mtu", p.mtu.to_string()),
+            ("freshness_window_ms", p.freshness_window_ms.to_string()),
+            ("enrollment", enrollment),
+            (
+                "rekey_address",
+                p.rekey_address.map_or("-".to_owned(), |a| a.to_string()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    pub(super) fn set_policy(
+        &mut self,
+        key: &str,
+        value: &str,
+        now: Timestamp,
+    ) -> Result<(), CommandError> {
+        let number = || {
+            value.parse::<u64>().map_err(|_| {
+                CommandError::BadPolicy(format!("{key} takes a whole number, not {value:?}"))
+            })
+        };
+        let p = &mut self.policy;
+        match key {
+            "batch_interval_ms" => p.batch_interval_ms = number()?,
+            "heartbeat_interval_ms" => p.heartbeat_interval_ms = number()?.max(1),
+            "lease_ms" => p.lease_ms = number()?.max(1),
+            "refresh_interval_ms" => {
+                p.refresh_interval_ms = number()?;
+                self.next_refresh =
+                    (p.refresh_interval_ms > 0).then(|| now.plus(p.refresh_interval_ms));
+            }
+            "repeats" => {
+                p.repeats = u8::try_from(number()?)
+                    .ok()
+                    .filter(|r| (1..=10).contains(r))
+                    .ok_or_else(|| CommandError::BadPolicy("repeats is 1..=10".into()))?;
+            }
+            "repeat_spacing_ms" => {
+                let spacing = number()?;
+                if spacing > MAX_REPEAT_SPACING_MS {
+                    return Err(CommandError::BadPolicy(format!(
+                        "repeat_spacing_ms is 0..={MAX_REPEAT_SPACING_MS}"
+                    )));
+                }
+                p.repeat_spacing_ms = spacing;
+            }
+            "mtu" => {
+                let mtu = usize::try_from(number()?).unwrap_or(usize::MAX);
+                if !(576..=wire::MAX_DATAGRAM).contains(&mtu) {
+                    return Err(CommandError::BadPolicy(format!(
+                        "mtu is 576..={}",
+                        wire::MAX_DATAGRAM
+                    )));
+                }
+                p.mtu = mtu;
+            }
+            "freshness_window_ms" => p.freshness_window_ms = number()?.max(1_000),
+            other => {
+                return Err(CommandError::BadPolicy(format!(
+                    "unknown or read-only policy key {other:?}; settable: batch_interval_ms, \
+                     heartbeat_interval_ms, lease_ms, refresh_interval_ms, repeats, \
+                     repeat_spacing_ms, mtu, freshness_window_ms"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn inventory(&self, now: Timestamp) -> Vec<KeyInfo> {
+        let epoch = self.tree.epoch().0;
+        let mut holders: HashMap<NodeId, usize> = HashMap::new();
+        for record in self.members.records() {
+            let mut node = Some(record.leaf);
+            while let Some(n) = node {
+                *holders.entry(n).or_default() += 1;
+                node = self.tree.parent(n);
+            }
+        }
+        let refresh_left = self.next_refresh.map(|t| t.0.saturating_sub(now.0));
+        let mut out: Vec<KeyInfo> = self
+            .tree
+            .nodes()
+            .filter_map(|node| {
+                let version = self.tree.version(node)?.0;
+                Some(KeyInfo {
+                    node: node.0,
+                    version,
+                    age_epochs: epoch.saturating_sub(version),
+                    age_ms: self
+                        .epoch_times
+                        .get(&version)
+                        .map(|t| now.0.saturating_sub(t.0)),
+                    expires_in_ms: if node == NodeId::ROOT {
+                        refresh_left
+                    } else {
+                        None
+                    },
+                    holders: holders.get(&node).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        out.sort_by_key(|k| k.node);
+        out
+    }
+}
+
+impl MemberRecord {
+    pub(super) fn info(&self, now: Timestamp) -> MemberInfo {
+        MemberInfo {
+            id: self.id.0,
+            identity: hex(&self.identity),
+            leaf: self.leaf.0,
+            joined: self.joined,
+            lease_left_ms: self.lease_until.0.saturating_sub(now.0),
+        }
+    }
+}
+
+/// Lower-case hex of public (never secret) bytes.
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
