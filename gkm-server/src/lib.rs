@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! any thread:   request bytes   ──► verify_request(bytes, rng) ──► Inbound   (signature, HPKE)
+//!               member-signed   ──► signer_of (a lookup, driver loop) ──► MemberSigned::check
+//!                                   (Ed25519 under that key, any thread)
 //! driver loop:  Inbound         ──► handle_inbound(conn, now, inbound)
 //!               (or both in one: handle_request(conn, now, bytes))
 //!               control command ──► handle_command(now, command) ──► response
@@ -26,7 +28,8 @@
 //! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
 //! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
 //! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists what
-//! the rekey changed through [`Store`] *before* queueing anything encrypted under it, multicasts the
+//! the rekey changed through [`Store`] *before* queueing anything encrypted under it (a rekey
+//! whose save fails is undone: nothing of its epoch leaves), multicasts the
 //! signed datagrams (repeated as configured), sends heartbeats, answers resyncs and renews
 //! leases.
 //!
