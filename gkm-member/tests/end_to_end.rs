@@ -1,5 +1,6 @@
 //! End to end on loopback with the real controller, when its binary has been built
-//! (`cargo build -p gkm-server`); skipped with a note otherwise. Two members, one on multicast
+//! (`cargo build -p gkm-server`); without it the tests fail saying so, unless
+//! `GKM_SKIP_SERVER_TESTS=1`. Two members, one on multicast
 //! and one on fan-out, converge on the same key; a member killed with SIGKILL resumes from its
 //! membership file without registering again; SIGTERM makes both leave and exit 0. A real rekey
 //! moves the send key after the activation delay and drops the old key after the deactivation

@@ -12,11 +12,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gkm_server::{DiskStore, GroupState, MemberRecord, Store, Timestamp};
-use lkh_tree::{Batch, GroupId, KeyTree, TreeConfig};
-use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
-use wire::MemberId;
+use gkm_server::{DiskStore, GroupState, Store, Timestamp};
+use lkh_tree::GroupId;
+
+mod support;
 
 const KEY: [u8; 32] = [3; 32];
 
@@ -58,32 +57,7 @@ fn missing() -> Option<&'static str> {
 
 /// A group of `members` members, as the controller saves it.
 fn state(members: usize, seed: u64) -> GroupState {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut tree = KeyTree::new(GroupId(1), TreeConfig::default(), &mut rng).unwrap();
-    tree.rekey(
-        &Batch {
-            leaves: vec![],
-            joins: members,
-        },
-        &mut rng,
-    )
-    .unwrap();
-    let records = tree
-        .members()
-        .map(|leaf| MemberRecord {
-            id: MemberId((u64::from(leaf.0) << 32) | 1),
-            identity: [u8::try_from(leaf.0 % 256).unwrap(); 32],
-            hpke_key: [1; 32],
-            leaf,
-            joined: 1,
-            lease_until: Timestamp(1_800_000_000_000),
-        })
-        .collect();
-    GroupState {
-        tree: tree.snapshot(),
-        members: records,
-        enrollment: Default::default(),
-    }
+    support::stored_group(GroupId(1), members, seed, Timestamp(1_800_000_000_000))
 }
 
 /// Fills the file system holding `dir` (bounded: it is a small tmpfs).

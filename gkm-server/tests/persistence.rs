@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+mod support;
+
 use ed25519_dalek::SigningKey;
 use gkm_server::{
     Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
     GroupState, MemberRecord, MemoryStore, Response, Store, StoreError, Timestamp,
 };
-use lkh_tree::{Batch, GroupId, KeyTree, TreeConfig};
+use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{HpkeSecret, MemberId, RegistrationRequest, ResyncRequest, sign};
@@ -98,32 +100,7 @@ fn policy() -> GroupPolicy {
 }
 
 fn initial(members: usize) -> GroupState {
-    let mut rng = ChaCha20Rng::seed_from_u64(8);
-    let mut tree = KeyTree::new(GROUP, TreeConfig::default(), &mut rng).unwrap();
-    tree.rekey(
-        &Batch {
-            leaves: vec![],
-            joins: members,
-        },
-        &mut rng,
-    )
-    .unwrap();
-    let records = tree
-        .members()
-        .map(|leaf| MemberRecord {
-            id: MemberId((u64::from(leaf.0) << 32) | 1),
-            identity: [u8::try_from(leaf.0 % 256).unwrap(); 32],
-            hpke_key: [1; 32],
-            leaf,
-            joined: 1,
-            lease_until: Timestamp(START + 3_600_000),
-        })
-        .collect();
-    GroupState {
-        tree: tree.snapshot(),
-        members: records,
-        enrollment: Default::default(),
-    }
+    support::stored_group(GROUP, members, 8, Timestamp(START + 3_600_000))
 }
 
 struct Run {

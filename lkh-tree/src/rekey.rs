@@ -727,6 +727,19 @@ pub struct NodeRecord {
     pub key: NodeKey,
 }
 
+impl NodeRecord {
+    /// A node as the tree keeps it, for a snapshot.
+    fn from_record((id, parent, kind, version, key): Record) -> Self {
+        NodeRecord {
+            id: NodeId(id),
+            parent: (parent != NIL).then_some(NodeId(parent)),
+            leaf: kind == Kind::Leaf,
+            version: KeyVersion(version),
+            key,
+        }
+    }
+}
+
 /// The nodes that changed since the last [`KeyTree::take_changes`]: what an incremental store
 /// writes after a rekey. Holds keys: seal it before it leaves memory.
 #[derive(Clone, Debug, Default)]
@@ -759,13 +772,7 @@ impl KeyTree {
             .shape
             .records()
             .into_iter()
-            .map(|(id, parent, kind, version, key)| NodeRecord {
-                id: NodeId(id),
-                parent: (parent != NIL).then_some(NodeId(parent)),
-                leaf: kind == Kind::Leaf,
-                version: KeyVersion(version),
-                key,
-            })
+            .map(NodeRecord::from_record)
             .collect();
         TreeSnapshot {
             group: self.group,
@@ -891,16 +898,7 @@ impl KeyTree {
                 }
             };
         }
-        let nodes = by_id
-            .into_values()
-            .map(|(id, parent, kind, version, key)| NodeRecord {
-                id: NodeId(id),
-                parent: (parent != NIL).then_some(NodeId(parent)),
-                leaf: kind == Kind::Leaf,
-                version: KeyVersion(version),
-                key,
-            })
-            .collect();
+        let nodes = by_id.into_values().map(NodeRecord::from_record).collect();
         let snapshot = TreeSnapshot {
             group: self.group,
             config: self.config,

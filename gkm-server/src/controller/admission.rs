@@ -529,13 +529,7 @@ impl<R: CryptoRng> Controller<R> {
             .map_err(|_| (Reject::UnknownGroup, gid))?;
         let leaf = g.members.get(member).ok_or((Reject::NotAMember, gid))?.leaf;
         let epoch = g.tree.epoch();
-        let to = SealedFor {
-            kind: SealedKind::Welcome,
-            member,
-            request_nonce: join.nonce,
-            recipient: *join.encapsulation.recipient(),
-            rekey_address: g.policy.rekey_address,
-        };
+        let to = join.welcome_for(member, g.policy.rekey_address);
         self.reply_path(join.conn, gid, leaf, &to, join.encapsulation)?;
         let g = self
             .group_mut(gid)
@@ -660,61 +654,55 @@ impl<R: CryptoRng> Controller<R> {
         signed: MemberSigned,
     ) -> Result<T, Refusal> {
         let MemberSigned { bytes, checked, .. } = signed;
-        let mut named = (GroupId(0), None);
-        let mut departed = None;
-        let mut verdict = None;
-        let opened = open_with::<T>(&bytes, |message| {
-            let (gid, member) = message.names();
-            named.0 = gid;
-            let group = self.groups.get(&gid);
-            named.1 = group.map(|g| g.members.contains(member));
-            let (identity, departure) = self.signer(gid, member).ok_or(WireError::BadSignature)?;
-            departed = departure.map(|d| (member, d));
-            // Checked off the controller's thread under this very key: the verdict stands, and
-            // the signature is not verified again.
-            verdict = match checked {
-                Some(Checked::Valid {
-                    identity: key,
-                    message,
-                }) if key == identity => Some(T::take(message).ok_or(WireError::BadSignature)),
-                Some(Checked::Invalid { identity: key }) if key == identity => {
-                    Some(Err(WireError::BadSignature))
-                }
-                _ => None,
-            };
-            if verdict.is_some() {
-                return Err(WireError::Decode(wire::DecodeError::Invalid(
-                    "checked before",
-                )));
-            }
-            let verified = self.signatures_verified.get();
-            self.signatures_verified.set(verified.saturating_add(1));
-            verifying_key(&identity)
-        });
-        let opened = match verdict {
-            Some(result) => result,
-            None => opened.map(wire::Verified::into_message),
+        // Whom it names, not yet trusted: for the key to check it under and for the answer.
+        let Some((gid, member)) = T::decode(&mut wire::Reader::new(&bytes))
+            .ok()
+            .map(|m| m.names())
+        else {
+            return Err((Reject::Malformed, GroupId(0)).into());
         };
-        match (opened, named) {
-            (Ok(_), (gid, _)) if let Some((member, d)) = departed => Err(Refusal {
+        let Some(group) = self.groups.get(&gid) else {
+            return Err((Reject::UnknownGroup, gid).into());
+        };
+        let current = group.members.contains(member);
+        // Not signed by a current or lately departed member: say so (a departed member
+        // re-registers), and change nothing. The signature cannot be checked without a key.
+        let Some((identity, departure)) = self.signer(gid, member) else {
+            return Err((Reject::NotAMember, gid).into());
+        };
+        let opened = match checked {
+            // Checked off the controller's thread under this very key: the verdict stands.
+            Some(Checked::Valid {
+                identity: key,
+                message,
+            }) if key == identity => T::take(message).ok_or(WireError::BadSignature),
+            Some(Checked::Invalid { identity: key }) if key == identity => {
+                Err(WireError::BadSignature)
+            }
+            _ => {
+                let verified = self.signatures_verified.get();
+                self.signatures_verified.set(verified.saturating_add(1));
+                open_with::<T>(&bytes, |_| verifying_key(&identity))
+                    .map(wire::Verified::into_message)
+            }
+        };
+        match opened {
+            Ok(_) if let Some(d) = departure => Err(Refusal {
                 reason: Reject::NotAMember,
                 group: gid,
                 answered: Reject::NotAMember,
                 told: Some(d.reason.told(member, d.epoch)),
             }),
-            (Ok(v), _) => Ok(v),
-            (Err(_), (gid, None)) => Err((Reject::UnknownGroup, gid).into()),
-            // Not signed by a current member: say so (a departed member re-registers), and
-            // change nothing. The signature cannot be checked without a member's key.
-            (Err(_), (gid, Some(false))) => Err((Reject::NotAMember, gid).into()),
+            Ok(message) => Ok(message),
             // A bad signature naming a current member is counted as one, but answered as a
             // stranger is: a different answer would tell anyone which member ids are in use.
-            (Err(e), (gid, Some(true))) => Err(Refusal {
+            Err(e) if current => Err(Refusal {
                 reason: wire_reject(&e),
                 group: gid,
                 answered: Reject::NotAMember,
                 told: None,
             }),
+            Err(_) => Err((Reject::NotAMember, gid).into()),
         }
     }
 

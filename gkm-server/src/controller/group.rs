@@ -9,6 +9,23 @@ pub(super) struct PendingJoin {
     pub(super) encapsulation: Encapsulation,
 }
 
+impl PendingJoin {
+    /// What its welcome, as member `member`, names.
+    pub(super) fn welcome_for(
+        &self,
+        member: MemberId,
+        rekey_address: Option<SocketAddr>,
+    ) -> SealedFor {
+        SealedFor {
+            kind: SealedKind::Welcome,
+            member,
+            request_nonce: self.nonce,
+            recipient: *self.encapsulation.recipient(),
+            rekey_address,
+        }
+    }
+}
+
 /// The joins waiting for a group's next rekey, in arrival order, found by identity in constant
 /// time (a batch may hold hundreds of thousands).
 #[derive(Default)]

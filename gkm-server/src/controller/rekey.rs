@@ -283,13 +283,7 @@ impl<R: CryptoRng> Controller<R> {
         let mut welcomes = Vec::with_capacity(joined);
         let mut replies_to = Vec::with_capacity(joined);
         for ((join, joiner), member) in joins.into_iter().zip(&rekey.joiners).zip(admitted) {
-            let to = SealedFor {
-                kind: SealedKind::Welcome,
-                member,
-                request_nonce: join.nonce,
-                recipient: *join.encapsulation.recipient(),
-                rekey_address: g.policy.rekey_address,
-            };
+            let to = join.welcome_for(member, g.policy.rekey_address);
             welcomes.push((join.encapsulation, to, &joiner.path));
             replies_to.push((join.conn, member, join.identity));
         }

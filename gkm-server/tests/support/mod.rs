@@ -407,3 +407,37 @@ pub(crate) fn multicast_receiver(group: SocketAddrV4, timeout: Duration) -> UdpS
     socket.set_read_timeout(Some(timeout)).unwrap();
     socket
 }
+
+/// A group of `members` members as the controller stores it: a tree built by one rekey (seeded
+/// `seed`) and a record per member leaf, each lease ending at `lease_until`.
+pub(crate) fn stored_group(
+    group: GroupId,
+    members: usize,
+    seed: u64,
+    lease_until: gkm_server::Timestamp,
+) -> gkm_server::GroupState {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let config = lkh_tree::TreeConfig::default();
+    let mut tree = lkh_tree::KeyTree::new(group, config, &mut rng).unwrap();
+    let batch = lkh_tree::Batch {
+        leaves: vec![],
+        joins: members,
+    };
+    tree.rekey(&batch, &mut rng).unwrap();
+    let records = tree
+        .members()
+        .map(|leaf| gkm_server::MemberRecord {
+            id: wire::MemberId((u64::from(leaf.0) << 32) | 1),
+            identity: [u8::try_from(leaf.0 % 256).unwrap(); 32],
+            hpke_key: [1; 32],
+            leaf,
+            joined: 1,
+            lease_until,
+        })
+        .collect();
+    gkm_server::GroupState {
+        tree: tree.snapshot(),
+        members: records,
+        enrollment: Default::default(),
+    }
+}
