@@ -60,6 +60,16 @@ pub enum StoreError {
     /// Another process holds the store.
     #[error("the state store is in use by another process")]
     InUse,
+    /// This controller no longer leads the group: another controller holds its lease with a
+    /// later term, or the lease ran out. Nothing was saved; the controller stops serving the
+    /// group as leader (fencing, see `RFC-notes/ha.md`).
+    #[error("group {group}: no longer the leader (lease term {term} is over)")]
+    Deposed {
+        /// The group.
+        group: GroupId,
+        /// The term this controller held.
+        term: u64,
+    },
 }
 
 /// What one rekey changed in a group's durable state (write-ahead: the controller hands it to
