@@ -24,7 +24,7 @@ use gkm_member::{Member, MemberConfig};
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
     Command, ConnId, Controller, GroupPolicy, GroupState, MemoryStore, Response, Store,
-    Subscription, Timestamp, Transmit,
+    StoreDriver, Subscription, Timestamp, Transmit,
 };
 use lkh_tree::{Epoch, GroupId, MemberPath};
 use rand_chacha::ChaCha20Rng;
@@ -159,7 +159,7 @@ impl Agents {
 
     /// A controller restored from the fixture state (its restart rekey still pending: the first
     /// timeout makes it).
-    pub fn controller(&self) -> Controller<ChaCha20Rng> {
+    pub fn controller(&self) -> StoreDriver<ChaCha20Rng> {
         new_controller(vec![self.state.clone()])
     }
 
@@ -202,26 +202,28 @@ fn member_config() -> MemberConfig {
     MemberConfig::new(GROUP, SigningKey::from_bytes(&SIGNER_SEED).verifying_key())
 }
 
-fn new_controller(restored: Vec<GroupState>) -> Controller<ChaCha20Rng> {
+fn new_controller(restored: Vec<GroupState>) -> StoreDriver<ChaCha20Rng> {
     // The store holds what the controller is restored from, as a daemon's store does: the
     // controller saves its next rekey as a delta to it.
     let mut store = MemoryStore::default();
     for state in &restored {
         store.save(state).expect("a memory store saves");
     }
-    Controller::new(
-        SigningKey::from_bytes(&SIGNER_SEED),
-        ChaCha20Rng::seed_from_u64(0x6374_726c),
+    StoreDriver::new(
+        Controller::new(
+            SigningKey::from_bytes(&SIGNER_SEED),
+            ChaCha20Rng::seed_from_u64(0x6374_726c),
+            vec![policy()],
+            restored,
+            Timestamp(NOW),
+        )
+        .expect("the fixture policy is valid"),
         Box::new(store),
-        vec![policy()],
-        restored,
-        Timestamp(NOW),
     )
-    .expect("the fixture policy is valid")
 }
 
 /// Every reply queued for [`CONN`].
-fn replies(controller: &mut Controller<ChaCha20Rng>) -> Vec<Vec<u8>> {
+fn replies(controller: &mut StoreDriver<ChaCha20Rng>) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     while let Some(t) = controller.poll_transmit() {
         if let Transmit::Reply { conn, bytes } = t
@@ -234,7 +236,7 @@ fn replies(controller: &mut Controller<ChaCha20Rng>) -> Vec<Vec<u8>> {
 }
 
 /// The group's epoch and member ids: what a refused input must leave unchanged.
-fn group_view(controller: &mut Controller<ChaCha20Rng>) -> (Epoch, Vec<u64>) {
+fn group_view(controller: &mut StoreDriver<ChaCha20Rng>) -> (Epoch, Vec<u64>) {
     let epoch = controller.traffic_key(GROUP).map_or(Epoch(0), |(e, _)| e);
     let ids = match controller.handle_command(Timestamp(NOW), Command::Members(GROUP_NAME.into())) {
         Ok(Response::Members(list)) => list.iter().map(|m| m.id).collect(),

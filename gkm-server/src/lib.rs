@@ -13,6 +13,9 @@
 //!               (or both in one: handle_request(conn, now, bytes))
 //!               control command ──► handle_command(now, command) ──► response
 //!               timer fired     ──► handle_timeout(now)
+//!               save to make    ◄── poll_persist()   (a staged rekey's, write-ahead)
+//!                 (any thread: Persist::write(store), meanwhile prepare_staged() signs)
+//!               save's outcome  ──► handle_persisted(now, persisted)
 //!               then drain      ◄── poll_transmit()  (multicast datagrams, replies)
 //!                               ◄── poll_event()     (audit: admissions, departures, rekeys)
 //!               sleep until     ◄── poll_timeout()
@@ -27,16 +30,19 @@
 //!
 //! Per group it keeps a key tree ([`lkh_tree::KeyTree`]), the member records and the policy; it
 //! admits members (signed, fresh, authorized registration requests, answered with HPKE-sealed,
-//! signed welcomes), gathers joins and departures for one batch interval, rekeys, persists what
-//! the rekey changed through [`Store`] *before* queueing anything encrypted under it (a rekey
-//! whose save fails is undone: nothing of its epoch leaves), multicasts the
-//! signed datagrams (repeated as configured), sends heartbeats, answers resyncs and renews
-//! leases.
+//! signed welcomes), gathers joins and departures for one batch interval, rekeys, asks for the
+//! save of what the rekey changed ([`Persist`]) and queues nothing encrypted under it until the
+//! driver reports the save durable (a rekey whose save fails is undone: nothing of its epoch
+//! leaves; until the outcome, the group's requests wait and its commands are answered busy),
+//! multicasts the signed datagrams (repeated as configured), sends heartbeats, answers resyncs
+//! and renews leases. [`StoreDriver`] is the driver that makes each save at once, on the calling
+//! thread, for tests, simulators and benchmarks.
 //!
-//! What it does not do: sockets, files, the control socket, timers (see the binaries). The
+//! What it does not do: sockets, files, a store, the control socket, timers, threads that outlive
+//! a call (see the binaries; its workers sign and seal inside a call). The
 //! feature `disk` (on by default, through `daemon`) adds `DiskStore`, the daemon's store in a
 //! redb file, and `EpochFloor`, the epoch floor kept beside it that refuses an older copy of
-//! that file; the controller itself never touches them but through [`Store`].
+//! that file; the controller itself never touches a store.
 
 #![forbid(unsafe_code)]
 
@@ -48,6 +54,7 @@ mod fanout;
 #[cfg(feature = "disk")]
 mod floor;
 mod gate;
+mod persist;
 mod policy;
 mod reject;
 mod roster;
@@ -55,7 +62,7 @@ mod store;
 
 pub use controller::{
     BanTarget, Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
-    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Stats,
+    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Saving, Stats,
     Subscription, Transmit, VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
@@ -64,7 +71,10 @@ pub use fanout::{COOKIE_INTERVAL_MS, COOKIE_LIFETIME_MS, SOURCE_BUDGET};
 #[cfg(feature = "disk")]
 pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
 pub use gate::token_digest;
-pub use policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp, TokenRule};
+pub use persist::{OVERLAP_SAVE_MIN, Persist, PersistTicket, Persisted, Save, StoreDriver};
+pub use policy::{
+    ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, PolicyError, Timestamp, TokenRule,
+};
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
     MemberRecord, MemoryStore, Store, StoreError,

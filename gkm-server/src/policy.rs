@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use lkh_tree::{GroupId, TreeConfig};
+use lkh_tree::{GroupId, Strategy, TreeConfig};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -110,5 +111,148 @@ impl GroupPolicy {
             rekey_address: None,
             fanout: true,
         }
+    }
+}
+
+/// A policy setting refused by [`GroupPolicy::set`]: which, and what it takes.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{key}: {takes}, not {value:?}")]
+pub struct PolicyError {
+    /// The setting.
+    pub key: String,
+    /// The value given.
+    pub value: String,
+    /// What the setting takes.
+    pub takes: String,
+}
+
+impl GroupPolicy {
+    /// The settings an operator may change while the group runs (`gkmctl policy --set`); the
+    /// tree's shape (`degree`, `strategy`, `hash_forward_joins`, `one_way`) is fixed when the
+    /// group is created, and enrollment comes from the config.
+    pub const RUNTIME_KEYS: [&'static str; 8] = [
+        "batch_interval_ms",
+        "heartbeat_interval_ms",
+        "lease_ms",
+        "refresh_interval_ms",
+        "repeats",
+        "repeat_spacing_ms",
+        "mtu",
+        "freshness_window_ms",
+    ];
+
+    /// Sets one setting from its text, checked against its bounds: the one check the config file
+    /// and `gkmctl policy --set` share. Nothing changes on error.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), PolicyError> {
+        let refuse = |takes: &str| PolicyError {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            takes: takes.to_owned(),
+        };
+        let within = |low: u64, high: u64, takes: &str| {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|v| (low..=high).contains(v))
+                .ok_or_else(|| refuse(takes))
+        };
+        let flag = || value.parse::<bool>().map_err(|_| refuse("true or false"));
+        let max_datagram = wire::MAX_DATAGRAM as u64;
+        match key {
+            "degree" => {
+                let degree = within(2, 64, "2..=64")?;
+                self.tree.degree = u8::try_from(degree).map_err(|_| refuse("2..=64"))?;
+            }
+            "strategy" => {
+                self.tree.strategy = match value {
+                    "group" => Strategy::Group,
+                    "key" => Strategy::Key,
+                    "user" => Strategy::User,
+                    _ => return Err(refuse("group, key or user")),
+                }
+            }
+            "hash_forward_joins" => self.tree.hash_forward_joins = flag()?,
+            "one_way" => self.tree.one_way = flag()?,
+            "batch_interval_ms" => {
+                self.batch_interval_ms = within(0, u64::MAX, "a whole number of ms")?;
+            }
+            "heartbeat_interval_ms" => {
+                self.heartbeat_interval_ms = within(1, u64::MAX, "at least 1 ms")?;
+            }
+            "lease_ms" => self.lease_ms = within(1, u64::MAX, "at least 1 ms")?,
+            "refresh_interval_ms" => {
+                self.refresh_interval_ms = within(0, u64::MAX, "a whole number of ms (0: never)")?;
+            }
+            "repeats" => {
+                let repeats = within(1, 10, "1..=10")?;
+                self.repeats = u8::try_from(repeats).map_err(|_| refuse("1..=10"))?;
+            }
+            "repeat_spacing_ms" => {
+                let takes = format!("0..={MAX_REPEAT_SPACING_MS} ms");
+                self.repeat_spacing_ms = within(0, MAX_REPEAT_SPACING_MS, &takes)?;
+            }
+            "mtu" => {
+                let takes = format!("576..={max_datagram} bytes");
+                let mtu = within(576, max_datagram, &takes)?;
+                self.mtu = usize::try_from(mtu).map_err(|_| refuse(&takes))?;
+            }
+            "freshness_window_ms" => {
+                self.freshness_window_ms = within(1_000, u64::MAX, "at least 1000 ms")?;
+            }
+            _ => {
+                return Err(refuse(
+                    "unknown setting; settable: degree, strategy, hash_forward_joins, one_way, \
+                     batch_interval_ms, heartbeat_interval_ms, lease_ms, refresh_interval_ms, \
+                     repeats, repeat_spacing_ms, mtu, freshness_window_ms",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_check_for_every_setting_and_nothing_changes_when_it_refuses() {
+        let mut p = GroupPolicy::new("g", GroupId(1));
+        let defaults = p.clone();
+        for (key, value) in [
+            ("degree", "1"),
+            ("degree", "65"),
+            ("strategy", "tree"),
+            ("one_way", "yes"),
+            ("heartbeat_interval_ms", "0"),
+            ("lease_ms", "0"),
+            ("repeats", "0"),
+            ("repeats", "11"),
+            ("repeat_spacing_ms", "10001"),
+            ("mtu", "575"),
+            ("mtu", "70000"),
+            ("freshness_window_ms", "999"),
+            ("batch_interval_ms", "-1"),
+            ("colour", "blue"),
+        ] {
+            let refused = p.set(key, value).expect_err(key);
+            assert_eq!((refused.key.as_str(), refused.value.as_str()), (key, value));
+            assert_eq!(p, defaults, "{key} = {value} changed the policy");
+        }
+        for (key, value) in [
+            ("degree", "64"),
+            ("strategy", "user"),
+            ("one_way", "false"),
+            ("heartbeat_interval_ms", "1"),
+            ("repeats", "10"),
+            ("repeat_spacing_ms", "10000"),
+            ("mtu", "576"),
+            ("freshness_window_ms", "1000"),
+            ("refresh_interval_ms", "0"),
+        ] {
+            p.set(key, value).expect(key);
+        }
+        assert_eq!((p.tree.degree, p.repeats, p.mtu), (64, 10, 576));
+        assert_eq!(p.tree.strategy, Strategy::User);
     }
 }

@@ -29,6 +29,8 @@ pub enum Reject {
     BadCookie,
     /// Too many fan-out cookies asked for by this member or from this address.
     RateLimited,
+    /// Too many requests waiting for the group's outstanding save; the member tries again.
+    Busy,
 }
 
 impl Reject {
@@ -46,6 +48,7 @@ impl Reject {
             Reject::GroupFull => "group_full",
             Reject::BadCookie => "bad_cookie",
             Reject::RateLimited => "rate_limited",
+            Reject::Busy => "busy",
         }
     }
 
@@ -61,6 +64,7 @@ impl Reject {
             Reject::StaleRequest | Reject::Replayed => Status::Stale,
             Reject::GroupFull => Status::GroupFull,
             Reject::RateLimited => Status::RateLimited,
+            Reject::Busy => Status::Unavailable,
         }
     }
 }

@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
     Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, MemoryStore, Store,
-    StoreError, Timestamp, Transmit,
+    StoreDriver, StoreError, Timestamp, Transmit,
 };
 use lkh_tree::{Epoch, GroupId};
 use rand_chacha::ChaCha20Rng;
@@ -119,7 +119,7 @@ fn contents(state: &GroupState) -> Contents {
 }
 
 struct Net {
-    controller: Controller<ChaCha20Rng>,
+    controller: StoreDriver<ChaCha20Rng>,
     members: Vec<Member<ChaCha20Rng>>,
     events: Vec<Vec<MemberEvent>>,
     /// A member that hears no multicast while set.
@@ -138,15 +138,17 @@ impl Net {
         let mut policy = GroupPolicy::new("demo", GROUP);
         policy.heartbeat_interval_ms = 500;
         policy.lease_ms = 60_000;
-        let mut controller = Controller::new(
-            signer.clone(),
-            ChaCha20Rng::seed_from_u64(1),
+        let mut controller = StoreDriver::new(
+            Controller::new(
+                signer.clone(),
+                ChaCha20Rng::seed_from_u64(1),
+                vec![policy],
+                vec![],
+                Timestamp(START),
+            )
+            .unwrap(),
             Box::new(store.clone()),
-            vec![policy],
-            vec![],
-            Timestamp(START),
-        )
-        .unwrap();
+        );
         controller.set_workers(workers);
         let mut net = Net {
             controller,
@@ -429,4 +431,117 @@ fn v053_a_store_that_panics_on_the_saves_own_thread_leaves_nothing_in_circulatio
         assert!(current == (i % 3 != 0) || back, "member {i}");
     }
     assert_eq!(net.state(), net.stored());
+}
+
+/// GKM-V060: while a rekey's save is outstanding (the driver runs it elsewhere), nothing reads the
+/// staged rekey: requests of the group wait for the outcome, commands are answered busy, no
+/// heartbeat or rekey timer fires for the group, and nothing of the staged epoch is queued. A
+/// failed outcome leaves the controller as before and the waiting requests are then answered
+/// from the durable state; a durable one sends the rekey, then answers them.
+#[test]
+fn v060_while_a_save_is_outstanding_nothing_reads_the_staged_rekey() {
+    for durable in [false, true] {
+        let mut net = Net::new(8, 1);
+        net.advance(1_000);
+        let before = net.state();
+        let epoch = net.controller.traffic_key(GROUP).unwrap().0;
+        let now = Timestamp(net.now);
+        // The rekey is staged by the controller itself; its save is held by the test.
+        let leaver = 3;
+        let id = net.members[7].membership().unwrap().0.0;
+        let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+        controller
+            .handle_command(now, Command::Evict("demo".into(), id))
+            .unwrap();
+        controller.handle_timeout(now);
+        let persist = controller.poll_persist().expect("a save is asked for");
+        assert!(persist.rekey);
+        assert_eq!(persist.epoch, epoch.next().unwrap());
+        assert!(controller.persisting());
+        assert!(
+            controller.poll_transmit().is_none(),
+            "nothing is queued before the save is reported"
+        );
+        assert_eq!(
+            controller.handle_command(now, Command::Status),
+            Err(gkm_server::CommandError::Busy)
+        );
+        // A registration and a leave arrive meanwhile: they wait.
+        let joiner = net.add_member();
+        let registration = net.members[joiner].poll_request().unwrap();
+        net.members[leaver].leave(net.now);
+        let leave = net.members[leaver].poll_request().unwrap();
+        let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+        controller.handle_request(ConnId(joiner as u64), now, &registration);
+        controller.handle_request(ConnId(leaver as u64), now, &leave);
+        assert!(controller.poll_transmit().is_none(), "the requests wait");
+        // Time passes while the save runs: no heartbeat or rekey of the group is due.
+        let later = Timestamp(net.now + 5_000);
+        assert!(
+            controller.poll_timeout().is_none_or(|t| t > now),
+            "no timer of the waiting group is due"
+        );
+        controller.handle_timeout(later);
+        while let Some(t) = controller.poll_transmit() {
+            if let Transmit::Multicast { bytes, .. } = t {
+                for m in &mut net.members {
+                    m.handle_datagram(later.0, &bytes);
+                }
+            }
+        }
+        assert_eq!(
+            net.highest_member_epoch(),
+            epoch,
+            "the staged epoch stays in"
+        );
+
+        let ticket = persist.ticket;
+        let done = if durable {
+            persist.write(&mut net.store.clone())
+        } else {
+            drop(persist);
+            gkm_server::Persisted {
+                ticket,
+                result: Err(StoreError::Backend("the database went away (test)".into())),
+                compacting: false,
+                compaction_failures: Vec::new(),
+                compaction_deferred: false,
+            }
+        };
+        net.controller.handle_persisted(later, done);
+        assert!(!net.controller.persisting());
+        let mut replies = Vec::new();
+        let mut datagrams = 0;
+        while let Some(t) = net.controller.poll_transmit() {
+            match t {
+                Transmit::Reply { conn, bytes } => replies.push((conn, bytes)),
+                Transmit::Multicast { .. } => datagrams += 1,
+            }
+        }
+        // The leave is answered either way (the registration joins the next batch).
+        assert!(replies.iter().any(|(c, _)| c.0 == leaver as u64));
+        if durable {
+            assert!(datagrams >= 1, "the committed rekey goes out");
+            assert!(net.controller.traffic_key(GROUP).unwrap().0 > epoch);
+        } else {
+            assert_eq!(datagrams, 0, "nothing of the failed rekey goes out");
+            assert_eq!(net.state(), before, "exactly as before");
+        }
+        // The driver takes over again: everyone left converges, the joiner is in.
+        net.now = later.0;
+        net.advance(3_000);
+        assert!(
+            net.members[joiner].traffic_key().is_some(),
+            "durable {durable}"
+        );
+        let (now_epoch, key) = net.controller.traffic_key(GROUP).unwrap();
+        for (i, m) in net.members.iter().enumerate() {
+            if i == 7 || i == leaver {
+                continue;
+            }
+            let (e, k) = m.traffic_key().unwrap();
+            assert_eq!((e, k.as_bytes()), (now_epoch, key.as_bytes()), "member {i}");
+        }
+        assert_eq!(net.state(), net.stored());
+    }
 }

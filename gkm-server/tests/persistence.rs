@@ -11,7 +11,7 @@ mod support;
 use ed25519_dalek::SigningKey;
 use gkm_server::{
     Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
-    GroupState, MemberRecord, MemoryStore, Response, Store, StoreError, Timestamp,
+    GroupState, MemberRecord, MemoryStore, Response, Store, StoreDriver, StoreError, Timestamp,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -104,7 +104,7 @@ fn initial(members: usize) -> GroupState {
 }
 
 struct Run {
-    controller: Controller<ChaCha20Rng>,
+    controller: StoreDriver<ChaCha20Rng>,
     rng: ChaCha20Rng,
     now: u64,
     conn: u64,
@@ -230,15 +230,17 @@ fn no_failure(events: &[Event]) {
 }
 
 fn start(restored: Vec<GroupState>, store: Box<dyn Store + Send>, now: u64, seed: u64) -> Run {
-    let mut controller = Controller::new(
-        SigningKey::from_bytes(&[9; 32]),
-        ChaCha20Rng::seed_from_u64(seed),
+    let mut controller = StoreDriver::new(
+        Controller::new(
+            SigningKey::from_bytes(&[9; 32]),
+            ChaCha20Rng::seed_from_u64(seed),
+            vec![policy()],
+            restored,
+            Timestamp(now),
+        )
+        .unwrap(),
         store,
-        vec![policy()],
-        restored,
-        Timestamp(now),
-    )
-    .unwrap();
+    );
     // Two workers: the save runs on its own thread while the datagrams are signed.
     controller.set_workers(2);
     Run {
@@ -448,9 +450,10 @@ fn a_compaction_due_while_another_runs_is_asked_for_at_the_first_rekey_after_it(
         compactions.len() >= 2 && waited.is_some(),
         "compactions before and after the busy rounds: {compactions:?}"
     );
-    assert_eq!(
-        compactions[waited.unwrap()],
-        busy_rounds.end,
-        "the compaction held back is asked for at the first rekey after: {compactions:?}"
+    // The controller learns that the store is free from the report of its next save, so the
+    // compaction held back comes with the first or second rekey after the busy rounds.
+    assert!(
+        (busy_rounds.end..=busy_rounds.end + 1).contains(&compactions[waited.unwrap()]),
+        "the compaction held back is asked for right after: {compactions:?}"
     );
 }

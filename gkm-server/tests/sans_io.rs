@@ -6,8 +6,8 @@ use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
     BanTarget, Command, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState, Inbound,
-    MemoryStore, Reject, Response, Store, StoreError, Subscription, Timestamp, TokenRule, Transmit,
-    token_digest, verify_request,
+    MemoryStore, Reject, Response, Store, StoreDriver, StoreError, Subscription, Timestamp,
+    TokenRule, Transmit, token_digest, verify_request,
 };
 use lkh_tree::{GroupId, Kcv};
 use rand_chacha::ChaCha20Rng;
@@ -36,7 +36,7 @@ impl Store for Shared {
 }
 
 struct Net {
-    controller: Controller<ChaCha20Rng>,
+    controller: StoreDriver<ChaCha20Rng>,
     members: Vec<Member<ChaCha20Rng>>,
     events: Vec<Vec<MemberEvent>>,
     now: u64,
@@ -58,15 +58,17 @@ impl Net {
     fn new(n: usize, loss: f64) -> Net {
         let signer = SigningKey::from_bytes(&[42; 32]);
         let store = Shared::default();
-        let controller = Controller::new(
-            signer.clone(),
-            ChaCha20Rng::seed_from_u64(1),
+        let controller = StoreDriver::new(
+            Controller::new(
+                signer.clone(),
+                ChaCha20Rng::seed_from_u64(1),
+                vec![policy()],
+                vec![],
+                Timestamp(START),
+            )
+            .unwrap(),
             Box::new(store.clone()),
-            vec![policy()],
-            vec![],
-            Timestamp(START),
-        )
-        .unwrap();
+        );
         let mut net = Net {
             controller,
             members: Vec::new(),
@@ -168,15 +170,17 @@ impl Net {
     /// A new controller restored from what the old one saved (its generator seeded `seed`).
     fn restart(&mut self, seed: u64) {
         let saved: Vec<GroupState> = self.store.0.lock().unwrap().states();
-        self.controller = Controller::new(
-            self.signer.clone(),
-            ChaCha20Rng::seed_from_u64(seed),
+        self.controller = StoreDriver::new(
+            Controller::new(
+                self.signer.clone(),
+                ChaCha20Rng::seed_from_u64(seed),
+                vec![policy()],
+                saved,
+                Timestamp(self.now),
+            )
+            .unwrap(),
             Box::new(self.store.clone()),
-            vec![policy()],
-            saved,
-            Timestamp(self.now),
-        )
-        .unwrap();
+        );
     }
 
     fn command(&mut self, command: Command) -> Response {
@@ -442,21 +446,23 @@ fn restricted_policy(allowed: &[&SigningKey], tokens: &[(&[u8], TokenRule)]) -> 
 
 /// A controller at `at` serving `policy`, continued from what `store` holds, as the daemon starts
 /// (the policy from the config, the state from the store).
-fn started(policy: &GroupPolicy, store: &Shared, at: u64) -> Controller<ChaCha20Rng> {
+fn started(policy: &GroupPolicy, store: &Shared, at: u64) -> StoreDriver<ChaCha20Rng> {
     let states = store.0.lock().unwrap().states();
-    Controller::new(
-        SigningKey::from_bytes(&[42; 32]),
-        ChaCha20Rng::seed_from_u64(at),
+    StoreDriver::new(
+        Controller::new(
+            SigningKey::from_bytes(&[42; 32]),
+            ChaCha20Rng::seed_from_u64(at),
+            vec![policy.clone()],
+            states,
+            Timestamp(at),
+        )
+        .unwrap(),
         Box::new(store.clone()),
-        vec![policy.clone()],
-        states,
-        Timestamp(at),
     )
-    .unwrap()
 }
 
 /// A controller at `START` whose group admits the keys `allowed` and the single-use `tokens`.
-fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> Controller<ChaCha20Rng> {
+fn restricted(allowed: &[&SigningKey], tokens: &[&[u8]]) -> StoreDriver<ChaCha20Rng> {
     let tokens: Vec<(&[u8], TokenRule)> =
         tokens.iter().map(|t| (*t, TokenRule::default())).collect();
     started(
@@ -491,7 +497,7 @@ fn v048_a_spent_token_stays_spent_across_restarts_and_tokens_expire_and_bind() {
     );
     let store = Shared::default();
     let mut controller = started(&policy, &store, START);
-    let join = |c: &mut Controller<ChaCha20Rng>, who: &SigningKey, at: u64, token: &[u8]| {
+    let join = |c: &mut StoreDriver<ChaCha20Rng>, who: &SigningKey, at: u64, token: &[u8]| {
         request_code(c, at, &registration(who, [at as u8; 16], at, token))
     };
     assert_eq!(join(&mut controller, &a, START + 1, b"tok-1"), None);
@@ -520,10 +526,10 @@ fn v049_a_ban_keeps_an_identity_out_across_restarts_under_every_enrollment_mode(
     let open = policy();
     let store = Shared::default();
     let mut controller = started(&open, &store, START);
-    let join = |c: &mut Controller<ChaCha20Rng>, who: &SigningKey, at: u64| {
+    let join = |c: &mut StoreDriver<ChaCha20Rng>, who: &SigningKey, at: u64| {
         request_code(c, at, &registration(who, [at as u8; 16], at, b""))
     };
-    let command = |c: &mut Controller<ChaCha20Rng>, at: u64, command: Command| {
+    let command = |c: &mut StoreDriver<ChaCha20Rng>, at: u64, command: Command| {
         let done = c.handle_command(Timestamp(at), command);
         c.handle_timeout(Timestamp(at));
         while c.poll_transmit().is_some() {}
@@ -585,19 +591,19 @@ fn hex_of(key: &SigningKey) -> String {
 
 /// `controller` handles `request` on connection 0 at `at`; the code of its reply, as
 /// [`reply_code`] reads it (`None`: welcomed).
-fn request_code(controller: &mut Controller<ChaCha20Rng>, at: u64, request: &[u8]) -> Option<u16> {
+fn request_code(controller: &mut StoreDriver<ChaCha20Rng>, at: u64, request: &[u8]) -> Option<u16> {
     controller.handle_request(ConnId(0), Timestamp(at), request);
     reply_code(controller, at)
 }
 
 /// The error code of the controller's next reply, or None for a welcome. A refusal is answered
 /// at once; a join when the timers due at `now` fire (its rekey).
-fn reply_code(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<u16> {
+fn reply_code(controller: &mut StoreDriver<ChaCha20Rng>, now: u64) -> Option<u16> {
     reply_error(controller, now).map(|(code, _)| code)
 }
 
 /// [`reply_code`] with the reason the error gives.
-fn reply_error(controller: &mut Controller<ChaCha20Rng>, now: u64) -> Option<(u16, String)> {
+fn reply_error(controller: &mut StoreDriver<ChaCha20Rng>, now: u64) -> Option<(u16, String)> {
     for fire in [false, true] {
         if fire {
             controller.handle_timeout(Timestamp(now));
@@ -717,7 +723,7 @@ fn three_hundred_changes_in_batches_and_every_member_converges_every_epoch() {
 }
 
 /// The rekey datagrams the controller queues at `at`, after firing its timers.
-fn rekeys_sent(controller: &mut Controller<ChaCha20Rng>, at: u64) -> Vec<Vec<u8>> {
+fn rekeys_sent(controller: &mut StoreDriver<ChaCha20Rng>, at: u64) -> Vec<Vec<u8>> {
     controller.handle_timeout(Timestamp(at));
     let mut out = Vec::new();
     while let Some(t) = controller.poll_transmit() {
@@ -1390,15 +1396,17 @@ fn a_retry_while_the_first_request_waits_for_its_batch_replaces_it() {
 fn v056_a_member_of_a_removed_group_is_told_and_stops_asking() {
     let mut net = Net::new(3, 0.0);
     // The controller starts again without the group (an operator removed it from the config).
-    net.controller = Controller::new(
-        net.signer.clone(),
-        ChaCha20Rng::seed_from_u64(5),
+    net.controller = StoreDriver::new(
+        Controller::new(
+            net.signer.clone(),
+            ChaCha20Rng::seed_from_u64(5),
+            vec![GroupPolicy::new("other", GroupId(2))],
+            vec![],
+            Timestamp(net.now),
+        )
+        .unwrap(),
         Box::new(MemoryStore::default()),
-        vec![GroupPolicy::new("other", GroupId(2))],
-        vec![],
-        Timestamp(net.now),
-    )
-    .unwrap();
+    );
     for m in &mut net.members {
         m.check_in(net.now);
     }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, Response, Store, StoreError,
-    Timestamp, Transmit,
+    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, Response, Store, StoreDriver,
+    StoreError, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -149,9 +149,9 @@ impl Tally {
     /// Runs `f` on the controller at `now`, timing it.
     pub(crate) fn call(
         &mut self,
-        controller: &mut Controller<ChaCha20Rng>,
+        controller: &mut StoreDriver<ChaCha20Rng>,
         now: u64,
-        f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp),
+        f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp),
     ) {
         let started = Instant::now();
         f(controller, Timestamp(now));
@@ -161,7 +161,7 @@ impl Tally {
     /// The report: the controller's counters for `group`, this tally and what receivers saw.
     pub(crate) fn report(
         &mut self,
-        controller: &mut Controller<ChaCha20Rng>,
+        controller: &mut StoreDriver<ChaCha20Rng>,
         now: u64,
         group: &str,
         degree: u8,
@@ -214,7 +214,7 @@ struct Receiver {
 struct Sim {
     config: ChurnConfig,
     rng: ChaCha20Rng,
-    controller: Controller<ChaCha20Rng>,
+    controller: StoreDriver<ChaCha20Rng>,
     signer: SigningKey,
     receivers: HashMap<u64, Receiver>,
     next_id: u64,
@@ -269,15 +269,17 @@ impl Sim {
         policy.lease_ms = u64::MAX / 4;
         let mut controller_rng = [0u8; 32];
         rng.fill_bytes(&mut controller_rng);
-        let controller = Controller::new(
-            signer.clone(),
-            ChaCha20Rng::from_seed(controller_rng),
+        let controller = StoreDriver::new(
+            Controller::new(
+                signer.clone(),
+                ChaCha20Rng::from_seed(controller_rng),
+                vec![policy],
+                vec![],
+                Timestamp(START),
+            )
+            .unwrap_or_else(|e| panic!("the simulator's policy is valid: {e}")),
             Box::new(NoStore),
-            vec![policy],
-            vec![],
-            Timestamp(START),
-        )
-        .unwrap_or_else(|e| panic!("the simulator's policy is valid: {e}"));
+        );
         Sim {
             config,
             rng,
@@ -331,7 +333,7 @@ impl Sim {
         }
     }
 
-    fn controller_call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
+    fn controller_call(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp)) {
         self.tally.call(&mut self.controller, self.now, f);
     }
 
@@ -345,7 +347,7 @@ impl Sim {
 
     /// Fires timers and moves every message until nothing moves (bounded).
     fn tick(&mut self) {
-        self.controller_call(Controller::handle_timeout);
+        self.controller_call(StoreDriver::handle_timeout);
         let now = self.now;
         for r in self.receivers.values_mut() {
             r.member.handle_timeout(now);

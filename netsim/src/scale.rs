@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, Timestamp, Transmit,
+    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, StoreDriver, Timestamp,
+    Transmit,
 };
 use lkh_tree::{GroupId, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
@@ -53,7 +54,7 @@ impl Receivers {
 struct Scale {
     config: ChurnConfig,
     rng: ChaCha20Rng,
-    controller: Controller<ChaCha20Rng>,
+    controller: StoreDriver<ChaCha20Rng>,
     group: GroupId,
     rx: Receivers,
     now: u64,
@@ -133,18 +134,20 @@ impl Scale {
         rng.fill_bytes(&mut signer_seed);
         let mut controller_seed = [0u8; 32];
         rng.fill_bytes(&mut controller_seed);
-        let controller = Controller::new(
-            SigningKey::from_bytes(&signer_seed),
-            ChaCha20Rng::from_seed(controller_seed),
+        let controller = StoreDriver::new(
+            Controller::new(
+                SigningKey::from_bytes(&signer_seed),
+                ChaCha20Rng::from_seed(controller_seed),
+                vec![policy],
+                vec![GroupState {
+                    tree: snapshot,
+                    members,
+                    enrollment: Default::default(),
+                }],
+                Timestamp(START),
+            )?,
             Box::new(NoStore),
-            vec![policy],
-            vec![GroupState {
-                tree: snapshot,
-                members,
-                enrollment: Default::default(),
-            }],
-            Timestamp(START),
-        )?;
+        );
         Ok(Scale {
             config,
             rng,
@@ -167,7 +170,7 @@ impl Scale {
             .is_none_or(|bad| model.lost(p, bad, u))
     }
 
-    fn call(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp)) {
+    fn call(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp)) {
         self.tally.call(&mut self.controller, self.now, f);
     }
 
@@ -216,7 +219,7 @@ impl Scale {
     }
 
     fn tick(&mut self) {
-        self.call(Controller::handle_timeout);
+        self.call(StoreDriver::handle_timeout);
         while let Some(t) = self.controller.poll_transmit() {
             match t {
                 Transmit::Multicast { bytes, .. } => self.datagram(&bytes),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use gkm_benches::{config, full_tree, member_records, rng};
-use gkm_server::{Controller, GroupPolicy, GroupState, MemoryStore, Timestamp};
+use gkm_server::{Controller, GroupPolicy, GroupState, MemoryStore, StoreDriver, Timestamp};
 
 fn main() {
     let n: usize = std::env::args()
@@ -29,15 +29,17 @@ fn main() {
     };
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = config(4, false);
-    let controller = Controller::new(
-        SigningKey::from_bytes(&[1; 32]),
-        rng(2),
+    let controller = StoreDriver::new(
+        Controller::new(
+            SigningKey::from_bytes(&[1; 32]),
+            rng(2),
+            vec![policy],
+            vec![state],
+            Timestamp(0),
+        )
+        .expect("a valid state"),
         Box::new(MemoryStore::default()),
-        vec![policy],
-        vec![state],
-        Timestamp(0),
-    )
-    .expect("a valid state");
+    );
     let bytes = controller.memory_bytes(group).expect("the group");
     let per = |b: usize| b as f64 / n as f64;
     println!(

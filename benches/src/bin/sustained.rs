@@ -28,7 +28,7 @@ use ed25519_dalek::SigningKey;
 use gkm_benches::{config, full_tree, member_records, rng};
 use gkm_server::{
     Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
-    GroupState, Inbound, Store, StoreError, Timestamp, Transmit, verify_request,
+    GroupState, Inbound, Store, StoreDriver, StoreError, Timestamp, Transmit, verify_request,
 };
 use lkh_tree::GroupId;
 use rand_core::Rng;
@@ -36,26 +36,43 @@ use wire::{HpkeSecret, RegistrationRequest, sign};
 
 const START: u64 = 1_800_000_000_000;
 
-/// The disk store, shared so the benchmark can read how much it wrote.
+/// The disk store, shared so the benchmark can read how much it wrote, and the time its saves
+/// took by the profiler's clock.
 #[derive(Clone)]
-struct Shared(Arc<Mutex<DiskStore>>);
+struct Shared(
+    Arc<Mutex<DiskStore>>,
+    Arc<Mutex<Duration>>,
+    fn() -> Duration,
+);
+
+impl Shared {
+    /// `save` on the store, its time added up.
+    fn timed<T>(&self, save: impl FnOnce(&mut DiskStore) -> T) -> T {
+        let started = (self.2)();
+        let done = save(&mut self.0.lock().expect("store"));
+        *self.1.lock().expect("timer") += (self.2)().saturating_sub(started);
+        done
+    }
+
+    /// The time spent saving since the last call.
+    fn take_time(&self) -> Duration {
+        std::mem::take(&mut self.1.lock().expect("timer"))
+    }
+}
 
 impl Store for Shared {
     fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        self.0.lock().expect("store").save(state)
+        self.timed(|s| s.save(state))
     }
     fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
-        self.0.lock().expect("store").save_delta(delta)
+        self.timed(|s| s.save_delta(delta))
     }
     fn save_delta_and_compact(
         &mut self,
         delta: &GroupDelta,
         state: GroupState,
     ) -> Result<(), StoreError> {
-        self.0
-            .lock()
-            .expect("store")
-            .save_delta_and_compact(delta, state)
+        self.timed(|s| s.save_delta_and_compact(delta, state))
     }
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
         self.0.lock().expect("store").take_compaction_failure()
@@ -212,7 +229,9 @@ fn main() {
         disk.bytes_written(),
         state_file as f64 / 1e6
     );
-    let store = Shared(Arc::new(Mutex::new(disk)));
+    let cpu_clock = std::env::var("SUSTAINED_CLOCK").is_ok_and(|c| c == "cpu");
+    let clock: fn() -> Duration = if cpu_clock { cpu } else { wall };
+    let store = Shared(Arc::new(Mutex::new(disk)), Arc::default(), clock);
 
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = config(4, false);
@@ -220,18 +239,18 @@ fn main() {
     policy.heartbeat_interval_ms = 1_000;
     policy.lease_ms = 1 << 40;
     policy.freshness_window_ms = 60_000;
-    let mut controller = Controller::new(
-        SigningKey::from_bytes(&[1; 32]),
-        rng(2),
+    let mut controller = StoreDriver::new(
+        Controller::new(
+            SigningKey::from_bytes(&[1; 32]),
+            rng(2),
+            vec![policy],
+            vec![state],
+            Timestamp(START),
+        )
+        .expect("a valid state"),
         Box::new(store.clone()),
-        vec![policy],
-        vec![state],
-        Timestamp(START),
-    )
-    .expect("a valid state");
+    );
     controller.set_workers(2);
-    let cpu_clock = std::env::var("SUSTAINED_CLOCK").is_ok_and(|c| c == "cpu");
-    let clock: fn() -> Duration = if cpu_clock { cpu } else { wall };
     controller.set_profiler(clock);
     println!(
         "phase times by {}",
@@ -280,20 +299,18 @@ fn main() {
         }
         m.requests = clock().saturating_sub(t);
         let before = store.0.lock().expect("store").bytes_written();
+        store.take_time();
         now += 1_000;
         let t = clock();
         controller.handle_timeout(Timestamp(now));
         m.rekey = clock().saturating_sub(t);
         m.written = store.0.lock().expect("store").bytes_written() - before;
         let profile = controller.last_rekey_profile().expect("a profile");
-        (m.tree, m.persist, m.pack, m.sign, m.ready, m.welcomes) = (
-            profile.tree,
-            profile.persist,
-            profile.pack,
-            profile.sign,
-            profile.ready,
-            profile.welcomes,
-        );
+        (m.tree, m.pack, m.sign, m.welcomes) =
+            (profile.tree, profile.pack, profile.sign, profile.welcomes);
+        m.persist = store.take_time();
+        // Durable and signed: everything of the rekey but the welcomes.
+        m.ready = m.rekey.saturating_sub(m.welcomes);
         while let Some(t) = controller.poll_transmit() {
             if let Transmit::Reply { bytes, .. } = t
                 && matches!(

@@ -256,6 +256,20 @@ pub fn verify_request<R: CryptoRng + ?Sized>(bytes: Vec<u8>, rng: &mut R) -> Inb
     }
 }
 
+/// Requests of one group held while its save is outstanding.
+pub(super) const MAX_DEFERRED: usize = 4_096;
+
+impl Inbound {
+    /// The group it names, unverified.
+    pub(super) fn group(&self) -> Option<GroupId> {
+        match self {
+            Inbound::Registration(r) => Some(r.request.group),
+            Inbound::MemberSigned(signed) => signed.names().map(|(gid, _)| gid),
+            Inbound::Refused(_) => None,
+        }
+    }
+}
+
 pub(super) fn wire_reject(error: &WireError) -> Reject {
     match error {
         WireError::BadSignature => Reject::BadSignature,
@@ -277,6 +291,18 @@ impl<R: CryptoRng> Controller<R> {
     /// (freshness, replay, authorization, membership; a member-signed request's signature) and
     /// then the request itself. The reply, if any, comes out of [`Controller::poll_transmit`].
     pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
+        // While a rekey of the group is staged, its tree and roster are not to be read: the
+        // request waits for the save's outcome (bounded; past that, the member tries again).
+        if let Some(g) = inbound.group().and_then(|gid| self.groups.get_mut(&gid))
+            && g.persisting.is_some()
+        {
+            if g.deferred.len() < MAX_DEFERRED {
+                g.deferred.push_back((conn, inbound));
+                return;
+            }
+            let gid = g.policy.id;
+            return self.reject(conn, now, (Reject::Busy, gid).into());
+        }
         let outcome = match inbound {
             Inbound::Registration(request) => {
                 self.register(conn, now, *request).map_err(Refusal::from)
@@ -354,6 +380,16 @@ impl<R: CryptoRng> Controller<R> {
                 };
                 Ok(Subscription::Cookie(reply.to_bytes()))
             }
+        }
+    }
+
+    /// The requests that waited for group `id`'s save.
+    pub(super) fn handle_deferred(&mut self, id: GroupId, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        for (conn, inbound) in std::mem::take(&mut g.deferred) {
+            self.handle_inbound(conn, now, inbound);
         }
     }
 

@@ -252,6 +252,41 @@ pub enum CommandError {
          the current key; free the state disk or fix the store"
     )]
     RekeyNotSaved(String),
+    /// A save of the controller's is outstanding (driver's business: it holds commands until
+    /// [`Controller::persisting`] says none is).
+    #[error("the controller is saving; try again in a moment")]
+    Busy,
+}
+
+/// What a command asks the store for, so that its answer can say whether that went through
+/// ([`Command::saving`], [`Controller::settle`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saving {
+    /// The group.
+    pub group: String,
+    /// A rekey (an eviction, a rekey, a reset, a member's ban), or a change alone (a ban of an
+    /// identity, a ban lifted).
+    pub rekey: bool,
+}
+
+impl Command {
+    /// What this command asks the store for, if anything.
+    pub fn saving(&self) -> Option<Saving> {
+        let (group, rekey) = match self {
+            Command::Evict(group, _)
+            | Command::Rekey(group)
+            | Command::Reset(group)
+            | Command::Ban(group, BanTarget::Member(_)) => (group, true),
+            Command::Ban(group, BanTarget::Identity(_)) | Command::Unban(group, _) => {
+                (group, false)
+            }
+            _ => return None,
+        };
+        Some(Saving {
+            group: group.clone(),
+            rekey,
+        })
+    }
 }
 
 /// A group in brief.
@@ -340,20 +375,15 @@ pub enum Response {
 }
 
 /// The time each phase of one rekey took, by the profiler's clock (see
-/// [`Controller::set_profiler`]; with a CPU clock, phases that overlap count each other's time).
+/// [`Controller::set_profiler`]). The save is the driver's: it times it itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RekeyProfile {
-    /// The tree's rekey (marking, new keys, wraps) and the roster's update.
+    /// The tree's rekey (marking, new keys, wraps), the roster's update and the save's records.
     pub tree: Duration,
-    /// Making the changes durable (the store's save; with workers, on its own thread while the
-    /// datagrams are packed and signed).
-    pub persist: Duration,
     /// Packing the datagrams.
     pub pack: Duration,
-    /// Signing them (on the workers), and waiting for the save if it took longer.
+    /// Signing them (on the workers).
     pub sign: Duration,
-    /// From the start of the rekey until its changes were durable and its datagrams signed.
-    pub ready: Duration,
     /// Sealing and signing the joiners' welcomes.
     pub welcomes: Duration,
 }

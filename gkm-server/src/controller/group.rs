@@ -96,6 +96,14 @@ pub(super) struct Group {
     pub(super) logged: usize,
     /// Why the last rekey's save failed, until one succeeds.
     pub(super) save_failure: Option<String>,
+    /// The save asked for and not yet reported: the group takes no command, makes no rekey and
+    /// sends no heartbeat until it is.
+    pub(super) persisting: Option<PersistTicket>,
+    /// The rekey waiting for that save.
+    pub(super) staged: Option<Box<Staged>>,
+    /// Requests that came while a rekey was staged, handled once its save is reported (they
+    /// must not read the staged tree or roster).
+    pub(super) deferred: VecDeque<(ConnId, Inbound)>,
 }
 
 /// Request nonces seen within the last `keep_ms`, forgotten oldest first (so a request costs
@@ -194,6 +202,9 @@ impl Group {
             saved: false,
             logged: 0,
             save_failure: None,
+            persisting: None,
+            staged: None,
+            deferred: VecDeque::new(),
         }
     }
 
@@ -219,13 +230,26 @@ impl Group {
             return Save::Full(self.state());
         }
         self.logged = self.logged.saturating_add(delta.records());
-        // A state holds each member's record and at most two nodes per member.
-        if self.logged > self.members.len().saturating_mul(3).max(64) && !compacting {
+        if self.logged > self.compaction_threshold() && !compacting {
             self.logged = 0;
-            Save::Compact(delta)
+            let state = self.state();
+            Save::Compact(delta, state)
         } else {
             Save::Delta(delta)
         }
+    }
+
+    /// Records logged since the last full state past which a compaction is asked for: about
+    /// the state's (each member's record and at most two nodes per member).
+    fn compaction_threshold(&self) -> usize {
+        self.members.len().saturating_mul(3).max(64)
+    }
+
+    /// A compaction asked for was not started: it is asked for at the next save.
+    pub(super) fn compaction_due(&mut self) {
+        self.logged = self
+            .logged
+            .max(self.compaction_threshold().saturating_add(1));
     }
 
     pub(super) fn state(&self) -> GroupState {
@@ -320,60 +344,25 @@ impl Group {
         .collect()
     }
 
+    /// One runtime setting ([`GroupPolicy::RUNTIME_KEYS`]), checked by [`GroupPolicy::set`].
     pub(super) fn set_policy(
         &mut self,
         key: &str,
         value: &str,
         now: Timestamp,
     ) -> Result<(), CommandError> {
-        let number = || {
-            value.parse::<u64>().map_err(|_| {
-                CommandError::BadPolicy(format!("{key} takes a whole number, not {value:?}"))
-            })
-        };
-        let p = &mut self.policy;
-        match key {
-            "batch_interval_ms" => p.batch_interval_ms = number()?,
-            "heartbeat_interval_ms" => p.heartbeat_interval_ms = number()?.max(1),
-            "lease_ms" => p.lease_ms = number()?.max(1),
-            "refresh_interval_ms" => {
-                p.refresh_interval_ms = number()?;
-                self.next_refresh =
-                    (p.refresh_interval_ms > 0).then(|| now.plus(p.refresh_interval_ms));
-            }
-            "repeats" => {
-                p.repeats = u8::try_from(number()?)
-                    .ok()
-                    .filter(|r| (1..=10).contains(r))
-                    .ok_or_else(|| CommandError::BadPolicy("repeats is 1..=10".into()))?;
-            }
-            "repeat_spacing_ms" => {
-                let spacing = number()?;
-                if spacing > MAX_REPEAT_SPACING_MS {
-                    return Err(CommandError::BadPolicy(format!(
-                        "repeat_spacing_ms is 0..={MAX_REPEAT_SPACING_MS}"
-                    )));
-                }
-                p.repeat_spacing_ms = spacing;
-            }
-            "mtu" => {
-                let mtu = usize::try_from(number()?).unwrap_or(usize::MAX);
-                if !(576..=wire::MAX_DATAGRAM).contains(&mtu) {
-                    return Err(CommandError::BadPolicy(format!(
-                        "mtu is 576..={}",
-                        wire::MAX_DATAGRAM
-                    )));
-                }
-                p.mtu = mtu;
-            }
-            "freshness_window_ms" => p.freshness_window_ms = number()?.max(1_000),
-            other => {
-                return Err(CommandError::BadPolicy(format!(
-                    "unknown or read-only policy key {other:?}; settable: batch_interval_ms, \
-                     heartbeat_interval_ms, lease_ms, refresh_interval_ms, repeats, \
-                     repeat_spacing_ms, mtu, freshness_window_ms"
-                )));
-            }
+        if !GroupPolicy::RUNTIME_KEYS.contains(&key) {
+            return Err(CommandError::BadPolicy(format!(
+                "unknown or read-only policy key {key:?}; settable: {}",
+                GroupPolicy::RUNTIME_KEYS.join(", ")
+            )));
+        }
+        self.policy
+            .set(key, value)
+            .map_err(|e| CommandError::BadPolicy(e.to_string()))?;
+        if key == "refresh_interval_ms" {
+            let every = self.policy.refresh_interval_ms;
+            self.next_refresh = (every > 0).then(|| now.plus(every));
         }
         Ok(())
     }

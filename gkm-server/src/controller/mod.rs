@@ -19,9 +19,10 @@ use zeroize::Zeroize;
 
 use crate::fanout::{Cookies, RateLimit, Subscribers};
 use crate::gate::Gate;
-use crate::policy::{ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, Timestamp};
+use crate::persist::{Persist, PersistTicket, Persisted, Save};
+use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
 use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
-use crate::store::{GroupDelta, GroupState, MemberRecord, Store, StoreError};
+use crate::store::{GroupDelta, GroupState, MemberRecord, StoreError};
 
 mod admission;
 mod api;
@@ -39,7 +40,6 @@ use workers::*;
 pub struct Controller<R> {
     signer: SigningKey,
     rng: R,
-    store: Box<dyn Store + Send>,
     groups: BTreeMap<GroupId, Group>,
     names: BTreeMap<String, GroupId>,
     cookies: Cookies,
@@ -51,6 +51,12 @@ pub struct Controller<R> {
     profile: Option<RekeyProfile>,
     /// Member signatures verified on the controller's own thread.
     signatures_verified: std::cell::Cell<u64>,
+    /// Saves asked for and not yet taken by the driver.
+    persists: VecDeque<Persist>,
+    /// The last save ticket handed out.
+    tickets: u64,
+    /// Whether the store said, at its last report, that a compaction still runs.
+    store_compacting: bool,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -58,7 +64,6 @@ impl<R: CryptoRng> Controller<R> {
     pub fn new(
         signer: SigningKey,
         mut rng: R,
-        store: Box<dyn Store + Send>,
         groups: Vec<GroupPolicy>,
         restored: Vec<GroupState>,
         now: Timestamp,
@@ -82,7 +87,6 @@ impl<R: CryptoRng> Controller<R> {
         Ok(Controller {
             signer,
             rng,
-            store,
             groups: out,
             names,
             cookies,
@@ -93,13 +97,15 @@ impl<R: CryptoRng> Controller<R> {
             signatures_verified: std::cell::Cell::new(0),
             profiler: None,
             profile: None,
+            persists: VecDeque::new(),
+            tickets: 0,
+            store_compacting: false,
         })
     }
 
     /// Lets the controller seal a batch's welcomes and sign its datagrams on up to `workers`
-    /// threads (default 1), and, with more than one, run the store's save on a thread of its own
-    /// while the datagrams are packed and signed (nothing is queued before the save returns). The
-    /// driver passes the machine's parallelism. The tree's key wraps are sealed on as many.
+    /// threads (default 1), each joined before the call that started it returns. The driver
+    /// passes the machine's parallelism. The tree's key wraps are sealed on as many.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
     }
@@ -139,6 +145,11 @@ impl<R: CryptoRng> Controller<R> {
             let Some(group) = self.groups.get(&id) else {
                 continue;
             };
+            // A group waiting for a save reads nothing of its staged tree: no rekey, no
+            // heartbeat until the save is reported.
+            if group.persisting.is_some() {
+                continue;
+            }
             let batch_due = group.batch_due.is_some_and(|t| t <= now);
             let refresh_due = group.next_refresh.is_some_and(|t| t <= now);
             if batch_due || refresh_due {
@@ -159,10 +170,12 @@ impl<R: CryptoRng> Controller<R> {
         self.groups
             .values()
             .flat_map(|g| {
+                // Rekeys and heartbeats of a group wait for its outstanding save.
+                let idle = g.persisting.is_none();
                 [
-                    g.batch_due,
-                    Some(g.next_heartbeat),
-                    g.next_refresh,
+                    g.batch_due.filter(|_| idle),
+                    Some(g.next_heartbeat).filter(|_| idle),
+                    g.next_refresh.filter(|_| idle),
                     Some(g.next_lease_scan),
                     g.spaced.front().map(|(due, _)| *due),
                 ]
@@ -192,12 +205,116 @@ impl<R: CryptoRng> Controller<R> {
         self.events.pop_front()
     }
 
-    /// An operator's command.
+    /// The next save to make durable (write-ahead): a staged rekey's, or a change's outside a
+    /// rekey (a ban). Saves of one group come one at a time, in order; report each with
+    /// [`Controller::handle_persisted`].
+    pub fn poll_persist(&mut self) -> Option<Persist> {
+        self.persists.pop_front()
+    }
+
+    /// Whether a save was asked for and not yet reported. While one is, commands are answered
+    /// [`CommandError::Busy`]: a driver holds them until none is.
+    pub fn persisting(&self) -> bool {
+        !self.persists.is_empty() || self.groups.values().any(|g| g.persisting.is_some())
+    }
+
+    /// Packs and signs the datagrams of every staged rekey, on the workers: a driver calls it
+    /// while the saves run, so that the two overlap. Optional: [`Controller::handle_persisted`]
+    /// does it otherwise. Nothing is queued.
+    pub fn prepare_staged(&mut self) {
+        let (signer, workers, clock) = (&self.signer, self.workers, self.profiler);
+        for g in self.groups.values_mut() {
+            if let Some(staged) = g.staged.as_mut() {
+                Self::prepare(staged, (&g.tree, g.policy.mtu), signer, workers, clock);
+            }
+        }
+    }
+
+    /// The outcome of a save ([`Controller::poll_persist`]). Durable: a staged rekey is committed
+    /// and its datagrams, welcomes and events queued. Failed: the stage is dropped and the group
+    /// is exactly as before; its batch is tried again after a second, and its next save is of
+    /// the whole state. Then the requests that waited for the save are handled.
+    pub fn handle_persisted(&mut self, now: Timestamp, done: Persisted) {
+        self.store_compacting = done.compacting;
+        for failure in done.compaction_failures {
+            self.events.push_back(Event::CompactionFailed {
+                group: failure.group.0,
+                epoch: failure.epoch.0,
+                error: failure.error.to_string(),
+            });
+        }
+        let Some(id) = self
+            .groups
+            .iter()
+            .find(|(_, g)| g.persisting == Some(done.ticket))
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        g.persisting = None;
+        let staged = g.staged.take();
+        match done.result {
+            Ok(()) => {
+                g.saved = true;
+                g.save_failure = None;
+                if done.compaction_deferred {
+                    g.compaction_due();
+                }
+                if let Some(staged) = staged {
+                    self.commit(id, *staged, now);
+                }
+            }
+            Err(error) => {
+                g.saved = false;
+                g.save_failure = Some(error.to_string());
+                let epoch = staged.as_ref().map_or(g.tree.epoch(), |s| s.rekey.epoch);
+                self.store_failed(id, epoch, &error);
+                if let Some(staged) = staged {
+                    self.undo(id, *staged, now);
+                }
+            }
+        }
+        self.handle_deferred(id, now);
+    }
+
+    /// The answer to a command once the saves it asked for were reported ([`Command::saving`]):
+    /// one whose save failed says so instead of "done".
+    pub fn settle(
+        &self,
+        saving: Option<Saving>,
+        outcome: Result<Response, CommandError>,
+    ) -> Result<Response, CommandError> {
+        let Some(saving) = saving else {
+            return outcome;
+        };
+        match self.save_failure(&saving.group) {
+            Some(failure) if outcome.is_ok() && saving.rekey => {
+                Err(CommandError::RekeyNotSaved(failure))
+            }
+            Some(failure) if outcome.is_ok() => Err(CommandError::NotSaved(failure)),
+            _ => outcome,
+        }
+    }
+
+    /// A new save ticket.
+    fn next_ticket(&mut self) -> PersistTicket {
+        self.tickets += 1;
+        PersistTicket(self.tickets)
+    }
+
+    /// An operator's command. Answered [`CommandError::Busy`] while a save is outstanding
+    /// ([`Controller::persisting`]).
     pub fn handle_command(
         &mut self,
         now: Timestamp,
         command: Command,
     ) -> Result<Response, CommandError> {
+        if self.persisting() {
+            return Err(CommandError::Busy);
+        }
         match command {
             Command::Status => Ok(Response::Status {
                 groups: self.groups.len(),
@@ -309,17 +426,23 @@ impl<R: CryptoRng> Controller<R> {
         Ok(Response::Ok)
     }
 
-    /// Saves what changed in group `id` now, outside a rekey (a ban or its lifting).
+    /// Asks for a save of what changed in group `id`, outside a rekey (a ban or its lifting).
     fn save_now(&mut self, id: GroupId) -> Result<(), CommandError> {
-        let compacting = self.store.compacting();
-        let g = self
-            .groups
-            .get_mut(&id)
-            .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))?;
+        let ticket = self.next_ticket();
+        let compacting = self.store_compacting;
+        let g = self.group_mut(id)?;
         let save = g.take_save(compacting);
-        let (saved, _) = save.write(self.store.as_mut(), None, (&g.tree, &g.members, &g.gate));
-        g.saved = saved.is_ok();
-        saved.map_err(|e| CommandError::NotSaved(e.to_string()))
+        g.persisting = Some(ticket);
+        let epoch = g.tree.epoch();
+        self.persists.push_back(Persist {
+            ticket,
+            group: id,
+            epoch,
+            rekey: false,
+            encryptions: 0,
+            save,
+        });
+        Ok(())
     }
 
     /// Excludes every member of group `id` at once, as RFC 9838 does when a key server is
@@ -332,7 +455,9 @@ impl<R: CryptoRng> Controller<R> {
         let Some(g) = self.groups.get_mut(&id) else {
             return false;
         };
-        if let Some(above) = above {
+        if let Some(above) = above
+            && g.persisting.is_none()
+        {
             g.tree.skip_epoch_to(above);
         }
         let everyone: Vec<MemberId> = g.members.records().map(|r| r.id).collect();
@@ -345,6 +470,43 @@ impl<R: CryptoRng> Controller<R> {
             at: now.0,
         });
         self.rekey(id, now);
+        true
+    }
+
+    /// Starts serving a group (high availability: this controller took over its lease), from its
+    /// durable `state` if it has one: as at a restart, its first act is a rekey above every
+    /// persisted epoch. A group already served is replaced.
+    pub fn adopt(
+        &mut self,
+        policy: GroupPolicy,
+        state: Option<&GroupState>,
+        now: Timestamp,
+    ) -> Result<(), TreeError> {
+        let group = match state {
+            Some(state) => Group::restore(policy, state, now)?,
+            None => Group::new(policy, &mut self.rng, now)?,
+        };
+        let id = group.policy.id;
+        self.release(id);
+        self.names.insert(group.policy.name.clone(), id);
+        self.groups.insert(id, group);
+        Ok(())
+    }
+
+    /// Stops serving group `id` (high availability: another controller leads it now). A staged
+    /// rekey is dropped unsent, requests waiting for its save are forgotten (their members try
+    /// again, and find the leader); nothing of the group is sent from now on. Whether it was
+    /// served.
+    pub fn release(&mut self, id: GroupId) -> bool {
+        let Some(g) = self.groups.remove(&id) else {
+            return false;
+        };
+        self.names.remove(&g.policy.name);
+        self.persists.retain(|p| p.group != id);
+        self.transmits.retain(|t| match t {
+            Transmit::Multicast { group, .. } => *group != id,
+            Transmit::Reply { .. } => true,
+        });
         true
     }
 

@@ -1,38 +1,8 @@
-//! Rekeys: a batch staged on the tree and roster, saved (write-ahead), then committed and sent,
-//! or undone when the save fails; welcomes, heartbeats, repeats and lease expiry.
+//! Rekeys: a batch staged on the tree and roster, its save asked for (write-ahead), then
+//! committed and sent once the save is reported durable, or undone when it failed; welcomes,
+//! heartbeats, repeats and lease expiry.
 
 use super::*;
-
-/// What one rekey writes to the store.
-pub(super) enum Save {
-    /// The whole state.
-    Full(GroupState),
-    /// The changes since the last save.
-    Delta(GroupDelta),
-    /// The changes since the last save, and then the state they lead to in place of what the
-    /// store holds (compaction).
-    Compact(GroupDelta),
-}
-
-impl Save {
-    /// Writes the save (for [`Save::Compact`], with the state that `tree` and `members` hold);
-    /// returns its result and the time it was durable by `clock`.
-    pub(super) fn write(
-        &self,
-        store: &mut (dyn Store + Send),
-        clock: Option<fn() -> Duration>,
-        (tree, members, gate): (&KeyTree, &Roster, &Gate),
-    ) -> (Result<(), StoreError>, Option<Duration>) {
-        let result = match self {
-            Save::Full(state) => store.save(state),
-            Save::Delta(delta) => store.save_delta(delta),
-            Save::Compact(delta) => {
-                store.save_delta_and_compact(delta, group_state(tree, members, gate))
-            }
-        };
-        (result, clock.map(|now| now()))
-    }
-}
 
 /// The durable state of a group whose tree, roster and gate these are.
 pub(super) fn group_state(tree: &KeyTree, members: &Roster, gate: &Gate) -> GroupState {
@@ -43,15 +13,25 @@ pub(super) fn group_state(tree: &KeyTree, members: &Roster, gate: &Gate) -> Grou
     }
 }
 
+/// A rekey computed on the tree and the roster, waiting for its save to be reported.
+pub(super) struct Staged {
+    pub(super) rekey: lkh_tree::Rekey,
+    pub(super) departures: BTreeMap<MemberId, DepartReason>,
+    pub(super) joins: Vec<PendingJoin>,
+    /// The joiners' member ids, in the order of `joins`.
+    pub(super) admitted: Vec<MemberId>,
+    /// The departed members' records (to put back if the save fails).
+    pub(super) removed: Vec<MemberRecord>,
+    /// Signed datagrams, once packed ([`Controller::prepare_staged`]).
+    pub(super) datagrams: Option<Vec<Vec<u8>>>,
+    pub(super) profile: RekeyProfile,
+}
+
 /// One welcome to seal: its encapsulation, what it names, the keys.
 pub(super) type WelcomeJob<'a> = (Encapsulation, SealedFor, &'a MemberPath);
 
 /// How long a batch whose save failed waits before it is tried again.
 pub(super) const SAVE_RETRY_MS: u64 = 1_000;
-
-/// Encryptions in a rekey from which its save runs on a thread of its own while the datagrams are
-/// packed and signed (about 40 encryptions fill a datagram, and a signature takes about 20 µs).
-pub(super) const OVERLAP_SAVE_MIN: usize = 512;
 
 /// Packs a rekey into datagrams: at the MTU, or at the largest datagram if a node's items do not
 /// fit in it.
@@ -101,12 +81,20 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
-    /// One rekey of group `id`: the pending batch, or a refresh.
+    /// One rekey of group `id`: the pending batch, or a refresh, staged. The tree and the roster
+    /// change, and the save is asked for ([`Controller::poll_persist`]); nothing else changes
+    /// (no event, no reply, no address forgotten, nothing queued) until the save is reported
+    /// ([`Controller::handle_persisted`]). A group whose last save is not yet reported is
+    /// rekeyed once it is.
     pub(super) fn rekey(&mut self, id: GroupId, now: Timestamp) {
         let started = self.profiler.map(|now| now());
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
+        if g.persisting.is_some() {
+            g.batch_due = Some(g.batch_due.map_or(now, |t| t.min(now)));
+            return;
+        }
         let departures = std::mem::take(&mut g.departures);
         let leaves: Vec<NodeId> = departures
             .keys()
@@ -140,7 +128,7 @@ impl<R: CryptoRng> Controller<R> {
             leaves,
             joins: joins.len(),
         };
-        // Staged: until the save succeeds, the tree's changes can be undone (GKM-V053).
+        // Staged: until the save is reported, the tree's changes can be undone (GKM-V053).
         g.tree.stage();
         let rekey = match g
             .tree
@@ -162,8 +150,7 @@ impl<R: CryptoRng> Controller<R> {
             }
         };
         let epoch = rekey.epoch;
-        // The roster changes with the tree, and is saved with it; nothing else changes (no
-        // event, no reply, no address forgotten) until the save has succeeded.
+        // The roster changes with the tree, and is saved with it.
         let removed: Vec<MemberRecord> = departures
             .keys()
             .filter_map(|member| g.members.remove(*member))
@@ -178,80 +165,119 @@ impl<R: CryptoRng> Controller<R> {
                     .insert(joiner.leaf, join.identity, recipient, epoch.0, lease_until)
             })
             .collect();
-        let clock = self.profiler;
-        let tree_done = clock.map(|now| now());
-        // Write-ahead: the changes are durable before anything encrypted under them is queued.
-        // With workers, a large rekey's save runs while its datagrams are packed and signed; for
-        // a small one, the thread would cost more CPU than the signing it overlaps.
-        // A compaction's snapshot of the state is taken on the same thread, while the datagrams
-        // are signed.
-        let save = g.take_save(self.store.compacting());
-        let (mtu, tree, members) = (g.policy.mtu, &g.tree, &g.members);
-        let parts = (tree, members, &g.gate);
-        let (signer, workers, store) = (&self.signer, self.workers, self.store.as_mut());
-        let pack_and_sign = || {
-            let packed = pack_rekey(&rekey, tree, mtu);
-            let packed_at = clock.map(|now| now());
-            (sign_all(&packed, signer, workers), packed_at)
-        };
-        let overlap = workers > 1 && rekey.encryptions.len() >= OVERLAP_SAVE_MIN;
-        let ((saved, persisted), (datagrams, packed)) = if overlap {
-            std::thread::scope(|scope| {
-                let writer = scope.spawn(|| save.write(store, clock, parts));
-                let signed = pack_and_sign();
-                let saved = writer.join().unwrap_or_else(|_| {
-                    (Err(StoreError::Backend("the store panicked".into())), None)
-                });
-                (saved, signed)
-            })
-        } else {
-            let saved = save.write(store, clock, parts);
-            (saved, pack_and_sign())
-        };
-        let signed = clock.map(|now| now());
-        drop(save);
-        while let Some(failure) = self.store.take_compaction_failure() {
-            self.events.push_back(Event::CompactionFailed {
-                group: failure.group.0,
-                epoch: failure.epoch.0,
-                error: failure.error.to_string(),
-            });
-        }
-        if let Err(error) = saved {
-            self.store_failed(id, epoch, &error);
-            let Some(g) = self.groups.get_mut(&id) else {
-                return;
-            };
-            g.save_failure = Some(error.to_string());
-            // Exactly as before: the epoch's keys and datagrams are dropped unsent, the roster
-            // and the tree go back, and the batch is tried again after a pause.
-            drop(datagrams);
-            for member in admitted {
-                g.members.remove(member);
-            }
-            for r in removed {
-                g.members
-                    .insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
-            }
-            let _ = g.members.take_changes();
-            g.saved = false;
-            if g.tree.abort().is_err() {
-                self.tree_lost(id);
-                return;
-            }
-            g.departures = departures;
-            for join in joins {
-                g.joins.push(join);
-            }
-            g.batch_due = Some(now.plus(SAVE_RETRY_MS));
-            return;
-        }
+        let tree_time = self
+            .profiler
+            .zip(started)
+            .map(|(now, start)| now().saturating_sub(start));
+        let save = g.take_save(self.store_compacting);
+        let encryptions = rekey.encryptions.len();
+        let ticket = self.next_ticket();
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
+        g.persisting = Some(ticket);
+        g.staged = Some(Box::new(Staged {
+            rekey,
+            departures,
+            joins,
+            admitted,
+            removed,
+            datagrams: None,
+            profile: RekeyProfile {
+                tree: tree_time.unwrap_or_default(),
+                ..RekeyProfile::default()
+            },
+        }));
+        self.persists.push_back(Persist {
+            ticket,
+            group: id,
+            epoch,
+            rekey: true,
+            encryptions,
+            save,
+        });
+    }
+
+    /// Packs and signs the datagrams of `staged`, a rekey staged on `tree`, unless done.
+    pub(super) fn prepare(
+        staged: &mut Staged,
+        (tree, mtu): (&KeyTree, usize),
+        signer: &SigningKey,
+        workers: usize,
+        clock: Option<fn() -> Duration>,
+    ) {
+        if staged.datagrams.is_some() {
+            return;
+        }
+        let start = clock.map(|now| now());
+        let packed = pack_rekey(&staged.rekey, tree, mtu);
+        let packed_at = clock.map(|now| now());
+        staged.datagrams = Some(sign_all(&packed, signer, workers));
+        if let (Some(now), Some(start), Some(packed_at)) = (clock, start, packed_at) {
+            staged.profile.pack = packed_at.saturating_sub(start);
+            staged.profile.sign = now().saturating_sub(packed_at);
+        }
+    }
+
+    /// The save of a staged rekey failed: the tree and the roster go back, the departures and
+    /// registrations wait again, and the batch is tried again after a pause. Nothing of the
+    /// epoch was queued.
+    pub(super) fn undo(&mut self, id: GroupId, staged: Staged, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let Staged {
+            departures,
+            joins,
+            admitted,
+            removed,
+            ..
+        } = staged;
+        for member in admitted {
+            g.members.remove(member);
+        }
+        for r in removed {
+            g.members
+                .insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
+        }
+        let _ = g.members.take_changes();
+        g.saved = false;
+        if g.tree.abort().is_err() {
+            self.tree_lost(id);
+            return;
+        }
+        for (member, reason) in departures {
+            g.departures.entry(member).or_insert(reason);
+        }
+        let later = g.joins.take();
+        for join in joins.into_iter().chain(later) {
+            if let Some(join) = g.joins.replace(join) {
+                g.joins.push(join);
+            }
+        }
+        g.batch_due = Some(now.plus(SAVE_RETRY_MS));
+    }
+
+    /// The save of a staged rekey is durable: the rekey is committed, and its departures, welcomes
+    /// and datagrams go out.
+    pub(super) fn commit(&mut self, id: GroupId, mut staged: Staged, now: Timestamp) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let on = (&g.tree, g.policy.mtu);
+        Self::prepare(&mut staged, on, &self.signer, self.workers, self.profiler);
         g.tree.commit();
-        g.saved = true;
-        g.save_failure = None;
+        let Staged {
+            rekey,
+            departures,
+            joins,
+            admitted,
+            removed,
+            datagrams,
+            mut profile,
+        } = staged;
+        let datagrams = datagrams.unwrap_or_default();
+        let epoch = rekey.epoch;
         // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
         // rest (a batch of 100,000 departures at 2^20 members).
         let unrecorded = removed.len().saturating_sub(RECENT_DEPARTURES);
@@ -312,24 +338,11 @@ impl<R: CryptoRng> Controller<R> {
                 }
             }
         }
+        let sealing = self.profiler.map(|now| now());
         let replies = self.seal_welcomes(id, welcomes);
-        if let (
-            Some(now),
-            Some(start),
-            Some(tree_done),
-            Some(persisted),
-            Some(packed),
-            Some(signed),
-        ) = (clock, started, tree_done, persisted, packed, signed)
-        {
-            self.profile = Some(RekeyProfile {
-                tree: tree_done.saturating_sub(start),
-                persist: persisted.saturating_sub(tree_done),
-                pack: packed.saturating_sub(tree_done),
-                sign: signed.saturating_sub(packed),
-                ready: signed.saturating_sub(start),
-                welcomes: now().saturating_sub(signed),
-            });
+        if let (Some(now), Some(sealing)) = (self.profiler, sealing) {
+            profile.welcomes = now().saturating_sub(sealing);
+            self.profile = Some(profile);
         }
         for ((conn, member, identity), reply) in replies_to.into_iter().zip(replies) {
             self.transmits

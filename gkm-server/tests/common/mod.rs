@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig};
 use gkm_server::{
-    Command, ConnId, Controller, Event, GroupPolicy, MemoryStore, Timestamp, Transmit,
+    Command, ConnId, Controller, Event, GroupPolicy, MemoryStore, StoreDriver, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
@@ -84,7 +84,7 @@ pub struct Agent {
 /// A controller and its members in memory, with everything recorded.
 pub struct Run {
     /// The controller.
-    pub controller: Controller<ChaCha20Rng>,
+    pub controller: StoreDriver<ChaCha20Rng>,
     /// The members, by index (departed ones stay, not live).
     pub agents: Vec<Agent>,
     /// The virtual clock.
@@ -106,15 +106,17 @@ pub struct Run {
 impl Run {
     /// A controller with `policy` and `n` admitted members.
     pub fn new(policy: GroupPolicy, n: usize) -> Run {
-        let controller = Controller::new(
-            SigningKey::from_bytes(&SIGNER_SEED),
-            ChaCha20Rng::seed_from_u64(1),
+        let controller = StoreDriver::new(
+            Controller::new(
+                SigningKey::from_bytes(&SIGNER_SEED),
+                ChaCha20Rng::seed_from_u64(1),
+                vec![policy],
+                vec![],
+                Timestamp(START),
+            )
+            .expect("a valid policy"),
             Box::new(MemoryStore::default()),
-            vec![policy],
-            vec![],
-            Timestamp(START),
-        )
-        .expect("a valid policy");
+        );
         let mut run = Run {
             controller,
             agents: Vec::new(),
@@ -167,7 +169,7 @@ impl Run {
 
     /// Calls the controller, recording the node versions before any rekey it makes, its new
     /// traffic key and what it queued.
-    pub fn call<T>(&mut self, f: impl FnOnce(&mut Controller<ChaCha20Rng>, Timestamp) -> T) -> T {
+    pub fn call<T>(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp) -> T) -> T {
         let before = self.epoch();
         let versions: HashMap<u32, u64> = self
             .controller
@@ -216,7 +218,7 @@ impl Run {
                 .is_some_and(|t| t.0 <= self.now)
             {
                 moved = true;
-                self.call(Controller::handle_timeout);
+                self.call(StoreDriver::handle_timeout);
             }
             for t in std::mem::take(&mut self.queue) {
                 moved = true;
@@ -265,7 +267,7 @@ impl Run {
         let end = self.now + total;
         while self.now < end {
             self.now = (self.now + step).min(end);
-            self.call(Controller::handle_timeout);
+            self.call(StoreDriver::handle_timeout);
             let now = self.now;
             for a in self.agents.iter_mut().filter(|a| a.live) {
                 a.member.handle_timeout(now);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use gkm_server::{Enrollment, GroupPolicy, Timestamp, TokenRule};
-use lkh_tree::{GroupId, Strategy};
+use lkh_tree::GroupId;
 use serde::Deserialize;
 
 /// The commented default file `gkm-server init` writes.
@@ -319,63 +319,39 @@ impl GroupConfig {
         let mut p = GroupPolicy::new(&self.name, self.id());
         p.rekey_address = Some(self.multicast);
         p.fanout = self.fanout;
-        if let Some(d) = self.degree {
-            if !(2..=64).contains(&d) {
-                bail!("{}: degree is 2..=64, not {d}", what("degree"));
+        let settings = [
+            ("degree", self.degree.map(|v| v.to_string())),
+            ("strategy", self.strategy.clone()),
+            (
+                "hash_forward_joins",
+                self.hash_forward_joins.map(|v| v.to_string()),
+            ),
+            ("one_way", self.one_way.map(|v| v.to_string())),
+            (
+                "batch_interval_ms",
+                self.batch_interval_ms.map(|v| v.to_string()),
+            ),
+            (
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms.map(|v| v.to_string()),
+            ),
+            ("lease_ms", self.lease_ms.map(|v| v.to_string())),
+            (
+                "refresh_interval_ms",
+                self.refresh_interval_ms.map(|v| v.to_string()),
+            ),
+            ("repeats", self.repeats.map(|v| v.to_string())),
+            (
+                "repeat_spacing_ms",
+                self.repeat_spacing_ms.map(|v| v.to_string()),
+            ),
+            ("mtu", self.mtu.map(|v| v.to_string())),
+        ];
+        for (key, value) in settings {
+            if let Some(value) = value {
+                p.set(key, &value)
+                    .map_err(|e| anyhow::anyhow!("group {:?}: bad {e}", self.name))?;
             }
-            p.tree.degree = d;
-        }
-        if let Some(s) = &self.strategy {
-            p.tree.strategy = match s.as_str() {
-                "group" => Strategy::Group,
-                "key" => Strategy::Key,
-                "user" => Strategy::User,
-                other => bail!("{}: {other:?}; use group, key or user", what("strategy")),
-            };
-        }
-        if let Some(v) = self.hash_forward_joins {
-            p.tree.hash_forward_joins = v;
-        }
-        if let Some(v) = self.one_way {
-            p.tree.one_way = v;
-        }
-        if let Some(v) = self.batch_interval_ms {
-            p.batch_interval_ms = v;
-        }
-        if let Some(v) = self.heartbeat_interval_ms {
-            p.heartbeat_interval_ms = v.max(1);
-        }
-        if let Some(v) = self.lease_ms {
-            p.lease_ms = v.max(1);
-        }
-        if let Some(v) = self.refresh_interval_ms {
-            p.refresh_interval_ms = v;
-        }
-        if let Some(v) = self.repeats {
-            if !(1..=10).contains(&v) {
-                bail!("{}: repeats is 1..=10, not {v}", what("repeats"));
-            }
-            p.repeats = v;
-        }
-        if let Some(v) = self.repeat_spacing_ms {
-            if v > gkm_server::MAX_REPEAT_SPACING_MS {
-                bail!(
-                    "{}: repeat_spacing_ms is 0..={}, not {v}",
-                    what("repeat_spacing_ms"),
-                    gkm_server::MAX_REPEAT_SPACING_MS
-                );
-            }
-            p.repeat_spacing_ms = v;
-        }
-        if let Some(v) = self.mtu {
-            if !(576..=wire::MAX_DATAGRAM).contains(&v) {
-                bail!(
-                    "{}: mtu is 576..={}, not {v}",
-                    what("mtu"),
-                    wire::MAX_DATAGRAM
-                );
-            }
-            p.mtu = v;
         }
         p.enrollment = match self.enrollment.as_deref() {
             None | Some("open") => Enrollment::Open,

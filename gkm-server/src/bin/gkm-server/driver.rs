@@ -7,14 +7,16 @@
 //!   MemberSigned::check (Ed25519) ◄─ key ─
 //!   verify_request(bytes, rng) ─ Inbound ─►       handle_inbound / _command / _subscription for
 //!   (Ed25519, the welcome's X25519,               everything queued, then handle_timeout
-//!    any worker)                                  (rekey: store commit, welcome sealing on
-//!   control lines, UDP subscriptions ───►         worker threads)
+//!    any worker)                                  (a rekey is staged: poll_persist ──► store
+//!   control lines, UDP subscriptions ───►         thread; prepare_staged signs meanwhile;
+//!                                                 Persisted ──► handle_persisted commits it)
 //!   write the reply         ◄── oneshot ──        drain poll_transmit: replies, multicast
 //! ```
 //!
-//! The controller needs no lock: only its thread touches it. Its blocking work (the durable
-//! commit of each rekey, sealing a batch's welcomes) never stalls the tokio workers, so requests
-//! keep being read and their signatures verified on every core meanwhile. The queue (see
+//! The controller needs no lock: only its thread touches it. Its blocking work (sealing a
+//! batch's welcomes) never stalls the tokio workers, so requests keep being read and their
+//! signatures verified on every core meanwhile; the durable save of each rekey runs on the store
+//! thread ("gkm-store"), so a slow store holds back only the group whose save it is. The queue (see
 //! [`crate::queue`]) lets registrations wait for their group's scheduled batch without waking
 //! the thread. Fan-out: a datagram on the request port's UDP socket is a subscription
 //! ([`gkm_server::Controller::handle_subscription`]): answered with a cookie at its source, or,
@@ -34,8 +36,8 @@ use anyhow::{Context, Result};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
-    Command, ConnId, Controller, Event, GroupInfo, Inbound, MemberSigned, Response, Stats,
-    Subscription, Timestamp, Transmit,
+    Command, CommandError, ConnId, Controller, Event, GroupInfo, Inbound, MemberSigned, Persist,
+    Persisted, Response, Saving, Stats, Store, Subscription, Timestamp, Transmit,
 };
 use lkh_tree::GroupId;
 use rand_core::UnwrapErr;
@@ -156,9 +158,61 @@ fn fanout_thread(udp: &UdpSocket, jobs: std::sync::mpsc::Receiver<FanoutJob>) {
     }
 }
 
+/// Makes each save the controller asks for, in order, and hands its outcome back through the
+/// controller's queue, until the sender is dropped.
+fn store_thread(
+    mut store: Box<dyn Store + Send>,
+    jobs: std::sync::mpsc::Receiver<Persist>,
+    queue: &ControllerQueue,
+) {
+    for persist in jobs {
+        let ticket = persist.ticket;
+        // A store that panics fails this save and no other: the controller undoes the rekey.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            persist.write(store.as_mut())
+        }));
+        let done = written.unwrap_or_else(|_| failed(ticket, "the store panicked"));
+        if !queue.send(ToController::Persisted(done)) {
+            return;
+        }
+    }
+}
+
+/// The outcome of save `ticket` that could not be made.
+fn failed(ticket: gkm_server::PersistTicket, why: &str) -> Persisted {
+    Persisted {
+        ticket,
+        result: Err(gkm_server::StoreError::Backend(why.into())),
+        compacting: false,
+        compaction_failures: Vec::new(),
+        compaction_deferred: false,
+    }
+}
+
+/// A command waiting for the controller's outstanding saves, or for its own.
+enum Held {
+    /// Not yet handled.
+    Command(Command, oneshot::Sender<Reply>),
+    /// A metrics scrape (it reads every group).
+    Metrics(oneshot::Sender<String>),
+    /// Handled; answered once the saves it asked for are reported.
+    Answer(
+        Option<Saving>,
+        Result<Response, CommandError>,
+        oneshot::Sender<Reply>,
+    ),
+}
+
 /// The controller thread's state.
 struct Driver {
     controller: Controller<OsRng>,
+    /// The store thread's jobs; `None` once stopping.
+    saves: Option<std::sync::mpsc::Sender<Persist>>,
+    /// The store thread.
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    /// Commands and scrapes held while a save is outstanding (they must not read a staged
+    /// rekey), in arrival order.
+    held: std::collections::VecDeque<Held>,
     groups: HashMap<GroupId, GroupNet>,
     /// The request port's UDP socket (a clone of the one the subscription task reads).
     udp: UdpSocket,
@@ -211,15 +265,8 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
             );
         }
     }
-    let mut controller = Controller::new(
-        signer,
-        UnwrapErr(SysRng),
-        Box::new(store),
-        policies,
-        restored,
-        now(),
-    )
-    .context("cannot build the controller from the stored state")?;
+    let mut controller = Controller::new(signer, UnwrapErr(SysRng), policies, restored, now())
+        .context("cannot build the controller from the stored state")?;
     // A state older than the epoch floor is served only reset: its first act excludes every
     // member, under an epoch above every one that went out before.
     for behind in &opened.behind {
@@ -281,15 +328,25 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         "gkm-server serving"
     );
     warn_if_few_descriptors(config.max_connections);
-    let queue = ControllerQueue::new(queue_capacity(config.max_connections));
     let (fanout, jobs) = std::sync::mpsc::sync_channel(FANOUT_QUEUE);
     let fanout_udp = udp.try_clone()?;
     std::thread::Builder::new()
         .name("gkm-fanout".into())
         .spawn(move || fanout_thread(&fanout_udp, jobs))
         .context("cannot start the fan-out thread")?;
+    let queue = ControllerQueue::new(queue_capacity(config.max_connections));
+    let (saves, jobs) = std::sync::mpsc::channel();
+    let store_queue = queue.clone();
+    let store: Box<dyn Store + Send> = Box::new(store);
+    let store_thread = std::thread::Builder::new()
+        .name("gkm-store".into())
+        .spawn(move || store_thread(store, jobs, &store_queue))
+        .context("cannot start the store thread")?;
     let driver = Driver {
         controller,
+        saves: Some(saves),
+        store_thread: Some(store_thread),
+        held: std::collections::VecDeque::new(),
         groups,
         udp,
         fanout,
@@ -365,12 +422,13 @@ impl Driver {
     fn run(mut self, queue: &ControllerQueue) {
         self.flush();
         loop {
+            self.dispatch_saves();
             let wait = self.controller.poll_timeout().map_or(IDLE_WAIT, |due| {
                 Duration::from_millis(due.0.saturating_sub(now().0))
             });
             for message in queue.receive(wait, self.controller.batching()) {
                 if matches!(message, ToController::Stop) {
-                    return self.flush();
+                    return self.stop();
                 }
                 self.handle(message);
             }
@@ -405,34 +463,78 @@ impl Driver {
             }
             ToController::Subscribe { signed, from } => self.subscribe(signed, from),
             ToController::Command { command, reply } => {
-                let rekeys = match &command {
-                    Command::Evict(group, _) | Command::Rekey(group) | Command::Reset(group) => {
-                        Some(group.clone())
-                    }
-                    _ => None,
-                };
-                let mut outcome = self.controller.handle_command(now(), command);
-                // With immediate rekeying an eviction is answered once its rekey is durable and
-                // queued, as operators' scripts expect; a burst of requests is still coalesced.
-                if self
-                    .controller
-                    .poll_timeout()
-                    .is_some_and(|due| due <= now())
-                {
-                    self.controller.handle_timeout(now());
-                }
-                // A rekey whose save failed did nothing yet: say so, not "rekeyed".
-                if let Some(failure) = rekeys.and_then(|g| self.controller.save_failure(&g))
-                    && outcome.is_ok()
-                {
-                    outcome = Err(gkm_server::CommandError::RekeyNotSaved(failure));
-                }
-                let _ = reply.send(Reply::from_outcome(outcome));
+                self.held.push_back(Held::Command(command, reply));
             }
-            ToController::Metrics(reply) => {
-                let _ = reply.send(self.metrics());
-            }
+            ToController::Metrics(reply) => self.held.push_back(Held::Metrics(reply)),
+            ToController::Persisted(done) => self.controller.handle_persisted(now(), done),
             ToController::Stop => {}
+        }
+        self.dispatch_saves();
+        self.run_held();
+        self.flush();
+    }
+
+    /// Hands the saves the controller asks for to the store thread, then signs their rekeys'
+    /// datagrams while they are made.
+    fn dispatch_saves(&mut self) {
+        let mut any = false;
+        while let Some(persist) = self.controller.poll_persist() {
+            any = true;
+            let ticket = persist.ticket;
+            let sent = self.saves.as_ref().is_some_and(|s| s.send(persist).is_ok());
+            if !sent {
+                let done = failed(ticket, "the store thread is gone");
+                self.controller.handle_persisted(now(), done);
+            }
+        }
+        if any {
+            self.controller.prepare_staged();
+        }
+    }
+
+    /// Handles held commands and scrapes while no save is outstanding. A command that makes a
+    /// rekey is answered once that rekey's save is reported: an eviction with immediate
+    /// rekeying is answered "done" only when it is durable and queued, as operators' scripts
+    /// expect.
+    fn run_held(&mut self) {
+        while !self.controller.persisting() {
+            let Some(held) = self.held.pop_front() else {
+                return;
+            };
+            match held {
+                Held::Answer(saving, outcome, reply) => {
+                    let outcome = self.controller.settle(saving, outcome);
+                    let _ = reply.send(Reply::from_outcome(outcome));
+                }
+                Held::Metrics(reply) => {
+                    let _ = reply.send(self.metrics());
+                }
+                Held::Command(command, reply) => {
+                    let saving = command.saving();
+                    let outcome = self.controller.handle_command(now(), command);
+                    // A burst of requests already handled is still coalesced into this rekey.
+                    if self
+                        .controller
+                        .poll_timeout()
+                        .is_some_and(|due| due <= now())
+                    {
+                        self.controller.handle_timeout(now());
+                    }
+                    self.dispatch_saves();
+                    self.held.push_front(Held::Answer(saving, outcome, reply));
+                }
+            }
+        }
+    }
+
+    /// Stops: the save being made is finished (its outcome is not acted on: nothing of it was
+    /// sent, and a restart rekeys above it), and everything queued is flushed.
+    fn stop(mut self) {
+        self.saves = None;
+        if let Some(thread) = self.store_thread.take()
+            && thread.join().is_err()
+        {
+            warn!("the store thread panicked; its message is above");
         }
         self.flush();
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use gkm_server::control::Reply;
-use gkm_server::{Command, ConnId, Inbound, MemberSigned};
+use gkm_server::{Command, ConnId, Inbound, MemberSigned, Persisted};
 use lkh_tree::GroupId;
 use tokio::sync::oneshot;
 
@@ -52,6 +52,8 @@ pub(crate) enum ToController {
     },
     /// A metrics scrape.
     Metrics(oneshot::Sender<String>),
+    /// The outcome of a save, from the store thread (always fits: one per group at most).
+    Persisted(Persisted),
     /// Stop: flush and end the thread.
     Stop,
 }
@@ -144,15 +146,15 @@ impl ControllerQueue {
         }))
     }
 
-    /// Queues a message; false when it is full (for its kind; a stop always fits) or the thread
-    /// has ended.
+    /// Queues a message; false when it is full (for its kind; a stop and a save's outcome always
+    /// fit) or the thread has ended.
     pub(crate) fn send(&self, message: ToController) -> bool {
         let Ok(mut state) = self.0.state.lock() else {
             return false;
         };
         let budget = message.budget();
-        let full =
-            state.messages.len() >= self.0.capacity && !matches!(message, ToController::Stop);
+        let full = state.messages.len() >= self.0.capacity
+            && !matches!(message, ToController::Stop | ToController::Persisted(_));
         let spent = budget.is_some_and(|b| *state.count(b) >= b.limit());
         if state.closed || full || spent {
             return false;
