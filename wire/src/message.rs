@@ -489,6 +489,10 @@ pub enum Status {
     Stale,
     /// 410: the controller has no such group (removed, or never configured).
     UnknownGroup,
+    /// 421: this controller does not lead the group (high availability); the reason is the
+    /// leader's request address (`ip:port`) when the controller knows it, else empty. Ask the
+    /// leader, or the next controller the member knows.
+    NotLeader,
     /// 429: too many requests; ask again later.
     RateLimited,
     /// 503: the controller cannot make the change durable now; ask again later.
@@ -510,6 +514,7 @@ impl Status {
             Status::UnexpectedMessage => 405,
             Status::Stale => 409,
             Status::UnknownGroup => 410,
+            Status::NotLeader => 421,
             Status::RateLimited => 429,
             Status::Unavailable => 503,
             Status::GroupFull => 507,
@@ -532,6 +537,7 @@ impl Status {
             405 => Status::UnexpectedMessage,
             409 => Status::Stale,
             410 => Status::UnknownGroup,
+            421 => Status::NotLeader,
             429 => Status::RateLimited,
             503 => Status::Unavailable,
             507 => Status::GroupFull,

@@ -147,6 +147,7 @@ fn v056_status_codes_map_both_ways_and_code_0_is_not_an_error() {
         Status::UnexpectedMessage,
         Status::Stale,
         Status::UnknownGroup,
+        Status::NotLeader,
         Status::RateLimited,
         Status::Unavailable,
         Status::GroupFull,
