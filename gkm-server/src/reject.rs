@@ -31,6 +31,9 @@ pub enum Reject {
     RateLimited,
     /// Too many requests waiting for the group's outstanding save; the member tries again.
     Busy,
+    /// This controller does not lead the group (a standby, or deposed): the member asks the
+    /// leader, whose address the answer names when known.
+    NotLeader,
 }
 
 impl Reject {
@@ -49,6 +52,7 @@ impl Reject {
             Reject::BadCookie => "bad_cookie",
             Reject::RateLimited => "rate_limited",
             Reject::Busy => "busy",
+            Reject::NotLeader => "not_leader",
         }
     }
 
@@ -65,6 +69,7 @@ impl Reject {
             Reject::GroupFull => Status::GroupFull,
             Reject::RateLimited => Status::RateLimited,
             Reject::Busy => Status::Unavailable,
+            Reject::NotLeader => Status::NotLeader,
         }
     }
 }

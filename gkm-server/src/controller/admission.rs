@@ -291,6 +291,18 @@ impl<R: CryptoRng> Controller<R> {
     /// (freshness, replay, authorization, membership; a member-signed request's signature) and
     /// then the request itself. The reply, if any, comes out of [`Controller::poll_transmit`].
     pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
+        // A group another controller leads: the member is sent there.
+        if let Some(gid) = inbound.group()
+            && let Some(leader) = self.standby.get(&gid)
+        {
+            let refusal = Refusal {
+                reason: Reject::NotLeader,
+                group: gid,
+                answered: Reject::NotLeader,
+                told: Some(leader.map_or_else(String::new, |a| a.to_string())),
+            };
+            return self.reject(conn, now, refusal);
+        }
         // While a rekey of the group is staged, its tree and roster are not to be read: the
         // request waits for the save's outcome (bounded; past that, the member tries again).
         if let Some(g) = inbound.group().and_then(|gid| self.groups.get_mut(&gid))

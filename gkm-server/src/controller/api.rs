@@ -101,6 +101,27 @@ pub enum Event {
         /// When.
         at: u64,
     },
+    /// This controller leads the group from now on (high availability: it took the group's
+    /// lease); its first rekey is above every persisted epoch.
+    Leading {
+        /// Group.
+        group: u64,
+        /// The lease's term.
+        term: u64,
+        /// When.
+        at: u64,
+    },
+    /// This controller no longer leads the group: its lease ran out or another controller took
+    /// it (a save refused as deposed, or a renewal that failed). Nothing of the group is sent
+    /// from now on.
+    Deposed {
+        /// Group.
+        group: u64,
+        /// The term it held.
+        term: u64,
+        /// When.
+        at: u64,
+    },
     /// An operator reset a group: every member is excluded by its next rekey (made at once).
     Reset {
         /// Group.

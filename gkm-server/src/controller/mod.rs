@@ -57,6 +57,9 @@ pub struct Controller<R> {
     tickets: u64,
     /// Whether the store said, at its last report, that a compaction still runs.
     store_compacting: bool,
+    /// Groups another controller leads, with its request address when known: their requests
+    /// are answered [`Reject::NotLeader`].
+    standby: BTreeMap<GroupId, Option<SocketAddr>>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -100,6 +103,7 @@ impl<R: CryptoRng> Controller<R> {
             persists: VecDeque::new(),
             tickets: 0,
             store_compacting: false,
+            standby: BTreeMap::new(),
         })
     }
 
@@ -274,6 +278,16 @@ impl<R: CryptoRng> Controller<R> {
                 self.store_failed(id, epoch, &error);
                 if let Some(staged) = staged {
                     self.undo(id, *staged, now);
+                }
+                // Another controller leads the group: this one stops serving it at once.
+                if let StoreError::Deposed { term, .. } = error {
+                    self.events.push_back(Event::Deposed {
+                        group: id.0,
+                        term,
+                        at: now.0,
+                    });
+                    self.set_standby(id, None, now);
+                    return;
                 }
             }
         }
@@ -488,9 +502,32 @@ impl<R: CryptoRng> Controller<R> {
         };
         let id = group.policy.id;
         self.release(id);
+        self.standby.remove(&id);
         self.names.insert(group.policy.name.clone(), id);
         self.groups.insert(id, group);
         Ok(())
+    }
+
+    /// Group `id` is led by another controller, reached at `leader` when known: requests naming
+    /// it are answered [`Reject::NotLeader`] with that address (members go there). A group this
+    /// controller serves is released first.
+    pub fn set_standby(&mut self, id: GroupId, leader: Option<SocketAddr>, now: Timestamp) {
+        let waited = self
+            .groups
+            .get_mut(&id)
+            .map(|g| std::mem::take(&mut g.deferred))
+            .unwrap_or_default();
+        self.release(id);
+        self.standby.insert(id, leader);
+        // Requests that waited for a save are answered as a standby answers them.
+        for (conn, inbound) in waited {
+            self.handle_inbound(conn, now, inbound);
+        }
+    }
+
+    /// The groups this controller stands by for, with their leaders' addresses when known.
+    pub fn standbys(&self) -> &BTreeMap<GroupId, Option<SocketAddr>> {
+        &self.standby
     }
 
     /// Stops serving group `id` (high availability: another controller leads it now). A staged

@@ -25,6 +25,18 @@ listen = "127.0.0.1:47700"
 # complete per second. Each takes a file descriptor: keep it under `ulimit -n`.
 # max_connections = 4096
 
+# Where group states are kept. The default, "redb", is a file in the state directory (one
+# machine, no database). "postgres" keeps them in PostgreSQL, sealed under the storage key, so
+# that several controllers (each with the same controller.key and storage.key) serve the groups
+# highly available: per group one leads, the others stand by and take over when its lease runs
+# out. See RFC-notes/ha.md.
+# [storage]
+# backend = "postgres"
+# url = "host=/run/postgresql dbname=gkm user=gkm"   # or postgresql://gkm@db.example/gkm
+# password_file = "/etc/gkm/pg-password"             # else $PGPASSWORD; never on the command line
+# lease_ms = 3000          # a leader that cannot renew for this long is replaced
+# advertise = "10.0.0.1:47700"   # where members reach this controller (default: listen)
+
 [[group]]
 name = "demo"
 multicast = "239.255.77.1:47701"
@@ -69,6 +81,81 @@ pub(crate) struct Config {
     /// Groups; one "demo" group when none is given.
     #[serde(default = "default_groups", rename = "group")]
     pub(crate) groups: Vec<GroupConfig>,
+    /// Where group states are kept.
+    #[serde(default)]
+    pub(crate) storage: StorageConfig,
+}
+
+/// The `[storage]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StorageConfig {
+    /// `redb` (default) or `postgres`.
+    #[serde(default)]
+    pub(crate) backend: Backend,
+    /// PostgreSQL connection string (`postgres`).
+    pub(crate) url: Option<String>,
+    /// A file holding the database password (`postgres`).
+    pub(crate) password_file: Option<std::path::PathBuf>,
+    /// How long a leader's lease lasts without renewal (`postgres`).
+    pub(crate) lease_ms: Option<u64>,
+    /// The request address members reach this controller at (`postgres`; default `listen`).
+    pub(crate) advertise: Option<SocketAddr>,
+}
+
+/// Where group states are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Backend {
+    /// A redb file in the state directory.
+    #[default]
+    Redb,
+    /// PostgreSQL, shared by several controllers.
+    Postgres,
+}
+
+/// The shortest lease: renewals run three times a lease, and a save must fit in one.
+pub(crate) const MIN_LEASE_MS: u64 = 500;
+/// The lease when none is configured.
+pub(crate) const DEFAULT_LEASE_MS: u64 = 3_000;
+
+impl StorageConfig {
+    /// The lease length.
+    pub(crate) fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lease_ms.unwrap_or(DEFAULT_LEASE_MS))
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.backend {
+            Backend::Redb => {
+                let postgres_only = [
+                    ("url", self.url.is_some()),
+                    ("password_file", self.password_file.is_some()),
+                    ("lease_ms", self.lease_ms.is_some()),
+                    ("advertise", self.advertise.is_some()),
+                ];
+                if let Some((key, _)) = postgres_only.iter().find(|(_, set)| *set) {
+                    bail!(
+                        "[storage] {key} is for backend = \"postgres\"; set that, or remove {key}"
+                    );
+                }
+            }
+            Backend::Postgres => {
+                if self.url.is_none() {
+                    bail!(
+                        "[storage] backend = \"postgres\" needs url = \"…\" (for example \
+                         \"host=/run/postgresql dbname=gkm user=gkm\")"
+                    );
+                }
+                if let Some(ms) = self.lease_ms
+                    && ms < MIN_LEASE_MS
+                {
+                    bail!("[storage] lease_ms is at least {MIN_LEASE_MS}, not {ms}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One group.
@@ -152,6 +239,7 @@ impl Default for Config {
             metrics: None,
             max_connections: default_max_connections(),
             groups: default_groups(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -173,6 +261,7 @@ impl Config {
 
     /// Every check `run` would make of the settings before serving them.
     fn check(&self) -> Result<()> {
+        self.storage.check()?;
         if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
             bail!(
                 "max_connections is 1..={MAX_CONNECTIONS_LIMIT}, not {}",
@@ -210,6 +299,18 @@ impl Config {
         writeln!(out, "listen            {}", self.listen)?;
         writeln!(out, "metrics           {metrics}")?;
         writeln!(out, "max_connections   {}", self.max_connections)?;
+        match self.storage.backend {
+            Backend::Redb => writeln!(
+                out,
+                "storage           redb (state.redb in the state directory)"
+            )?,
+            Backend::Postgres => writeln!(
+                out,
+                "storage           postgres, lease {} ms, advertised as {}",
+                self.storage.lease().as_millis(),
+                self.storage.advertise.unwrap_or(self.listen)
+            )?,
+        }
         for g in &self.groups {
             let p = g.policy()?;
             writeln!(out, "group {:?} (id {})", g.name, p.id)?;
