@@ -58,6 +58,8 @@ mod persist;
 mod policy;
 mod reject;
 mod roster;
+#[cfg(any(feature = "disk", feature = "postgres"))]
+mod rows;
 mod store;
 
 pub use controller::{
@@ -66,7 +68,7 @@ pub use controller::{
     Subscription, Transmit, VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
-pub use disk::{DiskStore, MAX_RECORDS};
+pub use disk::DiskStore;
 pub use fanout::{COOKIE_INTERVAL_MS, COOKIE_LIFETIME_MS, SOURCE_BUDGET};
 #[cfg(feature = "disk")]
 pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
@@ -75,6 +77,8 @@ pub use persist::{OVERLAP_SAVE_MIN, Persist, PersistTicket, Persisted, Save, Sto
 pub use policy::{
     ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, PolicyError, Timestamp, TokenRule,
 };
+#[cfg(any(feature = "disk", feature = "postgres"))]
+pub use rows::MAX_RECORDS;
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
     MemberRecord, MemoryStore, Store, StoreError,
