@@ -1063,9 +1063,9 @@ fn write_head(
     let epoch = epoch.map(|e| sql_u64(e.0)).transpose()?;
     tx.execute(
         "INSERT INTO gkm_heads AS h (group_id, epoch, seq, head)
-         VALUES ($1, coalesce($2, 0), 1, $3)
+         VALUES ($1, coalesce($2::bigint, 0), 1, $3)
          ON CONFLICT (group_id) DO UPDATE SET
-             epoch = coalesce($2, h.epoch), seq = h.seq + 1, head = EXCLUDED.head",
+             epoch = coalesce($2::bigint, h.epoch), seq = h.seq + 1, head = EXCLUDED.head",
         &[&sql_group(group), &epoch, &sealed],
     )
     .map_err(|e| pg_error("cannot write the head", &e))?;
