@@ -78,8 +78,8 @@ use crate::rows::{
 };
 use crate::store::{CompactionFailure, GroupDelta, GroupRecords, GroupState, Store, StoreError};
 
-/// How to reach the database.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How to reach the database. `Debug` hides a password written in the connection string.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgConfig {
     /// A connection string: a URL (`postgresql://user@host:5432/db`, or
     /// `postgresql://user@%2Frun%2Fpostgresql/db` for a Unix-socket directory) or `key=value`
@@ -88,6 +88,36 @@ pub struct PgConfig {
     /// A file holding the password (trailing newlines ignored). Without it, the `PGPASSWORD`
     /// environment variable is used if set; never the command line.
     pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &redacted(&self.url))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+/// `url` with the password of a URL's user part, or of a `password=` pair, as `***`.
+fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if let Some((user_info, host)) = authority.rsplit_once('@')
+            && let Some((user, _)) = user_info.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}{path}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The schema migrations, numbered from 1 by their place in this list. Applied in order, each
@@ -351,7 +381,7 @@ impl PgStore {
 
     /// Every lease in the database, by group.
     pub fn leases(&mut self) -> Result<Vec<LeaseRow>, StoreError> {
-        let rows = transact(&mut self.client, &self.pg, |tx| {
+        let rows = read(&mut self.client, &self.pg, |tx| {
             tx.query(
                 "SELECT group_id, term, holder, address,
                         CASE WHEN expires > clock_timestamp()
@@ -383,7 +413,7 @@ impl PgStore {
     /// itself only ever comes from authenticated rows ([`PgStore::load_group`]).
     pub fn log_position(&mut self, group: GroupId) -> Result<Option<LogPosition>, StoreError> {
         let id = sql_group(group);
-        let row = transact(&mut self.client, &self.pg, |tx| {
+        let row = read(&mut self.client, &self.pg, |tx| {
             tx.query_opt(
                 "SELECT epoch, seq FROM gkm_heads WHERE group_id = $1",
                 &[&id],
@@ -1155,4 +1185,56 @@ fn describe(e: &postgres::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_comes_from_its_file_and_never_shows_in_debug_or_errors() {
+        let dir = std::env::temp_dir().join(format!("gkm-pg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "s3cret\r\n").unwrap();
+        let config = PgConfig {
+            url: "host=/run/postgresql user=gkm".into(),
+            password_file: Some(file.clone()),
+        };
+        let pg = pg_config(&config).unwrap();
+        assert_eq!(pg.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(pg.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+
+        let missing = PgConfig {
+            password_file: Some(dir.join("missing")),
+            ..config
+        };
+        let error = pg_config(&missing).unwrap_err().to_string();
+        assert!(error.contains("missing"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for url in [
+            "postgresql://gkm:hunter2@db.example:5432/gkm?sslmode=disable",
+            "host=db.example user=gkm password=hunter2 dbname=gkm",
+        ] {
+            let config = PgConfig {
+                url: url.into(),
+                password_file: None,
+            };
+            let shown = format!("{config:?}");
+            assert!(
+                !shown.contains("hunter2") && shown.contains("***"),
+                "{shown}"
+            );
+        }
+        let bad = PgConfig {
+            url: "postgresql://gkm:hunter2@db.example:notaport/gkm".into(),
+            password_file: None,
+        };
+        let error = pg_config(&bad).unwrap_err().to_string();
+        assert!(
+            error.contains("does not parse") && !error.contains("hunter2"),
+            "{error}"
+        );
+    }
 }
