@@ -56,8 +56,8 @@ use redb::{
 use zeroize::Zeroizing;
 
 use crate::rows::{
-    BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, backend,
-    corrupt, delta_rows, replay, state_rows,
+    BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, corrupt,
+    delta_rows, replay, state_rows,
 };
 use crate::store::{CompactionFailure, GroupDelta, GroupRecords, GroupState, Store, StoreError};
 
@@ -587,6 +587,10 @@ fn check_log_within(
         }
         None => Ok(()),
     }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
 }
 
 /// How the sealer writes and reads redb tables.

@@ -38,7 +38,8 @@
 //!   the commit. A claim updates that row, so it waits for the save to commit or roll back: every
 //!   committed save of term `t` is ordered before the claim that makes term `t + 1`, and every
 //!   save that starts after that claim finds a term other than its own and rolls back with
-//!   [`StoreError::Deposed`]. A new leader that loads the group after its claim therefore sees
+//!   [`StoreError::Deposed`]. A lease that runs out while a save holds the lock is taken only
+//!   once that save has ended. A new leader that loads the group after its claim therefore sees
 //!   every epoch its predecessor committed, and rekeys above them.
 //! - A controller that stops in the middle of a save holds the lock only until the database ends
 //!   its session (`idle_in_transaction_session_timeout`, 5 s); a claim waiting on the lock gives
@@ -46,7 +47,8 @@
 //!
 //! The controller, not the store, must stop *sending* as leader once its lease may have expired:
 //! [`Lease::until`] is a deadline by the controller's monotonic clock taken before the claim or
-//! renewal was sent, so it falls before the database's expiry. Fencing makes that a matter of
+//! renewal was sent, so it falls before the database's expiry (as long as the two clocks run at
+//! about the same rate). Fencing makes that a matter of
 //! liveness only: a rekey is sent after its save committed, and a save cannot commit once the
 //! term changed.
 //!
@@ -59,7 +61,12 @@
 //!
 //! Limits: no TLS (connect over a Unix socket or a trusted network); row and state limits as the
 //! redb store ([`MAX_RECORDS`](crate::MAX_RECORDS)); one store per holder identity (two
-//! processes with one identity take the lease from each other).
+//! processes with one identity take the lease from each other). There is no deadline on the
+//! client's side: a server that is alive but stalled (its process stopped, its kernel still
+//! answering) holds a call until the server's own timeouts end it, or forever if it never
+//! resumes; a lost host or network is bounded by the keepalives and TCP user timeout, a dead
+//! server at once. Only the `PG*` settings written in the connection string and `PGPASSWORD`
+//! are read, not `PGHOST` and the others (the driver does not read the environment).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;

@@ -250,10 +250,6 @@ fn cut_rows<'a>(
     })
 }
 
-pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
 pub(crate) fn corrupt(group: GroupId, what: &str) -> StoreError {
     StoreError::Corrupt(format!("group {group}: {what}"))
 }
