@@ -1199,6 +1199,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_store_moves_to_a_store_thread() {
+        fn send<T: Send>() {}
+        send::<PgStore>();
+    }
+
+    #[test]
     fn the_password_comes_from_its_file_and_never_shows_in_debug_or_errors() {
         let dir = std::env::temp_dir().join(format!("gkm-pg-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
