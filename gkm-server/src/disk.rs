@@ -34,7 +34,8 @@
 //! nonce; random nonces need no state and, at a few hundred rows a second, collide with
 //! probability below 2^-40 within a century of rows). The associated data names the row (label
 //! of its table, group, sequence number), so rows cannot be moved between tables, groups or
-//! positions.
+//! positions. The records, rows and sealing live in `rows.rs`, shared with the PostgreSQL store,
+//! whose rows are the same bytes.
 //!
 //! Loading checks everything: every row the head names authenticates, sequence numbers are
 //! contiguous within each run and the log holds no row outside its run, the first row of the
@@ -48,19 +49,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
-use lkh_tree::{Epoch, GroupId, KeyVersion, NodeId, NodeKey, NodeRecord, Strategy, TreeConfig};
+use lkh_tree::{Epoch, GroupId};
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
 };
-use wire::MemberId;
 use zeroize::Zeroizing;
 
-use crate::policy::Timestamp;
-use crate::store::{
-    CompactionFailure, GroupDelta, GroupRecords, GroupState, MemberRecord, Store, StoreError,
+use crate::rows::{
+    BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, corrupt,
+    delta_rows, replay, state_rows,
 };
+use crate::store::{CompactionFailure, GroupDelta, GroupRecords, GroupState, Store, StoreError};
 
 type Rows = TableDefinition<'static, (u64, u64), &'static [u8]>;
 const LOG: Rows = TableDefinition::new("gkm log");
@@ -68,61 +67,6 @@ const BASES: Rows = TableDefinition::new("gkm bases");
 const HEADS: TableDefinition<u64, &[u8]> = TableDefinition::new("gkm heads");
 /// The table of the first format (one sealed blob per group), which this store refuses.
 const OLD_TABLE: &str = "groups";
-const LOG_LABEL: &[u8] = b"gkm v2 log row";
-const BASE_LABEL: &[u8] = b"gkm v2 base row";
-const HEAD_LABEL: &[u8] = b"gkm v2 head";
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
-/// Plaintext bytes after which a row is cut. A row ends at most one record (< 128 bytes) past it,
-/// so a sealed row stays under 256 KiB: redb allocates large values in power-of-two pages, and a
-/// row just over 256 KiB would take 512.
-const ROW_BYTES: usize = 256 * 1024 - 256;
-/// Rows a compaction writes per transaction (about 4 MiB).
-const COMPACTION_ROWS: usize = 16;
-/// Records that fit one compaction transaction whatever their kind (a member record, the
-/// largest, is 93 bytes): about 43,000.
-const ONE_TRANSACTION_RECORDS: usize = COMPACTION_ROWS * (ROW_BYTES / 96);
-/// Most tree nodes or members one stored group may hold (2^25).
-pub const MAX_RECORDS: usize = 1 << 25;
-
-const BASE: u8 = 1;
-const EPOCH: u8 = 2;
-const NODE: u8 = 3;
-const NODE_GONE: u8 = 4;
-const MEMBER: u8 = 5;
-const MEMBER_GONE: u8 = 6;
-const SPENT: u8 = 7;
-const BANNED: u8 = 8;
-const UNBANNED: u8 = 9;
-const NO_PARENT: u32 = u32::MAX;
-
-/// The sequence numbers `first..next` of a run of rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Span {
-    first: u64,
-    next: u64,
-}
-
-impl Span {
-    fn empty_at(seq: u64) -> Span {
-        Span {
-            first: seq,
-            next: seq,
-        }
-    }
-
-    fn is_empty(self) -> bool {
-        self.first == self.next
-    }
-}
-
-/// Which rows hold a group's state: its full state in `gkm bases`, then the deltas in `gkm log`.
-/// An empty base run means a file of the earlier layout, whose log begins with the full state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Head {
-    base: Span,
-    log: Span,
-}
 
 /// A compaction running on its own thread.
 struct Running {
@@ -194,7 +138,7 @@ impl DiskStore {
             db: Some(Arc::new(db)),
             path: path.to_path_buf(),
             failed: false,
-            sealer: Sealer(ChaCha20Poly1305::new(&(*key).into())),
+            sealer: Sealer::new(key),
             written: Arc::new(AtomicU64::new(0)),
             compaction: None,
             failures: VecDeque::new(),
@@ -645,42 +589,12 @@ fn check_log_within(
     }
 }
 
-/// The storage key's cipher, and how rows and heads are sealed with it.
-#[derive(Clone)]
-struct Sealer(ChaCha20Poly1305);
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
 
+/// How the sealer writes and reads redb tables.
 impl Sealer {
-    /// nonce (12) ‖ ciphertext ‖ tag (16).
-    fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce)
-            .map_err(|e| StoreError::Backend(format!("the OS random source failed: {e}")))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + TAG_LEN);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let tag = self
-            .0
-            .encrypt_inout_detached(
-                &Nonce::from(nonce),
-                aad,
-                out.get_mut(NONCE_LEN..).unwrap_or_default().into(),
-            )
-            .map_err(|_| StoreError::Backend("row too large to seal".into()))?;
-        out.extend_from_slice(&tag);
-        Ok(out)
-    }
-
-    fn unseal(&self, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let (nonce, rest) = sealed.split_first_chunk::<NONCE_LEN>()?;
-        let (body, tag) = rest.split_at(rest.len().checked_sub(TAG_LEN)?);
-        let tag = Tag::try_from(tag).ok()?;
-        let mut plain = Zeroizing::new(body.to_vec());
-        self.0
-            .decrypt_inout_detached(&Nonce::from(*nonce), aad, plain.as_mut_slice().into(), &tag)
-            .ok()?;
-        Some(plain)
-    }
-
     /// Seals `plain` as row `seq` of the group in `table` (labelled `label`); returns the sealed
     /// size.
     fn insert_row(
@@ -691,27 +605,11 @@ impl Sealer {
         seq: u64,
         plain: &[u8],
     ) -> Result<u64, StoreError> {
-        let sealed = self.seal(&row_aad(label, group, seq), plain)?;
+        let sealed = self.seal_row(label, group, seq, plain)?;
         table
             .insert((group.0, seq), sealed.as_slice())
             .map_err(backend)?;
         Ok(sealed.len() as u64)
-    }
-
-    fn open_row(
-        &self,
-        label: &[u8],
-        group: GroupId,
-        seq: u64,
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        self.unseal(&row_aad(label, group, seq), sealed)
-            .ok_or_else(|| {
-                corrupt(
-                    group,
-                    &format!("row {seq} does not authenticate (wrong storage.key, or altered)"),
-                )
-            })
     }
 
     fn read_head(
@@ -725,16 +623,6 @@ impl Sealer {
         }
     }
 
-    fn open_head(&self, group: GroupId, sealed: &[u8]) -> Result<Head, StoreError> {
-        let plain = self.unseal(&head_aad(group), sealed).ok_or_else(|| {
-            corrupt(
-                group,
-                "head does not authenticate (wrong storage.key, or altered)",
-            )
-        })?;
-        decode_head(&plain).ok_or_else(|| corrupt(group, "head does not decode"))
-    }
-
     /// Seals and stores the group's head; returns the sealed size.
     fn write_head(
         &self,
@@ -742,344 +630,24 @@ impl Sealer {
         group: GroupId,
         head: Head,
     ) -> Result<u64, StoreError> {
-        let sealed = self.seal(&head_aad(group), &encode_head(head))?;
+        let sealed = self.seal_head(group, head)?;
         heads.insert(group.0, sealed.as_slice()).map_err(backend)?;
         Ok(sealed.len() as u64)
-    }
-}
-
-/// One record of a stored state or delta.
-enum Record<'a> {
-    Base(&'a GroupState),
-    Epoch(Epoch),
-    Node(&'a NodeRecord),
-    NodeGone(NodeId),
-    Member(&'a MemberRecord),
-    MemberGone(NodeId),
-    /// An enrollment token's digest, spent.
-    Spent(&'a [u8; 32]),
-    /// An identity banned.
-    Banned(&'a [u8; 32]),
-    /// An identity no longer banned.
-    Unbanned(&'a [u8; 32]),
-}
-
-impl Record<'_> {
-    fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Record::Base(state) => encode_base(out, state),
-            Record::Epoch(epoch) => {
-                out.push(EPOCH);
-                out.extend_from_slice(&epoch.0.to_be_bytes());
-            }
-            Record::Node(node) => encode_node(out, node),
-            Record::NodeGone(id) => {
-                out.push(NODE_GONE);
-                out.extend_from_slice(&id.0.to_be_bytes());
-            }
-            Record::Member(member) => encode_member(out, member),
-            Record::MemberGone(leaf) => {
-                out.push(MEMBER_GONE);
-                out.extend_from_slice(&leaf.0.to_be_bytes());
-            }
-            Record::Spent(digest) => {
-                out.push(SPENT);
-                out.extend_from_slice(*digest);
-            }
-            Record::Banned(identity) => {
-                out.push(BANNED);
-                out.extend_from_slice(*identity);
-            }
-            Record::Unbanned(identity) => {
-                out.push(UNBANNED);
-                out.extend_from_slice(*identity);
-            }
-        }
-    }
-}
-
-/// The rows (plaintexts) of a full state: the base record, the nodes, the members.
-fn state_rows(state: &GroupState) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + '_ {
-    let records = std::iter::once(Record::Base(state))
-        .chain(state.tree.nodes.iter().map(Record::Node))
-        .chain(state.members.iter().map(Record::Member))
-        .chain(state.enrollment.spent.iter().map(Record::Spent))
-        .chain(state.enrollment.banned.iter().map(Record::Banned));
-    cut_rows(records)
-}
-
-/// The rows (plaintexts) of a delta: its epoch, what was removed, what was added or changed.
-fn delta_rows(delta: &GroupDelta) -> impl Iterator<Item = Zeroizing<Vec<u8>>> + '_ {
-    let records = std::iter::once(Record::Epoch(delta.epoch))
-        .chain(delta.tree.removed.iter().map(|&id| Record::NodeGone(id)))
-        .chain(delta.removed_members.iter().map(|&l| Record::MemberGone(l)))
-        .chain(delta.tree.changed.iter().map(Record::Node))
-        .chain(delta.members.iter().map(Record::Member))
-        .chain(delta.enrollment.spent.iter().map(Record::Spent))
-        .chain(delta.enrollment.banned.iter().map(Record::Banned))
-        .chain(delta.enrollment.unbanned.iter().map(Record::Unbanned));
-    cut_rows(records)
-}
-
-/// Encodes `records` into rows, each cut once it holds [`ROW_BYTES`].
-fn cut_rows<'a>(
-    records: impl Iterator<Item = Record<'a>>,
-) -> impl Iterator<Item = Zeroizing<Vec<u8>>> {
-    let mut records = records.peekable();
-    std::iter::from_fn(move || {
-        records.peek()?;
-        let mut row = Zeroizing::new(Vec::with_capacity(ROW_BYTES + 128));
-        while row.len() < ROW_BYTES {
-            let Some(record) = records.next() else { break };
-            record.encode(&mut row);
-        }
-        Some(row)
-    })
-}
-
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-fn corrupt(group: GroupId, what: &str) -> StoreError {
-    StoreError::Corrupt(format!("group {group}: {what}"))
-}
-
-fn row_aad(label: &[u8], group: GroupId, seq: u64) -> Vec<u8> {
-    let mut aad = label.to_vec();
-    aad.extend_from_slice(&group.0.to_be_bytes());
-    aad.extend_from_slice(&seq.to_be_bytes());
-    aad
-}
-
-fn head_aad(group: GroupId) -> Vec<u8> {
-    let mut aad = HEAD_LABEL.to_vec();
-    aad.extend_from_slice(&group.0.to_be_bytes());
-    aad
-}
-
-/// base run, log run (32 bytes).
-fn encode_head(head: Head) -> Vec<u8> {
-    [
-        head.base.first,
-        head.base.next,
-        head.log.first,
-        head.log.next,
-    ]
-    .iter()
-    .flat_map(|n| n.to_be_bytes())
-    .collect()
-}
-
-/// A head: base run and log run (32 bytes), or only the log run (16 bytes, the earlier layout).
-/// Either run may be empty, not both; with no base run, the log begins with the state.
-fn decode_head(bytes: &[u8]) -> Option<Head> {
-    let mut r = Reader(bytes);
-    let mut span = || -> Option<Span> {
-        let span = Span {
-            first: r.u64().ok()?,
-            next: r.u64().ok()?,
-        };
-        (span.first <= span.next).then_some(span)
-    };
-    let head = match bytes.len() {
-        16 => Head {
-            base: Span::empty_at(0),
-            log: span()?,
-        },
-        32 => Head {
-            base: span()?,
-            log: span()?,
-        },
-        _ => return None,
-    };
-    (!head.base.is_empty() || !head.log.is_empty()).then_some(head)
-}
-
-fn encode_base(out: &mut Vec<u8>, state: &GroupState) {
-    let t = &state.tree;
-    out.push(BASE);
-    out.extend_from_slice(&t.group.0.to_be_bytes());
-    out.push(t.config.degree);
-    out.push(match t.config.strategy {
-        Strategy::Key => 1,
-        Strategy::User => 2,
-        _ => 0,
-    });
-    out.push(u8::from(t.config.hash_forward_joins));
-    out.push(u8::from(t.config.one_way));
-    out.extend_from_slice(&t.epoch.0.to_be_bytes());
-}
-
-fn encode_node(out: &mut Vec<u8>, n: &NodeRecord) {
-    out.push(NODE);
-    out.extend_from_slice(&n.id.0.to_be_bytes());
-    out.extend_from_slice(&n.parent.map_or(NO_PARENT, |p| p.0).to_be_bytes());
-    out.push(u8::from(n.leaf));
-    out.extend_from_slice(&n.version.0.to_be_bytes());
-    out.extend_from_slice(n.key.as_bytes());
-}
-
-fn encode_member(out: &mut Vec<u8>, m: &MemberRecord) {
-    out.push(MEMBER);
-    out.extend_from_slice(&m.id.0.to_be_bytes());
-    out.extend_from_slice(&m.identity);
-    out.extend_from_slice(&m.hpke_key);
-    out.extend_from_slice(&m.leaf.0.to_be_bytes());
-    out.extend_from_slice(&m.joined.to_be_bytes());
-    out.extend_from_slice(&m.lease_until.0.to_be_bytes());
-}
-
-/// Applies the records of one row. `base` says whether this is the group's first row, which must
-/// begin with the base record (and only it may).
-fn replay(records: &mut Option<GroupRecords>, base: bool, plain: &[u8]) -> Result<(), String> {
-    let mut r = Reader(plain);
-    if base {
-        if r.u8()? != BASE {
-            return Err("the first row does not begin with the base record".into());
-        }
-        *records = Some(decode_base(&mut r)?);
-    }
-    let records = records
-        .as_mut()
-        .ok_or_else(|| "a row before the base".to_owned())?;
-    while !r.0.is_empty() {
-        match r.u8()? {
-            EPOCH => {
-                let epoch = Epoch(r.u64()?);
-                if epoch < records.epoch {
-                    return Err(format!("epoch {epoch} goes back from {}", records.epoch));
-                }
-                records.epoch = epoch;
-            }
-            NODE => {
-                let node = decode_node(&mut r)?;
-                records.nodes.insert(node.id, node);
-            }
-            NODE_GONE => {
-                records.nodes.remove(&NodeId(r.u32()?));
-            }
-            MEMBER => {
-                let member = decode_member(&mut r)?;
-                records.members.insert(member.leaf, member);
-            }
-            MEMBER_GONE => {
-                records.members.remove(&NodeId(r.u32()?));
-            }
-            SPENT => {
-                records.enrollment.spent.insert(r.take()?);
-            }
-            BANNED => {
-                records.enrollment.banned.insert(r.take()?);
-            }
-            UNBANNED => {
-                records.enrollment.banned.remove(&r.take::<32>()?);
-            }
-            tag => return Err(format!("unknown record {tag}")),
-        }
-        if records.nodes.len() > MAX_RECORDS
-            || records.members.len() > MAX_RECORDS
-            || records.enrollment.len() > MAX_RECORDS
-        {
-            return Err(format!("more than {MAX_RECORDS} records"));
-        }
-    }
-    Ok(())
-}
-
-fn decode_base(r: &mut Reader<'_>) -> Result<GroupRecords, String> {
-    let group = GroupId(r.u64()?);
-    let degree = r.u8()?;
-    let strategy = match r.u8()? {
-        0 => Strategy::Group,
-        1 => Strategy::Key,
-        2 => Strategy::User,
-        s => return Err(format!("unknown strategy {s}")),
-    };
-    let config = TreeConfig {
-        degree,
-        strategy,
-        hash_forward_joins: r.bool()?,
-        one_way: r.bool()?,
-    };
-    Ok(GroupRecords {
-        group,
-        config,
-        epoch: Epoch(r.u64()?),
-        nodes: std::collections::BTreeMap::new(),
-        members: std::collections::BTreeMap::new(),
-        enrollment: crate::store::EnrollmentRecords::default(),
-    })
-}
-
-fn decode_node(r: &mut Reader<'_>) -> Result<NodeRecord, String> {
-    Ok(NodeRecord {
-        id: NodeId(r.u32()?),
-        parent: match r.u32()? {
-            NO_PARENT => None,
-            p => Some(NodeId(p)),
-        },
-        leaf: r.bool()?,
-        version: KeyVersion(r.u64()?),
-        key: NodeKey::from_bytes(r.take::<32>()?),
-    })
-}
-
-fn decode_member(r: &mut Reader<'_>) -> Result<MemberRecord, String> {
-    let member = MemberRecord {
-        id: MemberId(r.u64()?),
-        identity: r.take()?,
-        hpke_key: r.take()?,
-        leaf: NodeId(r.u32()?),
-        joined: r.u64()?,
-        lease_until: Timestamp(r.u64()?),
-    };
-    if member.id.0 >> 32 != u64::from(member.leaf.0) {
-        return Err(format!(
-            "member {} is not at leaf {}",
-            member.id.0, member.leaf
-        ));
-    }
-    Ok(member)
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let (head, rest) = self
-            .0
-            .split_first_chunk::<N>()
-            .ok_or_else(|| "truncated".to_owned())?;
-        self.0 = rest;
-        Ok(*head)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take::<1>()?[0])
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(self.take()?))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(self.take()?))
-    }
-    fn bool(&mut self) -> Result<bool, String> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(format!("bad flag {b}")),
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EnrollmentChanges;
+    use crate::policy::Timestamp;
+    use crate::rows::{Record, encode_base, encode_head, encode_member, encode_node, head_aad};
+    use crate::store::{EnrollmentChanges, MemberRecord};
     use lkh_tree::{Batch, KeyTree};
+    use lkh_tree::{NodeId, NodeRecord, TreeConfig};
     use rand_chacha::ChaCha20Rng;
     use rand_core::{Rng, SeedableRng};
     use std::path::PathBuf;
+    use wire::MemberId;
 
     const KEY: [u8; 32] = [7; 32];
 
@@ -1611,55 +1179,5 @@ mod tests {
         rng.fill_bytes(&mut bytes);
         std::fs::write(&garbage, &bytes).unwrap();
         assert!(DiskStore::open(&garbage, &KEY).is_err());
-    }
-
-    #[test]
-    fn v036_a_bad_record_in_an_authentic_row_is_an_error() {
-        let mut records = None;
-        assert!(replay(&mut records, false, &[NODE]).is_err(), "no base");
-        let mut base = Vec::new();
-        encode_base(
-            &mut base,
-            &GroupState {
-                tree: lkh_tree::TreeSnapshot {
-                    group: GroupId(1),
-                    config: TreeConfig::default(),
-                    epoch: Epoch(3),
-                    nodes: Vec::new(),
-                },
-                members: Vec::new(),
-                enrollment: Default::default(),
-            },
-        );
-        for cut in 0..base.len() {
-            assert!(replay(&mut None, true, &base[..cut]).is_err(), "cut {cut}");
-        }
-        let mut bad = base.clone();
-        bad.extend_from_slice(&[EPOCH, 0, 0, 0, 0, 0, 0, 0, 1]);
-        assert!(
-            replay(&mut None, true, &bad)
-                .unwrap_err()
-                .contains("goes back")
-        );
-        let mut bad = base.clone();
-        bad.push(99);
-        assert!(
-            replay(&mut None, true, &bad)
-                .unwrap_err()
-                .contains("unknown record")
-        );
-        let mut bad = base;
-        encode_member(
-            &mut bad,
-            &MemberRecord {
-                leaf: NodeId(9),
-                ..member(NodeId(8), 1)
-            },
-        );
-        assert!(
-            replay(&mut None, true, &bad)
-                .unwrap_err()
-                .contains("not at leaf")
-        );
     }
 }

@@ -42,7 +42,9 @@
 //! a call (see the binaries; its workers sign and seal inside a call). The
 //! feature `disk` (on by default, through `daemon`) adds `DiskStore`, the daemon's store in a
 //! redb file, and `EpochFloor`, the epoch floor kept beside it that refuses an older copy of
-//! that file; the controller itself never touches a store.
+//! that file; the controller itself never touches a store. The feature `postgres` (also on
+//! through `daemon`) adds `PgStore`, the same sealed rows in PostgreSQL with a lease per group
+//! that fences every save, for controllers that take over from each other.
 
 #![forbid(unsafe_code)]
 
@@ -55,9 +57,13 @@ mod fanout;
 mod floor;
 mod gate;
 mod persist;
+#[cfg(feature = "postgres")]
+mod pg;
 mod policy;
 mod reject;
 mod roster;
+#[cfg(any(feature = "disk", feature = "postgres"))]
+mod rows;
 mod store;
 
 pub use controller::{
@@ -66,15 +72,19 @@ pub use controller::{
     Subscription, Transmit, VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
-pub use disk::{DiskStore, MAX_RECORDS};
+pub use disk::DiskStore;
 pub use fanout::{COOKIE_INTERVAL_MS, COOKIE_LIFETIME_MS, SOURCE_BUDGET};
 #[cfg(feature = "disk")]
 pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
 pub use gate::token_digest;
 pub use persist::{OVERLAP_SAVE_MIN, Persist, PersistTicket, Persisted, Save, StoreDriver};
+#[cfg(feature = "postgres")]
+pub use pg::{Lease, LeaseRow, LogPosition, MIGRATIONS, PgConfig, PgStore, SCHEMA_VERSION};
 pub use policy::{
     ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, PolicyError, Timestamp, TokenRule,
 };
+#[cfg(any(feature = "disk", feature = "postgres"))]
+pub use rows::MAX_RECORDS;
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
     MemberRecord, MemoryStore, Store, StoreError,

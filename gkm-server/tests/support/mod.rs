@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test crate uses a part of the helpers")]
 
+pub(crate) mod postgres;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
