@@ -8,7 +8,8 @@
 //! it are in the clear, for standbys that follow the log ([`PgStore::log_position`]): the epoch of
 //! the last save and a number that grows with every commit that changes the head. Loading checks
 //! the epoch against the rows. `gkm_leases (group_id, term, holder, address, expires)` holds the
-//! leases, `gkm_schema (version)` the migrations applied. The database only ever sees sealed
+//! leases, `gkm_schema (version)` the migrations applied, `gkm_controllers (holder, address,
+//! seen)` the controllers alive ([`PgStore::announce`]). The database only ever sees sealed
 //! rows, heads and epochs: no key material, and rows cannot be moved between tables, groups or
 //! positions (their associated data names all three). A group id is stored as the `bigint` with
 //! the same 64 bits.
@@ -163,10 +164,16 @@ pub const MIGRATIONS: &[&str] = &[
          address text NOT NULL,
          expires timestamptz NOT NULL
      );",
+    // 2: the controllers alive, so that each takes no more than its share of the groups.
+    "CREATE TABLE gkm_controllers (
+         holder text PRIMARY KEY,
+         address text NOT NULL,
+         seen timestamptz NOT NULL
+     );",
 ];
 
 /// The schema version this binary writes: the number of [`MIGRATIONS`].
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The advisory lock key under which migrations run ("gkm" and a 1).
 const MIGRATION_LOCK: i64 = 0x676b_6d00_0000_0001;
@@ -384,6 +391,42 @@ impl PgStore {
             .map_err(|e| pg_error("cannot release the lease", &e))
         })?;
         Ok(())
+    }
+
+    /// Says this controller is alive (by the database's clock), forgets controllers not seen for
+    /// `forget`, and returns those seen within `alive` (this one included), holder and address,
+    /// by holder. Groups are shared among these.
+    pub fn announce(
+        &mut self,
+        alive: Duration,
+        forget: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let (holder, address) = (&self.holder, &self.address);
+        let (alive, forget) = (alive.as_secs_f64(), forget.as_secs_f64());
+        let rows = transact(&mut self.client, &self.pg, |tx| {
+            tx.execute(
+                "INSERT INTO gkm_controllers (holder, address, seen)
+                 VALUES ($1, $2, clock_timestamp())
+                 ON CONFLICT (holder) DO UPDATE
+                 SET address = EXCLUDED.address, seen = EXCLUDED.seen",
+                &[holder, address],
+            )
+            .map_err(|e| pg_error("cannot announce this controller", &e))?;
+            tx.execute(
+                "DELETE FROM gkm_controllers
+                 WHERE seen < clock_timestamp() - $1::float8 * interval '1 second'",
+                &[&forget],
+            )
+            .map_err(|e| pg_error("cannot forget old controllers", &e))?;
+            tx.query(
+                "SELECT holder, address FROM gkm_controllers
+                 WHERE seen >= clock_timestamp() - $1::float8 * interval '1 second'
+                 ORDER BY holder",
+                &[&alive],
+            )
+            .map_err(|e| pg_error("cannot read the controllers", &e))
+        })?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Every lease in the database, by group.

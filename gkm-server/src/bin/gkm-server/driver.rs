@@ -48,7 +48,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, Interface};
+use crate::cluster::Cluster;
+use crate::config::{Backend, Config, Interface};
 use crate::queue::{ControllerQueue, MAX_QUEUED_OTHER, ToController};
 use crate::state::StateDir;
 
@@ -166,16 +167,19 @@ fn store_thread(
     queue: &ControllerQueue,
 ) {
     for persist in jobs {
-        let ticket = persist.ticket;
-        // A store that panics fails this save and no other: the controller undoes the rekey.
-        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            persist.write(store.as_mut())
-        }));
-        let done = written.unwrap_or_else(|_| failed(ticket, "the store panicked"));
+        let done = write_caught(persist, store.as_mut());
         if !queue.send(ToController::Persisted(done)) {
             return;
         }
     }
+}
+
+/// Makes `persist` durable in `store`. A store that panics fails this save and no other: the
+/// controller undoes the rekey.
+pub(crate) fn write_caught(persist: Persist, store: &mut (dyn Store + Send)) -> Persisted {
+    let ticket = persist.ticket;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| persist.write(store)))
+        .unwrap_or_else(|_| failed(ticket, "the store panicked"))
 }
 
 /// The outcome of save `ticket` that could not be made.
@@ -213,6 +217,9 @@ struct Driver {
     /// Commands and scrapes held while a save is outstanding (they must not read a staged
     /// rekey), in arrival order.
     held: std::collections::VecDeque<Held>,
+    /// Every configured group's policy (high availability: a group this controller comes to
+    /// lead is served under it).
+    policies: HashMap<GroupId, gkm_server::GroupPolicy>,
     groups: HashMap<GroupId, GroupNet>,
     /// The request port's UDP socket (a clone of the one the subscription task reads).
     udp: UdpSocket,
@@ -227,63 +234,11 @@ struct Driver {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) -> Result<()> {
     let signer = dir.signer()?;
-    let opened = dir.open_store(allow_rollback)?;
-    let (store, restored) = (opened.store, opened.states);
-    let restored_epochs: Vec<(GroupId, u64)> = restored
-        .iter()
-        .map(|s| (s.tree.group, s.tree.epoch.0))
-        .collect();
-    let mut policies = Vec::new();
-    let mut groups = HashMap::new();
-    for g in &config.groups {
-        let policy = g.policy()?;
-        if matches!(policy.enrollment, gkm_server::Enrollment::Open) {
-            warn!(group = %g.name, "enrollment is open: anyone who can reach {} may join", config.listen);
-        }
-        groups.insert(
-            g.id(),
-            GroupNet {
-                name: g.name.clone(),
-                socket: multicast_socket(g.multicast, g.interface()?, g.ttl, g.multicast_loop)
-                    .with_context(|| {
-                        format!("group {:?}: cannot open its multicast socket", g.name)
-                    })?,
-                to: g.multicast,
-            },
-        );
-        policies.push(policy);
-    }
-    for (group, epoch) in &restored_epochs {
-        if groups.contains_key(group) {
-            info!(%group, epoch, "restored group state");
-        } else {
-            warn!(
-                %group,
-                epoch,
-                "the store holds a group that is not in the config: it is not served and its \
-                 members are told the group is unknown; add it back under its old name to serve it"
-            );
-        }
-    }
-    let mut controller = Controller::new(signer, UnwrapErr(SysRng), policies, restored, now())
-        .context("cannot build the controller from the stored state")?;
-    // A state older than the epoch floor is served only reset: its first act excludes every
-    // member, under an epoch above every one that went out before.
-    for behind in &opened.behind {
-        warn!(
-            group = %behind.group,
-            stored = behind.stored.0,
-            floor = behind.floor.0,
-            "--allow-rollback: the stored state is older than the epoch floor; resetting the group"
-        );
-        controller.reset(behind.group, now(), Some(behind.floor));
-    }
-    // A group started afresh (its state moved away) continues above the epochs it sent.
-    for (group, floor) in &opened.unstored {
-        if controller.reset(*group, now(), Some(*floor)) {
-            info!(%group, floor = floor.0, "no stored state: starting above the epoch floor");
-        }
-    }
+    let (policies, groups) = group_nets(&config)?;
+    let (mut controller, backing) = match config.storage.backend {
+        Backend::Redb => redb_controller(signer, dir, allow_rollback, policies.clone(), &groups)?,
+        Backend::Postgres => postgres_controller(signer, dir, &config, policies.clone())?,
+    };
     controller.set_workers(std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
 
     let listener = request_listener(config.listen).with_context(|| {
@@ -337,16 +292,21 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
     let queue = ControllerQueue::new(queue_capacity(config.max_connections));
     let (saves, jobs) = std::sync::mpsc::channel();
     let store_queue = queue.clone();
-    let store: Box<dyn Store + Send> = Box::new(store);
+    let ids = policies.iter().map(|p| p.id).collect();
+    let lease = config.storage.lease();
     let store_thread = std::thread::Builder::new()
         .name("gkm-store".into())
-        .spawn(move || store_thread(store, jobs, &store_queue))
+        .spawn(move || match backing {
+            Backing::Redb(store) => store_thread(store, jobs, &store_queue),
+            Backing::Postgres(store) => Cluster::new(store, lease, ids, store_queue).run(&jobs),
+        })
         .context("cannot start the store thread")?;
     let driver = Driver {
         controller,
         saves: Some(saves),
         store_thread: Some(store_thread),
         held: std::collections::VecDeque::new(),
+        policies: policies.into_iter().map(|p| (p.id, p)).collect(),
         groups,
         udp,
         fanout,
@@ -404,6 +364,103 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
     }
     info!("stopped");
     Ok(())
+}
+
+/// Every configured group's policy and multicast socket.
+fn group_nets(
+    config: &Config,
+) -> Result<(Vec<gkm_server::GroupPolicy>, HashMap<GroupId, GroupNet>)> {
+    let mut policies = Vec::new();
+    let mut groups = HashMap::new();
+    for g in &config.groups {
+        let policy = g.policy()?;
+        if matches!(policy.enrollment, gkm_server::Enrollment::Open) {
+            warn!(group = %g.name, "enrollment is open: anyone who can reach {} may join", config.listen);
+        }
+        groups.insert(
+            g.id(),
+            GroupNet {
+                name: g.name.clone(),
+                socket: multicast_socket(g.multicast, g.interface()?, g.ttl, g.multicast_loop)
+                    .with_context(|| {
+                        format!("group {:?}: cannot open its multicast socket", g.name)
+                    })?,
+                to: g.multicast,
+            },
+        );
+        policies.push(policy);
+    }
+    Ok((policies, groups))
+}
+
+/// Where the store thread saves.
+enum Backing {
+    /// The redb file of the state directory, behind its epoch floor.
+    Redb(Box<dyn Store + Send>),
+    /// PostgreSQL, shared with other controllers (high availability).
+    Postgres(gkm_server::PgStore),
+}
+
+/// The controller of one machine: every configured group served from the redb file.
+fn redb_controller(
+    signer: ed25519_dalek::SigningKey,
+    dir: &StateDir,
+    allow_rollback: bool,
+    policies: Vec<gkm_server::GroupPolicy>,
+    groups: &HashMap<GroupId, GroupNet>,
+) -> Result<(Controller<OsRng>, Backing)> {
+    let opened = dir.open_store(allow_rollback)?;
+    let (store, restored) = (opened.store, opened.states);
+    for state in &restored {
+        let (group, epoch) = (state.tree.group, state.tree.epoch.0);
+        if groups.contains_key(&group) {
+            info!(%group, epoch, "restored group state");
+        } else {
+            warn!(
+                %group,
+                epoch,
+                "the store holds a group that is not in the config: it is not served and its \
+                 members are told the group is unknown; add it back under its old name to serve it"
+            );
+        }
+    }
+    let mut controller = Controller::new(signer, UnwrapErr(SysRng), policies, restored, now())
+        .context("cannot build the controller from the stored state")?;
+    // A state older than the epoch floor is served only reset: its first act excludes every
+    // member, under an epoch above every one that went out before.
+    for behind in &opened.behind {
+        warn!(
+            group = %behind.group,
+            stored = behind.stored.0,
+            floor = behind.floor.0,
+            "--allow-rollback: the stored state is older than the epoch floor; resetting the group"
+        );
+        controller.reset(behind.group, now(), Some(behind.floor));
+    }
+    // A group started afresh (its state moved away) continues above the epochs it sent.
+    for (group, floor) in &opened.unstored {
+        if controller.reset(*group, now(), Some(*floor)) {
+            info!(%group, floor = floor.0, "no stored state: starting above the epoch floor");
+        }
+    }
+    Ok((controller, Backing::Redb(Box::new(store))))
+}
+
+/// A controller of a highly available set: it starts standing by for every group; its store
+/// thread claims its share of them ([`crate::cluster`]).
+fn postgres_controller(
+    signer: ed25519_dalek::SigningKey,
+    dir: &StateDir,
+    config: &Config,
+    policies: Vec<gkm_server::GroupPolicy>,
+) -> Result<(Controller<OsRng>, Backing)> {
+    let store = dir.open_postgres(config)?;
+    let mut controller = Controller::new(signer, UnwrapErr(SysRng), Vec::new(), Vec::new(), now())
+        .context("cannot build the controller")?;
+    for policy in &policies {
+        controller.set_standby(policy.id, None, now());
+    }
+    Ok((controller, Backing::Postgres(store)))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -467,11 +524,46 @@ impl Driver {
             }
             ToController::Metrics(reply) => self.held.push_back(Held::Metrics(reply)),
             ToController::Persisted(done) => self.controller.handle_persisted(now(), done),
+            ToController::Lead { group, state, term } => self.lead(group, state.as_deref(), term),
+            ToController::Standby {
+                group,
+                leader,
+                lost,
+            } => self.stand_by(group, leader, lost),
             ToController::Stop => {}
         }
         self.dispatch_saves();
         self.run_held();
         self.flush();
+    }
+
+    /// High availability: leads `group` from its committed `state`.
+    fn lead(&mut self, group: GroupId, state: Option<&gkm_server::GroupState>, term: u64) {
+        let Some(policy) = self.policies.get(&group).cloned() else {
+            return;
+        };
+        let at = now();
+        if let Err(e) = self.controller.adopt(policy, state, at) {
+            return warn!(%group, "cannot serve the group's committed state: {e}");
+        }
+        self.audit(&Event::Leading {
+            group: group.0,
+            term,
+            at: at.0,
+        });
+    }
+
+    /// High availability: another controller leads `group`.
+    fn stand_by(&mut self, group: GroupId, leader: Option<SocketAddr>, lost: Option<u64>) {
+        let at = now();
+        self.controller.set_standby(group, leader, at);
+        if let Some(term) = lost {
+            self.audit(&Event::Deposed {
+                group: group.0,
+                term,
+                at: at.0,
+            });
+        }
     }
 
     /// Hands the saves the controller asks for to the store thread, then signs their rekeys'

@@ -5,6 +5,7 @@
 //!
 //! `gkm-server init` makes the keys; `gkm-server run` serves (and inits first if needed).
 
+mod cluster;
 mod config;
 mod driver;
 mod queue;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use gkm_server::control::Reply;
-use gkm_server::{Command, ConnId, Inbound, MemberSigned, Persisted};
+use gkm_server::{Command, ConnId, GroupState, Inbound, MemberSigned, Persisted};
 use lkh_tree::GroupId;
 use tokio::sync::oneshot;
 
@@ -54,6 +54,20 @@ pub(crate) enum ToController {
     Metrics(oneshot::Sender<String>),
     /// The outcome of a save, from the store thread (always fits: one per group at most).
     Persisted(Persisted),
+    /// High availability: this controller now leads `group`, from its committed state (always
+    /// fits, as do the other leadership messages: a few per group per lease).
+    Lead {
+        group: GroupId,
+        state: Option<Box<GroupState>>,
+        term: u64,
+    },
+    /// High availability: another controller leads `group` (at `leader` when known); `lost` is
+    /// the term this one held, if it led the group until now.
+    Standby {
+        group: GroupId,
+        leader: Option<SocketAddr>,
+        lost: Option<u64>,
+    },
     /// Stop: flush and end the thread.
     Stop,
 }
@@ -154,7 +168,13 @@ impl ControllerQueue {
         };
         let budget = message.budget();
         let full = state.messages.len() >= self.0.capacity
-            && !matches!(message, ToController::Stop | ToController::Persisted(_));
+            && !matches!(
+                message,
+                ToController::Stop
+                    | ToController::Persisted(_)
+                    | ToController::Lead { .. }
+                    | ToController::Standby { .. }
+            );
         let spent = budget.is_some_and(|b| *state.count(b) >= b.limit());
         if state.closed || full || spent {
             return false;

@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::SigningKey;
-use gkm_server::{Behind, DiskStore, EpochFloor, FloorError, FlooredStore, GroupState, StoreError};
+use gkm_server::{
+    Behind, DiskStore, EpochFloor, FloorError, FlooredStore, GroupState, PgConfig, PgStore,
+    StoreError,
+};
+use tracing::info;
+
+use crate::config::Config;
 use lkh_tree::{Epoch, GroupId};
 use zeroize::Zeroizing;
 
@@ -148,6 +154,62 @@ impl StateDir {
             behind,
             unstored,
         })
+    }
+
+    /// Connects to PostgreSQL (`[storage] backend = "postgres"`), brings its schema up to date
+    /// and checks every stored group; takes the state directory's lock (`STATE_DIR/lock`: its
+    /// control socket and audit log are this process's). Errors say what to check.
+    pub(crate) fn open_postgres(&self, config: &Config) -> Result<PgStore> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join("lock"))
+            .with_context(|| format!("cannot open {}", self.dir.join("lock").display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "state directory {} is in use by another gkm-server; stop it or pass --state-dir",
+                self.dir.display()
+            );
+        }
+        // Held until the process ends.
+        std::mem::forget(lock);
+        let storage = &config.storage;
+        let url = storage.url.clone().unwrap_or_default();
+        let pg = PgConfig {
+            url,
+            password_file: storage.password_file.clone(),
+        };
+        let address = storage.advertise.unwrap_or(config.listen);
+        if address.ip().is_unspecified() {
+            bail!(
+                "listen = {} names no address members can reach: set [storage] advertise to the \
+                 address members reach this controller at",
+                config.listen
+            );
+        }
+        let key = self.read_storage_key()?;
+        let holder = crate::cluster::holder_name();
+        match PgStore::open(&pg, &key, &holder, &address.to_string()) {
+            Ok((store, states)) => {
+                info!(
+                    holder,
+                    groups = states.len(),
+                    "PostgreSQL store open: standing by until leases are claimed"
+                );
+                Ok(store)
+            }
+            Err(e @ StoreError::Corrupt(_)) => Err(e).context(
+                "the group states in PostgreSQL are corrupt, were tampered with, or are sealed \
+                 under another storage key (every controller needs the same storage.key); \
+                 refusing to serve",
+            ),
+            Err(e) => Err(e).context(
+                "cannot use the PostgreSQL store: check that the server runs and that [storage] \
+                 url (and password_file or PGPASSWORD) reach it",
+            ),
+        }
     }
 
     /// The storage key, from where [`StateDir::storage_key`] says.
