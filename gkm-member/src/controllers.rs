@@ -57,14 +57,14 @@ impl Controllers {
                 self.current = leader;
                 Some(leader)
             }
-            _ => self.next(),
+            _ => self.advance(),
         }
     }
 
     /// The controller asked now did not answer (connection refused, reset or timed out): ask
     /// the next configured one. The controller asked from now on, if it changed (it does not
     /// when only one is configured).
-    pub fn next(&mut self) -> Option<SocketAddr> {
+    pub fn advance(&mut self) -> Option<SocketAddr> {
         if self.addrs.len() < 2 {
             return None;
         }
@@ -109,7 +109,10 @@ mod tests {
     #[test]
     fn a_named_leader_is_followed_only_when_configured() {
         let mut c = three();
-        assert_eq!(c.not_leader(Some(addr("[::1]:47700"))), Some(addr("[::1]:47700")));
+        assert_eq!(
+            c.not_leader(Some(addr("[::1]:47700"))),
+            Some(addr("[::1]:47700"))
+        );
         assert_eq!(c.current(), addr("[::1]:47700"));
         // An address nobody configured (a forged or misconfigured answer): the next one.
         assert_eq!(
@@ -127,13 +130,19 @@ mod tests {
     #[test]
     fn next_cycles_and_a_single_controller_stays() {
         let mut c = three();
-        let seen: Vec<_> = (0..4).filter_map(|_| c.next()).collect();
+        let seen: Vec<_> = (0..4).filter_map(|_| c.advance()).collect();
         assert_eq!(
             seen,
-            ["10.0.0.2:47700", "[::1]:47700", "10.0.0.1:47700", "10.0.0.2:47700"].map(addr)
+            [
+                "10.0.0.2:47700",
+                "[::1]:47700",
+                "10.0.0.1:47700",
+                "10.0.0.2:47700"
+            ]
+            .map(addr)
         );
         let mut one = Controllers::new([addr("10.0.0.1:47700")]).unwrap();
-        assert_eq!(one.next(), None);
+        assert_eq!(one.advance(), None);
         assert_eq!(one.not_leader(Some(addr("10.0.0.9:47700"))), None);
         assert_eq!(one.current(), addr("10.0.0.1:47700"));
     }

@@ -816,8 +816,10 @@ impl<R: CryptoRng> Member<R> {
         }
         let leader = reason.trim().parse::<SocketAddr>().ok();
         let retry_in_ms = self.redirect(now);
-        self.events
-            .push_back(MemberEvent::NotLeader { leader, retry_in_ms });
+        self.events.push_back(MemberEvent::NotLeader {
+            leader,
+            retry_in_ms,
+        });
     }
 
     /// Whether a request waits for its reply: a registration, a resync or renewal, a leave.
@@ -960,9 +962,12 @@ mod tests {
             leaves: vec![],
             joins: 4,
         };
-        let path = tree.rekey(&batch, &mut rng).unwrap().joiners[1].path.clone();
+        let path = tree.rekey(&batch, &mut rng).unwrap().joiners[1]
+            .path
+            .clone();
         let hpke = HpkeSecret::generate(&mut rng);
-        let mut member = Member::resume(config(controllers), identity(), hpke, rng, ID, path, START);
+        let mut member =
+            Member::resume(config(controllers), identity(), hpke, rng, ID, path, START);
         let request = member.poll_request().unwrap();
         (member, request)
     }
@@ -972,7 +977,10 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(2);
         let hpke = HpkeSecret::generate(&mut rng);
         let mut member = Member::new(config(controllers), identity(), hpke, rng, START);
-        assert_eq!(kind(&member.poll_request().unwrap()), MessageType::RegistrationRequest);
+        assert_eq!(
+            kind(&member.poll_request().unwrap()),
+            MessageType::RegistrationRequest
+        );
         member
     }
 
@@ -1020,20 +1028,33 @@ mod tests {
         let asked = resync(&first);
         member.handle_reply(START + 5, &not_leader(LEADER));
         let said = events(&mut member);
-        let [MemberEvent::NotLeader { leader, retry_in_ms }] = said.as_slice() else {
+        let [
+            MemberEvent::NotLeader {
+                leader,
+                retry_in_ms,
+            },
+        ] = said.as_slice()
+        else {
             panic!("{said:?}");
         };
         assert_eq!(*leader, Some(LEADER.parse().unwrap()));
         assert!((50..=200).contains(retry_in_ms), "{retry_in_ms} ms");
         assert_eq!(held(&member), before, "keys and membership kept");
         assert_eq!(member.traffic_key().map(|(e, _)| e), Some(before.1));
-        assert!(member.poll_request().is_none(), "nothing asked before the delay");
+        assert!(
+            member.poll_request().is_none(),
+            "nothing asked before the delay"
+        );
 
         let mut now = START + 5;
         let (gap, again) = next_request(&mut member, &mut now);
         assert_eq!(gap, *retry_in_ms);
         let again = resync(&again);
-        assert_eq!((again.member, again.epoch), (ID, before.1), "a resync, not a registration");
+        assert_eq!(
+            (again.member, again.epoch),
+            (ID, before.1),
+            "a resync, not a registration"
+        );
         assert_ne!(again.nonce, asked.nonce, "asked afresh");
         assert_eq!(held(&member), before);
     }
@@ -1079,11 +1100,17 @@ mod tests {
             gaps.push(gap);
         }
         let prompt = 2 * REDIRECT_ROUNDS as usize;
-        assert!(gaps[..prompt].iter().all(|g| (50..=200).contains(g)), "{gaps:?}");
+        assert!(
+            gaps[..prompt].iter().all(|g| (50..=200).contains(g)),
+            "{gaps:?}"
+        );
         // Then the back-off of refusals: 2 s, 4 s, 8 s, ... with up to half again at random.
         for (k, gap) in gaps[prompt..].iter().enumerate() {
             let base = 2_000u64 << k.min(4);
-            assert!((base..=base * 3 / 2).contains(gap), "back-off {k}: {gaps:?}");
+            assert!(
+                (base..=base * 3 / 2).contains(gap),
+                "back-off {k}: {gaps:?}"
+            );
         }
         // An answer from the leader resets the budget.
         let outstanding = member.outstanding.unwrap();
@@ -1140,7 +1167,10 @@ mod tests {
         assert!(events(&mut member).is_empty());
         assert!(member.poll_request().is_none());
         assert_eq!(member.poll_timeout(), timer, "the renewal keeps its time");
-        assert_eq!(member.stats().dropped.get("unexpected not-leader"), Some(&1));
+        assert_eq!(
+            member.stats().dropped.get("unexpected not-leader"),
+            Some(&1)
+        );
         assert_eq!(held(&member), before);
 
         // A NotLeader for another group is an ordinary refusal: backed off, keys kept.
@@ -1151,7 +1181,10 @@ mod tests {
             reason: LEADER.into(),
         };
         member.handle_reply(START, &other.to_bytes());
-        assert!(matches!(events(&mut member).as_slice(), [MemberEvent::Refused { .. }]));
+        assert!(matches!(
+            events(&mut member).as_slice(),
+            [MemberEvent::Refused { .. }]
+        ));
         assert!(member.poll_timeout().unwrap() >= START + 2_000);
         assert_eq!(held(&member), before);
     }
@@ -1172,7 +1205,10 @@ mod tests {
         assert!((2_000..=3_000).contains(&gaps[6]), "{gaps:?}");
         assert!((4_000..=6_000).contains(&gaps[7]), "{gaps:?}");
         assert_eq!(held(&member), before);
-        assert!(events(&mut member).is_empty(), "the driver knows; nothing to say");
+        assert!(
+            events(&mut member).is_empty(),
+            "the driver knows; nothing to say"
+        );
 
         // Nothing outstanding: nothing to ask again.
         let mut idle = registering(1);
@@ -1191,7 +1227,10 @@ mod tests {
         let first = member.poll_request().unwrap();
         assert_eq!(kind(&first), MessageType::Leave);
         member.handle_reply(START, &not_leader(LEADER));
-        assert!(matches!(events(&mut member).as_slice(), [MemberEvent::NotLeader { .. }]));
+        assert!(matches!(
+            events(&mut member).as_slice(),
+            [MemberEvent::NotLeader { .. }]
+        ));
         let mut now = START;
         let (gap, again) = next_request(&mut member, &mut now);
         assert!((50..=200).contains(&gap));
