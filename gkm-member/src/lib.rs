@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! driver loop:  reply to a request ──► handle_reply(now, bytes)
+//!               no reply (refused,  ──► handle_unreachable(now)  (the driver asks the next
+//!                 reset, timed out)                                controller from now on)
 //!               multicast datagram ──► handle_datagram(now, bytes)
 //!               timer fired        ──► handle_timeout(now)
 //!               then drain         ◄── poll_request()   (bytes to send to the controller)
@@ -473,7 +475,8 @@ impl<R: CryptoRng> Member<R> {
 
     /// Leaves the group: a member queues a signed leave request and drops its keys; nothing
     /// more is asked, except the leave again when a controller redirects it (see
-    /// [`Member::leaving`]). The end of the leave is a [`MemberEvent::Left`].
+    /// [`Member::leaving`]). Its acknowledgement or refusal ends the leave with a
+    /// [`MemberEvent::Left`].
     pub fn leave(&mut self, now: Millis) {
         self.outstanding = None;
         self.retry_at = None;
