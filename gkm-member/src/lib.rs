@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! driver loop:  reply to a request ──► handle_reply(now, bytes)
+//!               no reply (refused,  ──► handle_unreachable(now)  (the driver asks the next
+//!                 reset, timed out)                                controller from now on)
 //!               multicast datagram ──► handle_datagram(now, bytes)
 //!               timer fired        ──► handle_timeout(now)
 //!               then drain         ◄── poll_request()   (bytes to send to the controller)
@@ -16,6 +18,12 @@
 //! Every datagram goes raw → authentic (Ed25519 under the pinned controller key) → fresh (the
 //! next epoch of its group) → applied; anything else is counted and dropped and changes nothing.
 //!
+//! With several controllers (high availability), one leads each group and the others answer
+//! [`Status::NotLeader`]; the member keeps its membership and keys, says so
+//! ([`MemberEvent::NotLeader`]) and asks again promptly, and its driver asks the leader or the
+//! next controller ([`controllers::Controllers`]). A controller that does not answer at all is
+//! reported by the driver ([`Member::handle_unreachable`]) and handled the same way.
+//!
 //! [`data_keys::KeySchedule`] is the agent's other decision, also without I/O: which traffic key
 //! its applications send with and which they accept around a rekey (activation and deactivation
 //! delays).
@@ -24,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod controllers;
 pub mod data_keys;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -40,6 +49,12 @@ use wire::{
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
 pub type Millis = u64;
+
+/// A member redirected ([`Status::NotLeader`], or a controller its driver could not reach)
+/// retries promptly until every controller it knows ([`MemberConfig::controllers`]) redirected
+/// it this many times in a row; from then on it backs off as after any refusal, so that a
+/// cluster without a leader is not hammered.
+pub const REDIRECT_ROUNDS: u32 = 3;
 
 /// A member's fixed parameters.
 #[derive(Clone, Debug)]
@@ -65,11 +80,19 @@ pub struct MemberConfig {
     /// controller for unicast fan-out (on multicast: a network that silently drops it), or for
     /// the current keys (on fan-out). `None`: never.
     pub fanout_after_ms: Option<u64>,
+    /// How many controllers the driver can ask (`--controller`, repeatable): the budget of
+    /// prompt retries after redirects is [`REDIRECT_ROUNDS`] times this.
+    pub controllers: usize,
+    /// A request redirected (a controller that does not lead the group, or one that cannot be
+    /// reached) is asked again after this plus up to three times this at random, within the
+    /// budget of prompt retries.
+    pub redirect_ms: u64,
 }
 
 impl MemberConfig {
     /// Defaults: renew every 20 s, resync after 300 ms behind, retry after 2 s, register again
-    /// within 5 s of a membership's end, fan-out after 10 s without a verified datagram.
+    /// within 5 s of a membership's end, fan-out after 10 s without a verified datagram; one
+    /// controller; a redirected request asked again within 50–200 ms.
     pub fn new(group: GroupId, controller: VerifyingKey) -> Self {
         MemberConfig {
             group,
@@ -80,6 +103,8 @@ impl MemberConfig {
             retry_ms: 2_000,
             rejoin_spread_ms: 5_000,
             fanout_after_ms: Some(10_000),
+            controllers: 1,
+            redirect_ms: 50,
         }
     }
 }
@@ -122,6 +147,25 @@ pub enum MemberEvent {
         /// What the controller said (network text: print it escaped).
         reason: String,
     },
+    /// The controller asked does not lead the group ([`Status::NotLeader`]). The member keeps
+    /// its membership and keys and asks again in `retry_in_ms`; the driver should ask `leader`
+    /// if it is a controller it was configured with, else the next one
+    /// ([`controllers::Controllers::not_leader`]). Unsigned, like every error message: at worst
+    /// a forged one delays a request.
+    NotLeader {
+        /// The leader's request address, as the controller named it (`None`: it named none, or
+        /// nothing that parses as `ip:port`).
+        leader: Option<SocketAddr>,
+        /// When the member asks again, in milliseconds.
+        retry_in_ms: u64,
+    },
+    /// The leave is over and the member does nothing more: the controller acknowledged it
+    /// (`refused` is `None`), or refused it (its status and reason, network text: print it
+    /// escaped; the lease then runs out on its own).
+    Left {
+        /// The refusal, if the controller refused the leave.
+        refused: Option<(Status, String)>,
+    },
     /// The controller refused a request.
     Refused {
         /// Why.
@@ -151,6 +195,12 @@ enum State {
     Active { member: MemberId, path: HeldPath },
     /// A membership ended; registers again at `retry_at`.
     Ended,
+    /// Leaving: waiting for the acknowledgement of the leave request with this nonce (asked
+    /// again only when redirected).
+    Leaving {
+        member: MemberId,
+        nonce: [u8; NONCE_LEN],
+    },
     /// Left; does nothing more.
     Left,
     /// The controller has no such group; does nothing more.
@@ -193,6 +243,8 @@ pub struct Member<R> {
     unanswered: u32,
     /// Requests in a row that were refused (their retries back off too).
     refused: u32,
+    /// Requests in a row that were redirected (not the leader, or unreachable).
+    redirects: u32,
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
     renew_at: Option<Millis>,
@@ -251,6 +303,7 @@ impl<R: CryptoRng> Member<R> {
             datagrams: VecDeque::new(),
             unanswered: 0,
             refused: 0,
+            redirects: 0,
             resync_at: None,
             renew_at: None,
             rekey_address: None,
@@ -420,21 +473,51 @@ impl<R: CryptoRng> Member<R> {
         self.send_subscription(now, Some(reply.cookie));
     }
 
-    /// Leaves the group: queues a signed leave request; the member does nothing more.
+    /// Leaves the group: a member queues a signed leave request and drops its keys; nothing
+    /// more is asked, except the leave again when a controller redirects it (see
+    /// [`Member::leaving`]). Its acknowledgement or refusal ends the leave with a
+    /// [`MemberEvent::Left`].
     pub fn leave(&mut self, now: Millis) {
-        if let State::Active { member, .. } = self.state {
-            let request = LeaveRequest {
-                group: self.config.group,
-                member,
-                timestamp_ms: now,
-                nonce: self.nonce(),
-            };
-            self.requests.push_back(sign(&request, &self.identity));
-        }
-        self.state = State::Left;
+        self.outstanding = None;
         self.retry_at = None;
         self.resync_at = None;
         self.renew_at = None;
+        match self.state {
+            State::Active { member, .. } => self.send_leave(now, member),
+            State::Leaving { .. } => {}
+            _ => self.state = State::Left,
+        }
+    }
+
+    /// Whether a leave waits for its acknowledgement (the driver of a leaving member keeps
+    /// sending [`Member::poll_request`] and feeding replies and timeouts while this holds, as
+    /// long as it cares to wait).
+    pub fn leaving(&self) -> bool {
+        matches!(self.state, State::Leaving { .. })
+    }
+
+    /// The driver could not deliver the outstanding request or got no reply to it (connection
+    /// refused or reset, or no answer in time: a controller that died) and asks the next
+    /// controller from now on: the member asks again promptly, within the same budget as after
+    /// [`Status::NotLeader`], then with the usual back-off. Does nothing when no request waits
+    /// for a reply.
+    pub fn handle_unreachable(&mut self, now: Millis) {
+        if !self.awaiting_reply() {
+            return;
+        }
+        self.unanswered = 0;
+        self.redirect(now);
+    }
+
+    /// The driver asks another controller from now on: a member on fan-out subscribes with it
+    /// at once (a controller that no longer leads the group sends it nothing).
+    pub fn controller_changed(&mut self, now: Millis) {
+        if self.on_fanout() {
+            self.delivery = Delivery::Fanout {
+                subscribe_at: now,
+                awaiting: false,
+            };
+        }
     }
 
     /// The rekey channel has been silent for longer than heartbeats allow: asks the controller for
@@ -458,6 +541,7 @@ impl<R: CryptoRng> Member<R> {
             match self.state {
                 State::Registering { .. } | State::Ended => self.register(now),
                 State::Active { .. } => self.send_resync(now),
+                State::Leaving { member, .. } => self.send_leave(now, member),
                 State::Left | State::Stopped => {}
             }
         }
@@ -640,6 +724,7 @@ impl<R: CryptoRng> Member<R> {
         self.outstanding = None;
         self.retry_at = None;
         self.refused = 0;
+        self.redirects = 0;
         self.resync_at = None;
         self.renew_at = Some(now + self.config.renew_interval_ms);
         self.events.push_back(event);
@@ -650,6 +735,15 @@ impl<R: CryptoRng> Member<R> {
         let Ok(ack) = <Ack as wire::Codec>::decode_exact(bytes) else {
             return self.drop_datagram("malformed acknowledgement");
         };
+        let left = matches!(self.state, State::Leaving { member, nonce }
+            if member == ack.member && nonce == ack.request_nonce);
+        if left && ack.group == self.config.group && ack.acked == Acked::Left {
+            self.state = State::Left;
+            self.retry_at = None;
+            self.redirects = 0;
+            self.events.push_back(MemberEvent::Left { refused: None });
+            return;
+        }
         let ours = matches!(self.state, State::Active { member, .. } if member == ack.member);
         if ack.group != self.config.group
             || !ours
@@ -660,6 +754,7 @@ impl<R: CryptoRng> Member<R> {
         }
         self.outstanding = None;
         self.refused = 0;
+        self.redirects = 0;
         self.retry_at = None;
         self.renew_at = Some(now + self.config.renew_interval_ms);
     }
@@ -668,6 +763,18 @@ impl<R: CryptoRng> Member<R> {
         let Ok(message) = <ErrorMessage as wire::Codec>::decode_exact(bytes) else {
             return self.drop_datagram("malformed error");
         };
+        if message.status == Status::NotLeader && message.group == self.config.group {
+            return self.not_leader(now, &message.reason);
+        }
+        self.redirects = 0;
+        if matches!(self.state, State::Leaving { .. }) {
+            self.state = State::Left;
+            self.retry_at = None;
+            self.events.push_back(MemberEvent::Left {
+                refused: Some((message.status, message.reason)),
+            });
+            return;
+        }
         self.outstanding = None;
         match message.status {
             Status::NotAMember if matches!(self.state, State::Active { .. }) => {
@@ -701,6 +808,61 @@ impl<R: CryptoRng> Member<R> {
                 self.retry_at = Some(now + retry_in_ms);
             }
         }
+    }
+
+    /// The controller asked does not lead the group. Unsigned, so nothing changes but when the
+    /// outstanding request is asked again (with a fresh nonce): membership, keys, the
+    /// outstanding resync's nonce all stay. Dropped when no request waits for a reply.
+    fn not_leader(&mut self, now: Millis, reason: &str) {
+        if !self.awaiting_reply() {
+            return self.drop_datagram("unexpected not-leader");
+        }
+        let leader = reason.trim().parse::<SocketAddr>().ok();
+        let retry_in_ms = self.redirect(now);
+        self.events.push_back(MemberEvent::NotLeader {
+            leader,
+            retry_in_ms,
+        });
+    }
+
+    /// Whether a request waits for its reply: a registration, a resync or renewal, a leave.
+    fn awaiting_reply(&self) -> bool {
+        match self.state {
+            State::Registering { .. } | State::Leaving { .. } => true,
+            State::Active { .. } => self.outstanding.is_some(),
+            State::Ended | State::Left | State::Stopped => false,
+        }
+    }
+
+    /// Schedules asking again after a redirect: promptly (`redirect_ms` to four times that)
+    /// while fewer than [`REDIRECT_ROUNDS`] redirects per known controller came in a row, else
+    /// after the back-off of a refusal. The delay, in milliseconds.
+    fn redirect(&mut self, now: Millis) -> u64 {
+        let controllers = u32::try_from(self.config.controllers.max(1)).unwrap_or(u32::MAX);
+        let delay = if self.redirects < controllers.saturating_mul(REDIRECT_ROUNDS) {
+            let base = self.config.redirect_ms;
+            let spread = base.saturating_mul(3).saturating_add(1);
+            base.saturating_add(self.rng.next_u64() % spread)
+        } else {
+            let delay = self.retry_delay();
+            self.refused = self.refused.saturating_add(1);
+            delay
+        };
+        self.redirects = self.redirects.saturating_add(1);
+        self.retry_at = Some(now.saturating_add(delay));
+        delay
+    }
+
+    fn send_leave(&mut self, now: Millis, member: MemberId) {
+        let nonce = self.nonce();
+        let request = LeaveRequest {
+            group: self.config.group,
+            member,
+            timestamp_ms: now,
+            nonce,
+        };
+        self.requests.push_back(sign(&request, &self.identity));
+        self.state = State::Leaving { member, nonce };
     }
 
     fn register(&mut self, now: Millis) {
@@ -767,4 +929,367 @@ impl<R: CryptoRng> Member<R> {
 pub fn kcv_of(path: &MemberPath) -> Kcv {
     path.traffic_key()
         .map_or(Kcv([0; lkh_tree::KCV_LEN]), |k| k.check_value())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lkh_tree::{Batch, KeyTree, TreeConfig};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+    use wire::{Codec, Verified};
+
+    const GROUP: GroupId = GroupId(7);
+    const ID: MemberId = MemberId(3);
+    const START: Millis = 1_000_000;
+    const LEADER: &str = "10.0.0.2:47700";
+
+    fn identity() -> SigningKey {
+        SigningKey::from_bytes(&[9; 32])
+    }
+
+    fn config(controllers: usize) -> MemberConfig {
+        let controller = SigningKey::from_bytes(&[42; 32]).verifying_key();
+        let mut config = MemberConfig::new(GROUP, controller);
+        config.controllers = controllers;
+        // No silence timer: the tests follow the request timers alone.
+        config.fanout_after_ms = None;
+        config
+    }
+
+    /// A member holding keys (resumed from its store), its resync request drained.
+    fn active(controllers: usize) -> (Member<ChaCha20Rng>, Vec<u8>) {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let mut tree = KeyTree::new(GROUP, TreeConfig::default(), &mut rng).unwrap();
+        let batch = Batch {
+            leaves: vec![],
+            joins: 4,
+        };
+        let path = tree.rekey(&batch, &mut rng).unwrap().joiners[1]
+            .path
+            .clone();
+        let hpke = HpkeSecret::generate(&mut rng);
+        let mut member =
+            Member::resume(config(controllers), identity(), hpke, rng, ID, path, START);
+        let request = member.poll_request().unwrap();
+        (member, request)
+    }
+
+    /// A member that registers now, its registration drained.
+    fn registering(controllers: usize) -> Member<ChaCha20Rng> {
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let hpke = HpkeSecret::generate(&mut rng);
+        let mut member = Member::new(config(controllers), identity(), hpke, rng, START);
+        assert_eq!(
+            kind(&member.poll_request().unwrap()),
+            MessageType::RegistrationRequest
+        );
+        member
+    }
+
+    fn not_leader(reason: &str) -> Vec<u8> {
+        ErrorMessage {
+            group: GROUP,
+            status: Status::NotLeader,
+            reason: reason.into(),
+        }
+        .to_bytes()
+    }
+
+    fn kind(bytes: &[u8]) -> MessageType {
+        MessageType::peek(bytes).unwrap()
+    }
+
+    fn resync(bytes: &[u8]) -> ResyncRequest {
+        let verified: Verified<ResyncRequest> = open(bytes, &identity().verifying_key()).unwrap();
+        verified.message().clone()
+    }
+
+    fn events(member: &mut Member<ChaCha20Rng>) -> Vec<MemberEvent> {
+        std::iter::from_fn(|| member.poll_event()).collect()
+    }
+
+    /// The member's id, epoch and traffic key check value.
+    fn held(member: &Member<ChaCha20Rng>) -> (MemberId, Epoch, Kcv) {
+        let (id, path) = member.membership().unwrap();
+        (id, path.epoch(), kcv_of(path))
+    }
+
+    /// Fires the member's next timer; the delay to it and what it asked.
+    fn next_request(member: &mut Member<ChaCha20Rng>, now: &mut Millis) -> (u64, Vec<u8>) {
+        let due = member.poll_timeout().unwrap();
+        let gap = due - *now;
+        *now = due;
+        member.handle_timeout(due);
+        (gap, member.poll_request().expect("a request"))
+    }
+
+    #[test]
+    fn not_leader_keeps_membership_and_keys_and_resyncs_promptly() {
+        let (mut member, first) = active(2);
+        let before = held(&member);
+        let asked = resync(&first);
+        member.handle_reply(START + 5, &not_leader(LEADER));
+        let said = events(&mut member);
+        let [
+            MemberEvent::NotLeader {
+                leader,
+                retry_in_ms,
+            },
+        ] = said.as_slice()
+        else {
+            panic!("{said:?}");
+        };
+        assert_eq!(*leader, Some(LEADER.parse().unwrap()));
+        assert!((50..=200).contains(retry_in_ms), "{retry_in_ms} ms");
+        assert_eq!(held(&member), before, "keys and membership kept");
+        assert_eq!(member.traffic_key().map(|(e, _)| e), Some(before.1));
+        assert!(
+            member.poll_request().is_none(),
+            "nothing asked before the delay"
+        );
+
+        let mut now = START + 5;
+        let (gap, again) = next_request(&mut member, &mut now);
+        assert_eq!(gap, *retry_in_ms);
+        let again = resync(&again);
+        assert_eq!(
+            (again.member, again.epoch),
+            (ID, before.1),
+            "a resync, not a registration"
+        );
+        assert_ne!(again.nonce, asked.nonce, "asked afresh");
+        assert_eq!(held(&member), before);
+    }
+
+    #[test]
+    fn not_leader_names_the_leader_only_when_the_reason_is_an_address() {
+        let mut member = registering(3);
+        let mut now = START;
+        for (reason, leader) in [
+            ("", None),
+            ("leader unknown", None),
+            ("[::1]:47700", Some("[::1]:47700")),
+            (" 10.0.0.2:47700\n", Some(LEADER)),
+            ("10.0.0.2", None),
+        ] {
+            member.handle_reply(now, &not_leader(reason));
+            let said = events(&mut member);
+            assert!(
+                matches!(said.as_slice(), [MemberEvent::NotLeader { leader: l, .. }]
+                    if *l == leader.map(|a| a.parse().unwrap())),
+                "{reason:?}: {said:?}"
+            );
+            let (gap, again) = next_request(&mut member, &mut now);
+            assert!((50..=200).contains(&gap), "{reason:?}: {gap} ms");
+            assert_eq!(kind(&again), MessageType::RegistrationRequest);
+        }
+    }
+
+    #[test]
+    fn redirects_back_off_once_every_controller_redirected_three_times() {
+        let (mut member, _) = active(2);
+        let mut now = START;
+        let mut gaps = Vec::new();
+        for _ in 0..10 {
+            member.handle_reply(now, &not_leader(LEADER));
+            let said = events(&mut member);
+            let Some(MemberEvent::NotLeader { retry_in_ms, .. }) = said.last() else {
+                panic!("{said:?}");
+            };
+            let (gap, again) = next_request(&mut member, &mut now);
+            assert_eq!(gap, *retry_in_ms);
+            assert_eq!(kind(&again), MessageType::ResyncRequest);
+            gaps.push(gap);
+        }
+        let prompt = 2 * REDIRECT_ROUNDS as usize;
+        assert!(
+            gaps[..prompt].iter().all(|g| (50..=200).contains(g)),
+            "{gaps:?}"
+        );
+        // Then the back-off of refusals: 2 s, 4 s, 8 s, ... with up to half again at random.
+        for (k, gap) in gaps[prompt..].iter().enumerate() {
+            let base = 2_000u64 << k.min(4);
+            assert!(
+                (base..=base * 3 / 2).contains(gap),
+                "back-off {k}: {gaps:?}"
+            );
+        }
+        // An answer from the leader resets the budget.
+        let outstanding = member.outstanding.unwrap();
+        let ack = Ack {
+            group: GROUP,
+            member: ID,
+            acked: Acked::LeaseRenewed,
+            request_nonce: outstanding,
+            epoch: held(&member).1,
+        };
+        member.handle_reply(now, &ack.to_bytes());
+        assert_eq!(member.outstanding, None);
+        let (_, renewal) = next_request(&mut member, &mut now);
+        assert_eq!(kind(&renewal), MessageType::ResyncRequest);
+        member.handle_reply(now, &not_leader(""));
+        let (gap, _) = next_request(&mut member, &mut now);
+        assert!((50..=200).contains(&gap), "prompt again: {gap} ms");
+    }
+
+    #[test]
+    fn forged_not_leaders_change_no_keys_and_only_delay_a_request() {
+        let (mut member, _) = active(1);
+        let before = held(&member);
+        let mut now = START;
+        // One after another, answering every request: the member only ever asks again for a
+        // resync, as the same member, and never waits longer than the longest back-off.
+        for _ in 0..20 {
+            member.handle_reply(now, &not_leader("192.0.2.66:47700"));
+            assert_eq!(held(&member), before);
+            let (gap, again) = next_request(&mut member, &mut now);
+            assert!(gap <= 32_000 * 3 / 2, "{gap} ms");
+            let again = resync(&again);
+            assert_eq!((again.member, again.epoch), (ID, before.1));
+        }
+        assert!(
+            !events(&mut member)
+                .iter()
+                .any(|e| !matches!(e, MemberEvent::NotLeader { .. })),
+            "nothing but the redirects said"
+        );
+        assert_eq!(member.stats().dropped.values().sum::<u64>(), 0);
+
+        // One with no request outstanding (nothing asked it): dropped, nothing scheduled.
+        let ack = Ack {
+            group: GroupId(7),
+            member: ID,
+            acked: Acked::LeaseRenewed,
+            request_nonce: member.outstanding.unwrap(),
+            epoch: before.1,
+        };
+        member.handle_reply(now, &ack.to_bytes());
+        let timer = member.poll_timeout();
+        member.handle_reply(now, &not_leader(LEADER));
+        assert!(events(&mut member).is_empty());
+        assert!(member.poll_request().is_none());
+        assert_eq!(member.poll_timeout(), timer, "the renewal keeps its time");
+        assert_eq!(
+            member.stats().dropped.get("unexpected not-leader"),
+            Some(&1)
+        );
+        assert_eq!(held(&member), before);
+
+        // A NotLeader for another group is an ordinary refusal: backed off, keys kept.
+        let (mut member, _) = active(1);
+        let other = ErrorMessage {
+            group: GroupId(8),
+            status: Status::NotLeader,
+            reason: LEADER.into(),
+        };
+        member.handle_reply(START, &other.to_bytes());
+        assert!(matches!(
+            events(&mut member).as_slice(),
+            [MemberEvent::Refused { .. }]
+        ));
+        assert!(member.poll_timeout().unwrap() >= START + 2_000);
+        assert_eq!(held(&member), before);
+    }
+
+    #[test]
+    fn an_unreachable_controller_is_asked_past_promptly_within_the_same_budget() {
+        let (mut member, _) = active(2);
+        let before = held(&member);
+        let mut now = START;
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            member.handle_unreachable(now);
+            let (gap, again) = next_request(&mut member, &mut now);
+            assert_eq!(resync(&again).member, ID);
+            gaps.push(gap);
+        }
+        assert!(gaps[..6].iter().all(|g| (50..=200).contains(g)), "{gaps:?}");
+        assert!((2_000..=3_000).contains(&gaps[6]), "{gaps:?}");
+        assert!((4_000..=6_000).contains(&gaps[7]), "{gaps:?}");
+        assert_eq!(held(&member), before);
+        assert!(
+            events(&mut member).is_empty(),
+            "the driver knows; nothing to say"
+        );
+
+        // Nothing outstanding: nothing to ask again.
+        let mut idle = registering(1);
+        idle.leave(START);
+        assert!(idle.poll_request().is_none());
+        idle.handle_unreachable(START);
+        assert_eq!(idle.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_redirected_leave_is_sent_again_and_ends_with_its_acknowledgement_or_refusal() {
+        let (mut member, _) = active(2);
+        member.leave(START);
+        assert!(member.leaving());
+        assert!(member.membership().is_none(), "keys dropped at once");
+        let first = member.poll_request().unwrap();
+        assert_eq!(kind(&first), MessageType::Leave);
+        member.handle_reply(START, &not_leader(LEADER));
+        assert!(matches!(
+            events(&mut member).as_slice(),
+            [MemberEvent::NotLeader { .. }]
+        ));
+        let mut now = START;
+        let (gap, again) = next_request(&mut member, &mut now);
+        assert!((50..=200).contains(&gap));
+        let verified: Verified<LeaveRequest> = open(&again, &identity().verifying_key()).unwrap();
+        let again = verified.message().clone();
+        assert_eq!(again.member, ID);
+        // An acknowledgement of the first request does not end it; of this one, it does.
+        let first: Verified<LeaveRequest> = open(&first, &identity().verifying_key()).unwrap();
+        let ack = |nonce| Ack {
+            group: GROUP,
+            member: ID,
+            acked: Acked::Left,
+            request_nonce: nonce,
+            epoch: Epoch(1),
+        };
+        member.handle_reply(now, &ack(first.message().nonce).to_bytes());
+        assert!(member.leaving());
+        member.handle_reply(now, &ack(again.nonce).to_bytes());
+        assert!(!member.leaving());
+        assert_eq!(events(&mut member), [MemberEvent::Left { refused: None }]);
+        assert_eq!(member.poll_timeout(), None);
+
+        // Refused: over too, with the reason.
+        let (mut member, _) = active(1);
+        member.leave(START);
+        assert_eq!(kind(&member.poll_request().unwrap()), MessageType::Leave);
+        let refusal = ErrorMessage {
+            group: GROUP,
+            status: Status::NotAMember,
+            reason: "gone".into(),
+        };
+        member.handle_reply(START, &refusal.to_bytes());
+        assert_eq!(
+            events(&mut member),
+            [MemberEvent::Left {
+                refused: Some((Status::NotAMember, "gone".into()))
+            }]
+        );
+        assert!(!member.leaving() && member.poll_request().is_none());
+    }
+
+    #[test]
+    fn a_fanout_member_subscribes_with_a_new_controller_at_once() {
+        let (mut member, _) = active(2);
+        member.use_fanout(START);
+        member.handle_timeout(START);
+        assert!(member.poll_datagram().is_some(), "subscribed");
+        let later = START + 100;
+        assert!(member.poll_timeout().unwrap() > later);
+        member.controller_changed(later);
+        assert_eq!(member.poll_timeout(), Some(later));
+        member.handle_timeout(later);
+        assert_eq!(
+            kind(&member.poll_datagram().unwrap()),
+            MessageType::Subscribe,
+            "subscribed again"
+        );
+    }
 }

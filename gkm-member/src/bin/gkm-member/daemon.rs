@@ -3,13 +3,22 @@
 //! ```text
 //! loop: rekey/heartbeat datagram (multicast or fan-out) -> handle_datagram
 //!       reply on a request's TCP connection              -> handle_reply
+//!       request undelivered or unanswered (5 s)           -> next controller, handle_unreachable
 //!       timer                                            -> handle_timeout
 //!       key schedule timer (activation, deactivation) -> KeySchedule::handle_timeout
-//!       then: each poll_request on its own TCP connection (5 s), each poll_event published
-//!             on the API and logged; the membership file written (key changes coalesced,
-//!             30-60 s later); sleep until poll_timeout
-//!       SIGTERM/SIGINT: leave(), send the leave request, exit 0
+//!       then: each poll_event published on the API and logged (NotLeader: ask the named
+//!             leader if configured, else the next controller); each poll_request on its own
+//!             TCP connection (5 s) to the current controller; the membership file written (key
+//!             changes coalesced, 30-60 s later); sleep until poll_timeout
+//!       SIGTERM/SIGINT: leave(), send the leave request (following redirects, 10 s at most),
+//!             exit 0
 //! ```
+//!
+//! Controllers: `--controller` is repeatable ([`Controllers`]). Requests and fan-out
+//! subscriptions go to the current one. It changes when the controller says it does not lead
+//! the group (to the leader it names if that is a configured controller, else to the next), when
+//! a request cannot be delivered or is not answered in 5 s, and when the member asks again while
+//! the previous request is still unanswered.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -17,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use gkm_member::controllers::Controllers;
 use gkm_member::data_keys::{KeyDelays, KeySchedule};
 use gkm_member::{Member, MemberConfig, MemberEvent, Millis};
 use lkh_tree::GroupId;
@@ -36,6 +46,12 @@ use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request still unanswered this long when the member asks again counts as unanswered by
+/// its controller (the next request goes to the next one); a shorter wait is two requests
+/// queued together.
+const UNANSWERED: Duration = Duration::from_secs(1);
+/// How long a member stopping waits for its leave to be acknowledged, across controllers.
+const LEAVE_LIMIT: Duration = Duration::from_secs(10);
 /// Where rekeys are awaited until the controller names the group's address.
 const DEFAULT_MULTICAST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     Ipv4Addr::new(239, 255, 77, 1),
@@ -44,7 +60,8 @@ const DEFAULT_MULTICAST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new
 
 /// Settings of `run`.
 pub(crate) struct RunConfig {
-    pub(crate) controller: String,
+    /// `--controller`, in order (at least one).
+    pub(crate) controllers: Vec<String>,
     pub(crate) group: String,
     pub(crate) controller_key: String,
     pub(crate) state_dir: PathBuf,
@@ -117,8 +134,14 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
     );
     let controller_key = parse_controller_key(&cfg.controller_key)?;
     let group = GroupId::from_name(&cfg.group);
-    let controller = resolve(&cfg.controller).await?;
+    let controllers = resolve_all(&cfg.controllers).await?;
+    let controller = controllers.current();
+    if controllers.all().len() > 1 {
+        let list: Vec<String> = controllers.all().iter().map(ToString::to_string).collect();
+        info!("controllers {}: asking {controller} first", list.join(", "));
+    }
     let mut config = MemberConfig::new(group, controller_key);
+    config.controllers = controllers.all().len();
     if let Some(token) = &cfg.token {
         config.token = token.as_bytes().to_vec();
     }
@@ -186,7 +209,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
 
     let mut driver = Driver {
         member,
-        controller,
+        controllers,
         group,
         group_name: cfg.group.clone(),
         dir,
@@ -200,9 +223,11 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
             interface: cfg.interface,
             interface_v6: cfg.interface_v6,
         },
-        replies: mpsc::channel(64),
+        outcomes: mpsc::channel(64),
+        sent: 0,
         in_flight: None,
         no_group: None,
+        left: false,
         save_after_ms: cfg.save_after_ms,
         persist_at: None,
         published: false,
@@ -311,9 +336,20 @@ struct Multicast {
     interface_v6: u32,
 }
 
+/// What became of a request sent to a controller.
+struct Outcome {
+    /// The request's number (see [`Driver::sent`]).
+    request: u64,
+    /// Where it went.
+    controller: SocketAddr,
+    /// The reply, or why there is none.
+    reply: Result<Vec<u8>, String>,
+}
+
 struct Driver {
     member: Member<ChaCha20Rng>,
-    controller: SocketAddr,
+    /// The configured controllers and the one asked now.
+    controllers: Controllers,
     group: GroupId,
     /// The group as given by `--group`.
     group_name: String,
@@ -322,10 +358,15 @@ struct Driver {
     side_rng: ChaCha20Rng,
     rekeys: Rekeys,
     multicast: Multicast,
-    replies: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
-    /// The request in flight. A newer one supersedes it: the member takes only the newest
-    /// request's reply, so the older connection is closed rather than left to wait.
-    in_flight: Option<tokio::task::JoinHandle<()>>,
+    outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
+    /// How many requests were sent: the number of the newest, whose outcome alone counts.
+    sent: u64,
+    /// The request in flight, and when it was sent. A newer one supersedes it: the member takes
+    /// only the newest request's reply, so the older connection is closed rather than left to
+    /// wait.
+    in_flight: Option<(tokio::task::JoinHandle<()>, tokio::time::Instant)>,
+    /// Set when the controller acknowledged the member's leave.
+    left: bool,
     /// Set when the controller said it has no such group: the daemon stops with this reason.
     no_group: Option<String>,
     /// Key changes are written this long to twice this long after they happen.
@@ -351,7 +392,7 @@ impl Driver {
                     "controller {} has no group {:?} (id {}; it says \"{}\"): the group was \
                      removed or was never configured there; check --group against the NAME \
                      column of `gkmctl groups` on the controller",
-                    self.controller,
+                    self.controllers.current(),
                     self.group_name,
                     self.group.0,
                     reason.escape_debug()
@@ -391,7 +432,7 @@ impl Driver {
                     }
                     Err(e) => debug!("receiving a datagram failed: {e}"),
                 },
-                Some(reply) = self.replies.1.recv() => self.member.handle_reply(now_ms(), &reply),
+                Some(outcome) = self.outcomes.1.recv() => self.outcome(outcome),
                 () = tokio::time::sleep(sleep) => self.member.handle_timeout(now_ms()),
                 () = sleep_until_some(persist_at), if persist_at.is_some() => {}
                 () = sleep_some(schedule_in), if schedule_in.is_some() => {
@@ -406,29 +447,75 @@ impl Driver {
         Ok(())
     }
 
-    /// Sends queued requests and handles queued events.
+    /// Handles queued events (which may change the controller), then sends queued requests.
     fn drain(&mut self) {
-        while let Some(request) = self.member.poll_request() {
-            let (controller, replies) = (self.controller, self.replies.0.clone());
-            if let Some(older) = self.in_flight.take() {
-                older.abort();
-            }
-            self.in_flight = Some(tokio::spawn(async move {
-                match tokio::time::timeout(REQUEST_TIMEOUT, request_reply(controller, &request))
-                    .await
-                {
-                    Ok(Ok(reply)) => {
-                        let _ = replies.send(reply).await;
-                    }
-                    Ok(Err(e)) => {
-                        warn!("request to controller {controller} failed: {e}; will retry");
-                    }
-                    Err(_) => warn!("controller {controller} did not answer in 5 s; will retry"),
-                }
-            }));
-        }
         while let Some(event) = self.member.poll_event() {
             self.event(event);
+        }
+        while let Some(request) = self.member.poll_request() {
+            if let Some((older, sent_at)) = self.in_flight.take() {
+                if !older.is_finished() && sent_at.elapsed() >= UNANSWERED {
+                    // The member asks again before the controller answered: ask the next one.
+                    self.switch(Controllers::advance, "has not answered");
+                }
+                older.abort();
+            }
+            self.sent += 1;
+            let (number, controller) = (self.sent, self.controllers.current());
+            let outcomes = self.outcomes.0.clone();
+            let task = tokio::spawn(async move {
+                let reply = match tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    request_reply(controller, &request),
+                )
+                .await
+                {
+                    Ok(Ok(reply)) => Ok(reply),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer in {} s", REQUEST_TIMEOUT.as_secs())),
+                };
+                let _ = outcomes
+                    .send(Outcome {
+                        request: number,
+                        controller,
+                        reply,
+                    })
+                    .await;
+            });
+            self.in_flight = Some((task, tokio::time::Instant::now()));
+        }
+    }
+
+    /// A request's reply to the member; a failure moves to the next controller. Outcomes of
+    /// superseded requests are dropped (the member takes only the newest request's reply).
+    fn outcome(&mut self, outcome: Outcome) {
+        if outcome.request != self.sent {
+            debug!("dropping the outcome of a superseded request");
+            return;
+        }
+        match outcome.reply {
+            Ok(reply) => self.member.handle_reply(now_ms(), &reply),
+            Err(e) => {
+                warn!("request to controller {} failed: {e}", outcome.controller);
+                self.switch(Controllers::advance, "cannot be reached");
+                self.member.handle_unreachable(now_ms());
+            }
+        }
+    }
+
+    /// Moves to the controller `choose` picks, if it picks another, saying why the current one
+    /// is left (`why`, after its address).
+    fn switch(&mut self, choose: impl FnOnce(&mut Controllers) -> Option<SocketAddr>, why: &str) {
+        let from = self.controllers.current();
+        match choose(&mut self.controllers) {
+            Some(to) if to != from => {
+                info!(
+                    "controller {from} {why} for group {}; asking {to}",
+                    self.group_name
+                );
+                self.member.controller_changed(now_ms());
+            }
+            _ => debug!("controller {from} {why}; it is the only one to ask"),
         }
     }
 
@@ -470,9 +557,20 @@ impl Driver {
                 "no verified rekey or heartbeat by multicast for {} ms: switching to unicast \
                  fan-out from controller {}",
                 self.member_silence_ms(),
-                self.controller
+                self.controllers.current()
             ),
             MemberEvent::GroupUnknown { reason } => self.no_group = Some(reason),
+            MemberEvent::NotLeader {
+                leader,
+                retry_in_ms,
+            } => self.not_leader(leader, retry_in_ms),
+            MemberEvent::Left { refused: None } => self.left = true,
+            MemberEvent::Left {
+                refused: Some((status, reason)),
+            } => warn!(
+                "the controller refused the leave: {status} \"{}\"; the lease will expire",
+                reason.escape_debug()
+            ),
             MemberEvent::Refused {
                 status,
                 reason,
@@ -493,6 +591,34 @@ impl Driver {
             }
         }
         self.publish(false);
+    }
+
+    /// The current controller does not lead the group: ask the leader it names if that is a
+    /// configured controller (the answer is unsigned: an address of anyone else's choosing is
+    /// not followed), else the next one.
+    fn not_leader(&mut self, leader: Option<SocketAddr>, retry_in_ms: u64) {
+        let from = self.controllers.current();
+        if let Some(named) = leader.filter(|l| !self.controllers.contains(*l)) {
+            info!(
+                "controller {from} names {named} as the leader of group {}, which is not one of \
+                 the --controller addresses; not following it (pass every controller with \
+                 --controller)",
+                self.group_name
+            );
+        }
+        match self.controllers.not_leader(leader) {
+            Some(to) => {
+                info!(
+                    "controller {from} does not lead group {}; asking {to}",
+                    self.group_name
+                );
+                self.member.controller_changed(now_ms());
+            }
+            None => info!(
+                "controller {from} does not lead group {}; asking it again in {retry_in_ms} ms",
+                self.group_name
+            ),
+        }
     }
 
     /// Feeds the member's key to the key schedule and publishes the API's view when it changed:
@@ -587,8 +713,19 @@ impl Driver {
     /// Sends the member's datagrams for the controller (fan-out subscriptions), opening the
     /// fan-out socket first when the member moved to fan-out.
     async fn send_datagrams(&mut self) {
-        if self.member.on_fanout() && matches!(self.rekeys, Rekeys::Multicast(_)) {
-            match net::fanout_socket(self.controller).await {
+        let controller = self.controllers.current();
+        let family_changed = |socket: &UdpSocket| {
+            socket
+                .local_addr()
+                .is_ok_and(|local| local.is_ipv4() != controller.is_ipv4())
+        };
+        let reopen = match &self.rekeys {
+            Rekeys::Multicast(_) => self.member.on_fanout(),
+            // A controller of the other address family than the socket's.
+            Rekeys::Fanout(socket) => family_changed(socket),
+        };
+        if reopen {
+            match net::fanout_socket(controller).await {
                 Ok(socket) => self.rekeys = Rekeys::Fanout(socket),
                 Err(e) => warn!("cannot open a socket for fan-out ({e:#}); staying on multicast"),
             }
@@ -597,30 +734,67 @@ impl Driver {
             let Rekeys::Fanout(socket) = &self.rekeys else {
                 continue;
             };
-            match socket.send_to(&bytes, self.controller).await {
-                Ok(_) => debug!(
-                    "fan-out subscription sent to controller {}",
-                    self.controller
-                ),
-                Err(e) => warn!(
-                    "cannot send a fan-out subscription to {}: {e}",
-                    self.controller
-                ),
+            match socket.send_to(&bytes, controller).await {
+                Ok(_) => debug!("fan-out subscription sent to controller {controller}"),
+                Err(e) => warn!("cannot send a fan-out subscription to {controller}: {e}"),
             }
         }
     }
 
+    /// Leaves: sends the leave request to the current controller and follows redirects (to
+    /// the leader, or past a controller that does not answer) for at most [`LEAVE_LIMIT`].
     async fn leave(&mut self) {
+        if let Some((older, _)) = self.in_flight.take() {
+            older.abort();
+        }
         let had = self.member.membership().map(|(id, _)| id.0);
         self.member.leave(now_ms());
-        while let Some(request) = self.member.poll_request() {
-            match tokio::time::timeout(REQUEST_TIMEOUT, request_reply(self.controller, &request))
-                .await
-            {
-                Ok(Ok(_)) => info!("left the group (member {})", had.unwrap_or_default()),
-                Ok(Err(e)) => warn!("leave request failed: {e}; the lease will expire"),
-                Err(_) => warn!("leave request timed out; the lease will expire"),
+        let deadline = tokio::time::Instant::now() + LEAVE_LIMIT;
+        while self.member.leaving() {
+            while let Some(event) = self.member.poll_event() {
+                self.event(event);
             }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                warn!(
+                    "the leave was not acknowledged within {} s; the lease will expire",
+                    LEAVE_LIMIT.as_secs()
+                );
+                break;
+            }
+            let Some(request) = self.member.poll_request() else {
+                // Redirected: the member asks again after a short delay.
+                let at = self.member.poll_timeout().unwrap_or(u64::MAX);
+                let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                tokio::time::sleep(wait.min(left)).await;
+                self.member.handle_timeout(now_ms());
+                continue;
+            };
+            let controller = self.controllers.current();
+            match tokio::time::timeout(
+                REQUEST_TIMEOUT.min(left),
+                request_reply(controller, &request),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => self.member.handle_reply(now_ms(), &reply),
+                Ok(Err(e)) => {
+                    warn!("leave request to controller {controller} failed: {e}");
+                    self.switch(Controllers::advance, "cannot be reached");
+                    self.member.handle_unreachable(now_ms());
+                }
+                Err(_) => {
+                    warn!("controller {controller} did not answer the leave request in time");
+                    self.switch(Controllers::advance, "has not answered");
+                    self.member.handle_unreachable(now_ms());
+                }
+            }
+        }
+        while let Some(event) = self.member.poll_event() {
+            self.event(event);
+        }
+        if let Some(id) = had.filter(|_| self.left) {
+            info!("left the group (member {id})");
         }
         self.dir.remove_membership();
         self.keys.send_replace(None);
@@ -664,12 +838,18 @@ fn parse_controller_key(hex_key: &str) -> Result<ed25519_dalek::VerifyingKey> {
     wire::verifying_key(&bytes).map_err(|e| anyhow::anyhow!("--controller-key: {e}"))
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr> {
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .with_context(|| format!("cannot resolve controller address {addr}; pass HOST:PORT"))?;
-    match addrs.next() {
-        Some(a) => Ok(a),
-        None => bail!("controller address {addr} resolves to nothing; pass HOST:PORT"),
+/// Every address of every `--controller`, in order.
+async fn resolve_all(names: &[String]) -> Result<Controllers> {
+    let mut all = Vec::new();
+    for name in names {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(name)
+            .await
+            .with_context(|| format!("cannot resolve controller address {name}; pass HOST:PORT"))?
+            .collect();
+        if addrs.is_empty() {
+            bail!("controller address {name} resolves to nothing; pass HOST:PORT");
+        }
+        all.extend(addrs);
     }
+    Controllers::new(all).context("no --controller given; pass one HOST:PORT per controller")
 }

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! gkm-member init [--state-dir DIR]              make the identity and HPKE keys
-//! gkm-member run --controller ADDR --group NAME --controller-key HEX
-//!                                                register, follow rekeys, serve the local API
+//! gkm-member run --controller ADDR [--controller ADDR ...] --group NAME --controller-key HEX
+//!                                                register, follow rekeys, serve the local API;
+//!                                                ask the group's leading controller
 //! gkm-member send --api-socket PATH MESSAGE     reserve a sequence number, encrypt and
 //!                                                multicast one message
 //! gkm-member recv --api-socket PATH             follow the member's keys, print the group's
@@ -74,9 +75,17 @@ const MAX_SAVE_AFTER_MS: u64 = 86_400_000;
 
 #[derive(Args)]
 struct RunArgs {
-    /// The controller's TCP (and fan-out UDP) address.
-    #[arg(long, default_value = "127.0.0.1:47700")]
-    controller: String,
+    /// A controller's TCP (and fan-out UDP) address, HOST:PORT. Repeat it for each controller
+    /// of a highly available group: the member asks the first; a controller that does not lead
+    /// the group names the leader, which the member asks when it is one of these (else the next
+    /// one); a controller that does not answer is passed over for the next. All must share the
+    /// key given as --controller-key. The member keeps its membership and keys throughout.
+    #[arg(
+        long = "controller",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:47700"
+    )]
+    controllers: Vec<String>,
     /// The group's name.
     #[arg(long)]
     group: String,
@@ -214,7 +223,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 .as_deref()
                 .map(store::read_token)
                 .transpose()?,
-            controller: args.controller,
+            controllers: args.controllers,
             group: args.group,
             controller_key: args.controller_key,
             state_dir: args.state_dir,
