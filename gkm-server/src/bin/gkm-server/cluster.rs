@@ -22,8 +22,12 @@ use tracing::{info, warn};
 
 use crate::queue::{ControllerQueue, ToController};
 
-/// A controller missing from `gkm_controllers` for this many leases is no longer counted alive.
-const ALIVE_LEASES: u32 = 3;
+/// A controller missing from `gkm_controllers` for this many leases is no longer counted alive
+/// (it announces itself three times a lease).
+const ALIVE_LEASES: u32 = 2;
+/// A controller over its share for this many leases hands a group over (not at once: a
+/// controller that just died or started changes the share for a while).
+const OVER_LEASES: u32 = 3;
 /// A controller missing for this many leases is forgotten.
 const FORGET_LEASES: u32 = 100;
 
@@ -37,6 +41,10 @@ pub(crate) struct Cluster {
     held: BTreeMap<GroupId, (u64, Instant)>,
     /// The leader told to the controller thread for each group it stands by for.
     told: BTreeMap<GroupId, Option<SocketAddr>>,
+    /// Since when each group without a leader has been seen so.
+    free_since: BTreeMap<GroupId, Instant>,
+    /// Since when this controller has held more than its share.
+    over_since: Option<Instant>,
     queue: ControllerQueue,
 }
 
@@ -68,6 +76,8 @@ impl Cluster {
             groups,
             held: BTreeMap::new(),
             told: BTreeMap::new(),
+            free_since: BTreeMap::new(),
+            over_since: None,
             queue,
         }
     }
@@ -139,10 +149,15 @@ impl Cluster {
         }
     }
 
-    /// Gives up the leases held beyond `share`, one per tick, so that another controller takes
-    /// them.
+    /// Gives up a lease held beyond `share` once this controller has been over its share for
+    /// [`OVER_LEASES`], one per tick, so that another controller takes it.
     fn hand_over(&mut self, share: usize) {
         if self.held.len() <= share {
+            self.over_since = None;
+            return;
+        }
+        let since = *self.over_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.lease * OVER_LEASES {
             return;
         }
         let Some((&group, &(term, _))) = self.held.iter().next_back() else {
@@ -173,11 +188,16 @@ impl Cluster {
             .copied()
             .filter(|g| !self.held.contains_key(g) && !live.contains_key(g))
             .collect();
+        self.free_since.retain(|g, _| free.contains(g));
         for group in free {
-            if self.held.len() >= share {
-                break;
+            let since = *self.free_since.entry(group).or_insert_with(Instant::now);
+            // Seen without a leader at two ticks: claimed by a controller at its share too. A
+            // group is never left unserved for the sake of balance (a controller that died is
+            // still counted alive for ALIVE_LEASES); an excess is handed over later.
+            let orphaned = since.elapsed() >= self.lease / 3;
+            if self.held.len() < share || orphaned {
+                self.lead(group);
             }
-            self.lead(group);
         }
         for (group, leader) in live {
             if self.groups.contains(&group) && self.told.get(&group) != Some(&leader) {
@@ -210,6 +230,7 @@ impl Cluster {
         info!(%group, term = lease.term, "leading the group");
         self.held.insert(group, (lease.term, lease.until));
         self.told.remove(&group);
+        self.free_since.remove(&group);
         self.queue.send(ToController::Lead {
             group,
             state: state.map(Box::new),

@@ -191,7 +191,15 @@ impl StateDir {
         }
         let key = self.read_storage_key()?;
         let holder = crate::cluster::holder_name();
-        match PgStore::open(&pg, &key, &holder, &address.to_string()) {
+        // The driver runs its own small runtime, which cannot start on a tokio thread: open the
+        // store on a thread of its own (it then lives on the store thread).
+        let opened = std::thread::scope(|scope| {
+            scope
+                .spawn(|| PgStore::open(&pg, &key, &holder, &address.to_string()))
+                .join()
+        })
+        .map_err(|_| anyhow::anyhow!("opening the PostgreSQL store panicked"))?;
+        match opened {
             Ok((store, states)) => {
                 info!(
                     holder,
