@@ -68,8 +68,8 @@ mod store;
 
 pub use controller::{
     BanTarget, Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
-    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Saving, Stats,
-    Subscription, Transmit, VerifiedRegistration, verify_request,
+    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Role, Saving,
+    Stats, Subscription, Transmit, VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;

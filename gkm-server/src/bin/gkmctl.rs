@@ -244,11 +244,12 @@ fn render(command: &Cmd, data: &Value) -> String {
         Cmd::Reset { group, .. } => {
             format!("reset {group}: every member was excluded and registers again\n")
         }
-        Cmd::Status => pairs(data, &["groups", "members", "public_key"]),
+        Cmd::Status => pairs(data, &["groups", "standby", "members", "public_key"]),
         Cmd::Groups => table(
             data,
             &[
-                "name", "id", "epoch", "members", "degree", "height", "pending",
+                "name", "id", "role", "term", "leader", "epoch", "members", "degree", "height",
+                "pending",
             ],
         ),
         Cmd::Members { .. } => table(data, &["id", "identity", "leaf", "joined", "lease_left_ms"]),

@@ -273,6 +273,18 @@ pub enum CommandError {
          the current key; free the state disk or fix the store"
     )]
     RekeyNotSaved(String),
+    /// Another controller leads the group (high availability).
+    #[error(
+        "group {group:?} is led by another controller{}; ask it (gkmctl --socket of that \
+         controller's state directory)",
+        leader.as_ref().map_or_else(String::new, |a| format!(" at {a}"))
+    )]
+    NotLeader {
+        /// The group.
+        group: String,
+        /// The leader's request address, when known.
+        leader: Option<String>,
+    },
     /// A save of the controller's is outstanding (driver's business: it holds commands until
     /// [`Controller::persisting`] says none is).
     #[error("the controller is saving; try again in a moment")]
@@ -327,6 +339,23 @@ pub struct GroupInfo {
     pub height: usize,
     /// Changes waiting for the next batch.
     pub pending: usize,
+    /// `leader` (this controller serves the group) or `standby` (another controller leads it;
+    /// then the counts above are zero: a standby holds none of its state).
+    pub role: Role,
+    /// The lease's term (high availability), when this controller leads the group.
+    pub term: Option<u64>,
+    /// Where the leader answers, on a standby, when known.
+    pub leader: Option<String>,
+}
+
+/// What this controller is to a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It serves the group.
+    Leader,
+    /// Another controller leads the group.
+    Standby,
 }
 
 /// A member in brief.
@@ -378,6 +407,8 @@ pub enum Response {
         /// Requests refused, by reason: in every group, and before any group could be named
         /// (malformed requests, registrations whose signature does not verify).
         rejects: BTreeMap<Reject, u64>,
+        /// Groups this controller stands by for (another controller leads them).
+        standby: usize,
     },
     /// Groups.
     Groups(Vec<GroupInfo>),

@@ -101,6 +101,8 @@ pub(super) struct Group {
     pub(super) persisting: Option<PersistTicket>,
     /// The rekey waiting for that save.
     pub(super) staged: Option<Box<Staged>>,
+    /// The lease's term, when this controller leads the group by a lease (high availability).
+    pub(super) term: Option<u64>,
     /// Requests that came while a rekey was staged, handled once its save is reported (they
     /// must not read the staged tree or roster).
     pub(super) deferred: VecDeque<(ConnId, Inbound)>,
@@ -204,6 +206,7 @@ impl Group {
             save_failure: None,
             persisting: None,
             staged: None,
+            term: None,
             deferred: VecDeque::new(),
         }
     }
@@ -305,6 +308,9 @@ impl Group {
             degree: self.policy.tree.degree,
             height: self.tree.height(),
             pending: self.joins.len() + self.departures.len(),
+            role: Role::Leader,
+            term: self.term,
+            leader: None,
         }
     }
 

@@ -57,9 +57,9 @@ pub struct Controller<R> {
     tickets: u64,
     /// Whether the store said, at its last report, that a compaction still runs.
     store_compacting: bool,
-    /// Groups another controller leads, with its request address when known: their requests
-    /// are answered [`Reject::NotLeader`].
-    standby: BTreeMap<GroupId, Option<SocketAddr>>,
+    /// Groups another controller leads, by id: their names and the leader's request address
+    /// when known. Their requests are answered [`Reject::NotLeader`].
+    standby: BTreeMap<GroupId, (String, Option<SocketAddr>)>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -286,7 +286,8 @@ impl<R: CryptoRng> Controller<R> {
                         term,
                         at: now.0,
                     });
-                    self.set_standby(id, None, now);
+                    let name = self.groups.get(&id).map(|g| g.policy.name.clone());
+                    self.set_standby(id, &name.unwrap_or_default(), None, now);
                     return;
                 }
             }
@@ -335,10 +336,25 @@ impl<R: CryptoRng> Controller<R> {
                 members: self.groups.values().map(|g| g.members.len()).sum(),
                 public_key: hex(&self.public_key()),
                 rejects: self.rejects.clone(),
+                standby: self.standby.len(),
             }),
-            Command::Groups => Ok(Response::Groups(
-                self.groups.values().map(Group::info).collect(),
-            )),
+            Command::Groups => {
+                let mut groups: Vec<GroupInfo> = self.groups.values().map(Group::info).collect();
+                groups.extend(self.standby.iter().map(|(id, (name, leader))| GroupInfo {
+                    name: name.clone(),
+                    id: id.0,
+                    epoch: 0,
+                    members: 0,
+                    degree: 0,
+                    height: 0,
+                    pending: 0,
+                    role: Role::Standby,
+                    term: None,
+                    leader: leader.map(|a| a.to_string()),
+                }));
+                groups.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(Response::Groups(groups))
+            }
             Command::Members(name) => {
                 let g = self.group(&name)?;
                 let mut list: Vec<MemberInfo> = g.members.records().map(|m| m.info(now)).collect();
@@ -494,12 +510,14 @@ impl<R: CryptoRng> Controller<R> {
         &mut self,
         policy: GroupPolicy,
         state: Option<&GroupState>,
+        term: u64,
         now: Timestamp,
     ) -> Result<(), TreeError> {
-        let group = match state {
+        let mut group = match state {
             Some(state) => Group::restore(policy, state, now)?,
             None => Group::new(policy, &mut self.rng, now)?,
         };
+        group.term = Some(term);
         let id = group.policy.id;
         self.release(id);
         self.standby.remove(&id);
@@ -511,23 +529,24 @@ impl<R: CryptoRng> Controller<R> {
     /// Group `id` is led by another controller, reached at `leader` when known: requests naming
     /// it are answered [`Reject::NotLeader`] with that address (members go there). A group this
     /// controller serves is released first.
-    pub fn set_standby(&mut self, id: GroupId, leader: Option<SocketAddr>, now: Timestamp) {
+    pub fn set_standby(
+        &mut self,
+        id: GroupId,
+        name: &str,
+        leader: Option<SocketAddr>,
+        now: Timestamp,
+    ) {
         let waited = self
             .groups
             .get_mut(&id)
             .map(|g| std::mem::take(&mut g.deferred))
             .unwrap_or_default();
         self.release(id);
-        self.standby.insert(id, leader);
+        self.standby.insert(id, (name.to_owned(), leader));
         // Requests that waited for a save are answered as a standby answers them.
         for (conn, inbound) in waited {
             self.handle_inbound(conn, now, inbound);
         }
-    }
-
-    /// The groups this controller stands by for, with their leaders' addresses when known.
-    pub fn standbys(&self) -> &BTreeMap<GroupId, Option<SocketAddr>> {
-        &self.standby
     }
 
     /// Stops serving group `id` (high availability: another controller leads it now). A staged
@@ -571,17 +590,25 @@ impl<R: CryptoRng> Controller<R> {
     }
 
     fn group(&self, name: &str) -> Result<&Group, CommandError> {
-        self.names
-            .get(name)
-            .and_then(|id| self.groups.get(id))
+        let id = self.group_id(name)?;
+        self.groups
+            .get(&id)
             .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
     }
 
+    /// The id of a group this controller serves; a group it stands by for is
+    /// [`CommandError::NotLeader`].
     fn group_id(&self, name: &str) -> Result<GroupId, CommandError> {
-        self.names
-            .get(name)
-            .copied()
-            .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
+        if let Some(id) = self.names.get(name) {
+            return Ok(*id);
+        }
+        match self.standby.values().find(|(n, _)| n == name) {
+            Some((_, leader)) => Err(CommandError::NotLeader {
+                group: name.to_owned(),
+                leader: leader.map(|a| a.to_string()),
+            }),
+            None => Err(CommandError::UnknownGroup(name.to_owned())),
+        }
     }
 
     fn group_mut(&mut self, id: GroupId) -> Result<&mut Group, CommandError> {

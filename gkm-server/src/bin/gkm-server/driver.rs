@@ -237,7 +237,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
     let (policies, groups) = group_nets(&config)?;
     let (mut controller, backing) = match config.storage.backend {
         Backend::Redb => redb_controller(signer, dir, allow_rollback, policies.clone(), &groups)?,
-        Backend::Postgres => postgres_controller(signer, dir, &config, policies.clone())?,
+        Backend::Postgres => postgres_controller(signer, dir, &config, &policies)?,
     };
     controller.set_workers(std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
 
@@ -298,7 +298,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         .name("gkm-store".into())
         .spawn(move || match backing {
             Backing::Redb(store) => store_thread(store, jobs, &store_queue),
-            Backing::Postgres(store) => Cluster::new(store, lease, ids, store_queue).run(&jobs),
+            Backing::Postgres(store) => Cluster::new(*store, lease, ids, store_queue).run(&jobs),
         })
         .context("cannot start the store thread")?;
     let driver = Driver {
@@ -398,7 +398,7 @@ enum Backing {
     /// The redb file of the state directory, behind its epoch floor.
     Redb(Box<dyn Store + Send>),
     /// PostgreSQL, shared with other controllers (high availability).
-    Postgres(gkm_server::PgStore),
+    Postgres(Box<gkm_server::PgStore>),
 }
 
 /// The controller of one machine: every configured group served from the redb file.
@@ -452,15 +452,15 @@ fn postgres_controller(
     signer: ed25519_dalek::SigningKey,
     dir: &StateDir,
     config: &Config,
-    policies: Vec<gkm_server::GroupPolicy>,
+    policies: &[gkm_server::GroupPolicy],
 ) -> Result<(Controller<OsRng>, Backing)> {
     let store = dir.open_postgres(config)?;
     let mut controller = Controller::new(signer, UnwrapErr(SysRng), Vec::new(), Vec::new(), now())
         .context("cannot build the controller")?;
-    for policy in &policies {
-        controller.set_standby(policy.id, None, now());
+    for policy in policies {
+        controller.set_standby(policy.id, &policy.name, None, now());
     }
-    Ok((controller, Backing::Postgres(store)))
+    Ok((controller, Backing::Postgres(Box::new(store))))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -543,7 +543,7 @@ impl Driver {
             return;
         };
         let at = now();
-        if let Err(e) = self.controller.adopt(policy, state, at) {
+        if let Err(e) = self.controller.adopt(policy, state, term, at) {
             return warn!(%group, "cannot serve the group's committed state: {e}");
         }
         self.audit(&Event::Leading {
@@ -556,7 +556,9 @@ impl Driver {
     /// High availability: another controller leads `group`.
     fn stand_by(&mut self, group: GroupId, leader: Option<SocketAddr>, lost: Option<u64>) {
         let at = now();
-        self.controller.set_standby(group, leader, at);
+        let name = self.policies.get(&group).map(|p| p.name.clone());
+        self.controller
+            .set_standby(group, &name.unwrap_or_default(), leader, at);
         if let Some(term) = lost {
             self.audit(&Event::Deposed {
                 group: group.0,
@@ -653,9 +655,11 @@ impl Driver {
             })
             .collect();
         let mut out = Exposition::default();
+        // A standby holds none of a group's state: it reports only that it stands by.
         let by_group = |value: fn(&GroupInfo) -> u64| {
             groups
                 .iter()
+                .filter(|g| g.role == gkm_server::Role::Leader)
                 .map(move |g| (label("group", &g.name), value(g)))
         };
         out.family(
@@ -669,6 +673,21 @@ impl Driver {
             "gauge",
             "Current members.",
             by_group(|g| g.members as u64),
+        );
+        out.family(
+            "leader",
+            "gauge",
+            "1 if this controller leads the group, 0 if it stands by for it.",
+            groups.iter().map(|g| {
+                let leads = u64::from(g.role == gkm_server::Role::Leader);
+                (label("group", &g.name), leads)
+            }),
+        );
+        out.family(
+            "lease_term",
+            "gauge",
+            "The term of the group's lease this controller holds (high availability; 0: none).",
+            by_group(|g| g.term.unwrap_or(0)),
         );
         out.family(
             "pending_changes",
