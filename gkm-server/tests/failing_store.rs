@@ -545,3 +545,85 @@ fn v060_while_a_save_is_outstanding_nothing_reads_the_staged_rekey() {
         assert_eq!(net.state(), net.stored());
     }
 }
+
+/// GKM-V061: a save answered `Deposed` (another controller took the group's lease) drops the
+/// staged rekey unsent and releases the group: nothing of it is sent from then on, its requests
+/// (those that waited for the save too) are answered 421 `NotLeader`, and commands on it say it
+/// is led elsewhere; the members keep the last durable epoch.
+#[test]
+fn v061_a_deposed_leader_sends_nothing_more_and_answers_not_leader() {
+    let mut net = Net::new(6, 1);
+    net.advance(1_000);
+    let epoch = net.controller.traffic_key(GROUP).unwrap().0;
+    let now = Timestamp(net.now);
+    let id = net.members[5].membership().unwrap().0.0;
+    let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+    controller
+        .handle_command(now, Command::Evict("demo".into(), id))
+        .unwrap();
+    controller.handle_timeout(now);
+    let persist = controller.poll_persist().expect("a save is asked for");
+    // A registration waits for the save's outcome.
+    let joiner = net.add_member();
+    let registration = net.members[joiner].poll_request().unwrap();
+    let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+    controller.handle_request(ConnId(joiner as u64), now, &registration);
+    controller.handle_persisted(
+        now,
+        gkm_server::Persisted {
+            ticket: persist.ticket,
+            result: Err(StoreError::Deposed {
+                group: GROUP,
+                term: 4,
+            }),
+            compacting: false,
+            compaction_failures: Vec::new(),
+            compaction_deferred: false,
+        },
+    );
+    let mut replies = Vec::new();
+    while let Some(t) = controller.poll_transmit() {
+        match t {
+            Transmit::Multicast { .. } => panic!("a deposed leader multicast something"),
+            Transmit::Reply { conn, bytes } => replies.push((conn, bytes)),
+        }
+    }
+    let code = |bytes: &[u8]| {
+        <wire::ErrorMessage as wire::Codec>::decode_exact(bytes)
+            .ok()
+            .map(|e| e.status)
+    };
+    assert_eq!(replies.len(), 1, "the waiting registration is answered");
+    assert_eq!(code(&replies[0].1), Some(wire::Status::NotLeader));
+    let events: Vec<Event> = std::iter::from_fn(|| controller.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Deposed { term: 4, .. })),
+        "{events:?}"
+    );
+    assert!(matches!(
+        controller.handle_command(now, Command::Members("demo".into())),
+        Err(gkm_server::CommandError::NotLeader { .. })
+    ));
+    // Time passes: no heartbeat, no rekey, no repeat of the group; a resync is sent elsewhere.
+    let later = Timestamp(net.now + 10_000);
+    controller.handle_timeout(later);
+    assert!(controller.poll_persist().is_none());
+    while let Some(t) = controller.poll_transmit() {
+        assert!(!matches!(t, Transmit::Multicast { .. }), "sent after deposed");
+    }
+    let mut resync = None;
+    net.members[0].handle_timeout(later.0 + 600_000);
+    while let Some(request) = net.members[0].poll_request() {
+        resync = Some(request);
+    }
+    if let Some(request) = resync {
+        net.controller.handle_request(ConnId(0), later, &request);
+        let Some(Transmit::Reply { bytes, .. }) = net.controller.poll_transmit() else {
+            panic!("the resync is answered");
+        };
+        assert_eq!(code(&bytes), Some(wire::Status::NotLeader));
+    }
+    assert_eq!(net.highest_member_epoch(), epoch, "nothing of the staged epoch");
+}

@@ -17,6 +17,9 @@
 //! (b) everything: (a) plus `verify_request` on two threads, `handle_inbound`, the evictions'
 //!     commands and the welcome sealing.
 //!
+//! With `SUSTAINED_PG_URL` set (a connection string, e.g. `host=/tmp/pg user=gkm dbname=gkm`),
+//! the store is PostgreSQL (`PgStore`, its lease claimed for the run) instead of the redb file.
+//!
 //! `cargo run --release -p gkm-benches --bin sustained -- 1048576 10 100000`
 
 use std::path::PathBuf;
@@ -28,7 +31,8 @@ use ed25519_dalek::SigningKey;
 use gkm_benches::{config, full_tree, member_records, rng};
 use gkm_server::{
     Command, CompactionFailure, ConnId, Controller, DiskStore, Event, GroupDelta, GroupPolicy,
-    GroupState, Inbound, Store, StoreDriver, StoreError, Timestamp, Transmit, verify_request,
+    GroupState, Inbound, PgConfig, PgStore, Store, StoreDriver, StoreError, Timestamp, Transmit,
+    verify_request,
 };
 use lkh_tree::GroupId;
 use rand_core::Rng;
@@ -36,20 +40,40 @@ use wire::{HpkeSecret, RegistrationRequest, sign};
 
 const START: u64 = 1_800_000_000_000;
 
-/// The disk store, shared so the benchmark can read how much it wrote, and the time its saves
-/// took by the profiler's clock.
+/// The store measured: the redb file (default), or PostgreSQL when `SUSTAINED_PG_URL` names a
+/// database (for example `host=/tmp/pg user=gkm dbname=gkm`).
+enum Backend {
+    Disk(DiskStore),
+    Postgres(PgStore),
+}
+
+impl Backend {
+    fn store(&mut self) -> &mut (dyn Store + Send) {
+        match self {
+            Backend::Disk(disk) => disk,
+            Backend::Postgres(pg) => pg,
+        }
+    }
+
+    /// Sealed bytes written (the redb store counts them).
+    fn bytes_written(&self) -> u64 {
+        match self {
+            Backend::Disk(disk) => disk.bytes_written(),
+            Backend::Postgres(_) => 0,
+        }
+    }
+}
+
+/// The store, shared so the benchmark can read how much it wrote, and the time its saves took
+/// by the profiler's clock.
 #[derive(Clone)]
-struct Shared(
-    Arc<Mutex<DiskStore>>,
-    Arc<Mutex<Duration>>,
-    fn() -> Duration,
-);
+struct Shared(Arc<Mutex<Backend>>, Arc<Mutex<Duration>>, fn() -> Duration);
 
 impl Shared {
     /// `save` on the store, its time added up.
-    fn timed<T>(&self, save: impl FnOnce(&mut DiskStore) -> T) -> T {
+    fn timed<T>(&self, save: impl FnOnce(&mut (dyn Store + Send)) -> T) -> T {
         let started = (self.2)();
-        let done = save(&mut self.0.lock().expect("store"));
+        let done = save(self.0.lock().expect("store").store());
         *self.1.lock().expect("timer") += (self.2)().saturating_sub(started);
         done
     }
@@ -75,10 +99,10 @@ impl Store for Shared {
         self.timed(|s| s.save_delta_and_compact(delta, state))
     }
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
-        self.0.lock().expect("store").take_compaction_failure()
+        self.0.lock().expect("store").store().take_compaction_failure()
     }
     fn compacting(&mut self) -> bool {
-        self.0.lock().expect("store").compacting()
+        self.0.lock().expect("store").store().compacting()
     }
 }
 
@@ -217,18 +241,37 @@ fn main() {
         members,
         enrollment: Default::default(),
     };
-    let (mut disk, _) = DiskStore::open(&path, &[7; 32]).expect("store");
+    let mut backend = match std::env::var("SUSTAINED_PG_URL") {
+        Ok(url) => {
+            let config = PgConfig {
+                url,
+                password_file: None,
+            };
+            let (mut pg, _) =
+                PgStore::open(&config, &[7; 32], "sustained", "-").expect("PostgreSQL store");
+            pg.claim(group, Duration::from_secs(3_600))
+                .expect("claim")
+                .expect("the group's lease is free");
+            println!("store: PostgreSQL");
+            Backend::Postgres(pg)
+        }
+        Err(_) => {
+            println!("store: redb ({})", path.display());
+            Backend::Disk(DiskStore::open(&path, &[7; 32]).expect("store").0)
+        }
+    };
     let saved = Instant::now();
-    disk.save(&state).expect("first save");
+    backend.store().save(&state).expect("first save");
     let save_time = saved.elapsed();
     let state_file = std::fs::metadata(&path).map_or(0, |m| m.len());
     println!(
         "{n} members restored in {:.1} s; full save {:.0} ms, {} bytes written, state file {:.1} MB",
         started.elapsed().as_secs_f64(),
         ms(save_time),
-        disk.bytes_written(),
+        backend.bytes_written(),
         state_file as f64 / 1e6
     );
+    let disk = backend;
     let cpu_clock = std::env::var("SUSTAINED_CLOCK").is_ok_and(|c| c == "cpu");
     let clock: fn() -> Duration = if cpu_clock { cpu } else { wall };
     let store = Shared(Arc::new(Mutex::new(disk)), Arc::default(), clock);
