@@ -352,8 +352,10 @@ fn main() {
         (m.tree, m.pack, m.sign, m.welcomes) =
             (profile.tree, profile.pack, profile.sign, profile.welcomes);
         m.persist = store.take_time();
-        // Durable and signed: everything of the rekey but the welcomes.
-        m.ready = m.rekey.saturating_sub(m.welcomes);
+        // Durable and signed: the rekey but its commit (departures recorded, events, datagrams
+        // queued) and its welcomes, which are counted with the welcomes.
+        m.ready = m.rekey.saturating_sub(profile.commit + m.welcomes);
+        m.welcomes += profile.commit;
         while let Some(t) = controller.poll_transmit() {
             if let Transmit::Reply { bytes, .. } = t
                 && matches!(

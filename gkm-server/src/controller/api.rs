@@ -436,6 +436,9 @@ pub struct RekeyProfile {
     pub pack: Duration,
     /// Signing them (on the workers).
     pub sign: Duration,
+    /// Committing once the save was reported: the departures recorded, the events made, the
+    /// datagrams queued (the welcomes apart).
+    pub commit: Duration,
     /// Sealing and signing the joiners' welcomes.
     pub welcomes: Duration,
 }

@@ -266,6 +266,7 @@ impl<R: CryptoRng> Controller<R> {
         };
         let on = (&g.tree, g.policy.mtu);
         Self::prepare(&mut staged, on, &self.signer, self.workers, self.profiler);
+        let committing = self.profiler.map(|now| now());
         g.tree.commit();
         let Staged {
             rekey,
@@ -340,7 +341,8 @@ impl<R: CryptoRng> Controller<R> {
         }
         let sealing = self.profiler.map(|now| now());
         let replies = self.seal_welcomes(id, welcomes);
-        if let (Some(now), Some(sealing)) = (self.profiler, sealing) {
+        if let (Some(now), Some(sealing), Some(committing)) = (self.profiler, sealing, committing) {
+            profile.commit = sealing.saturating_sub(committing);
             profile.welcomes = now().saturating_sub(sealing);
             self.profile = Some(profile);
         }
