@@ -430,12 +430,17 @@ pub enum Response {
 /// [`Controller::set_profiler`]). The save is the driver's: it times it itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RekeyProfile {
-    /// The tree's rekey (marking, new keys, wraps), the roster's update and the save's records.
+    /// The tree's rekey (marking, new keys, wraps) and the roster's update.
     pub tree: Duration,
+    /// Building the save's records (the delta, or the whole state).
+    pub records: Duration,
     /// Packing the datagrams.
     pub pack: Duration,
     /// Signing them (on the workers).
     pub sign: Duration,
+    /// From the start of the rekey until its save was reported durable and its datagrams
+    /// signed (the save runs beside the packing and signing when the driver overlaps them).
+    pub ready: Duration,
     /// Committing once the save was reported: the departures recorded, the events made, the
     /// datagrams queued (the welcomes apart).
     pub commit: Duration,

@@ -25,6 +25,8 @@ pub(super) struct Staged {
     /// Signed datagrams, once packed ([`Controller::prepare_staged`]).
     pub(super) datagrams: Option<Vec<Vec<u8>>>,
     pub(super) profile: RekeyProfile,
+    /// When the rekey started, by the profiler's clock.
+    pub(super) started: Option<Duration>,
 }
 
 /// One welcome to seal: its encapsulation, what it names, the keys.
@@ -170,6 +172,9 @@ impl<R: CryptoRng> Controller<R> {
             .zip(started)
             .map(|(now, start)| now().saturating_sub(start));
         let save = g.take_save(self.store_compacting);
+        let records = self
+            .profiler
+            .map(|now| now().saturating_sub(started.unwrap_or_default()));
         let encryptions = rekey.encryptions.len();
         let ticket = self.next_ticket();
         let Some(g) = self.groups.get_mut(&id) else {
@@ -185,8 +190,12 @@ impl<R: CryptoRng> Controller<R> {
             datagrams: None,
             profile: RekeyProfile {
                 tree: tree_time.unwrap_or_default(),
+                records: records
+                    .unwrap_or_default()
+                    .saturating_sub(tree_time.unwrap_or_default()),
                 ..RekeyProfile::default()
             },
+            started,
         }));
         self.persists.push_back(Persist {
             ticket,
@@ -276,6 +285,7 @@ impl<R: CryptoRng> Controller<R> {
             removed,
             datagrams,
             mut profile,
+            started,
         } = staged;
         let datagrams = datagrams.unwrap_or_default();
         let epoch = rekey.epoch;
@@ -342,6 +352,7 @@ impl<R: CryptoRng> Controller<R> {
         let sealing = self.profiler.map(|now| now());
         let replies = self.seal_welcomes(id, welcomes);
         if let (Some(now), Some(sealing), Some(committing)) = (self.profiler, sealing, committing) {
+            profile.ready = committing.saturating_sub(started.unwrap_or_default());
             profile.commit = sealing.saturating_sub(committing);
             profile.welcomes = now().saturating_sub(sealing);
             self.profile = Some(profile);
