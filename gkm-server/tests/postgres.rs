@@ -612,8 +612,8 @@ mod v053 {
     use ed25519_dalek::SigningKey;
     use gkm_member::{Member, MemberConfig, MemberEvent};
     use gkm_server::{
-        Command, CompactionFailure, ConnId, Controller, Event, GroupDelta, GroupPolicy,
-        GroupState, PgStore, Store, StoreDriver, StoreError, Timestamp, Transmit,
+        Command, CompactionFailure, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState,
+        PgStore, Store, StoreDriver, StoreError, Timestamp, Transmit,
     };
     use lkh_tree::{Epoch, GroupId};
     use rand_chacha::ChaCha20Rng;
@@ -659,7 +659,16 @@ mod v053 {
 
         /// What the database holds of the group.
         fn stored(&self) -> Contents {
-            contents(&self.0.lock().unwrap().store.load_group(GROUP).unwrap().unwrap())
+            contents(
+                &self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .store
+                    .load_group(GROUP)
+                    .unwrap()
+                    .unwrap(),
+            )
         }
     }
 
@@ -910,7 +919,11 @@ mod v053 {
         net.advance(3_000);
         let (now_epoch, now_key) = net.controller.traffic_key(GROUP).unwrap();
         assert!(now_epoch > epoch);
-        assert_eq!(net.state(), net.store.stored(), "the retried batch is durable");
+        assert_eq!(
+            net.state(),
+            net.store.stored(),
+            "the retried batch is durable"
+        );
         for (i, m) in net.members.iter().enumerate() {
             let current = m
                 .traffic_key()
