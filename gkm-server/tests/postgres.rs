@@ -598,3 +598,373 @@ fn a_save_while_the_database_is_down_fails_quickly_and_the_next_one_after_works(
     assert_eq!(states.len(), 1);
     assert_eq!(contents(&states[0]), contents(&churn.state()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// GKM-V053 on PostgreSQL: the failing-store test of `failing_store.rs` with a `PgStore` behind
+// the switch, under a `StoreDriver` and real sans-I/O members; the store fails on command (at a
+// delta and at the full save after it) or because the database is really down.
+
+mod v053 {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use ed25519_dalek::SigningKey;
+    use gkm_member::{Member, MemberConfig, MemberEvent};
+    use gkm_server::{
+        Command, CompactionFailure, ConnId, Controller, Event, GroupDelta, GroupPolicy, GroupState,
+        PgStore, Store, StoreDriver, StoreError, Timestamp, Transmit,
+    };
+    use lkh_tree::{Epoch, GroupId};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::{Rng, SeedableRng};
+    use wire::HpkeSecret;
+
+    use super::{PgServer, open};
+
+    const GROUP: GroupId = GroupId(1);
+    const START: u64 = 1_800_000_000_000;
+
+    /// Where a save can fail.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    enum Point {
+        Full,
+        Delta,
+        Compact,
+    }
+
+    struct Switch {
+        store: PgStore,
+        failing: BTreeSet<Point>,
+        asked: Vec<Point>,
+    }
+
+    /// A `PgStore` that fails on command.
+    #[derive(Clone)]
+    struct Failing(Arc<Mutex<Switch>>);
+
+    impl Failing {
+        fn attempt(&self, point: Point) -> Result<(), StoreError> {
+            let mut s = self.0.lock().unwrap();
+            s.asked.push(point);
+            if s.failing.contains(&point) {
+                return Err(StoreError::Backend("the database refused (test)".into()));
+            }
+            Ok(())
+        }
+
+        fn set(&self, failing: &[Point]) {
+            self.0.lock().unwrap().failing = failing.iter().copied().collect();
+        }
+
+        /// What the database holds of the group.
+        fn stored(&self) -> Contents {
+            contents(
+                &self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .store
+                    .load_group(GROUP)
+                    .unwrap()
+                    .unwrap(),
+            )
+        }
+    }
+
+    impl Store for Failing {
+        fn save(&mut self, state: &GroupState) -> Result<(), StoreError> {
+            self.attempt(Point::Full)?;
+            self.0.lock().unwrap().store.save(state)
+        }
+        fn save_delta(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
+            self.attempt(Point::Delta)?;
+            self.0.lock().unwrap().store.save_delta(delta)
+        }
+        fn save_delta_and_compact(
+            &mut self,
+            delta: &GroupDelta,
+            state: GroupState,
+        ) -> Result<(), StoreError> {
+            self.attempt(Point::Compact)?;
+            self.0
+                .lock()
+                .unwrap()
+                .store
+                .save_delta_and_compact(delta, state)
+        }
+        fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
+            self.0.lock().unwrap().store.take_compaction_failure()
+        }
+        fn compacting(&mut self) -> bool {
+            self.0.lock().unwrap().store.compacting()
+        }
+    }
+
+    /// Epoch, member count and a digest of the nodes (keys included) and member records (leases
+    /// left out: they are renewed while the store fails).
+    type Contents = (u64, usize, [u8; 32]);
+
+    fn contents(state: &GroupState) -> Contents {
+        let mut nodes: Vec<_> = state
+            .tree
+            .nodes
+            .iter()
+            .map(|n| {
+                let parent = n.parent.map(|p| p.0);
+                (n.id.0, parent, n.leaf, n.version.0, *n.key.as_bytes())
+            })
+            .collect();
+        nodes.sort_unstable();
+        let mut members: Vec<_> = state
+            .members
+            .iter()
+            .map(|m| (m.leaf.0, m.id.0, m.identity, m.hpke_key, m.joined))
+            .collect();
+        members.sort_unstable();
+        let digest = blake3::hash(format!("{nodes:?}{members:?}").as_bytes());
+        (state.tree.epoch.0, members.len(), *digest.as_bytes())
+    }
+
+    struct Net {
+        controller: StoreDriver<ChaCha20Rng>,
+        members: Vec<Member<ChaCha20Rng>>,
+        events: Vec<Vec<MemberEvent>>,
+        store: Failing,
+        controller_events: Vec<Event>,
+        now: u64,
+        seeds: u64,
+        signer: SigningKey,
+    }
+
+    impl Net {
+        fn new(server: &PgServer, n: usize) -> Net {
+            let (mut pg, _) = open(server, "v053");
+            pg.claim(GROUP, Duration::from_secs(600)).unwrap().unwrap();
+            let store = Failing(Arc::new(Mutex::new(Switch {
+                store: pg,
+                failing: BTreeSet::new(),
+                asked: Vec::new(),
+            })));
+            let signer = SigningKey::from_bytes(&[42; 32]);
+            let mut policy = GroupPolicy::new("demo", GROUP);
+            policy.heartbeat_interval_ms = 500;
+            policy.lease_ms = 60_000;
+            let controller = StoreDriver::new(
+                Controller::new(
+                    signer.clone(),
+                    ChaCha20Rng::seed_from_u64(1),
+                    vec![policy],
+                    vec![],
+                    Timestamp(START),
+                )
+                .unwrap(),
+                Box::new(store.clone()),
+            );
+            let mut net = Net {
+                controller,
+                members: Vec::new(),
+                events: Vec::new(),
+                store,
+                controller_events: Vec::new(),
+                now: START,
+                seeds: 100,
+                signer,
+            };
+            for _ in 0..n {
+                net.add_member();
+            }
+            net.advance(500);
+            net
+        }
+
+        fn add_member(&mut self) -> usize {
+            self.seeds += 1;
+            let mut rng = ChaCha20Rng::seed_from_u64(self.seeds);
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let hpke = HpkeSecret::generate(&mut rng);
+            let config = MemberConfig::new(GROUP, self.signer.verifying_key());
+            let member = Member::new(config, SigningKey::from_bytes(&seed), hpke, rng, self.now);
+            self.members.push(member);
+            self.events.push(Vec::new());
+            self.members.len() - 1
+        }
+
+        /// Moves requests, replies and datagrams until nothing is left (bounded).
+        fn pump(&mut self) {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                for i in 0..self.members.len() {
+                    while let Some(request) = self.members[i].poll_request() {
+                        moved = true;
+                        let conn = ConnId(u64::try_from(i).unwrap());
+                        self.controller
+                            .handle_request(conn, Timestamp(self.now), &request);
+                    }
+                }
+                if self
+                    .controller
+                    .poll_timeout()
+                    .is_some_and(|t| t.0 <= self.now)
+                {
+                    self.controller.handle_timeout(Timestamp(self.now));
+                }
+                while let Some(t) = self.controller.poll_transmit() {
+                    moved = true;
+                    match t {
+                        Transmit::Multicast { bytes, .. } => {
+                            for m in &mut self.members {
+                                m.handle_datagram(self.now, &bytes);
+                            }
+                        }
+                        Transmit::Reply { conn, bytes } => {
+                            let i = usize::try_from(conn.0).unwrap();
+                            self.members[i].handle_reply(self.now, &bytes);
+                        }
+                    }
+                }
+                for (i, m) in self.members.iter_mut().enumerate() {
+                    while let Some(e) = m.poll_event() {
+                        self.events[i].push(e);
+                    }
+                }
+                while let Some(event) = self.controller.poll_event() {
+                    self.controller_events.push(event);
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the network did not settle (livelock)");
+        }
+
+        /// Advances the virtual clock by `total` ms in steps of 100 ms, firing timers.
+        fn advance(&mut self, total: u64) {
+            let end = self.now + total;
+            while self.now < end {
+                self.now = (self.now + 100).min(end);
+                self.controller.handle_timeout(Timestamp(self.now));
+                for m in &mut self.members {
+                    m.handle_timeout(self.now);
+                }
+                self.pump();
+            }
+        }
+
+        fn evict(&mut self, i: usize) {
+            let id = self.members[i].membership().unwrap().0.0;
+            self.controller
+                .handle_command(Timestamp(self.now), Command::Evict("demo".into(), id))
+                .unwrap();
+        }
+
+        fn state(&self) -> Contents {
+            contents(&self.controller.group_state(GROUP).unwrap())
+        }
+
+        fn highest_member_epoch(&self) -> Epoch {
+            self.members
+                .iter()
+                .filter_map(|m| m.traffic_key().map(|(e, _)| e))
+                .max()
+                .unwrap()
+        }
+
+        fn failures(&self) -> usize {
+            self.controller_events
+                .iter()
+                .filter(|e| matches!(e, Event::StoreFailed { .. }))
+                .count()
+        }
+    }
+
+    /// While the store fails (`fail`, undone by `heal`): a member is evicted and one registers.
+    /// Nothing of the unsaved epoch reaches any member, the controller and the database hold
+    /// what they held; once the store is back the batch goes through, durably, and every member
+    /// but the evicted one converges on it.
+    fn fail_then_recover(net: &mut Net, fail: impl FnOnce(&Net), heal: impl FnOnce(&Net)) {
+        let before = net.state();
+        let (epoch, key) = net.controller.traffic_key(GROUP).unwrap();
+        assert_eq!(before, net.store.stored(), "the database holds the state");
+        let failures = net.failures();
+        let evicted = net.members[0].membership().unwrap().0;
+
+        fail(net);
+        net.evict(0);
+        let joiner = net.add_member();
+        net.advance(4_000);
+        assert!(
+            net.failures() >= failures + 2,
+            "the failed batch was tried again"
+        );
+        assert_eq!(net.state(), before, "the controller is exactly as before");
+        assert_eq!(net.controller.traffic_key(GROUP).unwrap().0, epoch);
+        assert_eq!(
+            net.highest_member_epoch(),
+            epoch,
+            "no member heard of the unsaved epoch"
+        );
+        for (i, m) in net.members.iter().enumerate().take(joiner) {
+            let (held, k) = m.traffic_key().unwrap();
+            assert_eq!((held, k.as_bytes()), (epoch, key.as_bytes()), "member {i}");
+        }
+        assert!(
+            net.members[joiner].traffic_key().is_none(),
+            "no welcome went out"
+        );
+
+        heal(net);
+        assert_eq!(net.store.stored(), before, "nothing was stored");
+        net.advance(3_000);
+        let (now_epoch, now_key) = net.controller.traffic_key(GROUP).unwrap();
+        assert!(now_epoch > epoch);
+        assert_eq!(
+            net.state(),
+            net.store.stored(),
+            "the retried batch is durable"
+        );
+        for (i, m) in net.members.iter().enumerate() {
+            let current = m
+                .traffic_key()
+                .is_some_and(|(e, k)| e == now_epoch && k.as_bytes() == now_key.as_bytes());
+            if i == 0 {
+                let id = m.membership().map(|(id, _)| id);
+                assert!(!current || id != Some(evicted), "the evicted member is out");
+            } else {
+                assert!(current, "member {i}");
+            }
+        }
+        assert!(
+            net.events[joiner]
+                .iter()
+                .any(|e| matches!(e, MemberEvent::Joined { .. })),
+            "the waiting registration was admitted"
+        );
+        // The evicted member's place goes; the others carry on.
+        net.members.swap_remove(0);
+        net.events.swap_remove(0);
+    }
+
+    #[test]
+    fn v053_on_postgres_a_failed_save_leaves_nothing_of_the_epoch_in_circulation() {
+        let Some(server) = PgServer::start("v053") else {
+            return;
+        };
+        let mut net = Net::new(&server, 24);
+        // Refused at the delta and at the full save that follows a failed one.
+        fail_then_recover(
+            &mut net,
+            |net| net.store.set(&[Point::Delta, Point::Full]),
+            |net| net.store.set(&[]),
+        );
+        let asked = net.store.0.lock().unwrap().asked.clone();
+        let failed_at = asked.iter().position(|p| *p == Point::Delta).unwrap();
+        assert!(
+            asked[failed_at..].contains(&Point::Full),
+            "after a failed delta the whole state is saved: {asked:?}"
+        );
+        // The database itself down: every save fails (quickly) until it is back.
+        fail_then_recover(&mut net, |_| server.stop(), |_| server.start_again());
+    }
+}

@@ -443,3 +443,78 @@ pub(crate) fn stored_group(
         enrollment: Default::default(),
     }
 }
+
+/// One request over TCP to `addr`, as [`request`] does (reply read for at most `timeout`).
+pub(crate) fn request_to(
+    addr: SocketAddr,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut frame = u32::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend_from_slice(bytes);
+    s.write_all(&frame)?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)?;
+    let len = reply
+        .first_chunk::<4>()
+        .map(|l| usize::try_from(u32::from_be_bytes(*l)).unwrap())
+        .ok_or_else(|| std::io::Error::other("no reply frame"))?;
+    if len != reply.len() - 4 {
+        return Err(std::io::Error::other("reply frame length mismatch"));
+    }
+    Ok(reply.split_off(4))
+}
+
+/// Drives an in-process member over TCP as the member daemon does with several controllers:
+/// sends its requests to the controller asked now, follows [`MemberEvent::NotLeader`] (the named
+/// leader when it is one of `controllers`, else the next) and a controller that does not answer
+/// (the next), fires its timers, until `done` accepts one of its events (returned) or `limit`
+/// passes (`Err` with every event seen).
+pub(crate) fn drive_member(
+    member: &mut Member<ChaCha20Rng>,
+    controllers: &mut gkm_member::controllers::Controllers,
+    limit: Duration,
+    mut done: impl FnMut(&MemberEvent) -> bool,
+) -> Result<MemberEvent, Vec<MemberEvent>> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let mut sent = false;
+        if let Some(bytes) = member.poll_request() {
+            sent = true;
+            match request_to(controllers.current(), &bytes, Duration::from_secs(10)) {
+                Ok(reply) => member.handle_reply(now_ms(), &reply),
+                Err(_) => {
+                    member.handle_unreachable(now_ms());
+                    if controllers.advance().is_some() {
+                        member.controller_changed(now_ms());
+                    }
+                }
+            }
+        }
+        while let Some(event) = member.poll_event() {
+            if let MemberEvent::NotLeader { leader, .. } = &event
+                && controllers.not_leader(*leader).is_some()
+            {
+                member.controller_changed(now_ms());
+            }
+            if done(&event) {
+                return Ok(event);
+            }
+            seen.push(event);
+        }
+        if Instant::now() >= deadline {
+            return Err(seen);
+        }
+        if !sent {
+            let now = now_ms();
+            let wait = member
+                .poll_timeout()
+                .map_or(50, |t| t.saturating_sub(now).clamp(1, 50));
+            std::thread::sleep(Duration::from_millis(wait));
+            member.handle_timeout(now_ms());
+        }
+    }
+}
