@@ -245,6 +245,9 @@ pub struct Member<R> {
     refused: u32,
     /// Requests in a row that were redirected (not the leader, or unreachable).
     redirects: u32,
+    /// The leader the last `NotLeader` named: a different one is progress (a new leader was
+    /// elected), and the prompt retries start over.
+    named_leader: Option<SocketAddr>,
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
     renew_at: Option<Millis>,
@@ -304,6 +307,7 @@ impl<R: CryptoRng> Member<R> {
             unanswered: 0,
             refused: 0,
             redirects: 0,
+            named_leader: None,
             resync_at: None,
             renew_at: None,
             rekey_address: None,
@@ -818,6 +822,13 @@ impl<R: CryptoRng> Member<R> {
             return self.drop_datagram("unexpected not-leader");
         }
         let leader = reason.trim().parse::<SocketAddr>().ok();
+        // A newly named leader: the cluster moved on (a failover), so the prompt retries start
+        // over instead of backing off as from a cluster with no leader.
+        if leader.is_some() && leader != self.named_leader {
+            self.named_leader = leader;
+            self.redirects = 0;
+            self.refused = 0;
+        }
         let retry_in_ms = self.redirect(now);
         self.events.push_back(MemberEvent::NotLeader {
             leader,

@@ -443,3 +443,33 @@ fn more_members_than_the_old_connection_cap_wait_for_one_batch_and_all_get_welco
         "one batch admits them all: {epochs:?}"
     );
 }
+
+/// With batching, `gkmctl evict` answers once the batch's rekey is durable and sent, not when the
+/// eviction is queued: "rekeyed" is then true (before, it answered at once, and a controller
+/// deposed or stopped before the batch left the operator believing in an eviction that never
+/// happened).
+#[test]
+fn an_eviction_with_batching_is_answered_once_its_batch_is_rekeyed() {
+    let setup = Server::new("batched-evict", "repeats = 1\nbatch_interval_ms = 1500");
+    let _daemon = setup.start();
+    // A registration waits for its batch too: register in the background.
+    let port = setup.port;
+    let key = setup.public_key();
+    let joined = std::thread::spawn(move || {
+        let mut member = new_member(31, key);
+        register(port, &mut member)
+    });
+    let id = joined.join().unwrap().expect("a welcome");
+    let before = setup.epoch();
+    let asked = Instant::now();
+    let out = setup.ctl(&["evict", "demo", &id.0.to_string()]);
+    let took = asked.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        took >= Duration::from_millis(1_000),
+        "answered after {took:?}, before the batch was due"
+    );
+    assert!(setup.epoch() > before, "the eviction's rekey is done");
+    let members = setup.ctl_json(&["members", "demo"]);
+    assert_eq!(members.as_array().map(Vec::len), Some(0), "{members}");
+}

@@ -611,7 +611,10 @@ fn v061_a_deposed_leader_sends_nothing_more_and_answers_not_leader() {
     controller.handle_timeout(later);
     assert!(controller.poll_persist().is_none());
     while let Some(t) = controller.poll_transmit() {
-        assert!(!matches!(t, Transmit::Multicast { .. }), "sent after deposed");
+        assert!(
+            !matches!(t, Transmit::Multicast { .. }),
+            "sent after deposed"
+        );
     }
     let mut resync = None;
     net.members[0].handle_timeout(later.0 + 600_000);
@@ -625,5 +628,9 @@ fn v061_a_deposed_leader_sends_nothing_more_and_answers_not_leader() {
         };
         assert_eq!(code(&bytes), Some(wire::Status::NotLeader));
     }
-    assert_eq!(net.highest_member_epoch(), epoch, "nothing of the staged epoch");
+    assert_eq!(
+        net.highest_member_epoch(),
+        epoch,
+        "nothing of the staged epoch"
+    );
 }

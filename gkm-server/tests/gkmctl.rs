@@ -91,7 +91,7 @@ fn commands_print_tables_and_json() {
     assert_eq!(out.status.code(), Some(0));
     let status = text(&out.stdout);
     assert!(
-        status.starts_with("groups     1\nmembers    0\npublic_key "),
+        status.starts_with("groups     1\nstandby    0\nmembers    0\npublic_key "),
         "{status}"
     );
 
@@ -100,7 +100,8 @@ fn commands_print_tables_and_json() {
     assert_eq!(
         lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
         [
-            "NAME", "ID", "EPOCH", "MEMBERS", "DEGREE", "HEIGHT", "PENDING"
+            "NAME", "ID", "ROLE", "TERM", "LEADER", "EPOCH", "MEMBERS", "DEGREE", "HEIGHT",
+            "PENDING"
         ]
     );
     assert!(lines.next().unwrap().starts_with("demo "));

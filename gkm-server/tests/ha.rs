@@ -1317,7 +1317,11 @@ fn ha_a_zombie_leader_sends_nothing_of_a_new_epoch() {
                 .collect::<Vec<_>>()
         ));
     }
-    assert!(told.is_empty(), "{told:#?}");
+    assert!(
+        told.is_empty(),
+        "{told:#?}\nold leader's log:\n{}",
+        cluster.log_tail(old, 40)
+    );
 }
 
 #[test]

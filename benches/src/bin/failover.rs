@@ -52,7 +52,10 @@ fn leader(url: &str, group: GroupId, name: &str) -> PgStore {
         password_file: None,
     };
     let (mut store, _) = PgStore::open(&config, &[7; 32], name, "-").expect("PostgreSQL store");
-    store.claim(group, LEASE).expect("claim").expect("lease free");
+    store
+        .claim(group, LEASE)
+        .expect("claim")
+        .expect("lease free");
     store
 }
 
@@ -141,7 +144,9 @@ fn main() {
         .expect("PostgreSQL store")
         .0;
         let claimed_at = Instant::now();
-        b.claim(group, LEASE).expect("claim").expect("the dead lease ran out");
+        b.claim(group, LEASE)
+            .expect("claim")
+            .expect("the dead lease ran out");
         let claim = claimed_at.elapsed();
         let loaded_at = Instant::now();
         let state = b.load_group(group).expect("load").expect("a state");

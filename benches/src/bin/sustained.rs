@@ -99,7 +99,11 @@ impl Store for Shared {
         self.timed(|s| s.save_delta_and_compact(delta, state))
     }
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
-        self.0.lock().expect("store").store().take_compaction_failure()
+        self.0
+            .lock()
+            .expect("store")
+            .store()
+            .take_compaction_failure()
     }
     fn compacting(&mut self) -> bool {
         self.0.lock().expect("store").store().compacting()

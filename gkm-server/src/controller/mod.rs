@@ -305,6 +305,12 @@ impl<R: CryptoRng> Controller<R> {
         let Some(saving) = saving else {
             return outcome;
         };
+        // Deposed while the command's save was outstanding: nothing of it was done here.
+        if outcome.is_ok()
+            && let Err(elsewhere) = self.group_id(&saving.group)
+        {
+            return Err(elsewhere);
+        }
         match self.save_failure(&saving.group) {
             Some(failure) if outcome.is_ok() && saving.rekey => {
                 Err(CommandError::RekeyNotSaved(failure))
@@ -615,6 +621,14 @@ impl<R: CryptoRng> Controller<R> {
         self.groups
             .get_mut(&id)
             .ok_or_else(|| CommandError::UnknownGroup(id.to_string()))
+    }
+
+    /// Rekeys committed in group `name` so far (`None`: not served here). A driver answers a
+    /// command that rekeys once this moves: with batching, an eviction is done only when the
+    /// batch's rekey is durable and sent.
+    pub fn rekeys_done(&self, name: &str) -> Option<u64> {
+        let id = self.names.get(name)?;
+        Some(self.groups.get(id)?.stats.rekeys)
     }
 
     /// Why group `name`'s last rekey could not be saved, while its batch waits to be tried

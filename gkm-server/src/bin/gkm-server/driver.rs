@@ -200,11 +200,35 @@ enum Held {
     /// A metrics scrape (it reads every group).
     Metrics(oneshot::Sender<String>),
     /// Handled; answered once the saves it asked for are reported.
-    Answer(
-        Option<Saving>,
-        Result<Response, CommandError>,
-        oneshot::Sender<Reply>,
-    ),
+    Answer(Answer),
+}
+
+/// A handled command's answer, and, for one that rekeys, the group's rekeys committed before it:
+/// it is done once another is (with batching, at the end of the batch), or the group is no
+/// longer led here, or its save failed.
+struct Answer {
+    saving: Option<Saving>,
+    rekeys_before: Option<u64>,
+    outcome: Result<Response, CommandError>,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Answer {
+    /// Whether it still waits for its group's rekey.
+    fn waits(&self, controller: &Controller<OsRng>) -> bool {
+        let Some(saving) = self.saving.as_ref().filter(|s| s.rekey) else {
+            return false;
+        };
+        self.outcome.is_ok()
+            && self.rekeys_before.is_some()
+            && controller.rekeys_done(&saving.group) == self.rekeys_before
+            && controller.save_failure(&saving.group).is_none()
+    }
+
+    fn send(self, controller: &Controller<OsRng>) {
+        let outcome = controller.settle(self.saving, self.outcome);
+        let _ = self.reply.send(Reply::from_outcome(outcome));
+    }
 }
 
 /// The controller thread's state.
@@ -217,6 +241,8 @@ struct Driver {
     /// Commands and scrapes held while a save is outstanding (they must not read a staged
     /// rekey), in arrival order.
     held: std::collections::VecDeque<Held>,
+    /// Answers of commands waiting for their group's batch to be rekeyed.
+    awaiting: Vec<Answer>,
     /// Every configured group's policy (high availability: a group this controller comes to
     /// lead is served under it).
     policies: HashMap<GroupId, gkm_server::GroupPolicy>,
@@ -306,6 +332,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         saves: Some(saves),
         store_thread: Some(store_thread),
         held: std::collections::VecDeque::new(),
+        awaiting: Vec::new(),
         policies: policies.into_iter().map(|p| (p.id, p)).collect(),
         groups,
         udp,
@@ -534,6 +561,7 @@ impl Driver {
         }
         self.dispatch_saves();
         self.run_held();
+        self.answer_awaiting();
         self.flush();
     }
 
@@ -551,6 +579,7 @@ impl Driver {
             term,
             at: at.0,
         });
+        self.flush_audit();
     }
 
     /// High availability: another controller leads `group`.
@@ -565,6 +594,7 @@ impl Driver {
                 term,
                 at: at.0,
             });
+            self.flush_audit();
         }
     }
 
@@ -596,15 +626,18 @@ impl Driver {
                 return;
             };
             match held {
-                Held::Answer(saving, outcome, reply) => {
-                    let outcome = self.controller.settle(saving, outcome);
-                    let _ = reply.send(Reply::from_outcome(outcome));
+                Held::Answer(answer) if answer.waits(&self.controller) => {
+                    self.awaiting.push(answer);
                 }
+                Held::Answer(answer) => answer.send(&self.controller),
                 Held::Metrics(reply) => {
                     let _ = reply.send(self.metrics());
                 }
                 Held::Command(command, reply) => {
                     let saving = command.saving();
+                    let rekeys_before = saving
+                        .as_ref()
+                        .and_then(|s| self.controller.rekeys_done(&s.group));
                     let outcome = self.controller.handle_command(now(), command);
                     // A burst of requests already handled is still coalesced into this rekey.
                     if self
@@ -615,9 +648,25 @@ impl Driver {
                         self.controller.handle_timeout(now());
                     }
                     self.dispatch_saves();
-                    self.held.push_front(Held::Answer(saving, outcome, reply));
+                    self.held.push_front(Held::Answer(Answer {
+                        saving,
+                        rekeys_before,
+                        outcome,
+                        reply,
+                    }));
                 }
             }
+        }
+    }
+
+    /// Answers the commands whose rekey is done (or will not be, here).
+    fn answer_awaiting(&mut self) {
+        let (done, waiting): (Vec<Answer>, Vec<Answer>) = std::mem::take(&mut self.awaiting)
+            .into_iter()
+            .partition(|a| !a.waits(&self.controller));
+        self.awaiting = waiting;
+        for answer in done {
+            answer.send(&self.controller);
         }
     }
 
@@ -799,7 +848,14 @@ impl Driver {
             self.audit(&event);
             wrote = true;
         }
-        if wrote && let Err(e) = self.audit.flush() {
+        if wrote {
+            self.flush_audit();
+        }
+    }
+
+    /// Writes the audit lines buffered so far to the file.
+    fn flush_audit(&mut self) {
+        if let Err(e) = self.audit.flush() {
             warn!("cannot append to the audit log: {e}");
         }
     }
