@@ -44,14 +44,14 @@ const START: u64 = 1_800_000_000_000;
 /// database (for example `host=/tmp/pg user=gkm dbname=gkm`).
 enum Backend {
     Disk(DiskStore),
-    Postgres(PgStore),
+    Postgres(Box<PgStore>),
 }
 
 impl Backend {
     fn store(&mut self) -> &mut (dyn Store + Send) {
         match self {
             Backend::Disk(disk) => disk,
-            Backend::Postgres(pg) => pg,
+            Backend::Postgres(pg) => pg.as_mut(),
         }
     }
 
@@ -259,7 +259,7 @@ fn main() {
                 .expect("claim")
                 .expect("the group's lease is free");
             println!("store: PostgreSQL");
-            Backend::Postgres(pg)
+            Backend::Postgres(Box::new(pg))
         }
         Err(_) => {
             println!("store: redb ({})", path.display());
