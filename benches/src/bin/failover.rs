@@ -103,9 +103,9 @@ fn main() {
     );
     let mut totals = Vec::new();
     for round in 0..rounds {
-        for k in 0..3u64 {
+        for k in 0..3usize {
             let state = driver.group_state(group).expect("served");
-            let victim = state.members[(k as usize * 7_919 + round) % state.members.len()].id;
+            let victim = state.members[(k * 7_919 + round) % state.members.len()].id;
             if victim == watched.id {
                 continue;
             }
@@ -195,12 +195,13 @@ fn main() {
         totals.push(total);
     }
     totals.sort();
-    let at = |q: f64| totals[((totals.len() - 1) as f64 * q).round() as usize];
+    // Nearest rank: the p-th of `totals`, sorted.
+    let at = |percent: usize| totals[(totals.len() - 1) * percent / 100];
     println!(
         "--- {n} members, {rounds} failovers: leader dead → new leader's first rekey in a \
          member's hands: p50 {:.0} ms, p99 {:.0} ms (of which the lease {} ms)",
-        ms(at(0.5)),
-        ms(at(0.99)),
+        ms(at(50)),
+        ms(at(99)),
         LEASE.as_millis()
     );
 }
