@@ -52,8 +52,9 @@ fn leader(url: &str, group: GroupId, name: &str) -> PgStore {
         password_file: None,
     };
     let (mut store, _) = PgStore::open(&config, &[7; 32], name, "-").expect("PostgreSQL store");
+    // Long enough for the first full save at 2^20 (a few seconds); claimed again at LEASE.
     store
-        .claim(group, LEASE)
+        .claim(group, Duration::from_secs(600))
         .expect("claim")
         .expect("lease free");
     store
@@ -84,17 +85,17 @@ fn main() {
     // A: the first leader. It saves the group and makes a few evictions (deltas in the log).
     let mut a = leader(&url, group, "leader-0");
     a.save(&state).expect("first save");
-    let mut driver = StoreDriver::new(
-        Controller::new(
-            signer.clone(),
-            rng(2),
-            vec![policy(group)],
-            vec![state],
-            Timestamp(START),
-        )
-        .expect("a valid state"),
-        Box::new(a),
-    );
+    let controller = Controller::new(
+        signer.clone(),
+        rng(2),
+        vec![policy(group)],
+        vec![state],
+        Timestamp(START),
+    )
+    .expect("a valid state");
+    // From here on A holds a lease of LEASE, as a daemon does (renewed by its store thread).
+    a.claim(group, LEASE).expect("claim").expect("still ours");
+    let mut driver = StoreDriver::new(controller, Box::new(a));
     let mut now = START;
     driver.handle_timeout(Timestamp(now));
     println!(
@@ -131,7 +132,7 @@ fn main() {
         // A dies: dropped with its lease held (it ran out before B claims, in this model).
         drop(driver);
         std::thread::sleep(LEASE);
-        let t0 = Instant::now();
+        // B's store is open already (a standby's is, from its start).
         let mut b = PgStore::open(
             &PgConfig {
                 url: url.clone(),
@@ -143,6 +144,7 @@ fn main() {
         )
         .expect("PostgreSQL store")
         .0;
+        let t0 = Instant::now();
         let claimed_at = Instant::now();
         b.claim(group, LEASE)
             .expect("claim")
@@ -161,6 +163,10 @@ fn main() {
         )
         .expect("a valid state");
         let restore = restored_at.elapsed();
+        // The daemon's store thread renews the lease while the controller thread restores.
+        b.renew(group)
+            .expect("renew")
+            .expect("the lease is still ours");
         let rekeyed_at = Instant::now();
         driver = StoreDriver::new(controller, Box::new(b));
         driver.handle_timeout(Timestamp(now));
