@@ -162,20 +162,13 @@ impl Group {
     ) -> Result<Self, TreeError> {
         let tree = KeyTree::restore(&state.tree)?;
         let gate = Gate::new(state.enrollment.clone());
+        let lease_ms = policy.lease_ms;
+        let mut group = Self::with_tree(policy, tree, state.members.clone(), gate, now);
         // Renewals are saved with the next rekey, so the stored leases may predate renewals made
-        // since (at this controller before it stopped, or at a leader that died): every member
-        // gets a whole lease from now to renew in, rather than expiring for a renewal the store
-        // never saw.
-        let lease_until = now.plus(policy.lease_ms);
-        let members = state
-            .members
-            .iter()
-            .map(|m| MemberRecord {
-                lease_until: m.lease_until.max(lease_until),
-                ..m.clone()
-            })
-            .collect();
-        let mut group = Self::with_tree(policy, tree, members, gate, now);
+        // since (at this controller before it stopped, or at a leader that died): no lease is
+        // checked for a whole lease from now, so that every member renews (and is saved) rather
+        // than expiring for a renewal the store never saw.
+        group.next_lease_scan = now.plus(lease_ms);
         group.saved = true;
         // A restarted controller rekeys at once: its first epoch is above every persisted one,
         // and members that missed the crash window resync from the heartbeat.
