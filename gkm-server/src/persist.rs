@@ -199,16 +199,6 @@ impl<R: CryptoRng> StoreDriver<R> {
         }
         saves
     }
-
-    /// The store.
-    pub fn store(&mut self) -> &mut (dyn Store + Send) {
-        self.store.as_mut()
-    }
-
-    /// The controller and the store, apart.
-    pub fn into_parts(self) -> (Controller<R>, Box<dyn Store + Send>) {
-        (self.controller, self.store)
-    }
 }
 
 impl<R> Deref for StoreDriver<R> {

@@ -555,13 +555,12 @@ impl<R: CryptoRng> Controller<R> {
         }
     }
 
-    /// Stops serving group `id` (high availability: another controller leads it now). A staged
-    /// rekey is dropped unsent, requests waiting for its save are forgotten (their members try
-    /// again, and find the leader); nothing of the group is sent from now on. Whether it was
-    /// served.
-    pub fn release(&mut self, id: GroupId) -> bool {
+    /// Stops serving group `id`: a staged rekey is dropped unsent and nothing of the group is
+    /// sent from now on. Only through [`Controller::set_standby`] (which answers the requests
+    /// that waited) or [`Controller::adopt`] (which replaces the group).
+    fn release(&mut self, id: GroupId) {
         let Some(g) = self.groups.remove(&id) else {
-            return false;
+            return;
         };
         self.names.remove(&g.policy.name);
         self.persists.retain(|p| p.group != id);
@@ -569,7 +568,6 @@ impl<R: CryptoRng> Controller<R> {
             Transmit::Multicast { group, .. } => *group != id,
             Transmit::Reply { .. } => true,
         });
-        true
     }
 
     /// The current state of a group, as the store holds it (for tests and the daemon).
