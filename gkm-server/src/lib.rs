@@ -79,7 +79,10 @@ pub use floor::{Behind, EpochFloor, FloorError, FlooredStore};
 pub use gate::token_digest;
 pub use persist::{OVERLAP_SAVE_MIN, Persist, PersistTicket, Persisted, Save, StoreDriver};
 #[cfg(feature = "postgres")]
-pub use pg::{Lease, LeaseRow, LogPosition, MIGRATIONS, PgConfig, PgStore, SCHEMA_VERSION};
+pub use pg::{
+    Follower, Following, Lease, LeaseRow, LogPosition, MIGRATIONS, PgConfig, PgStore,
+    SCHEMA_VERSION,
+};
 pub use policy::{
     ConnId, Enrollment, GroupPolicy, MAX_REPEAT_SPACING_MS, PolicyError, Timestamp, TokenRule,
 };

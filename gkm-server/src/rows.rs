@@ -65,6 +65,11 @@ impl Span {
     pub(crate) fn is_empty(self) -> bool {
         self.first == self.next
     }
+
+    /// Rows in the run.
+    pub(crate) fn len(self) -> u64 {
+        self.next.saturating_sub(self.first)
+    }
 }
 
 /// Which rows hold a group's state: its full state in `gkm bases`, then the deltas in `gkm log`.

@@ -255,6 +255,21 @@ impl GroupRecords {
         self.enrollment.apply(&delta.enrollment);
     }
 
+    /// The full state, the records moved out (what [`GroupRecords::to_state`] gives, without a
+    /// copy of every key).
+    pub fn into_state(self) -> GroupState {
+        GroupState {
+            tree: TreeSnapshot {
+                group: self.group,
+                config: self.config,
+                epoch: self.epoch,
+                nodes: self.nodes.into_values().collect(),
+            },
+            members: self.members.into_values().collect(),
+            enrollment: self.enrollment,
+        }
+    }
+
     /// The full state (nodes by id: [`lkh_tree::KeyTree::restore`] takes any order).
     pub fn to_state(&self) -> GroupState {
         GroupState {

@@ -555,6 +555,86 @@ fn a_deposed_leader_cannot_save_and_a_new_one_takes_over_after_expiry() {
 }
 
 #[test]
+fn a_follower_keeps_a_warm_copy_through_deltas_full_saves_and_compactions() {
+    let Some(server) = PgServer::start("follower") else {
+        return;
+    };
+    let group = GroupId(4);
+    let (mut a, _) = open(&server, "a");
+    let (mut b, _) = open(&server, "b");
+    let mut follower = b.follower().unwrap();
+    assert!(follower.follow(group).unwrap().is_none(), "never saved");
+    a.claim(group, Duration::from_secs(1)).unwrap().unwrap();
+    let mut churn = Churn::new(4, 300, 3);
+    a.save(&churn.state()).unwrap();
+    let held = |follower: &gkm_server::Follower, a: &mut PgStore| {
+        let state = follower.state(group).unwrap();
+        assert_eq!(
+            contents(&state),
+            contents(&a.load_group(group).unwrap().unwrap())
+        );
+    };
+
+    let first = follower.follow(group).unwrap().unwrap();
+    assert!(first.reloaded && first.rows > 0);
+    assert_eq!((first.epoch, first.members), (churn.tree.epoch(), 300));
+    held(&follower, &mut a);
+    let idle = follower.follow(group).unwrap().unwrap();
+    assert_eq!((idle.rows, idle.reloaded), (0, false), "nothing committed");
+
+    // Deltas: only the new log rows are read.
+    for round in 0..12 {
+        let delta = churn.delta();
+        match round {
+            5 => a.save(&churn.state()).unwrap(),
+            9 => a.save_delta_and_compact(&delta, churn.state()).unwrap(),
+            _ => a.save_delta(&delta).unwrap(),
+        }
+        if round % 2 == 1 {
+            let step = follower.follow(group).unwrap().unwrap();
+            let rewrote = matches!(round, 5 | 9);
+            assert_eq!(step.reloaded, rewrote, "round {round}");
+            assert!(step.rows > 0);
+            assert_eq!(step.epoch, churn.tree.epoch());
+            held(&follower, &mut a);
+        }
+    }
+
+    // A tampered row appended after the copy is refused, and the copy dropped.
+    a.save_delta(&churn.delta()).unwrap();
+    let mut client = sql(&server);
+    client
+        .execute(
+            "UPDATE gkm_log SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1)
+             WHERE group_id = 4 AND seq = (SELECT max(seq) FROM gkm_log WHERE group_id = 4)",
+            &[],
+        )
+        .unwrap();
+    assert!(matches!(
+        follower.follow(group),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(follower.state(group).is_none());
+    assert!(a.load_group(group).is_err(), "a load refuses it too");
+    a.save(&churn.state()).unwrap();
+    assert!(follower.follow(group).unwrap().unwrap().reloaded);
+
+    // Takeover: B claims once A's lease ran out and takes the copy, caught up to A's last save.
+    a.save_delta(&churn.delta()).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        b.claim(group, Duration::from_secs(30))
+            .unwrap()
+            .unwrap()
+            .term,
+        2
+    );
+    let taken = follower.take(group).unwrap().unwrap();
+    assert_eq!(contents(&taken), contents(&churn.state()));
+    assert!(follower.state(group).is_none(), "handed over");
+}
+
+#[test]
 fn a_save_while_the_database_is_down_fails_quickly_and_the_next_one_after_works() {
     let Some(server) = PgServer::start("restart") else {
         return;

@@ -71,6 +71,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,9 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Transaction};
 use zeroize::Zeroizing;
+
+mod follow;
+pub use follow::{Follower, Following};
 
 use crate::rows::{
     BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, corrupt,
@@ -244,7 +248,8 @@ pub struct PgStore {
     sealer: Sealer,
     holder: String,
     address: String,
-    held: HashMap<GroupId, Held>,
+    /// The leases this store claimed: shared with the stores made by [`PgStore::connect_another`].
+    held: Arc<Mutex<HashMap<GroupId, Held>>>,
     compaction: Option<Running>,
     /// Failed compactions not yet taken, oldest first.
     failures: VecDeque<CompactionFailure>,
@@ -256,7 +261,7 @@ impl std::fmt::Debug for PgStore {
             .field("holder", &self.holder)
             .field("address", &self.address)
             .field("connected", &self.client.is_some())
-            .field("held", &self.held)
+            .field("held", &*self.held())
             .field("compacting", &self.compaction.is_some())
             .finish_non_exhaustive()
     }
@@ -288,7 +293,7 @@ impl PgStore {
             sealer: Sealer::new(key),
             holder: holder.to_owned(),
             address: address.to_owned(),
-            held: HashMap::new(),
+            held: Arc::default(),
             compaction: None,
             failures: VecDeque::new(),
         };
@@ -304,7 +309,29 @@ impl PgStore {
     /// The term this store claimed for `group`, if it claimed it (it may have been deposed
     /// since: only a save or [`PgStore::renew`] finds out).
     pub fn term(&self, group: GroupId) -> Option<u64> {
-        self.held.get(&group).map(|h| h.term)
+        self.held().get(&group).map(|h| h.term)
+    }
+
+    /// Another store of this holder on a connection of its own, sharing the leases this one
+    /// claims (its saves are fenced by them): one thread keeps the leases while another saves,
+    /// so a long save does not hold back a renewal. Loads nothing.
+    pub fn connect_another(&self) -> Result<PgStore, StoreError> {
+        Ok(PgStore {
+            pg: self.pg.clone(),
+            client: Some(connect(&self.pg)?),
+            sealer: self.sealer.clone(),
+            holder: self.holder.clone(),
+            address: self.address.clone(),
+            held: Arc::clone(&self.held),
+            compaction: None,
+            failures: VecDeque::new(),
+        })
+    }
+
+    /// The leases claimed (a poisoned lock is taken over: the map is consistent after every
+    /// statement).
+    fn held(&self) -> MutexGuard<'_, HashMap<GroupId, Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the lease of `group` for `lease` if it is free, expired, or held by this holder;
@@ -314,8 +341,8 @@ impl PgStore {
     /// leader committed.
     pub fn claim(&mut self, group: GroupId, lease: Duration) -> Result<Option<Lease>, StoreError> {
         let sent = Instant::now();
-        let mine = match self.held.get(&group) {
-            Some(held) => sql_u64(held.term)?,
+        let mine = match self.term(group) {
+            Some(term) => sql_u64(term)?,
             None => 0,
         };
         let (id, holder, address) = (sql_group(group), &self.holder, &self.address);
@@ -341,7 +368,7 @@ impl PgStore {
             return Ok(None);
         };
         let term = u64_of(row.get(0), group, "lease term")?;
-        self.held.insert(group, Held { term, lease });
+        self.held().insert(group, Held { term, lease });
         Ok(Some(Lease {
             group,
             term,
@@ -352,7 +379,7 @@ impl PgStore {
     /// Extends this store's live lease of `group` by the length it was claimed for; `None` if
     /// this store does not hold it (never claimed, released, expired, or taken by another).
     pub fn renew(&mut self, group: GroupId) -> Result<Option<Lease>, StoreError> {
-        let Some(held) = self.held.get(&group).copied() else {
+        let Some(held) = self.held().get(&group).copied() else {
             return Ok(None);
         };
         let sent = Instant::now();
@@ -378,7 +405,7 @@ impl PgStore {
     /// Gives up this store's lease of `group` (it expires now, keeping its term, so the next
     /// claim raises it). Later saves of the group are [`StoreError::Deposed`].
     pub fn release(&mut self, group: GroupId) -> Result<(), StoreError> {
-        let Some(held) = self.held.remove(&group) else {
+        let Some(held) = self.held().remove(&group) else {
             return Ok(());
         };
         let (id, holder, term) = (sql_group(group), &self.holder, sql_u64(held.term)?);
@@ -529,23 +556,18 @@ impl PgStore {
         })
     }
 
-    /// The term to check in a save of `group`.
-    fn fence<'a>(holder: &'a str, held: &HashMap<GroupId, Held>, group: GroupId) -> Fence<'a> {
-        Fence {
-            holder,
-            group,
-            term: held.get(&group).map(|h| h.term),
-        }
-    }
-
     /// Writes a group's whole state in one transaction, in place of what it held.
     fn save_state(&mut self, state: &GroupState) -> Result<(), StoreError> {
         self.finish_compaction();
-        let fence = PgStore::fence(&self.holder, &self.held, state.tree.group);
-        let sealer = &self.sealer;
+        let group = state.tree.group;
+        let (term, sealer) = (self.term(group), &self.sealer);
+        let fence = Fence {
+            holder: &self.holder,
+            group,
+            term,
+        };
         transact(&mut self.client, &self.pg, |tx| {
             fence.check(tx)?;
-            let group = state.tree.group;
             let old = read_head(tx, sealer, group)?;
             let mut base = Span::empty_at(next_seq(tx, Table::Bases, group)?);
             let insert = tx
@@ -570,8 +592,12 @@ impl PgStore {
     fn append(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
         self.reap_compaction();
         let (group, epoch) = (delta.group, delta.epoch);
-        let fence = PgStore::fence(&self.holder, &self.held, group);
-        let sealer = &self.sealer;
+        let (term, sealer) = (self.term(group), &self.sealer);
+        let fence = Fence {
+            holder: &self.holder,
+            group,
+            term,
+        };
         transact(&mut self.client, &self.pg, |tx| {
             fence.check(tx)?;
             let mut head = read_head(tx, sealer, group)?
@@ -629,7 +655,7 @@ impl PgStore {
             sealer: self.sealer.clone(),
             holder: self.holder.clone(),
             group,
-            term: self.held.get(&group).map(|h| h.term),
+            term: self.term(group),
             start,
         };
         let thread = std::thread::Builder::new()
@@ -1032,6 +1058,18 @@ fn load_one(
     epoch: i64,
     sealed: &[u8],
 ) -> Result<GroupState, StoreError> {
+    let (records, _) = load_records(tx, sealer, group, epoch, sealed)?;
+    Ok(records.into_state())
+}
+
+/// The records of one group whose head row holds `epoch` and `sealed`, and its head.
+fn load_records(
+    tx: &mut Transaction<'_>,
+    sealer: &Sealer,
+    group: GroupId,
+    epoch: i64,
+    sealed: &[u8],
+) -> Result<(GroupRecords, Head), StoreError> {
     let head = sealer.open_head(group, sealed)?;
     let mut records = None;
     if !head.base.is_empty() {
@@ -1043,16 +1081,22 @@ fn load_one(
     if records.group != group {
         return Err(corrupt(group, "holds another group's state"));
     }
-    if u64::try_from(epoch).ok() != Some(records.epoch.0) {
-        return Err(corrupt(
-            group,
-            &format!(
-                "its head says epoch {epoch}, its rows epoch {}",
-                records.epoch
-            ),
-        ));
+    check_epoch(group, epoch, &records)?;
+    Ok((records, head))
+}
+
+/// The epoch beside a group's head is the epoch of its rows.
+fn check_epoch(group: GroupId, epoch: i64, records: &GroupRecords) -> Result<(), StoreError> {
+    if u64::try_from(epoch).ok() == Some(records.epoch.0) {
+        return Ok(());
     }
-    Ok(records.to_state())
+    Err(corrupt(
+        group,
+        &format!(
+            "its head says epoch {epoch}, its rows epoch {}",
+            records.epoch
+        ),
+    ))
 }
 
 /// Replays the rows `run` of `table` onto `records`, streaming them.
