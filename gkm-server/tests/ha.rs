@@ -466,17 +466,27 @@ impl Cluster {
             .collect()
     }
 
-    /// The group's epoch as controller `i` serves it (`None` on a standby or a dead one).
-    fn epoch(&self, i: usize) -> Option<u64> {
+    /// The group's row in controller `i`'s `gkmctl --json groups` (`None` from a dead one).
+    fn group_row(&self, i: usize) -> Option<serde_json::Value> {
         let out = self.nodes[i].ctl(&["--json", "groups"]);
         if !out.status.success() {
             return None;
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.as_array()?
-            .iter()
-            .find(|g| g["name"] == "demo")
-            .and_then(|g| g["epoch"].as_u64())
+        v.as_array()?.iter().find(|g| g["name"] == "demo").cloned()
+    }
+
+    /// The group's epoch as controller `i` serves it (`None` on a standby or a dead one).
+    fn epoch(&self, i: usize) -> Option<u64> {
+        let row = self.group_row(i).filter(|g| g["role"] == "leader")?;
+        row["epoch"].as_u64()
+    }
+
+    /// Controller `i`'s warm copy of the group, as a standby: its epoch and how long ago it
+    /// matched the committed log.
+    fn warm_copy(&self, i: usize) -> Option<(u64, u64)> {
+        let row = self.group_row(i).filter(|g| g["role"] == "standby")?;
+        Some((row["epoch"].as_u64()?, row["synced_ms_ago"].as_u64()?))
     }
 
     fn log_tail(&self, i: usize, lines: usize) -> String {
@@ -1024,6 +1034,28 @@ fn ha_leader_killed_repeatedly_members_converge_and_no_epoch_is_sent_twice() {
         );
     };
     let _ = capture.max_epoch_so_far();
+
+    // The standbys hold warm copies of the group, at the committed epoch within a lease.
+    let (leader, _) = cluster.wait_leader(Duration::from_secs(20));
+    for i in (0..cluster.nodes.len()).filter(|&i| i != leader) {
+        let deadline = Instant::now() + cluster.lease * 4;
+        loop {
+            let copy = cluster.warm_copy(i);
+            let committed = cluster.epoch(leader);
+            if let (Some((epoch, synced)), Some(committed)) = (copy, committed)
+                && epoch == committed
+                && u128::from(synced) <= cluster.lease.as_millis()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "standby {i} holds no warm copy at the leader's epoch {committed:?}: {copy:?}\n{}",
+                cluster.all_logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     let wire = capture.wire();
     let mut wire_ms: Vec<u128> = to_wire.iter().map(Duration::as_millis).collect();

@@ -293,7 +293,7 @@ impl<R: CryptoRng> Controller<R> {
     pub fn handle_inbound(&mut self, conn: ConnId, now: Timestamp, inbound: Inbound) {
         // A group another controller leads: the member is sent there.
         if let Some(gid) = inbound.group()
-            && let Some((_, leader)) = self.standby.get(&gid)
+            && let Some(leader) = self.standby.get(&gid).map(|s| s.leader)
         {
             let refusal = Refusal {
                 reason: Reject::NotLeader,

@@ -340,12 +340,20 @@ pub struct GroupInfo {
     /// Changes waiting for the next batch.
     pub pending: usize,
     /// `leader` (this controller serves the group) or `standby` (another controller leads it;
-    /// then the counts above are zero: a standby holds none of its state).
+    /// then `epoch` and `members` are those of its warm copy, zero before it holds one, and the
+    /// other counts zero).
     pub role: Role,
     /// The lease's term (high availability), when this controller leads the group.
     pub term: Option<u64>,
     /// Where the leader answers, on a standby, when known.
     pub leader: Option<String>,
+    /// On a standby holding a warm copy: the epochs the copy trailed the committed log by when
+    /// it last caught up.
+    pub behind: Option<u64>,
+    /// On a standby holding a warm copy: milliseconds since the copy last matched the
+    /// committed log (it catches up three times a lease; a number growing past that says it
+    /// cannot read the database).
+    pub synced_ms_ago: Option<u64>,
 }
 
 /// What this controller is to a group.

@@ -317,6 +317,8 @@ impl Group {
             role: Role::Leader,
             term: self.term,
             leader: None,
+            behind: None,
+            synced_ms_ago: None,
         }
     }
 
@@ -432,4 +434,43 @@ impl MemberRecord {
 /// Lower-case hex of public (never secret) bytes.
 pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A group another controller leads.
+#[derive(Debug)]
+pub(super) struct Standby {
+    pub(super) name: String,
+    /// Where its leader answers, when known.
+    pub(super) leader: Option<SocketAddr>,
+    /// This controller's warm copy of it, once one matched the committed log.
+    pub(super) copy: Option<WarmCopy>,
+}
+
+/// Where a standby's warm copy of a group stood when it last matched the committed log.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WarmCopy {
+    pub(super) epoch: Epoch,
+    pub(super) members: usize,
+    /// Epochs it trailed the log by before that.
+    pub(super) behind: u64,
+    pub(super) synced: Timestamp,
+}
+
+impl Standby {
+    pub(super) fn info(&self, id: GroupId, now: Timestamp) -> GroupInfo {
+        GroupInfo {
+            name: self.name.clone(),
+            id: id.0,
+            epoch: self.copy.map_or(0, |c| c.epoch.0),
+            members: self.copy.map_or(0, |c| c.members),
+            degree: 0,
+            height: 0,
+            pending: 0,
+            role: Role::Standby,
+            term: None,
+            leader: self.leader.map(|a| a.to_string()),
+            behind: self.copy.map(|c| c.behind),
+            synced_ms_ago: self.copy.map(|c| now.0.saturating_sub(c.synced.0)),
+        }
+    }
 }

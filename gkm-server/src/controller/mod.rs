@@ -59,7 +59,7 @@ pub struct Controller<R> {
     store_compacting: bool,
     /// Groups another controller leads, by id: their names and the leader's request address
     /// when known. Their requests are answered [`Reject::NotLeader`].
-    standby: BTreeMap<GroupId, (String, Option<SocketAddr>)>,
+    standby: BTreeMap<GroupId, Standby>,
 }
 
 impl<R: CryptoRng> Controller<R> {
@@ -346,18 +346,7 @@ impl<R: CryptoRng> Controller<R> {
             }),
             Command::Groups => {
                 let mut groups: Vec<GroupInfo> = self.groups.values().map(Group::info).collect();
-                groups.extend(self.standby.iter().map(|(id, (name, leader))| GroupInfo {
-                    name: name.clone(),
-                    id: id.0,
-                    epoch: 0,
-                    members: 0,
-                    degree: 0,
-                    height: 0,
-                    pending: 0,
-                    role: Role::Standby,
-                    term: None,
-                    leader: leader.map(|a| a.to_string()),
-                }));
+                groups.extend(self.standby.iter().map(|(id, s)| s.info(*id, now)));
                 groups.sort_by(|a, b| a.name.cmp(&b.name));
                 Ok(Response::Groups(groups))
             }
@@ -548,10 +537,42 @@ impl<R: CryptoRng> Controller<R> {
             .map(|g| std::mem::take(&mut g.deferred))
             .unwrap_or_default();
         self.release(id);
-        self.standby.insert(id, (name.to_owned(), leader));
+        let standby = self.standby.entry(id).or_insert_with(|| Standby {
+            name: name.to_owned(),
+            leader,
+            copy: None,
+        });
+        standby.leader = leader;
         // Requests that waited for a save are answered as a standby answers them.
         for (conn, inbound) in waited {
             self.handle_inbound(conn, now, inbound);
+        }
+    }
+
+    /// Whether this controller serves group `id` (leads it, with high availability).
+    pub fn leads(&self, id: GroupId) -> bool {
+        self.groups.contains_key(&id)
+    }
+
+    /// High availability: this standby's warm copy of group `id` (the PostgreSQL store's
+    /// follower) matched the committed log at `now`, at `epoch` with
+    /// `members`, after trailing it by `behind` epochs. Shown by [`Command::Groups`]; ignored for a
+    /// group this controller leads.
+    pub fn set_following(
+        &mut self,
+        id: GroupId,
+        epoch: Epoch,
+        members: usize,
+        behind: u64,
+        now: Timestamp,
+    ) {
+        if let Some(standby) = self.standby.get_mut(&id) {
+            standby.copy = Some(WarmCopy {
+                epoch,
+                members,
+                behind,
+                synced: now,
+            });
         }
     }
 
@@ -606,10 +627,10 @@ impl<R: CryptoRng> Controller<R> {
         if let Some(id) = self.names.get(name) {
             return Ok(*id);
         }
-        match self.standby.values().find(|(n, _)| n == name) {
-            Some((_, leader)) => Err(CommandError::NotLeader {
+        match self.standby.values().find(|s| s.name == name) {
+            Some(standby) => Err(CommandError::NotLeader {
                 group: name.to_owned(),
-                leader: leader.map(|a| a.to_string()),
+                leader: standby.leader.map(|a| a.to_string()),
             }),
             None => Err(CommandError::UnknownGroup(name.to_owned())),
         }

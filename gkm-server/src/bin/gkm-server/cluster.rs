@@ -10,14 +10,24 @@
 //! groups divided by the controllers alive (`gkm_controllers`, [`PgStore::announce`]); one that
 //! holds more (it started first) hands the excess over, one lease at a time. See
 //! `RFC-notes/ha.md`.
+//!
+//! Three threads, each on its own connection: the store thread makes the saves (a
+//! [`PgStore::connect_another`] of the lease keeper's store, fenced by its leases), the keeper
+//! ("gkm-leases") announces, renews, claims and hands over, so no save, however long, holds back
+//! a renewal; and the follower ("gkm-follower") keeps a warm copy of every group this controller
+//! stands by for ([`Follower`]), so that a takeover reads only what was committed since its last
+//! look instead of loading the group.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use gkm_server::{Persist, PgStore, Store, StoreError};
-use lkh_tree::GroupId;
+use anyhow::{Context, Result};
+use gkm_server::{Follower, PgStore, StoreError};
+use lkh_tree::{Epoch, GroupId};
 use tracing::{info, warn};
 
 use crate::queue::{ControllerQueue, ToController};
@@ -31,9 +41,10 @@ const OVER_LEASES: u32 = 3;
 /// A controller missing for this many leases is forgotten.
 const FORGET_LEASES: u32 = 100;
 
-/// What the store thread of a highly available controller keeps.
-pub(crate) struct Cluster {
+/// What the lease keeper of a highly available controller keeps.
+struct Cluster {
     store: PgStore,
+    warm: Arc<Mutex<Warm>>,
     lease: Duration,
     /// The configured groups.
     groups: Vec<GroupId>,
@@ -63,54 +74,135 @@ pub(crate) fn holder_name() -> String {
     )
 }
 
+/// The follower and the groups it follows: those this controller stands by for.
+struct Warm {
+    follower: Follower,
+    following: BTreeSet<GroupId>,
+}
+
+/// The stores of a controller in a cluster, connected (off the async runtime: the driver runs a
+/// runtime of its own).
+pub(crate) struct Connected {
+    /// Keeps the leases.
+    pub(crate) keeper: PgStore,
+    /// Makes the saves, fenced by the keeper's leases.
+    pub(crate) saver: PgStore,
+    pub(crate) follower: Follower,
+}
+
+/// The keeper's and the follower's threads; dropping their senders stops them.
+pub(crate) struct Threads(Vec<(Sender<()>, JoinHandle<()>)>);
+
+impl Threads {
+    /// Stops both threads: the keeper gives up every lease it holds, so that a standby takes
+    /// over at once. Call it once the saves are done.
+    pub(crate) fn stop(self) {
+        for (stop, thread) in self.0 {
+            drop(stop);
+            if thread.join().is_err() {
+                warn!("a cluster thread panicked; its message is above");
+            }
+        }
+    }
+}
+
+/// Starts the keeper and the follower of the configured `groups`; both report to `queue`.
+pub(crate) fn start(
+    keeper: PgStore,
+    follower: Follower,
+    lease: Duration,
+    groups: Vec<GroupId>,
+    queue: &ControllerQueue,
+) -> Result<Threads> {
+    let warm = Arc::new(Mutex::new(Warm {
+        follower,
+        following: groups.iter().copied().collect(),
+    }));
+    let cluster = Cluster {
+        store: keeper,
+        warm: Arc::clone(&warm),
+        lease,
+        groups,
+        held: BTreeMap::new(),
+        told: BTreeMap::new(),
+        free_since: BTreeMap::new(),
+        over_since: None,
+        queue: queue.clone(),
+    };
+    let (stop_keeper, stopped) = std::sync::mpsc::channel();
+    let keeper = std::thread::Builder::new()
+        .name("gkm-leases".into())
+        .spawn(move || cluster.run(&stopped))
+        .context("cannot start the lease thread")?;
+    let (stop_follower, stopped) = std::sync::mpsc::channel();
+    let queue = queue.clone();
+    let follower = std::thread::Builder::new()
+        .name("gkm-follower".into())
+        .spawn(move || follow(&warm, lease / 3, &stopped, &queue))
+        .context("cannot start the follower thread")?;
+    Ok(Threads(vec![
+        (stop_keeper, keeper),
+        (stop_follower, follower),
+    ]))
+}
+
+/// The warm copies (a poisoned lock is taken over: the follower drops a copy it failed on).
+fn lock(warm: &Mutex<Warm>) -> MutexGuard<'_, Warm> {
+    warm.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The follower thread: every `every`, brings each followed group's copy up to the committed
+/// log and tells the controller thread where it stands, until `stop`'s sender is dropped.
+fn follow(warm: &Mutex<Warm>, every: Duration, stop: &Receiver<()>, queue: &ControllerQueue) {
+    let mut last: BTreeMap<GroupId, Epoch> = BTreeMap::new();
+    let mut failing = BTreeSet::new();
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        let groups: Vec<GroupId> = lock(warm).following.iter().copied().collect();
+        last.retain(|g, _| groups.contains(g));
+        for group in groups {
+            let mut w = lock(warm);
+            if !w.following.contains(&group) {
+                continue;
+            }
+            let outcome = w.follower.follow(group);
+            drop(w);
+            match outcome {
+                Ok(Some(following)) => {
+                    if failing.remove(&group) {
+                        info!(%group, "following the committed log again");
+                    }
+                    let behind = last
+                        .insert(group, following.epoch)
+                        .map_or(0, |e| following.epoch.0.saturating_sub(e.0));
+                    queue.send(ToController::Following {
+                        group,
+                        epoch: following.epoch,
+                        members: following.members,
+                        behind,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if failing.insert(group) {
+                        warn!(%group, "cannot follow the committed log: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Cluster {
-    pub(crate) fn new(
-        store: PgStore,
-        lease: Duration,
-        groups: Vec<GroupId>,
-        queue: ControllerQueue,
-    ) -> Cluster {
-        Cluster {
-            store,
-            lease,
-            groups,
-            held: BTreeMap::new(),
-            told: BTreeMap::new(),
-            free_since: BTreeMap::new(),
-            over_since: None,
-            queue,
-        }
-    }
-
-    /// The store thread: makes the saves asked for, in order, and between them keeps the
-    /// leases (three times a lease), until the sender is dropped; then gives up every lease, so
-    /// that a standby takes over at once.
-    pub(crate) fn run(mut self, jobs: &Receiver<Persist>) {
+    /// The keeper: keeps the leases (three times a lease) until `stop`'s sender is dropped;
+    /// then gives up every lease, so that a standby takes over at once.
+    fn run(mut self, stop: &Receiver<()>) {
         let tick = self.lease / 3;
-        let mut next = Instant::now();
         loop {
-            match jobs.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Ok(persist) => self.save(persist),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return self.release_all(),
-            }
-            if Instant::now() >= next {
-                self.tick();
-                next = Instant::now() + tick;
+            self.tick();
+            if let Err(RecvTimeoutError::Disconnected) | Ok(()) = stop.recv_timeout(tick) {
+                return self.release_all();
             }
         }
-    }
-
-    fn save(&mut self, persist: Persist) {
-        let group = persist.group;
-        let done = crate::driver::write_caught(persist, &mut self.store);
-        if let Err(StoreError::Deposed { term, .. }) = &done.result {
-            // The controller releases the group itself on this outcome.
-            warn!(%group, term, "deposed: another controller leads the group now");
-            self.held.remove(&group);
-            self.told.insert(group, None);
-        }
-        self.queue.send(ToController::Persisted(done));
     }
 
     /// Renews, hands over and claims leases.
@@ -211,19 +303,25 @@ impl Cluster {
         }
     }
 
-    /// Claims `group` and, once claimed, loads its committed state (after the claim: every epoch
-    /// the previous leader committed is in it) and hands it to the controller thread.
+    /// Claims `group` and, once claimed, takes its committed state from the follower (caught
+    /// up after the claim: every epoch the previous leader committed is in it) and hands it to
+    /// the controller thread.
     fn lead(&mut self, group: GroupId) {
         let lease = match self.store.claim(group, self.lease) {
             Ok(Some(lease)) => lease,
             Ok(None) => return,
             Err(e) => return warn!(%group, "cannot claim the lease: {e}"),
         };
-        let state = match self.store.load_group(group) {
+        let mut warm = lock(&self.warm);
+        warm.following.remove(&group);
+        let state = warm.follower.take(group);
+        drop(warm);
+        let state = match state {
             Ok(state) => state,
             Err(e) => {
                 warn!(%group, "cannot load the group after claiming it: {e}; giving it up");
                 let _ = self.store.release(group);
+                lock(&self.warm).following.insert(group);
                 return;
             }
         };
@@ -242,6 +340,7 @@ impl Cluster {
     fn lost(&mut self, group: GroupId, term: u64, why: &str) {
         warn!(%group, term, "no longer leading the group: lease {why}");
         self.held.remove(&group);
+        lock(&self.warm).following.insert(group);
         self.told.insert(group, None);
         self.queue.send(ToController::Standby {
             group,
@@ -257,7 +356,5 @@ impl Cluster {
                 warn!(%group, "cannot release the lease on the way out: {e}");
             }
         }
-        // A compaction still running finishes before the store is dropped.
-        let _ = self.store.compacting();
     }
 }

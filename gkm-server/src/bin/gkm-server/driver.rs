@@ -48,7 +48,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use crate::cluster::Cluster;
 use crate::config::{Backend, Config, Interface};
 use crate::queue::{ControllerQueue, MAX_QUEUED_OTHER, ToController};
 use crate::state::StateDir;
@@ -238,6 +237,8 @@ struct Driver {
     saves: Option<std::sync::mpsc::Sender<Persist>>,
     /// The store thread.
     store_thread: Option<std::thread::JoinHandle<()>>,
+    /// High availability: the lease keeper and the follower.
+    cluster: Option<crate::cluster::Threads>,
     /// Commands and scrapes held while a save is outstanding (they must not read a staged
     /// rekey), in arrival order.
     held: std::collections::VecDeque<Held>,
@@ -320,17 +321,27 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
     let store_queue = queue.clone();
     let ids = policies.iter().map(|p| p.id).collect();
     let lease = config.storage.lease();
+    let (store, cluster) = match backing {
+        Backing::Redb(store) => (store, None),
+        Backing::Postgres(connected) => {
+            let crate::cluster::Connected {
+                keeper,
+                saver,
+                follower,
+            } = *connected;
+            let threads = crate::cluster::start(keeper, follower, lease, ids, &queue)?;
+            (Box::new(saver) as Box<dyn Store + Send>, Some(threads))
+        }
+    };
     let store_thread = std::thread::Builder::new()
         .name("gkm-store".into())
-        .spawn(move || match backing {
-            Backing::Redb(store) => store_thread(store, jobs, &store_queue),
-            Backing::Postgres(store) => Cluster::new(*store, lease, ids, store_queue).run(&jobs),
-        })
+        .spawn(move || store_thread(store, jobs, &store_queue))
         .context("cannot start the store thread")?;
     let driver = Driver {
         controller,
         saves: Some(saves),
         store_thread: Some(store_thread),
+        cluster,
         held: std::collections::VecDeque::new(),
         awaiting: Vec::new(),
         policies: policies.into_iter().map(|p| (p.id, p)).collect(),
@@ -425,7 +436,7 @@ enum Backing {
     /// The redb file of the state directory, behind its epoch floor.
     Redb(Box<dyn Store + Send>),
     /// PostgreSQL, shared with other controllers (high availability).
-    Postgres(Box<gkm_server::PgStore>),
+    Postgres(Box<crate::cluster::Connected>),
 }
 
 /// The controller of one machine: every configured group served from the redb file.
@@ -481,13 +492,13 @@ fn postgres_controller(
     config: &Config,
     policies: &[gkm_server::GroupPolicy],
 ) -> Result<(Controller<OsRng>, Backing)> {
-    let store = dir.open_postgres(config)?;
+    let connected = dir.open_postgres(config)?;
     let mut controller = Controller::new(signer, UnwrapErr(SysRng), Vec::new(), Vec::new(), now())
         .context("cannot build the controller")?;
     for policy in policies {
         controller.set_standby(policy.id, &policy.name, None, now());
     }
-    Ok((controller, Backing::Postgres(Box::new(store))))
+    Ok((controller, Backing::Postgres(Box::new(connected))))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -557,6 +568,14 @@ impl Driver {
                 leader,
                 lost,
             } => self.stand_by(group, leader, lost),
+            ToController::Following {
+                group,
+                epoch,
+                members,
+                behind,
+            } => self
+                .controller
+                .set_following(group, epoch, members, behind, now()),
             ToController::Stop => {}
         }
         self.dispatch_saves();
@@ -586,9 +605,11 @@ impl Driver {
     fn stand_by(&mut self, group: GroupId, leader: Option<SocketAddr>, lost: Option<u64>) {
         let at = now();
         let name = self.policies.get(&group).map(|p| p.name.clone());
+        // A group deposed by a save's outcome was released, and its event written, already.
+        let leading = self.controller.leads(group);
         self.controller
             .set_standby(group, &name.unwrap_or_default(), leader, at);
-        if let Some(term) = lost {
+        if let Some(term) = lost.filter(|_| leading) {
             self.audit(&Event::Deposed {
                 group: group.0,
                 term,
@@ -679,6 +700,9 @@ impl Driver {
         {
             warn!("the store thread panicked; its message is above");
         }
+        if let Some(cluster) = self.cluster.take() {
+            cluster.stop();
+        }
         self.flush();
     }
 
@@ -704,7 +728,7 @@ impl Driver {
             })
             .collect();
         let mut out = Exposition::default();
-        // A standby holds none of a group's state: it reports only that it stands by.
+        // The group families are the leader's; a standby reports its warm copy apart.
         let by_group = |value: fn(&GroupInfo) -> u64| {
             groups
                 .iter()
@@ -743,6 +767,29 @@ impl Driver {
             "gauge",
             "Joins and departures waiting for the next rekey.",
             by_group(|g| g.pending as u64),
+        );
+        let warm = |value: fn(&GroupInfo) -> Option<u64>| {
+            groups
+                .iter()
+                .filter_map(move |g| Some((label("group", &g.name), value(g)?)))
+        };
+        out.family(
+            "standby_epoch",
+            "gauge",
+            "The epoch of this standby's warm copy of the group.",
+            warm(|g| g.behind.map(|_| g.epoch)),
+        );
+        out.family(
+            "standby_behind_epochs",
+            "gauge",
+            "Epochs this standby's warm copy trailed the committed log by when it last caught up.",
+            warm(|g| g.behind),
+        );
+        out.family(
+            "standby_sync_age_milliseconds",
+            "gauge",
+            "Milliseconds since this standby's warm copy last matched the committed log.",
+            warm(|g| g.synced_ms_ago),
         );
         let counters: [Counter; 7] = [
             ("rekeys_total", "Rekeys made.", |s| s.rekeys),

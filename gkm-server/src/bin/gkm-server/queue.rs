@@ -68,6 +68,15 @@ pub(crate) enum ToController {
         leader: Option<SocketAddr>,
         lost: Option<u64>,
     },
+    /// High availability: this controller's warm copy of `group`, which it stands by for,
+    /// matches the committed log at `epoch` with `members`, after trailing it by `behind`
+    /// epochs (dropped when the queue is full: the next comes a third of a lease later).
+    Following {
+        group: GroupId,
+        epoch: lkh_tree::Epoch,
+        members: usize,
+        behind: u64,
+    },
     /// Stop: flush and end the thread.
     Stop,
 }

@@ -159,7 +159,7 @@ impl StateDir {
     /// Connects to PostgreSQL (`[storage] backend = "postgres"`), brings its schema up to date
     /// and checks every stored group; takes the state directory's lock (`STATE_DIR/lock`: its
     /// control socket and audit log are this process's). Errors say what to check.
-    pub(crate) fn open_postgres(&self, config: &Config) -> Result<PgStore> {
+    pub(crate) fn open_postgres(&self, config: &Config) -> Result<crate::cluster::Connected> {
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -195,18 +195,26 @@ impl StateDir {
         // store on a thread of its own (it then lives on the store thread).
         let opened = std::thread::scope(|scope| {
             scope
-                .spawn(|| PgStore::open(&pg, &key, &holder, &address.to_string()))
+                .spawn(|| {
+                    let (keeper, states) = PgStore::open(&pg, &key, &holder, &address.to_string())?;
+                    let connected = crate::cluster::Connected {
+                        saver: keeper.connect_another()?,
+                        follower: keeper.follower()?,
+                        keeper,
+                    };
+                    Ok((connected, states))
+                })
                 .join()
         })
         .map_err(|_| anyhow::anyhow!("opening the PostgreSQL store panicked"))?;
         match opened {
-            Ok((store, states)) => {
+            Ok((connected, states)) => {
                 info!(
                     holder,
                     groups = states.len(),
                     "PostgreSQL store open: standing by until leases are claimed"
                 );
-                Ok(store)
+                Ok(connected)
             }
             Err(e @ StoreError::Corrupt(_)) => Err(e).context(
                 "the group states in PostgreSQL are corrupt, were tampered with, or are sealed \
