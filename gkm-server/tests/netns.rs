@@ -31,12 +31,12 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use socket2::{Domain, Protocol, Socket, Type};
+use support::netns::{Host, Lab, nft, run, v6_address};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_gkm-server");
 const GKMCTL: &str = env!("CARGO_BIN_EXE_gkmctl");
@@ -68,7 +69,6 @@ const PROCESS_BOUND: Duration = Duration::from_secs(10);
 
 /// Scenarios run one at a time: each one loads both cores with ~45 processes.
 static SERIAL: Mutex<()> = Mutex::new(());
-static NEXT_LAB: AtomicU64 = AtomicU64::new(0);
 
 /// The member agent, built next to the controller by `cargo test --workspace`.
 fn member_binary() -> PathBuf {
@@ -77,99 +77,14 @@ fn member_binary() -> PathBuf {
 
 /// Why the environment cannot run these tests, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    if !member_binary().exists() {
-        return Some("gkm-member is not built (cargo build -p gkm-member)".into());
-    }
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root (network namespaces need CAP_SYS_ADMIN)".into());
-    }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!(
-                "`{tool}` not found (apt-get install iproute2 nftables)"
-            ));
-        }
-    }
-    None
+    support::netns::missing_prerequisite(&member_binary())
 }
 
-/// Runs a command and panics with its output if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `nft -f -` inside a namespace with `rules` on its input.
-fn nft(ns: &str, rules: &str) -> String {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A set of network namespaces; deleted (with their veths) on drop.
-struct Namespaces {
-    names: Vec<String>,
-}
-
-impl Namespaces {
-    fn add(&mut self, name: String) -> String {
-        run("ip", &["netns", "add", &name]);
-        self.names.push(name.clone());
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-/// A host on the bridge: its namespace, addresses and interface index.
-struct Host {
-    ns: String,
-    ip: Ipv4Addr,
-    ifindex: u32,
-}
-
-impl Host {
-    /// The controller's request address, seen from a member host.
-    fn controller_addr(family: Family) -> String {
-        match family {
-            Family::V4 => format!("{CONTROLLER_IP}:47700"),
-            Family::V6 => format!("[{}]:47700", v6_address(1)),
-        }
+/// The controller's request address, seen from a member host.
+fn controller_addr(family: Family) -> String {
+    match family {
+        Family::V4 => format!("{CONTROLLER_IP}:47700"),
+        Family::V6 => format!("[{}]:47700", v6_address(1)),
     }
 }
 
@@ -180,95 +95,27 @@ enum Family {
     V6,
 }
 
-/// Host `n`'s IPv6 address on the bridge.
-fn v6_address(n: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, n)
-}
-
 /// The hosts, their namespaces and the switch.
 struct Net {
     controller: Host,
     relay: Host,
     members: Vec<Host>,
-    _namespaces: Namespaces,
+    _lab: Lab,
 }
 
 impl Net {
     fn build() -> Net {
-        let tag = format!(
-            "gkmt{}x{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut namespaces = Namespaces { names: Vec::new() };
-        let switch = namespaces.add(format!("{tag}-sw"));
-        run(
-            "ip",
-            &["-n", &switch, "link", "add", "br0", "type", "bridge"],
-        );
-        run("ip", &["-n", &switch, "link", "set", "br0", "up"]);
-        let mut attach = |name: &str, ip: Ipv4Addr, port: usize| {
-            let ns = namespaces.add(format!("{tag}-{name}"));
-            let port = format!("p{port}");
-            run(
-                "ip",
-                &[
-                    "-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                    "netns", &ns,
-                ],
-            );
-            run(
-                "ip",
-                &["-n", &switch, "link", "set", &port, "master", "br0", "up"],
-            );
-            run(
-                "ip",
-                &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-            );
-            run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
-            run(
-                "ip",
-                &["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"],
-            );
-            let ip6 = v6_address(u16::from(ip.octets()[3]));
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{ip6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            );
-            let link = run("ip", &["-n", &ns, "-o", "link", "show", "eth0"]);
-            let ifindex = link
-                .split(':')
-                .next()
-                .and_then(|n| n.trim().parse().ok())
-                .expect("an interface index");
-            Host { ns, ip, ifindex }
-        };
-        let controller = attach("c", CONTROLLER_IP, 0);
-        let relay = attach("r", RELAY_IP, 1);
+        let mut lab = Lab::new();
+        let controller = lab.attach("c", CONTROLLER_IP);
+        let relay = lab.attach("r", RELAY_IP);
         let members = (0..MEMBER_HOSTS)
-            .map(|i| {
-                attach(
-                    &format!("m{i}"),
-                    Ipv4Addr::new(10, 77, 0, 10 + i as u8),
-                    i + 2,
-                )
-            })
+            .map(|i| lab.attach(&format!("m{i}"), Ipv4Addr::new(10, 77, 0, 10 + i as u8)))
             .collect();
         Net {
             controller,
             relay,
             members,
-            _namespaces: namespaces,
+            _lab: lab,
         }
     }
 }
@@ -590,7 +437,7 @@ impl Controller {
                  multicast = \"{group}\"\nttl = 1\ninterface = \"{interface}\"\nloop = false\n\
                  fanout = {}\nbatch_interval_ms = 100\nheartbeat_interval_ms = 250\n\
                  lease_ms = 600000\nrepeats = {}\nrepeat_spacing_ms = {}\n",
-                Host::controller_addr(plan.family),
+                controller_addr(plan.family),
                 plan.fanout,
                 plan.repeats,
                 plan.spacing_ms
@@ -724,7 +571,7 @@ impl Slot {
             .args([
                 "run",
                 "--controller",
-                &Host::controller_addr(plan.family),
+                &controller_addr(plan.family),
                 "--group",
                 "demo",
                 "--controller-key",

@@ -5,10 +5,12 @@
 //! dbname=gkm`; the tables are the daemon's, made by `PgStore::open`). A group of MEMBERS members
 //! (default 2^17) is saved by leader A, which then makes a few rekeys (evictions) so that the
 //! log holds deltas, and is dropped without releasing its lease ("killed"). Per round, the new
-//! leader B, a cold standby as the daemon's standbys are, is timed through:
+//! leader B, a warm standby as the daemon's standbys are (its `Follower` followed the committed
+//! log through A's rekeys), is timed through:
 //! 1. claim: the lease taken (the wait for the dead leader's lease to run out is the lease
 //!    setting, one lease at most, added to the total as configured, not slept);
-//! 2. load: the group's committed state read, authenticated and decoded;
+//! 2. catch-up: `Follower::take`, the rows committed since its last look read and applied (what
+//!    a cold standby would load instead is timed apart, off the total: "cold load");
 //! 3. restore: `Controller::new` from it (the key tree rebuilt);
 //! 4. rekey: its first rekey, staged, saved under its term, signed: the datagrams on the wire;
 //! 5. member: one member applying it (verify, unwrap); members apply in parallel.
@@ -95,6 +97,9 @@ fn main() {
     .expect("a valid state");
     // From here on A holds a lease of LEASE, as a daemon does (renewed by its store thread).
     a.claim(group, LEASE).expect("claim").expect("still ours");
+    // The leader's lease keeper: a connection of its own sharing the store's leases, as the
+    // daemon's lease thread.
+    let mut keeper = a.connect_another().expect("a second connection");
     let mut driver = StoreDriver::new(controller, Box::new(a));
     let mut now = START;
     driver.handle_timeout(Timestamp(now));
@@ -102,8 +107,43 @@ fn main() {
         "{n} members, lease {} ms (the dead leader's lease runs out within it: added, not slept)",
         LEASE.as_millis()
     );
+    // Times what a cold standby would load at takeover, off the total.
+    let mut observer = PgStore::open(
+        &PgConfig {
+            url: url.clone(),
+            password_file: None,
+        },
+        &[7; 32],
+        "observer",
+        "-",
+    )
+    .expect("PostgreSQL store")
+    .0;
     let mut totals = Vec::new();
     for round in 0..rounds {
+        // B stands by: its store open and its follower holding a copy, as a daemon's standby
+        // does from its start. (A's lease thread renews meanwhile.)
+        keeper
+            .renew(group)
+            .expect("renew")
+            .expect("the lease is still ours");
+        let mut b = PgStore::open(
+            &PgConfig {
+                url: url.clone(),
+                password_file: None,
+            },
+            &[7; 32],
+            &format!("leader-{}", round + 1),
+            "-",
+        )
+        .expect("PostgreSQL store")
+        .0;
+        let mut follower = b.follower().expect("a follower");
+        follower.follow(group).expect("follow").expect("saved");
+        keeper
+            .renew(group)
+            .expect("renew")
+            .expect("the lease is still ours");
         for k in 0..3usize {
             let state = driver.group_state(group).expect("served");
             let victim = state.members[(k * 7_919 + round) % state.members.len()].id;
@@ -115,6 +155,10 @@ fn main() {
                 .handle_command(Timestamp(now), Command::Evict("bench".into(), victim.0))
                 .expect("a member");
             driver.handle_timeout(Timestamp(now));
+            // The follower looks three times a lease; here after each rekey but the last.
+            if k < 2 {
+                follower.follow(group).expect("follow");
+            }
         }
         while driver.poll_transmit().is_some() {}
         let tree = driver.tree(group).expect("served");
@@ -132,27 +176,15 @@ fn main() {
         // A dies: dropped with its lease held (it ran out before B claims, in this model).
         drop(driver);
         std::thread::sleep(LEASE);
-        // B's store is open already (a standby's is, from its start).
-        let mut b = PgStore::open(
-            &PgConfig {
-                url: url.clone(),
-                password_file: None,
-            },
-            &[7; 32],
-            &format!("leader-{}", round + 1),
-            "-",
-        )
-        .expect("PostgreSQL store")
-        .0;
         let t0 = Instant::now();
         let claimed_at = Instant::now();
         b.claim(group, LEASE)
             .expect("claim")
             .expect("the dead lease ran out");
         let claim = claimed_at.elapsed();
-        let loaded_at = Instant::now();
-        let state = b.load_group(group).expect("load").expect("a state");
-        let load = loaded_at.elapsed();
+        let caught_up_at = Instant::now();
+        let state = follower.take(group).expect("catch up").expect("a state");
+        let catch_up = caught_up_at.elapsed();
         let restored_at = Instant::now();
         let controller = Controller::new(
             signer.clone(),
@@ -167,6 +199,7 @@ fn main() {
         b.renew(group)
             .expect("renew")
             .expect("the lease is still ours");
+        keeper = b.connect_another().expect("a second connection");
         let rekeyed_at = Instant::now();
         driver = StoreDriver::new(controller, Box::new(b));
         driver.handle_timeout(Timestamp(now));
@@ -182,14 +215,19 @@ fn main() {
             member.handle_datagram(now, bytes);
         }
         let apply = applied_at.elapsed();
+        let total = LEASE + t0.elapsed() + apply;
         let got = member.traffic_key().expect("still a member").0;
         assert!(got > held, "the member holds the new leader's epoch");
-        let total = LEASE + t0.elapsed() + apply;
+        let cold_at = Instant::now();
+        observer.load_group(group).expect("load").expect("a state");
+        let cold = cold_at.elapsed();
         println!(
-            "round {round}: claim {:.1} ms, load {:.0} ms, restore {:.0} ms, first rekey {:.1} ms \
-             ({} datagrams), member {:.2} ms; with the lease: {:.0} ms (epoch {} → {})",
+            "round {round}: claim {:.1} ms, catch-up {:.1} ms (cold load {:.0} ms), restore {:.0} \
+             ms, first rekey {:.1} ms ({} datagrams), member {:.2} ms; with the lease: {:.0} ms \
+             (epoch {} → {})",
             ms(claim),
-            ms(load),
+            ms(catch_up),
+            ms(cold),
             ms(restore),
             ms(rekey),
             datagrams.len(),

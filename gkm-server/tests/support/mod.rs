@@ -4,6 +4,7 @@
 
 #![allow(dead_code, reason = "each test crate uses a part of the helpers")]
 
+pub(crate) mod netns;
 pub(crate) mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -20,6 +20,9 @@ pub(crate) struct PgServer {
     pub(crate) dir: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
+    /// A network namespace the server runs in and the address it listens on there (TCP, for
+    /// the partition test); `None`: the Unix socket only.
+    netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 /// Where `initdb` and `pg_ctl` are: on PATH, or in Debian's versioned directory.
@@ -49,6 +52,15 @@ impl PgServer {
     /// Starts a server for the test `tag`; `None` (the test returns) only when PostgreSQL is
     /// missing and `GKM_SKIP_POSTGRES=1` is set.
     pub(crate) fn start(tag: &str) -> Option<PgServer> {
+        PgServer::start_in(tag, None)
+    }
+
+    /// As [`PgServer::start`], the server run inside network namespace `ns` listening on TCP at
+    /// `ip` (and on its socket), open to every address of `ip`'s /24 without a password.
+    pub(crate) fn start_in(
+        tag: &str,
+        netns: Option<(String, std::net::Ipv4Addr)>,
+    ) -> Option<PgServer> {
         let Some(bin) = binaries() else {
             let what = "PostgreSQL's initdb and pg_ctl (install Debian's postgresql: \
                         apt-get install postgresql)";
@@ -67,6 +79,7 @@ impl PgServer {
             dir,
             bin,
             as_postgres,
+            netns,
         };
         if as_postgres {
             let status = Command::new("chown")
@@ -89,13 +102,28 @@ impl PgServer {
                 data.as_os_str(),
             ],
         );
+        if let Some((_, ip)) = &server.netns {
+            let [a, b, c, _] = ip.octets();
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .unwrap();
+            std::io::Write::write_all(
+                &mut hba,
+                format!("host all all {a}.{b}.{c}.0/24 trust\n").as_bytes(),
+            )
+            .unwrap();
+        }
         server.start_again();
         Some(server)
     }
 
     /// The connection string (the socket directory as host).
     pub(crate) fn url(&self) -> String {
-        format!("host={} user={USER} dbname=postgres", self.dir.display())
+        match &self.netns {
+            Some((_, ip)) => format!("host={ip} user={USER} dbname=postgres"),
+            None => format!("host={} user={USER} dbname=postgres", self.dir.display()),
+        }
     }
 
     fn data(&self) -> PathBuf {
@@ -116,24 +144,30 @@ impl PgServer {
         out
     }
 
-    /// One of the server's programs, as `postgres` when we are root.
+    /// One of the server's programs, as `postgres` when we are root, in its namespace if any.
     fn command(&self, program: &str) -> Command {
-        let exe = self.bin.join(program);
-        let mut cmd = if self.as_postgres {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(exe);
-            cmd
-        } else {
-            Command::new(exe)
-        };
+        let mut words: Vec<std::ffi::OsString> = Vec::new();
+        if let Some((ns, _)) = &self.netns {
+            words.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        if self.as_postgres {
+            words.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+        }
+        words.push(self.bin.join(program).into());
+        let mut cmd = Command::new(&words[0]);
+        cmd.args(&words[1..]);
         cmd.current_dir(&self.dir);
         cmd
     }
 
     /// Starts the server (again), waiting until it accepts connections.
     pub(crate) fn start_again(&self) {
+        let listen = self
+            .netns
+            .as_ref()
+            .map_or_else(String::new, |(_, ip)| ip.to_string());
         let options = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c shared_buffers=16MB",
+            "-k {} -c listen_addresses='{listen}' -c fsync=off -c shared_buffers=16MB",
             self.dir.display()
         );
         let (data, log) = (self.data(), self.dir.join("server.log"));

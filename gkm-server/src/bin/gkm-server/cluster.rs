@@ -90,15 +90,22 @@ pub(crate) struct Connected {
     pub(crate) follower: Follower,
 }
 
-/// The keeper's and the follower's threads; dropping their senders stops them.
-pub(crate) struct Threads(Vec<(Sender<()>, JoinHandle<()>)>);
+/// The keeper's and the follower's threads.
+pub(crate) struct Threads {
+    /// Groups the controller thread stepped down from (their leases ran out unrenewed); the
+    /// keeper gives their leases up. Once every clone is dropped, the keeper stops.
+    pub(crate) stepped_down: Sender<GroupId>,
+    keeper: JoinHandle<()>,
+    stop_follower: Sender<()>,
+    follower: JoinHandle<()>,
+}
 
 impl Threads {
     /// Stops both threads: the keeper gives up every lease it holds, so that a standby takes
-    /// over at once. Call it once the saves are done.
+    /// over at once. Call it once the saves are done and every clone of `stepped_down` is gone.
     pub(crate) fn stop(self) {
-        for (stop, thread) in self.0 {
-            drop(stop);
+        drop((self.stepped_down, self.stop_follower));
+        for thread in [self.keeper, self.follower] {
             if thread.join().is_err() {
                 warn!("a cluster thread panicked; its message is above");
             }
@@ -129,10 +136,10 @@ pub(crate) fn start(
         over_since: None,
         queue: queue.clone(),
     };
-    let (stop_keeper, stopped) = std::sync::mpsc::channel();
+    let (stepped_down, inbox) = std::sync::mpsc::channel();
     let keeper = std::thread::Builder::new()
         .name("gkm-leases".into())
-        .spawn(move || cluster.run(&stopped))
+        .spawn(move || cluster.run(&inbox))
         .context("cannot start the lease thread")?;
     let (stop_follower, stopped) = std::sync::mpsc::channel();
     let queue = queue.clone();
@@ -140,10 +147,12 @@ pub(crate) fn start(
         .name("gkm-follower".into())
         .spawn(move || follow(&warm, lease / 3, &stopped, &queue))
         .context("cannot start the follower thread")?;
-    Ok(Threads(vec![
-        (stop_keeper, keeper),
-        (stop_follower, follower),
-    ]))
+    Ok(Threads {
+        stepped_down,
+        keeper,
+        stop_follower,
+        follower,
+    })
 }
 
 /// The warm copies (a poisoned lock is taken over: the follower drops a copy it failed on).
@@ -193,16 +202,36 @@ fn follow(warm: &Mutex<Warm>, every: Duration, stop: &Receiver<()>, queue: &Cont
 }
 
 impl Cluster {
-    /// The keeper: keeps the leases (three times a lease) until `stop`'s sender is dropped;
-    /// then gives up every lease, so that a standby takes over at once.
-    fn run(mut self, stop: &Receiver<()>) {
+    /// The keeper: keeps the leases (three times a lease), and gives up those of the groups
+    /// the controller thread stepped down from (`inbox`), until every sender is dropped; then
+    /// gives up every lease, so that a standby takes over at once.
+    fn run(mut self, inbox: &Receiver<GroupId>) {
         let tick = self.lease / 3;
+        let mut next = Instant::now();
         loop {
-            self.tick();
-            if let Err(RecvTimeoutError::Disconnected) | Ok(()) = stop.recv_timeout(tick) {
-                return self.release_all();
+            if Instant::now() >= next {
+                self.tick();
+                next = Instant::now() + tick;
+            }
+            match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(group) => self.stepped_down(group),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.release_all(),
             }
         }
+    }
+
+    /// The controller thread stopped leading `group` (its lease ran out by the local clock
+    /// before a renewal came back): the lease is given up and the group followed again.
+    fn stepped_down(&mut self, group: GroupId) {
+        if self.held.remove(&group).is_none() {
+            return;
+        }
+        if let Err(e) = self.store.release(group) {
+            warn!(%group, "cannot release the lease: {e}");
+        }
+        self.told.insert(group, None);
+        lock(&self.warm).following.insert(group);
     }
 
     /// Renews, hands over and claims leases.
@@ -230,6 +259,11 @@ impl Cluster {
             match self.store.renew(group) {
                 Ok(Some(lease)) => {
                     self.held.insert(group, (term, lease.until));
+                    self.queue.send(ToController::Renewed {
+                        group,
+                        term,
+                        until: lease.until,
+                    });
                 }
                 Ok(None) | Err(StoreError::Deposed { .. }) => self.lost(group, term, "taken"),
                 Err(e) if Instant::now() >= until => {
@@ -333,6 +367,7 @@ impl Cluster {
             group,
             state: state.map(Box::new),
             term: lease.term,
+            until: lease.until,
         });
     }
 

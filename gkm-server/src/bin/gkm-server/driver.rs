@@ -30,7 +30,7 @@ use std::io::{BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use getrandom::SysRng;
@@ -239,6 +239,9 @@ struct Driver {
     store_thread: Option<std::thread::JoinHandle<()>>,
     /// High availability: the lease keeper and the follower.
     cluster: Option<crate::cluster::Threads>,
+    /// High availability: the groups led here, with their terms and their leases' local
+    /// deadlines (past one, the group is given up).
+    leases: HashMap<GroupId, (u64, Instant)>,
     /// Commands and scrapes held while a save is outstanding (they must not read a staged
     /// rekey), in arrival order.
     held: std::collections::VecDeque<Held>,
@@ -342,6 +345,7 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         saves: Some(saves),
         store_thread: Some(store_thread),
         cluster,
+        leases: HashMap::new(),
         held: std::collections::VecDeque::new(),
         awaiting: Vec::new(),
         policies: policies.into_iter().map(|p| (p.id, p)).collect(),
@@ -521,12 +525,17 @@ impl Driver {
             let wait = self.controller.poll_timeout().map_or(IDLE_WAIT, |due| {
                 Duration::from_millis(due.0.saturating_sub(now().0))
             });
+            let wait = match self.leases.values().map(|l| l.1).min() {
+                Some(until) => wait.min(until.saturating_duration_since(Instant::now())),
+                None => wait,
+            };
             for message in queue.receive(wait, self.controller.batching()) {
                 if matches!(message, ToController::Stop) {
                     return self.stop();
                 }
                 self.handle(message);
             }
+            self.expire_leases();
             if self
                 .controller
                 .poll_timeout()
@@ -562,7 +571,17 @@ impl Driver {
             }
             ToController::Metrics(reply) => self.held.push_back(Held::Metrics(reply)),
             ToController::Persisted(done) => self.controller.handle_persisted(now(), done),
-            ToController::Lead { group, state, term } => self.lead(group, state.as_deref(), term),
+            ToController::Lead {
+                group,
+                state,
+                term,
+                until,
+            } => self.lead(group, state.as_deref(), term, until),
+            ToController::Renewed { group, term, until } => {
+                if let Some(lease) = self.leases.get_mut(&group).filter(|l| l.0 == term) {
+                    lease.1 = lease.1.max(until);
+                }
+            }
             ToController::Standby {
                 group,
                 leader,
@@ -584,8 +603,15 @@ impl Driver {
         self.flush();
     }
 
-    /// High availability: leads `group` from its committed `state`.
-    fn lead(&mut self, group: GroupId, state: Option<&gkm_server::GroupState>, term: u64) {
+    /// High availability: leads `group` from its committed `state` until `until` (its lease's
+    /// local deadline) unless the lease is renewed.
+    fn lead(
+        &mut self,
+        group: GroupId,
+        state: Option<&gkm_server::GroupState>,
+        term: u64,
+        until: Instant,
+    ) {
         let Some(policy) = self.policies.get(&group).cloned() else {
             return;
         };
@@ -593,6 +619,7 @@ impl Driver {
         if let Err(e) = self.controller.adopt(policy, state, term, at) {
             return warn!(%group, "cannot serve the group's committed state: {e}");
         }
+        self.leases.insert(group, (term, until));
         self.audit(&Event::Leading {
             group: group.0,
             term,
@@ -601,12 +628,33 @@ impl Driver {
         self.flush_audit();
     }
 
+    /// High availability: stops leading every group whose lease reached its local deadline
+    /// unrenewed (the database may expire it next, and another controller claim it), and has
+    /// the keeper give the lease up. Nothing of the group is sent from here on.
+    fn expire_leases(&mut self) {
+        let at = Instant::now();
+        let expired: Vec<(GroupId, u64)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.1 <= at)
+            .map(|(g, l)| (*g, l.0))
+            .collect();
+        for (group, term) in expired {
+            warn!(%group, term, "the lease was not renewed in time: no longer leading the group");
+            self.stand_by(group, None, Some(term));
+            if let Some(cluster) = &self.cluster {
+                let _ = cluster.stepped_down.send(group);
+            }
+        }
+    }
+
     /// High availability: another controller leads `group`.
     fn stand_by(&mut self, group: GroupId, leader: Option<SocketAddr>, lost: Option<u64>) {
         let at = now();
         let name = self.policies.get(&group).map(|p| p.name.clone());
         // A group deposed by a save's outcome was released, and its event written, already.
         let leading = self.controller.leads(group);
+        self.leases.remove(&group);
         self.controller
             .set_standby(group, &name.unwrap_or_default(), leader, at);
         if let Some(term) = lost.filter(|_| leading) {

@@ -56,10 +56,19 @@ pub(crate) enum ToController {
     Persisted(Persisted),
     /// High availability: this controller now leads `group`, from its committed state (always
     /// fits, as do the other leadership messages: a few per group per lease).
+    /// It leads until `until` (the local deadline of its lease) unless [`ToController::Renewed`]
+    /// says later.
     Lead {
         group: GroupId,
         state: Option<Box<GroupState>>,
         term: u64,
+        until: std::time::Instant,
+    },
+    /// High availability: the lease of `group` under `term` was renewed until `until`.
+    Renewed {
+        group: GroupId,
+        term: u64,
+        until: std::time::Instant,
     },
     /// High availability: another controller leads `group` (at `leader` when known); `lost` is
     /// the term this one held, if it led the group until now.
@@ -182,6 +191,7 @@ impl ControllerQueue {
                 ToController::Stop
                     | ToController::Persisted(_)
                     | ToController::Lead { .. }
+                    | ToController::Renewed { .. }
                     | ToController::Standby { .. }
             );
         let spent = budget.is_some_and(|b| *state.count(b) >= b.limit());
