@@ -10,6 +10,10 @@
 //! `gkm-demo --members N --evict-latency K` instead measures, K times, the time from an eviction
 //! command to the last of N members holding the new key (each member's local API `watch`
 //! stream reports the change) and prints the median and the 99th percentile.
+//!
+//! `--postgres URL` keeps the controller's state in PostgreSQL (`[storage] backend =
+//! "postgres"`, a connection string such as `host=/tmp/pg user=gkm dbname=gkm`) instead of its
+//! redb file; give it an empty database: the demo's group is made anew.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -67,16 +71,21 @@ fn main() {
 fn run() -> Result<bool> {
     let mut members = MEMBERS;
     let mut latency_rounds = None;
+    let mut postgres = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let value = args.next().and_then(|v| v.parse::<usize>().ok());
-        match (arg.as_str(), value) {
+        let value = args.next();
+        let number = value.as_deref().and_then(|v| v.parse::<usize>().ok());
+        match (arg.as_str(), number) {
             ("--members", Some(n)) if (2..=MAX_MEMBERS).contains(&n) => members = n,
             ("--evict-latency", Some(k)) if k > 0 => latency_rounds = Some(k),
-            _ => bail!("usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS]"),
+            ("--postgres", _) if value.is_some() => postgres = value,
+            _ => bail!(
+                "usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS] [--postgres URL]"
+            ),
         }
     }
-    let mut demo = Demo::start(members)?;
+    let mut demo = Demo::start(members, postgres.as_deref())?;
     // From here on every path ends in `stop`, which ends every process the demo started.
     let admitted = (0..members)
         .try_for_each(|_| demo.spawn_member())
@@ -217,7 +226,7 @@ fn key_from_hex(hex: &str) -> Option<TrafficKey> {
 }
 
 impl Demo {
-    fn start(members: usize) -> Result<Demo> {
+    fn start(members: usize, postgres: Option<&str>) -> Result<Demo> {
         let bins = std::env::current_exe()?
             .parent()
             .context("no directory for the executable")?
@@ -243,10 +252,13 @@ impl Demo {
         let tokens: Vec<String> = (0..members + 200)
             .map(|i| format!("\"demo-token-{i}\""))
             .collect();
+        let storage = postgres.map_or_else(String::new, |url| {
+            format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n\n")
+        });
         let config = format!(
-            "listen = \"{listen}\"\n\n[[group]]\nname = \"{GROUP}\"\nmulticast = \"{multicast}\"\n\
-             heartbeat_interval_ms = 500\nbatch_interval_ms = 0\nenrollment = \"restricted\"\n\
-             tokens = [{}]\n",
+            "listen = \"{listen}\"\n\n{storage}[[group]]\nname = \"{GROUP}\"\n\
+             multicast = \"{multicast}\"\nheartbeat_interval_ms = 500\nbatch_interval_ms = 0\n\
+             enrollment = \"restricted\"\ntokens = [{}]\n",
             tokens.join(", ")
         );
         std::fs::write(root.join("gkm-server.toml"), config)?;
