@@ -42,14 +42,12 @@
 //! state holds the base record, record counts stay within [`MAX_RECORDS`]. Anything else is
 //! [`StoreError::Corrupt`] and nothing is served.
 
-use std::collections::VecDeque;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
-use lkh_tree::{Epoch, GroupId};
+use lkh_tree::GroupId;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
 };
@@ -59,7 +57,9 @@ use crate::rows::{
     BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, corrupt,
     delta_rows, replay, state_rows,
 };
-use crate::store::{CompactionFailure, GroupDelta, GroupRecords, GroupState, Store, StoreError};
+use crate::store::{
+    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, Store, StoreError,
+};
 
 type Rows = TableDefinition<'static, (u64, u64), &'static [u8]>;
 const LOG: Rows = TableDefinition::new("gkm log");
@@ -67,13 +67,6 @@ const BASES: Rows = TableDefinition::new("gkm bases");
 const HEADS: TableDefinition<u64, &[u8]> = TableDefinition::new("gkm heads");
 /// The table of the first format (one sealed blob per group), which this store refuses.
 const OLD_TABLE: &str = "groups";
-
-/// A compaction running on its own thread.
-struct Running {
-    group: GroupId,
-    epoch: Epoch,
-    thread: JoinHandle<Result<(), StoreError>>,
-}
 
 /// Group states in a redb file, sealed under a storage key (see the module docs).
 pub struct DiskStore {
@@ -86,17 +79,14 @@ pub struct DiskStore {
     failed: bool,
     sealer: Sealer,
     written: Arc<AtomicU64>,
-    compaction: Option<Running>,
-    /// Failed compactions not yet taken, oldest first (at most two: one finished, one that could
-    /// not start).
-    failures: VecDeque<CompactionFailure>,
+    compactions: Compactions,
 }
 
 impl std::fmt::Debug for DiskStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskStore")
             .field("written", &self.bytes_written())
-            .field("compacting", &self.compaction.is_some())
+            .field("compacting", &self.compactions.started())
             .finish_non_exhaustive()
     }
 }
@@ -140,8 +130,7 @@ impl DiskStore {
             failed: false,
             sealer: Sealer::new(key),
             written: Arc::new(AtomicU64::new(0)),
-            compaction: None,
-            failures: VecDeque::new(),
+            compactions: Compactions::default(),
         };
         let states = store.load()?;
         Ok((store, states))
@@ -163,7 +152,7 @@ impl DiskStore {
         if !self.failed {
             return Ok(());
         }
-        self.finish_compaction();
+        self.compactions.finish();
         self.db = None;
         let db = open_database(&self.path).map_err(|e| {
             StoreError::Backend(format!(
@@ -282,7 +271,7 @@ impl DiskStore {
 
     /// Writes a group's whole state in one transaction, in place of what it held.
     fn save_state(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        self.finish_compaction();
+        self.compactions.finish();
         let group = state.tree.group;
         let tx = self.db()?.begin_write().map_err(backend)?;
         let written = {
@@ -318,7 +307,6 @@ impl DiskStore {
         group: GroupId,
         rows: impl Iterator<Item = Zeroizing<Vec<u8>>>,
     ) -> Result<(), StoreError> {
-        self.reap_compaction();
         let tx = self.db()?.begin_write().map_err(backend)?;
         let written = {
             let mut heads = tx.open_table(HEADS).map_err(backend)?;
@@ -340,41 +328,12 @@ impl DiskStore {
         self.written.fetch_add(written, Ordering::Relaxed);
         Ok(())
     }
-
-    /// Waits for the running compaction, if any, and keeps its failure for
-    /// [`Store::take_compaction_failure`].
-    fn finish_compaction(&mut self) {
-        let Some(running) = self.compaction.take() else {
-            return;
-        };
-        let error = match running.thread.join() {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error,
-            Err(_) => StoreError::Backend("the compaction thread panicked".into()),
-        };
-        self.failures.push_back(CompactionFailure {
-            group: running.group,
-            epoch: running.epoch,
-            error,
-        });
-    }
-
-    /// [`DiskStore::finish_compaction`] if the compaction is done (never waits).
-    fn reap_compaction(&mut self) {
-        if self
-            .compaction
-            .as_ref()
-            .is_some_and(|r| r.thread.is_finished())
-        {
-            self.finish_compaction();
-        }
-    }
 }
 
 impl Drop for DiskStore {
     /// Lets a running compaction finish (a process killed instead loses nothing but its work).
     fn drop(&mut self) {
-        self.finish_compaction();
+        self.compactions.finish();
     }
 }
 
@@ -400,41 +359,23 @@ impl Store for DiskStore {
             return self.save(&state);
         }
         self.save_delta(delta)?;
-        self.finish_compaction();
+        self.compactions.finish();
         let (group, epoch) = (state.tree.group, state.tree.epoch);
-        let started = Compaction::start(self, group).and_then(|job| {
-            std::thread::Builder::new()
-                .name("gkm-compaction".into())
-                .spawn(move || job.run(&state))
-                .map_err(|e| StoreError::Backend(format!("cannot start the compaction: {e}")))
-        });
-        match started {
-            Ok(thread) => {
-                self.compaction = Some(Running {
-                    group,
-                    epoch,
-                    thread,
-                });
-            }
-            Err(error) => {
-                self.failures.push_back(CompactionFailure {
-                    group,
-                    epoch,
-                    error,
-                });
-            }
+        match Compaction::start(self, group) {
+            Ok(job) => self
+                .compactions
+                .start(group, epoch, move || job.run(&state)),
+            Err(error) => self.compactions.fail(group, epoch, error),
         }
         Ok(())
     }
 
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
-        self.reap_compaction();
-        self.failures.pop_front()
+        self.compactions.take_failure()
     }
 
     fn compacting(&mut self) -> bool {
-        self.reap_compaction();
-        self.compaction.is_some()
+        self.compactions.running()
     }
 }
 
@@ -867,13 +808,13 @@ mod tests {
         let delta = churn.delta();
         store.save_delta_and_compact(&delta, churn.state()).unwrap();
         let mut after_delta = rows(&delta);
-        assert!(store.compaction.is_some(), "on the thread");
+        assert!(store.compactions.started(), "on the thread");
         for _ in 0..3 {
             let delta = churn.delta();
             store.save_delta(&delta).unwrap();
             after_delta += rows(&delta);
         }
-        store.finish_compaction();
+        store.compactions.finish();
         assert!(!store.compacting());
         assert!(store.take_compaction_failure().is_none());
         let after = head(&store);
@@ -918,7 +859,10 @@ mod tests {
         let (mut store, mut churn) = saved(&dir.file("state.redb"), 300);
         let before = head(&store);
         compact(&mut store, &mut churn);
-        assert!(store.compaction.is_none(), "no thread for one transaction");
+        assert!(
+            !store.compactions.started(),
+            "no thread for one transaction"
+        );
         let after = head(&store);
         assert_eq!(after.base.next - after.base.first, 1);
         assert!(after.base.first >= before.base.next && after.log.is_empty());
@@ -944,7 +888,7 @@ mod tests {
         let (mut store, _) = DiskStore::open(&path, &KEY).unwrap();
         assert_eq!(head(&store), old);
         compact(&mut store, &mut churn);
-        store.finish_compaction();
+        store.compactions.finish();
         assert!(store.take_compaction_failure().is_none());
         let new = head(&store);
         assert!(new.base.first >= staged.next, "{new:?} {staged:?}");

@@ -1,7 +1,8 @@
 //! Persistence: the [`Store`] the controller writes every rekey's changes to before anything
 //! encrypted under them leaves the process (write-ahead), and [`MemoryStore`] for tests.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::thread::JoinHandle;
 
 use lkh_tree::{Epoch, GroupId, NodeId, NodeRecord, TreeChanges, TreeConfig, TreeSnapshot};
 use thiserror::Error;
@@ -205,6 +206,100 @@ pub struct CompactionFailure {
     pub epoch: Epoch,
     /// Why it failed.
     pub error: StoreError,
+}
+
+/// The compaction a store runs on a thread of its own (one at a time), and the failures of those
+/// that ended, oldest first, until taken.
+#[derive(Default)]
+pub(crate) struct Compactions {
+    running: Option<Running>,
+    failures: VecDeque<CompactionFailure>,
+}
+
+/// A compaction running on its thread.
+struct Running {
+    group: GroupId,
+    epoch: Epoch,
+    thread: JoinHandle<Result<(), StoreError>>,
+}
+
+impl Compactions {
+    /// Runs `job`, the compaction of `group` to `epoch`, on a thread; call [`Compactions::finish`]
+    /// first. A thread that cannot start is a failure.
+    pub(crate) fn start(
+        &mut self,
+        group: GroupId,
+        epoch: Epoch,
+        job: impl FnOnce() -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let started = std::thread::Builder::new()
+            .name("gkm-compaction".into())
+            .spawn(job);
+        match started {
+            Ok(thread) => {
+                self.running = Some(Running {
+                    group,
+                    epoch,
+                    thread,
+                });
+            }
+            Err(e) => self.fail(
+                group,
+                epoch,
+                StoreError::Backend(format!("cannot start the compaction: {e}")),
+            ),
+        }
+    }
+
+    /// Keeps the failure of the compaction of `group` to `epoch`.
+    pub(crate) fn fail(&mut self, group: GroupId, epoch: Epoch, error: StoreError) {
+        self.failures.push_back(CompactionFailure {
+            group,
+            epoch,
+            error,
+        });
+    }
+
+    /// Waits for the running compaction, if any, and keeps its failure.
+    pub(crate) fn finish(&mut self) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        let error = match running.thread.join() {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(_) => StoreError::Backend("the compaction thread panicked".into()),
+        };
+        self.fail(running.group, running.epoch, error);
+    }
+
+    /// [`Compactions::finish`] if the compaction is done (never waits).
+    fn reap(&mut self) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.thread.is_finished())
+        {
+            self.finish();
+        }
+    }
+
+    /// The oldest failure not yet taken ([`Store::take_compaction_failure`]).
+    pub(crate) fn take_failure(&mut self) -> Option<CompactionFailure> {
+        self.reap();
+        self.failures.pop_front()
+    }
+
+    /// Whether one was started and has not been seen to end (never waits, never reaps).
+    pub(crate) fn started(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Whether one still runs ([`Store::compacting`]).
+    pub(crate) fn running(&mut self) -> bool {
+        self.reap();
+        self.running.is_some()
+    }
 }
 
 /// One group's records as a store keeps them: by node id and by leaf.

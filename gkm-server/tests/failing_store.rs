@@ -546,6 +546,72 @@ fn v060_while_a_save_is_outstanding_nothing_reads_the_staged_rekey() {
     }
 }
 
+/// The epochs of the heartbeats among `transmits`.
+fn heartbeat_epochs(controller: &mut Controller<ChaCha20Rng>) -> Vec<Epoch> {
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&controller.public_key()).unwrap();
+    let mut epochs = Vec::new();
+    while let Some(t) = controller.poll_transmit() {
+        if let Transmit::Multicast { bytes, .. } = t
+            && let Ok(beat) = wire::open::<wire::Heartbeat>(&bytes, &key)
+        {
+            epochs.push(beat.message().epoch);
+        }
+    }
+    epochs
+}
+
+/// GKM-V060: a heartbeat that falls due with a rekey waits for the rekey's save: it never
+/// announces the staged epoch (found by `tests/ha.rs` with 1,000 members: a new leader's first
+/// rekey, refused as deposed, had been announced by a heartbeat with its key check value).
+#[test]
+fn v060_a_heartbeat_due_with_a_staged_rekey_announces_only_committed_epochs() {
+    for durable in [false, true] {
+        let mut net = Net::new(6, 1);
+        net.advance(1_000);
+        let epoch = net.controller.traffic_key(GROUP).unwrap().0;
+        // Both due at once: the eviction's rekey, and a heartbeat (interval 500 ms).
+        let now = Timestamp(net.now + 5_000);
+        let id = net.members[5].membership().unwrap().0.0;
+        let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+        controller
+            .handle_command(now, Command::Evict("demo".into(), id))
+            .unwrap();
+        controller.handle_timeout(now);
+        let persist = controller.poll_persist().expect("a save is asked for");
+        assert!(
+            heartbeat_epochs(controller).is_empty(),
+            "no heartbeat while the rekey's save is outstanding"
+        );
+        let ticket = persist.ticket;
+        let done = if durable {
+            persist.write(&mut net.store.clone())
+        } else {
+            drop(persist);
+            gkm_server::Persisted {
+                ticket,
+                result: Err(StoreError::Backend("the database went away (test)".into())),
+                compacting: false,
+                compaction_failures: Vec::new(),
+                compaction_deferred: false,
+            }
+        };
+        let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
+        controller.handle_persisted(now, done);
+        controller.handle_timeout(now);
+        let committed = controller.traffic_key(GROUP).unwrap().0;
+        let beats = heartbeat_epochs(controller);
+        assert!(
+            !beats.is_empty(),
+            "the heartbeat goes out once the save is reported"
+        );
+        assert!(
+            beats.iter().all(|e| *e == committed),
+            "durable {durable}: heartbeats {beats:?}, committed {committed:?}"
+        );
+        assert_eq!(committed > epoch, durable);
+    }
+}
+
 /// GKM-V061: a save answered `Deposed` (another controller took the group's lease) drops the
 /// staged rekey unsent and releases the group: nothing of it is sent from then on, its requests
 /// (those that waited for the save too) are answered 421 `NotLeader`, and commands on it say it

@@ -159,10 +159,11 @@ impl<R: CryptoRng> Controller<R> {
             if batch_due || refresh_due {
                 self.rekey(id, now);
             }
+            // The rekey just staged is not durable yet: its epoch is announced once it is.
             if self
                 .groups
                 .get(&id)
-                .is_some_and(|g| g.next_heartbeat <= now)
+                .is_some_and(|g| g.persisting.is_none() && g.next_heartbeat <= now)
             {
                 self.heartbeat(id, now);
             }

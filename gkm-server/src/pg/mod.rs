@@ -69,10 +69,9 @@
 //! server at once. Only the `PG*` settings written in the connection string and `PGPASSWORD`
 //! are read, not `PGHOST` and the others (the driver does not read the environment).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lkh_tree::{Epoch, GroupId};
@@ -88,7 +87,9 @@ use crate::rows::{
     BASE_LABEL, COMPACTION_ROWS, Head, LOG_LABEL, ONE_TRANSACTION_RECORDS, Sealer, Span, corrupt,
     delta_rows, replay, state_rows,
 };
-use crate::store::{CompactionFailure, GroupDelta, GroupRecords, GroupState, Store, StoreError};
+use crate::store::{
+    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, Store, StoreError,
+};
 
 /// How to reach the database. `Debug` hides a password written in the connection string.
 #[derive(Clone, PartialEq, Eq)]
@@ -231,13 +232,6 @@ struct Held {
     lease: Duration,
 }
 
-/// A compaction running on its own thread.
-struct Running {
-    group: GroupId,
-    epoch: Epoch,
-    thread: JoinHandle<Result<(), StoreError>>,
-}
-
 /// Group states in PostgreSQL, sealed under a storage key, fenced by per-group leases (see the
 /// module docs).
 pub struct PgStore {
@@ -250,9 +244,7 @@ pub struct PgStore {
     address: String,
     /// The leases this store claimed: shared with the stores made by [`PgStore::connect_another`].
     held: Arc<Mutex<HashMap<GroupId, Held>>>,
-    compaction: Option<Running>,
-    /// Failed compactions not yet taken, oldest first.
-    failures: VecDeque<CompactionFailure>,
+    compactions: Compactions,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -262,7 +254,7 @@ impl std::fmt::Debug for PgStore {
             .field("address", &self.address)
             .field("connected", &self.client.is_some())
             .field("held", &*self.held())
-            .field("compacting", &self.compaction.is_some())
+            .field("compacting", &self.compactions.started())
             .finish_non_exhaustive()
     }
 }
@@ -294,8 +286,7 @@ impl PgStore {
             holder: holder.to_owned(),
             address: address.to_owned(),
             held: Arc::default(),
-            compaction: None,
-            failures: VecDeque::new(),
+            compactions: Compactions::default(),
         };
         let states = store.load_all()?;
         Ok((store, states))
@@ -323,8 +314,7 @@ impl PgStore {
             holder: self.holder.clone(),
             address: self.address.clone(),
             held: Arc::clone(&self.held),
-            compaction: None,
-            failures: VecDeque::new(),
+            compactions: Compactions::default(),
         })
     }
 
@@ -558,7 +548,7 @@ impl PgStore {
 
     /// Writes a group's whole state in one transaction, in place of what it held.
     fn save_state(&mut self, state: &GroupState) -> Result<(), StoreError> {
-        self.finish_compaction();
+        self.compactions.finish();
         let group = state.tree.group;
         let (term, sealer) = (self.term(group), &self.sealer);
         let fence = Fence {
@@ -590,7 +580,6 @@ impl PgStore {
 
     /// Writes the delta's rows after the group's log, in one transaction.
     fn append(&mut self, delta: &GroupDelta) -> Result<(), StoreError> {
-        self.reap_compaction();
         let (group, epoch) = (delta.group, delta.epoch);
         let (term, sealer) = (self.term(group), &self.sealer);
         let fence = Fence {
@@ -613,59 +602,20 @@ impl PgStore {
         })
     }
 
-    /// Waits for the running compaction, if any, and keeps its failure for
-    /// [`Store::take_compaction_failure`].
-    fn finish_compaction(&mut self) {
-        let Some(running) = self.compaction.take() else {
-            return;
-        };
-        let error = match running.thread.join() {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error,
-            Err(_) => StoreError::Backend("the compaction thread panicked".into()),
-        };
-        self.failures.push_back(CompactionFailure {
-            group: running.group,
-            epoch: running.epoch,
-            error,
-        });
-    }
-
-    /// [`PgStore::finish_compaction`] if the compaction is done (never waits).
-    fn reap_compaction(&mut self) {
-        if self
-            .compaction
-            .as_ref()
-            .is_some_and(|r| r.thread.is_finished())
-        {
-            self.finish_compaction();
-        }
-    }
-
-    /// Starts compacting `group` to `state` on a thread.
-    fn start_compaction(&mut self, state: GroupState) -> Result<Running, StoreError> {
-        let (group, epoch) = (state.tree.group, state.tree.epoch);
+    /// The compaction of `group`, from its head now.
+    fn compaction(&mut self, group: GroupId) -> Result<Compaction, StoreError> {
         let sealer = &self.sealer;
         let start = read(&mut self.client, &self.pg, |tx| {
             read_head(tx, sealer, group)
         })?
         .ok_or_else(|| StoreError::Backend(format!("group {group} was never saved")))?;
-        let job = Compaction {
+        Ok(Compaction {
             pg: self.pg.clone(),
             sealer: self.sealer.clone(),
             holder: self.holder.clone(),
             group,
             term: self.term(group),
             start,
-        };
-        let thread = std::thread::Builder::new()
-            .name("gkm-pg-compaction".into())
-            .spawn(move || job.run(&state))
-            .map_err(|e| StoreError::Backend(format!("cannot start the compaction: {e}")))?;
-        Ok(Running {
-            group,
-            epoch,
-            thread,
         })
     }
 }
@@ -673,7 +623,7 @@ impl PgStore {
 impl Drop for PgStore {
     /// Lets a running compaction finish (a process killed instead loses nothing but its work).
     fn drop(&mut self) {
-        self.finish_compaction();
+        self.compactions.finish();
     }
 }
 
@@ -698,27 +648,23 @@ impl Store for PgStore {
             return self.save(&state);
         }
         self.save_delta(delta)?;
-        self.finish_compaction();
+        self.compactions.finish();
         let (group, epoch) = (state.tree.group, state.tree.epoch);
-        match self.start_compaction(state) {
-            Ok(running) => self.compaction = Some(running),
-            Err(error) => self.failures.push_back(CompactionFailure {
-                group,
-                epoch,
-                error,
-            }),
+        match self.compaction(group) {
+            Ok(job) => self
+                .compactions
+                .start(group, epoch, move || job.run(&state)),
+            Err(error) => self.compactions.fail(group, epoch, error),
         }
         Ok(())
     }
 
     fn take_compaction_failure(&mut self) -> Option<CompactionFailure> {
-        self.reap_compaction();
-        self.failures.pop_front()
+        self.compactions.take_failure()
     }
 
     fn compacting(&mut self) -> bool {
-        self.reap_compaction();
-        self.compaction.is_some()
+        self.compactions.running()
     }
 }
 

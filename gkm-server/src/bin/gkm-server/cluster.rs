@@ -92,9 +92,10 @@ pub(crate) struct Connected {
 
 /// The keeper's and the follower's threads.
 pub(crate) struct Threads {
-    /// Groups the controller thread stepped down from (their leases ran out unrenewed); the
-    /// keeper gives their leases up. Once every clone is dropped, the keeper stops.
-    pub(crate) stepped_down: Sender<GroupId>,
+    /// Groups the controller thread stepped down from, with the terms it held (their leases
+    /// ran out unrenewed); the keeper gives those leases up. Once every clone is dropped, the
+    /// keeper stops.
+    pub(crate) stepped_down: Sender<(GroupId, u64)>,
     keeper: JoinHandle<()>,
     stop_follower: Sender<()>,
     follower: JoinHandle<()>,
@@ -205,7 +206,7 @@ impl Cluster {
     /// The keeper: keeps the leases (three times a lease), and gives up those of the groups
     /// the controller thread stepped down from (`inbox`), until every sender is dropped; then
     /// gives up every lease, so that a standby takes over at once.
-    fn run(mut self, inbox: &Receiver<GroupId>) {
+    fn run(mut self, inbox: &Receiver<(GroupId, u64)>) {
         let tick = self.lease / 3;
         let mut next = Instant::now();
         loop {
@@ -214,19 +215,22 @@ impl Cluster {
                 next = Instant::now() + tick;
             }
             match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Ok(group) => self.stepped_down(group),
+                Ok((group, term)) => self.stepped_down(group, term),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return self.release_all(),
             }
         }
     }
 
-    /// The controller thread stopped leading `group` (its lease ran out by the local clock
-    /// before a renewal came back): the lease is given up and the group followed again.
-    fn stepped_down(&mut self, group: GroupId) {
-        if self.held.remove(&group).is_none() {
+    /// The controller thread stopped leading `group` under `term` (its lease ran out by the
+    /// local clock before a renewal came back): that lease is given up and the group followed
+    /// again. A later term (this keeper found the lease lost and claimed the group again before
+    /// reading the message) is kept.
+    fn stepped_down(&mut self, group: GroupId, term: u64) {
+        if self.held.get(&group).is_none_or(|held| held.0 != term) {
             return;
         }
+        self.held.remove(&group);
         if let Err(e) = self.store.release(group) {
             warn!(%group, "cannot release the lease: {e}");
         }

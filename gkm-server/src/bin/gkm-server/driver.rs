@@ -643,7 +643,7 @@ impl Driver {
             warn!(%group, term, "the lease was not renewed in time: no longer leading the group");
             self.stand_by(group, None, Some(term));
             if let Some(cluster) = &self.cluster {
-                let _ = cluster.stepped_down.send(group);
+                let _ = cluster.stepped_down.send((group, term));
             }
         }
     }
