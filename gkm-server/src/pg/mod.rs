@@ -937,33 +937,41 @@ enum Failed {
 fn transact<T>(
     slot: &mut Option<Client>,
     pg: &postgres::Config,
-    mut body: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
+    body: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    run(slot, pg, |client| {
-        let mut tx = client.transaction().map_err(Failed::Begin)?;
-        let value = body(&mut tx).map_err(Failed::Later)?;
-        tx.commit()
-            .map_err(|e| Failed::Later(pg_error("cannot commit", &e)))?;
-        Ok(value)
-    })
+    within(slot, pg, false, body)
 }
 
 /// Runs `body` in a `REPEATABLE READ` read-only transaction (one snapshot), as [`transact`].
 fn read<T>(
     slot: &mut Option<Client>,
     pg: &postgres::Config,
+    body: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    within(slot, pg, true, body)
+}
+
+/// [`transact`] (`read_only` false) or [`read`].
+fn within<T>(
+    slot: &mut Option<Client>,
+    pg: &postgres::Config,
+    read_only: bool,
     mut body: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     run(slot, pg, |client| {
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(Failed::Begin)?;
+        let begun = if read_only {
+            client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+        } else {
+            client.transaction()
+        };
+        let mut tx = begun.map_err(Failed::Begin)?;
         let value = body(&mut tx).map_err(Failed::Later)?;
         tx.commit()
-            .map_err(|e| Failed::Later(pg_error("cannot end the read", &e)))?;
+            .map_err(|e| Failed::Later(pg_error("cannot commit", &e)))?;
         Ok(value)
     })
 }
