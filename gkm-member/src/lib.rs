@@ -188,6 +188,18 @@ pub struct MemberStats {
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
+/// Rekey datagrams of later epochs a member holds while it waits for the one it missed: at most
+/// this many, the oldest given up first.
+pub const HELD_REKEYS: usize = 16;
+
+/// A verified rekey datagram of a later epoch than the member can apply yet, held until the
+/// missed epoch arrives (a repeat) or `until`.
+struct HeldRekey {
+    epoch: Epoch,
+    until: Millis,
+    bytes: Vec<u8>,
+}
+
 enum State {
     /// Waiting for a welcome to the request with this nonce.
     Registering { nonce: [u8; NONCE_LEN] },
@@ -250,6 +262,9 @@ pub struct Member<R> {
     named_leader: Option<SocketAddr>,
     /// When to ask for a resync because we are behind.
     resync_at: Option<Millis>,
+    /// Rekeys of later epochs, held while a missed one may still arrive (at most
+    /// [`HELD_REKEYS`]).
+    held: VecDeque<HeldRekey>,
     renew_at: Option<Millis>,
     /// Where the controller said the group's rekeys are multicast.
     rekey_address: Option<SocketAddr>,
@@ -309,6 +324,7 @@ impl<R: CryptoRng> Member<R> {
             redirects: 0,
             named_leader: None,
             resync_at: None,
+            held: VecDeque::new(),
             renew_at: None,
             rekey_address: None,
             stats: MemberStats::default(),
@@ -562,7 +578,10 @@ impl<R: CryptoRng> Member<R> {
     /// A multicast datagram: a rekey or a heartbeat.
     pub fn handle_datagram(&mut self, now: Millis, bytes: &[u8]) {
         match MessageType::peek(bytes) {
-            Ok(MessageType::Rekey) => self.rekey(now, bytes),
+            Ok(MessageType::Rekey) => {
+                self.rekey(now, bytes);
+                self.apply_held(now);
+            }
             Ok(MessageType::Heartbeat) => self.heartbeat(now, bytes),
             Ok(MessageType::CookieReply) => self.cookie(now, bytes),
             _ => self.drop_datagram("not a rekey or heartbeat"),
@@ -617,12 +636,51 @@ impl<R: CryptoRng> Member<R> {
             Err(WireError::NotForMe) => self.drop_datagram("for other members"),
             Err(WireError::WrongGroup { .. }) => self.drop_datagram("other group"),
             Err(WireError::Gap { .. }) => {
-                self.drop_datagram("missed an epoch");
+                let epoch = authentic.datagram().epoch;
+                self.hold(now, epoch, bytes);
                 self.behind(now);
             }
             Err(_) => {
                 self.drop_datagram("inconsistent");
                 self.behind(now);
+            }
+        }
+    }
+
+    /// Holds a verified rekey of a later epoch than the next one, for as long as a resync is
+    /// put off ([`MemberConfig::resync_grace_ms`], longer than the controller's repeats take):
+    /// when the missed epoch arrives, the held ones are applied in order and no resync is
+    /// needed. Bounded by [`HELD_REKEYS`]; a copy of one already held is dropped.
+    fn hold(&mut self, now: Millis, epoch: Epoch, bytes: &[u8]) {
+        if self.held.iter().any(|h| h.bytes == bytes) {
+            return self.drop_datagram("held already");
+        }
+        if self.held.len() >= HELD_REKEYS {
+            self.held.pop_front();
+            self.drop_datagram("missed an epoch");
+        }
+        self.held.push_back(HeldRekey {
+            epoch,
+            until: now + self.config.resync_grace_ms,
+            bytes: bytes.to_vec(),
+        });
+    }
+
+    /// Applies the held rekeys that follow the member's epoch, in order; gives up those that
+    /// are stale or whose time ran out.
+    fn apply_held(&mut self, now: Millis) {
+        for _ in 0..HELD_REKEYS {
+            let State::Active { path, .. } = &self.state else {
+                self.held.clear();
+                return;
+            };
+            let next = path.epoch().next();
+            self.held.retain(|h| h.until > now && Some(h.epoch) >= next);
+            let Some(i) = self.held.iter().position(|h| Some(h.epoch) == next) else {
+                return;
+            };
+            if let Some(held) = self.held.remove(i) {
+                self.rekey(now, &held.bytes);
             }
         }
     }
@@ -732,6 +790,7 @@ impl<R: CryptoRng> Member<R> {
         self.resync_at = None;
         self.renew_at = Some(now + self.config.renew_interval_ms);
         self.events.push_back(event);
+        self.apply_held(now);
     }
 
     /// An acknowledgement of this member's outstanding renewal: the lease runs on.

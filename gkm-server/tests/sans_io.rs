@@ -1609,3 +1609,66 @@ fn v058_subscriptions_are_admitted_for_a_signature_check_within_their_sources_bu
     assert!(outcome.is_err(), "{outcome:?}");
     assert_eq!(net.controller.signatures_verified(), before);
 }
+
+/// Evicts member `victim` and returns the rekey's datagrams (nothing delivered yet).
+fn eviction_datagrams(net: &mut Net, victim: usize) -> Vec<Vec<u8>> {
+    let id = net.member_id(victim);
+    net.command(Command::Evict("demo".into(), id));
+    net.controller.handle_timeout(Timestamp(net.now));
+    let mut rekeys = Vec::new();
+    while let Some(t) = net.controller.poll_transmit() {
+        if let Transmit::Multicast { bytes, .. } = t
+            && wire::MessageType::peek(&bytes) == Ok(wire::MessageType::Rekey)
+        {
+            rekeys.push(bytes);
+        }
+    }
+    rekeys
+}
+
+/// Issue 15 (resync storms): a member that missed epoch E and hears E+1 holds E+1; when E's
+/// repeat arrives it applies both, in order, and asks for no resync. Once the hold (the resync
+/// grace) has run out, a late copy of E no longer brings E+1 back: the member resyncs.
+#[test]
+fn a_member_that_missed_an_epoch_holds_the_next_until_the_repeat_arrives() {
+    for late in [false, true] {
+        let mut net = Net::new(8, 0.0);
+        assert_eq!(net.converged().len(), 8);
+        let first = eviction_datagrams(&mut net, 7);
+        let second = eviction_datagrams(&mut net, 6);
+        assert!(!first.is_empty() && !second.is_empty());
+        let now = net.now;
+        // Member 0 hears the second rekey first (the first one's copy was lost)...
+        for bytes in &second {
+            net.members[0].handle_datagram(now, bytes);
+        }
+        let before = net.members[0].traffic_key().unwrap().0;
+        // ... then the first one's repeat, in time or after the hold ran out.
+        let at = if late {
+            let after = now + MemberConfig::new(GROUP, net.signer.verifying_key()).resync_grace_ms;
+            net.members[0].handle_timeout(after);
+            after
+        } else {
+            now + 100
+        };
+        for bytes in &first {
+            net.members[0].handle_datagram(at, bytes);
+        }
+        let (epoch, key) = net.members[0].traffic_key().unwrap();
+        let (current, want) = net.controller.traffic_key(GROUP).unwrap();
+        let asked = net.members[0].poll_request();
+        if late {
+            assert!(epoch < current, "the held rekey ran out");
+            let asked = asked.expect("a resync");
+            assert_eq!(
+                wire::MessageType::peek(&asked),
+                Ok(wire::MessageType::ResyncRequest)
+            );
+        } else {
+            assert!(epoch > before, "both applied");
+            assert_eq!((epoch, key.as_bytes()), (current, want.as_bytes()));
+            assert!(asked.is_none(), "no resync asked for");
+            assert_eq!(net.members[0].stats().resyncs, 0);
+        }
+    }
+}

@@ -77,6 +77,9 @@ pub struct ChurnReport {
     pub resyncs: u64,
     /// Members that needed a resync at least once.
     pub members_resynced: usize,
+    /// (full receivers only) Times a member lost every copy of a rekey datagram that carried
+    /// its keys: the resyncs no waiting avoids. `None` in the subtree model.
+    pub lost_every_copy: Option<u64>,
     /// Time from a rekey to a receiving member holding its key: median.
     pub converged_ms_p50: u64,
     /// The same, 99th percentile.
@@ -143,6 +146,8 @@ pub(crate) struct Seen {
     pub(crate) diverged: usize,
     /// Resyncs counted by the receiver model, or `None` to take the controller's count.
     pub(crate) resyncs: Option<u64>,
+    /// See [`ChurnReport::lost_every_copy`].
+    pub(crate) lost_every_copy: Option<u64>,
 }
 
 impl Tally {
@@ -183,6 +188,7 @@ impl Tally {
             multicast_bytes: stats.bytes,
             resyncs: seen.resyncs.unwrap_or(stats.resyncs),
             members_resynced: seen.members_resynced,
+            lost_every_copy: seen.lost_every_copy,
             converged_ms_p50: percentile(&self.converged, 50),
             converged_ms_p99: percentile(&self.converged, 99),
             diverged: seen.diverged,
@@ -221,6 +227,9 @@ struct Sim {
     now: u64,
     /// Epoch → when the controller sent it.
     sent_at: HashMap<u64, u64>,
+    /// Each distinct rekey datagram sent: the receivers it carries keys for (a wrap under a key
+    /// on their path), and whether a copy reached each.
+    copies: HashMap<Vec<u8>, HashMap<u64, bool>>,
     tally: Tally,
 }
 
@@ -289,6 +298,7 @@ impl Sim {
             next_id: 0,
             now: START,
             sent_at: HashMap::new(),
+            copies: HashMap::new(),
             tally: Tally::default(),
         }
     }
@@ -380,10 +390,15 @@ impl Sim {
                 Transmit::Multicast { bytes, .. } => {
                     if let Some(epoch) = wire::RekeyDatagram::peek_epoch(&bytes).map(|(_, e)| e.0) {
                         self.sent_at.entry(epoch).or_insert(self.now);
+                        self.note_rekey(&bytes);
                     }
                     for &id in &ids {
                         if self.lost(id) {
                             continue;
+                        }
+                        if let Some(got) = self.copies.get_mut(&bytes).and_then(|c| c.get_mut(&id))
+                        {
+                            *got = true;
                         }
                         if let Some(r) = self.receivers.get_mut(&id) {
                             r.member.handle_datagram(self.now, &bytes);
@@ -411,6 +426,33 @@ impl Sim {
             }
         }
         moved
+    }
+
+    /// The first copy of a rekey datagram: which receivers it carries keys for.
+    fn note_rekey(&mut self, bytes: &[u8]) {
+        if self.copies.contains_key(bytes) {
+            return;
+        }
+        let Ok(rekey) = wire::AuthenticRekey::verify(bytes, &self.signer.verifying_key()) else {
+            return;
+        };
+        let wrapping: std::collections::HashSet<u32> = rekey
+            .datagram()
+            .wraps
+            .iter()
+            .map(|w| w.wrapping.0)
+            .collect();
+        let covered = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| {
+                r.member.membership().is_some_and(|(_, path)| {
+                    path.keys().iter().any(|k| wrapping.contains(&k.node.0))
+                })
+            })
+            .map(|(id, _)| (*id, false))
+            .collect();
+        self.copies.insert(bytes.to_vec(), covered);
     }
 
     /// Lets timers run (heartbeats, resyncs) until every member holds the key (bounded).
@@ -444,6 +486,13 @@ impl Sim {
             members_resynced: self.receivers.values().filter(|r| r.resynced).count(),
             diverged: self.diverged(),
             resyncs: None,
+            lost_every_copy: Some(
+                self.copies
+                    .values()
+                    .flat_map(|c| c.values())
+                    .filter(|got| !**got)
+                    .count() as u64,
+            ),
         };
         self.tally.report(
             &mut self.controller,

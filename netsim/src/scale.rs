@@ -322,6 +322,7 @@ impl Scale {
             members_resynced: self.rx.resynced.iter().filter(|&&r| r).count(),
             diverged: self.diverged(),
             resyncs: Some(self.resyncs),
+            lost_every_copy: None,
         };
         self.tally.report(
             &mut self.controller,

@@ -245,23 +245,22 @@ fn render(command: &Cmd, data: &Value) -> String {
             format!("reset {group}: every member was excluded and registers again\n")
         }
         Cmd::Status => pairs(data, &["groups", "standby", "members", "public_key"]),
-        Cmd::Groups => table(
-            data,
-            &[
-                "name",
-                "id",
-                "role",
-                "term",
-                "leader",
-                "epoch",
-                "members",
-                "degree",
-                "height",
+        Cmd::Groups => {
+            let mut columns = vec![
+                "name", "id", "role", "term", "leader", "epoch", "members", "degree", "height",
                 "pending",
-                "behind",
-                "synced_ms_ago",
-            ],
-        ),
+            ];
+            // A standby's warm copy: shown when the controller stands by for a group.
+            let warm = data
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| !g["synced_ms_ago"].is_null());
+            if warm {
+                columns.extend(["behind", "synced_ms_ago"]);
+            }
+            table(data, &columns)
+        }
         Cmd::Members { .. } => table(data, &["id", "identity", "leaf", "joined", "lease_left_ms"]),
         Cmd::Keys { .. } => table(
             data,
