@@ -820,6 +820,13 @@ impl<R: CryptoRng> Member<R> {
         self.redirects = 0;
         self.retry_at = None;
         self.renew_at = Some(now + self.config.renew_interval_ms);
+        // Renewed while a rekey was on its way (the controller names its epoch): the datagrams
+        // should come; if they do not within the grace, the member resyncs.
+        if let State::Active { path, .. } = &self.state
+            && ack.epoch > path.epoch()
+        {
+            self.behind(now);
+        }
     }
 
     fn error(&mut self, now: Millis, bytes: &[u8]) {

@@ -255,9 +255,11 @@ fn v023_v024_forged_or_damaged_resync_responses_are_refused() {
             "a forged resync response was taken"
         );
     }
-    // Once the group has moved on, the controller answers; damaged copies of its answer are
-    // refused, the answer itself is taken.
+    // Once the group has moved on (and the rekey's copies were sent: a request racing them is
+    // only acknowledged), the controller answers; damaged copies of its answer are refused, the
+    // answer itself is taken.
     run.rekey();
+    run.now += 1_000;
     let reply = answer(&mut run, &request);
     let before = Seen::of(&resumed);
     let variants = damaged(&reply);

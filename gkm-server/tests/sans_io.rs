@@ -1672,3 +1672,45 @@ fn a_member_that_missed_an_epoch_holds_the_next_until_the_repeat_arrives() {
         }
     }
 }
+
+/// Issue 15 (resync storms): a lease renewal that races a rekey (the member's epoch is the one
+/// before, the rekey's copies are still being sent) is acknowledged instead of answered with a
+/// sealed path; the datagram then brings the member up. A renewal from a member that missed an
+/// epoch whose copies are all sent gets the path.
+#[test]
+fn a_renewal_racing_a_rekey_is_acknowledged_and_one_long_behind_gets_the_path() {
+    for racing in [true, false] {
+        let mut net = Net::new(6, 0.0);
+        // The members renew every 10 s from their admission at START.
+        let renewal_at = START + 10_000;
+        net.advance(if racing { 9_950 } else { 9_000 }, 50);
+        let rekey = eviction_datagrams(&mut net, 5);
+        net.now = renewal_at;
+        net.members[0].handle_timeout(renewal_at);
+        let renewal = net.members[0].poll_request().expect("a renewal");
+        net.controller
+            .handle_request(ConnId(0), Timestamp(renewal_at), &renewal);
+        let mut replies = Vec::new();
+        while let Some(t) = net.controller.poll_transmit() {
+            if let Transmit::Reply { conn, bytes } = t
+                && conn == ConnId(0)
+            {
+                replies.push(bytes);
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        let kind = wire::MessageType::peek(&replies[0]).unwrap();
+        net.members[0].handle_reply(renewal_at, &replies[0]);
+        if racing {
+            assert_eq!(kind, wire::MessageType::Ack, "acknowledged");
+            for bytes in &rekey {
+                net.members[0].handle_datagram(renewal_at + 20, bytes);
+            }
+            assert_eq!(net.members[0].stats().resyncs, 0);
+        } else {
+            assert_eq!(kind, wire::MessageType::ResyncResponse, "the path");
+            assert_eq!(net.members[0].stats().resyncs, 1);
+        }
+        assert!(net.converged().contains(&0), "racing {racing}");
+    }
+}

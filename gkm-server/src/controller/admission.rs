@@ -534,7 +534,8 @@ impl<R: CryptoRng> Controller<R> {
         // keys (a controller that went back) is answered with the path.
         let epoch = g.tree.epoch();
         let current = g.tree.root_key().traffic_key(gid, epoch).check_value();
-        if request.epoch == epoch && request.kcv == current {
+        let held = request.epoch == epoch && request.kcv == current;
+        if held || g.in_flight(request.epoch, request.kcv, now) {
             let ack = Ack {
                 group: gid,
                 member: request.member,

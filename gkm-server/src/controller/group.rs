@@ -80,6 +80,8 @@ pub(super) struct Group {
     pub(super) departures: BTreeMap<MemberId, DepartReason>,
     /// The latest departures, to tell a departed member why.
     pub(super) departed: Departed,
+    /// The last [`RECENT_COMMITS`] epochs committed: epoch, key check value, when.
+    pub(super) commits: VecDeque<(Epoch, lkh_tree::Kcv, Timestamp)>,
     pub(super) batch_due: Option<Timestamp>,
     pub(super) next_heartbeat: Timestamp,
     pub(super) next_refresh: Option<Timestamp>,
@@ -200,6 +202,7 @@ impl Group {
             joins: PendingJoins::default(),
             departures: BTreeMap::new(),
             departed: Departed::default(),
+            commits: VecDeque::new(),
             batch_due: None,
             next_heartbeat: now,
             nonces: SeenNonces::default(),
@@ -434,6 +437,41 @@ impl MemberRecord {
 /// Lower-case hex of public (never secret) bytes.
 pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Epochs whose commit time a group keeps for key ages (`gkmctl keys`): about a day of one
+/// rekey a second; an older key's age is shown as unknown.
+pub(super) const EPOCH_TIMES: usize = 1 << 16;
+
+/// Epochs a group remembers the commit of (see [`Group::in_flight`]).
+pub(super) const RECENT_COMMITS: usize = 8;
+
+impl Group {
+    /// Notes that `epoch` was committed at `now`.
+    pub(super) fn committed(&mut self, epoch: Epoch, now: Timestamp) {
+        let kcv = self
+            .tree
+            .root_key()
+            .traffic_key(self.policy.id, epoch)
+            .check_value();
+        if self.commits.len() == RECENT_COMMITS {
+            self.commits.pop_front();
+        }
+        self.commits.push_back((epoch, kcv, now));
+    }
+
+    /// Whether a member holding `epoch` with key check value `kcv` can still get every later
+    /// epoch from the multicast: `epoch` was committed here and the epoch after it less than the
+    /// repeats' span (plus 100 ms on the way) ago, so its copies are still being sent. Such a
+    /// member's lease renewal is acknowledged (the acknowledgement names the current epoch, and
+    /// the member resyncs by itself if the datagrams do not come) instead of answered with a
+    /// sealed path: at high rekey rates, renewals race rekeys all the time.
+    pub(super) fn in_flight(&self, epoch: Epoch, kcv: lkh_tree::Kcv, now: Timestamp) -> bool {
+        let span = u64::from(self.policy.repeats.saturating_sub(1)) * self.policy.repeat_spacing_ms;
+        let held = self.commits.iter().any(|c| c.0 == epoch && c.1 == kcv);
+        let next = self.commits.iter().find(|c| Some(c.0) == epoch.next());
+        held && next.is_some_and(|c| now.0.saturating_sub(c.2.0) <= span + 100)
+    }
 }
 
 /// A group another controller leads.

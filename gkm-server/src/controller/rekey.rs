@@ -325,6 +325,11 @@ impl<R: CryptoRng> Controller<R> {
             replies_to.push((join.conn, member, join.identity));
         }
         g.epoch_times.insert(epoch.0, now);
+        // Bounded: older keys' ages are shown as unknown.
+        while g.epoch_times.len() > EPOCH_TIMES {
+            g.epoch_times.pop_first();
+        }
+        g.committed(epoch, now);
         g.next_refresh =
             (g.policy.refresh_interval_ms > 0).then(|| now.plus(g.policy.refresh_interval_ms));
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
