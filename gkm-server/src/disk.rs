@@ -361,12 +361,8 @@ impl Store for DiskStore {
         self.save_delta(delta)?;
         self.compactions.finish();
         let (group, epoch) = (state.tree.group, state.tree.epoch);
-        match Compaction::start(self, group) {
-            Ok(job) => self
-                .compactions
-                .start(group, epoch, move || job.run(&state)),
-            Err(error) => self.compactions.fail(group, epoch, error),
-        }
+        let job = Compaction::start(self, group).map(|job| move || job.run(&state));
+        self.compactions.start(group, epoch, job);
         Ok(())
     }
 

@@ -224,14 +224,19 @@ struct Running {
 }
 
 impl Compactions {
-    /// Runs `job`, the compaction of `group` to `epoch`, on a thread; call [`Compactions::finish`]
-    /// first. A thread that cannot start is a failure.
+    /// Runs `job`, the compaction of `group` to `epoch`, on a thread, once the one running
+    /// finished. A job that could not be made, or a thread that cannot start, is a failure.
     pub(crate) fn start(
         &mut self,
         group: GroupId,
         epoch: Epoch,
-        job: impl FnOnce() -> Result<(), StoreError> + Send + 'static,
+        job: Result<impl FnOnce() -> Result<(), StoreError> + Send + 'static, StoreError>,
     ) {
+        self.finish();
+        let job = match job {
+            Ok(job) => job,
+            Err(error) => return self.fail(group, epoch, error),
+        };
         let started = std::thread::Builder::new()
             .name("gkm-compaction".into())
             .spawn(job);
@@ -252,7 +257,7 @@ impl Compactions {
     }
 
     /// Keeps the failure of the compaction of `group` to `epoch`.
-    pub(crate) fn fail(&mut self, group: GroupId, epoch: Epoch, error: StoreError) {
+    fn fail(&mut self, group: GroupId, epoch: Epoch, error: StoreError) {
         self.failures.push_back(CompactionFailure {
             group,
             epoch,

@@ -500,13 +500,7 @@ fn v060_while_a_save_is_outstanding_nothing_reads_the_staged_rekey() {
             persist.write(&mut net.store.clone())
         } else {
             drop(persist);
-            gkm_server::Persisted {
-                ticket,
-                result: Err(StoreError::Backend("the database went away (test)".into())),
-                compacting: false,
-                compaction_failures: Vec::new(),
-                compaction_deferred: false,
-            }
+            failed_save(ticket)
         };
         net.controller.handle_persisted(later, done);
         assert!(!net.controller.persisting());
@@ -543,6 +537,17 @@ fn v060_while_a_save_is_outstanding_nothing_reads_the_staged_rekey() {
             assert_eq!((e, k.as_bytes()), (now_epoch, key.as_bytes()), "member {i}");
         }
         assert_eq!(net.state(), net.stored());
+    }
+}
+
+/// The outcome of save `ticket` when the database went away.
+fn failed_save(ticket: gkm_server::PersistTicket) -> gkm_server::Persisted {
+    gkm_server::Persisted {
+        ticket,
+        result: Err(StoreError::Backend("the database went away (test)".into())),
+        compacting: false,
+        compaction_failures: Vec::new(),
+        compaction_deferred: false,
     }
 }
 
@@ -587,13 +592,7 @@ fn v060_a_heartbeat_due_with_a_staged_rekey_announces_only_committed_epochs() {
             persist.write(&mut net.store.clone())
         } else {
             drop(persist);
-            gkm_server::Persisted {
-                ticket,
-                result: Err(StoreError::Backend("the database went away (test)".into())),
-                compacting: false,
-                compaction_failures: Vec::new(),
-                compaction_deferred: false,
-            }
+            failed_save(ticket)
         };
         let controller: &mut Controller<ChaCha20Rng> = &mut net.controller;
         controller.handle_persisted(now, done);

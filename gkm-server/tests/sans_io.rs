@@ -1614,16 +1614,7 @@ fn v058_subscriptions_are_admitted_for_a_signature_check_within_their_sources_bu
 fn eviction_datagrams(net: &mut Net, victim: usize) -> Vec<Vec<u8>> {
     let id = net.member_id(victim);
     net.command(Command::Evict("demo".into(), id));
-    net.controller.handle_timeout(Timestamp(net.now));
-    let mut rekeys = Vec::new();
-    while let Some(t) = net.controller.poll_transmit() {
-        if let Transmit::Multicast { bytes, .. } = t
-            && wire::MessageType::peek(&bytes) == Ok(wire::MessageType::Rekey)
-        {
-            rekeys.push(bytes);
-        }
-    }
-    rekeys
+    rekeys_sent(&mut net.controller, net.now)
 }
 
 /// Issue 15 (resync storms): a member that missed epoch E and hears E+1 holds E+1; when E's

@@ -650,12 +650,8 @@ impl Store for PgStore {
         self.save_delta(delta)?;
         self.compactions.finish();
         let (group, epoch) = (state.tree.group, state.tree.epoch);
-        match self.compaction(group) {
-            Ok(job) => self
-                .compactions
-                .start(group, epoch, move || job.run(&state)),
-            Err(error) => self.compactions.fail(group, epoch, error),
-        }
+        let job = self.compaction(group).map(|job| move || job.run(&state));
+        self.compactions.start(group, epoch, job);
         Ok(())
     }
 
