@@ -182,6 +182,9 @@ pub enum MemberEvent {
 pub struct MemberStats {
     /// Rekeys applied.
     pub applied: u64,
+    /// Rekey datagrams whose signature was checked (one per rekey when nothing is lost: those of
+    /// the next epoch that serve other members are dropped before the check).
+    pub verified: u64,
     /// Resyncs received.
     pub resyncs: u64,
     /// Datagrams refused, by reason.
@@ -611,6 +614,18 @@ impl<R: CryptoRng> Member<R> {
         if repeat {
             return self.drop_datagram("stale or replayed");
         }
+        // So are the datagrams of the next epoch that serve other members: each member checks
+        // one signature per rekey, its own datagram's (issue 15).
+        let unverified = <RekeyDatagram as wire::Codec>::decode(&mut wire::Reader::new(bytes));
+        let for_others = matches!(
+            (&self.state, unverified),
+            (State::Active { path, .. }, Ok(d))
+                if d.group == path.group() && path.epoch().next() == Some(d.epoch) && !d.serves(path)
+        );
+        if for_others {
+            return self.drop_datagram("for other members");
+        }
+        self.stats.verified += 1;
         let authentic = match AuthenticRekey::verify(bytes, &self.config.controller) {
             Ok(a) => a,
             Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),

@@ -1705,3 +1705,45 @@ fn a_renewal_racing_a_rekey_is_acknowledged_and_one_long_behind_gets_the_path() 
         assert!(net.converged().contains(&0), "racing {racing}");
     }
 }
+
+/// Issue 15: a member drops the datagrams of the next epoch that serve other members before
+/// checking their signatures, so it checks one signature per rekey however many datagrams the
+/// rekey takes.
+#[test]
+fn each_member_checks_one_signature_per_rekey() {
+    let mut net = Net::new(64, 0.0);
+    net.command(Command::Policy(
+        "demo".into(),
+        Some(("mtu".into(), "576".into())),
+    ));
+    let victims = [63, 40, 17];
+    let before: Vec<(u64, u64)> = net
+        .members
+        .iter()
+        .map(|m| (m.stats().verified, m.stats().applied))
+        .collect();
+    let mut most = 0;
+    for victim in victims {
+        let rekey = eviction_datagrams(&mut net, victim);
+        most = most.max(rekey.len());
+        for bytes in &rekey {
+            for m in &mut net.members {
+                m.handle_datagram(net.now, bytes);
+            }
+        }
+        net.pump();
+    }
+    assert!(most >= 2, "a rekey of several datagrams ({most})");
+    for (i, m) in net.members.iter().enumerate() {
+        if victims.contains(&i) {
+            continue;
+        }
+        let (verified, applied) = (
+            m.stats().verified - before[i].0,
+            m.stats().applied - before[i].1,
+        );
+        assert_eq!(applied, victims.len() as u64, "member {i}");
+        assert_eq!(verified, applied, "member {i}: one signature per rekey");
+    }
+    assert_eq!(net.converged().len(), 64 - victims.len());
+}
