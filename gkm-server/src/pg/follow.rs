@@ -118,11 +118,6 @@ impl Follower {
             .map(|copy| copy.records.into_state()))
     }
 
-    /// Drops the copy of `group`, if any.
-    pub fn forget(&mut self, group: GroupId) {
-        self.copies.remove(&group);
-    }
-
     /// The copy of `group` as it stands, if one is held (a copy of every key in it).
     pub fn state(&self, group: GroupId) -> Option<GroupState> {
         self.copies.get(&group).map(|c| c.records.to_state())
