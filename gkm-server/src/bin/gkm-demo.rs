@@ -79,9 +79,10 @@ fn run() -> Result<bool> {
         match (arg.as_str(), number) {
             ("--members", Some(n)) if (2..=MAX_MEMBERS).contains(&n) => members = n,
             ("--evict-latency", Some(k)) if k > 0 => latency_rounds = Some(k),
-            ("--postgres", _) if value.is_some() => postgres = value,
+            ("--postgres", _) if value.as_deref().is_some_and(plain) => postgres = value,
             _ => bail!(
-                "usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS] [--postgres URL]"
+                "usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS] [--postgres URL] \
+                 (URL without quotes, backslashes or line breaks)"
             ),
         }
     }
@@ -97,6 +98,11 @@ fn run() -> Result<bool> {
     };
     demo.stop(matches!(verdict, Ok(true)));
     verdict
+}
+
+/// A connection string that can stand in the config's quotes as it is.
+fn plain(url: &str) -> bool {
+    !url.is_empty() && !url.contains(['"', '\\', '\n', '\r'])
 }
 
 fn free_port() -> Result<u16> {
@@ -347,6 +353,14 @@ impl Demo {
         while start.elapsed() < SETTLE {
             if done(self)? {
                 return Ok(());
+            }
+            if let Ok(Some(status)) = self.controller.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.root.join("controller.log")).unwrap_or_default();
+                bail!(
+                    "the controller exited ({status}) while the demo waited for {what}:\n{}",
+                    log.trim_end()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -533,7 +533,7 @@ impl<R: CryptoRng> Controller<R> {
         // Renewed only if the member holds this epoch's keys: the same epoch number with other
         // keys (a controller that went back) is answered with the path.
         let epoch = g.tree.epoch();
-        let current = g.tree.root_key().traffic_key(gid, epoch).check_value();
+        let current = g.kcv();
         let held = request.epoch == epoch && request.kcv == current;
         if held || g.in_flight(request.epoch, request.kcv, now) {
             let ack = Ack {

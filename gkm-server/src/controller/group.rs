@@ -443,11 +443,29 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 /// rekey a second; an older key's age is shown as unknown.
 pub(super) const EPOCH_TIMES: usize = 1 << 16;
 
+/// Time a datagram is allowed on its way to a member, on top of the repeats' span (see
+/// [`Group::in_flight`]).
+const IN_TRANSIT_MS: u64 = 100;
+
 /// Epochs a group remembers the commit of (see [`Group::in_flight`]).
 pub(super) const RECENT_COMMITS: usize = 8;
 
 impl Group {
-    /// Notes that `epoch` was committed at `now`.
+    /// The key check value of the current epoch's traffic key: kept from its commit, derived
+    /// only for a group restored since.
+    pub(super) fn kcv(&self) -> lkh_tree::Kcv {
+        let epoch = self.tree.epoch();
+        match self.commits.back() {
+            Some(&(committed, kcv, _)) if committed == epoch => kcv,
+            _ => self
+                .tree
+                .root_key()
+                .traffic_key(self.policy.id, epoch)
+                .check_value(),
+        }
+    }
+
+    /// Notes that `epoch`, the tree's epoch now, was committed at `now`.
     pub(super) fn committed(&mut self, epoch: Epoch, now: Timestamp) {
         let kcv = self
             .tree
@@ -470,7 +488,7 @@ impl Group {
         let span = u64::from(self.policy.repeats.saturating_sub(1)) * self.policy.repeat_spacing_ms;
         let held = self.commits.iter().any(|c| c.0 == epoch && c.1 == kcv);
         let next = self.commits.iter().find(|c| Some(c.0) == epoch.next());
-        held && next.is_some_and(|c| now.0.saturating_sub(c.2.0) <= span + 100)
+        held && next.is_some_and(|c| now.0.saturating_sub(c.2.0) <= span + IN_TRANSIT_MS)
     }
 }
 

@@ -438,7 +438,7 @@ impl<R: CryptoRng> Controller<R> {
             return;
         };
         let epoch = g.tree.epoch();
-        let kcv = g.tree.root_key().traffic_key(id, epoch).check_value();
+        let kcv = g.kcv();
         let beat = Heartbeat {
             group: id,
             epoch,
