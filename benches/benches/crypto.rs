@@ -1,20 +1,16 @@
 //! The primitives a rekey is made of (DESIGN.md §3, §9), each alone:
-//! - BLAKE3 `derive_key` of 32 bytes (the tree derives one AEAD key per wrap with it);
-//! - ChaCha20-Poly1305 seal and open of a 32-byte key with 40 bytes of associated data, under a
-//!   ready key (`chacha20poly1305` crate directly);
-//! - one wrap as the tree makes it (derive, then seal) and as a member opens it;
+//! - BLAKE3 `derive_key` of 32 bytes (the key derivations of the tree);
+//! - one wrap as the tree makes it and as a member opens it (wire version 3: one `derive_key` of
+//!   80 bytes, the pad, XORed onto the key);
 //! - one wrap applied by a member through the public API: `MemberPath::apply` of a refresh,
 //!   whose only encryption is the new root key under the old one (one unwrap, plus the path
 //!   bookkeeping and the traffic key and check value derivations);
 //! - Ed25519 sign and `verify_strict` of a 1200-byte datagram (`ed25519-dalek` directly).
-//!
-//! Built without `--cfg poly1305_backend="soft"`: the default Poly1305 backend, whose AVX2 path is
-//! slow on short messages (DESIGN.md §9).
 
 use divan::{Bencher, black_box};
 use ed25519_dalek::{Signer, SigningKey};
 use gkm_benches::{
-    WRAP_LABEL, byte, config, controller_key, full_tree, seal_32, unwrap_like_member, wrap_ad,
+    WRAP_LABEL, byte, config, controller_key, full_tree, unwrap_like_member, wrap_binding,
     wrap_like_tree,
 };
 use wire::DEFAULT_MTU;
@@ -29,53 +25,19 @@ fn blake3_derive_key_32() -> [u8; 32] {
 }
 
 #[divan::bench]
-fn chacha20poly1305_seal_32_ad40() -> [u8; 48] {
-    seal_32(
-        black_box(&[1; 32]),
-        black_box([2; 12]),
-        black_box(&wrap_ad(3)),
-        black_box(&[4; 32]),
-    )
-}
-
-#[divan::bench]
-fn chacha20poly1305_open_32_ad40(bencher: Bencher) {
-    // Open with the AEAD key the wrap was sealed under (derive outside the timing).
-    let wrapping = [1u8; 32];
-    let ad = wrap_ad(3);
-    let wrapped = wrap_like_tree(&wrapping, [2; 12], &ad, &[4; 32]);
-    let aead_key = blake3::derive_key(WRAP_LABEL, &wrapping);
-    bencher.bench_local(|| {
-        use chacha20poly1305::aead::AeadInOut;
-        use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
-        let cipher = ChaCha20Poly1305::new(&black_box(aead_key).into());
-        let mut body = [0u8; 32];
-        body.copy_from_slice(&wrapped[..32]);
-        let tag = Tag::try_from(&wrapped[32..]).expect("16 bytes");
-        cipher
-            .decrypt_inout_detached(&Nonce::from([2; 12]), &ad, (&mut body[..]).into(), &tag)
-            .expect("authentic");
-        body
-    });
-}
-
-#[divan::bench]
-fn wrap_derive_and_seal() -> [u8; 48] {
+fn wrap_pad_and_xor() -> [u8; 32] {
     wrap_like_tree(
         black_box(&[1; 32]),
-        black_box([2; 12]),
-        black_box(&wrap_ad(3)),
+        black_box(&wrap_binding(3)),
         black_box(&[4; 32]),
     )
 }
 
 #[divan::bench]
-fn unwrap_derive_and_open(bencher: Bencher) {
-    let ad = wrap_ad(3);
-    let wrapped = wrap_like_tree(&[1; 32], [2; 12], &ad, &[4; 32]);
-    bencher.bench_local(|| {
-        unwrap_like_member(black_box(&[1; 32]), [2; 12], &ad, black_box(&wrapped)).expect("opens")
-    });
+fn unwrap_pad_and_xor(bencher: Bencher) {
+    let binding = wrap_binding(3);
+    let wrapped = wrap_like_tree(&[1; 32], &binding, &[4; 32]);
+    bencher.bench_local(|| unwrap_like_member(black_box(&[1; 32]), &binding, black_box(&wrapped)));
 }
 
 /// `MemberPath::apply` of a one-wrap update (a refresh) at n = 2^20, d = 4: an 11-key path.

@@ -22,8 +22,8 @@
 //!   take apart, with a member that needs the whole changed path ([`LeaveCase::sibling`]) and
 //!   one that needs only the root ([`LeaveCase::far`]).
 //! - [`wrap_like_tree`] and [`unwrap_like_member`] repeat, with the bare primitives, the work of
-//!   one key wrap (BLAKE3 `derive_key` of the wrap key, then ChaCha20-Poly1305 of 32 bytes with
-//!   40 bytes of associated data): the floor a rekey's time is compared with.
+//!   one key wrap (wire version 3: one BLAKE3 `derive_key` of the wrapping key, salt and binding,
+//!   80 bytes, XORed onto the 32-byte key): the floor a rekey's time is compared with.
 //!
 //! Keeping a tree's size steady while timing. A leave shrinks the tree and a join grows it, and
 //! rebuilding a 2^20 tree per iteration would take seconds. So each timed leave is followed by an
@@ -34,8 +34,6 @@
 
 pub mod flood;
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use ed25519_dalek::SigningKey;
 use gkm_server::{MemberRecord, Timestamp};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, NodeId, Rekey, TreeConfig};
@@ -49,11 +47,12 @@ pub const GROUP: GroupId = GroupId(7);
 /// a second, small enough that the joiners' key paths of one batch stay a few MiB.
 pub const BUILD_BATCH: usize = 4096;
 
-/// The context label of a wrap key, as the tree uses it (see `lkh-tree`'s `secret.rs`).
-pub const WRAP_LABEL: &str = "gkm v1 2026-11 lkh wrap key";
+/// The context label of a wrap pad, as the tree uses it (see `lkh-tree`'s `secret.rs`).
+pub const WRAP_LABEL: &str = "gkm v3 2026-12 lkh wrap pad";
 
-/// Associated data of a key wrap: group, epoch, target and version, wrapping node and version.
-pub const WRAP_AD_LEN: usize = 40;
+/// What a wrap's pad is bound to besides the wrapping key: the rekey salt (16) and group, epoch,
+/// target, wrapping node and wrapping version (32).
+pub const WRAP_BINDING_LEN: usize = 48;
 
 /// A ChaCha20 generator seeded with `seed`: every benchmark's keys and choices come from one.
 pub fn rng(seed: u64) -> ChaCha20Rng {
@@ -272,58 +271,40 @@ pub fn byte(i: usize) -> u8 {
     i.to_le_bytes()[0]
 }
 
-/// Wrap-shaped associated data (the contents do not change the cost).
-pub fn wrap_ad(seed: u8) -> [u8; WRAP_AD_LEN] {
-    [seed; WRAP_AD_LEN]
+/// A wrap-shaped binding (the contents do not change the cost).
+pub fn wrap_binding(seed: u8) -> [u8; WRAP_BINDING_LEN] {
+    [seed; WRAP_BINDING_LEN]
 }
 
-/// One key wrap done with the bare primitives, as the tree does it: the AEAD key is
-/// `blake3::derive_key(WRAP_LABEL, wrapping_key)`, then ChaCha20-Poly1305 seals the 32-byte key
-/// with 40 bytes of associated data. Returns ciphertext and tag.
+/// The pad of one wrap, with the bare primitive: `blake3::derive_key(WRAP_LABEL, wrapping key ‖
+/// binding)`.
+fn pad(wrapping_key: &[u8; 32], binding: &[u8; WRAP_BINDING_LEN]) -> [u8; 32] {
+    let mut input = [0u8; 32 + WRAP_BINDING_LEN];
+    input[..32].copy_from_slice(wrapping_key);
+    input[32..].copy_from_slice(binding);
+    blake3::derive_key(WRAP_LABEL, &input)
+}
+
+/// One key wrap done with the bare primitives, as the tree does it: the key XOR its pad.
 pub fn wrap_like_tree(
     wrapping_key: &[u8; 32],
-    nonce: [u8; 12],
-    ad: &[u8; WRAP_AD_LEN],
+    binding: &[u8; WRAP_BINDING_LEN],
     key: &[u8; 32],
-) -> [u8; 48] {
-    let aead_key = blake3::derive_key(WRAP_LABEL, wrapping_key);
-    seal_32(&aead_key, nonce, ad, key)
-}
-
-/// ChaCha20-Poly1305 seal of a 32-byte message under `aead_key` (no key derivation).
-///
-/// # Panics
-///
-/// Never: the AEAD accepts a 32-byte message.
-pub fn seal_32(aead_key: &[u8; 32], nonce: [u8; 12], ad: &[u8], key: &[u8; 32]) -> [u8; 48] {
-    let cipher = ChaCha20Poly1305::new(&(*aead_key).into());
-    let mut out = [0u8; 48];
-    let (body, tag_out) = out.split_at_mut(32);
-    body.copy_from_slice(key);
-    let tag = cipher
-        .encrypt_inout_detached(&Nonce::from(nonce), ad, body.into())
-        .expect("a 32-byte message");
-    tag_out.copy_from_slice(&tag);
+) -> [u8; 32] {
+    let mut out = pad(wrapping_key, binding);
+    for (o, k) in out.iter_mut().zip(key) {
+        *o ^= k;
+    }
     out
 }
 
-/// Opens a [`wrap_like_tree`] wrap, as a member does (derive, then open); `None` if it does not
-/// authenticate.
+/// Opens a [`wrap_like_tree`] wrap, as a member does: the same pad, XORed off.
 pub fn unwrap_like_member(
     wrapping_key: &[u8; 32],
-    nonce: [u8; 12],
-    ad: &[u8; WRAP_AD_LEN],
-    wrapped: &[u8; 48],
-) -> Option<[u8; 32]> {
-    let aead_key = blake3::derive_key(WRAP_LABEL, wrapping_key);
-    let cipher = ChaCha20Poly1305::new(&aead_key.into());
-    let mut body = [0u8; 32];
-    body.copy_from_slice(&wrapped[..32]);
-    let tag = Tag::try_from(&wrapped[32..]).ok()?;
-    cipher
-        .decrypt_inout_detached(&Nonce::from(nonce), ad, (&mut body[..]).into(), &tag)
-        .ok()?;
-    Some(body)
+    binding: &[u8; WRAP_BINDING_LEN],
+    wrapped: &[u8; 32],
+) -> [u8; 32] {
+    wrap_like_tree(wrapping_key, binding, wrapped)
 }
 
 /// CPU seconds (user + system, all threads) that process `pid` (or `"self"`) has used so far,
@@ -414,12 +395,10 @@ mod tests {
 
     #[test]
     fn bare_wrap_round_trips() {
-        let ad = wrap_ad(1);
-        let wrapped = wrap_like_tree(&[1; 32], [2; 12], &ad, &[3; 32]);
-        assert_eq!(
-            unwrap_like_member(&[1; 32], [2; 12], &ad, &wrapped),
-            Some([3; 32])
-        );
-        assert_eq!(unwrap_like_member(&[9; 32], [2; 12], &ad, &wrapped), None);
+        let binding = wrap_binding(1);
+        let wrapped = wrap_like_tree(&[1; 32], &binding, &[3; 32]);
+        assert_ne!(wrapped, [3; 32]);
+        assert_eq!(unwrap_like_member(&[1; 32], &binding, &wrapped), [3; 32]);
+        assert_ne!(unwrap_like_member(&[9; 32], &binding, &wrapped), [3; 32]);
     }
 }

@@ -8,9 +8,9 @@ use std::path::Path;
 use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS, agents};
 use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
-    Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, LeaveRequest, MAX_REASON,
-    MAX_SEALED, MAX_TOKEN, MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest,
-    SealedKind, SealedPath, Status, Subscribe,
+    Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, Item, LeaveRequest,
+    MAX_REASON, MAX_SEALED, MAX_TOKEN, MemberId, PathKeys, RegistrationRequest, RekeyDatagram,
+    ResyncRequest, SealedKind, SealedPath, Status, Subscribe,
 };
 
 /// The files of one target: (name, bytes).
@@ -308,19 +308,21 @@ fn handmade_datagram() -> RekeyDatagram {
         group: GROUP,
         epoch: Epoch(21),
         salt: lkh_tree::RekeySalt([0x5a; lkh_tree::SALT_LEN]),
+        kcv: lkh_tree::Kcv([0xc5; lkh_tree::KCV_LEN]),
         index: 2,
         count: 3,
         seeds: true,
         covers: vec![NodeId(0), NodeId(5), NodeId(NodeId::LIMIT - 1)],
-        advances: vec![NodeId(1), NodeId(2)],
-        links: vec![lkh_tree::Link {
-            child: NodeId(4),
-            parent: NodeId(1),
-        }],
-        wraps: vec![
-            wrap(1, 4, false, 0x01),
-            wrap(0, 1, true, 0x02),
-            wrap(2, NodeId::LIMIT - 1, true, 0x03),
+        items: vec![
+            Item::Advance(NodeId(1)),
+            Item::Wrap(wrap(1, 4, false, 0x01)),
+            Item::Link(lkh_tree::Link {
+                child: NodeId(4),
+                parent: NodeId(1),
+            }),
+            Item::Wrap(wrap(0, 1, true, 0x02)),
+            Item::Advance(NodeId(2)),
+            Item::Wrap(wrap(2, NodeId::LIMIT - 1, true, 0x03)),
         ],
     }
 }
@@ -339,8 +341,7 @@ fn rekey_datagram() -> Files {
     named(&mut files, "valid-handmade", handmade.to_bytes());
     let empty = RekeyDatagram {
         covers: Vec::new(),
-        advances: Vec::new(),
-        wraps: Vec::new(),
+        items: Vec::new(),
         ..handmade.clone()
     };
     named(&mut files, "valid-empty", empty.to_bytes());
@@ -353,14 +354,29 @@ fn rekey_datagram() -> Files {
         "invalid-index-not-below-count",
         index.to_bytes(),
     );
-    let mut flagged = empty.to_bytes();
-    flagged.truncate(wire::HEADER_LEN + 12 + lkh_tree::SALT_LEN);
-    flagged.extend_from_slice(&[1, 0x80, 0, 0, 0, 0, 0, 0, 0]);
-    named(&mut files, "invalid-cover-top-bit", flagged);
+    // Header, epoch, salt, check value, index 2, count 3, flags; then the counts.
+    let fixed = wire::HEADER_LEN + 8 + lkh_tree::SALT_LEN + lkh_tree::KCV_LEN + 3;
+    let mut top = empty.to_bytes();
+    top.truncate(fixed);
+    top.extend_from_slice(&[1, 0x80, 0x80, 0x80, 0x80, 0x10, 0]);
+    named(&mut files, "invalid-cover-above-node-limit", top);
     let mut many = empty.to_bytes();
-    many.truncate(wire::HEADER_LEN + 12 + lkh_tree::SALT_LEN);
-    many.extend_from_slice(&[0, 0xff, 0xff, 0, 0]);
-    named(&mut files, "invalid-advances-over-input", many);
+    many.truncate(fixed);
+    many.extend_from_slice(&[0, 0xff, 0xff, 0x03, 0]);
+    named(&mut files, "invalid-items-over-limit", many);
+    let mut overlong = empty.to_bytes();
+    overlong.truncate(fixed);
+    overlong.extend_from_slice(&[0x80, 0x00, 0]);
+    named(&mut files, "invalid-count-not-minimal", overlong);
+    let mut targetless = empty.to_bytes();
+    targetless.truncate(fixed);
+    // One wrap item (kind 0) naming no target, before any target was named.
+    targetless.extend_from_slice(&[0, 1, 0]);
+    targetless.extend_from_slice(&[0x11; 32]);
+    named(&mut files, "invalid-wrap-without-target", targetless);
+    let mut version2 = handmade.to_bytes();
+    version2[2] = 2;
+    named(&mut files, "invalid-wire-version-2", version2);
     invalid_variants(&mut files, &handmade.to_bytes());
     files
 }
@@ -470,16 +486,23 @@ fn member_apply() -> Files {
     );
     if let Some(first) = fixture.datagrams.first() {
         let mut advanced = first.clone();
-        advanced.advances = fixture.path.keys().iter().map(|k| k.node).collect();
+        advanced
+            .items
+            .extend(fixture.path.keys().iter().map(|k| Item::Advance(k.node)));
         named(&mut files, "edge-advances-whole-path", advanced.to_bytes());
         let mut reversed = first.clone();
-        reversed.wraps.reverse();
-        named(&mut files, "valid-wraps-reversed", reversed.to_bytes());
+        reversed.items.reverse();
+        named(&mut files, "valid-items-reversed", reversed.to_bytes());
         let mut flagged = first.clone();
-        for wrap in &mut flagged.wraps {
-            wrap.under_new = !wrap.under_new;
+        for item in &mut flagged.items {
+            if let Item::Wrap(wrap) = item {
+                wrap.under_new = !wrap.under_new;
+            }
         }
         named(&mut files, "invalid-flags-flipped", flagged.to_bytes());
+        let mut bad_kcv = first.clone();
+        bad_kcv.kcv.0[0] ^= 1;
+        named(&mut files, "invalid-key-check-value", bad_kcv.to_bytes());
     }
     files
 }

@@ -615,18 +615,23 @@ impl<R: CryptoRng> Member<R> {
             return self.drop_datagram("stale or replayed");
         }
         // So are the datagrams of the next epoch that serve other members: each member checks
-        // one signature per rekey, its own datagram's (issue 15).
-        let unverified = <RekeyDatagram as wire::Codec>::decode(&mut wire::Reader::new(bytes));
+        // one signature per rekey, its own datagram's (issue 15). One decode serves both.
+        let unverified = match wire::decode_signed::<RekeyDatagram>(bytes) {
+            Ok(u) => u,
+            Err(_) => return self.drop_datagram("malformed"),
+        };
         let for_others = matches!(
-            (&self.state, unverified),
-            (State::Active { path, .. }, Ok(d))
-                if d.group == path.group() && path.epoch().next() == Some(d.epoch) && !d.serves(path)
+            &self.state,
+            State::Active { path, .. }
+                if unverified.message().group == path.group()
+                    && path.epoch().next() == Some(unverified.message().epoch)
+                    && !unverified.message().serves(path)
         );
         if for_others {
             return self.drop_datagram("for other members");
         }
         self.stats.verified += 1;
-        let authentic = match AuthenticRekey::verify(bytes, &self.config.controller) {
+        let authentic = match AuthenticRekey::check(unverified, &self.config.controller) {
             Ok(a) => a,
             Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),
             Err(_) => return self.drop_datagram("malformed"),

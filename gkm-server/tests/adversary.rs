@@ -17,7 +17,7 @@ use lkh_tree::{Epoch, Kcv, MemberPath, NodeId, NodeKey, PathKey, PathUpdate, Rek
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{
-    Codec, ErrorMessage, Heartbeat, MessageType, RekeyDatagram, ResyncRequest, SIGNATURE_LEN,
+    Codec, ErrorMessage, Heartbeat, Item, MessageType, RekeyDatagram, ResyncRequest, SIGNATURE_LEN,
     SealedFor, SealedKind, Status, open, seal_path, sign,
 };
 
@@ -95,14 +95,15 @@ fn root_forgery(path: &MemberPath, epoch: Epoch, new_root: &[u8; 32]) -> RekeyDa
     RekeyDatagram {
         group: GROUP,
         epoch,
+        salt: FORGED_SALT,
+        kcv: NodeKey::from_bytes(*new_root)
+            .traffic_key(GROUP, epoch)
+            .check_value(),
         index: 0,
         count: 1,
         seeds: false,
-        salt: FORGED_SALT,
         covers: vec![NodeId::ROOT],
-        advances: Vec::new(),
-        links: Vec::new(),
-        wraps: vec![wrap],
+        items: vec![Item::Wrap(wrap)],
     }
 }
 
@@ -140,11 +141,12 @@ fn v023_an_insider_cannot_forge_rekeys_heartbeats_or_resyncs() {
     let forged = root_forgery(&path, next, &new_root);
     let update = PathUpdate {
         epoch: next,
-        wraps: &forged.wraps,
+        wraps: &forged.wraps().cloned().collect::<Vec<_>>(),
         advances: &[],
         links: &[],
         seeds: false,
         salt: forged.salt,
+        kcv: forged.kcv,
     };
     let taken = victim_path
         .clone()
@@ -283,10 +285,13 @@ fn v023_v024_forged_or_damaged_resync_responses_are_refused() {
 fn v024_every_bit_flip_truncation_and_extension_of_captured_datagrams_is_refused() {
     let mut run = Run::new(policy(true), 12);
     let victim = 0;
-    // Capture an eviction's rekey and heartbeat before the victim hears them.
+    // Capture an eviction's rekey and the heartbeat after it (one interval later: the rekey
+    // stands in for the one that was due with it) before the victim hears them.
     let start = run.multicast.len();
     run.agents[victim].live = false;
     run.evict(5);
+    let interval = policy(true).heartbeat_interval_ms;
+    run.advance(interval + 100, 100);
     run.agents[victim].live = true;
     let captured: Vec<Vec<u8>> = run.multicast[start..].to_vec();
     let (beats, rekeys): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = captured

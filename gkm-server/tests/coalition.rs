@@ -50,8 +50,7 @@ fn key_graph(run: &Run, captures: &[RekeyDatagram]) -> KeyGraph {
             group: GROUP,
             epoch: d.epoch,
             encryptions: d
-                .wraps
-                .iter()
+                .wraps()
                 .map(|w| Encryption {
                     target: w.target,
                     wrapping: w.wrapping,
@@ -64,16 +63,16 @@ fn key_graph(run: &Run, captures: &[RekeyDatagram]) -> KeyGraph {
                 })
                 .collect(),
             advances: d
-                .advances
-                .iter()
-                .map(|&node| Advance {
+                .advances()
+                .map(|node| Advance {
                     node,
                     from: before(node),
                 })
                 .collect(),
-            links: d.links.clone(),
+            links: d.links().copied().collect(),
             seeds: d.seeds,
             salt: d.salt,
+            kcv: d.kcv,
             joiners: Vec::new(),
             departed: Vec::new(),
             moved: Vec::new(),

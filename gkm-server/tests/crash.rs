@@ -100,7 +100,7 @@ impl Wire {
             ));
         }
         part.1.insert(d.index);
-        for w in &d.wraps {
+        for w in d.wraps() {
             self.wraps_seen += 1;
             let id = (epoch, w.target.0, w.wrapping.0, w.under_new);
             let first = *self.wraps.entry(id).or_insert(w.ciphertext);

@@ -153,7 +153,7 @@ impl Wire {
             self.violations
                 .push(format!("epoch {epoch} sent by two rekeys (two salts)"));
         }
-        for w in &d.wraps {
+        for w in d.wraps() {
             self.wraps_seen += 1;
             let id = (epoch, w.target.0, w.wrapping.0);
             let first = *self.wraps.entry(id).or_insert(w.ciphertext);

@@ -197,7 +197,7 @@ fn v041_v042_a_restored_backup_is_refused_or_reset_and_reuses_no_nonce() {
             "epoch {} went out under two salts",
             d.epoch.0
         );
-        for w in &d.wraps {
+        for w in d.wraps() {
             let instance = (d.salt.0, d.epoch.0, w.target.0, w.wrapping.0, w.under_new);
             seen.insert((instance, w.ciphertext));
         }

@@ -15,11 +15,14 @@
 //! What it does:
 //! - [`KeyTree::rekey`] processes a [`Batch`] of leaves and joins with the marking algorithm of
 //!   Li, Yang, Gouda and Lam (2001) and returns a [`Rekey`] value: the new epoch, the
-//!   [`Encryption`]s (ChaCha20-Poly1305, RFC 8439, with the deterministic nonce and associated
-//!   data of DESIGN.md §3), the hash-forward [`Advance`]s (LKH+) and the joiners' unicast keys.
+//!   [`Encryption`]s (each key under a one-time pad derived from the wrapping key, the rekey's
+//!   salt and the wrap's place: `wrap.rs`; no tag, the datagram's signature and key check value
+//!   stand in), the hash-forward [`Advance`]s (LKH+), the new traffic key's check value and the
+//!   joiners' unicast keys.
 //!   [`Strategy`] picks group-, key- or user-oriented rekeying.
 //! - [`MemberPath::apply`] unwraps a member's path bottom-up from a [`PathUpdate`] and yields the
-//!   new traffic key; inconsistent input is an error that leaves the path unchanged.
+//!   new traffic key if its check value is the update's; inconsistent input is an error that
+//!   leaves the path unchanged.
 //! - [`checker::KeyGraph`] (petgraph) answers which keys an adversary holding some keys reaches by
 //!   decrypting what it saw; [`dot::tree_dot`] draws a tree.
 //!

@@ -5,8 +5,8 @@
 //! key is that child's parent's key, so a wrap from one of its nodes to another node re-parents
 //! it (a split inserted a node above its leaf, or rebalancing moved it). A node inserted by a
 //! split takes the place of the node it was inserted above. Wraps it cannot use are ignored;
-//! anything inconsistent (a wrap under a held key that does not open, a changed path key it
-//! cannot obtain, a root that did not change) is an error and leaves the path unchanged.
+//! anything inconsistent (a changed path key it cannot obtain, keys that do not lead to the
+//! traffic key whose check value the update names) is an error and leaves the path unchanged.
 
 use thiserror::Error;
 
@@ -36,7 +36,7 @@ pub struct Wrap {
     pub wrapping: NodeId,
     /// Whether the wrapping key is the one set in this epoch.
     pub under_new: bool,
-    /// Ciphertext and tag.
+    /// The key under its pad.
     pub ciphertext: [u8; WRAPPED_LEN],
 }
 
@@ -75,8 +75,11 @@ pub struct PathUpdate<'a> {
     pub links: &'a [Link],
     /// Whether the wraps carry one-way seeds rather than keys.
     pub seeds: bool,
-    /// The rekey's salt (in every wrap key).
+    /// The rekey's salt (in every wrap pad).
     pub salt: RekeySalt,
+    /// The check value of the traffic key the update leads to: the keys derived are used only
+    /// if they match it.
+    pub kcv: Kcv,
 }
 
 /// What a successful apply yields.
@@ -110,14 +113,10 @@ pub enum ApplyError {
         /// The update's epoch.
         got: Epoch,
     },
-    /// A wrap under a key the member holds did not authenticate.
-    #[error("the wrap of node {target} under node {wrapping} does not open")]
-    BadWrap {
-        /// The wrapped node.
-        target: NodeId,
-        /// The wrapping node.
-        wrapping: NodeId,
-    },
+    /// The keys derived from the update do not lead to the traffic key it names: the path
+    /// held is not the controller's (resync).
+    #[error("the keys derived from the rekey do not match its key check value; resync")]
+    KeyCheck,
     /// A key of the member's path changed but the update holds no usable wrap of it.
     #[error("node {0} of the path changed but no usable wrap of it was received")]
     MissingKey(NodeId),
@@ -220,12 +219,17 @@ impl MemberPath {
         work.unwrap_all(self.group, update)?;
         let path = work.rebuild(&self.keys)?;
         let keys = work.collect(&path, update)?;
+        let traffic_key = keys
+            .last()
+            .ok_or(ApplyError::Inconsistent("empty path"))?
+            .key
+            .traffic_key(self.group, update.epoch);
+        let kcv = traffic_key.check_value();
+        if kcv != update.kcv {
+            return Err(ApplyError::KeyCheck);
+        }
         self.keys = keys;
         self.epoch = update.epoch;
-        let traffic_key = self
-            .traffic_key()
-            .ok_or(ApplyError::Inconsistent("empty path"))?;
-        let kcv = traffic_key.check_value();
         Ok(Applied {
             epoch: update.epoch,
             traffic_key,
@@ -321,12 +325,7 @@ impl Working {
                     wrapping_version: version,
                     salt: update.salt,
                 };
-                let opened = context
-                    .open(&key, &wrap.ciphertext)
-                    .ok_or(ApplyError::BadWrap {
-                        target: wrap.target,
-                        wrapping: wrap.wrapping,
-                    })?;
+                let opened = context.open(&key, &wrap.ciphertext);
                 self.learn(wrap.target, opened, update.seeds)?;
                 progress = true;
             }

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt, SALT_LEN};
 use crate::member::{Link, MemberPath, PathKey, PathUpdate, Wrap};
-use crate::secret::NodeKey;
+use crate::secret::{Kcv, NodeKey};
 use crate::tree::{Kind, MAX_DEPTH, NIL, Record, Shape};
 use crate::wrap::{Encryption, WrapContext};
 
@@ -110,8 +110,11 @@ pub struct Rekey {
     pub links: Vec<Link>,
     /// Whether the wraps carry seeds (one-way path update) rather than keys.
     pub seeds: bool,
-    /// This rekey's salt: fresh randomness in every wrap key (carried in the datagrams).
+    /// This rekey's salt: fresh randomness in every wrap pad (carried in the datagrams).
     pub salt: RekeySalt,
+    /// The check value of the new epoch's traffic key (carried in the datagrams: members use
+    /// what they unwrap only if it leads to this).
+    pub kcv: Kcv,
     /// One entry per joiner, for unicast.
     pub joiners: Vec<JoinerKeys>,
     /// Departed leaves, as given.
@@ -130,6 +133,7 @@ pub struct MemberView {
     links: Vec<Link>,
     seeds: bool,
     salt: RekeySalt,
+    kcv: Kcv,
 }
 
 impl MemberView {
@@ -142,6 +146,7 @@ impl MemberView {
             links: &self.links,
             seeds: self.seeds,
             salt: self.salt,
+            kcv: self.kcv,
         }
     }
 }
@@ -160,6 +165,7 @@ impl Rekey {
             links: self.links.clone(),
             seeds: self.seeds,
             salt: self.salt,
+            kcv: self.kcv,
         }
     }
 
@@ -395,6 +401,7 @@ impl KeyTree {
                 path: self.path_of(leaf),
             })
             .collect();
+        let kcv = self.root_key().traffic_key(self.group, epoch).check_value();
         Ok(Rekey {
             group: self.group,
             epoch,
@@ -403,6 +410,7 @@ impl KeyTree {
             links,
             seeds: self.config.one_way,
             salt,
+            kcv,
             joiners,
             departed: batch.leaves.clone(),
             moved,

@@ -14,7 +14,7 @@ pub const KEY_LEN: usize = 32;
 /// Length of a key check value.
 pub const KCV_LEN: usize = 8;
 
-const LABEL_WRAP: &str = "gkm v2 2026-12 lkh wrap key with rekey salt";
+const LABEL_WRAP_PAD: &str = "gkm v3 2026-12 lkh wrap pad";
 const LABEL_HASH_FORWARD: &str = "gkm v1 2026-11 lkh hash-forward";
 const LABEL_TRAFFIC: &str = "gkm v1 2026-11 traffic key";
 const LABEL_KCV: &str = "gkm v1 2026-11 key check value";
@@ -80,16 +80,18 @@ impl NodeKey {
         Self(bytes)
     }
 
-    /// The AEAD key used when this key wraps another in the rekey salted with `salt` (domain
-    /// separation from every other use; a fresh key for every rekey, even one whose epoch number
-    /// was used before).
-    pub(crate) fn wrap_key(&self, salt: &RekeySalt) -> [u8; KEY_LEN] {
-        let mut input = [0u8; KEY_LEN + SALT_LEN];
+    /// The one-time pad this key lays over another key in the rekey salted with `salt`, for the
+    /// wrap that `binding` names (group, epoch, target, wrapping node and version: see
+    /// `wrap.rs`). A labelled derivation from this key, the salt and the binding, so no two
+    /// wraps share a pad unless they share all three.
+    pub(crate) fn wrap_pad(&self, salt: &RekeySalt, binding: &[u8; 32]) -> [u8; KEY_LEN] {
+        let mut input = [0u8; KEY_LEN + SALT_LEN + 32];
         input[..KEY_LEN].copy_from_slice(&self.0);
-        input[KEY_LEN..].copy_from_slice(&salt.0);
-        let key = blake3::derive_key(LABEL_WRAP, &input);
+        input[KEY_LEN..KEY_LEN + SALT_LEN].copy_from_slice(&salt.0);
+        input[KEY_LEN + SALT_LEN..].copy_from_slice(binding);
+        let pad = blake3::derive_key(LABEL_WRAP_PAD, &input);
         input.zeroize();
-        key
+        pad
     }
 
     /// LKH+ hash-forward: the key of `node` at `version`, one-way from this (its previous) key.
@@ -157,10 +159,14 @@ mod tests {
         let traffic = key.traffic_key(GroupId(1), Epoch(9));
         assert_ne!(forward.as_bytes(), key.as_bytes());
         assert_ne!(forward.as_bytes(), traffic.as_bytes());
-        assert_ne!(key.wrap_key(&RekeySalt([0; SALT_LEN])), *key.as_bytes());
+        let binding = [0; 32];
         assert_ne!(
-            key.wrap_key(&RekeySalt([0; SALT_LEN])),
-            key.wrap_key(&RekeySalt([1; SALT_LEN]))
+            key.wrap_pad(&RekeySalt([0; SALT_LEN]), &binding),
+            *key.as_bytes()
+        );
+        assert_ne!(
+            key.wrap_pad(&RekeySalt([0; SALT_LEN]), &binding),
+            key.wrap_pad(&RekeySalt([1; SALT_LEN]), &binding)
         );
         assert_ne!(forward.check_value(), key.check_value());
         assert!(bool::from(key.ct_eq(&key.clone())));

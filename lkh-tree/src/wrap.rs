@@ -1,24 +1,26 @@
-//! Key wraps: ChaCha20-Poly1305 (RFC 8439) of one node key under another, with the deterministic
-//! nonce and associated data of DESIGN.md §3.
+//! Key wraps: a node key laid under a one-time pad derived from another (DESIGN.md §3, as
+//! revised for wire version 3: encrypt-then-sign).
 //!
-//! The nonce is `epoch ‖ target node` (8 + 4 bytes, big endian). The AEAD key is not the node key
-//! itself but `derive_key("… lkh wrap key …", node key ‖ rekey salt)`, where the salt is 16 bytes
-//! drawn afresh for each rekey and signed in its datagrams. Within one rekey a key wraps at most
-//! one copy of a given target, so the nonce is unique under that rekey's AEAD key; across rekeys
-//! the AEAD keys differ, even when an epoch number comes back (a controller restored from an old
-//! copy of its state): no (key, nonce) pair repeats unless two 128-bit salts collide. The
-//! associated data binds group, epoch, target node and version, wrapping node and version
-//! (40 bytes).
+//! The pad is `derive_key("gkm v3 … lkh wrap pad", wrapping key ‖ rekey salt ‖ binding)`, where
+//! the binding is group, epoch, target node, wrapping node and wrapping version (32 bytes) and
+//! the salt is 16 bytes drawn afresh for each rekey and signed in its datagrams. The wrap is the
+//! 32-byte key XOR that pad: no tag. Within one rekey a key wraps at most one copy of a given
+//! target, so no pad repeats under one wrapping key unless two 128-bit salts collide, even when
+//! an epoch number comes back (a controller restored from an old copy of its state).
+//!
+//! Integrity is not the wrap's job: every byte of a rekey datagram is covered by the controller's
+//! Ed25519 signature, verified before any wrap is opened, and the datagram carries the key check
+//! value of the traffic key the member must end with, so a member whose unwraps went wrong (its
+//! own keys were not the controller's) finds out before it changes anything. The argument is
+//! written out in `RFC-notes/wire-format.md`.
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use zeroize::Zeroize;
 
 use crate::ids::{Epoch, GroupId, KeyVersion, NodeId, RekeySalt};
 use crate::secret::{KEY_LEN, NodeKey};
 
-/// Length of a wrapped key: 32 bytes of ciphertext and a 16-byte tag.
-pub const WRAPPED_LEN: usize = KEY_LEN + 16;
+/// Length of a wrapped key: the 32-byte key under its pad, nothing else.
+pub const WRAPPED_LEN: usize = KEY_LEN;
 
 /// One encryption of a rekey: the new key of `target` (whose version is the rekey's epoch),
 /// wrapped under the key of `wrapping` at `wrapping_version`.
@@ -30,7 +32,7 @@ pub struct Encryption {
     pub wrapping: NodeId,
     /// The version of the wrapping key.
     pub wrapping_version: KeyVersion,
-    /// Ciphertext and tag.
+    /// The key under its pad.
     pub ciphertext: [u8; WRAPPED_LEN],
 }
 
@@ -42,7 +44,7 @@ impl Encryption {
     }
 }
 
-/// The fields an encryption is bound to.
+/// The fields a wrap's pad is bound to.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WrapContext {
     pub(crate) group: GroupId,
@@ -54,70 +56,41 @@ pub(crate) struct WrapContext {
 }
 
 impl WrapContext {
-    fn nonce(&self) -> Nonce {
-        let mut nonce = [0u8; 12];
-        nonce[..8].copy_from_slice(&self.epoch.0.to_be_bytes());
-        nonce[8..].copy_from_slice(&self.target.0.to_be_bytes());
-        Nonce::from(nonce)
+    fn binding(&self) -> [u8; 32] {
+        let mut binding = [0u8; 32];
+        binding[..8].copy_from_slice(&self.group.0.to_be_bytes());
+        binding[8..16].copy_from_slice(&self.epoch.0.to_be_bytes());
+        binding[16..20].copy_from_slice(&self.target.0.to_be_bytes());
+        binding[20..24].copy_from_slice(&self.wrapping.0.to_be_bytes());
+        binding[24..].copy_from_slice(&self.wrapping_version.0.to_be_bytes());
+        binding
     }
 
-    fn associated_data(&self) -> [u8; 40] {
-        let mut ad = [0u8; 40];
-        ad[..8].copy_from_slice(&self.group.0.to_be_bytes());
-        ad[8..16].copy_from_slice(&self.epoch.0.to_be_bytes());
-        ad[16..20].copy_from_slice(&self.target.0.to_be_bytes());
-        // The target's version is the epoch: repeated so the layout names every field.
-        ad[20..28].copy_from_slice(&self.epoch.0.to_be_bytes());
-        ad[28..32].copy_from_slice(&self.wrapping.0.to_be_bytes());
-        ad[32..40].copy_from_slice(&self.wrapping_version.0.to_be_bytes());
-        ad
-    }
-
-    fn cipher(&self, wrapping_key: &NodeKey) -> ChaCha20Poly1305 {
-        let mut key = wrapping_key.wrap_key(&self.salt);
-        let cipher = ChaCha20Poly1305::new(&key.into());
-        key.zeroize();
-        cipher
+    /// `bytes` XOR the pad of this wrap under `wrapping_key`: wraps and unwraps alike.
+    fn xor_pad(&self, wrapping_key: &NodeKey, bytes: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
+        let mut pad = wrapping_key.wrap_pad(&self.salt, &self.binding());
+        for (p, b) in pad.iter_mut().zip(bytes) {
+            *p ^= b;
+        }
+        pad
     }
 
     /// Wraps `key` under `wrapping_key`.
     pub(crate) fn seal(&self, wrapping_key: &NodeKey, key: &NodeKey) -> Encryption {
-        let mut ciphertext = [0u8; WRAPPED_LEN];
-        let (body, tag_out) = ciphertext.split_at_mut(KEY_LEN);
-        body.copy_from_slice(key.as_bytes());
-        let Ok(tag) = self.cipher(wrapping_key).encrypt_inout_detached(
-            &self.nonce(),
-            &self.associated_data(),
-            body.into(),
-        ) else {
-            unreachable!("ChaCha20-Poly1305 accepts a 32-byte message and 40 bytes of AD")
-        };
-        tag_out.copy_from_slice(&tag);
         Encryption {
             target: self.target,
             wrapping: self.wrapping,
             wrapping_version: self.wrapping_version,
-            ciphertext,
+            ciphertext: self.xor_pad(wrapping_key, key.as_bytes()),
         }
     }
 
-    /// Unwraps a ciphertext made by [`WrapContext::seal`]; `None` if it does not authenticate.
-    pub(crate) fn open(
-        &self,
-        wrapping_key: &NodeKey,
-        ciphertext: &[u8; WRAPPED_LEN],
-    ) -> Option<NodeKey> {
-        let mut body = [0u8; KEY_LEN];
-        body.copy_from_slice(&ciphertext[..KEY_LEN]);
-        let tag = Tag::try_from(&ciphertext[KEY_LEN..]).ok()?;
-        let opened = self.cipher(wrapping_key).decrypt_inout_detached(
-            &self.nonce(),
-            &self.associated_data(),
-            (&mut body[..]).into(),
-            &tag,
-        );
-        let key = opened.is_ok().then(|| NodeKey::from_bytes(body));
-        body.zeroize();
+    /// Unwraps a ciphertext made by [`WrapContext::seal`]. Any ciphertext opens to some key:
+    /// whether it is the right one is for the rekey's key check value to say.
+    pub(crate) fn open(&self, wrapping_key: &NodeKey, ciphertext: &[u8; WRAPPED_LEN]) -> NodeKey {
+        let mut bytes = self.xor_pad(wrapping_key, ciphertext);
+        let key = NodeKey::from_bytes(bytes);
+        bytes.zeroize();
         key
     }
 }
@@ -144,20 +117,33 @@ mod tests {
         let kek = NodeKey::from_bytes([1; KEY_LEN]);
         let key = NodeKey::from_bytes([2; KEY_LEN]);
         let enc = context().seal(&kek, &key);
-        let opened = context().open(&kek, &enc.ciphertext).expect("opens");
+        assert_ne!(&enc.ciphertext, key.as_bytes());
+        let opened = context().open(&kek, &enc.ciphertext);
         assert!(bool::from(opened.ct_eq(&key)));
 
+        // Every bound field changes the pad, so the wrap opens to another key.
+        let opens_to_key =
+            |c: WrapContext, kek: &NodeKey| bool::from(c.open(kek, &enc.ciphertext).ct_eq(&key));
         let mut other = context();
         other.wrapping_version = KeyVersion(4);
-        assert!(other.open(&kek, &enc.ciphertext).is_none());
+        assert!(!opens_to_key(other, &kek));
         let mut other = context();
         other.epoch = Epoch(6);
-        assert!(other.open(&kek, &enc.ciphertext).is_none());
+        assert!(!opens_to_key(other, &kek));
+        let mut other = context();
+        other.group = GroupId(2);
+        assert!(!opens_to_key(other, &kek));
+        let mut other = context();
+        other.target = NodeId(3);
+        assert!(!opens_to_key(other, &kek));
+        let mut other = context();
+        other.wrapping = NodeId(8);
+        assert!(!opens_to_key(other, &kek));
         let wrong = NodeKey::from_bytes([3; KEY_LEN]);
-        assert!(context().open(&wrong, &enc.ciphertext).is_none());
+        assert!(!opens_to_key(context(), &wrong));
         let mut other = context();
         other.salt.0[0] ^= 1;
-        assert!(other.open(&kek, &enc.ciphertext).is_none());
+        assert!(!opens_to_key(other, &kek));
     }
 
     #[test]
@@ -174,16 +160,10 @@ mod tests {
         let xor = |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(p, q)| p ^ q).collect::<Vec<u8>>();
         let plain = xor(a.as_bytes(), b.as_bytes());
         let same = context().seal(&kek, &b);
-        assert_eq!(
-            xor(&first.ciphertext[..KEY_LEN], &same.ciphertext[..KEY_LEN]),
-            plain
-        );
+        assert_eq!(xor(&first.ciphertext, &same.ciphertext), plain);
         let mut salted = context();
         salted.salt.0[15] ^= 0x80;
         let second = salted.seal(&kek, &b);
-        assert_ne!(
-            xor(&first.ciphertext[..KEY_LEN], &second.ciphertext[..KEY_LEN]),
-            plain
-        );
+        assert_ne!(xor(&first.ciphertext, &second.ciphertext), plain);
     }
 }

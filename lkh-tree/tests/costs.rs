@@ -152,6 +152,7 @@ fn v012_a_departed_member_cannot_apply_the_next_rekey() {
         links: &[],
         seeds: false,
         salt: rekey.salt,
+        kcv: rekey.kcv,
     };
     let before = gone.epoch();
     assert!(gone.apply(&update).is_err());
@@ -240,10 +241,14 @@ fn v011_stale_and_tampered_updates_leave_the_path_unchanged() {
         links: &[],
         seeds: false,
         salt: rekey.salt,
+        kcv: rekey.kcv,
     };
     let member = &mut paths[0];
     let before: Vec<_> = member.keys().iter().map(|k| (k.node, k.version)).collect();
-    assert!(member.apply(&update).is_err());
+    assert_eq!(
+        member.apply(&update).err(),
+        Some(lkh_tree::ApplyError::KeyCheck)
+    );
     let after: Vec<_> = member.keys().iter().map(|k| (k.node, k.version)).collect();
     assert_eq!(before, after);
     let stale = PathUpdate {
@@ -253,6 +258,7 @@ fn v011_stale_and_tampered_updates_leave_the_path_unchanged() {
         links: &[],
         seeds: false,
         salt: rekey.salt,
+        kcv: rekey.kcv,
     };
     assert!(matches!(
         member.apply(&stale),

@@ -262,6 +262,7 @@ impl Sim {
             links: &rekey.links,
             seeds: rekey.seeds,
             salt: rekey.salt,
+            kcv: rekey.kcv,
         };
 
         self.check_members(&rekey, &update)?;
@@ -535,6 +536,7 @@ fn apply_all(paths: &mut [MemberPath], rekey: &Rekey, tree: &KeyTree) {
         links: &rekey.links,
         seeds: rekey.seeds,
         salt: rekey.salt,
+        kcv: rekey.kcv,
     };
     for path in paths.iter_mut() {
         let leaf = path.leaf();
@@ -618,6 +620,7 @@ fn departed_member_cannot_apply_a_hash_forward_join() {
             links: &rekey.links,
             seeds: rekey.seeds,
             salt: rekey.salt,
+            kcv: rekey.kcv,
         };
         assert!(
             gone.apply(&update).is_err(),

@@ -436,12 +436,8 @@ impl Sim {
         let Ok(rekey) = wire::AuthenticRekey::verify(bytes, &self.signer.verifying_key()) else {
             return;
         };
-        let wrapping: std::collections::HashSet<u32> = rekey
-            .datagram()
-            .wraps
-            .iter()
-            .map(|w| w.wrapping.0)
-            .collect();
+        let wrapping: std::collections::HashSet<u32> =
+            rekey.datagram().wraps().map(|w| w.wrapping.0).collect();
         let covered = self
             .receivers
             .iter()

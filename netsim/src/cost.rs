@@ -159,7 +159,7 @@ pub fn cost(
         degree: tree.config().degree,
         strategy: scheme.name().to_owned(),
         encryptions: rekey.encryptions.len(),
-        encryptions_sent: datagrams.iter().map(|d| d.wraps.len()).sum(),
+        encryptions_sent: datagrams.iter().map(|d| d.wraps().count()).sum(),
         datagrams: datagrams.len(),
         multicast_bytes: datagrams.iter().map(wire::RekeyDatagram::wire_len).sum(),
         unicast_keys: rekey.unicast_keys(),

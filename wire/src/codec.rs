@@ -98,6 +98,40 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(self.array(what)?))
     }
 
+    /// Reads an unsigned LEB128 varint: at most 10 bytes, minimal (no trailing zero byte), no
+    /// bits beyond 64.
+    pub fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for i in 0..10u32 {
+            let byte = self.u8(what)?;
+            let bits = u64::from(byte & 0x7f);
+            if i == 9 && byte > 1 {
+                return Err(DecodeError::Invalid(what));
+            }
+            value |= bits << (7 * i);
+            if byte & 0x80 == 0 {
+                if byte == 0 && i > 0 {
+                    return Err(DecodeError::Invalid(what));
+                }
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::Invalid(what))
+    }
+
+    /// Reads a varint that must not exceed `limit`.
+    pub fn varint_at_most(&mut self, limit: u64, what: &'static str) -> Result<u64, DecodeError> {
+        let value = self.varint(what)?;
+        if value > limit {
+            return Err(DecodeError::TooLong {
+                field: what,
+                value: usize::try_from(value).unwrap_or(usize::MAX),
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(value)
+    }
+
     /// Reads a count of items of `item_len` bytes each, checked against `limit` and against the
     /// bytes that remain, so the caller may allocate `count` items safely.
     pub fn count(
@@ -176,6 +210,26 @@ pub(crate) fn put_count(out: &mut Vec<u8>, width: CountWidth, count: usize) {
     }
 }
 
+/// Writes `value` as an unsigned LEB128 varint.
+pub(crate) fn put_varint(out: &mut Vec<u8>, value: u64) {
+    let mut rest = value;
+    loop {
+        let low = rest.to_le_bytes()[0] & 0x7f;
+        rest >>= 7;
+        if rest == 0 {
+            out.push(low);
+            return;
+        }
+        out.push(low | 0x80);
+    }
+}
+
+/// Bytes of `value` as a varint.
+pub(crate) fn varint_len(value: u64) -> usize {
+    let bits = 64 - value.leading_zeros() as usize;
+    bits.div_ceil(7).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +250,33 @@ mod tests {
         assert_eq!(r.count(CountWidth::U8, 1, 4, "items"), Ok(1));
         assert_eq!(r.u8("x"), Ok(9));
         assert!(r.finish().is_ok());
+    }
+
+    #[test]
+    fn varints_round_trip_and_only_minimal_forms_decode() {
+        for value in [0, 1, 127, 128, 300, 1 << 21, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            assert_eq!(out.len(), varint_len(value));
+            let mut r = Reader::new(&out);
+            assert_eq!(r.varint("v"), Ok(value));
+            assert!(r.finish().is_ok());
+        }
+        // A trailing zero byte (a second encoding of 1), eleven bytes, and bits beyond 64.
+        for bad in [
+            &[0x81, 0x00][..],
+            &[0xff; 11][..],
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..],
+        ] {
+            assert_eq!(Reader::new(bad).varint("v"), Err(DecodeError::Invalid("v")));
+        }
+        assert_eq!(
+            Reader::new(&[0x80]).varint("v"),
+            Err(DecodeError::Truncated("v"))
+        );
+        assert!(matches!(
+            Reader::new(&[0x80, 0x01]).varint_at_most(100, "v"),
+            Err(DecodeError::TooLong { value: 128, .. })
+        ));
     }
 }

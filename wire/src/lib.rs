@@ -58,8 +58,11 @@ pub use message::{
     RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status, VERSION,
 };
 pub use rekey::{
-    AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, MAX_ADVANCES, MAX_COVERS,
-    MAX_DATAGRAM, MAX_LINKS, MAX_WRAPS, RekeyDatagram, WRAP_LEN, pack, pack_signed,
+    AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, Item, MAX_COVERS, MAX_DATAGRAM,
+    MAX_ITEMS, RekeyDatagram, pack, pack_signed,
 };
 pub use sealed::{Encapsulation, HpkeSecret, SealedFor, open_path, seal_path, seal_path_with};
-pub use signed::{SIGNATURE_LEN, Verified, open, open_with, sign, verifying_key};
+pub use signed::{
+    SIGNATURE_LEN, Unverified, Verified, decode as decode_signed, open, open_with, sign,
+    verifying_key,
+};

@@ -14,9 +14,11 @@ use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
 
 /// Magic bytes that open every message.
 pub const MAGIC: [u8; 2] = *b"GK";
-/// The protocol version this crate speaks. Version 2 put a per-rekey salt into rekey datagrams
-/// and every wrap key; version 1 messages are refused ([`DecodeError::BadVersion`]).
-pub const VERSION: u8 = 2;
+/// The protocol version this crate speaks. Version 3 made rekey datagrams encrypt-then-sign
+/// (32-byte wraps without tags, delta-coded node references, the key check value in every
+/// datagram); version 2 put a per-rekey salt into rekey datagrams and every wrap key. Messages of
+/// other versions are refused ([`DecodeError::BadVersion`]).
+pub const VERSION: u8 = 3;
 /// Length of the common header: magic, version, type, group.
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
 /// Length of a request nonce.

@@ -16,36 +16,189 @@ use rustc_hash::FxHashMap as HashMap;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{
-    Applied, ApplyError, Epoch, GroupId, KeyTree, Link, MemberPath, NodeId, PathUpdate, Rekey,
-    RekeySalt, SALT_LEN, WRAPPED_LEN, Wrap,
+    Applied, ApplyError, Encryption, Epoch, GroupId, KCV_LEN, Kcv, KeyTree, Link, MemberPath,
+    NodeId, PathUpdate, Rekey, RekeySalt, SALT_LEN, Strategy, WRAPPED_LEN, Wrap,
 };
 
-use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
+use crate::codec::{Codec, DecodeError, Reader, put_varint, varint_len};
 use crate::error::WireError;
 use crate::held::HeldPath;
-use crate::message::{HEADER_LEN, Header, MessageType, node_id};
-use crate::signed::{self, SIGNATURE_LEN};
+use crate::message::{HEADER_LEN, Header, MessageType};
+use crate::signed::{self, SIGNATURE_LEN, Unverified};
 
 /// Default MTU: under the IPv6 minimum of 1280 with room for IP and UDP headers.
 pub const DEFAULT_MTU: usize = 1200;
 /// Largest datagram the codec accepts (the UDP maximum over IPv4).
 pub const MAX_DATAGRAM: usize = 65_507;
-/// Bytes of one wrap on the wire: target (4), wrapping node and flag (4), ciphertext and tag (48).
-pub const WRAP_LEN: usize = 4 + 4 + WRAPPED_LEN;
 /// Most covers in one datagram.
 pub const MAX_COVERS: usize = 255;
-/// Most wraps in one datagram.
-pub const MAX_WRAPS: usize = MAX_DATAGRAM / WRAP_LEN;
-/// Most advances in one datagram.
-pub const MAX_ADVANCES: usize = MAX_DATAGRAM / 4;
-/// Most one-way links in one datagram.
-pub const MAX_LINKS: usize = MAX_DATAGRAM / 8;
-/// Bytes of a datagram with no covers, advances, links or wraps (header through signature).
+/// Most items (wraps, links, advances) in one datagram: each takes at least a byte.
+pub const MAX_ITEMS: usize = MAX_DATAGRAM;
+/// Bytes of a datagram with no covers and no items, its counts one byte each (header, epoch,
+/// salt, key check value, index, count, flags, two counts, signature).
 pub const DATAGRAM_OVERHEAD: usize =
-    HEADER_LEN + 8 + SALT_LEN + 2 + 2 + 1 + 1 + 2 + 2 + 2 + SIGNATURE_LEN;
+    HEADER_LEN + 8 + SALT_LEN + KCV_LEN + 1 + 1 + 1 + 1 + 1 + SIGNATURE_LEN;
 const FLAG_SEEDS: u8 = 1;
 
-const UNDER_NEW: u32 = 1 << 31;
+/// The kind of an item, in the low two bits of its head.
+const KIND_WRAP_OLD: u64 = 0;
+const KIND_WRAP_NEW: u64 = 1;
+const KIND_LINK: u64 = 2;
+const KIND_ADVANCE: u64 = 3;
+/// The head bit saying a target node follows.
+const NEW_TARGET: u64 = 1 << 2;
+
+/// One entry of a rekey datagram, in the order the datagram carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A new key (or one-way seed) wrapped under a key members may hold.
+    Wrap(Wrap),
+    /// A one-way link: the parent's seed continues the child's.
+    Link(Link),
+    /// A key advanced by hash-forward (members derive it from the key they hold).
+    Advance(NodeId),
+}
+
+/// What the codec needs of an item, borrowed (from a decoded [`Item`] or from the controller's
+/// [`Rekey`], so that the packer can size items without building them).
+#[derive(Clone, Copy)]
+struct ItemView<'a> {
+    /// The node whose key opens the item.
+    opener: NodeId,
+    /// The node whose key it sets (none for an advance: the opener's own).
+    target: Option<NodeId>,
+    kind: u64,
+    ciphertext: Option<&'a [u8; WRAPPED_LEN]>,
+}
+
+impl Item {
+    fn view(&self) -> ItemView<'_> {
+        match self {
+            Item::Wrap(w) => ItemView {
+                opener: w.wrapping,
+                target: Some(w.target),
+                kind: if w.under_new {
+                    KIND_WRAP_NEW
+                } else {
+                    KIND_WRAP_OLD
+                },
+                ciphertext: Some(&w.ciphertext),
+            },
+            Item::Link(l) => ItemView {
+                opener: l.child,
+                target: Some(l.parent),
+                kind: KIND_LINK,
+                ciphertext: None,
+            },
+            Item::Advance(node) => ItemView {
+                opener: *node,
+                target: None,
+                kind: KIND_ADVANCE,
+                ciphertext: None,
+            },
+        }
+    }
+}
+
+/// Where encoded bytes go: a buffer, or a tally of their length.
+trait Out {
+    fn bytes(&mut self, bytes: &[u8]);
+    fn varint(&mut self, value: u64);
+}
+
+impl Out for Vec<u8> {
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn varint(&mut self, value: u64) {
+        put_varint(self, value);
+    }
+}
+
+/// Counts bytes instead of writing them.
+#[derive(Default)]
+struct Tally(usize);
+
+impl Out for Tally {
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+    fn varint(&mut self, value: u64) {
+        self.0 += varint_len(value);
+    }
+}
+
+fn zigzag(delta: i64) -> u64 {
+    ((delta << 1) ^ (delta >> 63)).cast_unsigned()
+}
+
+fn unzigzag(value: u64) -> i64 {
+    (value >> 1).cast_signed() ^ -(value & 1).cast_signed()
+}
+
+/// The delta coding of node references: each node relative to the one before it.
+#[derive(Clone, Copy, Default)]
+struct Cursor {
+    opener: i64,
+    target: Option<NodeId>,
+}
+
+impl Cursor {
+    fn put<O: Out>(&mut self, out: &mut O, item: ItemView<'_>) {
+        let opener = i64::from(item.opener.0);
+        let new_target = item.target.is_some() && item.target != self.target;
+        let head =
+            zigzag(opener - self.opener) << 3 | if new_target { NEW_TARGET } else { 0 } | item.kind;
+        out.varint(head);
+        if let (true, Some(target)) = (new_target, item.target) {
+            out.varint(u64::from(target.0));
+        }
+        if let Some(ciphertext) = item.ciphertext {
+            out.bytes(ciphertext);
+        }
+        self.opener = opener;
+        if item.target.is_some() {
+            self.target = item.target;
+        }
+    }
+
+    fn read(&mut self, r: &mut Reader<'_>) -> Result<Item, DecodeError> {
+        let head = r.varint("item")?;
+        let opener = self.opener.saturating_add(unzigzag(head >> 3));
+        let opener = u32::try_from(opener)
+            .ok()
+            .filter(|&id| id < NodeId::LIMIT)
+            .map(NodeId)
+            .ok_or(DecodeError::Invalid("item node"))?;
+        self.opener = i64::from(opener.0);
+        let kind = head & 3;
+        if kind == KIND_ADVANCE {
+            if head & NEW_TARGET != 0 {
+                return Err(DecodeError::Invalid("advance with a target"));
+            }
+            return Ok(Item::Advance(opener));
+        }
+        if head & NEW_TARGET != 0 {
+            let id = r.varint_at_most(u64::from(NodeId::LIMIT - 1), "item target")?;
+            self.target = Some(NodeId(
+                u32::try_from(id).map_err(|_| DecodeError::Invalid("item target"))?,
+            ));
+        }
+        let target = self.target.ok_or(DecodeError::Invalid("item target"))?;
+        Ok(match kind {
+            KIND_LINK => Item::Link(Link {
+                child: opener,
+                parent: target,
+            }),
+            _ => Item::Wrap(Wrap {
+                target,
+                wrapping: opener,
+                under_new: kind == KIND_WRAP_NEW,
+                ciphertext: r.array("wrapped key")?,
+            }),
+        })
+    }
+}
 
 /// One datagram of a rekey, decoded (not yet authenticated).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +207,11 @@ pub struct RekeyDatagram {
     pub group: GroupId,
     /// The rekey's epoch.
     pub epoch: Epoch,
-    /// The rekey's salt, in every wrap key (the same in every datagram of the rekey).
+    /// The rekey's salt, in every wrap pad (the same in every datagram of the rekey).
     pub salt: RekeySalt,
+    /// The check value of the epoch's traffic key: a member uses what it unwraps only if it
+    /// leads to this.
+    pub kcv: Kcv,
     /// This datagram's index among the epoch's datagrams.
     pub index: u16,
     /// How many datagrams the epoch has.
@@ -64,50 +220,47 @@ pub struct RekeyDatagram {
     pub seeds: bool,
     /// Roots of the subtrees this datagram serves.
     pub covers: Vec<NodeId>,
-    /// Nodes whose keys advanced by hash-forward.
-    pub advances: Vec<NodeId>,
-    /// One-way chain links.
-    pub links: Vec<Link>,
-    /// Wraps, in the order the tree made them.
-    pub wraps: Vec<Wrap>,
+    /// Wraps, links and advances, in the order the datagram carries them.
+    pub items: Vec<Item>,
+}
+
+impl RekeyDatagram {
+    fn write<O: Out>(&self, out: &mut O) {
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        Header::write(&mut header, MessageType::Rekey, self.group);
+        out.bytes(&header);
+        out.bytes(&self.epoch.0.to_be_bytes());
+        out.bytes(&self.salt.0);
+        out.bytes(&self.kcv.0);
+        out.varint(u64::from(self.index));
+        out.varint(u64::from(self.count));
+        out.bytes(&[if self.seeds { FLAG_SEEDS } else { 0 }]);
+        out.varint(self.covers.len() as u64);
+        let mut previous = 0i64;
+        for cover in &self.covers {
+            out.varint(zigzag(i64::from(cover.0) - previous));
+            previous = i64::from(cover.0);
+        }
+        out.varint(self.items.len() as u64);
+        let mut cursor = Cursor::default();
+        for item in &self.items {
+            cursor.put(out, item.view());
+        }
+    }
 }
 
 impl Codec for RekeyDatagram {
     fn encode(&self, out: &mut Vec<u8>) {
-        Header::write(out, MessageType::Rekey, self.group);
-        out.extend_from_slice(&self.epoch.0.to_be_bytes());
-        out.extend_from_slice(&self.salt.0);
-        out.extend_from_slice(&self.index.to_be_bytes());
-        out.extend_from_slice(&self.count.to_be_bytes());
-        out.push(if self.seeds { FLAG_SEEDS } else { 0 });
-        put_count(out, CountWidth::U8, self.covers.len());
-        for cover in &self.covers {
-            out.extend_from_slice(&cover.0.to_be_bytes());
-        }
-        put_count(out, CountWidth::U16, self.advances.len());
-        for node in &self.advances {
-            out.extend_from_slice(&node.0.to_be_bytes());
-        }
-        put_count(out, CountWidth::U16, self.links.len());
-        for link in &self.links {
-            out.extend_from_slice(&link.child.0.to_be_bytes());
-            out.extend_from_slice(&link.parent.0.to_be_bytes());
-        }
-        put_count(out, CountWidth::U16, self.wraps.len());
-        for wrap in &self.wraps {
-            out.extend_from_slice(&wrap.target.0.to_be_bytes());
-            let flag = if wrap.under_new { UNDER_NEW } else { 0 };
-            out.extend_from_slice(&(wrap.wrapping.0 | flag).to_be_bytes());
-            out.extend_from_slice(&wrap.ciphertext);
-        }
+        self.write(out);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let group = Header::read(r, MessageType::Rekey)?;
         let epoch = Epoch(r.u64("epoch")?);
         let salt = RekeySalt(r.array("rekey salt")?);
-        let index = r.u16("datagram index")?;
-        let count = r.u16("datagram count")?;
+        let kcv = Kcv(r.array("key check value")?);
+        let index = r.varint_at_most(u64::from(u16::MAX), "datagram index")?;
+        let count = r.varint_at_most(u64::from(u16::MAX), "datagram count")?;
         if index >= count {
             return Err(DecodeError::Invalid("datagram index"));
         }
@@ -116,50 +269,51 @@ impl Codec for RekeyDatagram {
             FLAG_SEEDS => true,
             _ => return Err(DecodeError::Invalid("flags")),
         };
-        let n = r.count(CountWidth::U8, 4, MAX_COVERS, "cover count")?;
-        let covers = (0..n)
-            .map(|_| node_id(r, "cover"))
-            .collect::<Result<_, _>>()?;
-        let n = r.count(CountWidth::U16, 4, MAX_ADVANCES, "advance count")?;
-        let advances = (0..n)
-            .map(|_| node_id(r, "advance"))
-            .collect::<Result<_, _>>()?;
-        let n = r.count(CountWidth::U16, 8, MAX_LINKS, "link count")?;
-        let links = (0..n)
-            .map(|_| {
-                Ok(Link {
-                    child: node_id(r, "link child")?,
-                    parent: node_id(r, "link parent")?,
-                })
-            })
-            .collect::<Result<_, DecodeError>>()?;
-        let n = r.count(CountWidth::U16, WRAP_LEN, MAX_WRAPS, "wrap count")?;
-        let mut wraps = Vec::with_capacity(n);
+        let n = bounded_count(r, MAX_COVERS, "cover count")?;
+        let mut covers = Vec::with_capacity(n);
+        let mut previous = 0i64;
         for _ in 0..n {
-            let target = node_id(r, "wrap target")?;
-            let field = r.u32("wrapping node")?;
-            let wrapping = NodeId(field & !UNDER_NEW);
-            let ciphertext = r.array::<WRAPPED_LEN>("wrapped key")?;
-            wraps.push(Wrap {
-                target,
-                wrapping,
-                under_new: field & UNDER_NEW != 0,
-                ciphertext,
-            });
+            let id = previous.saturating_add(unzigzag(r.varint("cover")?));
+            let id = u32::try_from(id)
+                .ok()
+                .filter(|&id| id < NodeId::LIMIT)
+                .ok_or(DecodeError::Invalid("cover"))?;
+            previous = i64::from(id);
+            covers.push(NodeId(id));
+        }
+        let n = bounded_count(r, MAX_ITEMS, "item count")?;
+        let mut items = Vec::with_capacity(n);
+        let mut cursor = Cursor::default();
+        for _ in 0..n {
+            items.push(cursor.read(r)?);
         }
         Ok(RekeyDatagram {
             group,
             epoch,
             salt,
-            index,
-            count,
+            kcv,
+            index: u16::try_from(index).map_err(|_| DecodeError::Invalid("datagram index"))?,
+            count: u16::try_from(count).map_err(|_| DecodeError::Invalid("datagram count"))?,
             seeds,
             covers,
-            advances,
-            links,
-            wraps,
+            items,
         })
     }
+}
+
+/// A count of at least one-byte entries: at most `limit` and at most the bytes left, so the
+/// caller may allocate it.
+fn bounded_count(
+    r: &mut Reader<'_>,
+    limit: usize,
+    what: &'static str,
+) -> Result<usize, DecodeError> {
+    let n = r.varint_at_most(limit as u64, what)?;
+    let n = usize::try_from(n).map_err(|_| DecodeError::Invalid(what))?;
+    if n > r.remaining() {
+        return Err(DecodeError::Truncated(what));
+    }
+    Ok(n)
 }
 
 impl RekeyDatagram {
@@ -174,16 +328,38 @@ impl RekeyDatagram {
 
     /// Encoded length including the signature.
     pub fn wire_len(&self) -> usize {
-        DATAGRAM_OVERHEAD
-            + 4 * self.covers.len()
-            + 4 * self.advances.len()
-            + 8 * self.links.len()
-            + WRAP_LEN * self.wraps.len()
+        let mut tally = Tally::default();
+        self.write(&mut tally);
+        tally.0 + SIGNATURE_LEN
     }
 
     /// Encodes and signs.
     pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
         signed::sign(self, key)
+    }
+
+    /// The wraps, in order.
+    pub fn wraps(&self) -> impl Iterator<Item = &Wrap> + '_ {
+        self.items.iter().filter_map(|i| match i {
+            Item::Wrap(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    /// The one-way links, in order.
+    pub fn links(&self) -> impl Iterator<Item = &Link> + '_ {
+        self.items.iter().filter_map(|i| match i {
+            Item::Link(l) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// The nodes advanced by hash-forward, in order.
+    pub fn advances(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.items.iter().filter_map(|i| match i {
+            Item::Advance(n) => Some(*n),
+            _ => None,
+        })
     }
 
     /// Whether this datagram serves the holder of `path`: a cover lies on its path, or a wrap is
@@ -193,19 +369,30 @@ impl RekeyDatagram {
         self.covers
             .iter()
             .any(|c| path.keys().iter().any(|k| k.node == *c))
-            || self.wraps.iter().any(|w| w.wrapping == leaf)
+            || self.wraps().any(|w| w.wrapping == leaf)
     }
 }
 
-/// A rekey datagram whose controller signature verified. Only [`AuthenticRekey::verify`] makes
-/// one.
+/// A rekey datagram whose controller signature verified. Only [`AuthenticRekey::verify`] and
+/// [`AuthenticRekey::check`] make one.
 #[derive(Debug)]
 pub struct AuthenticRekey(RekeyDatagram);
 
 impl AuthenticRekey {
     /// Decodes (bounded) and verifies the controller's signature.
     pub fn verify(bytes: &[u8], controller: &VerifyingKey) -> Result<Self, WireError> {
-        signed::open::<RekeyDatagram>(bytes, controller).map(|v| AuthenticRekey(v.into_message()))
+        Self::check(signed::decode(bytes)?, controller)
+    }
+
+    /// Verifies a datagram decoded already (a member looks at the unverified header and covers
+    /// first, to check only the signature of the datagram that serves it).
+    pub fn check(
+        unverified: Unverified<'_, RekeyDatagram>,
+        controller: &VerifyingKey,
+    ) -> Result<Self, WireError> {
+        unverified
+            .verify(controller)
+            .map(|v| AuthenticRekey(v.into_message()))
     }
 
     /// The datagram.
@@ -256,19 +443,24 @@ pub struct FreshRekey<'a, 'p> {
 }
 
 impl FreshRekey<'_, '_> {
-    /// Applies the datagram to the path it was checked against: all or nothing. A datagram that
-    /// lacks a key of the member's path is [`WireError::NotForMe`] (another datagram of the
-    /// epoch, or a resync, serves it).
+    /// Applies the datagram to the path it was checked against: all or nothing, and only if the
+    /// keys it yields lead to the datagram's key check value. A datagram that lacks a key of the
+    /// member's path is [`WireError::NotForMe`] (another datagram of the epoch, or a resync,
+    /// serves it).
     pub fn apply(self) -> Result<Applied, WireError> {
         let d = self.datagram;
         let path = self.path.keys_mut();
+        let wraps: Vec<Wrap> = d.wraps().cloned().collect();
+        let advances: Vec<NodeId> = d.advances().collect();
+        let links: Vec<Link> = d.links().copied().collect();
         let update = PathUpdate {
             epoch: d.epoch,
-            wraps: &d.wraps,
-            advances: &d.advances,
-            links: &d.links,
+            wraps: &wraps,
+            advances: &advances,
+            links: &links,
             seeds: d.seeds,
             salt: d.salt,
+            kcv: d.kcv,
         };
         path.apply(&update).map_err(|e| match e {
             ApplyError::MissingKey(_) => WireError::NotForMe,
@@ -278,28 +470,27 @@ impl FreshRekey<'_, '_> {
 }
 
 /// Lays a rekey out into datagrams of at most `mtu` bytes (unsigned).
+///
+/// Node references are delta-coded, so an item's size depends on its neighbours: the plan sizes
+/// each item as it would sit in the whole rekey laid out in order, and every datagram is then
+/// measured exactly. A datagram that came out larger than the MTU is split in two by its
+/// covers; a single cover that does not fit makes the plan again with a smaller budget.
 pub fn pack(rekey: &Rekey, tree: &KeyTree, mtu: usize) -> Result<Vec<RekeyDatagram>, WireError> {
     let mtu = mtu.min(MAX_DATAGRAM);
     let budget = mtu
         .checked_sub(DATAGRAM_OVERHEAD)
         .ok_or(WireError::MtuTooSmall(mtu))?;
     let plan = Plan::new(rekey, tree);
-    let mut covers = Vec::new();
-    plan.visit(
-        NodeId::ROOT,
-        plan.slot(NodeId::ROOT),
-        0,
-        budget,
-        &mut covers,
-    )
-    .map_err(|()| WireError::MtuTooSmall(mtu))?;
-    let bins = plan.fill(&covers, budget);
-    let count = u16::try_from(bins.len()).map_err(|_| WireError::MtuTooSmall(mtu))?;
-    Ok(bins
-        .into_iter()
-        .zip(0u16..)
-        .map(|(bin, index)| bin.datagram(rekey, index, count))
-        .collect())
+    for eighths in [8, 7, 6] {
+        if let Some(mut datagrams) = plan.datagrams(rekey, budget * eighths / 8, mtu) {
+            let count = u16::try_from(datagrams.len()).map_err(|_| WireError::MtuTooSmall(mtu))?;
+            for (datagram, index) in datagrams.iter_mut().zip(0u16..) {
+                (datagram.index, datagram.count) = (index, count);
+            }
+            return Ok(datagrams);
+        }
+    }
+    Err(WireError::MtuTooSmall(mtu))
 }
 
 /// The covers and items of one datagram.
@@ -311,48 +502,40 @@ struct Bin {
 }
 
 impl Bin {
-    fn datagram(mut self, rekey: &Rekey, index: u16, count: u16) -> RekeyDatagram {
-        self.items.sort_unstable();
+    /// The datagram, its items in the plan's order; index and count are set by [`pack`] (here
+    /// their largest values, so that the size measured is an upper bound).
+    fn datagram(mut self, plan: &Plan<'_>, rekey: &Rekey) -> RekeyDatagram {
+        self.items
+            .sort_unstable_by_key(|&i| plan.order.get(i).copied());
         // Items are numbered wraps first, then advances, then links.
         let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
-        let first_advance = self.items.partition_point(|&i| i < wraps);
-        let first_link = self.items.partition_point(|&i| i < wraps + advances);
-        let mut datagram = RekeyDatagram {
+        let items = self
+            .items
+            .iter()
+            .filter_map(|&item| {
+                if let Some(e) = rekey.encryptions.get(item) {
+                    Some(Item::Wrap(Wrap::from_encryption(e, rekey.epoch)))
+                } else if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i))
+                {
+                    Some(Item::Advance(a.node))
+                } else {
+                    item.checked_sub(wraps + advances)
+                        .and_then(|i| rekey.links.get(i))
+                        .map(|l| Item::Link(*l))
+                }
+            })
+            .collect();
+        RekeyDatagram {
             group: rekey.group,
             epoch: rekey.epoch,
             salt: rekey.salt,
-            index,
-            count,
+            kcv: rekey.kcv,
+            index: u16::MAX - 1,
+            count: u16::MAX,
             seeds: rekey.seeds,
             covers: self.covers,
-            advances: Vec::with_capacity(first_link - first_advance),
-            links: Vec::with_capacity(self.items.len() - first_link),
-            wraps: Vec::with_capacity(first_advance),
-        };
-        for &item in &self.items {
-            if let Some(e) = rekey.encryptions.get(item) {
-                datagram.wraps.push(Wrap::from_encryption(e, rekey.epoch));
-            } else if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i)) {
-                datagram.advances.push(a.node);
-            } else if let Some(l) = item
-                .checked_sub(wraps + advances)
-                .and_then(|i| rekey.links.get(i))
-            {
-                datagram.links.push(*l);
-            }
+            items,
         }
-        datagram
-    }
-}
-
-/// Bytes of item `item` of a plan: a wrap, an advance or a link.
-fn item_size(item: usize, wraps: usize, advances: usize) -> usize {
-    if item < wraps {
-        WRAP_LEN
-    } else if item < wraps + advances {
-        4
-    } else {
-        8
     }
 }
 
@@ -369,6 +552,98 @@ pub fn pack_signed(
         .collect())
 }
 
+/// The item a [`Rekey`]'s item number stands for (wraps first, then advances, then links).
+fn item_view(rekey: &Rekey, item: usize) -> Option<ItemView<'_>> {
+    let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
+    if let Some(e) = rekey.encryptions.get(item) {
+        return Some(encryption_view(e, rekey.epoch));
+    }
+    if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i)) {
+        return Some(ItemView {
+            opener: a.node,
+            target: None,
+            kind: KIND_ADVANCE,
+            ciphertext: None,
+        });
+    }
+    let link = item
+        .checked_sub(wraps + advances)
+        .and_then(|i| rekey.links.get(i))?;
+    Some(ItemView {
+        opener: link.child,
+        target: Some(link.parent),
+        kind: KIND_LINK,
+        ciphertext: None,
+    })
+}
+
+fn encryption_view(e: &Encryption, epoch: Epoch) -> ItemView<'_> {
+    ItemView {
+        opener: e.wrapping,
+        target: Some(e.target),
+        kind: if e.under_new_key(epoch) {
+            KIND_WRAP_NEW
+        } else {
+            KIND_WRAP_OLD
+        },
+        ciphertext: Some(&e.ciphertext),
+    }
+}
+
+/// The order items take in a datagram, as one sort key per item: by target, in the order the
+/// tree made its first wrap (so the wraps of one new key sit together and name it once), wraps
+/// before links, and by the node that opens them (so siblings, whose ids are close, cost a byte
+/// each); advances last.
+///
+/// User-oriented rekeys keep the order the tree made: there one key wraps the whole changed path
+/// above it, nearest first, and members learn that chain from the order.
+fn item_order(rekey: &Rekey, strategy: Strategy) -> Vec<u64> {
+    let items = rekey.encryptions.len() + rekey.advances.len() + rekey.links.len();
+    if strategy == Strategy::User {
+        return (0..items as u64).collect();
+    }
+    let mut rank: HashMap<NodeId, u64> = HashMap::default();
+    let mut rank_of = |node: NodeId| {
+        let next = rank.len() as u64;
+        *rank.entry(node).or_insert(next)
+    };
+    let key = |rank: u64, sub: u64, opener: NodeId| rank << 33 | sub << 31 | u64::from(opener.0);
+    let mut order = Vec::with_capacity(items);
+    for e in &rekey.encryptions {
+        order.push(key(rank_of(e.target), 0, e.wrapping));
+    }
+    for a in &rekey.advances {
+        order.push(key(u64::from(u32::MAX), 2, a.node));
+    }
+    for l in &rekey.links {
+        order.push(key(rank_of(l.parent), 1, l.child));
+    }
+    order
+}
+
+/// Each item's encoded size when the whole rekey is laid out in `order`: the estimate the plan
+/// works with.
+fn item_sizes(rekey: &Rekey, order: &[u64]) -> Vec<usize> {
+    let mut sorted: Vec<usize> = (0..order.len()).collect();
+    sorted.sort_unstable_by_key(|&i| order.get(i).copied());
+    let mut sizes = vec![0; order.len()];
+    let mut cursor = Cursor::default();
+    for item in sorted {
+        let Some(view) = item_view(rekey, item) else {
+            continue;
+        };
+        let mut tally = Tally::default();
+        cursor.put(&mut tally, view);
+        if let Some(size) = sizes.get_mut(item) {
+            *size = tally.0;
+        }
+    }
+    sizes
+}
+
+/// Bytes a cover is planned at (a delta-coded node id: 1 to 5 bytes, usually 1 to 3).
+const COVER_ESTIMATE: usize = 3;
+
 /// What each node's key is needed for: the items (wraps, then advances, then links) grouped by
 /// the node whose key opens them, and the bytes of everything opened at or below each node.
 ///
@@ -378,6 +653,8 @@ pub fn pack_signed(
 /// a node's subtree are one run of it.
 struct Plan<'a> {
     tree: &'a KeyTree,
+    /// Each item's sort key in a datagram ([`item_order`]).
+    order: Vec<u64>,
     /// Item indices, grouped by the slot of the node whose key opens them.
     by_slot: Vec<usize>,
     slots: Vec<Slot>,
@@ -410,6 +687,8 @@ impl<'a> Plan<'a> {
             .chain(rekey.advances.iter().map(|a| a.node))
             .chain(rekey.links.iter().map(|l| l.child));
         let count = wraps + advances + rekey.links.len();
+        let order = item_order(rekey, tree.config().strategy);
+        let sizes = item_sizes(rekey, &order);
         let largest = keys.clone().map(|n| n.0).max().unwrap_or(0);
         let mut found = Found::new(tree, count, largest);
         // Runs of items opened by one node (user-oriented wraps) look it up once.
@@ -421,10 +700,102 @@ impl<'a> Plan<'a> {
                 _ => found.slot(node),
             };
             last = Some((node, slot));
-            found.add_item(slot, item_size(item, wraps, advances));
+            found.add_item(slot, sizes.get(item).copied().unwrap_or(0));
             item_slots.push(slot);
         }
-        found.into_plan(&item_slots)
+        found.into_plan(&item_slots, order)
+    }
+
+    /// The datagrams of a plan made with `budget` bytes for covers and items, each measured to
+    /// fit `mtu`; `None` if a cover alone does not.
+    fn datagrams(&self, rekey: &Rekey, budget: usize, mtu: usize) -> Option<Vec<RekeyDatagram>> {
+        if let Some(whole) = self.whole(rekey, budget, mtu) {
+            return Some(vec![whole]);
+        }
+        let mut covers = Vec::new();
+        self.visit(
+            NodeId::ROOT,
+            self.slot(NodeId::ROOT),
+            0,
+            budget,
+            &mut covers,
+        )
+        .ok()?;
+        let mut bins = self.fill(&covers, budget);
+        if let [only] = bins.as_mut_slice() {
+            // Everything fits one datagram: it serves every member, which the root says.
+            only.covers = vec![NodeId::ROOT];
+        }
+        let mut out = Vec::with_capacity(bins.len());
+        for bin in bins {
+            self.settle(rekey, bin, budget, mtu, &mut out)?;
+        }
+        Some(out)
+    }
+
+    /// The whole rekey as one datagram serving every member (its cover the root), if it fits:
+    /// tried when the estimate comes near the budget, since estimates are not exact.
+    fn whole(&self, rekey: &Rekey, budget: usize, mtu: usize) -> Option<RekeyDatagram> {
+        let total = self.slot(NodeId::ROOT).map_or(0, |s| s.below);
+        if total > budget + budget / 8 {
+            return None;
+        }
+        let bin = Bin {
+            covers: vec![NodeId::ROOT],
+            items: (0..self.order.len()).collect(),
+            bytes: total,
+        };
+        let datagram = bin.datagram(self, rekey);
+        (datagram.wire_len() <= mtu).then_some(datagram)
+    }
+
+    /// Keeps a bin's datagram if it fits `mtu`, else splits its covers in two and settles each
+    /// half; `None` if a single cover does not fit.
+    fn settle(
+        &self,
+        rekey: &Rekey,
+        bin: Bin,
+        budget: usize,
+        mtu: usize,
+        out: &mut Vec<RekeyDatagram>,
+    ) -> Option<()> {
+        let covers = if bin.covers == [NodeId::ROOT] {
+            None
+        } else {
+            Some(bin.covers.clone())
+        };
+        let datagram = bin.datagram(self, rekey);
+        if datagram.wire_len() <= mtu {
+            out.push(datagram);
+            return Some(());
+        }
+        let covers = match covers {
+            Some(covers) if covers.len() > 1 => covers,
+            // The root stood for every cover: plan them again, as covers.
+            None => {
+                let mut covers = Vec::new();
+                self.visit(
+                    NodeId::ROOT,
+                    self.slot(NodeId::ROOT),
+                    0,
+                    budget,
+                    &mut covers,
+                )
+                .ok()?;
+                if covers.len() < 2 {
+                    return None;
+                }
+                covers
+            }
+            Some(_) => return None,
+        };
+        let (first, second) = covers.split_at(covers.len() / 2);
+        for half in [first, second] {
+            for bin in self.fill(half, budget) {
+                self.settle(rekey, bin, budget, mtu, out)?;
+            }
+        }
+        Some(())
     }
 
     fn slot(&self, node: NodeId) -> Option<&Slot> {
@@ -442,7 +813,7 @@ impl<'a> Plan<'a> {
         covers: &mut Vec<NodeId>,
     ) -> Result<(), ()> {
         let (below, own) = slot.map_or((0, 0), |s| (s.below, s.own));
-        let fits = above + below + 4 <= budget;
+        let fits = above + below + COVER_ESTIMATE <= budget;
         // Small subtrees stay whole (few covers); large ones are split even when they fit, so
         // the greedy fill can pack datagrams tightly.
         let small = below <= budget / 4 || below == own;
@@ -457,7 +828,7 @@ impl<'a> Plan<'a> {
         for child in self.tree.iter_children(node) {
             if let Some(child_slot) = self.slot(child) {
                 self.visit(child, Some(child_slot), above + own, budget, covers)?;
-            } else if above + own + 4 <= budget {
+            } else if above + own + COVER_ESTIMATE <= budget {
                 // Nothing is keyed below this child: its members need only the path above.
                 covers.push(child);
             } else {
@@ -509,7 +880,8 @@ impl<'a> Plan<'a> {
             self.ancestors(cover, slot, &mut path);
             let below = slot.and_then(|s| self.slots.get(s)).map_or(0, |s| s.below);
             let new_bytes = |bin: usize, taken: &[usize]| {
-                4 + below
+                COVER_ESTIMATE
+                    + below
                     + path
                         .iter()
                         .filter(|&&a| taken.get(a) != Some(&bin))
@@ -631,7 +1003,7 @@ impl<'a> Found<'a> {
 
     /// Lays the items out slot by slot in depth-first order, so that each subtree's items are one
     /// run; `item_slots` holds each item's slot.
-    fn into_plan(mut self, item_slots: &[usize]) -> Plan<'a> {
+    fn into_plan(mut self, item_slots: &[usize], item_order: Vec<u64>) -> Plan<'a> {
         let order = self.depth_first();
         let mut next = 0;
         for &slot in &order {
@@ -672,6 +1044,7 @@ impl<'a> Found<'a> {
         }
         Plan {
             tree: self.tree,
+            order: item_order,
             by_slot,
             slots: self.found,
             index: self.index,

@@ -65,6 +65,41 @@ pub fn open_with<T: Codec>(
     bytes: &[u8],
     key_for: impl FnOnce(&T) -> Result<VerifyingKey, WireError>,
 ) -> Result<Verified<T>, WireError> {
+    let unverified = decode::<T>(bytes)?;
+    let key = key_for(&unverified.message)?;
+    unverified.verify(&key)
+}
+
+/// A signed message decoded but not yet verified: its fields may be read to decide whether a
+/// signature check is worth making, and trusted for nothing else. [`Unverified::verify`] is the
+/// only way on.
+#[derive(Debug)]
+pub struct Unverified<'a, T> {
+    message: T,
+    body: &'a [u8],
+    signature: [u8; SIGNATURE_LEN],
+}
+
+impl<T> Unverified<'_, T> {
+    /// The message, unverified.
+    pub fn message(&self) -> &T {
+        &self.message
+    }
+
+    /// Checks the signature over the bytes the message was decoded from.
+    pub fn verify(self, key: &VerifyingKey) -> Result<Verified<T>, WireError> {
+        key.verify_strict(
+            &signed_input(self.body),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| WireError::BadSignature)?;
+        Ok(Verified(self.message))
+    }
+}
+
+/// Decodes a signed message (bounded) and checks that nothing trails the signature; the
+/// signature is not checked yet.
+pub fn decode<T: Codec>(bytes: &[u8]) -> Result<Unverified<'_, T>, WireError> {
     let mut reader = Reader::new(bytes);
     let message = T::decode(&mut reader)?;
     let body_len = bytes.len() - reader.remaining();
@@ -73,10 +108,11 @@ pub fn open_with<T: Codec>(
     let body = bytes
         .get(..body_len)
         .ok_or(DecodeError::Truncated("body"))?;
-    let key = key_for(&message)?;
-    key.verify_strict(&signed_input(body), &Signature::from_bytes(&signature))
-        .map_err(|_| WireError::BadSignature)?;
-    Ok(Verified(message))
+    Ok(Unverified {
+        message,
+        body,
+        signature,
+    })
 }
 
 /// The Ed25519 public key in `bytes`, or an error naming it invalid.

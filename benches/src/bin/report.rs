@@ -5,10 +5,10 @@
 //! - (a) bytes on the wire per encryption, and datagrams and bytes of one leave at n = 2^20,
 //!   d = 4, MTU 1200;
 //! - (b) one leave rekey (`tree.leave` + `pack_signed`) against the same number of bare wraps
-//!   (BLAKE3 `derive_key` + ChaCha20-Poly1305 seal of 32 bytes with 40 bytes of AD) plus one
-//!   Ed25519 signature per datagram, and the ratio;
+//!   (one BLAKE3 `derive_key` of 80 bytes, the pad, XORed onto the key) plus one Ed25519
+//!   signature per datagram, and the ratio;
 //! - (c) a member's verify → fresh → apply of its datagram against one Ed25519 `verify_strict`
-//!   of the same signed input plus its unwraps (derive + open), and the ratio;
+//!   of the same signed input plus its unwraps (pad and XOR), and the ratio;
 //! - (d) memory per member: `KeyTree::memory_bytes() / n` at n = 10^6, and the process's peak
 //!   RSS (`VmHWM`).
 //!
@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::Signer;
 use gkm_benches::{
     Fixture, LeaveCase, byte, config, controller_key, full_tree, median, peak_rss_kib, rss_kib,
-    unwrap_like_member, wrap_ad, wrap_like_tree,
+    unwrap_like_member, wrap_binding, wrap_like_tree,
 };
 use lkh_tree::{MemberPath, TreeConfig};
-use wire::{AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, HeldPath, WRAP_LEN, pack, pack_signed};
+use wire::{AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, HeldPath, pack, pack_signed};
 
 /// Runs per measurement; the median is printed.
 const RUNS: usize = 7;
@@ -193,27 +193,28 @@ fn report_wire(case: &LeaveCase, one_way: &LeaveCase) {
     let e = case.rekey.encryptions.len();
     let sizes: Vec<usize> = case.datagrams.iter().map(Vec::len).collect();
     let total: usize = sizes.iter().sum();
-    let fit = (DEFAULT_MTU - DATAGRAM_OVERHEAD - 4) / WRAP_LEN;
     let controller = controller_key().verifying_key();
     let carried: usize = case
         .datagrams
         .iter()
-        .map(|b| AuthenticRekey::verify(b, &controller).map_or(0, |a| a.datagram().wraps.len()))
+        .map(|b| AuthenticRekey::verify(b, &controller).map_or(0, |a| a.datagram().wraps().count()))
         .sum();
+    let per_wrap = (total - DATAGRAM_OVERHEAD * sizes.len()) as f64 / carried.max(1) as f64;
+    let fit = (DEFAULT_MTU - DATAGRAM_OVERHEAD) as f64 / per_wrap;
     heading(&format!(
         "(a) bytes on the wire: one leave at n = 2^20 (L = 10), d = 4, MTU {DEFAULT_MTU}"
     ));
     row(
-        "bytes per encryption (WRAP_LEN)",
-        format!("{WRAP_LEN:>9} B    (target 4, wrapping 4, ciphertext 32, tag 16)"),
+        "bytes per encryption carried (measured)",
+        format!("{per_wrap:>9.1} B    (key under its pad 32, delta-coded node references, covers)"),
     );
     row(
-        "bytes per datagram besides wraps (DATAGRAM_OVERHEAD)",
-        format!("{DATAGRAM_OVERHEAD:>9} B    (header, epoch, index, counts, …, signature 64)"),
+        "bytes per datagram besides items (DATAGRAM_OVERHEAD)",
+        format!("{DATAGRAM_OVERHEAD:>9} B    (header, epoch, salt, KCV, counts, …, signature 64)"),
     );
     row(
         "encryptions of the leave (d·L − 1)",
-        format!("{e:>9}      ({} B of wraps)", e * WRAP_LEN),
+        format!("{e:>9}      ({} B of keys under pads)", e * 32),
     );
     row(
         "datagrams",
@@ -222,13 +223,13 @@ fn report_wire(case: &LeaveCase, one_way: &LeaveCase) {
     row("bytes on the wire, all datagrams", format!("{total:>9} B"));
     row(
         "wraps carried (near-root wraps repeat)",
-        format!("{carried:>9}      ({} B of wraps)", carried * WRAP_LEN),
+        format!("{carried:>9}"),
     );
     row(
         "wraps that fit one datagram at this MTU",
         format!(
-            "{fit:>9}      (so at least {} datagrams for {e} encryptions)",
-            e.div_ceil(fit)
+            "{fit:>9.1}      (so at least {} datagrams for {e} encryptions)",
+            (e as f64 / fit).ceil()
         ),
     );
     let sizes: Vec<usize> = one_way.datagrams.iter().map(Vec::len).collect();
@@ -292,13 +293,13 @@ fn report_leave_time(fx: &mut Fixture, case: &LeaveCase) {
     let signed_len = signed_bytes / signatures.max(1);
 
     // The floor: the same number of bare wraps, and one signature per datagram.
-    let ad = wrap_ad(5);
+    let binding = wrap_binding(5);
     let wraps = measure(LEAVES, || {
         let t0 = Instant::now();
         for i in 0..LEAVES {
             for w in 0..e {
                 let k = [byte(i ^ w); 32];
-                black_box(wrap_like_tree(&k, [byte(w); 12], &ad, &k));
+                black_box(wrap_like_tree(&k, &binding, &k));
             }
         }
         t0.elapsed()
@@ -387,11 +388,11 @@ fn member_case(case: &LeaveCase, path: &MemberPath) -> (Stat, Stat, usize, usize
     let key = controller_key();
     let message = vec![0x5a; bytes.len() - SIGNATURE_LEN + SIGNED_LABEL_LEN];
     let signature = key.sign(&message);
-    let ad = wrap_ad(9);
-    let wrapped: Vec<([u8; 32], [u8; 48])> = (0..unwraps)
+    let binding = wrap_binding(9);
+    let wrapped: Vec<([u8; 32], [u8; 32])> = (0..unwraps)
         .map(|i| {
             let k = [byte(i); 32];
-            (k, wrap_like_tree(&k, [byte(i); 12], &ad, &[1; 32]))
+            (k, wrap_like_tree(&k, &binding, &[1; 32]))
         })
         .collect();
     let floor = measure(APPLIES, || {
@@ -400,8 +401,8 @@ fn member_case(case: &LeaveCase, path: &MemberPath) -> (Stat, Stat, usize, usize
             controller
                 .verify_strict(black_box(&message), black_box(&signature))
                 .expect("valid");
-            for (i, (k, w)) in wrapped.iter().enumerate() {
-                black_box(unwrap_like_member(k, [byte(i); 12], &ad, black_box(w)));
+            for (k, w) in &wrapped {
+                black_box(unwrap_like_member(k, &binding, black_box(w)));
             }
         }
         t0.elapsed()

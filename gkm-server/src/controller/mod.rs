@@ -661,7 +661,6 @@ impl<R: CryptoRng> Controller<R> {
 }
 
 #[cfg(test)]
-#[cfg(test)]
 mod tests {
     use super::*;
     use rand_chacha::ChaCha20Rng;
@@ -677,7 +676,7 @@ mod tests {
         };
         tree.rekey(&grow(4_096), &mut rng).unwrap();
         let rekey = tree.rekey(&grow(2_048), &mut rng).unwrap();
-        let datagrams = pack_rekey(&rekey, &tree, 576);
+        let datagrams = pack_rekey(&rekey, &tree, 400);
         assert!(datagrams.len() > 3 * 64, "{} datagrams", datagrams.len());
         let signer = SigningKey::from_bytes(&[9; 32]);
         let alone = sign_all(&datagrams, &signer, 1);

@@ -383,7 +383,11 @@ impl<R: CryptoRng> Controller<R> {
             bytes,
             at: now.0,
         });
-        self.heartbeat(id, now);
+        // The rekey carries the epoch and the key check value a heartbeat would: the next one is
+        // due a whole interval from now (issue 15).
+        if let Some(g) = self.groups.get_mut(&id) {
+            g.next_heartbeat = now.plus(g.policy.heartbeat_interval_ms.max(1));
+        }
     }
 
     /// Seals and signs the welcomes of one rekey, on up to `workers` threads. The X25519 work was

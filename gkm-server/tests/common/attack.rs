@@ -6,39 +6,38 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
-use lkh_tree::{Epoch, GroupId, KeyVersion, NodeId, NodeKey, Wrap};
+use lkh_tree::{Epoch, GroupId, Kcv, KeyVersion, NodeId, NodeKey, Wrap};
 use wire::RekeyDatagram;
 
 /// A key instance an adversary may hold: (node, version) → key bytes.
 pub type Keys = BTreeMap<(u32, u64), [u8; 32]>;
 
-/// The AEAD of a wrap under `key` in the rekey salted with `salt` (RFC-notes/lkh.md:
-/// ChaCha20-Poly1305 under `derive_key("gkm v2 2026-12 lkh wrap key with rekey salt", key ‖
-/// salt)`, nonce `epoch ‖ target`, associated data `group ‖ epoch ‖ target ‖ epoch ‖ wrapping ‖
-/// wrapping version`).
-fn wrap_aead(
+/// The pad of a wrap under `key` in the rekey salted with `salt` (RFC-notes/wire-format.md,
+/// version 3: `derive_key("gkm v3 2026-12 lkh wrap pad", key ‖ salt ‖ group ‖ epoch ‖ target ‖
+/// wrapping ‖ wrapping version)`, the wrap being the key XOR the pad).
+fn pad(
     group: GroupId,
     (key, salt): (&[u8; 32], &[u8; 16]),
     epoch: u64,
-    wrap: (NodeId, NodeId, u64),
-) -> (ChaCha20Poly1305, Nonce, [u8; 40]) {
-    let (target, wrapping, wrapping_version) = wrap;
-    let input = [&key[..], &salt[..]].concat();
-    let label = "gkm v2 2026-12 lkh wrap key with rekey salt";
-    let cipher = ChaCha20Poly1305::new(&blake3::derive_key(label, &input).into());
-    let mut nonce = [0u8; 12];
-    nonce[..8].copy_from_slice(&epoch.to_be_bytes());
-    nonce[8..].copy_from_slice(&target.0.to_be_bytes());
-    let mut ad = [0u8; 40];
-    ad[..8].copy_from_slice(&group.0.to_be_bytes());
-    ad[8..16].copy_from_slice(&epoch.to_be_bytes());
-    ad[16..20].copy_from_slice(&target.0.to_be_bytes());
-    ad[20..28].copy_from_slice(&epoch.to_be_bytes());
-    ad[28..32].copy_from_slice(&wrapping.0.to_be_bytes());
-    ad[32..40].copy_from_slice(&wrapping_version.to_be_bytes());
-    (cipher, Nonce::from(nonce), ad)
+    (target, wrapping, wrapping_version): (NodeId, NodeId, u64),
+) -> [u8; 32] {
+    let mut input = Vec::with_capacity(80);
+    input.extend_from_slice(key);
+    input.extend_from_slice(salt);
+    input.extend_from_slice(&group.0.to_be_bytes());
+    input.extend_from_slice(&epoch.to_be_bytes());
+    input.extend_from_slice(&target.0.to_be_bytes());
+    input.extend_from_slice(&wrapping.0.to_be_bytes());
+    input.extend_from_slice(&wrapping_version.to_be_bytes());
+    blake3::derive_key("gkm v3 2026-12 lkh wrap pad", &input)
+}
+
+fn xor(a: [u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut out = a;
+    for (o, b) in out.iter_mut().zip(b) {
+        *o ^= b;
+    }
+    out
 }
 
 /// Wraps `plain` as the new key of `target` in `epoch` under `key`, the key of `wrapping` at
@@ -50,55 +49,55 @@ pub fn seal_wrap(
     (target, wrapping, wrapping_version): (NodeId, NodeId, u64),
     plain: &[u8; 32],
 ) -> Wrap {
-    let (cipher, nonce, ad) = wrap_aead(group, key, epoch.0, (target, wrapping, wrapping_version));
-    let mut ciphertext = [0u8; 48];
-    let (body, tag_out) = ciphertext.split_at_mut(32);
-    body.copy_from_slice(plain);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce, &ad, body.into())
-        .expect("a 32-byte key wraps");
-    tag_out.copy_from_slice(&tag);
+    let pad = pad(group, key, epoch.0, (target, wrapping, wrapping_version));
     Wrap {
         target,
         wrapping,
         under_new: wrapping_version == epoch.0,
-        ciphertext,
+        ciphertext: xor(pad, plain),
     }
 }
 
 /// Opens `wrap` of `epoch` with `key`, taken as the key of the wrapping node at
-/// `wrapping_version`; `None` if it does not authenticate.
+/// `wrapping_version`. Every key opens every wrap to something: only the right one to the key.
 pub fn open_wrap(
     group: GroupId,
     key: (&[u8; 32], &[u8; 16]),
     epoch: u64,
     wrap: &Wrap,
     wrapping_version: u64,
-) -> Option<[u8; 32]> {
-    let (cipher, nonce, ad) = wrap_aead(
+) -> [u8; 32] {
+    let pad = pad(
         group,
         key,
         epoch,
         (wrap.target, wrap.wrapping, wrapping_version),
     );
-    let mut body = [0u8; 32];
-    body.copy_from_slice(&wrap.ciphertext[..32]);
-    let tag = Tag::try_from(&wrap.ciphertext[32..]).ok()?;
-    cipher
-        .decrypt_inout_detached(&nonce, &ad, (&mut body[..]).into(), &tag)
-        .ok()?;
-    Some(body)
+    xor(pad, &wrap.ciphertext)
 }
 
-/// Every key instance the attackers hold, several candidates per instance allowed.
-type Pool = BTreeMap<(u32, u64), BTreeSet<[u8; 32]>>;
+/// A candidate value of a key or seed instance: (kind, node, version, bytes), kind 0 for keys
+/// and 1 for seeds.
+type Candidate = (u8, u32, u64, [u8; 32]);
 
 /// What the attackers learned.
+///
+/// Wraps carry no tags, so a wrap opened under the wrong key yields garbage that looks like a
+/// key. The attackers pick keys as a member does: a wrap under a node's key held before the
+/// epoch uses the version that node had then, which the captures tell (a node's key changes in
+/// the epochs whose datagrams set it). That is not always enough (a departed member's leaf id
+/// given to a joiner changes the leaf's key with nothing on the wire), so every candidate keeps
+/// where it came from, and what the attack *opened* for certain is what leads to a root whose
+/// traffic key has the check value the epoch's datagrams carry.
 pub struct Loot {
     group: GroupId,
-    keys: Pool,
-    seeds: Pool,
-    /// Instances learned by opening a wrap (authenticated by the AEAD, so certainly real).
+    /// Every candidate, with the candidates it was derived from.
+    found: BTreeMap<Candidate, Vec<Candidate>>,
+    /// Candidates obtained by opening a wrap.
+    unwrapped: BTreeSet<Candidate>,
+    /// The versions each node's key is known to have had: held, or set by a captured datagram.
+    versions: BTreeMap<u32, BTreeSet<u64>>,
+    /// Instances learned by opening a wrap, confirmed by a key check value.
     pub opened: BTreeSet<(u32, u64)>,
 }
 
@@ -107,106 +106,153 @@ impl Loot {
     pub fn new(group: GroupId, held: &Keys) -> Loot {
         let mut loot = Loot {
             group,
-            keys: Pool::new(),
-            seeds: Pool::new(),
+            found: BTreeMap::new(),
+            unwrapped: BTreeSet::new(),
+            versions: BTreeMap::new(),
             opened: BTreeSet::new(),
         };
-        for (&instance, key) in held {
-            loot.keys.entry(instance).or_default().insert(*key);
+        for (&(node, version), key) in held {
+            loot.found.insert((0, node, version, *key), Vec::new());
+            loot.versions.entry(node).or_default().insert(version);
         }
         loot
     }
 
-    fn add(pool: &mut Pool, instance: (u32, u64), key: [u8; 32]) -> bool {
-        pool.entry(instance).or_default().insert(key)
+    fn add(&mut self, candidate: Candidate, from: Candidate) -> bool {
+        let sources = self.found.entry(candidate).or_default();
+        if sources.contains(&from) {
+            return false;
+        }
+        sources.push(from);
+        true
     }
 
-    /// Keys of `node` held at versions below `epoch`, with their versions.
-    fn older(&self, node: NodeId, epoch: u64) -> Vec<(u64, [u8; 32])> {
-        self.keys
-            .range((node.0, 0)..(node.0, epoch))
-            .flat_map(|(&(_, v), keys)| keys.iter().map(move |k| (v, *k)))
+    fn of(&self, kind: u8, node: u32, version: u64) -> Vec<Candidate> {
+        self.found
+            .range((kind, node, version, [0; 32])..=(kind, node, version, [0xff; 32]))
+            .map(|(c, _)| *c)
             .collect()
+    }
+
+    /// The key candidates of `node` at the version it had just before `epoch`.
+    fn current(&self, node: NodeId, epoch: u64) -> Vec<Candidate> {
+        self.versions
+            .get(&node.0)
+            .and_then(|v| v.range(..epoch).next_back())
+            .map_or_else(Vec::new, |&version| self.of(0, node.0, version))
+    }
+
+    /// Notes the nodes whose keys the captured datagrams set, and in which epochs.
+    fn note_versions(&mut self, captures: &[RekeyDatagram]) {
+        for d in captures {
+            let e = d.epoch.0;
+            let set = d
+                .wraps()
+                .map(|w| w.target)
+                .chain(d.links().map(|l| l.parent))
+                .chain(d.advances())
+                .chain([NodeId::ROOT]);
+            for node in set {
+                self.versions.entry(node.0).or_default().insert(e);
+            }
+        }
     }
 
     /// One pass over one datagram; whether anything new was learned.
     fn pass(&mut self, d: &RekeyDatagram) -> bool {
         let e = d.epoch.0;
         let mut progress = false;
-        for &node in &d.advances {
-            for (_, old) in self.older(node, e) {
-                let new = NodeKey::from_bytes(old).hash_forward(node, KeyVersion(e));
-                progress |= Loot::add(&mut self.keys, (node.0, e), *new.as_bytes());
+        for node in d.advances() {
+            for old in self.current(node, e) {
+                let new = NodeKey::from_bytes(old.3).hash_forward(node, KeyVersion(e));
+                progress |= self.add((0, node.0, e, *new.as_bytes()), old);
             }
         }
-        for wrap in &d.wraps {
-            let candidates: Vec<(u64, [u8; 32])> = if wrap.under_new {
-                let held = self
-                    .keys
-                    .get(&(wrap.wrapping.0, e))
-                    .cloned()
-                    .unwrap_or_default();
-                held.into_iter().map(|k| (e, k)).collect()
+        for wrap in d.wraps() {
+            let openers = if wrap.under_new {
+                self.of(0, wrap.wrapping.0, e)
             } else {
-                self.older(wrap.wrapping, e)
+                self.current(wrap.wrapping, e)
             };
-            for (version, key) in candidates {
-                let Some(plain) = open_wrap(self.group, (&key, &d.salt.0), e, wrap, version) else {
-                    continue;
-                };
-                let instance = (wrap.target.0, e);
-                self.opened.insert(instance);
-                progress |= self.learn(d.seeds, wrap.target, e, plain);
+            for opener in openers {
+                let plain = open_wrap(self.group, (&opener.3, &d.salt.0), e, wrap, opener.2);
+                let learned = (u8::from(d.seeds), wrap.target.0, e, plain);
+                self.unwrapped.insert(learned);
+                progress |= self.learn(learned, opener);
             }
         }
-        for link in &d.links {
-            let seeds = self
-                .seeds
-                .get(&(link.child.0, e))
-                .cloned()
-                .unwrap_or_default();
-            for seed in seeds {
-                let next = NodeKey::from_bytes(seed).one_way_next(link.parent);
-                progress |= self.learn(true, link.parent, e, *next.as_bytes());
+        for link in d.links() {
+            for seed in self.of(1, link.child.0, e) {
+                let next = NodeKey::from_bytes(seed.3).one_way_next(link.parent);
+                progress |= self.learn((1, link.parent.0, e, *next.as_bytes()), seed);
             }
         }
         progress
     }
 
-    fn learn(&mut self, seeds: bool, node: NodeId, e: u64, plain: [u8; 32]) -> bool {
-        if !seeds {
-            return Loot::add(&mut self.keys, (node.0, e), plain);
+    /// A key, or a seed and the key it makes, learned from `from`.
+    fn learn(&mut self, learned: Candidate, from: Candidate) -> bool {
+        let (kind, node, e, plain) = learned;
+        if kind == 0 {
+            return self.add(learned, from);
         }
-        let key = NodeKey::from_bytes(plain).one_way_key(node);
-        Loot::add(&mut self.seeds, (node.0, e), plain)
-            | Loot::add(&mut self.keys, (node.0, e), *key.as_bytes())
+        let key = NodeKey::from_bytes(plain).one_way_key(NodeId(node));
+        self.add(learned, from) | self.add((0, node, e, *key.as_bytes()), learned)
     }
 
-    /// Decrypts until nothing more opens (bounded).
+    /// Decrypts until nothing more opens (bounded), then confirms what the check values say.
     pub fn attack(&mut self, captures: &[RekeyDatagram]) {
+        self.note_versions(captures);
+        let mut settled = false;
         for _ in 0..captures.len() + 2 {
             let mut progress = false;
             for d in captures {
                 progress |= self.pass(d);
             }
             if !progress {
-                return;
+                settled = true;
+                break;
             }
         }
-        panic!("the attack did not reach a fixed point");
+        assert!(settled, "the attack did not reach a fixed point");
+        self.confirm(captures);
+    }
+
+    /// Marks opened what leads to a root with the check value its epoch's datagrams carry.
+    fn confirm(&mut self, captures: &[RekeyDatagram]) {
+        let kcvs: BTreeMap<u64, Kcv> = captures.iter().map(|d| (d.epoch.0, d.kcv)).collect();
+        let group = self.group;
+        let mut todo: Vec<Candidate> = Vec::new();
+        for (&e, &kcv) in &kcvs {
+            todo.extend(self.of(0, NodeId::ROOT.0, e).into_iter().filter(|root| {
+                NodeKey::from_bytes(root.3)
+                    .traffic_key(group, Epoch(e))
+                    .check_value()
+                    == kcv
+            }));
+        }
+        let mut seen = BTreeSet::new();
+        while let Some(candidate) = todo.pop() {
+            if !seen.insert(candidate) {
+                continue;
+            }
+            if self.unwrapped.contains(&candidate) {
+                self.opened.insert((candidate.1, candidate.2));
+            }
+            todo.extend(self.found.get(&candidate).into_iter().flatten().copied());
+        }
     }
 
     /// Epochs whose real traffic key (as given in `traffic`) the attackers derived.
     pub fn traffic_epochs(&self, traffic: &BTreeMap<u64, [u8; 32]>) -> BTreeSet<u64> {
-        self.keys
-            .range((0, 0)..(1, 0))
-            .filter(|((_, e), candidates)| {
-                candidates.iter().any(|root| {
-                    let derived = NodeKey::from_bytes(*root).traffic_key(self.group, Epoch(*e));
-                    traffic.get(e) == Some(derived.as_bytes())
-                })
+        self.found
+            .keys()
+            .filter(|(kind, node, _, _)| *kind == 0 && *node == NodeId::ROOT.0)
+            .filter(|(_, _, e, root)| {
+                let derived = NodeKey::from_bytes(*root).traffic_key(self.group, Epoch(*e));
+                traffic.get(e) == Some(derived.as_bytes())
             })
-            .map(|((_, e), _)| *e)
+            .map(|(_, _, e, _)| *e)
             .collect()
     }
 }
