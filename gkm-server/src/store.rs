@@ -1,8 +1,7 @@
 //! Persistence: the [`Store`] the controller writes every rekey's changes to before anything
 //! encrypted under them leaves the process (write-ahead), and [`MemoryStore`] for tests.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::thread::JoinHandle;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lkh_tree::{Epoch, GroupId, NodeId, NodeRecord, TreeChanges, TreeConfig, TreeSnapshot};
 use thiserror::Error;
@@ -209,20 +208,23 @@ pub struct CompactionFailure {
 }
 
 /// The compaction a store runs on a thread of its own (one at a time), and the failures of those
-/// that ended, oldest first, until taken.
+/// that ended, oldest first, until taken. Only the stores that compact (redb, PostgreSQL) have it.
+#[cfg(any(feature = "disk", feature = "postgres"))]
 #[derive(Default)]
 pub(crate) struct Compactions {
     running: Option<Running>,
-    failures: VecDeque<CompactionFailure>,
+    failures: std::collections::VecDeque<CompactionFailure>,
 }
 
 /// A compaction running on its thread.
+#[cfg(any(feature = "disk", feature = "postgres"))]
 struct Running {
     group: GroupId,
     epoch: Epoch,
-    thread: JoinHandle<Result<(), StoreError>>,
+    thread: std::thread::JoinHandle<Result<(), StoreError>>,
 }
 
+#[cfg(any(feature = "disk", feature = "postgres"))]
 impl Compactions {
     /// Runs `job`, the compaction of `group` to `epoch`, on a thread, once the one running
     /// finished. A job that could not be made, or a thread that cannot start, is a failure.

@@ -12,8 +12,9 @@
 //! member is one Ed25519 `verify_strict` of its datagram plus one pad derivation per key of its
 //! path that changed.
 //!
-//! Prints, per eviction, the median controller time, datagrams and bytes (one copy of each
-//! datagram), and for the members the median time against the floor.
+//! Prints the key tree's memory per member and the keys on a member's path; per eviction, the
+//! median controller time, datagrams and bytes (one copy of each datagram); and for the members
+//! the median time against the floor.
 //!
 //! `cargo run --release -p gkm-benches --bin evict -- 8192 400 4`
 
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::{Signature, SigningKey};
 use gkm_benches::{full_tree, median, member_records, unwrap_like_member, wrap_binding};
 use gkm_server::{
-    Command, Controller, GroupPolicy, GroupState, MemoryStore, StoreDriver, Timestamp, Transmit,
+    Command, Controller, GroupPolicy, GroupState, MemoryStore, Store, StoreDriver, Timestamp,
+    Transmit,
 };
 use lkh_tree::TreeConfig;
 use rand_core::Rng;
@@ -43,6 +45,8 @@ fn main() {
         ..TreeConfig::default()
     };
     let mut fx = full_tree(n, tree_config, 11);
+    let tree_bytes = fx.tree.memory_bytes();
+    let path_keys = fx.tree.height() + 1;
     let snapshot = fx.tree.snapshot();
     let group = snapshot.group;
     let epoch = snapshot.epoch.0;
@@ -72,8 +76,12 @@ fn main() {
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = tree_config;
     policy.lease_ms = 1 << 40;
+    // One send per datagram: the repeats are the same bytes, later.
+    policy.repeats = 1;
     let signer = SigningKey::from_bytes(&[1; 32]);
     let verifying = signer.verifying_key();
+    let mut store = MemoryStore::default();
+    store.save(&state).expect("the first save");
     let mut controller = StoreDriver::new(
         Controller::new(
             signer,
@@ -83,7 +91,7 @@ fn main() {
             Timestamp(START),
         )
         .expect("a valid state"),
-        Box::new(MemoryStore::default()),
+        Box::new(store),
     );
     controller.set_workers(1);
     let mut now = START;
@@ -130,6 +138,10 @@ fn main() {
     println!(
         "n = {n}, d = {degree}, one-way, MTU 1200, {} evictions through the controller (in-memory store)",
         controller_us.len()
+    );
+    println!(
+        "key tree: {:.1} B per member (KeyTree::memory_bytes); a member holds {path_keys} path keys",
+        tree_bytes as f64 / n as f64
     );
     println!(
         "controller per eviction: p50 {:.1} µs; datagrams p50 {}; bytes p50 {} (max {})",
