@@ -141,6 +141,12 @@ pub enum MemberEvent {
     /// [`Member::poll_datagram`], to the controller's UDP port; the driver feeds what comes back
     /// to [`Member::handle_datagram`]).
     FanoutStarted,
+    /// A datagram or reply of another gkm wire version arrived (told once): the controller
+    /// runs another release. Unauthenticated, like any header.
+    OtherWireVersion {
+        /// The version it named.
+        version: u8,
+    },
     /// The controller has no such group (removed, or never configured): the member stops and
     /// asks nothing more (a daemon exits, telling its operator to check the group).
     GroupUnknown {
@@ -271,6 +277,8 @@ pub struct Member<R> {
     renew_at: Option<Millis>,
     /// Where the controller said the group's rekeys are multicast.
     rekey_address: Option<SocketAddr>,
+    /// Whether [`MemberEvent::OtherWireVersion`] was told already (once per member).
+    told_version: bool,
     stats: MemberStats,
 }
 
@@ -330,6 +338,7 @@ impl<R: CryptoRng> Member<R> {
             held: VecDeque::new(),
             renew_at: None,
             rekey_address: None,
+            told_version: false,
             stats: MemberStats::default(),
         }
     }
@@ -587,7 +596,19 @@ impl<R: CryptoRng> Member<R> {
             }
             Ok(MessageType::Heartbeat) => self.heartbeat(now, bytes),
             Ok(MessageType::CookieReply) => self.cookie(now, bytes),
+            Err(wire::DecodeError::BadVersion(version)) => self.other_version(version),
             _ => self.drop_datagram("not a rekey or heartbeat"),
+        }
+    }
+
+    /// A message of another wire version: dropped, and told once (a controller of another
+    /// release, most likely; the header is not authenticated, so nothing else follows from it).
+    fn other_version(&mut self, version: u8) {
+        self.drop_datagram("other wire version");
+        if !self.told_version {
+            self.told_version = true;
+            self.events
+                .push_back(MemberEvent::OtherWireVersion { version });
         }
     }
 
@@ -599,6 +620,7 @@ impl<R: CryptoRng> Member<R> {
             Ok(MessageType::Welcome | MessageType::ResyncResponse) => self.sealed(now, bytes),
             Ok(MessageType::Ack) => self.acknowledged(now, bytes),
             Ok(MessageType::Error) => self.error(now, bytes),
+            Err(wire::DecodeError::BadVersion(version)) => self.other_version(version),
             _ => self.drop_datagram("malformed reply"),
         }
     }

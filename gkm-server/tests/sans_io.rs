@@ -1748,3 +1748,29 @@ fn each_member_checks_one_signature_per_rekey() {
     }
     assert_eq!(net.converged().len(), 1_024 - victims.len());
 }
+
+/// Issue 15: a datagram of another wire version (a controller of another release) is dropped
+/// without touching the member's keys, and the member says so once, with the version.
+#[test]
+fn a_datagram_of_another_wire_version_is_dropped_and_told_once() {
+    let mut net = Net::new(8, 0.0);
+    let rekey = eviction_datagrams(&mut net, 7);
+    let mut old = rekey[0].clone();
+    old[2] = wire::VERSION - 1;
+    let member = &mut net.members[0];
+    while member.poll_event().is_some() {}
+    let before = member.traffic_key().expect("a member").0;
+    for _ in 0..3 {
+        member.handle_datagram(net.now, &old);
+    }
+    let told: Vec<MemberEvent> = std::iter::from_fn(|| member.poll_event()).collect();
+    assert!(
+        matches!(told.as_slice(), [MemberEvent::OtherWireVersion { version }] if *version == wire::VERSION - 1),
+        "{told:?}"
+    );
+    assert_eq!(member.stats().dropped.get("other wire version"), Some(&3));
+    assert_eq!(member.traffic_key().expect("a member").0, before);
+    // The datagram of this version still applies.
+    member.handle_datagram(net.now, &rekey[0]);
+    assert!(member.traffic_key().expect("a member").0 > before);
+}

@@ -559,6 +559,11 @@ impl Driver {
                 self.member_silence_ms(),
                 self.controllers.current()
             ),
+            MemberEvent::OtherWireVersion { version } => warn!(
+                "a message of gkm wire version {version} arrived and was dropped; this member \
+                 speaks version {}: run the same gkm release on the controller and its members",
+                wire::VERSION
+            ),
             MemberEvent::GroupUnknown { reason } => self.no_group = Some(reason),
             MemberEvent::NotLeader {
                 leader,
