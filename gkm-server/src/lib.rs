@@ -67,9 +67,10 @@ mod rows;
 mod store;
 
 pub use controller::{
-    BanTarget, Command, CommandError, Controller, DepartReason, Event, GroupInfo, Inbound, KeyInfo,
-    MemberInfo, MemberSigned, RESYNC_INTERVAL_MS, Reject, RekeyProfile, Response, Role, Saving,
-    Stats, Subscription, Transmit, VerifiedRegistration, verify_request,
+    BanTarget, Command, CommandError, Controller, DepartReason, EnrollmentInfo, Event, GroupInfo,
+    Inbound, KeyInfo, MemberInfo, MemberSigned, PolicyInfo, RESYNC_INTERVAL_MS, Reject,
+    RekeyProfile, Response, Role, Saving, Stats, Subscription, Transmit, VerifiedRegistration,
+    verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;

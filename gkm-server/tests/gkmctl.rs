@@ -130,6 +130,14 @@ fn commands_print_tables_and_json() {
             .lines()
             .any(|l| l.split_whitespace().eq(["repeats", "3"]))
     );
+    // Scripts get an object with typed values, the flag after the command.
+    let policy: serde_json::Value =
+        serde_json::from_slice(&d.ctl(&["policy", "demo", "--json"]).stdout).unwrap();
+    assert_eq!(policy["repeats"], 3, "{policy}");
+    assert_eq!(policy["degree"], 4);
+    assert_eq!(policy["one_way"], true);
+    assert_eq!(policy["enrollment"]["mode"], "open");
+    assert!(policy["heartbeat_interval_ms"].is_u64());
 
     let out = d.ctl(&["rekey", "demo"]);
     assert_eq!(out.status.code(), Some(0));

@@ -275,10 +275,17 @@ fn render(command: &Cmd, data: &Value) -> String {
         ),
         Cmd::Policy { .. } => {
             let mut out = String::new();
-            for pair in data.as_array().into_iter().flatten() {
-                let k = pair.get(0).map(cell).unwrap_or_default();
-                let v = pair.get(1).map(cell).unwrap_or_default();
-                out.push_str(&format!("{k:<22} {v}\n"));
+            for (k, v) in data.as_object().into_iter().flatten() {
+                let shown = match (k.as_str(), v) {
+                    ("enrollment", v) if v["mode"] == "restricted" => format!(
+                        "restricted ({} keys, {} tokens)",
+                        cell(&v["keys"]),
+                        cell(&v["tokens"])
+                    ),
+                    ("enrollment", v) => cell(&v["mode"]),
+                    (_, v) => cell(v),
+                };
+                out.push_str(&format!("{k:<22} {shown}\n"));
             }
             out
         }

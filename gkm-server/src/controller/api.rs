@@ -398,6 +398,57 @@ pub struct KeyInfo {
     pub holders: usize,
 }
 
+/// A group's policy as `gkmctl policy` shows it: every setting, with its typed value (numbers as
+/// numbers, switches as booleans), under the names the config file and `--set` use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyInfo {
+    /// Children per internal node.
+    pub degree: u8,
+    /// `group`, `key` or `user`.
+    pub strategy: String,
+    /// LKH+ joins.
+    pub hash_forward_joins: bool,
+    /// One-way path updates on leaves.
+    pub one_way: bool,
+    /// How long changes are gathered before one rekey.
+    pub batch_interval_ms: u64,
+    /// Heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// How long a membership lasts without renewal.
+    pub lease_ms: u64,
+    /// Rekey with no change after this long (0: never).
+    pub refresh_interval_ms: u64,
+    /// Sends per datagram.
+    pub repeats: u8,
+    /// Time between the sends of a datagram.
+    pub repeat_spacing_ms: u64,
+    /// Largest datagram.
+    pub mtu: usize,
+    /// How far a request's timestamp may be from the controller's clock.
+    pub freshness_window_ms: u64,
+    /// Who may register.
+    pub enrollment: EnrollmentInfo,
+    /// Where rekeys are multicast, as told to members (`null`: not told).
+    pub rekey_address: Option<String>,
+    /// Whether members may subscribe to unicast fan-out.
+    pub fanout: bool,
+}
+
+/// Who may register, as [`PolicyInfo`] shows it (counts, never the keys or tokens themselves).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum EnrollmentInfo {
+    /// Anyone.
+    Open,
+    /// Listed identity keys and enrollment tokens.
+    Restricted {
+        /// Identity keys allowed.
+        keys: usize,
+        /// Enrollment tokens configured.
+        tokens: usize,
+    },
+}
+
 /// A command's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
@@ -422,8 +473,8 @@ pub enum Response {
     Groups(Vec<GroupInfo>),
     /// Members.
     Members(Vec<MemberInfo>),
-    /// Policy settings as (key, value).
-    Policy(Vec<(String, String)>),
+    /// A group's policy, every setting with its typed value.
+    Policy(PolicyInfo),
     /// Key inventory.
     Keys(Vec<KeyInfo>),
     /// DOT text.

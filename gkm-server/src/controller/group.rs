@@ -325,40 +325,31 @@ impl Group {
         }
     }
 
-    pub(super) fn policy_list(&self) -> Vec<(String, String)> {
+    pub(super) fn policy_info(&self) -> PolicyInfo {
         let p = &self.policy;
-        let enrollment = match &p.enrollment {
-            Enrollment::Open => "open".to_owned(),
-            Enrollment::Restricted { allowed, tokens } => {
-                format!(
-                    "restricted ({} keys, {} tokens)",
-                    allowed.len(),
-                    tokens.len()
-                )
-            }
-        };
-        [
-            ("degree", p.tree.degree.to_string()),
-            ("strategy", format!("{:?}", p.tree.strategy).to_lowercase()),
-            ("hash_forward_joins", p.tree.hash_forward_joins.to_string()),
-            ("one_way", p.tree.one_way.to_string()),
-            ("batch_interval_ms", p.batch_interval_ms.to_string()),
-            ("heartbeat_interval_ms", p.heartbeat_interval_ms.to_string()),
-            ("lease_ms", p.lease_ms.to_string()),
-            ("refresh_interval_ms", p.refresh_interval_ms.to_string()),
-            ("repeats", p.repeats.to_string()),
-            ("repeat_spacing_ms", p.repeat_spacing_ms.to_string()),
-            ("mtu", p.mtu.to_string()),
-            ("freshness_window_ms", p.freshness_window_ms.to_string()),
-            ("enrollment", enrollment),
-            (
-                "rekey_address",
-                p.rekey_address.map_or("-".to_owned(), |a| a.to_string()),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        PolicyInfo {
+            degree: p.tree.degree,
+            strategy: format!("{:?}", p.tree.strategy).to_lowercase(),
+            hash_forward_joins: p.tree.hash_forward_joins,
+            one_way: p.tree.one_way,
+            batch_interval_ms: p.batch_interval_ms,
+            heartbeat_interval_ms: p.heartbeat_interval_ms,
+            lease_ms: p.lease_ms,
+            refresh_interval_ms: p.refresh_interval_ms,
+            repeats: p.repeats,
+            repeat_spacing_ms: p.repeat_spacing_ms,
+            mtu: p.mtu,
+            freshness_window_ms: p.freshness_window_ms,
+            enrollment: match &p.enrollment {
+                Enrollment::Open => EnrollmentInfo::Open,
+                Enrollment::Restricted { allowed, tokens } => EnrollmentInfo::Restricted {
+                    keys: allowed.len(),
+                    tokens: tokens.len(),
+                },
+            },
+            rekey_address: p.rekey_address.map(|a| a.to_string()),
+            fanout: p.fanout,
+        }
     }
 
     /// One runtime setting ([`GroupPolicy::RUNTIME_KEYS`]), checked by [`GroupPolicy::set`].

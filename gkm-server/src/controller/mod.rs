@@ -381,7 +381,7 @@ impl<R: CryptoRng> Controller<R> {
                 if let Some((key, value)) = change {
                     g.set_policy(&key, &value, now)?;
                 }
-                Ok(Response::Policy(g.policy_list()))
+                Ok(Response::Policy(g.policy_info()))
             }
             Command::Keys(name) => Ok(Response::Keys(self.group(&name)?.inventory(now))),
             Command::Tree(name) => Ok(Response::Tree(dot::tree_dot(&self.group(&name)?.tree))),
