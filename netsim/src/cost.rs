@@ -75,6 +75,11 @@ pub struct RekeyCost {
     pub strategy: String,
     /// Distinct wraps computed.
     pub encryptions: usize,
+    /// The encryptions Li, Yang, Gouda and Lam's accounting counts for the same rekey: every
+    /// renewed node's new key under each child that still has members (a joiner's individual key
+    /// included: the paper delivers a joiner's path in the multicast message, where gkm sends it
+    /// by unicast, and wraps a join-only key under each child, where gkm wraps it once).
+    pub paper_encryptions: usize,
     /// Wraps sent, with the repetition of the packing.
     pub encryptions_sent: usize,
     /// Datagrams (one signature each).
@@ -159,6 +164,7 @@ pub fn cost(
         degree: tree.config().degree,
         strategy: scheme.name().to_owned(),
         encryptions: rekey.encryptions.len(),
+        paper_encryptions: paper_encryptions(tree, rekey),
         encryptions_sent: datagrams.iter().map(|d| d.wraps().count()).sum(),
         datagrams: datagrams.len(),
         multicast_bytes: datagrams.iter().map(wire::RekeyDatagram::wire_len).sum(),
@@ -172,6 +178,33 @@ pub fn cost(
         member_decrypts_mean: mean,
         member_decrypts_max: max,
     })
+}
+
+/// The paper's count for a rekey just made on `tree` (see [`RekeyCost::paper_encryptions`]):
+/// for each internal node whose key the rekey set, its children with a member below them.
+pub fn paper_encryptions(tree: &KeyTree, rekey: &Rekey) -> usize {
+    let version = rekey.epoch.version();
+    // Nodes with a member at or below them: one walk up from each member, stopping at the first
+    // node already found.
+    let mut occupied: HashSet<NodeId> = HashSet::new();
+    for member in tree.members() {
+        let mut node = Some(member);
+        while let Some(n) = node {
+            if !occupied.insert(n) {
+                break;
+            }
+            node = tree.parent(n);
+        }
+    }
+    occupied
+        .iter()
+        .filter(|&&n| !tree.is_member(n) && tree.version(n) == Some(version))
+        .map(|&n| {
+            tree.iter_children(n)
+                .filter(|c| occupied.contains(c))
+                .count()
+        })
+        .sum()
 }
 
 /// Decryptions per receiving member: each wrapped (not derived) renewed key on its path costs
@@ -231,6 +264,30 @@ pub fn single(
     cost(&tree, &rekey, members, scheme)
 }
 
+/// How a batch's encryptions are counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accounting {
+    /// The wraps gkm multicasts (joiners get their paths by unicast; a join-only key is wrapped
+    /// once, under its old key).
+    #[default]
+    Gkm,
+    /// Li, Yang, Gouda and Lam's: every renewed key under each child with members, a joiner's
+    /// individual key included.
+    Paper,
+}
+
+impl Accounting {
+    /// Parses `gkm|paper`.
+    pub fn parse(name: &str) -> Option<Accounting> {
+        match name {
+            "gkm" => Some(Accounting::Gkm),
+            "paper" => Some(Accounting::Paper),
+            _ => None,
+        }
+    }
+}
+
 /// Mean and standard deviation of a batch's costs over independent trials.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BatchCost {
@@ -243,8 +300,17 @@ pub struct BatchCost {
     pub joins: usize,
     /// Trials.
     pub trials: usize,
+    /// Which accounting `encryptions_mean` and `encryptions_stddev` follow: `gkm` (the wraps
+    /// gkm multicasts) or `paper` (Li et al.'s count, joiners' keys in the multicast).
+    pub accounting: Accounting,
     /// Mean encryptions over the trials.
     pub encryptions_mean: f64,
+    /// Mean of gkm's count (whatever the accounting).
+    pub gkm_encryptions_mean: f64,
+    /// Mean of the paper's count (whatever the accounting).
+    pub paper_encryptions_mean: f64,
+    /// Mean keys sent to joiners by unicast (gkm's welcomes).
+    pub unicast_keys_mean: f64,
     /// Standard deviation of encryptions over the trials.
     pub encryptions_stddev: f64,
 }
@@ -259,6 +325,27 @@ pub fn batch(
     trials: usize,
     scheme: Scheme,
     seed: u64,
+) -> Result<BatchCost, CostError> {
+    batch_counted(
+        members,
+        degree,
+        (leaves, joins),
+        trials,
+        scheme,
+        seed,
+        Accounting::Gkm,
+    )
+}
+
+/// As [`batch`], the mean and deviation following `accounting`.
+pub fn batch_counted(
+    members: usize,
+    degree: u8,
+    (leaves, joins): (usize, usize),
+    trials: usize,
+    scheme: Scheme,
+    seed: u64,
+    accounting: Accounting,
 ) -> Result<BatchCost, CostError> {
     if leaves > members || trials == 0 {
         return Err(CostError::Parameters(
@@ -280,12 +367,20 @@ pub fn batch(
         costs.push(cost(&tree, &rekey, members, scheme)?);
     }
     let n = costs.len() as f64;
-    let mean = costs.iter().map(|c| c.encryptions as f64).sum::<f64>() / n;
+    let counted = |c: &RekeyCost| match accounting {
+        Accounting::Gkm => c.encryptions as f64,
+        Accounting::Paper => c.paper_encryptions as f64,
+    };
+    let mean_of = |f: &dyn Fn(&RekeyCost) -> f64| costs.iter().map(f).sum::<f64>() / n;
+    let mean = mean_of(&counted);
     let var = costs
         .iter()
-        .map(|c| (c.encryptions as f64 - mean).powi(2))
+        .map(|c| (counted(c) - mean).powi(2))
         .sum::<f64>()
         / n;
+    let gkm_mean = mean_of(&|c| c.encryptions as f64);
+    let paper_mean = mean_of(&|c| c.paper_encryptions as f64);
+    let unicast_mean = mean_of(&|c| c.unicast_keys as f64);
     let mut first = costs
         .first()
         .cloned()
@@ -296,7 +391,11 @@ pub fn batch(
         leaves,
         joins,
         trials,
+        accounting,
         encryptions_mean: mean,
+        gkm_encryptions_mean: gkm_mean,
+        paper_encryptions_mean: paper_mean,
+        unicast_keys_mean: unicast_mean,
         encryptions_stddev: var.sqrt(),
     })
 }

@@ -147,6 +147,11 @@ enum Command {
         /// `group`, `key`, `user`, `lkh-plus` or `one-way`.
         #[arg(long, default_value = "group")]
         strategy: String,
+        /// How encryptions are counted: `gkm` (what gkm multicasts; joiners get their paths by
+        /// unicast) or `paper` (Li, Yang, Gouda and Lam: joiners' keys in the multicast, every
+        /// renewed key under each child).
+        #[arg(long, default_value = "gkm")]
+        accounting: String,
         /// Seed of every random choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -184,11 +189,12 @@ fn scheme(name: &str) -> anyhow::Result<Scheme> {
 }
 
 fn print_cost(cost: &RekeyCost) {
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("members", cost.members.to_string()),
         ("degree", cost.degree.to_string()),
         ("strategy", cost.strategy.clone()),
         ("encryptions", cost.encryptions.to_string()),
+        ("paper_encryptions", cost.paper_encryptions.to_string()),
         ("encryptions_sent", cost.encryptions_sent.to_string()),
         ("datagrams", cost.datagrams.to_string()),
         ("multicast_bytes", cost.multicast_bytes.to_string()),
@@ -361,22 +367,36 @@ fn main() -> anyhow::Result<()> {
             joins,
             trials,
             strategy,
+            accounting,
             seed,
             json,
         } => {
-            let cost = cost::batch(
+            let accounting = cost::Accounting::parse(&accounting).ok_or_else(|| {
+                anyhow::anyhow!("unknown --accounting {accounting:?}; use gkm or paper")
+            })?;
+            let cost = cost::batch_counted(
                 members,
                 degree,
-                leaves,
-                joins,
+                (leaves, joins),
                 trials,
                 scheme(&strategy)?,
                 seed,
+                accounting,
             )?;
             if json {
                 println!("{}", serde_json::to_string(&cost)?);
             } else {
                 print_cost(&cost.cost);
+                println!("{:<22} {:?}", "accounting", cost.accounting);
+                println!(
+                    "{:<22} {:.2}",
+                    "gkm_encryptions_mean", cost.gkm_encryptions_mean
+                );
+                println!(
+                    "{:<22} {:.2}",
+                    "paper_encryptions_mean", cost.paper_encryptions_mean
+                );
+                println!("{:<22} {:.2}", "unicast_keys_mean", cost.unicast_keys_mean);
                 println!("{:<22} {:.2}", "encryptions_mean", cost.encryptions_mean);
                 println!(
                     "{:<22} {:.2}",

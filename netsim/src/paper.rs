@@ -92,6 +92,46 @@ pub fn expected_batch(degree: u8, height: u32, leaves: u64) -> f64 {
         .sum()
 }
 
+/// The expected encryptions of Li et al.'s accounting (every renewed key under each child with
+/// members, joiners' individual keys included) for ℓ uniformly chosen leaves and `joins` joins on
+/// a full tree of degree d and height h, with gkm's placement of joiners: they take departed slots
+/// first (a uniformly random J of the ℓ when J ≤ ℓ: the last vacated), and those beyond split
+/// leaves, the leaf split and d − 1 joiners under each new node.
+///
+/// - J ≤ ℓ: Σ_k d^k · d · (P_k − Q'_{k+1}), where Q'_j = Q_j · C(ℓ − m_j, J) / C(ℓ, J): a child
+///   subtree of m_j = d^{h−j} slots is pruned when all its members left and none of its slots
+///   was refilled. J = 0 is [`expected_batch`]; J = ℓ prunes nothing.
+/// - ℓ < J ≤ ℓ·d: every departed slot is refilled (nothing pruned), and the J − ℓ joiners beyond
+///   split the leaves just refilled, so their ancestors are renewed already: Σ_k d^{k+1} P_k +
+///   (J − ℓ) + ⌈(J − ℓ)/(d − 1)⌉, the last terms the new nodes' keys under their children.
+///
+/// `None` outside those ranges (joins into a tree no departure made room in).
+pub fn expected_batch_paper(degree: u8, height: u32, leaves: u64, joins: u64) -> Option<f64> {
+    let d = u64::from(degree);
+    let n = d.pow(height);
+    if joins > leaves.saturating_mul(d) || (leaves == 0 && joins > 0) || leaves > n {
+        return None;
+    }
+    let refilled = joins.min(leaves);
+    let tree: f64 = (0..height)
+        .map(|k| {
+            let nodes = d.pow(k) as f64;
+            let size = d.pow(height - k);
+            let child = size / d;
+            let touched = 1.0 - ratio(n - size, leaves, n, leaves);
+            let emptied = if leaves >= child {
+                ratio(n - child, leaves - child, n, leaves)
+                    * (ln_choose(leaves - child, refilled) - ln_choose(leaves, refilled)).exp()
+            } else {
+                0.0
+            };
+            nodes * d as f64 * (touched - emptied)
+        })
+        .sum();
+    let beyond = joins - refilled;
+    Some(tree + beyond as f64 + beyond.div_ceil(d - 1) as f64)
+}
+
 /// Every row of the comparison (`trials` batches per batch size).
 pub fn table(trials: usize, seed: u64) -> Result<Vec<Row>, CostError> {
     let mut rows = Vec::new();
@@ -161,6 +201,42 @@ pub fn table(trials: usize, seed: u64) -> Result<Vec<Row>, CostError> {
                 measured.encryptions_mean,
             ));
         }
+        rows.extend(join_rows(d, l, trials, seed)?);
+    }
+    Ok(rows)
+}
+
+/// Batches with joins (J < ℓ, J = ℓ, J > ℓ, ℓ = 256): the paper's accounting against its
+/// expectation, and gkm's next to it, with what gkm saves in multicast and pays in unicast.
+fn join_rows(d: u8, l: u32, trials: usize, seed: u64) -> Result<Vec<Row>, CostError> {
+    let n = usize::from(d).pow(l);
+    let leaves = 256usize;
+    let mut rows = Vec::new();
+    for joins in [64usize, 256, 512] {
+        let measured = cost::batch(n, d, leaves, joins, trials, Scheme::Group, seed)?;
+        let expected = expected_batch_paper(d, l, leaves as u64, joins as u64).unwrap_or(f64::NAN);
+        let case = format!("batch of {leaves} leaves, {joins} joins");
+        rows.push(row(
+            &format!("Li et al. {case}, paper accounting"),
+            n,
+            d,
+            expected,
+            measured.paper_encryptions_mean,
+        ));
+        rows.push(row(
+            &format!("{case}: gkm multicast vs paper"),
+            n,
+            d,
+            measured.paper_encryptions_mean,
+            measured.gkm_encryptions_mean,
+        ));
+        rows.push(row(
+            &format!("{case}: gkm unicast keys paid vs multicast saved"),
+            n,
+            d,
+            measured.paper_encryptions_mean - measured.gkm_encryptions_mean,
+            measured.unicast_keys_mean,
+        ));
     }
     Ok(rows)
 }
@@ -193,6 +269,39 @@ pub fn summary() -> (Vec<(u64, u8)>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_with_joins_meet_the_paper_expectation_within_two_percent() {
+        // N = 4096, d = 4, ℓ = 256: J < ℓ, J = ℓ and J > ℓ.
+        for joins in [64usize, 256, 512] {
+            let expected = expected_batch_paper(4, 6, 256, joins as u64).unwrap();
+            let measured = cost::batch_counted(
+                4096,
+                4,
+                (256, joins),
+                12,
+                Scheme::Group,
+                3,
+                cost::Accounting::Paper,
+            )
+            .unwrap();
+            let deviation = (measured.encryptions_mean - expected).abs() / expected;
+            assert!(
+                deviation < 0.02,
+                "J = {joins}: measured {:.1}, expected {expected:.1} ({:.2}%)",
+                measured.encryptions_mean,
+                deviation * 100.0
+            );
+            // gkm multicasts less (joiners' keys go by unicast, join-only keys wrap once).
+            assert!(measured.gkm_encryptions_mean < measured.paper_encryptions_mean);
+        }
+        // No joins: the paper's count is the leaves-only expectation.
+        let none = expected_batch_paper(4, 6, 256, 0).unwrap();
+        assert!((none - expected_batch(4, 6, 256)).abs() < 1e-9);
+        // J = ℓ prunes nothing: every touched node's key under all d children.
+        assert!(expected_batch_paper(4, 6, 256, 256).unwrap() > none);
+        assert_eq!(expected_batch_paper(4, 6, 0, 5), None);
+    }
 
     #[test]
     fn the_batch_expectation_matches_single_operations_and_its_limits() {
