@@ -99,6 +99,8 @@ pub struct Run {
     pub events: Vec<Event>,
     /// Every request a member sent, with the member's index.
     pub requests: Vec<(usize, Vec<u8>)>,
+    /// Every reply the controller sent, with the index of the member it went to.
+    pub replies: Vec<(usize, Vec<u8>)>,
     seeds: u64,
     queue: Vec<Transmit>,
 }
@@ -125,6 +127,7 @@ impl Run {
             traffic: BTreeMap::new(),
             versions: BTreeMap::new(),
             requests: Vec::new(),
+            replies: Vec::new(),
             events: Vec::new(),
             seeds: 1000,
             queue: Vec::new(),
@@ -245,6 +248,7 @@ impl Run {
                 if let Some(a) = self.agents.get_mut(conn.0 as usize).filter(|a| a.live) {
                     a.member.handle_reply(now, &bytes);
                 }
+                self.replies.push((conn.0 as usize, bytes));
             }
         }
     }

@@ -31,7 +31,9 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Resu
     Ok(body)
 }
 
-/// Writes one frame and flushes it.
+/// Writes one frame, length and message in one write (one TCP segment for any request: a
+/// separate 4-byte write went out alone, and Nagle's algorithm could hold the message back until
+/// it was acknowledged), and flushes it.
 pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     writer: &mut W,
     body: &[u8],
@@ -45,7 +47,9 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
                 format!("frame of {} bytes is outside 1..={MAX_FRAME}", body.len()),
             )
         })?;
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(body).await?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(body);
+    writer.write_all(&frame).await?;
     writer.flush().await
 }
