@@ -175,14 +175,23 @@ impl Agents {
         (member, resync)
     }
 
-    /// Every multicast datagram the controller sends in its restart rekey, and its reply to
-    /// member 0's resync after it (for the corpus).
+    /// Every multicast datagram the controller sends in its restart rekey, the heartbeat a
+    /// heartbeat interval later (none follows a rekey at once: it carries the epoch itself), and
+    /// its reply to member 0's resync after them (for the corpus).
     pub fn captures(&self) -> (Vec<Vec<u8>>, Vec<u8>) {
         let mut controller = new_controller(vec![self.state.clone()]);
         controller.handle_timeout(Timestamp(NOW));
         let mut multicast = Vec::new();
         while let Some(t) = controller.poll_transmit() {
             if let Transmit::Multicast { bytes, .. } = t {
+                multicast.push(bytes);
+            }
+        }
+        controller.handle_timeout(Timestamp(NOW + policy().heartbeat_interval_ms));
+        while let Some(t) = controller.poll_transmit() {
+            if let Transmit::Multicast { bytes, .. } = t
+                && wire::MessageType::peek(&bytes) == Ok(wire::MessageType::Heartbeat)
+            {
                 multicast.push(bytes);
             }
         }

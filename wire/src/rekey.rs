@@ -180,9 +180,13 @@ impl Cursor {
         }
         if head & NEW_TARGET != 0 {
             let id = r.varint_at_most(u64::from(NodeId::LIMIT - 1), "item target")?;
-            self.target = Some(NodeId(
-                u32::try_from(id).map_err(|_| DecodeError::Invalid("item target"))?,
-            ));
+            let target =
+                NodeId(u32::try_from(id).map_err(|_| DecodeError::Invalid("item target"))?);
+            // A target is named only when it changes: one encoding per datagram.
+            if self.target == Some(target) {
+                return Err(DecodeError::Invalid("item target named again"));
+            }
+            self.target = Some(target);
         }
         let target = self.target.ok_or(DecodeError::Invalid("item target"))?;
         Ok(match kind {
