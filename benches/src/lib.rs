@@ -266,6 +266,16 @@ impl Fixture {
     }
 }
 
+/// Shuffles `items` (Fisher–Yates) with a generator seeded with `seed`: the order in which a
+/// benchmark evicts its members.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = rng(seed);
+    for i in (1..items.len()).rev() {
+        let j = usize::try_from(rng.next_u64() % (i as u64 + 1)).unwrap_or(0);
+        items.swap(i, j);
+    }
+}
+
 /// The low byte of `i`: filler for keys, nonces and messages whose contents do not matter.
 pub fn byte(i: usize) -> u8 {
     i.to_le_bytes()[0]

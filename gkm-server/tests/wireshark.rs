@@ -36,13 +36,7 @@ struct Sent {
 
 #[test]
 fn the_dissector_decodes_every_message_as_the_code_wrote_it() {
-    if !tshark_found() {
-        assert!(
-            std::env::var_os("GKM_SKIP_TSHARK").is_some(),
-            "cannot run the dissector test: `tshark` not found (apt-get install tshark), or set \
-             GKM_SKIP_TSHARK=1 to skip it"
-        );
-        println!("skipped (GKM_SKIP_TSHARK): tshark not found");
+    if !tshark_ready() {
         return;
     }
     let mut run = Run::new(policy(true), 40);
@@ -110,12 +104,7 @@ fn the_dissector_decodes_every_message_as_the_code_wrote_it() {
 /// malformed.
 #[test]
 fn the_sample_capture_decodes_as_its_controller_logged() {
-    if !tshark_found() {
-        assert!(
-            std::env::var_os("GKM_SKIP_TSHARK").is_some(),
-            "cannot run the dissector test: `tshark` not found (apt-get install tshark), or set \
-             GKM_SKIP_TSHARK=1 to skip it"
-        );
+    if !tshark_ready() {
         return;
     }
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/wireshark/samples");
@@ -197,11 +186,22 @@ fn the_sample_capture_decodes_as_its_controller_logged() {
     assert!(epochs > 30, "only {epochs} epochs logged");
 }
 
-fn tshark_found() -> bool {
-    Command::new("tshark")
+/// Whether tshark is here; without it the test fails saying what to install, unless
+/// `GKM_SKIP_TSHARK` is set (then it is skipped, and says so).
+fn tshark_ready() -> bool {
+    let found = Command::new("tshark")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("GKM_SKIP_TSHARK").is_some(),
+            "cannot run the dissector test: `tshark` not found (apt-get install tshark), or set \
+             GKM_SKIP_TSHARK=1 to skip it"
+        );
+        println!("skipped (GKM_SKIP_TSHARK): tshark not found");
+    }
+    found
 }
 
 /// The fields of each packet's gkm layer, by field name, every value of each.

@@ -74,22 +74,7 @@ fn ratio(a: u64, b: u64, n: u64, l: u64) -> f64 {
 
 /// The expected encryptions of Li et al. for ℓ leaves on a full tree of degree d, height h.
 pub fn expected_batch(degree: u8, height: u32, leaves: u64) -> f64 {
-    let d = u64::from(degree);
-    let n = d.pow(height);
-    (0..height)
-        .map(|k| {
-            let nodes = d.pow(k) as f64;
-            let size = d.pow(height - k);
-            let child = size / d;
-            let touched = 1.0 - ratio(n - size, leaves, n, leaves);
-            let emptied = if leaves >= child {
-                ratio(n - child, leaves - child, n, leaves)
-            } else {
-                0.0
-            };
-            nodes * d as f64 * (touched - emptied)
-        })
-        .sum()
+    expected_batch_paper(degree, height, leaves, 0).unwrap_or(f64::NAN)
 }
 
 /// The expected encryptions of Li et al.'s accounting (every renewed key under each child with

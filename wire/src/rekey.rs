@@ -716,15 +716,7 @@ impl<'a> Plan<'a> {
         if let Some(whole) = self.whole(rekey, budget, mtu) {
             return Some(vec![whole]);
         }
-        let mut covers = Vec::new();
-        self.visit(
-            NodeId::ROOT,
-            self.slot(NodeId::ROOT),
-            0,
-            budget,
-            &mut covers,
-        )
-        .ok()?;
+        let covers = self.covers(budget)?;
         let mut bins = self.fill(&covers, budget);
         if let [only] = bins.as_mut_slice() {
             // Everything fits one datagram: it serves every member, which the root says.
@@ -735,6 +727,21 @@ impl<'a> Plan<'a> {
             self.settle(rekey, bin, budget, mtu, &mut out)?;
         }
         Some(out)
+    }
+
+    /// The covers of a plan with `budget` bytes for covers and items; `None` if a member's needs
+    /// alone exceed it.
+    fn covers(&self, budget: usize) -> Option<Vec<NodeId>> {
+        let mut covers = Vec::new();
+        self.visit(
+            NodeId::ROOT,
+            self.slot(NodeId::ROOT),
+            0,
+            budget,
+            &mut covers,
+        )
+        .ok()?;
+        Some(covers)
     }
 
     /// The whole rekey as one datagram serving every member (its cover the root), if it fits:
@@ -776,21 +783,7 @@ impl<'a> Plan<'a> {
         let covers = match covers {
             Some(covers) if covers.len() > 1 => covers,
             // The root stood for every cover: plan them again, as covers.
-            None => {
-                let mut covers = Vec::new();
-                self.visit(
-                    NodeId::ROOT,
-                    self.slot(NodeId::ROOT),
-                    0,
-                    budget,
-                    &mut covers,
-                )
-                .ok()?;
-                if covers.len() < 2 {
-                    return None;
-                }
-                covers
-            }
+            None => Some(self.covers(budget)?).filter(|c| c.len() > 1)?,
             Some(_) => return None,
         };
         let (first, second) = covers.split_at(covers.len() / 2);

@@ -27,7 +27,6 @@ use gkm_server::{
     Transmit,
 };
 use lkh_tree::TreeConfig;
-use rand_core::Rng;
 use wire::{AuthenticRekey, HeldPath, RekeyDatagram, SIGNATURE_LEN};
 
 const START: u64 = 1_800_000_000_000;
@@ -63,11 +62,7 @@ fn main() {
         .filter(|m| !watched_leaves.contains(&m.leaf.0))
         .map(|m| m.id.0)
         .collect();
-    let mut shuffle = gkm_benches::rng(5);
-    for i in (1..evictable.len()).rev() {
-        let j = usize::try_from(shuffle.next_u64() % (i as u64 + 1)).expect("index");
-        evictable.swap(i, j);
-    }
+    gkm_benches::shuffle(&mut evictable, 5);
     let state = GroupState {
         tree: snapshot,
         members,

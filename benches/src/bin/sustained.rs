@@ -237,11 +237,7 @@ fn main() {
     let members = member_records(&fx.tree, snapshot.epoch.0, [9; 32]);
     drop(fx);
     let mut evictable: Vec<u64> = members.iter().map(|m| m.id.0).collect();
-    let mut shuffle = rng(5);
-    for i in (1..evictable.len()).rev() {
-        let j = usize::try_from(shuffle.next_u64() % (i as u64 + 1)).expect("index");
-        evictable.swap(i, j);
-    }
+    gkm_benches::shuffle(&mut evictable, 5);
     let state = GroupState {
         tree: snapshot,
         members,
