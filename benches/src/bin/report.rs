@@ -333,7 +333,7 @@ fn report_leave_time(fx: &mut Fixture, case: &LeaveCase) {
     );
     row("leave rekey = tree.leave + pack_signed", &total);
     row(
-        "one wrap alone: derive_key + seal 32 B, 40 B AD",
+        "one wrap alone: pad (derive_key of 80 B) + XOR",
         us(wraps.median / e as f64),
     );
     row(
