@@ -80,6 +80,11 @@ pub struct ChurnReport {
     /// (full receivers only) Times a member lost every copy of a rekey datagram that carried
     /// its keys: the resyncs no waiting avoids. `None` in the subtree model.
     pub lost_every_copy: Option<u64>,
+    /// Whether the resyncs went through the controller, so that their signature checks and
+    /// HPKE seals are in `controller_cpu_us_per_op`: true with full receivers; false in the
+    /// subtree model, which counts resyncs without sending them (its controller time leaves
+    /// them out).
+    pub resyncs_charged: bool,
     /// Time from a rekey to a receiving member holding its key: median.
     pub converged_ms_p50: u64,
     /// The same, 99th percentile.
@@ -148,6 +153,8 @@ pub(crate) struct Seen {
     pub(crate) resyncs: Option<u64>,
     /// See [`ChurnReport::lost_every_copy`].
     pub(crate) lost_every_copy: Option<u64>,
+    /// See [`ChurnReport::resyncs_charged`].
+    pub(crate) resyncs_charged: bool,
 }
 
 impl Tally {
@@ -189,6 +196,7 @@ impl Tally {
             resyncs: seen.resyncs.unwrap_or(stats.resyncs),
             members_resynced: seen.members_resynced,
             lost_every_copy: seen.lost_every_copy,
+            resyncs_charged: seen.resyncs_charged,
             converged_ms_p50: percentile(&self.converged, 50),
             converged_ms_p99: percentile(&self.converged, 99),
             diverged: seen.diverged,
@@ -489,6 +497,7 @@ impl Sim {
                     .filter(|got| !**got)
                     .count() as u64,
             ),
+            resyncs_charged: true,
         };
         self.tally.report(
             &mut self.controller,

@@ -323,6 +323,7 @@ impl Scale {
             diverged: self.diverged(),
             resyncs: Some(self.resyncs),
             lost_every_copy: None,
+            resyncs_charged: false,
         };
         self.tally.report(
             &mut self.controller,
