@@ -103,8 +103,15 @@ local function signature(buf, tree, offset)
     end
 end
 
+-- Whether `n` bytes from `offset` are there: every length read from the wire is checked with
+-- it before a range is taken (a short range is a malformed message, not a Lua error).
+local function has(buf, offset, n)
+    return n >= 0 and offset + n <= buf:len()
+end
+
 local function rekey(buf, tree)
     local o = HEADER_LEN
+    if not has(buf, o, 32) then return false end
     tree:add(f.epoch, buf(o, 8)); o = o + 8
     tree:add(f.salt, buf(o, 16)); o = o + 16
     tree:add(f.kcv, buf(o, 8)); o = o + 8
@@ -112,6 +119,7 @@ local function rekey(buf, tree)
     tree:add(f.index, buf(o, n), v); o = o + n
     local count; count, n = varint(buf, o); if not count then return false end
     tree:add(f.count, buf(o, n), count); o = o + n
+    if not has(buf, o, 1) then return false end
     tree:add(f.seeds, buf(o, 1), buf(o, 1):uint() == 1); o = o + 1
     local covers; covers, n = varint(buf, o); if not covers then return false end
     local ctree = tree:add(f.cover_count, buf(o, n), covers); o = o + n
@@ -139,7 +147,7 @@ local function rekey(buf, tree)
         end
         local ct
         if kind <= 1 then
-            if o + 32 > buf:len() then return false end
+            if not has(buf, o, 32) then return false end
             ct = buf(o, 32); o = o + 32
             wraps = wraps + 1
         end
@@ -160,7 +168,7 @@ end
 
 local function fixed(buf, tree, o, fields)
     for _, field in ipairs(fields) do
-        if o + field[2] > buf:len() then return nil end
+        if not has(buf, o, field[2]) then return nil end
         tree:add(field[1], buf(o, field[2]))
         o = o + field[2]
     end
@@ -192,7 +200,7 @@ local function message(buf, pinfo, tree, offset)
     elseif ty == 1 then
         local o = fixed(msg, sub, HEADER_LEN,
             { { f.identity, 32 }, { f.hpke_key, 32 }, { f.timestamp, 8 }, { f.nonce, 16 } })
-        ok = o ~= nil and o < msg:len()
+        ok = o ~= nil and has(msg, o, 1) and has(msg, o + 1, msg(o, 1):uint())
         if ok then
             local len = msg(o, 1):uint()
             sub:add(f.token, msg(o + 1, len))
@@ -201,10 +209,13 @@ local function message(buf, pinfo, tree, offset)
     elseif ty == 2 or ty == 6 then
         local o = fixed(msg, sub, HEADER_LEN,
             { { f.member, 8 }, { f.epoch, 8 }, { f.nonce, 16 }, { f.encapped, 32 } })
-        ok = o ~= nil
+        ok = o ~= nil and has(msg, o, 1)
         if ok then
             local family = msg(o, 1):uint()
             o = o + 1 + (family == 4 and 6 or (family == 6 and 18 or 0))
+            ok = has(msg, o, 2) and has(msg, o + 2, msg(o, 2):uint())
+        end
+        if ok then
             local len = msg(o, 2):uint()
             sub:add(f.sealed, msg(o + 2, len))
             signature(msg, sub, o + 2 + len)
@@ -219,7 +230,7 @@ local function message(buf, pinfo, tree, offset)
         ok = o ~= nil
         if ok then signature(msg, sub, o) end
     elseif ty == 8 then
-        ok = msg:len() >= HEADER_LEN + 4
+        ok = has(msg, HEADER_LEN, 4) and has(msg, HEADER_LEN + 4, msg(HEADER_LEN + 2, 2):uint())
         if ok then
             sub:add(f.status, msg(HEADER_LEN, 2))
             local len = msg(HEADER_LEN + 2, 2):uint()
@@ -231,7 +242,7 @@ local function message(buf, pinfo, tree, offset)
             { f.epoch, 8 } }) ~= nil
     elseif ty == 9 then
         local o = fixed(msg, sub, HEADER_LEN, { { f.epoch, 8 }, { f.sender, 4 }, { f.seq, 8 } })
-        ok = o ~= nil
+        ok = o ~= nil and has(msg, o, 2) and has(msg, o + 2, msg(o, 2):uint())
         if ok then
             local len = msg(o, 2):uint()
             sub:add(f.ciphertext, msg(o + 2, len))

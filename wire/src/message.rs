@@ -104,10 +104,17 @@ pub(crate) struct Header;
 
 impl Header {
     pub(crate) fn write(out: &mut Vec<u8>, ty: MessageType, group: GroupId) {
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(ty as u8);
-        out.extend_from_slice(&group.0.to_be_bytes());
+        out.extend_from_slice(&Self::bytes(ty, group));
+    }
+
+    /// The header's bytes.
+    pub(crate) fn bytes(ty: MessageType, group: GroupId) -> [u8; HEADER_LEN] {
+        let mut header = [0u8; HEADER_LEN];
+        header[..2].copy_from_slice(&MAGIC);
+        header[2] = VERSION;
+        header[3] = ty as u8;
+        header[4..].copy_from_slice(&group.0.to_be_bytes());
+        header
     }
 
     fn read_any(reader: &mut Reader<'_>) -> Result<(MessageType, GroupId), DecodeError> {

@@ -230,9 +230,7 @@ pub struct RekeyDatagram {
 
 impl RekeyDatagram {
     fn write<O: Out>(&self, out: &mut O) {
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        Header::write(&mut header, MessageType::Rekey, self.group);
-        out.bytes(&header);
+        out.bytes(&Header::bytes(MessageType::Rekey, self.group));
         out.bytes(&self.epoch.0.to_be_bytes());
         out.bytes(&self.salt.0);
         out.bytes(&self.kcv.0);
@@ -511,22 +509,15 @@ impl Bin {
     fn datagram(mut self, plan: &Plan<'_>, rekey: &Rekey) -> RekeyDatagram {
         self.items
             .sort_unstable_by_key(|&i| plan.order.get(i).copied());
-        // Items are numbered wraps first, then advances, then links.
-        let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
         let items = self
             .items
             .iter()
             .filter_map(|&item| {
-                if let Some(e) = rekey.encryptions.get(item) {
-                    Some(Item::Wrap(Wrap::from_encryption(e, rekey.epoch)))
-                } else if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i))
-                {
-                    Some(Item::Advance(a.node))
-                } else {
-                    item.checked_sub(wraps + advances)
-                        .and_then(|i| rekey.links.get(i))
-                        .map(|l| Item::Link(*l))
-                }
+                Some(match rekey_item(rekey, item)? {
+                    RekeyItem::Wrap(e) => Item::Wrap(Wrap::from_encryption(e, rekey.epoch)),
+                    RekeyItem::Advance(node) => Item::Advance(node),
+                    RekeyItem::Link(link) => Item::Link(link),
+                })
             })
             .collect();
         RekeyDatagram {
@@ -556,28 +547,43 @@ pub fn pack_signed(
         .collect())
 }
 
+/// One of a [`Rekey`]'s items, borrowed.
+enum RekeyItem<'a> {
+    Wrap(&'a Encryption),
+    Advance(NodeId),
+    Link(Link),
+}
+
 /// The item a [`Rekey`]'s item number stands for (wraps first, then advances, then links).
-fn item_view(rekey: &Rekey, item: usize) -> Option<ItemView<'_>> {
+fn rekey_item(rekey: &Rekey, item: usize) -> Option<RekeyItem<'_>> {
     let (wraps, advances) = (rekey.encryptions.len(), rekey.advances.len());
     if let Some(e) = rekey.encryptions.get(item) {
-        return Some(encryption_view(e, rekey.epoch));
+        return Some(RekeyItem::Wrap(e));
     }
     if let Some(a) = item.checked_sub(wraps).and_then(|i| rekey.advances.get(i)) {
-        return Some(ItemView {
-            opener: a.node,
+        return Some(RekeyItem::Advance(a.node));
+    }
+    item.checked_sub(wraps + advances)
+        .and_then(|i| rekey.links.get(i))
+        .map(|l| RekeyItem::Link(*l))
+}
+
+/// What the codec needs of a [`Rekey`]'s item, without building it.
+fn item_view(rekey: &Rekey, item: usize) -> Option<ItemView<'_>> {
+    Some(match rekey_item(rekey, item)? {
+        RekeyItem::Wrap(e) => encryption_view(e, rekey.epoch),
+        RekeyItem::Advance(node) => ItemView {
+            opener: node,
             target: None,
             kind: KIND_ADVANCE,
             ciphertext: None,
-        });
-    }
-    let link = item
-        .checked_sub(wraps + advances)
-        .and_then(|i| rekey.links.get(i))?;
-    Some(ItemView {
-        opener: link.child,
-        target: Some(link.parent),
-        kind: KIND_LINK,
-        ciphertext: None,
+        },
+        RekeyItem::Link(link) => ItemView {
+            opener: link.child,
+            target: Some(link.parent),
+            kind: KIND_LINK,
+            ciphertext: None,
+        },
     })
 }
 
@@ -716,12 +722,10 @@ impl<'a> Plan<'a> {
         if let Some(whole) = self.whole(rekey, budget, mtu) {
             return Some(vec![whole]);
         }
+        // Not whole: even a single bin of these covers would not fit (its items are the whole
+        // rekey's), so every bin keeps its covers and is settled on its own.
         let covers = self.covers(budget)?;
-        let mut bins = self.fill(&covers, budget);
-        if let [only] = bins.as_mut_slice() {
-            // Everything fits one datagram: it serves every member, which the root says.
-            only.covers = vec![NodeId::ROOT];
-        }
+        let bins = self.fill(&covers, budget);
         let mut out = Vec::with_capacity(bins.len());
         for bin in bins {
             self.settle(rekey, bin, budget, mtu, &mut out)?;
@@ -770,22 +774,15 @@ impl<'a> Plan<'a> {
         mtu: usize,
         out: &mut Vec<RekeyDatagram>,
     ) -> Option<()> {
-        let covers = if bin.covers == [NodeId::ROOT] {
-            None
-        } else {
-            Some(bin.covers.clone())
-        };
+        let covers = bin.covers.clone();
         let datagram = bin.datagram(self, rekey);
         if datagram.wire_len() <= mtu {
             out.push(datagram);
             return Some(());
         }
-        let covers = match covers {
-            Some(covers) if covers.len() > 1 => covers,
-            // The root stood for every cover: plan them again, as covers.
-            None => Some(self.covers(budget)?).filter(|c| c.len() > 1)?,
-            Some(_) => return None,
-        };
+        if covers.len() < 2 {
+            return None;
+        }
         let (first, second) = covers.split_at(covers.len() / 2);
         for half in [first, second] {
             for bin in self.fill(half, budget) {
