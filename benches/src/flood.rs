@@ -36,7 +36,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use wire::{
-    HpkeSecret, MemberId, MessageType, RegistrationRequest, ResyncRequest, SealedPath, open, sign,
+    HpkePublicKey, HpkeSecret, Kem, MemberId, MessageType, RegistrationRequest, ResyncRequest,
+    SealedPath, open, sign,
 };
 
 /// Where attackers connect from.
@@ -68,8 +69,8 @@ pub struct Target {
 pub struct Identity {
     /// Ed25519 identity.
     pub signing: SigningKey,
-    /// X25519 public key.
-    pub hpke_key: [u8; 32],
+    /// X-Wing public key.
+    pub hpke_key: HpkePublicKey,
 }
 
 impl Identity {
@@ -78,9 +79,9 @@ impl Identity {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut key = [0u8; 32];
         rng.fill_bytes(&mut key);
-        let hpke_key = HpkeSecret::generate(&mut rng)
+        let hpke_key = HpkeSecret::generate(Kem::XWing, &mut rng)
             .public_key()
-            .unwrap_or([9; 32]);
+            .expect("an X-Wing secret has a public key");
         Identity {
             signing: SigningKey::from_bytes(&key),
             hpke_key,
@@ -99,7 +100,7 @@ impl Identity {
         let request = RegistrationRequest {
             group,
             identity: self.signing.verifying_key().to_bytes(),
-            hpke_key: self.hpke_key,
+            hpke_key: self.hpke_key.clone(),
             timestamp_ms: now_ms(),
             nonce,
             token: Vec::new(),
@@ -213,6 +214,7 @@ fn attack(
     member: MemberId,
 ) -> MakeFrame {
     let group = target.group;
+    let hpke_key = Identity::from_seed(0).hpke_key;
     match kind {
         "forged resync" => Box::new(move |rng| {
             let stranger = SigningKey::from_bytes(&{
@@ -229,6 +231,7 @@ fn attack(
                 kcv: Kcv([0; lkh_tree::KCV_LEN]),
                 timestamp_ms: now_ms(),
                 nonce,
+                hpke_key: hpke_key.clone(),
             };
             let bytes = sign(&request, &stranger);
             (u32::try_from(bytes.len()).unwrap_or(0), bytes)
@@ -246,11 +249,11 @@ fn attack(
         }),
         "bad signature" => {
             let signing = allowed.signing.clone();
-            let hpke_key = allowed.hpke_key;
+            let hpke_key = allowed.hpke_key.clone();
             Box::new(move |rng| {
                 let me = Identity {
                     signing: signing.clone(),
-                    hpke_key,
+                    hpke_key: hpke_key.clone(),
                 };
                 let (mut bytes, _) = me.registration(group, rng);
                 if let Some(last) = bytes.last_mut() {

@@ -35,10 +35,11 @@
 pub mod flood;
 
 use ed25519_dalek::SigningKey;
-use gkm_server::{MemberRecord, Timestamp};
+use gkm_server::{HpkeDigest, MemberRecord, Timestamp};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, NodeId, Rekey, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
+use wire::Kem;
 
 /// The group every benchmark tree belongs to.
 pub const GROUP: GroupId = GroupId(7);
@@ -121,8 +122,8 @@ pub fn full_tree(n: usize, config: TreeConfig, seed: u64) -> Fixture {
 }
 
 /// A record for every member of `tree`, as if all joined in epoch `joined` (identities made
-/// from their index, one `hpke_key` for all, leases that never run out).
-pub fn member_records(tree: &KeyTree, joined: u64, hpke_key: [u8; 32]) -> Vec<MemberRecord> {
+/// from their index, one X-Wing key digest for all, leases that never run out).
+pub fn member_records(tree: &KeyTree, joined: u64, digest: [u8; 32]) -> Vec<MemberRecord> {
     tree.members()
         .enumerate()
         .map(|(i, leaf)| {
@@ -131,7 +132,10 @@ pub fn member_records(tree: &KeyTree, joined: u64, hpke_key: [u8; 32]) -> Vec<Me
             MemberRecord {
                 id: wire::MemberId((u64::from(leaf.0) << 32) | (joined & 0xffff_ffff)),
                 identity,
-                hpke_key,
+                hpke: HpkeDigest {
+                    kem: Kem::XWing,
+                    digest,
+                },
                 leaf,
                 joined,
                 lease_until: Timestamp(u64::MAX),

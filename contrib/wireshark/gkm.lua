@@ -1,4 +1,4 @@
--- Wireshark dissector for gkm, wire version 3 (RFC-notes/wire-format.md).
+-- Wireshark dissector for gkm, wire version 4 (RFC-notes/wire-format.md).
 --
 --   wireshark -X lua_script:contrib/wireshark/gkm.lua capture.pcap
 --   tshark -X lua_script:contrib/wireshark/gkm.lua -r capture.pcap -Y gkm -T json
@@ -14,7 +14,7 @@
 -- Keep this file in step with wire/src: `gkm-server/tests/wireshark.rs` decodes captures of the
 -- current code with it.
 
-local VERSION = 3
+local VERSION = 4
 local HEADER_LEN = 12
 local SIGNATURE_LEN = 64
 
@@ -28,6 +28,10 @@ local kinds = {
     [2] = "one-way link", [3] = "hash-forward advance",
 }
 local acked = { [1] = "lease renewed", [2] = "left" }
+-- HPKE KEMs by their RFC 9180 identifier: the lengths of their public keys and encapsulations.
+local kems = { [0x647a] = "X-Wing (ML-KEM-768 + X25519)", [0x0020] = "DHKEM(X25519, HKDF-SHA256)" }
+local kem_public_len = { [0x647a] = 1216, [0x0020] = 32 }
+local kem_encapped_len = { [0x647a] = 1120, [0x0020] = 32 }
 
 local gkm = Proto("gkm", "gkm group key management")
 local f = gkm.fields
@@ -53,6 +57,7 @@ f.signature = ProtoField.bytes("gkm.signature", "Signature")
 f.timestamp = ProtoField.uint64("gkm.timestamp_ms", "Timestamp (ms)")
 f.member = ProtoField.uint64("gkm.member", "Member")
 f.identity = ProtoField.bytes("gkm.identity", "Identity key")
+f.kem = ProtoField.uint16("gkm.kem", "HPKE KEM", base.HEX, kems)
 f.hpke_key = ProtoField.bytes("gkm.hpke_key", "HPKE key")
 f.nonce = ProtoField.bytes("gkm.nonce", "Nonce")
 f.token = ProtoField.bytes("gkm.token", "Enrollment token")
@@ -175,6 +180,17 @@ local function fixed(buf, tree, o, fields)
     return o
 end
 
+-- A KEM identifier at `o` and the key (`lengths` = kem_public_len) or encapsulation
+-- (kem_encapped_len) of its length as `field`; the offset after them, or nil.
+local function kem_and(buf, tree, o, lengths, field)
+    if not has(buf, o, 2) then return nil end
+    local len = lengths[buf(o, 2):uint()]
+    if len == nil or not has(buf, o + 2, len) then return nil end
+    tree:add(f.kem, buf(o, 2))
+    tree:add(field, buf(o + 2, len))
+    return o + 2 + len
+end
+
 -- Dissects one message starting at `offset` (to the end of `buf`); false if malformed.
 local function message(buf, pinfo, tree, offset)
     local msg = buf(offset):tvb()
@@ -198,8 +214,9 @@ local function message(buf, pinfo, tree, offset)
             info = info .. ", epoch " .. tostring(msg(HEADER_LEN, 8):uint64())
         end
     elseif ty == 1 then
-        local o = fixed(msg, sub, HEADER_LEN,
-            { { f.identity, 32 }, { f.hpke_key, 32 }, { f.timestamp, 8 }, { f.nonce, 16 } })
+        local o = fixed(msg, sub, HEADER_LEN, { { f.identity, 32 } })
+        o = o and kem_and(msg, sub, o, kem_public_len, f.hpke_key)
+        o = o and fixed(msg, sub, o, { { f.timestamp, 8 }, { f.nonce, 16 } })
         ok = o ~= nil and has(msg, o, 1) and has(msg, o + 1, msg(o, 1):uint())
         if ok then
             local len = msg(o, 1):uint()
@@ -207,8 +224,8 @@ local function message(buf, pinfo, tree, offset)
             signature(msg, sub, o + 1 + len)
         end
     elseif ty == 2 or ty == 6 then
-        local o = fixed(msg, sub, HEADER_LEN,
-            { { f.member, 8 }, { f.epoch, 8 }, { f.nonce, 16 }, { f.encapped, 32 } })
+        local o = fixed(msg, sub, HEADER_LEN, { { f.member, 8 }, { f.epoch, 8 }, { f.nonce, 16 } })
+        o = o and kem_and(msg, sub, o, kem_encapped_len, f.encapped)
         ok = o ~= nil and has(msg, o, 1)
         if ok then
             local family = msg(o, 1):uint()
@@ -223,6 +240,7 @@ local function message(buf, pinfo, tree, offset)
     elseif ty == 5 then
         local o = fixed(msg, sub, HEADER_LEN, { { f.member, 8 }, { f.epoch, 8 }, { f.kcv, 8 },
             { f.timestamp, 8 }, { f.nonce, 16 } })
+        o = o and kem_and(msg, sub, o, kem_public_len, f.hpke_key)
         ok = o ~= nil
         if ok then signature(msg, sub, o) end
     elseif ty == 7 then

@@ -8,7 +8,8 @@ use std::path::Path;
 use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS, agents};
 use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
-    Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, Item, LeaveRequest,
+    Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, HpkePublicKey, Item, Kem,
+    LeaveRequest,
     MAX_REASON, MAX_SEALED, MAX_TOKEN, MemberId, PathKeys, RegistrationRequest, RekeyDatagram,
     ResyncRequest, SealedKind, SealedPath, Status, Subscribe,
 };
@@ -57,7 +58,8 @@ fn registration_request() -> Files {
     let base = RegistrationRequest {
         group: GROUP,
         identity: [0x11; 32],
-        hpke_key: [0x22; 32],
+        hpke_key: HpkePublicKey::new(Kem::XWing, vec![0x22; Kem::XWing.public_key_len()])
+            .expect("an X-Wing key's length"),
         timestamp_ms: 1_760_000_000_000,
         nonce: [0x33; 16],
         token: Vec::new(),
@@ -71,9 +73,21 @@ fn registration_request() -> Files {
     let long = RegistrationRequest {
         token: vec![0xee; MAX_TOKEN],
         group: GroupId(u64::MAX),
-        ..base
+        ..base.clone()
     };
     named(&mut files, "valid-max-token", long.to_bytes());
+    let x25519 = RegistrationRequest {
+        hpke_key: HpkePublicKey::new(Kem::X25519, vec![0x23; 32]).expect("an X25519 key's length"),
+        ..base.clone()
+    };
+    named(&mut files, "valid-x25519", x25519.to_bytes());
+    let mut unknown_kem = base.to_bytes();
+    unknown_kem[wire::HEADER_LEN + 32..wire::HEADER_LEN + 34].copy_from_slice(&[0x00, 0x10]);
+    named(&mut files, "invalid-unknown-kem", unknown_kem);
+    let mut relabelled = x25519.to_bytes();
+    relabelled[wire::HEADER_LEN + 32..wire::HEADER_LEN + 34]
+        .copy_from_slice(&Kem::XWing.id().to_be_bytes());
+    named(&mut files, "invalid-x25519-key-labelled-x-wing", relabelled);
     let mut over = long.to_bytes();
     let at = over.len() - MAX_TOKEN - 1;
     over[at] = u8::try_from(MAX_TOKEN + 1).unwrap_or(u8::MAX);
@@ -94,7 +108,8 @@ fn sealed_path() -> Files {
         member: MemberId(1),
         epoch: PATH_EPOCH,
         request_nonce: [0x44; 16],
-        encapped: [0x55; 32],
+        kem: Kem::XWing,
+        encapped: vec![0x55; Kem::XWing.encapped_len()],
         rekey_address: Some(std::net::SocketAddr::from(([239, 255, 77, 1], 47701))),
         ciphertext: (0..sealed_len).map(|i| (i * 7 % 251) as u8).collect(),
     };
@@ -168,6 +183,8 @@ fn resync_request() -> Files {
         kcv: Kcv([0x5c; 8]),
         timestamp_ms: 1_760_000_000_456,
         nonce: [0x66; 16],
+        hpke_key: HpkePublicKey::new(Kem::XWing, vec![0x67; Kem::XWing.public_key_len()])
+            .expect("an X-Wing key's length"),
     };
     named(&mut files, "valid", request.to_bytes());
     let zero = ResyncRequest {
@@ -177,6 +194,7 @@ fn resync_request() -> Files {
         kcv: Kcv([0x5c; 8]),
         timestamp_ms: 0,
         nonce: [0; 16],
+        hpke_key: HpkePublicKey::new(Kem::X25519, vec![0; 32]).expect("an X25519 key's length"),
     };
     named(&mut files, "valid-zero", zero.to_bytes());
     invalid_variants(&mut files, &request.to_bytes());
@@ -540,6 +558,7 @@ fn resync(id: MemberId, at: u64, nonce: u8) -> ResyncRequest {
         kcv: Kcv([0x5c; 8]),
         timestamp_ms: at,
         nonce: [nonce; 16],
+        hpke_key: agents::hpke(0).public_key().expect("a valid X-Wing secret"),
     }
 }
 
@@ -547,9 +566,9 @@ fn registration(identity: &ed25519_dalek::SigningKey, at: u64, nonce: u8) -> Reg
     RegistrationRequest {
         group: agents::GROUP,
         identity: identity.verifying_key().to_bytes(),
-        hpke_key: wire::HpkeSecret::from_bytes([0x42; 32])
+        hpke_key: wire::HpkeSecret::from_bytes(wire::Kem::XWing, [0x42; 32])
             .public_key()
-            .expect("a valid X25519 secret"),
+            .expect("a valid X-Wing secret"),
         timestamp_ms: at,
         nonce: [nonce; 16],
         token: Vec::new(),
@@ -592,9 +611,31 @@ fn requests() -> Files {
     let again = registration(&agents::identity(2), now, 4);
     // A low-order X25519 key: nothing can be sealed to it.
     let unusable = RegistrationRequest {
-        hpke_key: [0; 32],
+        hpke_key: HpkePublicKey::new(Kem::X25519, vec![0; 32]).expect("an X25519 key's length"),
         ..registration(&agents::identity(1), now, 8)
     };
+    // An X25519 key where the group takes X-Wing keys only.
+    let classical = RegistrationRequest {
+        hpke_key: wire::HpkeSecret::from_bytes(Kem::X25519, [0x43; 32])
+            .public_key()
+            .expect("a valid X25519 secret"),
+        ..registration(&stranger, now, 9)
+    };
+    named(
+        &mut files,
+        "invalid-kem-not-accepted",
+        raw(&wire::sign(&classical, &stranger)),
+    );
+    // Member 0's resync presenting a key other than the one it registered with.
+    let other_key = ResyncRequest {
+        hpke_key: agents::hpke(1).public_key().expect("a valid X-Wing secret"),
+        ..resync(a.ids[0], now, 10)
+    };
+    named(
+        &mut files,
+        "invalid-resync-wrong-hpke-key",
+        to_sign(m, other_key.to_bytes()),
+    );
     named(
         &mut files,
         "invalid-unusable-hpke-key",

@@ -80,8 +80,12 @@ pub fn identity(i: usize) -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
-fn hpke(i: usize) -> HpkeSecret {
-    HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(0x6870_6b65 + i as u64))
+/// Member `i`'s HPKE secret key (X-Wing, the default KEM).
+pub fn hpke(i: usize) -> HpkeSecret {
+    HpkeSecret::generate(
+        wire::Kem::XWing,
+        &mut ChaCha20Rng::seed_from_u64(0x6870_6b65 + i as u64),
+    )
 }
 
 /// The group of [`MEMBERS`] members every check starts from, and member 0's keys.
@@ -168,7 +172,10 @@ impl Agents {
     pub fn member(&self) -> (Member<ChaCha20Rng>, Vec<u8>) {
         let (id, path) = &self.member;
         let rng = ChaCha20Rng::seed_from_u64(RESUMED_RNG);
-        let (identity, hpke) = (self.keys.0.clone(), HpkeSecret::from_bytes(self.keys.1));
+        let (identity, hpke) = (
+            self.keys.0.clone(),
+            HpkeSecret::from_bytes(wire::Kem::XWing, self.keys.1),
+        );
         let mut member =
             Member::resume(member_config(), identity, hpke, rng, *id, path.clone(), NOW);
         let resync = member.poll_request().unwrap_or_default();

@@ -43,8 +43,9 @@ use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
     Ack, Acked, AuthenticRekey, Cookie, CookieReply, ErrorMessage, FreshRekey, Heartbeat, HeldPath,
-    HpkeSecret, LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
-    ResyncRequest, SealedKind, SealedPath, Status, Subscribe, WireError, open, open_path, sign,
+    HpkePublicKey, HpkeSecret, Kem, LeaveRequest, MemberId, MessageType, NONCE_LEN,
+    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath, Status, Subscribe,
+    WireError, open, open_path, sign,
 };
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
@@ -153,6 +154,16 @@ pub enum MemberEvent {
         /// What the controller said (network text: print it escaped).
         reason: String,
     },
+    /// The group does not take keys of this member's KEM ([`Status::KemNotAccepted`]): the
+    /// member stops and asks nothing more (a daemon exits, telling its operator to run it with
+    /// a KEM the group takes, or to have the group take this one). Unsigned, like every error
+    /// message: a forged one stops a member, as dropping its traffic would.
+    KemNotAccepted {
+        /// The KEM of this member's key.
+        ours: Kem,
+        /// What the controller said (`accepts: x25519`; network text: print it escaped).
+        reason: String,
+    },
     /// The controller asked does not lead the group ([`Status::NotLeader`]). The member keeps
     /// its membership and keys and asks again in `retry_in_ms`; the driver should ask `leader`
     /// if it is a controller it was configured with, else the next one
@@ -246,6 +257,9 @@ pub struct Member<R> {
     config: MemberConfig,
     identity: SigningKey,
     hpke: HpkeSecret,
+    /// Its public key, presented in registration and resync requests (`None` if the secret
+    /// bytes are unusable: the member then asks nothing).
+    hpke_public: Option<HpkePublicKey>,
     rng: R,
     state: State,
     /// Nonce of an outstanding resync or renewal.
@@ -317,10 +331,12 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn idle(config: MemberConfig, identity: SigningKey, hpke: HpkeSecret, rng: R) -> Self {
+        let hpke_public = hpke.public_key().ok();
         Member {
             config,
             identity,
             hpke,
+            hpke_public,
             rng,
             state: State::Left,
             outstanding: None,
@@ -349,6 +365,12 @@ impl<R: CryptoRng> Member<R> {
             State::Active { path, .. } => Some((path.epoch(), path.traffic_key()?)),
             _ => None,
         }
+    }
+
+    /// The KEM of the member's HPKE key (a membership is bound to that key: persist it with the
+    /// membership).
+    pub fn kem(&self) -> Kem {
+        self.hpke.kem()
     }
 
     /// The member's id and keys, for the driver to persist across restarts.
@@ -879,6 +901,7 @@ impl<R: CryptoRng> Member<R> {
             return self.not_leader(now, &message.reason);
         }
         self.redirects = 0;
+        let awaited = self.awaiting_reply();
         if matches!(self.state, State::Leaving { .. }) {
             self.state = State::Left;
             self.retry_at = None;
@@ -904,10 +927,14 @@ impl<R: CryptoRng> Member<R> {
                 self.events.push_back(MemberEvent::GroupUnknown {
                     reason: message.reason,
                 });
-                self.state = State::Stopped;
-                self.retry_at = None;
-                self.renew_at = None;
-                self.resync_at = None;
+                self.stop();
+            }
+            Status::KemNotAccepted if message.group == self.config.group && awaited => {
+                self.events.push_back(MemberEvent::KemNotAccepted {
+                    ours: self.hpke.kem(),
+                    reason: message.reason,
+                });
+                self.stop();
             }
             status => {
                 let retry_in_ms = self.retry_delay();
@@ -920,6 +947,14 @@ impl<R: CryptoRng> Member<R> {
                 self.retry_at = Some(now + retry_in_ms);
             }
         }
+    }
+
+    /// Asks nothing more: the controller said no request of this member can succeed.
+    fn stop(&mut self) {
+        self.state = State::Stopped;
+        self.retry_at = None;
+        self.renew_at = None;
+        self.resync_at = None;
     }
 
     /// The controller asked does not lead the group. Unsigned, so nothing changes but when the
@@ -985,10 +1020,10 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn register(&mut self, now: Millis) {
-        let nonce = self.nonce();
-        let Ok(hpke_key) = self.hpke.public_key() else {
+        let Some(hpke_key) = self.hpke_public.clone() else {
             return;
         };
+        let nonce = self.nonce();
         let request = RegistrationRequest {
             group: self.config.group,
             identity: self.identity.verifying_key().to_bytes(),
@@ -1009,6 +1044,9 @@ impl<R: CryptoRng> Member<R> {
             return;
         };
         let (member, epoch, kcv) = (*member, path.epoch(), kcv_of(path));
+        let Some(hpke_key) = self.hpke_public.clone() else {
+            return;
+        };
         let nonce = self.nonce();
         let request = ResyncRequest {
             group: self.config.group,
@@ -1017,6 +1055,7 @@ impl<R: CryptoRng> Member<R> {
             kcv,
             timestamp_ms: now,
             nonce,
+            hpke_key,
         };
         self.requests.push_back(sign(&request, &self.identity));
         self.outstanding = Some(nonce);
@@ -1087,7 +1126,7 @@ mod tests {
         let path = tree.rekey(&batch, &mut rng).unwrap().joiners[1]
             .path
             .clone();
-        let hpke = HpkeSecret::generate(&mut rng);
+        let hpke = HpkeSecret::generate(Kem::XWing, &mut rng);
         let mut member =
             Member::resume(config(controllers), identity(), hpke, rng, ID, path, START);
         let request = member.poll_request().unwrap();
@@ -1097,7 +1136,7 @@ mod tests {
     /// A member that registers now, its registration drained.
     fn registering(controllers: usize) -> Member<ChaCha20Rng> {
         let mut rng = ChaCha20Rng::seed_from_u64(2);
-        let hpke = HpkeSecret::generate(&mut rng);
+        let hpke = HpkeSecret::generate(Kem::XWing, &mut rng);
         let mut member = Member::new(config(controllers), identity(), hpke, rng, START);
         assert_eq!(
             kind(&member.poll_request().unwrap()),

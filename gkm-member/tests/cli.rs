@@ -52,7 +52,11 @@ fn init_makes_private_key_files_and_refuses_to_overwrite() {
     assert!(public.trim().bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("identity.key")), 0o600);
-    assert_eq!(mode(&dir.join("hpke.key")), 0o600);
+    assert_eq!(mode(&dir.join("hpke-x-wing.key")), 0o600);
+    assert!(
+        !dir.join("hpke.key").exists(),
+        "an X25519 key only with --kem x25519"
+    );
     assert_eq!(
         std::fs::metadata(dir.join("identity.key")).unwrap().len(),
         32

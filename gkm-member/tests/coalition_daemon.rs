@@ -102,7 +102,7 @@ fn path_keys(dir: &Path, group: GroupId, epoch: u64) -> Keys {
     let start = Instant::now();
     loop {
         let stored = store::StateDir::new(dir).load_membership(group).unwrap();
-        if let Some((_, path)) = stored.filter(|(_, p)| p.epoch().0 == epoch) {
+        if let Some((_, path, _)) = stored.filter(|(_, p, _)| p.epoch().0 == epoch) {
             return keys_of(&path);
         }
         assert!(

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use lkh_tree::{Batch, GroupId, KeyTree, MemberPath, TreeConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
-use wire::{Codec, ErrorMessage, MemberId, MessageType, ResyncRequest, Status};
+use wire::{Codec, ErrorMessage, Kem, MemberId, MessageType, ResyncRequest, Status};
 
 /// A valid Ed25519 public key nobody holds the secret of (RFC 8032 test 1): no welcome or rekey
 /// can verify, which these tests do not need.
@@ -153,8 +153,8 @@ fn a_path() -> MemberPath {
 /// the keys); the member's identity key.
 fn resumable(state: &Path) -> ed25519_dalek::VerifyingKey {
     let dir = store::StateDir::new(state);
-    let identity = dir.init().unwrap();
-    dir.save_membership(GroupId::from_name(GROUP), MEMBER, &a_path())
+    let identity = dir.init(Kem::XWing).unwrap();
+    dir.save_membership(GroupId::from_name(GROUP), MEMBER, &a_path(), Kem::XWing)
         .unwrap();
     dir.save_sequence(0).unwrap();
     identity

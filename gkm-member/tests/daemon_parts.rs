@@ -38,7 +38,7 @@ use rand_core::SeedableRng;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
-use wire::{Codec, DataFrame, MemberId};
+use wire::{Codec, DataFrame, Kem, MemberId};
 
 use data::{Opened, Receiver, WINDOW, seal_frame};
 
@@ -419,9 +419,9 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 fn membership_file_round_trips_and_corruption_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let path = a_path();
-    let bytes = store::encode_membership(GROUP, MemberId(77), &path);
-    let (member, back) = store::decode_membership(GROUP, &bytes).unwrap();
-    assert_eq!(member, MemberId(77));
+    let bytes = store::encode_membership(GROUP, MemberId(77), &path, Kem::XWing);
+    let (member, back, kem) = store::decode_membership(GROUP, &bytes).unwrap();
+    assert_eq!((member, kem), (MemberId(77), Kem::XWing));
     assert_eq!(back.epoch(), path.epoch());
     assert_eq!(
         back.traffic_key().unwrap().as_bytes(),
@@ -445,23 +445,69 @@ fn membership_file_round_trips_and_corruption_is_refused() {
     let mut trailing = bytes.to_vec();
     trailing.push(0);
     assert!(store::decode_membership(GROUP, &trailing).is_err());
+    // The KEM follows the 29-byte header; an unknown one is refused.
+    let mut unknown_kem = bytes.to_vec();
+    unknown_kem[29..31].copy_from_slice(&[0, 0x10]);
+    assert!(store::decode_membership(GROUP, &unknown_kem).is_err());
+    // A version 1 file (before the KEM was recorded) was made under the X25519 key.
+    let mut v1 = bytes.to_vec();
+    v1[4] = 1;
+    v1.drain(29..31);
+    let (member, _, kem) = store::decode_membership(GROUP, &v1).unwrap();
+    assert_eq!((member, kem), (MemberId(77), Kem::X25519));
 
     let dir = temp_dir("membership");
     let state = store::StateDir::new(&dir);
-    state.init().unwrap();
+    state.init(Kem::XWing).unwrap();
     assert!(state.load_membership(GROUP).unwrap().is_none());
-    state.save_membership(GROUP, MemberId(77), &path).unwrap();
+    state
+        .save_membership(GROUP, MemberId(77), &path, Kem::X25519)
+        .unwrap();
     let mode = std::fs::metadata(state.membership_path())
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let (member, back) = state.load_membership(GROUP).unwrap().unwrap();
+    let (member, back, kem) = state.load_membership(GROUP).unwrap().unwrap();
     assert_eq!((member, back.epoch()), (MemberId(77), path.epoch()));
+    assert_eq!(kem, Kem::X25519);
     std::fs::write(state.membership_path(), b"GKMM\x01garbage").unwrap();
     assert!(state.load_membership(GROUP).is_err());
     state.remove_membership();
     assert!(state.load_membership(GROUP).unwrap().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A state directory made before X-Wing (identity and X25519 key) gets an X-Wing key the first
+/// time the member runs with `--kem x-wing`, once; the X25519 key stays for `--kem x25519`.
+#[test]
+fn a_missing_kem_key_is_made_once_and_kept_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("kem-keys");
+    let state = store::StateDir::new(&dir);
+    state.init(Kem::X25519).unwrap();
+    let (identity, x25519, made) = state.load_keys(Kem::X25519).unwrap();
+    assert!(!made);
+    assert_eq!(x25519.kem(), Kem::X25519);
+    let (same_identity, x_wing, made) = state.load_keys(Kem::XWing).unwrap();
+    assert!(made);
+    assert_eq!(same_identity.to_bytes(), identity.to_bytes());
+    assert_eq!(x_wing.kem(), Kem::XWing);
+    let (_, again, made) = state.load_keys(Kem::XWing).unwrap();
+    assert!(!made);
+    assert_eq!(again.as_bytes(), x_wing.as_bytes());
+    assert_eq!(
+        again.public_key().unwrap().as_bytes().len(),
+        Kem::XWing.public_key_len()
+    );
+    for name in ["hpke.key", "hpke-x-wing.key"] {
+        let mode = std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    assert!(state.init(Kem::XWing).is_err(), "init twice");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -470,7 +516,7 @@ fn sequence_file_round_trips_is_private_and_damage_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("sequence-file");
     let state = store::StateDir::new(&dir);
-    state.init().unwrap();
+    state.init(Kem::XWing).unwrap();
     assert_eq!(state.load_sequence().unwrap(), None);
     for mark in [0, 1 << 20, u64::MAX] {
         state.save_sequence(mark).unwrap();
@@ -551,7 +597,7 @@ async fn v054_two_senders_of_one_agent_never_share_a_nonce_with_a_frozen_clock()
 async fn v054_an_agent_restarted_at_the_same_epoch_never_hands_out_a_number_again() {
     let dir = temp_dir("sequence-restart");
     let state = store::StateDir::new(&dir);
-    state.init().unwrap();
+    state.init(Kem::XWing).unwrap();
     let clock = TestClock::default();
     clock.set(1_000);
     let mut end_so_far = 0;
@@ -828,12 +874,12 @@ fn v054_a_restarted_daemon_continues_above_its_mark_and_without_one_registers_an
     let dir = temp_dir("daemon-sequence");
     let state = dir.join("state");
     let sd = store::StateDir::new(&state);
-    sd.init().unwrap();
+    sd.init(Kem::XWing).unwrap();
     let group = GroupId::from_name("g");
     let socket = sd.api_socket();
 
     // A membership but no sequence file (a release before it): not resumed.
-    sd.save_membership(group, MEMBER, &a_path_of(group))
+    sd.save_membership(group, MEMBER, &a_path_of(group), Kem::XWing)
         .unwrap();
     let first = daemon(&state);
     let v = api_request(&socket, r#"{"op":"reserve","count":1}"#, "error");
@@ -854,7 +900,7 @@ fn v054_a_restarted_daemon_continues_above_its_mark_and_without_one_registers_an
 
     // With one, the membership is resumed; a run killed without a word, then restarted with
     // the same key, hands out only numbers above what the first run handed out.
-    sd.save_membership(group, MEMBER, &a_path_of(group))
+    sd.save_membership(group, MEMBER, &a_path_of(group), Kem::XWing)
         .unwrap();
     let mut handed = 0;
     let mut kcv = None;

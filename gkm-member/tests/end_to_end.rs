@@ -131,6 +131,47 @@ fn an_evicted_daemon_says_it_was_evicted_and_registers_again() {
     let _ = std::fs::remove_dir_all(&lab.dir);
 }
 
+/// A controller whose group takes X25519 keys only: a member with its default X-Wing key exits
+/// at once saying what to do, and, run again with `--kem x25519` in the same state directory,
+/// joins with a new key.
+#[test]
+fn a_member_told_its_kem_is_not_taken_says_so_and_joins_with_the_one_taken() {
+    let Some(server) = server_binary() else {
+        return;
+    };
+    let lab = Lab::new("kem", &server, 8);
+    let config_path = lab.dir.join("srv").join("gkm-server.toml");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("# kem = \"x-wing\"", "kem = \"x25519\"");
+    assert!(
+        config.contains("\nkem = \"x25519\""),
+        "the default config names kem"
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let controller = lab.controller(None);
+    let refused = lab.member("a", &[], None).wait(Duration::from_secs(15));
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let log = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        log.contains("does not take this member's x-wing key")
+            && log.contains("accepts: x25519")
+            && log.contains("--kem x25519"),
+        "{log}"
+    );
+    let member = lab.member("a", &["--kem", "x25519"], None);
+    let socket = lab.dir.join("a/api.sock");
+    converged(&[&socket], Duration::from_secs(15));
+    let members = lab.gkmctl(&["--json", "members", "demo"]);
+    let rows: serde_json::Value = serde_json::from_str(&members).unwrap();
+    assert_eq!(rows[0]["kem"], "x25519", "{members}");
+    member.signal("TERM");
+    drop(member.wait(Duration::from_secs(10)));
+    controller.signal("TERM");
+    drop(controller.wait(Duration::from_secs(10)));
+    let _ = std::fs::remove_dir_all(&lab.dir);
+}
+
 /// `gkm-member run` for group "other" of `lab`, with `extra` arguments.
 fn other_member(lab: &Lab, name: &str, extra: &[&str]) -> Running {
     Running::spawn(

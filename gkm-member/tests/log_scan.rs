@@ -32,12 +32,12 @@ impl Seen {
         self.0.insert(key);
     }
 
-    /// Every path key of a membership file (29 bytes of header, then the path keys).
+    /// Every path key of a membership file (31 bytes of header with the KEM, then the path keys).
     fn add_membership(&mut self, path: &Path) {
         let Ok(bytes) = std::fs::read(path) else {
             return;
         };
-        let Some((header, keys)) = bytes.split_at_checked(29) else {
+        let Some((header, keys)) = bytes.split_at_checked(31) else {
             return;
         };
         let group = GroupId(u64::from_be_bytes(header[5..13].try_into().unwrap()));
@@ -218,7 +218,7 @@ fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
     keys.add_file(&srv.join("storage.key"));
     for name in names {
         keys.add_file(&lab.dir.join(name).join("identity.key"));
-        keys.add_file(&lab.dir.join(name).join("hpke.key"));
+        keys.add_file(&lab.dir.join(name).join("hpke-x-wing.key"));
     }
     let mut logs: Vec<(String, Vec<u8>)> = ["srv", "a", "b", "c", "d"]
         .iter()

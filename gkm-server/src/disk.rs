@@ -613,7 +613,10 @@ mod tests {
         MemberRecord {
             id: MemberId((u64::from(leaf.0) << 32) | joined),
             identity: [u8::try_from(leaf.0 % 251).unwrap(); 32],
-            hpke_key: [2; 32],
+            hpke: crate::HpkeDigest {
+                kem: wire::Kem::XWing,
+                digest: [2; 32],
+            },
             leaf,
             joined,
             lease_until: Timestamp(99),

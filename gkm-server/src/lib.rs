@@ -68,9 +68,9 @@ mod store;
 
 pub use controller::{
     BanTarget, Command, CommandError, Controller, DepartReason, EnrollmentInfo, Event, GroupInfo,
-    Inbound, KeyInfo, MemberInfo, MemberSigned, PolicyInfo, RESYNC_INTERVAL_MS, Reject,
-    RekeyProfile, Response, Role, Saving, Stats, Subscription, Transmit, VerifiedRegistration,
-    verify_request,
+    Inbound, KeyInfo, KeyInventory, MemberInfo, MemberSigned, PolicyInfo, RESYNC_INTERVAL_MS,
+    Reject, RekeyProfile, Response, Role, Saving, Stats, Subscription, Transmit,
+    VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;
@@ -91,5 +91,5 @@ pub use policy::{
 pub use rows::MAX_RECORDS;
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
-    MemberRecord, MemoryStore, Store, StoreError,
+    HpkeDigest, MemberRecord, MemoryStore, Store, StoreError,
 };

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use lkh_tree::{GroupId, Strategy, TreeConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use wire::Kem;
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -85,12 +86,23 @@ pub struct GroupPolicy {
     /// Whether members that multicast does not reach may subscribe to unicast fan-out (each to
     /// one address it proved it receives at).
     pub fanout: bool,
+    /// The KEMs of the HPKE keys the group seals paths to, in [`Kem::ALL`] order, never empty:
+    /// X-Wing alone by default (a welcome recorded today stays closed to a quantum computer
+    /// later); X25519 for members that cannot afford X-Wing's 1,216-byte key. A registration
+    /// under another KEM is refused, and so is a resync of a member registered under one.
+    pub kems: Vec<Kem>,
+}
+
+/// `x-wing, x25519`: the names of `kems`, for people.
+pub(crate) fn kem_names(kems: &[Kem]) -> String {
+    kems.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
 }
 
 impl GroupPolicy {
     /// The defaults for a group called `name` with id `id`: degree 4, group-oriented rekeying with
     /// one-way leaves, immediate rekeying, heartbeats every 2 s, leases of 60 s, no periodic
-    /// refresh, 2 sends per datagram 100 ms apart, MTU 1200, requests within 60 s, open enrollment.
+    /// refresh, 2 sends per datagram 100 ms apart, MTU 1200, requests within 60 s, open enrollment,
+    /// X-Wing keys only.
     pub fn new(name: &str, id: GroupId) -> Self {
         GroupPolicy {
             name: name.to_owned(),
@@ -110,6 +122,7 @@ impl GroupPolicy {
             enrollment: Enrollment::Open,
             rekey_address: None,
             fanout: true,
+            kems: vec![Kem::XWing],
         }
     }
 }
@@ -130,7 +143,7 @@ impl GroupPolicy {
     /// The settings an operator may change while the group runs (`gkmctl policy --set`); the
     /// tree's shape (`degree`, `strategy`, `hash_forward_joins`, `one_way`) is fixed when the
     /// group is created, and enrollment comes from the config.
-    pub const RUNTIME_KEYS: [&'static str; 8] = [
+    pub const RUNTIME_KEYS: [&'static str; 9] = [
         "batch_interval_ms",
         "heartbeat_interval_ms",
         "lease_ms",
@@ -139,6 +152,7 @@ impl GroupPolicy {
         "repeat_spacing_ms",
         "mtu",
         "freshness_window_ms",
+        "kem",
     ];
 
     /// Sets one setting from its text, checked against its bounds: the one check the config file
@@ -199,16 +213,30 @@ impl GroupPolicy {
             "freshness_window_ms" => {
                 self.freshness_window_ms = within(1_000, u64::MAX, "at least 1000 ms")?;
             }
+            "kem" => self.kems = kems(value).ok_or_else(|| refuse(KEM_TAKES))?,
             _ => {
                 return Err(refuse(
                     "unknown setting; settable: degree, strategy, hash_forward_joins, one_way, \
                      batch_interval_ms, heartbeat_interval_ms, lease_ms, refresh_interval_ms, \
-                     repeats, repeat_spacing_ms, mtu, freshness_window_ms",
+                     repeats, repeat_spacing_ms, mtu, freshness_window_ms, kem",
                 ));
             }
         }
         Ok(())
     }
+}
+
+const KEM_TAKES: &str = "x-wing, x25519, or both separated by a comma";
+
+/// The KEMs of a `kem` setting (`x-wing`, `x25519`, `x-wing,x25519`), in [`Kem::ALL`] order;
+/// `None` for an unknown name or none at all.
+fn kems(value: &str) -> Option<Vec<Kem>> {
+    let named = value
+        .split(',')
+        .map(|name| Kem::from_name(name.trim()))
+        .collect::<Option<Vec<Kem>>>()?;
+    let kems: Vec<Kem> = Kem::ALL.into_iter().filter(|k| named.contains(k)).collect();
+    (!kems.is_empty()).then_some(kems)
 }
 
 #[cfg(test)]
@@ -232,6 +260,9 @@ mod tests {
             ("mtu", "575"),
             ("mtu", "70000"),
             ("freshness_window_ms", "999"),
+            ("kem", "kyber"),
+            ("kem", ""),
+            ("kem", "x-wing,rsa"),
             ("batch_interval_ms", "-1"),
             ("colour", "blue"),
         ] {
@@ -254,5 +285,11 @@ mod tests {
         }
         assert_eq!((p.tree.degree, p.repeats, p.mtu), (64, 10, 576));
         assert_eq!(p.tree.strategy, Strategy::User);
+        assert_eq!(defaults.kems, [Kem::XWing]);
+        p.set("kem", "x25519, x-wing").unwrap();
+        assert_eq!(p.kems, [Kem::XWing, Kem::X25519]);
+        assert_eq!(kem_names(&p.kems), "x-wing, x25519");
+        p.set("kem", "x25519").unwrap();
+        assert_eq!(p.kems, [Kem::X25519]);
     }
 }

@@ -34,6 +34,11 @@ pub enum Reject {
     /// This controller does not lead the group (a standby, or deposed): the member asks the
     /// leader, whose address the answer names when known.
     NotLeader,
+    /// The group's policy does not accept the KEM of the member's HPKE key (`kem` setting): a
+    /// registration, or a resync of a member registered under a KEM the policy no longer takes.
+    KemNotAccepted,
+    /// A resync request presented an HPKE key other than the one the member registered with.
+    WrongHpkeKey,
 }
 
 impl Reject {
@@ -53,13 +58,15 @@ impl Reject {
             Reject::RateLimited => "rate_limited",
             Reject::Busy => "busy",
             Reject::NotLeader => "not_leader",
+            Reject::KemNotAccepted => "kem_not_accepted",
+            Reject::WrongHpkeKey => "wrong_hpke_key",
         }
     }
 
     /// The status sent to the member.
     pub fn status(self) -> Status {
         match self {
-            Reject::Malformed => Status::Malformed,
+            Reject::Malformed | Reject::WrongHpkeKey => Status::Malformed,
             Reject::BadSignature => Status::BadSignature,
             Reject::Unauthorized | Reject::BadCookie => Status::Unauthorized,
             Reject::UnknownGroup => Status::UnknownGroup,
@@ -70,6 +77,7 @@ impl Reject {
             Reject::RateLimited => Status::RateLimited,
             Reject::Busy => Status::Unavailable,
             Reject::NotLeader => Status::NotLeader,
+            Reject::KemNotAccepted => Status::KemNotAccepted,
         }
     }
 }

@@ -13,12 +13,12 @@ use serde::Serialize;
 use wire::MemberId;
 
 use crate::policy::Timestamp;
-use crate::store::MemberRecord;
+use crate::store::{HpkeDigest, MemberRecord};
 
 #[derive(Clone)]
 struct Slot {
     identity: [u8; 32],
-    hpke_key: [u8; 32],
+    hpke: HpkeDigest,
     joined: u64,
     lease_until: Timestamp,
     /// Listed in `changed` (cleared by [`Roster::take_changes`]).
@@ -51,7 +51,7 @@ impl Roster {
             changed: Vec::new(),
         };
         for r in records {
-            roster.insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
+            roster.insert(r.leaf, r.identity, r.hpke, r.joined, r.lease_until);
         }
         // The restored records are the stored ones: nothing to save.
         roster.take_changed_leaves();
@@ -141,7 +141,7 @@ impl Roster {
         &mut self,
         leaf: NodeId,
         identity: [u8; 32],
-        hpke_key: [u8; 32],
+        hpke: HpkeDigest,
         joined: u64,
         lease_until: Timestamp,
     ) -> MemberId {
@@ -162,7 +162,7 @@ impl Roster {
             }
             *slot = Some(Slot {
                 identity,
-                hpke_key,
+                hpke,
                 joined,
                 lease_until,
                 changed: false,
@@ -195,7 +195,7 @@ impl Roster {
         Some(MemberRecord {
             id: Self::id(leaf, slot.joined),
             identity: slot.identity,
-            hpke_key: slot.hpke_key,
+            hpke: slot.hpke,
             leaf,
             joined: slot.joined,
             lease_until: slot.lease_until,

@@ -13,11 +13,11 @@
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use lkh_tree::{Epoch, GroupId, KeyVersion, NodeId, NodeKey, NodeRecord, Strategy, TreeConfig};
-use wire::MemberId;
+use wire::{HpkePublicKey, Kem, MemberId};
 use zeroize::Zeroizing;
 
 use crate::policy::Timestamp;
-use crate::store::{GroupDelta, GroupRecords, GroupState, MemberRecord, StoreError};
+use crate::store::{GroupDelta, GroupRecords, GroupState, HpkeDigest, MemberRecord, StoreError};
 
 pub(crate) const LOG_LABEL: &[u8] = b"gkm v2 log row";
 pub(crate) const BASE_LABEL: &[u8] = b"gkm v2 base row";
@@ -31,7 +31,7 @@ pub(crate) const ROW_BYTES: usize = 256 * 1024 - 256;
 /// Rows a compaction writes per transaction (about 4 MiB).
 pub(crate) const COMPACTION_ROWS: usize = 16;
 /// Records that fit one compaction transaction whatever their kind (a member record, the
-/// largest, is 93 bytes): about 43,000.
+/// largest, is 95 bytes): about 43,000.
 pub(crate) const ONE_TRANSACTION_RECORDS: usize = COMPACTION_ROWS * (ROW_BYTES / 96);
 /// Most tree nodes or members one stored group may hold (2^25).
 pub const MAX_RECORDS: usize = 1 << 25;
@@ -45,6 +45,9 @@ const MEMBER_GONE: u8 = 6;
 const SPENT: u8 = 7;
 const BANNED: u8 = 8;
 const UNBANNED: u8 = 9;
+/// A member with its HPKE key's KEM and digest (written since wire version 4; [`MEMBER`]
+/// records, which held an X25519 key, are still read).
+const MEMBER_KEM: u8 = 10;
 const NO_PARENT: u32 = u32::MAX;
 
 /// The sequence numbers `first..next` of a run of rows.
@@ -335,10 +338,11 @@ pub(crate) fn encode_node(out: &mut Vec<u8>, n: &NodeRecord) {
 }
 
 pub(crate) fn encode_member(out: &mut Vec<u8>, m: &MemberRecord) {
-    out.push(MEMBER);
+    out.push(MEMBER_KEM);
     out.extend_from_slice(&m.id.0.to_be_bytes());
     out.extend_from_slice(&m.identity);
-    out.extend_from_slice(&m.hpke_key);
+    out.extend_from_slice(&m.hpke.kem.id().to_be_bytes());
+    out.extend_from_slice(&m.hpke.digest);
     out.extend_from_slice(&m.leaf.0.to_be_bytes());
     out.extend_from_slice(&m.joined.to_be_bytes());
     out.extend_from_slice(&m.lease_until.0.to_be_bytes());
@@ -377,8 +381,8 @@ pub(crate) fn replay(
             NODE_GONE => {
                 records.nodes.remove(&NodeId(r.u32()?));
             }
-            MEMBER => {
-                let member = decode_member(&mut r)?;
+            tag @ (MEMBER | MEMBER_KEM) => {
+                let member = decode_member(&mut r, tag == MEMBER_KEM)?;
                 records.members.insert(member.leaf, member);
             }
             MEMBER_GONE => {
@@ -443,11 +447,26 @@ fn decode_node(r: &mut Reader<'_>) -> Result<NodeRecord, String> {
     })
 }
 
-fn decode_member(r: &mut Reader<'_>) -> Result<MemberRecord, String> {
+/// A member record; `with_kem` for [`MEMBER_KEM`], else a [`MEMBER`] record, whose X25519 key
+/// is read as its digest.
+fn decode_member(r: &mut Reader<'_>, with_kem: bool) -> Result<MemberRecord, String> {
+    let id = MemberId(r.u64()?);
+    let identity = r.take()?;
+    let hpke = if with_kem {
+        let id = u16::from_be_bytes(r.take()?);
+        HpkeDigest {
+            kem: Kem::from_id(id).ok_or_else(|| format!("unknown KEM {id:#06x}"))?,
+            digest: r.take()?,
+        }
+    } else {
+        let key =
+            HpkePublicKey::new(Kem::X25519, r.take::<32>()?.to_vec()).map_err(|e| e.to_string())?;
+        HpkeDigest::of(&key)
+    };
     let member = MemberRecord {
-        id: MemberId(r.u64()?),
-        identity: r.take()?,
-        hpke_key: r.take()?,
+        id,
+        identity,
+        hpke,
         leaf: NodeId(r.u32()?),
         joined: r.u64()?,
         lease_until: Timestamp(r.u64()?),
@@ -500,7 +519,10 @@ mod tests {
         MemberRecord {
             id: MemberId((u64::from(leaf.0) << 32) | joined),
             identity: [u8::try_from(leaf.0 % 251).unwrap(); 32],
-            hpke_key: [2; 32],
+            hpke: HpkeDigest {
+                kem: Kem::XWing,
+                digest: [2; 32],
+            },
             leaf,
             joined,
             lease_until: Timestamp(99),
@@ -554,6 +576,53 @@ mod tests {
             replay(&mut None, true, &bad)
                 .unwrap_err()
                 .contains("not at leaf")
+        );
+    }
+
+    /// A store written before wire version 4 holds each member's X25519 key; it reads as that
+    /// key's digest, so the member's next resync (which presents the key) is answered.
+    #[test]
+    fn a_member_record_with_an_x25519_key_reads_as_its_digest() {
+        let mut records = None;
+        let mut row = Vec::new();
+        encode_base(
+            &mut row,
+            &GroupState {
+                tree: lkh_tree::TreeSnapshot {
+                    group: GroupId(1),
+                    config: TreeConfig::default(),
+                    epoch: Epoch(3),
+                    nodes: Vec::new(),
+                },
+                members: Vec::new(),
+                enrollment: Default::default(),
+            },
+        );
+        let old = member(NodeId(8), 1);
+        row.push(MEMBER);
+        row.extend_from_slice(&old.id.0.to_be_bytes());
+        row.extend_from_slice(&old.identity);
+        row.extend_from_slice(&[0x09; 32]);
+        row.extend_from_slice(&old.leaf.0.to_be_bytes());
+        row.extend_from_slice(&old.joined.to_be_bytes());
+        row.extend_from_slice(&old.lease_until.0.to_be_bytes());
+        replay(&mut records, true, &row).unwrap();
+        let read = records.as_ref().unwrap().members[&NodeId(8)].clone();
+        let key = HpkePublicKey::new(Kem::X25519, vec![0x09; 32]).unwrap();
+        assert!(read.hpke.matches(&key));
+        assert_eq!(read.hpke.kem, Kem::X25519);
+
+        let mut now = Vec::new();
+        encode_member(&mut now, &old);
+        let mut replayed = records.clone();
+        replay(&mut replayed, false, &now).unwrap();
+        assert_eq!(replayed.unwrap().members[&NodeId(8)], old);
+        let mut unknown = now;
+        unknown[1 + 8 + 32..1 + 8 + 32 + 2].copy_from_slice(&[0, 0x10]);
+        assert!(
+            replay(&mut records, false, &unknown)
+                .unwrap_err()
+                .contains("unknown KEM")
         );
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lkh_tree::{Epoch, GroupId, NodeId, NodeRecord, TreeChanges, TreeConfig, TreeSnapshot};
 use thiserror::Error;
-use wire::MemberId;
+use wire::{Encapsulation, HpkePublicKey, Kem, MemberId};
 
 use crate::policy::Timestamp;
 
@@ -16,14 +16,48 @@ pub struct MemberRecord {
     pub id: MemberId,
     /// Its Ed25519 identity key.
     pub identity: [u8; 32],
-    /// Its X25519 key for sealed paths.
-    pub hpke_key: [u8; 32],
+    /// What the controller keeps of its HPKE key, to which paths are sealed.
+    pub hpke: HpkeDigest,
     /// Its leaf in the tree.
     pub leaf: NodeId,
     /// The epoch it joined in.
     pub joined: u64,
     /// When its lease ends unless renewed.
     pub lease_until: Timestamp,
+}
+
+/// What the controller keeps of a member's HPKE key: its KEM and a 32-byte digest
+/// ([`HpkePublicKey::digest`]), not the key (an X-Wing key is 1,216 bytes). The member presents
+/// the key itself in the requests that need it, and the controller checks it against this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HpkeDigest {
+    /// The key's KEM.
+    pub kem: Kem,
+    /// The key's digest.
+    pub digest: [u8; 32],
+}
+
+impl HpkeDigest {
+    /// The digest of `key`.
+    pub fn of(key: &HpkePublicKey) -> Self {
+        HpkeDigest {
+            kem: key.kem(),
+            digest: key.digest(),
+        }
+    }
+
+    /// The digest of the key `encapsulation` was made for.
+    pub fn of_recipient(encapsulation: &Encapsulation) -> Self {
+        HpkeDigest {
+            kem: encapsulation.kem(),
+            digest: *encapsulation.recipient_digest(),
+        }
+    }
+
+    /// Whether `key` is the key this is the digest of.
+    pub fn matches(&self, key: &HpkePublicKey) -> bool {
+        *self == HpkeDigest::of(key)
+    }
 }
 
 /// What keeps a group's enrollment closed across restarts: the tokens spent and the identities

@@ -243,10 +243,16 @@ fn v023_v024_forged_or_damaged_resync_responses_are_refused() {
         kind: SealedKind::Resync,
         member: id,
         request_nonce: nonce,
-        recipient: hpke(seed).public_key().expect("a valid key"),
         rekey_address: None,
     };
-    let sealed = seal_path(&planted, &to, &mut ChaCha20Rng::seed_from_u64(5)).expect("seals");
+    let recipient = hpke(seed).public_key().expect("a valid key");
+    let sealed = seal_path(
+        &planted,
+        &to,
+        &recipient,
+        &mut ChaCha20Rng::seed_from_u64(5),
+    )
+    .expect("seals");
     let insider_key = identity(run.agents[insider].seed);
     for key in [insider_key, SigningKey::from_bytes(&[0x5e; 32])] {
         let before = Seen::of(&resumed);
@@ -492,7 +498,7 @@ fn v037_a_registration_with_an_unusable_hpke_key_changes_nothing() {
         let request = wire::RegistrationRequest {
             group: GROUP,
             identity: who.verifying_key().to_bytes(),
-            hpke_key: [0; 32],
+            hpke_key: hpke(1).public_key().expect("a valid key"),
             timestamp_ms: run.now,
             nonce: [i as u8 + 1; 16],
             token: Vec::new(),

@@ -359,7 +359,7 @@ fn metrics_are_served_as_prometheus_text() {
     let stranger = wire::RegistrationRequest {
         group: GroupId(u64::MAX),
         identity: identity(7).verifying_key().to_bytes(),
-        hpke_key: HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(7))
+        hpke_key: HpkeSecret::generate(wire::Kem::XWing, &mut ChaCha20Rng::seed_from_u64(7))
             .public_key()
             .unwrap(),
         timestamp_ms: now_ms(),

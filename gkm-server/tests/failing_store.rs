@@ -111,7 +111,7 @@ fn contents(state: &GroupState) -> Contents {
     let mut members: Vec<_> = state
         .members
         .iter()
-        .map(|m| (m.leaf.0, m.id.0, m.identity, m.hpke_key, m.joined))
+        .map(|m| (m.leaf.0, m.id.0, m.identity, m.hpke, m.joined))
         .collect();
     members.sort_unstable();
     let digest = blake3::hash(format!("{nodes:?}{members:?}").as_bytes());
@@ -173,7 +173,7 @@ impl Net {
         let mut rng = ChaCha20Rng::seed_from_u64(self.seeds);
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
-        let hpke = HpkeSecret::generate(&mut rng);
+        let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut rng);
         let config = MemberConfig::new(GROUP, self.signer.verifying_key());
         let member = Member::new(config, SigningKey::from_bytes(&seed), hpke, rng, self.now);
         self.members.push(member);

@@ -47,7 +47,7 @@ fn served(server: &Server) -> Served {
             &["id", "identity", "leaf", "joined"],
         ),
         keys: pick(
-            server.ctl_json(&["keys", "demo"]),
+            server.ctl_json(&["keys", "demo"])["keys"].clone(),
             &["node", "version", "holders"],
         ),
     }

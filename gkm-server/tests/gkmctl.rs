@@ -146,7 +146,11 @@ fn commands_print_tables_and_json() {
     let dot = text(&d.ctl(&["tree", "demo", "--dot"]).stdout);
     assert!(dot.contains("digraph"), "{dot}");
     let keys = text(&d.ctl(&["keys", "demo"]).stdout);
-    assert!(keys.starts_with("NODE"), "{keys}");
+    assert!(keys.starts_with("members by KEM: "), "{keys}");
+    assert!(
+        keys.lines().nth(1).is_some_and(|l| l.starts_with("NODE")),
+        "{keys}"
+    );
     let stats = text(&d.ctl(&["stats", "demo"]).stdout);
     assert!(
         stats

@@ -96,6 +96,8 @@ fn policy() -> GroupPolicy {
     p.batch_interval_ms = 1_000;
     p.heartbeat_interval_ms = 1_000;
     p.lease_ms = 3_600_000;
+    // Its members register with X25519 keys: the group takes both KEMs.
+    p.kems = vec![wire::Kem::XWing, wire::Kem::X25519];
     p
 }
 
@@ -109,7 +111,7 @@ struct Run {
     now: u64,
     conn: u64,
     /// Identity keys of the members that joined by request, by public key.
-    keys: HashMap<[u8; 32], SigningKey>,
+    keys: HashMap<[u8; 32], (SigningKey, wire::HpkePublicKey)>,
 }
 
 impl Run {
@@ -140,7 +142,9 @@ impl Run {
         let request = RegistrationRequest {
             group: GROUP,
             identity: identity.verifying_key().to_bytes(),
-            hpke_key: HpkeSecret::generate(&mut self.rng).public_key().unwrap(),
+            hpke_key: HpkeSecret::generate(wire::Kem::X25519, &mut self.rng)
+                .public_key()
+                .unwrap(),
             timestamp_ms: self.now,
             nonce,
             token: Vec::new(),
@@ -151,11 +155,12 @@ impl Run {
             Timestamp(self.now),
             &sign(&request, &identity),
         );
-        self.keys.insert(request.identity, identity);
+        self.keys
+            .insert(request.identity, (identity, request.hpke_key));
     }
 
     fn renew(&mut self, member: u64, identity: &[u8; 32]) {
-        let Some(key) = self.keys.get(identity) else {
+        let Some((key, hpke_key)) = self.keys.get(identity) else {
             return;
         };
         let mut nonce = [0u8; 16];
@@ -169,6 +174,7 @@ impl Run {
             kcv: traffic.check_value(),
             timestamp_ms: self.now,
             nonce,
+            hpke_key: hpke_key.clone(),
         };
         self.conn += 1;
         self.controller.handle_request(

@@ -45,7 +45,10 @@ fn member(leaf: NodeId, joined: u64) -> MemberRecord {
     MemberRecord {
         id: MemberId((u64::from(leaf.0) << 32) | joined),
         identity: [u8::try_from(leaf.0 % 251).unwrap(); 32],
-        hpke_key: [2; 32],
+        hpke: gkm_server::HpkeDigest {
+            kem: wire::Kem::XWing,
+            digest: [2; 32],
+        },
         leaf,
         joined,
         lease_until: Timestamp(99),
@@ -803,7 +806,7 @@ mod v053 {
         let mut members: Vec<_> = state
             .members
             .iter()
-            .map(|m| (m.leaf.0, m.id.0, m.identity, m.hpke_key, m.joined))
+            .map(|m| (m.leaf.0, m.id.0, m.identity, m.hpke, m.joined))
             .collect();
         members.sort_unstable();
         let digest = blake3::hash(format!("{nodes:?}{members:?}").as_bytes());
@@ -867,7 +870,7 @@ mod v053 {
             let mut rng = ChaCha20Rng::seed_from_u64(self.seeds);
             let mut seed = [0u8; 32];
             rng.fill_bytes(&mut seed);
-            let hpke = HpkeSecret::generate(&mut rng);
+            let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut rng);
             let config = MemberConfig::new(GROUP, self.signer.verifying_key());
             let member = Member::new(config, SigningKey::from_bytes(&seed), hpke, rng, self.now);
             self.members.push(member);

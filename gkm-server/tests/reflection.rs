@@ -137,6 +137,7 @@ fn v050_spoofed_subscriptions_reflect_less_than_they_cost() {
     let (identity, hpke, rng) = member_keys(40);
     let config =
         gkm_member::MemberConfig::new(lkh_tree::GroupId::from_name("demo"), signer.verifying_key());
+    let hpke_key = hpke.public_key().unwrap();
     let mut member = gkm_member::Member::new(config, identity.clone(), hpke, rng, now_ms());
     let request = member.poll_request().unwrap();
     let reply = framed_request(controller, &request);
@@ -165,6 +166,7 @@ fn v050_spoofed_subscriptions_reflect_less_than_they_cost() {
             kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
             timestamp_ms: now_ms(),
             nonce,
+            hpke_key: hpke_key.clone(),
         };
         wire::sign(&request, &identity)
     };

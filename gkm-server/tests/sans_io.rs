@@ -94,7 +94,7 @@ impl Net {
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         let identity = SigningKey::from_bytes(&seed);
-        let hpke = HpkeSecret::generate(&mut rng);
+        let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut rng);
         let mut config = MemberConfig::new(GROUP, self.signer.verifying_key());
         config.renew_interval_ms = 10_000;
         self.members
@@ -263,6 +263,7 @@ fn an_evicted_member_loses_the_key_and_says_so() {
         kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
         timestamp_ms: net.now,
         nonce: [9; 16],
+        hpke_key: hpke_of(0),
     };
     let forged = wire::sign(&forged, &SigningKey::from_bytes(&[77; 32]));
     net.controller
@@ -416,7 +417,7 @@ fn bad_requests_are_refused_counted_and_change_nothing() {
 }
 
 fn registration(identity: &SigningKey, nonce: [u8; 16], at: u64, token: &[u8]) -> Vec<u8> {
-    let hpke = HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(at));
+    let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut ChaCha20Rng::seed_from_u64(at));
     let request = wire::RegistrationRequest {
         group: GROUP,
         identity: identity.verifying_key().to_bytes(),
@@ -856,6 +857,7 @@ fn v046_a_forged_request_naming_a_current_member_is_answered_as_one_naming_nobod
             kcv: lkh_tree::Kcv([0; lkh_tree::KCV_LEN]),
             timestamp_ms: net.now,
             nonce: [i as u8 + 1; 16],
+            hpke_key: hpke_of(0),
         };
         let forged = wire::sign(&forged, &forger);
         net.controller
@@ -883,6 +885,15 @@ fn identity_of(i: u64) -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
+/// Member `i`'s HPKE public key, as `Net::add_member` drew it.
+fn hpke_of(i: u64) -> wire::HpkePublicKey {
+    let mut rng = ChaCha20Rng::seed_from_u64(1001 + i);
+    rng.fill_bytes(&mut [0u8; 32]);
+    HpkeSecret::generate(wire::Kem::XWing, &mut rng)
+        .public_key()
+        .unwrap()
+}
+
 #[test]
 fn v047_a_resync_at_the_current_epoch_with_other_keys_gets_the_path_not_a_renewal() {
     let mut net = Net::new(3, 0.0);
@@ -896,6 +907,7 @@ fn v047_a_resync_at_the_current_epoch_with_other_keys_gets_the_path_not_a_renewa
             kcv,
             timestamp_ms: net.now,
             nonce: [nonce; 16],
+            hpke_key: hpke_of(0),
         };
         let bytes = wire::sign(&request, &identity_of(0));
         net.controller
@@ -944,6 +956,7 @@ fn v052_a_member_gets_one_resync_path_per_epoch_and_interval() {
             kcv: Kcv([0; lkh_tree::KCV_LEN]),
             timestamp_ms: at,
             nonce: [nonce; 16],
+            hpke_key: hpke_of(0),
         };
         wire::sign(&request, &identity_of(0))
     };
@@ -1304,7 +1317,7 @@ fn unanswered_and_refused_requests_back_off_with_jitter_and_an_answer_resets_the
     let mut config = MemberConfig::new(GROUP, signer.verifying_key());
     config.retry_ms = 1_000;
     let mut rng = ChaCha20Rng::seed_from_u64(5);
-    let hpke = HpkeSecret::generate(&mut rng);
+    let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut rng);
     let identity = SigningKey::from_bytes(&[32; 32]);
     let mut member = Member::new(config, identity, hpke, rng, START);
     assert!(member.poll_request().is_some());
@@ -1519,6 +1532,7 @@ fn v058_member_signatures_checked_off_the_controller_thread_are_not_verified_aga
             kcv: key.check_value(),
             timestamp_ms: net.now,
             nonce: [k; 16],
+            hpke_key: hpke_of(0),
         };
         let inbound = checked(&net, wire::sign(&forged, &stranger));
         net.controller
@@ -1542,6 +1556,7 @@ fn v058_member_signatures_checked_off_the_controller_thread_are_not_verified_aga
         kcv: key.check_value(),
         timestamp_ms: net.now,
         nonce: [200; 16],
+        hpke_key: hpke_of(0),
     };
     // Member 0's identity key, as `Net::add_member` drew it.
     let mut seed = [0u8; 32];

@@ -64,6 +64,7 @@ fn the_dissector_decodes_every_message_as_the_code_wrote_it() {
         bytes: frame.to_bytes(),
         tcp: false,
     });
+    sent.extend(x25519_registration());
     sent.push(Sent {
         bytes: ErrorMessage {
             group: GROUP,
@@ -369,6 +370,25 @@ fn check(i: usize, bytes: &[u8], d: &Fields) {
                 wire::SealedPath::decode(&mut wire::Reader::new(bytes)).expect("sealed path");
             assert_eq!(one(d, "gkm.member"), Some(sealed.member.0.to_string()));
             assert_eq!(one(d, "gkm.epoch"), Some(sealed.epoch.0.to_string()));
+            assert_eq!(one(d, "gkm.kem"), Some(kem_id(sealed.kem)), "message {i}");
+        }
+        Ok(MessageType::RegistrationRequest) => {
+            let request = wire::decode_signed::<wire::RegistrationRequest>(bytes)
+                .expect("registration")
+                .message()
+                .clone();
+            let kem = request.hpke_key.kem();
+            assert_eq!(one(d, "gkm.kem"), Some(kem_id(kem)), "message {i}");
+            let key = one(d, "gkm.hpke_key").map(|k| k.replace(':', ""));
+            assert_eq!(key, Some(hex(request.hpke_key.as_bytes())), "message {i}");
+        }
+        Ok(MessageType::ResyncRequest) => {
+            let request = wire::decode_signed::<wire::ResyncRequest>(bytes)
+                .expect("resync request")
+                .message()
+                .clone();
+            let kem = request.hpke_key.kem();
+            assert_eq!(one(d, "gkm.kem"), Some(kem_id(kem)), "message {i}");
         }
         Ok(MessageType::Data) => {
             assert_eq!(one(d, "gkm.sender"), Some("9".into()));
@@ -380,6 +400,55 @@ fn check(i: usize, bytes: &[u8], d: &Fields) {
         }
         _ => {}
     }
+}
+
+/// A member's registration with an X25519 key, and its welcome sealed under X25519 (the run's
+/// members hold X-Wing keys, the default).
+fn x25519_registration() -> [Sent; 2] {
+    use rand_core::SeedableRng;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(25519);
+    let identity = ed25519_dalek::SigningKey::from_bytes(&[0x25; 32]);
+    let hpke = wire::HpkeSecret::generate(wire::Kem::X25519, &mut rng);
+    let request = wire::RegistrationRequest {
+        group: GROUP,
+        identity: identity.verifying_key().to_bytes(),
+        hpke_key: hpke.public_key().expect("a key"),
+        timestamp_ms: 1_800_000_000_000,
+        nonce: [5; 16],
+        token: Vec::new(),
+    };
+    let mut tree =
+        lkh_tree::KeyTree::new(GROUP, lkh_tree::TreeConfig::default(), &mut rng).expect("tree");
+    let batch = lkh_tree::Batch {
+        leaves: vec![],
+        joins: 3,
+    };
+    let path = tree.rekey(&batch, &mut rng).expect("joins").joiners[2]
+        .path
+        .clone();
+    let to = wire::SealedFor {
+        kind: wire::SealedKind::Welcome,
+        member: wire::MemberId(3),
+        request_nonce: request.nonce,
+        rekey_address: None,
+    };
+    let sealed = wire::seal_path(&path, &to, &request.hpke_key, &mut rng).expect("seals");
+    let controller = ed25519_dalek::SigningKey::from_bytes(&[0x26; 32]);
+    [
+        Sent {
+            bytes: wire::sign(&request, &identity),
+            tcp: true,
+        },
+        Sent {
+            bytes: wire::sign(&sealed, &controller),
+            tcp: true,
+        },
+    ]
+}
+
+/// The dissector's text for a KEM identifier (`0x647a`).
+fn kem_id(kem: wire::Kem) -> String {
+    format!("{:#06x}", kem.id())
 }
 
 fn hex(bytes: &[u8]) -> String {

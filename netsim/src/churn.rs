@@ -18,7 +18,7 @@ use lkh_tree::GroupId;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::Serialize;
-use wire::HpkeSecret;
+use wire::{HpkeSecret, Kem};
 
 /// How datagrams are lost on each receiver's link.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -317,7 +317,7 @@ impl Sim {
         let mut member_rng = ChaCha20Rng::from_seed(seed);
         member_rng.fill_bytes(&mut seed);
         let identity = SigningKey::from_bytes(&seed);
-        let hpke = HpkeSecret::generate(&mut member_rng);
+        let hpke = HpkeSecret::generate(Kem::XWing, &mut member_rng);
         let mut config = MemberConfig::new(GroupId::from_name(GROUP), self.signer.verifying_key());
         // Lease renewals double as a slow resync path: a member that lost every heartbeat of a
         // long loss burst still learns it is behind when it renews.

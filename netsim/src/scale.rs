@@ -12,14 +12,14 @@ use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, MemberRecord, StoreDriver, Timestamp,
-    Transmit,
+    Command, ConnId, Controller, GroupPolicy, GroupState, HpkeDigest, MemberRecord, StoreDriver,
+    Timestamp, Transmit,
 };
 use lkh_tree::{GroupId, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{
-    AuthenticRekey, Codec, HpkeSecret, MemberId, MessageType, RegistrationRequest, SealedPath,
+    AuthenticRekey, Codec, HpkeSecret, Kem, MemberId, MessageType, RegistrationRequest, SealedPath,
 };
 
 use crate::churn::{ChurnConfig, ChurnReport, NoStore, Seen, Tally, exponential, uniform};
@@ -111,7 +111,10 @@ impl Scale {
             .map(|leaf| MemberRecord {
                 id: MemberId(u64::from(leaf.0) << 32),
                 identity: leaf_identity(leaf),
-                hpke_key: [0; 32],
+                hpke: HpkeDigest {
+                    kem: Kem::XWing,
+                    digest: [0; 32],
+                },
                 leaf,
                 joined: 0,
                 lease_until: Timestamp(u64::MAX / 2),
@@ -178,7 +181,7 @@ impl Scale {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let identity = SigningKey::from_bytes(&seed);
-        let hpke = HpkeSecret::generate(&mut self.rng);
+        let hpke = HpkeSecret::generate(Kem::XWing, &mut self.rng);
         let mut nonce = [0u8; 16];
         self.rng.fill_bytes(&mut nonce);
         let Ok(hpke_key) = hpke.public_key() else {

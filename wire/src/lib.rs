@@ -21,7 +21,8 @@
 //! [`open_path`] of a welcome whose signature verified. The `compile_fail` examples in
 //! [`HeldPath`]'s module show each shortcut refused.
 //!
-//! It seals and opens the path keys of welcomes and resync responses with HPKE (RFC 9180).
+//! It seals and opens the path keys of welcomes and resync responses with HPKE (RFC 9180) under
+//! X-Wing (ML-KEM-768 + X25519, the default) or X25519 ([`Kem`]).
 //!
 //! What it does not do: no I/O, no clock (timestamps are passed in), no randomness of its own
 //! (an injected CSPRNG).
@@ -61,7 +62,9 @@ pub use rekey::{
     AuthenticRekey, DATAGRAM_OVERHEAD, DEFAULT_MTU, FreshRekey, Item, MAX_COVERS, MAX_DATAGRAM,
     MAX_ITEMS, RekeyDatagram, pack, pack_signed,
 };
-pub use sealed::{Encapsulation, HpkeSecret, SealedFor, open_path, seal_path, seal_path_with};
+pub use sealed::{
+    Encapsulation, HpkePublicKey, HpkeSecret, Kem, SealedFor, open_path, seal_path, seal_path_with,
+};
 pub use signed::{
     SIGNATURE_LEN, Unverified, Verified, decode as decode_signed, open, open_with, sign,
     verifying_key,

@@ -11,14 +11,17 @@ use lkh_tree::{
 use zeroize::Zeroizing;
 
 use crate::codec::{Codec, CountWidth, DecodeError, Reader, put_count};
+use crate::sealed::{HpkePublicKey, Kem};
 
 /// Magic bytes that open every message.
 pub const MAGIC: [u8; 2] = *b"GK";
-/// The protocol version this crate speaks. Version 3 made rekey datagrams encrypt-then-sign
+/// The protocol version this crate speaks. Version 4 names the KEM of every HPKE key and
+/// encapsulation (X-Wing or X25519) and has members present their HPKE key in resync requests.
+/// Version 3 made rekey datagrams encrypt-then-sign
 /// (32-byte wraps without tags, delta-coded node references, the key check value in every
 /// datagram); version 2 put a per-rekey salt into rekey datagrams and every wrap key. Messages of
 /// other versions are refused ([`DecodeError::BadVersion`]).
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Length of the common header: magic, version, type, group.
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
 /// Length of a request nonce.
@@ -158,8 +161,8 @@ pub struct RegistrationRequest {
     pub group: GroupId,
     /// The member's Ed25519 identity public key (also the key that signs this request).
     pub identity: [u8; 32],
-    /// The member's X25519 public key, to which the welcome is sealed (HPKE).
-    pub hpke_key: [u8; 32],
+    /// The member's HPKE public key (X-Wing or X25519), to which the welcome is sealed.
+    pub hpke_key: HpkePublicKey,
     /// Milliseconds since the Unix epoch when the request was made.
     pub timestamp_ms: u64,
     /// A random nonce; the controller refuses a nonce seen before.
@@ -172,7 +175,7 @@ impl Codec for RegistrationRequest {
     fn encode(&self, out: &mut Vec<u8>) {
         Header::write(out, MessageType::RegistrationRequest, self.group);
         out.extend_from_slice(&self.identity);
-        out.extend_from_slice(&self.hpke_key);
+        self.hpke_key.write(out);
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out.extend_from_slice(&self.nonce);
         put_count(out, CountWidth::U8, self.token.len());
@@ -182,7 +185,7 @@ impl Codec for RegistrationRequest {
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let group = Header::read(r, MessageType::RegistrationRequest)?;
         let identity = r.array("identity key")?;
-        let hpke_key = r.array("HPKE key")?;
+        let hpke_key = HpkePublicKey::read(r)?;
         let timestamp_ms = r.u64("timestamp")?;
         let nonce = r.array("nonce")?;
         let len = r.count(CountWidth::U8, 1, MAX_TOKEN, "token length")?;
@@ -216,8 +219,8 @@ impl SealedKind {
     }
 }
 
-/// Controller → member: the member's path keys sealed to its X25519 key with HPKE (RFC 9180,
-/// the sealing is done by the controller crate), signed by the controller.
+/// Controller → member: the member's path keys sealed to its HPKE key (RFC 9180, see
+/// [`crate::seal_path`]), signed by the controller, naming the KEM it was sealed under.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealedPath {
     /// Welcome or resync response.
@@ -230,8 +233,10 @@ pub struct SealedPath {
     pub epoch: Epoch,
     /// The nonce of the request this answers.
     pub request_nonce: [u8; NONCE_LEN],
-    /// The HPKE encapsulated key.
-    pub encapped: [u8; 32],
+    /// The KEM of the member's key, under which the path is sealed.
+    pub kem: Kem,
+    /// The HPKE encapsulated key (the KEM's length).
+    pub encapped: Vec<u8>,
     /// Where the controller multicasts the group's rekeys and heartbeats (as its config says),
     /// so that a member need not be told; `None` when it does not say.
     pub rekey_address: Option<SocketAddr>,
@@ -251,7 +256,8 @@ impl SealedPath {
         let member = MemberId(r.u64("member id")?);
         let epoch = Epoch(r.u64("epoch")?);
         let request_nonce = r.array("request nonce")?;
-        let encapped = r.array("encapsulated key")?;
+        let kem = Kem::read(r)?;
+        let encapped = r.take(kem.encapped_len(), "encapsulated key")?.to_vec();
         let rekey_address = read_address(r)?;
         let len = usize::from(r.u16("ciphertext length")?);
         if len > MAX_SEALED {
@@ -268,6 +274,7 @@ impl SealedPath {
             member,
             epoch,
             request_nonce,
+            kem,
             encapped,
             rekey_address,
             ciphertext,
@@ -313,6 +320,7 @@ impl Codec for SealedPath {
         out.extend_from_slice(&self.member.0.to_be_bytes());
         out.extend_from_slice(&self.epoch.0.to_be_bytes());
         out.extend_from_slice(&self.request_nonce);
+        out.extend_from_slice(&self.kem.id().to_be_bytes());
         out.extend_from_slice(&self.encapped);
         write_address(out, self.rekey_address);
         put_count(out, CountWidth::U16, self.ciphertext.len());
@@ -413,6 +421,9 @@ pub struct ResyncRequest {
     pub timestamp_ms: u64,
     /// A random nonce.
     pub nonce: [u8; NONCE_LEN],
+    /// The member's HPKE public key, to which a path is sealed: the controller keeps only its
+    /// digest and refuses a key that does not match it.
+    pub hpke_key: HpkePublicKey,
 }
 
 impl Codec for ResyncRequest {
@@ -423,6 +434,7 @@ impl Codec for ResyncRequest {
         out.extend_from_slice(&self.kcv.0);
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out.extend_from_slice(&self.nonce);
+        self.hpke_key.write(out);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -432,6 +444,7 @@ impl Codec for ResyncRequest {
         let kcv = Kcv(r.array("key check value")?);
         let timestamp_ms = r.u64("timestamp")?;
         let nonce = r.array("nonce")?;
+        let hpke_key = HpkePublicKey::read(r)?;
         Ok(ResyncRequest {
             group,
             member,
@@ -439,6 +452,7 @@ impl Codec for ResyncRequest {
             kcv,
             timestamp_ms,
             nonce,
+            hpke_key,
         })
     }
 }
@@ -494,6 +508,9 @@ pub enum Status {
     NotAMember,
     /// 405: a message kind a controller does not accept.
     UnexpectedMessage,
+    /// 406: the group's policy does not accept the KEM of the member's HPKE key; the reason
+    /// names the KEMs it accepts (`accepts: x25519`).
+    KemNotAccepted,
     /// 409: outside the freshness window, or a replay.
     Stale,
     /// 410: the controller has no such group (removed, or never configured).
@@ -521,6 +538,7 @@ impl Status {
             Status::Unauthorized => 403,
             Status::NotAMember => 404,
             Status::UnexpectedMessage => 405,
+            Status::KemNotAccepted => 406,
             Status::Stale => 409,
             Status::UnknownGroup => 410,
             Status::NotLeader => 421,
@@ -544,6 +562,7 @@ impl Status {
             403 => Status::Unauthorized,
             404 => Status::NotAMember,
             405 => Status::UnexpectedMessage,
+            406 => Status::KemNotAccepted,
             409 => Status::Stale,
             410 => Status::UnknownGroup,
             421 => Status::NotLeader,

@@ -3,8 +3,8 @@
 use ed25519_dalek::SigningKey;
 use lkh_tree::{Epoch, GroupId, NodeKey};
 use wire::{
-    Codec, DecodeError, Heartbeat, LeaveRequest, MessageType, RegistrationRequest, WireError, data,
-    open, open_with, sign, verifying_key,
+    Codec, DecodeError, Heartbeat, HpkePublicKey, Kem, LeaveRequest, MessageType,
+    RegistrationRequest, WireError, data, open, open_with, sign, verifying_key,
 };
 
 fn request() -> RegistrationRequest {
@@ -12,11 +12,43 @@ fn request() -> RegistrationRequest {
     RegistrationRequest {
         group: GroupId(1),
         identity: member.verifying_key().to_bytes(),
-        hpke_key: [9; 32],
+        hpke_key: HpkePublicKey::new(Kem::X25519, vec![9; 32]).unwrap(),
         timestamp_ms: 1,
         nonce: [2; 16],
         token: vec![],
     }
+}
+
+/// GKM-V070: a registration names its KEM by HPKE identifier, and its key has that KEM's length:
+/// an unknown KEM, or a key cut or padded to another KEM's length, is refused.
+#[test]
+fn v070_a_registration_names_a_known_kem_and_a_key_of_its_length() {
+    let x_wing = RegistrationRequest {
+        hpke_key: HpkePublicKey::new(Kem::XWing, vec![9; 1216]).unwrap(),
+        ..request()
+    };
+    for good in [request(), x_wing.clone()] {
+        assert_eq!(
+            RegistrationRequest::decode_exact(&good.to_bytes()).unwrap(),
+            good
+        );
+    }
+    // The KEM identifier follows the 12-byte header and the 32-byte identity.
+    const KEM_AT: usize = 12 + 32;
+    let mut unknown = request().to_bytes();
+    unknown[KEM_AT..KEM_AT + 2].copy_from_slice(&0x0010u16.to_be_bytes());
+    assert_eq!(
+        RegistrationRequest::decode_exact(&unknown),
+        Err(DecodeError::Invalid("KEM is not x-wing or x25519"))
+    );
+    // An X25519 key labelled X-Wing is far too short; an X-Wing key labelled X25519 leaves bytes.
+    let mut relabelled = request().to_bytes();
+    relabelled[KEM_AT..KEM_AT + 2].copy_from_slice(&Kem::XWing.id().to_be_bytes());
+    assert!(RegistrationRequest::decode_exact(&relabelled).is_err());
+    let mut relabelled = x_wing.to_bytes();
+    relabelled[KEM_AT..KEM_AT + 2].copy_from_slice(&Kem::X25519.id().to_be_bytes());
+    assert!(RegistrationRequest::decode_exact(&relabelled).is_err());
+    assert!(HpkePublicKey::new(Kem::XWing, vec![9; 32]).is_err());
 }
 
 #[test]
@@ -157,4 +189,54 @@ fn v056_status_codes_map_both_ways_and_code_0_is_not_an_error() {
     }
     assert_ne!(Status::NotAMember.code(), Status::UnknownGroup.code());
     assert!(Status::from_code(0).is_err());
+}
+
+/// The sizes `RFC-notes/wire-format.md` §2 states for a member of a 2^20-member tree of degree 4
+/// (11 path keys): signed welcomes, registration and resync requests under each KEM.
+#[test]
+fn hpke_message_sizes_are_as_documented() {
+    use lkh_tree::{KeyVersion, MemberPath, NodeId, PathKey};
+    use rand_core::SeedableRng;
+    use wire::{HpkeSecret, MemberId, ResyncRequest, SealedFor, SealedKind};
+    let keys = (0..11u32)
+        .rev()
+        .map(|node| PathKey {
+            node: NodeId(node),
+            version: KeyVersion(1),
+            key: NodeKey::from_bytes([7; 32]),
+        })
+        .collect();
+    let path = MemberPath::from_keys(GroupId(1), Epoch(1), keys).unwrap();
+    let signer = SigningKey::from_bytes(&[5; 32]);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let mut sizes = Vec::new();
+    for kem in Kem::ALL {
+        let public = HpkeSecret::generate(kem, &mut rng).public_key().unwrap();
+        let to = SealedFor {
+            kind: SealedKind::Welcome,
+            member: MemberId(1),
+            request_nonce: [0; 16],
+            rekey_address: Some("239.255.77.1:47701".parse().unwrap()),
+        };
+        let welcome = wire::seal_path(&path, &to, &public, &mut rng).unwrap();
+        let request = RegistrationRequest {
+            hpke_key: public.clone(),
+            ..request()
+        };
+        let resync = ResyncRequest {
+            group: GroupId(1),
+            member: MemberId(1),
+            epoch: Epoch(1),
+            kcv: lkh_tree::Kcv([0; 8]),
+            timestamp_ms: 1,
+            nonce: [0; 16],
+            hpke_key: public,
+        };
+        sizes.push([
+            sign(&welcome, &signer).len(),
+            sign(&request, &signer).len(),
+            sign(&resync, &signer).len(),
+        ]);
+    }
+    assert_eq!(sizes, [[1_740, 1_351, 1_342], [652, 167, 158]]);
 }

@@ -14,9 +14,9 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde_json::{Value, json};
 use wire::{
-    Ack, Acked, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, HeldPath, LeaveRequest,
-    MemberId, PathKeys, RegistrationRequest, ResyncRequest, SealedKind, SealedPath, Status,
-    pack_signed,
+    Ack, Acked, AuthenticRekey, Codec, DataFrame, ErrorMessage, Heartbeat, HeldPath, HpkePublicKey,
+    HpkeSecret, Kem, LeaveRequest, MemberId, PathKeys, RegistrationRequest, ResyncRequest,
+    SealedFor, SealedKind, SealedPath, Status, pack_signed,
 };
 
 fn vector_path(name: &str) -> PathBuf {
@@ -39,6 +39,11 @@ fn group() -> GroupId {
     GroupId(0x0102_0304_0506_0708)
 }
 
+/// A public key of `kem` whose every byte is `byte` (the codec checks only its length).
+fn key_of(kem: Kem, byte: u8) -> HpkePublicKey {
+    HpkePublicKey::new(kem, vec![byte; kem.public_key_len()]).unwrap()
+}
+
 fn messages() -> Vec<(&'static str, Vec<u8>)> {
     let g = group();
     vec![
@@ -47,10 +52,22 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
             RegistrationRequest {
                 group: g,
                 identity: [0x11; 32],
-                hpke_key: [0x22; 32],
+                hpke_key: key_of(Kem::XWing, 0x22),
                 timestamp_ms: 1_800_000_000_000,
                 nonce: [0x33; 16],
                 token: b"enroll-7".to_vec(),
+            }
+            .to_bytes(),
+        ),
+        (
+            "registration_request_x25519",
+            RegistrationRequest {
+                group: g,
+                identity: [0x11; 32],
+                hpke_key: key_of(Kem::X25519, 0x23),
+                timestamp_ms: 1_800_000_000_000,
+                nonce: [0x34; 16],
+                token: Vec::new(),
             }
             .to_bytes(),
         ),
@@ -62,7 +79,8 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 member: MemberId(42),
                 epoch: Epoch(9),
                 request_nonce: [0x33; 16],
-                encapped: [0x44; 32],
+                kem: Kem::XWing,
+                encapped: vec![0x44; Kem::XWing.encapped_len()],
                 rekey_address: Some("239.255.77.1:47701".parse().unwrap()),
                 ciphertext: vec![0x55; 40],
             }
@@ -76,7 +94,8 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 member: MemberId(42),
                 epoch: Epoch(10),
                 request_nonce: [0x66; 16],
-                encapped: [0x77; 32],
+                kem: Kem::X25519,
+                encapped: vec![0x77; Kem::X25519.encapped_len()],
                 rekey_address: Some("[ff15::77]:47702".parse().unwrap()),
                 ciphertext: vec![0x88; 17],
             }
@@ -101,6 +120,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
                 kcv: Kcv([0x5c; 8]),
                 timestamp_ms: 1_800_000_001_000,
                 nonce: [0x99; 16],
+                hpke_key: key_of(Kem::X25519, 0x5a),
             }
             .to_bytes(),
         ),
@@ -165,6 +185,12 @@ fn message_encodings_match_the_stored_vectors() {
             .to_bytes(),
     );
     reencode(
+        "registration_request_x25519",
+        RegistrationRequest::decode_exact(&bytes("registration_request_x25519"))
+            .unwrap()
+            .to_bytes(),
+    );
+    reencode(
         "welcome",
         SealedPath::decode_exact(&bytes("welcome"))
             .unwrap()
@@ -210,9 +236,10 @@ fn message_encodings_match_the_stored_vectors() {
         welcome.rekey_address,
         Some("239.255.77.1:47701".parse().unwrap())
     );
-    // The rekey address's family byte (after header, member, epoch, nonce and encapsulated
-    // key): 0 is no address, and anything but 0, 4 and 6 is refused.
-    const FAMILY: usize = 12 + 8 + 8 + 16 + 32;
+    assert_eq!(welcome.kem, Kem::XWing);
+    // The rekey address's family byte (after header, member, epoch, nonce, KEM and X-Wing
+    // encapsulation): 0 is no address, and anything but 0, 4 and 6 is refused.
+    const FAMILY: usize = 12 + 8 + 8 + 16 + 2 + 1120;
     let none = SealedPath {
         rekey_address: None,
         ..welcome.clone()
@@ -291,4 +318,66 @@ fn rekey_vector_decrypts_to_the_stored_traffic_key_check_value() {
         hex::encode(kcv.unwrap().0),
         stored["traffic_kcv_after"].as_str().unwrap()
     );
+}
+
+/// Welcomes sealed under each KEM from a seeded RNG (so the bytes are reproducible), with the
+/// member's secret key: the welcome opens to the stored path, and sealing again gives the same
+/// bytes. X-Wing is draft-connolly-cfrg-xwing-kem as HPKE KEM 0x647a; X25519 is RFC 9180's
+/// DHKEM(X25519, HKDF-SHA256).
+#[test]
+fn welcome_vectors_open_to_the_stored_path_under_each_kem() {
+    let controller = SigningKey::from_bytes(&[7; 32]);
+    let built: Value = Kem::ALL
+        .into_iter()
+        .map(|kem| {
+            let mut rng = ChaCha20Rng::seed_from_u64(2027);
+            let mut tree = KeyTree::new(group(), TreeConfig::default(), &mut rng).unwrap();
+            let batch = Batch {
+                leaves: vec![],
+                joins: 4,
+            };
+            let path = tree.rekey(&batch, &mut rng).unwrap().joiners[1]
+                .path
+                .clone();
+            let secret = HpkeSecret::generate(kem, &mut rng);
+            let public = secret.public_key().unwrap();
+            let to = SealedFor {
+                kind: SealedKind::Welcome,
+                member: MemberId(2),
+                request_nonce: [0x21; 16],
+                rekey_address: Some("239.255.77.1:47701".parse().unwrap()),
+            };
+            let sealed = wire::seal_path(&path, &to, &public, &mut rng).unwrap();
+            let vector = json!({
+                "member_secret_key": hex::encode(secret.as_bytes()),
+                "member_public_key": hex::encode(public.as_bytes()),
+                "signed_welcome": hex::encode(wire::sign(&sealed, &controller)),
+                "path": hex::encode(PathKeys::encode(&path).as_slice()),
+            });
+            (kem.name().to_owned(), vector)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let stored = check_or_bless("welcome.json", &built);
+    for kem in Kem::ALL {
+        let vector = &stored[kem.name()];
+        let field = |name: &str| hex::decode(vector[name].as_str().unwrap()).unwrap();
+        let secret = HpkeSecret::from_bytes(kem, field("member_secret_key").try_into().unwrap());
+        assert_eq!(
+            secret.public_key().unwrap().as_bytes(),
+            field("member_public_key")
+        );
+        let welcome =
+            wire::open::<SealedPath>(&field("signed_welcome"), &controller.verifying_key())
+                .unwrap();
+        assert_eq!(welcome.message().kem, kem);
+        assert_eq!(welcome.message().encapped.len(), kem.encapped_len());
+        let held = wire::open_path(&welcome, &secret).unwrap();
+        let path = PathKeys::decode(group(), welcome.message().epoch, &field("path")).unwrap();
+        assert_eq!(
+            held.root_key().unwrap().as_bytes(),
+            path.root_key().unwrap().as_bytes(),
+            "{kem}"
+        );
+    }
 }

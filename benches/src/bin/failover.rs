@@ -29,7 +29,7 @@ use gkm_server::{
     Transmit,
 };
 use lkh_tree::GroupId;
-use wire::{HpkeSecret, MemberId};
+use wire::{HpkeSecret, Kem, MemberId};
 
 const START: u64 = 1_800_000_000_000;
 /// The lease the daemon's HA tests and defaults use (`lease_ms`): the longest a dead leader's
@@ -166,7 +166,7 @@ fn main() {
         let mut member = Member::resume(
             MemberConfig::new(group, signer.verifying_key()),
             SigningKey::from_bytes(&[3; 32]),
-            HpkeSecret::generate(&mut rng(4)),
+            HpkeSecret::generate(Kem::XWing, &mut rng(4)),
             rng(5),
             MemberId(watched.id.0),
             path,

@@ -1,7 +1,9 @@
 //! `registrations [N] [CONNECTIONS] [BATCH_MS]`: registrations per second over loopback TCP
 //! against a real `gkm-server` (run it from `target/release`, next to this binary), each next to
-//! what the registration's own crypto alone allows on 2 threads, measured in the same run. Two
-//! runs of N registrations each, on one daemon:
+//! what the registration's own crypto alone allows on 2 threads, measured in the same run. For
+//! each KEM of the members' HPKE keys (X-Wing, then X25519; the group takes both), two runs of N
+//! registrations each, on one daemon; then X-Wing's rates as a share of X25519's, and the bytes
+//! of a request and a welcome under each:
 //!
 //! 1. **Bare client** against **the controller's half** of the crypto (verify the request's
 //!    Ed25519 signature, seal the path keys with HPKE, sign the welcome). The requests are signed
@@ -41,8 +43,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::{
-    HpkeSecret, MemberId, RegistrationRequest, SealedFor, SealedKind, open_with, seal_path, sign,
-    verifying_key,
+    HpkePublicKey, HpkeSecret, Kem, MemberId, RegistrationRequest, SealedFor, SealedKind,
+    SealedPath, Verified, open_path, open_with, seal_path, sign, verifying_key,
 };
 
 /// A group's rekey address, as the daemon's welcomes name one (the same length on the wire).
@@ -56,13 +58,13 @@ struct Keys {
     seed: u64,
 }
 
-fn keys(seed: u64) -> Keys {
+fn keys(kem: Kem, seed: u64) -> Keys {
     let mut r = rng(seed);
     let mut key = [0u8; 32];
     r.fill_bytes(&mut key);
     Keys {
         identity: SigningKey::from_bytes(&key),
-        hpke: HpkeSecret::generate(&mut r),
+        hpke: HpkeSecret::generate(kem, &mut r),
         seed,
     }
 }
@@ -141,10 +143,12 @@ fn controller_half(
         kind: SealedKind::Welcome,
         member: MemberId(1),
         request_nonce: request.nonce,
-        recipient: request.hpke_key,
         rekey_address: Some(REKEY_ADDRESS),
     };
-    sign(&seal_path(path, &to, r).expect("seals"), signer)
+    sign(
+        &seal_path(path, &to, &request.hpke_key, r).expect("seals"),
+        signer,
+    )
 }
 
 /// Runs `work` once per item of `items` on `threads` threads; items per second and the CPU
@@ -174,28 +178,38 @@ fn on_threads<T: Sync>(
     (rate, cpu_seconds("self") - cpu)
 }
 
-/// HPKE seals of a path per second on one thread, alone: one per request's key.
-fn seal_rate(requests: &[Vec<u8>], path: &MemberPath) -> f64 {
-    let recipients: Vec<[u8; 32]> = requests
+/// HPKE seals and opens of a path per second on one thread, alone: one seal per request's key,
+/// and the open of each by its member.
+fn seal_and_open_rates(members: &[Keys], path: &MemberPath) -> (f64, f64) {
+    let to = SealedFor {
+        kind: SealedKind::Welcome,
+        member: MemberId(1),
+        request_nonce: [0; 16],
+        rekey_address: Some(REKEY_ADDRESS),
+    };
+    let recipients: Vec<HpkePublicKey> = members
         .iter()
-        .map(|bytes| {
-            open_with::<RegistrationRequest>(bytes, |q| verifying_key(&q.identity))
-                .expect("valid")
-                .into_message()
-                .hpke_key
+        .map(|k| k.hpke.public_key().expect("a valid key"))
+        .collect();
+    let (seals, _) = on_threads(&recipients, 1, |recipient, r| {
+        std::hint::black_box(seal_path(path, &to, recipient, r).expect("seals"));
+    });
+    let mut r = rng(5);
+    let signer = SigningKey::from_bytes(&[3; 32]);
+    let sealed: Vec<(Verified<SealedPath>, &HpkeSecret)> = members
+        .iter()
+        .zip(&recipients)
+        .map(|(k, recipient)| {
+            let sealed = seal_path(path, &to, recipient, &mut r).expect("seals");
+            let signed = sign(&sealed, &signer);
+            let verified = wire::open(&signed, &signer.verifying_key()).expect("verifies");
+            (verified, &k.hpke)
         })
         .collect();
-    let (rate, _) = on_threads(&recipients, 1, |recipient, r| {
-        let to = SealedFor {
-            kind: SealedKind::Welcome,
-            member: MemberId(1),
-            request_nonce: [0; 16],
-            recipient: *recipient,
-            rekey_address: Some(REKEY_ADDRESS),
-        };
-        std::hint::black_box(seal_path(path, &to, r).expect("seals"));
+    let (opens, _) = on_threads(&sealed, 1, |(sealed, secret), _| {
+        std::hint::black_box(open_path(sealed, secret).expect("opens"));
     });
-    rate
+    (seals, opens)
 }
 
 /// A daemon run: registrations completed, wall time, the CPU seconds of the daemon and of this
@@ -303,7 +317,7 @@ fn start_server(
     std::fs::create_dir_all(dir).expect("dir");
     std::fs::write(
         dir.join("gkm-server.toml"),
-        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nbatch_interval_ms = {batch_ms}\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
+        format!("listen = \"{addr}\"\n[[group]]\nname = \"demo\"\nmulticast = \"239.255.99.9:{}\"\nbatch_interval_ms = {batch_ms}\nkem = [\"x-wing\", \"x25519\"]\nheartbeat_interval_ms = 1000\nlease_ms = 600000\n", port + 1),
     )
     .expect("config");
     let state = dir.join("state");
@@ -332,6 +346,124 @@ fn start_server(
     (server, VerifyingKey::from_bytes(&key).expect("a key"))
 }
 
+/// The server and the path and key its welcomes are measured against.
+struct Setup {
+    pid: String,
+    addr: Arc<str>,
+    controller: VerifyingKey,
+    path: MemberPath,
+    n: usize,
+    conns: usize,
+}
+
+/// What one KEM's runs measured.
+struct KemRuns {
+    bare: f64,
+    member: f64,
+    request_bytes: usize,
+    welcome_bytes: usize,
+}
+
+/// Both runs for members with `kem` keys; prints them and returns their rates and sizes.
+fn runs_for(kem: Kem, s: &Setup, seed: u64) -> KemRuns {
+    let (n, conns, path) = (s.n, s.conns, &s.path);
+    let signer = SigningKey::from_bytes(&[3; 32]);
+    // 1. Bare client, controller's half.
+    let group = GroupId::from_name("demo");
+    let requests: Vec<Vec<u8>> = (0..n as u64)
+        .map(|i| {
+            let k = keys(kem, seed | i);
+            let mut nonce = [0u8; 16];
+            rng(seed | i).fill_bytes(&mut nonce);
+            let request = RegistrationRequest {
+                group,
+                identity: k.identity.verifying_key().to_bytes(),
+                hpke_key: k.hpke.public_key().expect("a valid key"),
+                timestamp_ms: now_ms(),
+                nonce,
+                token: Vec::new(),
+            };
+            sign(&request, &k.identity)
+        })
+        .collect();
+    let half = |request: &Vec<u8>, r: &mut ChaCha20Rng| {
+        std::hint::black_box(controller_half(request, path, &signer, r));
+    };
+    let (before, cpu) = on_threads(&requests, 2, half);
+    let requests = Arc::new(requests);
+    let bare = {
+        let (requests, addr) = (requests.clone(), s.addr.clone());
+        run_clients(&s.pid, n, conns, move |i| {
+            let (requests, addr) = (requests.clone(), addr.clone());
+            async move {
+                exchange(&addr, &requests[i]).await.is_ok_and(|reply| {
+                    matches!(
+                        wire::MessageType::peek(&reply),
+                        Ok(wire::MessageType::Welcome)
+                    )
+                })
+            }
+        })
+    };
+    let (after, _) = on_threads(&requests, 2, half);
+
+    // 2. Member client, the whole registration.
+    let members: Vec<Keys> = (0..n as u64)
+        .map(|i| keys(kem, seed | 1 << 32 | i))
+        .collect();
+    let own_key = signer.verifying_key();
+    let whole = |k: &Keys, r: &mut ChaCha20Rng| {
+        let (mut m, request) = member(k, own_key);
+        let welcome = controller_half(&request, path, &signer, r);
+        assert!(joined(&mut m, &welcome), "the member joins");
+    };
+    let (whole_before, whole_cpu) = on_threads(&members, 2, whole);
+    let members = Arc::new(members);
+    let controller = s.controller;
+    let full = {
+        let (members, addr) = (members.clone(), s.addr.clone());
+        run_clients(&s.pid, n, conns, move |i| {
+            let (members, addr) = (members.clone(), addr.clone());
+            async move {
+                let (mut m, request) = member(&members[i], controller);
+                let reply = exchange(&addr, &request).await;
+                reply.is_ok_and(|reply| joined(&mut m, &reply))
+            }
+        })
+    };
+    let (whole_after, _) = on_threads(&members, 2, whole);
+
+    let (one, _) = on_threads(&requests, 1, half);
+    let (seals, opens) = seal_and_open_rates(&members, path);
+    let request_bytes = requests.first().map_or(0, Vec::len);
+    let welcome_bytes = controller_half(&requests[0], path, &signer, &mut rng(9)).len();
+    println!("== {kem} member keys");
+    println!(
+        "{conns} client connections at a time; controller's half of the crypto on 1 thread: {one:.0}/s; HPKE on 1 thread: seal of a path {seals:.0}/s, open {opens:.0}/s; signed request {request_bytes} B, signed welcome {welcome_bytes} B"
+    );
+    report(
+        "1. bare client (requests signed beforehand, a welcome counts)",
+        "the controller's half (verify request + HPKE seal + sign welcome)",
+        &bare,
+        n,
+        (before, after, cpu),
+    );
+    report(
+        "2. member client (signs its request, verifies and opens its welcome)",
+        "the whole registration's crypto (sign + verify request, HPKE seal, sign + verify welcome, HPKE open)",
+        &full,
+        n,
+        (whole_before, whole_after, whole_cpu),
+    );
+    let rate = |run: &Run| run.ok as f64 / run.elapsed.as_secs_f64();
+    KemRuns {
+        bare: rate(&bare),
+        member: rate(&full),
+        request_bytes,
+        welcome_bytes,
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args
@@ -356,94 +488,27 @@ fn main() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let (mut server, controller) = start_server(&bin, &dir, (&addr, port), batch_ms);
-    let pid = server.id().to_string();
-    let path = sample_path(n);
-    let signer = SigningKey::from_bytes(&[3; 32]);
-
-    // 1. Bare client, controller's half.
-    let group = GroupId::from_name("demo");
-    let requests: Vec<Vec<u8>> = (0..n as u64)
-        .map(|i| {
-            let k = keys(i);
-            let mut nonce = [0u8; 16];
-            rng(i).fill_bytes(&mut nonce);
-            let request = RegistrationRequest {
-                group,
-                identity: k.identity.verifying_key().to_bytes(),
-                hpke_key: k.hpke.public_key().expect("a valid key"),
-                timestamp_ms: now_ms(),
-                nonce,
-                token: Vec::new(),
-            };
-            sign(&request, &k.identity)
-        })
-        .collect();
-    let half = |request: &Vec<u8>, r: &mut ChaCha20Rng| {
-        std::hint::black_box(controller_half(request, &path, &signer, r));
+    println!("{conns} client connections at a time, batches every {batch_ms} ms");
+    let setup = Setup {
+        pid: server.id().to_string(),
+        addr: addr.into(),
+        controller,
+        path: sample_path(n),
+        n,
+        conns,
     };
-    let (before, cpu) = on_threads(&requests, 2, half);
-    let requests = Arc::new(requests);
-    let addr: Arc<str> = addr.into();
-    let bare = {
-        let (requests, addr) = (requests.clone(), addr.clone());
-        run_clients(&pid, n, conns, move |i| {
-            let (requests, addr) = (requests.clone(), addr.clone());
-            async move {
-                exchange(&addr, &requests[i]).await.is_ok_and(|reply| {
-                    matches!(
-                        wire::MessageType::peek(&reply),
-                        Ok(wire::MessageType::Welcome)
-                    )
-                })
-            }
-        })
-    };
-    let (after, _) = on_threads(&requests, 2, half);
-
-    // 2. Member client, the whole registration.
-    let members: Vec<Keys> = (0..n as u64).map(|i| keys(1 << 32 | i)).collect();
-    let own_signer = SigningKey::from_bytes(&[3; 32]);
-    let own_key = own_signer.verifying_key();
-    let whole = |k: &Keys, r: &mut ChaCha20Rng| {
-        let (mut m, request) = member(k, own_key);
-        let welcome = controller_half(&request, &path, &own_signer, r);
-        assert!(joined(&mut m, &welcome), "the member joins");
-    };
-    let (whole_before, whole_cpu) = on_threads(&members, 2, whole);
-    let members = Arc::new(members);
-    let full = {
-        let (members, addr) = (members.clone(), addr.clone());
-        run_clients(&pid, n, conns, move |i| {
-            let (members, addr) = (members.clone(), addr.clone());
-            async move {
-                let (mut m, request) = member(&members[i], controller);
-                let reply = exchange(&addr, &request).await;
-                reply.is_ok_and(|reply| joined(&mut m, &reply))
-            }
-        })
-    };
-    let (whole_after, _) = on_threads(&members, 2, whole);
-
+    let x_wing = runs_for(Kem::XWing, &setup, 0);
+    let x25519 = runs_for(Kem::X25519, &setup, 1 << 40);
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let (one, _) = on_threads(&requests, 1, half);
     println!(
-        "{conns} client connections at a time, batches every {batch_ms} ms; controller's half of the crypto on 1 thread: {one:.0}/s; HPKE seal of a path alone: {:.0}/s on 1 thread",
-        seal_rate(&requests, &path)
-    );
-    report(
-        "1. bare client (requests signed beforehand, a welcome counts)",
-        "the controller's half (verify request + HPKE seal + sign welcome)",
-        &bare,
-        n,
-        (before, after, cpu),
-    );
-    report(
-        "2. member client (signs its request, verifies and opens its welcome)",
-        "the whole registration's crypto (sign + verify request, HPKE seal, sign + verify welcome, HPKE open)",
-        &full,
-        n,
-        (whole_before, whole_after, whole_cpu),
+        "== x-wing against x25519: bare client {:.0}%, member client {:.0}% of the rate; request {} B against {} B, welcome {} B against {} B",
+        100.0 * x_wing.bare / x25519.bare,
+        100.0 * x_wing.member / x25519.member,
+        x_wing.request_bytes,
+        x25519.request_bytes,
+        x_wing.welcome_bytes,
+        x25519.welcome_bytes,
     );
 }

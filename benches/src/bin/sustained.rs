@@ -36,7 +36,7 @@ use gkm_server::{
 };
 use lkh_tree::GroupId;
 use rand_core::Rng;
-use wire::{HpkeSecret, RegistrationRequest, sign};
+use wire::{HpkeSecret, Kem, RegistrationRequest, sign};
 
 const START: u64 = 1_800_000_000_000;
 
@@ -163,7 +163,7 @@ fn verify_all(built: Vec<Vec<u8>>, seed: u64) -> Vec<Inbound> {
 
 /// `count` signed registration requests of fresh identities, stamped `at_ms`, on two threads.
 fn requests(group: GroupId, count: usize, seed: u64, at_ms: u64) -> Vec<Vec<u8>> {
-    let hpke = HpkeSecret::generate(&mut rng(seed))
+    let hpke = HpkeSecret::generate(Kem::XWing, &mut rng(seed))
         .public_key()
         .expect("a valid key");
     let half = count / 2;
@@ -179,7 +179,7 @@ fn requests(group: GroupId, count: usize, seed: u64, at_ms: u64) -> Vec<Vec<u8>>
                 let request = RegistrationRequest {
                     group,
                     identity: identity.verifying_key().to_bytes(),
-                    hpke_key: hpke,
+                    hpke_key: hpke.clone(),
                     timestamp_ms: at_ms,
                     nonce,
                     token: Vec::new(),
@@ -188,7 +188,8 @@ fn requests(group: GroupId, count: usize, seed: u64, at_ms: u64) -> Vec<Vec<u8>>
             })
             .collect::<Vec<_>>()
     };
-    let other = std::thread::spawn(move || make(half, count));
+    let other_half = make.clone();
+    let other = std::thread::spawn(move || other_half(half, count));
     let mut out = make(0, half);
     out.extend(other.join().expect("request builder"));
     out

@@ -261,18 +261,30 @@ fn render(command: &Cmd, data: &Value) -> String {
             }
             table(data, &columns)
         }
-        Cmd::Members { .. } => table(data, &["id", "identity", "leaf", "joined", "lease_left_ms"]),
-        Cmd::Keys { .. } => table(
+        Cmd::Members { .. } => table(
             data,
-            &[
-                "node",
-                "version",
-                "age_epochs",
-                "age_ms",
-                "expires_in_ms",
-                "holders",
-            ],
+            &["id", "identity", "leaf", "joined", "lease_left_ms", "kem"],
         ),
+        Cmd::Keys { .. } => {
+            let kems: Vec<String> = data["members_by_kem"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(kem, n)| format!("{kem} {}", cell(n)))
+                .collect();
+            let keys = table(
+                &data["keys"],
+                &[
+                    "node",
+                    "version",
+                    "age_epochs",
+                    "age_ms",
+                    "expires_in_ms",
+                    "holders",
+                ],
+            );
+            format!("members by KEM: {}\n{keys}", kems.join(", "))
+        }
         Cmd::Policy { .. } => {
             let mut out = String::new();
             for (k, v) in data.as_object().into_iter().flatten() {

@@ -446,6 +446,10 @@ impl<R: CryptoRng> Controller<R> {
             status: answered.status(),
             reason: told.unwrap_or_else(|| match answered {
                 Reject::UnknownGroup => format!("this controller has no group with id {}", group.0),
+                Reject::KemNotAccepted => self.groups.get(&group).map_or_else(
+                    || "KemNotAccepted".to_owned(),
+                    |g| format!("accepts: {}", kem_names(&g.policy.kems)),
+                ),
                 other => format!("{other:?}"),
             }),
         };
@@ -476,6 +480,9 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or((Reject::UnknownGroup, gid))?;
         g.check_window(now, request.timestamp_ms, request.nonce)
             .map_err(|r| (r, gid))?;
+        if !g.policy.kems.contains(&encapsulation.kem()) {
+            return Err((Reject::KemNotAccepted, gid));
+        }
         let join = PendingJoin {
             conn,
             identity: request.identity,
@@ -496,7 +503,7 @@ impl<R: CryptoRng> Controller<R> {
                 let same_key = g
                     .members
                     .get(old)
-                    .is_some_and(|r| r.hpke_key == request.hpke_key);
+                    .is_some_and(|r| r.hpke.matches(&request.hpke_key));
                 if same_key {
                     g.remember(now, request.nonce);
                     return self.rewelcome(now, gid, old, join);
@@ -523,13 +530,20 @@ impl<R: CryptoRng> Controller<R> {
         let request = self.member_request::<ResyncRequest>(signed)?;
         let gid = request.group;
         let g = self.fresh_group(gid, now, request.timestamp_ms, request.nonce)?;
-        if !g.members.renew(request.member, now.plus(g.policy.lease_ms)) {
-            return Err((Reject::NotAMember, gid).into());
-        }
         let record = g
             .members
             .get(request.member)
             .ok_or((Reject::NotAMember, gid))?;
+        if !record.hpke.matches(&request.hpke_key) {
+            return Err(Refusal {
+                told: Some(
+                    "this HPKE key is not the one the member registered with: register again"
+                        .into(),
+                ),
+                ..(Reject::WrongHpkeKey, gid).into()
+            });
+        }
+        g.members.renew(request.member, now.plus(g.policy.lease_ms));
         // Renewed only if the member holds this epoch's keys: the same epoch number with other
         // keys (a controller that went back) is answered with the path.
         let epoch = g.tree.epoch();
@@ -551,15 +565,19 @@ impl<R: CryptoRng> Controller<R> {
         if !g.resynced.allow_in(request.member, now, epoch.0) {
             return Err((Reject::RateLimited, gid).into());
         }
+        // A path is sealed only under a KEM the policy takes now (it may have been tightened
+        // since the member registered): the member registers again with a key it takes.
+        if !g.policy.kems.contains(&record.hpke.kem) {
+            return Err((Reject::KemNotAccepted, gid).into());
+        }
         g.stats.resyncs += 1;
         let to = SealedFor {
             kind: SealedKind::Resync,
             member: request.member,
             request_nonce: request.nonce,
-            recipient: record.hpke_key,
             rekey_address: g.policy.rekey_address,
         };
-        let encapsulation = Encapsulation::new(&record.hpke_key, gid, &mut self.rng)
+        let encapsulation = Encapsulation::new(&request.hpke_key, gid, &mut self.rng)
             .map_err(|_| (Reject::Malformed, gid))?;
         Ok(self.reply_path(conn, gid, record.leaf, &to, encapsulation)?)
     }

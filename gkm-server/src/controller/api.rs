@@ -379,6 +379,18 @@ pub struct MemberInfo {
     pub joined: u64,
     /// Milliseconds of lease left.
     pub lease_left_ms: u64,
+    /// The KEM of its HPKE key: `x-wing` or `x25519`.
+    pub kem: String,
+}
+
+/// A group's key inventory (`gkmctl keys`): its members counted by the KEM of their HPKE key,
+/// and its tree's keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyInventory {
+    /// Members per KEM name (`x-wing`, `x25519`), every KEM listed.
+    pub members_by_kem: BTreeMap<String, usize>,
+    /// The tree's keys, by node.
+    pub keys: Vec<KeyInfo>,
 }
 
 /// One key of the inventory.
@@ -432,6 +444,8 @@ pub struct PolicyInfo {
     pub rekey_address: Option<String>,
     /// Whether members may subscribe to unicast fan-out.
     pub fanout: bool,
+    /// The KEMs of the HPKE keys the group takes (`x-wing`, `x25519`).
+    pub kem: Vec<String>,
 }
 
 /// Who may register, as [`PolicyInfo`] shows it (counts, never the keys or tokens themselves).
@@ -476,7 +490,7 @@ pub enum Response {
     /// A group's policy, every setting with its typed value.
     Policy(PolicyInfo),
     /// Key inventory.
-    Keys(Vec<KeyInfo>),
+    Keys(KeyInventory),
     /// DOT text.
     Tree(String),
     /// Counters.

@@ -20,7 +20,6 @@ impl PendingJoin {
             kind: SealedKind::Welcome,
             member,
             request_nonce: self.nonce,
-            recipient: *self.encapsulation.recipient(),
             rekey_address,
         }
     }
@@ -349,6 +348,7 @@ impl Group {
             },
             rekey_address: p.rekey_address.map(|a| a.to_string()),
             fanout: p.fanout,
+            kem: p.kems.iter().map(|k| k.name().to_owned()).collect(),
         }
     }
 
@@ -375,10 +375,15 @@ impl Group {
         Ok(())
     }
 
-    pub(super) fn inventory(&self, now: Timestamp) -> Vec<KeyInfo> {
+    pub(super) fn inventory(&self, now: Timestamp) -> KeyInventory {
         let epoch = self.tree.epoch().0;
         let mut holders: HashMap<NodeId, usize> = HashMap::new();
+        let mut members_by_kem: BTreeMap<String, usize> =
+            Kem::ALL.iter().map(|k| (k.name().to_owned(), 0)).collect();
         for record in self.members.records() {
+            *members_by_kem
+                .entry(record.hpke.kem.name().to_owned())
+                .or_default() += 1;
             let mut node = Some(record.leaf);
             while let Some(n) = node {
                 *holders.entry(n).or_default() += 1;
@@ -409,7 +414,10 @@ impl Group {
             })
             .collect();
         out.sort_by_key(|k| k.node);
-        out
+        KeyInventory {
+            members_by_kem,
+            keys: out,
+        }
     }
 }
 
@@ -421,6 +429,7 @@ impl MemberRecord {
             leaf: self.leaf.0,
             joined: self.joined,
             lease_left_ms: self.lease_until.0.saturating_sub(now.0),
+            kem: self.hpke.kem.name().to_owned(),
         }
     }
 }

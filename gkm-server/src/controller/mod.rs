@@ -11,18 +11,20 @@ use rand_core::CryptoRng;
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
-    Ack, Acked, Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, LeaveRequest,
-    MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedFor,
-    SealedKind, Subscribe, WireError, open_with, pack, seal_path_with, sign, verifying_key,
+    Ack, Acked, Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, Kem,
+    LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
+    ResyncRequest, SealedFor, SealedKind, Subscribe, WireError, open_with, pack, seal_path_with,
+    sign, verifying_key,
 };
 use zeroize::Zeroize;
 
 use crate::fanout::{Cookies, RateLimit, Subscribers};
 use crate::gate::Gate;
 use crate::persist::{Persist, PersistTicket, Persisted, Save};
+use crate::policy::kem_names;
 use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
 use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
-use crate::store::{GroupDelta, GroupState, MemberRecord, StoreError};
+use crate::store::{GroupDelta, GroupState, HpkeDigest, MemberRecord, StoreError};
 
 mod admission;
 mod api;

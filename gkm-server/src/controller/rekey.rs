@@ -162,9 +162,9 @@ impl<R: CryptoRng> Controller<R> {
             .iter()
             .zip(&rekey.joiners)
             .map(|(join, joiner)| {
-                let recipient = *join.encapsulation.recipient();
+                let hpke = HpkeDigest::of_recipient(&join.encapsulation);
                 g.members
-                    .insert(joiner.leaf, join.identity, recipient, epoch.0, lease_until)
+                    .insert(joiner.leaf, join.identity, hpke, epoch.0, lease_until)
             })
             .collect();
         let tree_time = self
@@ -247,7 +247,7 @@ impl<R: CryptoRng> Controller<R> {
         }
         for r in removed {
             g.members
-                .insert(r.leaf, r.identity, r.hpke_key, r.joined, r.lease_until);
+                .insert(r.leaf, r.identity, r.hpke, r.joined, r.lease_until);
         }
         let _ = g.members.take_changes();
         g.saved = false;

@@ -52,7 +52,10 @@ pub fn identity(seed: u64) -> SigningKey {
 
 /// The HPKE key of the member made from `seed`.
 pub fn hpke(seed: u64) -> HpkeSecret {
-    HpkeSecret::generate(&mut ChaCha20Rng::seed_from_u64(seed ^ 0x6870_6b65))
+    HpkeSecret::generate(
+        wire::Kem::XWing,
+        &mut ChaCha20Rng::seed_from_u64(seed ^ 0x6870_6b65),
+    )
 }
 
 /// A member's configuration (pinning the controller's key).

@@ -344,7 +344,7 @@ pub(crate) fn member_keys(seed: u64) -> (SigningKey, HpkeSecret, ChaCha20Rng) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut identity = [0u8; 32];
     rng.fill_bytes(&mut identity);
-    let hpke = HpkeSecret::generate(&mut rng);
+    let hpke = HpkeSecret::generate(wire::Kem::XWing, &mut rng);
     (SigningKey::from_bytes(&identity), hpke, rng)
 }
 
@@ -432,7 +432,10 @@ pub(crate) fn stored_group(
         .map(|leaf| gkm_server::MemberRecord {
             id: wire::MemberId((u64::from(leaf.0) << 32) | 1),
             identity: [u8::try_from(leaf.0 % 256).unwrap(); 32],
-            hpke_key: [1; 32],
+            hpke: gkm_server::HpkeDigest {
+                kem: wire::Kem::XWing,
+                digest: [1; 32],
+            },
             leaf,
             joined: 1,
             lease_until,

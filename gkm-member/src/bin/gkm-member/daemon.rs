@@ -36,7 +36,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use wire::Status;
+use wire::{Kem, Status};
 
 use crate::api::{self, KeyInfo};
 use crate::framing;
@@ -65,6 +65,8 @@ pub(crate) struct RunConfig {
     pub(crate) group: String,
     pub(crate) controller_key: String,
     pub(crate) state_dir: PathBuf,
+    /// The KEM of the HPKE key the member registers with.
+    pub(crate) kem: Kem,
     /// Given on the command line; else the controller's word, [`DEFAULT_MULTICAST`] until then.
     pub(crate) multicast: Option<SocketAddr>,
     pub(crate) interface: Ipv4Addr,
@@ -120,14 +122,21 @@ impl Rekeys {
 pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
     let dir = StateDir::new(&cfg.state_dir);
     if !dir.initialized() {
-        let public = dir.init()?;
+        let public = dir.init(cfg.kem)?;
         info!(
             "initialized {}: identity public key {}",
             cfg.state_dir.display(),
             hex::encode(public.as_bytes())
         );
     }
-    let (identity, hpke) = dir.load_keys()?;
+    let (identity, hpke, made) = dir.load_keys(cfg.kem)?;
+    if made {
+        info!(
+            "made a new {} HPKE key in {}: the member registers with it (--kem)",
+            cfg.kem,
+            cfg.state_dir.display()
+        );
+    }
     info!(
         "identity public key {}",
         hex::encode(identity.verifying_key().as_bytes())
@@ -226,7 +235,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         outcomes: mpsc::channel(64),
         sent: 0,
         in_flight: None,
-        no_group: None,
+        stop: None,
         left: false,
         save_after_ms: cfg.save_after_ms,
         persist_at: None,
@@ -300,7 +309,16 @@ fn start_member(
             dir.remove_membership();
             Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
         }
-        Ok(Some((id, path))) => {
+        Ok(Some((_, _, kem))) if kem != s.hpke.kem() => {
+            info!(
+                "the stored membership was made with this member's {kem} key; registering \
+                 again with its {} key (--kem)",
+                s.hpke.kem()
+            );
+            dir.remove_membership();
+            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+        }
+        Ok(Some((id, path, _))) => {
             info!(
                 "resuming membership {} at epoch {} from {}",
                 id.0,
@@ -367,8 +385,9 @@ struct Driver {
     in_flight: Option<(tokio::task::JoinHandle<()>, tokio::time::Instant)>,
     /// Set when the controller acknowledged the member's leave.
     left: bool,
-    /// Set when the controller said it has no such group: the daemon stops with this reason.
-    no_group: Option<String>,
+    /// Set when the controller said no request of this member can succeed (no such group, or
+    /// not its KEM): the daemon stops with this message.
+    stop: Option<String>,
     /// Key changes are written this long to twice this long after they happen.
     save_after_ms: u64,
     /// When the membership file is next written: it changed since it was last written.
@@ -386,17 +405,8 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.drain();
-            if let Some(reason) = self.no_group.take() {
-                self.dir.remove_membership();
-                bail!(
-                    "controller {} has no group {:?} (id {}; it says \"{}\"): the group was \
-                     removed or was never configured there; check --group against the NAME \
-                     column of `gkmctl groups` on the controller",
-                    self.controllers.current(),
-                    self.group_name,
-                    self.group.0,
-                    reason.escape_debug()
-                );
+            if let Some(reason) = self.stop.take() {
+                bail!("{reason}");
             }
             self.send_datagrams().await;
             if std::mem::take(&mut self.published) {
@@ -564,7 +574,32 @@ impl Driver {
                  speaks version {}: run the same gkm release on the controller and its members",
                 wire::VERSION
             ),
-            MemberEvent::GroupUnknown { reason } => self.no_group = Some(reason),
+            MemberEvent::GroupUnknown { reason } => {
+                self.dir.remove_membership();
+                self.stop = Some(format!(
+                    "controller {} has no group {:?} (id {}; it says \"{}\"): the group was \
+                     removed or was never configured there; check --group against the NAME \
+                     column of `gkmctl groups` on the controller",
+                    self.controllers.current(),
+                    self.group_name,
+                    self.group.0,
+                    reason.escape_debug()
+                ));
+            }
+            MemberEvent::KemNotAccepted { ours, reason } => {
+                let other = Kem::ALL.into_iter().find(|k| *k != ours).unwrap_or(ours);
+                self.stop = Some(format!(
+                    "controller {} does not take this member's {ours} key for group {:?} (it \
+                     says \"{}\"): run gkm-member with --kem {other} (it makes that key and \
+                     registers again), or have the controller's operator accept {ours} keys \
+                     (kem = [\"{ours}\", ...] in the group's config, or `gkmctl policy {} --set \
+                     kem=...`)",
+                    self.controllers.current(),
+                    self.group_name,
+                    reason.escape_debug(),
+                    self.group_name,
+                ));
+            }
             MemberEvent::NotLeader {
                 leader,
                 retry_in_ms,
@@ -667,7 +702,9 @@ impl Driver {
 
     fn persist(&self) {
         if let Some((id, path)) = self.member.membership()
-            && let Err(e) = self.dir.save_membership(self.group, id, path)
+            && let Err(e) = self
+                .dir
+                .save_membership(self.group, id, path, self.member.kem())
         {
             warn!("cannot persist the membership: {e:#}; a restart will register again");
         }

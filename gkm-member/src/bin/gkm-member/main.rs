@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use gkm_member::data_keys::{self, KeyDelays};
+use wire::Kem;
 
 #[derive(Parser)]
 #[command(name = "gkm-member", version, about = "gkm group member agent")]
@@ -45,6 +46,9 @@ enum Command {
         /// The state directory.
         #[arg(long, default_value = "./gkm-member-state")]
         state_dir: PathBuf,
+        /// The KEM of the HPKE key to make (see `run --kem`).
+        #[arg(long, default_value = "x-wing", value_parser = parse_kem)]
+        kem: Kem,
     },
     /// Run the member: register, follow rekeys, serve the local API.
     Run(RunArgs),
@@ -95,6 +99,12 @@ struct RunArgs {
     /// The state directory (created with new keys if missing).
     #[arg(long, default_value = "./gkm-member-state")]
     state_dir: PathBuf,
+    /// The KEM of the HPKE key the controller seals this member's keys to: x-wing (ML-KEM-768 +
+    /// X25519; a welcome recorded today stays closed to a quantum computer later) or x25519 (for
+    /// constrained members; the group's policy must accept it). The key is made in the state
+    /// directory when missing; a membership made with the other KEM's key registers again.
+    #[arg(long, default_value = "x-wing", value_parser = parse_kem)]
+    kem: Kem,
     /// The group's rekey multicast address. By default the one the controller names in its
     /// welcome (239.255.77.1:47701 until then); given, it is kept whatever the controller says
     /// (a relay's address, say). A wrong one hears no rekey of the group, and the member falls
@@ -207,13 +217,18 @@ fn delays(activation_ms: u64, deactivation_ms: u64) -> anyhow::Result<KeyDelays>
     })
 }
 
+/// A `--kem` value: `x-wing` or `x25519`.
+fn parse_kem(name: &str) -> Result<Kem, String> {
+    Kem::from_name(name).ok_or_else(|| format!("{name:?} is not x-wing or x25519"))
+}
+
 fn execute(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match command {
-        Command::Init { state_dir } => {
-            let public = store::StateDir::new(&state_dir).init()?;
+        Command::Init { state_dir, kem } => {
+            let public = store::StateDir::new(&state_dir).init(kem)?;
             println!("{}", hex::encode(public.as_bytes()));
             Ok(())
         }
@@ -227,6 +242,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             group: args.group,
             controller_key: args.controller_key,
             state_dir: args.state_dir,
+            kem: args.kem,
             multicast: args.multicast,
             interface: args.interface,
             interface_v6: args.interface_v6,

@@ -6,8 +6,10 @@
 //! ```text
 //! DIR/              mode 0700
 //!   identity.key    32-byte Ed25519 seed, mode 0600
+//!   hpke-x-wing.key 32-byte X-Wing secret (the seed of its key pair), mode 0600
 //!   hpke.key        32-byte X25519 secret, mode 0600
-//!   membership      "GKMM" 1 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ PathKeys, mode 0600
+//!   membership      "GKMM" 2 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ KEM u16 ‖ PathKeys, mode 0600
+//!                   (version 1, without the KEM, was made under the X25519 key)
 //!   sequence        "GKMQ" 1 ‖ mark u64 ‖ !mark u64, mode 0600
 //!   api.sock        the local API (mode 0600)
 //! ```
@@ -22,11 +24,13 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, MemberPath};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
-use wire::{HpkeSecret, MemberId, PathKeys};
+use wire::{HpkeSecret, Kem, MemberId, PathKeys};
 use zeroize::Zeroizing;
 
 const MEMBERSHIP_MAGIC: &[u8; 4] = b"GKMM";
-const MEMBERSHIP_VERSION: u8 = 1;
+const MEMBERSHIP_VERSION: u8 = 2;
+/// Version 1: no KEM (the X25519 key's).
+const MEMBERSHIP_V1: u8 = 1;
 const MEMBERSHIP_HEADER: usize = 4 + 1 + 8 + 8 + 8;
 /// Larger membership files are refused unread.
 const MAX_MEMBERSHIP: u64 = 64 * 1024;
@@ -60,8 +64,11 @@ impl StateDir {
         self.dir.join("identity.key")
     }
 
-    fn hpke_path(&self) -> PathBuf {
-        self.dir.join("hpke.key")
+    fn hpke_path(&self, kem: Kem) -> PathBuf {
+        match kem {
+            Kem::X25519 => self.dir.join("hpke.key"),
+            Kem::XWing => self.dir.join("hpke-x-wing.key"),
+        }
     }
 
     /// Path of the membership file.
@@ -84,10 +91,10 @@ impl StateDir {
         self.identity_path().exists()
     }
 
-    /// Creates the directory (0700) and both key files (0600); refuses to overwrite either.
-    /// Returns the identity public key.
-    pub(crate) fn init(&self) -> Result<VerifyingKey> {
-        for path in [self.identity_path(), self.hpke_path()] {
+    /// Creates the directory (0700), the identity key and the HPKE key of `kem` (0600); refuses
+    /// to overwrite either. Returns the identity public key.
+    pub(crate) fn init(&self, kem: Kem) -> Result<VerifyingKey> {
+        for path in [self.identity_path(), self.hpke_path(kem)] {
             if path.exists() {
                 bail!(
                     "{} already exists; this state directory is initialized (use it as is, or \
@@ -108,17 +115,28 @@ impl StateDir {
         getrandom::fill(seed.as_mut_slice())
             .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
         let identity = SigningKey::from_bytes(&seed);
-        let hpke = HpkeSecret::generate(&mut rng);
+        let hpke = HpkeSecret::generate(kem, &mut rng);
         write_new(&self.identity_path(), seed.as_slice())?;
-        write_new(&self.hpke_path(), hpke.as_bytes())?;
+        write_new(&self.hpke_path(kem), hpke.as_bytes())?;
         Ok(identity.verifying_key())
     }
 
-    /// Reads the identity and HPKE keys.
-    pub(crate) fn load_keys(&self) -> Result<(SigningKey, HpkeSecret)> {
+    /// Reads the identity key and the HPKE key of `kem`, making the latter (0600) if this
+    /// directory has none yet (a member moving to another KEM); says whether it made it.
+    pub(crate) fn load_keys(&self, kem: Kem) -> Result<(SigningKey, HpkeSecret, bool)> {
         let seed = read_key(&self.identity_path())?;
-        let hpke = read_key(&self.hpke_path())?;
-        Ok((SigningKey::from_bytes(&seed), HpkeSecret::from_bytes(*hpke)))
+        let path = self.hpke_path(kem);
+        let made = !path.exists();
+        if made {
+            let hpke = HpkeSecret::generate(kem, &mut os_rng()?);
+            write_new(&path, hpke.as_bytes())?;
+        }
+        let hpke = read_key(&path)?;
+        Ok((
+            SigningKey::from_bytes(&seed),
+            HpkeSecret::from_bytes(kem, *hpke),
+            made,
+        ))
     }
 
     /// Writes the membership atomically (temporary file of mode 0600, rename), without fsync:
@@ -129,8 +147,9 @@ impl StateDir {
         group: GroupId,
         member: MemberId,
         path: &MemberPath,
+        kem: Kem,
     ) -> Result<()> {
-        let bytes = encode_membership(group, member, path);
+        let bytes = encode_membership(group, member, path, kem);
         self.write_atomic(&self.membership_path(), &bytes, false)
     }
 
@@ -190,9 +209,9 @@ impl StateDir {
         Ok(())
     }
 
-    /// The stored membership for `group`, `None` if there is none; an error if the file is
-    /// unreadable, corrupt or for another group.
-    pub(crate) fn load_membership(&self, group: GroupId) -> Result<Option<(MemberId, MemberPath)>> {
+    /// The stored membership for `group` and the KEM of the key it was made with, `None` if
+    /// there is none; an error if the file is unreadable, corrupt or for another group.
+    pub(crate) fn load_membership(&self, group: GroupId) -> Result<Option<Membership>> {
         let path = self.membership_path();
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -232,25 +251,32 @@ pub(crate) fn decode_sequence(bytes: &[u8]) -> Result<u64> {
     Ok(mark)
 }
 
+/// A stored membership: the member's id, its path keys, and the KEM of the HPKE key it was
+/// made with (its resyncs must present that key).
+pub(crate) type Membership = (MemberId, MemberPath, Kem);
+
 /// The membership file's bytes, zeroized on drop.
 pub(crate) fn encode_membership(
     group: GroupId,
     member: MemberId,
     path: &MemberPath,
+    kem: Kem,
 ) -> Zeroizing<Vec<u8>> {
     let keys = PathKeys::encode(path);
-    let mut out = Zeroizing::new(Vec::with_capacity(MEMBERSHIP_HEADER + keys.len()));
+    let mut out = Zeroizing::new(Vec::with_capacity(MEMBERSHIP_HEADER + 2 + keys.len()));
     out.extend_from_slice(MEMBERSHIP_MAGIC);
     out.push(MEMBERSHIP_VERSION);
     out.extend_from_slice(&group.0.to_be_bytes());
     out.extend_from_slice(&member.0.to_be_bytes());
     out.extend_from_slice(&path.epoch().0.to_be_bytes());
+    out.extend_from_slice(&kem.id().to_be_bytes());
     out.extend_from_slice(&keys);
     out
 }
 
-/// Parses a membership file; refuses another group, a bad header or an inconsistent path.
-pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<(MemberId, MemberPath)> {
+/// Parses a membership file; refuses another group, a bad header, an unknown KEM or an
+/// inconsistent path.
+pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<Membership> {
     if bytes.len() as u64 > MAX_MEMBERSHIP {
         bail!("longer than {MAX_MEMBERSHIP} bytes");
     }
@@ -259,9 +285,20 @@ pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<(MemberI
     };
     let (magic, rest) = header.split_at(4);
     let (version, rest) = rest.split_at(1);
-    if magic != MEMBERSHIP_MAGIC || version != [MEMBERSHIP_VERSION] {
-        bail!("not a gkm membership file (version {MEMBERSHIP_VERSION})");
+    if magic != MEMBERSHIP_MAGIC || ![[MEMBERSHIP_V1], [MEMBERSHIP_VERSION]].contains(&[version[0]])
+    {
+        bail!("not a gkm membership file (version {MEMBERSHIP_V1} or {MEMBERSHIP_VERSION})");
     }
+    let (kem, keys) = if version == [MEMBERSHIP_V1] {
+        (Kem::X25519, keys)
+    } else {
+        let Some((id, keys)) = keys.split_first_chunk::<2>() else {
+            bail!("truncated header");
+        };
+        let id = u16::from_be_bytes(*id);
+        let kem = Kem::from_id(id).with_context(|| format!("unknown KEM {id:#06x}"))?;
+        (kem, keys)
+    };
     let field = |i: usize| -> u64 {
         let mut b = [0u8; 8];
         b.copy_from_slice(&rest[i * 8..i * 8 + 8]);
@@ -273,7 +310,7 @@ pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<(MemberI
     }
     let path =
         PathKeys::decode(group, epoch, keys).map_err(|e| anyhow::anyhow!("path keys: {e}"))?;
-    Ok((member, path))
+    Ok((member, path, kem))
 }
 
 fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -58,6 +58,11 @@ fanout = true
 # repeats = 2
 # repeat_spacing_ms = 100  # time between the sends of one datagram
 # mtu = 1200
+# The KEMs of the members' HPKE keys, to which welcomes and resync responses are sealed:
+# "x-wing" (ML-KEM-768 + X25519: stays confidential against a quantum computer later), or
+# "x25519" for members that cannot afford X-Wing's 1,216-byte key, or both. Members under
+# another KEM are refused, and told which the group takes.
+# kem = "x-wing"          # or "x25519", or ["x-wing", "x25519"]
 # enrollment = "open"     # open | restricted
 # allowed = []            # hex Ed25519 identity keys (restricted)
 # Single-use enrollment tokens (restricted): a string, or a table that may set an expiry and
@@ -184,11 +189,30 @@ pub(crate) struct GroupConfig {
     repeats: Option<u8>,
     repeat_spacing_ms: Option<u64>,
     mtu: Option<usize>,
+    kem: Option<KemConfig>,
     enrollment: Option<String>,
     #[serde(default)]
     allowed: Vec<String>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
+}
+
+/// The `kem` setting: one KEM's name, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KemConfig {
+    One(String),
+    Some(Vec<String>),
+}
+
+impl KemConfig {
+    /// As [`GroupPolicy::set`] takes it: names separated by commas.
+    fn setting(&self) -> String {
+        match self {
+            KemConfig::One(name) => name.clone(),
+            KemConfig::Some(names) => names.join(","),
+        }
+    }
 }
 
 /// One enrollment token: the token alone, or with its conditions. A token is a secret: its
@@ -344,6 +368,8 @@ impl Config {
                 "  datagrams       mtu {}, {} sends {} ms apart",
                 p.mtu, p.repeats, p.repeat_spacing_ms
             )?;
+            let kems: Vec<&str> = p.kems.iter().map(|k| k.name()).collect();
+            writeln!(out, "  member keys     {}", kems.join(", "))?;
         }
         Ok(out)
     }
@@ -381,6 +407,7 @@ impl GroupConfig {
             repeats: None,
             repeat_spacing_ms: None,
             mtu: None,
+            kem: None,
             enrollment: None,
             allowed: Vec::new(),
             tokens: Vec::new(),
@@ -447,6 +474,7 @@ impl GroupConfig {
                 self.repeat_spacing_ms.map(|v| v.to_string()),
             ),
             ("mtu", self.mtu.map(|v| v.to_string())),
+            ("kem", self.kem.as_ref().map(KemConfig::setting)),
         ];
         for (key, value) in settings {
             if let Some(value) = value {
@@ -659,5 +687,26 @@ mod tests {
             }
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn kem_takes_one_name_or_a_list_and_refuses_an_unknown_one() {
+        let kems = |setting: &str| {
+            let text = format!("[[group]]\nname = \"g\"\n{setting}\n");
+            let c: Config = toml::from_str(&text).unwrap();
+            c.groups[0]
+                .policy()
+                .map(|p| p.kems)
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(kems("").unwrap(), [wire::Kem::XWing]);
+        assert_eq!(kems("kem = \"x25519\"").unwrap(), [wire::Kem::X25519]);
+        assert_eq!(
+            kems("kem = [\"x25519\", \"x-wing\"]").unwrap(),
+            [wire::Kem::XWing, wire::Kem::X25519]
+        );
+        let refused = kems("kem = \"kyber\"").unwrap_err();
+        assert!(refused.contains("x-wing, x25519, or both"), "{refused}");
+        assert!(kems("kem = []").is_err());
     }
 }

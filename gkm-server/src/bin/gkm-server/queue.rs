@@ -306,7 +306,9 @@ mod tests {
         let request = wire::RegistrationRequest {
             group,
             identity: identity.verifying_key().to_bytes(),
-            hpke_key: wire::HpkeSecret::generate(&mut rng).public_key().unwrap(),
+            hpke_key: wire::HpkeSecret::generate(wire::Kem::XWing, &mut rng)
+                .public_key()
+                .unwrap(),
             timestamp_ms: 0,
             nonce: [1; 16],
             token: Vec::new(),
