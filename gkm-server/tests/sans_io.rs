@@ -797,8 +797,9 @@ fn only_verified_registrations_reach_the_join_logic_and_bad_signatures_change_no
     let mut bad_signature = good.clone();
     *bad_signature.last_mut().unwrap() ^= 1;
     let mut other_key = good.clone();
-    // The HPKE key (after the 12-byte header, 32-byte identity): a substituted key, same signature.
-    other_key[12 + 32] ^= 1;
+    // The HPKE key (after the 12-byte header, the 32-byte identity and the 2-byte KEM): a
+    // substituted key, same signature.
+    other_key[12 + 32 + 2] ^= 1;
     for forged in [bad_signature, other_key] {
         let inbound = verify_request(forged, &mut rng());
         assert_eq!(inbound, Inbound::Refused(Reject::BadSignature));

@@ -118,7 +118,8 @@ fn the_dissector_decodes_every_message_as_the_code_wrote_it() {
 }
 
 /// The sample capture from a real run (`contrib/wireshark/samples/demo-8-members.pcap`: `tshark
-/// -i lo` around `GKM_DEMO_KEEP=1 gkm-demo --members 8`, cut to the demo's ports) against what
+/// -i lo` around `GKM_DEMO_KEEP=1 gkm-demo --members 8`, cut to the demo's ports and to packets
+/// with a payload) against what
 /// its controller logged (`….audit.jsonl`, the `rekeyed` audit lines of that run): every epoch's
 /// datagrams, their bytes and wraps, as the dissector reads them; every message decoded, none
 /// malformed.
