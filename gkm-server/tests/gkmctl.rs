@@ -138,6 +138,15 @@ fn commands_print_tables_and_json() {
     assert_eq!(policy["one_way"], true);
     assert_eq!(policy["enrollment"]["mode"], "open");
     assert!(policy["heartbeat_interval_ms"].is_u64());
+    assert_eq!(policy["kem"], serde_json::json!(["x-wing"]));
+    let out = d.ctl(&["policy", "demo", "--set", "kem=x25519,x-wing"]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().eq(["kem", "x-wing,", "x25519"])),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = d.ctl(&["rekey", "demo"]);
     assert_eq!(out.status.code(), Some(0));

@@ -1,7 +1,7 @@
 //! `controller_memory [N]`: the controller's memory per member at N members (default 10^6), as
 //! `Controller::memory_bytes` counts it (the key tree and the member roster), for a group
 //! restored from a state of N members; and the size of that state as the daemon persists it
-//! in a full save (50 bytes per tree node and 93 per member, plus 28 bytes of seal per row of
+//! in a full save (50 bytes per tree node and 95 per member, plus 28 bytes of seal per row of
 //! about 256 KiB).
 
 use std::time::Instant;
