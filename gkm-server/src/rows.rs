@@ -529,13 +529,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn v036_a_bad_record_in_an_authentic_row_is_an_error() {
-        let mut records = None;
-        assert!(replay(&mut records, false, &[NODE]).is_err(), "no base");
-        let mut base = Vec::new();
+    /// A row holding only the base record of an empty group 1 at epoch 3.
+    fn base_row() -> Vec<u8> {
+        let mut row = Vec::new();
         encode_base(
-            &mut base,
+            &mut row,
             &GroupState {
                 tree: lkh_tree::TreeSnapshot {
                     group: GroupId(1),
@@ -547,6 +545,14 @@ mod tests {
                 enrollment: Default::default(),
             },
         );
+        row
+    }
+
+    #[test]
+    fn v036_a_bad_record_in_an_authentic_row_is_an_error() {
+        let mut records = None;
+        assert!(replay(&mut records, false, &[NODE]).is_err(), "no base");
+        let base = base_row();
         for cut in 0..base.len() {
             assert!(replay(&mut None, true, &base[..cut]).is_err(), "cut {cut}");
         }
@@ -584,20 +590,7 @@ mod tests {
     #[test]
     fn a_member_record_with_an_x25519_key_reads_as_its_digest() {
         let mut records = None;
-        let mut row = Vec::new();
-        encode_base(
-            &mut row,
-            &GroupState {
-                tree: lkh_tree::TreeSnapshot {
-                    group: GroupId(1),
-                    config: TreeConfig::default(),
-                    epoch: Epoch(3),
-                    nodes: Vec::new(),
-                },
-                members: Vec::new(),
-                enrollment: Default::default(),
-            },
-        );
+        let mut row = base_row();
         let old = member(NodeId(8), 1);
         row.push(MEMBER);
         row.extend_from_slice(&old.id.0.to_be_bytes());

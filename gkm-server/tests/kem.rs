@@ -3,6 +3,8 @@
 //! their key in resyncs and the controller keeps only its digest, and the operator sees the
 //! members per KEM. Controller and members are the sans-I/O state machines, in memory.
 
+#![allow(clippy::cast_possible_truncation, reason = "small test indices")]
+
 use ed25519_dalek::SigningKey;
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
