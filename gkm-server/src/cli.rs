@@ -73,6 +73,10 @@ pub enum ServerCmd {
         /// digits) or $CREDENTIALS_DIRECTORY/storage.key (systemd LoadCredential=).
         #[arg(long)]
         storage_key_file: Option<PathBuf>,
+        /// The control socket gkmctl talks to (default: STATE_DIR/control.sock); under systemd,
+        /// in the service's runtime directory.
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
         /// Serve a state file older than this controller's epoch floor (a restored backup),
         /// resetting each such group first: every member is excluded and registers again.
         #[arg(long)]

@@ -29,6 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -261,8 +262,15 @@ struct Driver {
     audit: BufWriter<File>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) -> Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the groups' policies from
+/// `reload_from` ([`crate::reload`]). Tells systemd when it is ready and when it stops
+/// ([`crate::notify`]).
+pub(crate) async fn serve(
+    mut config: Config,
+    reload_from: &Path,
+    dir: &StateDir,
+    allow_rollback: bool,
+) -> Result<()> {
     let signer = dir.signer()?;
     let (policies, groups) = group_nets(&config)?;
     let (mut controller, backing) = match config.storage.backend {
@@ -388,13 +396,32 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         tokio::spawn(accept_control(control, uid, queue.clone())),
         tokio::spawn(accept_metrics(metrics, queue.clone())),
     ];
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: stopping"),
-        _ = sigint.recv() => info!("SIGINT: stopping"),
-        _ = stopped_rx => warn!("the controller thread ended"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut stopped_rx = stopped_rx;
+    crate::notify::notify("READY=1");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                info!("SIGTERM: stopping");
+                break;
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: stopping");
+                break;
+            }
+            _ = sighup.recv() => {
+                crate::reload::reload(reload_from, &mut config, &queue).await;
+            }
+            _ = &mut stopped_rx => {
+                warn!("the controller thread ended");
+                break;
+            }
+        }
     }
+    crate::notify::notify("STOPPING=1");
     for task in &tasks {
         task.abort();
     }

@@ -8,7 +8,9 @@
 mod cluster;
 mod config;
 mod driver;
+mod notify;
 mod queue;
+mod reload;
 mod state;
 
 use std::path::Path;
@@ -31,10 +33,11 @@ fn main() -> ExitCode {
             config,
             state_dir,
             storage_key_file,
+            control_socket,
             allow_rollback,
         } => run(
             config.as_deref(),
-            &StateDir::new(&state_dir, storage_key_file.as_deref()),
+            &StateDir::new(&state_dir, storage_key_file.as_deref()).with_control(control_socket),
             allow_rollback,
         ),
         Cmd::CheckConfig { config, state_dir } => {
@@ -99,6 +102,8 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
     if !dir.controller_key().exists() {
         init(dir)?;
     }
+    // SIGHUP re-reads the file given, else the state directory's (made since, perhaps).
+    let reload_from = config.map_or_else(|| dir.config(), Path::to_owned);
     let config = match given {
         Some(config) => config,
         None => load_config(None, dir)?,
@@ -108,7 +113,7 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
         .worker_threads(std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
         .enable_all()
         .build()?;
-    runtime.block_on(driver::serve(config, dir, allow_rollback))
+    runtime.block_on(driver::serve(config, &reload_from, dir, allow_rollback))
 }
 
 fn check_config(config: Option<&Path>, dir: &StateDir) -> anyhow::Result<()> {
