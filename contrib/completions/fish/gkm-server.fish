@@ -40,6 +40,7 @@ complete -c gkm-server -n "__fish_gkm_server_using_subcommand init" -s h -l help
 complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l config -d 'Config file (TOML); without it, STATE_DIR/gkm-server.toml (the one `init` writes), or the defaults when that file does not exist' -r -F
 complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l state-dir -d 'State directory' -r -F
 complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l storage-key-file -d 'The storage key\'s file, if not in the state directory. Also: GKM_STORAGE_KEY (64 hex digits) or $CREDENTIALS_DIRECTORY/storage.key (systemd LoadCredential=)' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l control-socket -d 'The control socket gkmctl talks to (default: STATE_DIR/control.sock); under systemd, in the service\'s runtime directory' -r -F
 complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
 json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
 complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l allow-rollback -d 'Serve a state file older than this controller\'s epoch floor (a restored backup), resetting each such group first: every member is excluded and registers again'
