@@ -383,16 +383,23 @@ fn metrics_are_served_as_prometheus_text() {
         assert!(text.contains(&line), "{line} missing: {text}");
     }
     assert!(text.contains("gkm_members{group=\"other\"} 0"), "{text}");
-    assert!(text.contains("# TYPE gkm_rekeys_total counter\n"), "{text}");
+    // OpenMetrics (prometheus-client): a counter family `gkm_NAME` has samples `gkm_NAME_total`.
+    assert!(text.contains("# TYPE gkm_rekeys counter\n"), "{text}");
     assert!(text.contains("# TYPE gkm_members gauge\n"), "{text}");
+    assert!(
+        text.contains("Content-Type: application/openmetrics-text"),
+        "{text}"
+    );
     // Each family once, HELP and TYPE first, then all its samples together (both groups').
     let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    assert!(body.ends_with("# EOF\n"), "{body}");
     let mut families = Vec::new();
-    for line in body.lines() {
+    for line in body.lines().filter(|l| *l != "# EOF") {
         if let Some(family) = line.strip_prefix("# TYPE ") {
             families.push(family.split(' ').next().unwrap());
         } else if !line.starts_with("# HELP ") {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let sample = line.split(['{', ' ']).next().unwrap();
+            let name = sample.strip_suffix("_total").unwrap_or(sample);
             assert_eq!(
                 Some(&name),
                 families.last(),

@@ -8,6 +8,7 @@
 mod cluster;
 mod config;
 mod driver;
+mod metrics;
 mod notify;
 mod queue;
 mod reload;
