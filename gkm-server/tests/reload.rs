@@ -1,7 +1,7 @@
 //! The daemon under systemd: it says READY=1 and STOPPING=1 on `$NOTIFY_SOCKET` (sd_notify), and
 //! SIGHUP reloads the groups' policies from its config file: the settings that may change at run
 //! time change and are logged, what needs a restart is logged as such, and a bad file changes
-//! nothing.
+//! nothing. Its logs are JSON lines (`--log-format json`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
@@ -44,7 +44,8 @@ fn notifies_systemd_and_reloads_policy_on_sighup() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut cmd = setup.command();
-    cmd.env("NOTIFY_SOCKET", &notify_path);
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .args(["--log-format", "json"]);
     let daemon = setup
         .try_spawn(cmd, &setup.dir.join("server.log"))
         .unwrap_or_else(|(status, log)| panic!("gkm-server exited early ({status}): {log}"));
@@ -91,4 +92,21 @@ fn notifies_systemd_and_reloads_policy_on_sighup() {
     assert_eq!(notified(&notify), "STOPPING=1");
     let out = daemon.wait(Duration::from_secs(20));
     assert!(out.status.success(), "{out:?}");
+
+    // --log-format json: every line an object a log pipeline reads.
+    let log = std::fs::read_to_string(setup.dir.join("server.log")).unwrap();
+    let mut changed = 0;
+    for line in log.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(
+            entry["level"].is_string() && entry["timestamp"].is_string(),
+            "{line}"
+        );
+        if entry["fields"]["message"] == "SIGHUP: policy changed" {
+            assert_eq!(entry["fields"]["group"], "demo", "{line}");
+            changed += 1;
+        }
+    }
+    assert_eq!(changed, 2, "{log}");
 }

@@ -101,7 +101,13 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
     // A state directory whose storage key is missing is not made anew: opening the store says
     // where the key may come from.
     if !dir.controller_key().exists() {
-        init(dir)?;
+        // Said as a log line: under a service manager stderr is the log (maybe JSON lines).
+        let public = dir.init(config::DEFAULT_TOML)?;
+        tracing::info!(
+            public_key = %hex::encode(public),
+            "initialized {}; members pass public_key as --controller-key",
+            dir.dir.display()
+        );
     }
     // SIGHUP re-reads the file given, else the state directory's (made since, perhaps).
     let reload_from = config.map_or_else(|| dir.config(), Path::to_owned);
