@@ -120,7 +120,6 @@ Installed-Size: $size
 Depends: $depends, passwd
 Section: net
 Priority: optional
-Homepage: https://github.com/gkm/gkm
 Description: group key management (RFC 4046): controller, member agent and tools
  gkm keeps a group's key shared by exactly its current members: gkm-server, the group
  controller (key server), rekeys the group with logical key hierarchy (LKH) rekeys signed

@@ -13,7 +13,7 @@ field Depends | grep -q 'libc6' || fail "Depends does not name libc6: $(field De
 [ -n "$(field Version)" ] && [ -n "$(field Architecture)" ] && [ -n "$(field Description)" ] \
     || fail "Version, Architecture or Description missing"
 for script in postinst prerm postrm conffiles; do
-    grep -q " $script\$" <<<"$info" || fail "no DEBIAN/$script"
+    grep -Eq "[[:space:]]$script([[:space:]]|\$)" <<<"$info" || fail "no DEBIAN/$script"
 done
 conffiles=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xOf - ./conffiles)
 for conf in /etc/gkm/gkm-server.toml /etc/gkm/member.env.example; do
@@ -39,7 +39,7 @@ for path in "${expect[@]}"; do
 done
 awk '$2 != "root/root" {print; bad=1} END {exit bad}' <<<"$contents" \
     || fail "files above are not owned by root/root"
-awk '$6 ~ /^\.\/usr\/bin\// && $1 != "-rwxr-xr-x" {print; bad=1} END {exit bad}' <<<"$contents" \
+awk '$6 ~ /^\.\/usr\/bin\/./ && $1 != "-rwxr-xr-x" {print; bad=1} END {exit bad}' <<<"$contents" \
     || fail "binaries above are not mode 0755"
 # The default config is the daemon's own and loads.
 tmp=$(mktemp -d)
