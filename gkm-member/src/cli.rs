@@ -26,7 +26,14 @@ pub fn command() -> clap::Command {
 
 /// `gkm-member`'s command line.
 #[derive(Parser, Debug)]
-#[command(name = "gkm-member", version, about = "gkm group member agent")]
+#[command(
+    name = "gkm-member",
+    version,
+    about = "gkm group member agent",
+    after_long_help = "Environment: RUST_LOG filters the logs (default info).\n\nExit status: 0 \
+after SIGTERM or SIGINT (run) or when done; 1 on an error (the message says what to do); 2 on a \
+command-line error. Local applications reach the member on its API socket, as the member's user."
+)]
 pub struct Cli {
     /// Log format on standard error: `text` for people, `json` (one object a line) for a log
     /// pipeline (before or after the command).

@@ -17,6 +17,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// The end of `gkm-server --help` and of its man page.
+const SERVER_AFTER_HELP: &str = "Signals: SIGTERM and SIGINT stop the daemon; SIGHUP re-reads the \
+config file and applies the settings that may change at run time (logged; a bad file changes \
+nothing). Under systemd (Type=notify) it sends READY=1 and STOPPING=1 to $NOTIFY_SOCKET.
+
+Environment: RUST_LOG filters the logs (default info); GKM_STORAGE_KEY may hold the storage key \
+(64 hex digits); $CREDENTIALS_DIRECTORY/storage.key and $CREDENTIALS_DIRECTORY/controller.key \
+(systemd LoadCredential=) are used when present.
+
+Exit status: 0 after SIGTERM or SIGINT; 1 on an error (the message says what to do); 2 on a \
+command-line error. The operator's guide is RFC-notes/operations.md.";
+
 /// `gkm-server`'s clap command (for man pages and completions).
 #[must_use]
 pub fn server_command() -> clap::Command {
@@ -37,7 +49,12 @@ pub fn demo_command() -> clap::Command {
 
 /// `gkm-server`'s command line.
 #[derive(Parser, Debug)]
-#[command(name = "gkm-server", version, about = "gkm group controller (GCKS)")]
+#[command(
+    name = "gkm-server",
+    version,
+    about = "gkm group controller (GCKS)",
+    after_long_help = SERVER_AFTER_HELP
+)]
 pub struct ServerCli {
     /// Log format on standard error: `text` for people, `json` (one object a line) for a log
     /// pipeline (before or after the command).
@@ -95,7 +112,14 @@ pub enum ServerCmd {
 
 /// `gkmctl`'s command line.
 #[derive(Parser, Debug)]
-#[command(name = "gkmctl", version, about = "Control a running gkm-server")]
+#[command(
+    name = "gkmctl",
+    version,
+    about = "Control a running gkm-server",
+    after_long_help = "Exit status: 0 done; 1 the daemon refused (its message says what to do \
+next); 2 no daemon answered on the socket, or a command-line error. Run gkmctl as the daemon's \
+user: the socket serves its owner's uid only."
+)]
 pub struct CtlCli {
     /// The daemon's control socket (before or after the command).
     #[arg(long, global = true, default_value = "./gkm-state/control.sock")]

@@ -26,7 +26,7 @@ end
 
 complete -c gkmctl -n "__fish_gkmctl_needs_command" -l socket -d 'The daemon\'s control socket (before or after the command)' -r -F
 complete -c gkmctl -n "__fish_gkmctl_needs_command" -l json -d 'Print the raw JSON data (before or after the command)'
-complete -c gkmctl -n "__fish_gkmctl_needs_command" -s h -l help -d 'Print help'
+complete -c gkmctl -n "__fish_gkmctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c gkmctl -n "__fish_gkmctl_needs_command" -s V -l version -d 'Print version'
 complete -c gkmctl -n "__fish_gkmctl_needs_command" -f -a "status" -d 'The controller in brief'
 complete -c gkmctl -n "__fish_gkmctl_needs_command" -f -a "groups" -d 'Every group'
