@@ -257,7 +257,13 @@ fn a_daemon_restarted_twice_continues_from_its_saved_deltas() {
     drop(daemon); // SIGKILL
     for _ in 0..2 {
         let daemon = setup.start();
-        let after = setup.epoch();
+        // Its first act is a rekey; the control socket may answer before that rekey is durable.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut after = setup.epoch();
+        while after <= epoch && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            after = setup.epoch();
+        }
         assert!(after > epoch, "epoch {after} after restart, {epoch} before");
         epoch = after;
         let members = setup.ctl_json(&["members", "demo"]);
