@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod controllers;
 pub mod data_keys;
 

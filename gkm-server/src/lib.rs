@@ -48,6 +48,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "daemon")]
+pub mod cli;
 pub mod control;
 mod controller;
 #[cfg(feature = "disk")]

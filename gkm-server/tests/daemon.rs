@@ -257,7 +257,13 @@ fn a_daemon_restarted_twice_continues_from_its_saved_deltas() {
     drop(daemon); // SIGKILL
     for _ in 0..2 {
         let daemon = setup.start();
-        let after = setup.epoch();
+        // Its first act is a rekey; the control socket may answer before that rekey is durable.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut after = setup.epoch();
+        while after <= epoch && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            after = setup.epoch();
+        }
         assert!(after > epoch, "epoch {after} after restart, {epoch} before");
         epoch = after;
         let members = setup.ctl_json(&["members", "demo"]);
@@ -383,16 +389,23 @@ fn metrics_are_served_as_prometheus_text() {
         assert!(text.contains(&line), "{line} missing: {text}");
     }
     assert!(text.contains("gkm_members{group=\"other\"} 0"), "{text}");
-    assert!(text.contains("# TYPE gkm_rekeys_total counter\n"), "{text}");
+    // OpenMetrics (prometheus-client): a counter family `gkm_NAME` has samples `gkm_NAME_total`.
+    assert!(text.contains("# TYPE gkm_rekeys counter\n"), "{text}");
     assert!(text.contains("# TYPE gkm_members gauge\n"), "{text}");
+    assert!(
+        text.contains("Content-Type: application/openmetrics-text"),
+        "{text}"
+    );
     // Each family once, HELP and TYPE first, then all its samples together (both groups').
     let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    assert!(body.ends_with("# EOF\n"), "{body}");
     let mut families = Vec::new();
-    for line in body.lines() {
+    for line in body.lines().filter(|l| *l != "# EOF") {
         if let Some(family) = line.strip_prefix("# TYPE ") {
             families.push(family.split(' ').next().unwrap());
         } else if !line.starts_with("# HELP ") {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let sample = line.split(['{', ' ']).next().unwrap();
+            let name = sample.strip_suffix("_total").unwrap_or(sample);
             assert_eq!(
                 Some(&name),
                 families.last(),

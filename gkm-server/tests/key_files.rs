@@ -82,6 +82,53 @@ fn v045_the_storage_key_can_live_outside_the_state_directory_and_state_files_are
         cmd.env("CREDENTIALS_DIRECTORY", &vault);
     })
     .unwrap();
+    // The controller key from the credential directory too (systemd's LoadCredential=), and
+    // the control socket where --control-socket puts it (the service's runtime directory).
+    let seed: [u8; 32] = std::fs::read(setup.state.join("controller.key"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let public = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .as_bytes(),
+    );
+    std::fs::rename(
+        setup.state.join("controller.key"),
+        vault.join("controller.key"),
+    )
+    .unwrap();
+    let control = setup.dir.join("run-control.sock");
+    let mut cmd = setup.command();
+    cmd.env("CREDENTIALS_DIRECTORY", &vault)
+        .arg("--control-socket")
+        .arg(&control);
+    let daemon = Running::spawn(&mut cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = Command::new(support::GKMCTL)
+            .args(["status", "--json", "--socket"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status["public_key"], public.as_str(), "{status}");
+    assert!(
+        !setup.state.join("controller.key").exists(),
+        "run made a new controller key beside the credential"
+    );
+    stop(daemon);
+    std::fs::rename(
+        vault.join("controller.key"),
+        setup.state.join("controller.key"),
+    )
+    .unwrap();
+
     let refused = serve(&setup, |cmd| {
         cmd.env("GKM_STORAGE_KEY", "not a key");
     })

@@ -24,13 +24,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
+use gkm_server::cli::DemoCli;
 use lkh_tree::{Epoch, GroupId, TrafficKey};
 use serde_json::{Value, json};
 
 const GROUP: &str = "demo";
-const MEMBERS: usize = 50;
-/// Most members the demo starts.
-const MAX_MEMBERS: usize = 1_000;
 const ROUNDS: usize = 4;
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -70,23 +69,10 @@ fn main() {
 }
 
 fn run() -> Result<bool> {
-    let mut members = MEMBERS;
-    let mut latency_rounds = None;
-    let mut postgres = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value = args.next();
-        let number = value.as_deref().and_then(|v| v.parse::<usize>().ok());
-        match (arg.as_str(), number) {
-            ("--members", Some(n)) if (2..=MAX_MEMBERS).contains(&n) => members = n,
-            ("--evict-latency", Some(k)) if k > 0 => latency_rounds = Some(k),
-            ("--postgres", _) if value.as_deref().is_some_and(plain) => postgres = value,
-            _ => bail!(
-                "usage: gkm-demo [--members 2..=1000] [--evict-latency ROUNDS] [--postgres URL] \
-                 (URL without quotes, backslashes or line breaks)"
-            ),
-        }
-    }
+    let cli = DemoCli::parse();
+    let members = usize::try_from(cli.members)?;
+    let latency_rounds = cli.evict_latency.map(usize::try_from).transpose()?;
+    let postgres = cli.postgres;
     let mut demo = Demo::start(members, postgres.as_deref())?;
     // From here on every path ends in `stop`, which ends every process the demo started.
     let admitted = (0..members)
@@ -99,11 +85,6 @@ fn run() -> Result<bool> {
     };
     demo.stop(matches!(verdict, Ok(true)));
     verdict
-}
-
-/// A connection string that can stand in the config's quotes as it is.
-fn plain(url: &str) -> bool {
-    !url.is_empty() && !url.contains(['"', '\\', '\n', '\r'])
 }
 
 fn free_port() -> Result<u16> {

@@ -10,151 +10,54 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use gkm_server::cli::{CtlCli as Cli, CtlCmd as Cmd};
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use serde_json::Value;
 
-#[derive(Parser)]
-#[command(name = "gkmctl", version, about = "Control a running gkm-server")]
-struct Cli {
-    /// The daemon's control socket (before or after the command).
-    #[arg(long, global = true, default_value = "./gkm-state/control.sock")]
-    socket: PathBuf,
-    /// Print the raw JSON data (before or after the command).
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// The controller in brief.
-    Status,
-    /// Every group.
-    Groups,
-    /// A group's members.
-    Members {
-        /// Group name.
-        group: String,
-    },
-    /// End a membership now (the group is rekeyed).
-    Evict {
-        /// Group name.
-        group: String,
-        /// Member id (see `gkmctl members GROUP`).
-        member: u64,
-        /// Also ban its identity: it cannot register again, across restarts, until `unban`.
-        #[arg(long)]
-        ban: bool,
-    },
-    /// Keep an identity out of a group under every enrollment mode, across restarts (a current
-    /// member with it is evicted).
-    Ban {
-        /// Group name.
-        group: String,
-        /// Ed25519 identity key, 64 hex digits (see `gkmctl members GROUP`).
-        identity: String,
-    },
-    /// Lift a ban.
-    Unban {
-        /// Group name.
-        group: String,
-        /// Ed25519 identity key, 64 hex digits (see `gkmctl bans GROUP`).
-        identity: String,
-    },
-    /// A group's banned identities.
-    Bans {
-        /// Group name.
-        group: String,
-    },
-    /// Rekey a group now.
-    Rekey {
-        /// Group name.
-        group: String,
-    },
-    /// Show a group's policy, or change one setting.
-    Policy {
-        /// Group name.
-        group: String,
-        /// `key=value`.
-        #[arg(long)]
-        set: Option<String>,
-    },
-    /// A group's key inventory (never key material).
-    Keys {
-        /// Group name.
-        group: String,
-    },
-    /// A group's tree.
-    Tree {
-        /// Group name.
-        group: String,
-        /// Print Graphviz DOT (the only format so far).
-        #[arg(long)]
-        dot: bool,
-    },
-    /// A group's counters.
-    Stats {
-        /// Group name.
-        group: String,
-    },
-    /// Exclude every member of a group at once, for a controller host suspected compromised:
-    /// every key is new and no one holds one; members register again (and are authorized
-    /// again) after a random delay.
-    Reset {
-        /// Group name.
-        group: String,
-        /// Confirm: every member loses the group key until it registers again.
-        #[arg(long)]
-        yes: bool,
-    },
-}
-
-impl Cmd {
-    fn request(&self) -> Request {
-        match self {
-            Cmd::Status => Request::Status {},
-            Cmd::Groups => Request::Groups {},
-            Cmd::Members { group } => Request::Members {
-                group: group.clone(),
-            },
-            Cmd::Evict { group, member, ban } => Request::Evict {
-                group: group.clone(),
-                member: *member,
-                ban: *ban,
-            },
-            Cmd::Ban { group, identity } => Request::Ban {
-                group: group.clone(),
-                identity: identity.clone(),
-            },
-            Cmd::Unban { group, identity } => Request::Unban {
-                group: group.clone(),
-                identity: identity.clone(),
-            },
-            Cmd::Bans { group } => Request::Bans {
-                group: group.clone(),
-            },
-            Cmd::Rekey { group } => Request::Rekey {
-                group: group.clone(),
-            },
-            Cmd::Policy { group, set } => Request::Policy {
-                group: group.clone(),
-                set: set.clone(),
-            },
-            Cmd::Keys { group } => Request::Keys {
-                group: group.clone(),
-            },
-            Cmd::Tree { group, .. } => Request::Tree {
-                group: group.clone(),
-            },
-            Cmd::Stats { group } => Request::Stats {
-                group: group.clone(),
-            },
-            Cmd::Reset { group, .. } => Request::Reset {
-                group: group.clone(),
-            },
-        }
+/// The control request of a command.
+fn request(command: &Cmd) -> Request {
+    match command {
+        Cmd::Status => Request::Status {},
+        Cmd::Groups => Request::Groups {},
+        Cmd::Members { group } => Request::Members {
+            group: group.clone(),
+        },
+        Cmd::Evict { group, member, ban } => Request::Evict {
+            group: group.clone(),
+            member: *member,
+            ban: *ban,
+        },
+        Cmd::Ban { group, identity } => Request::Ban {
+            group: group.clone(),
+            identity: identity.clone(),
+        },
+        Cmd::Unban { group, identity } => Request::Unban {
+            group: group.clone(),
+            identity: identity.clone(),
+        },
+        Cmd::Bans { group } => Request::Bans {
+            group: group.clone(),
+        },
+        Cmd::Rekey { group } => Request::Rekey {
+            group: group.clone(),
+        },
+        Cmd::Policy { group, set } => Request::Policy {
+            group: group.clone(),
+            set: set.clone(),
+        },
+        Cmd::Keys { group } => Request::Keys {
+            group: group.clone(),
+        },
+        Cmd::Tree { group, .. } => Request::Tree {
+            group: group.clone(),
+        },
+        Cmd::Stats { group } => Request::Stats {
+            group: group.clone(),
+        },
+        Cmd::Reset { group, .. } => Request::Reset {
+            group: group.clone(),
+        },
     }
 }
 
@@ -167,7 +70,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let reply = match call(&cli.socket, &cli.command.request()) {
+    let reply = match call(&cli.socket, &request(&cli.command)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(

@@ -29,10 +29,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+
+use crate::metrics::{CONTENT_TYPE, Exposition, Kind, label};
 use getrandom::SysRng;
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use gkm_server::{
@@ -261,8 +264,15 @@ struct Driver {
     audit: BufWriter<File>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) -> Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the groups' policies from
+/// `reload_from` ([`crate::reload`]). Tells systemd when it is ready and when it stops
+/// ([`crate::notify`]).
+pub(crate) async fn serve(
+    mut config: Config,
+    reload_from: &Path,
+    dir: &StateDir,
+    allow_rollback: bool,
+) -> Result<()> {
     let signer = dir.signer()?;
     let (policies, groups) = group_nets(&config)?;
     let (mut controller, backing) = match config.storage.backend {
@@ -388,13 +398,32 @@ pub(crate) async fn serve(config: Config, dir: &StateDir, allow_rollback: bool) 
         tokio::spawn(accept_control(control, uid, queue.clone())),
         tokio::spawn(accept_metrics(metrics, queue.clone())),
     ];
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: stopping"),
-        _ = sigint.recv() => info!("SIGINT: stopping"),
-        _ = stopped_rx => warn!("the controller thread ended"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut stopped_rx = stopped_rx;
+    crate::notify::notify("READY=1");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                info!("SIGTERM: stopping");
+                break;
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: stopping");
+                break;
+            }
+            _ = sighup.recv() => {
+                crate::reload::reload(reload_from, &mut config, &queue).await;
+            }
+            _ = &mut stopped_rx => {
+                warn!("the controller thread ended");
+                break;
+            }
+        }
     }
+    crate::notify::notify("STOPPING=1");
     for task in &tasks {
         task.abort();
     }
@@ -763,7 +792,7 @@ impl Driver {
         else {
             return String::new();
         };
-        let stats: Vec<(String, Stats)> = groups
+        let stats: Vec<(crate::metrics::Labels, Stats)> = groups
             .iter()
             .filter_map(|g| {
                 match self
@@ -785,19 +814,19 @@ impl Driver {
         };
         out.family(
             "epoch",
-            "gauge",
+            Kind::Gauge,
             "The group's epoch.",
             by_group(|g| g.epoch),
         );
         out.family(
             "members",
-            "gauge",
+            Kind::Gauge,
             "Current members.",
             by_group(|g| g.members as u64),
         );
         out.family(
             "leader",
-            "gauge",
+            Kind::Gauge,
             "1 if this controller leads the group, 0 if it stands by for it.",
             groups.iter().map(|g| {
                 let leads = u64::from(g.role == gkm_server::Role::Leader);
@@ -806,13 +835,13 @@ impl Driver {
         );
         out.family(
             "lease_term",
-            "gauge",
+            Kind::Gauge,
             "The term of the group's lease this controller holds (high availability; 0: none).",
             by_group(|g| g.term.unwrap_or(0)),
         );
         out.family(
             "pending_changes",
-            "gauge",
+            Kind::Gauge,
             "Joins and departures waiting for the next rekey.",
             by_group(|g| g.pending as u64),
         );
@@ -823,62 +852,55 @@ impl Driver {
         };
         out.family(
             "standby_epoch",
-            "gauge",
+            Kind::Gauge,
             "The epoch of this standby's warm copy of the group.",
             warm(|g| g.behind.map(|_| g.epoch)),
         );
         out.family(
             "standby_behind_epochs",
-            "gauge",
+            Kind::Gauge,
             "Epochs this standby's warm copy trailed the committed log by when it last caught up.",
             warm(|g| g.behind),
         );
         out.family(
             "standby_sync_age_milliseconds",
-            "gauge",
+            Kind::Gauge,
             "Milliseconds since this standby's warm copy last matched the committed log.",
             warm(|g| g.synced_ms_ago),
         );
-        let counters: [Counter; 7] = [
-            ("rekeys_total", "Rekeys made.", |s| s.rekeys),
+        let counters: [StatCounter; 7] = [
+            ("rekeys", "Rekeys made.", |s| s.rekeys),
+            ("encryptions", "Key encryptions made by rekeys.", |s| {
+                s.encryptions
+            }),
             (
-                "encryptions_total",
-                "Key encryptions made by rekeys.",
-                |s| s.encryptions,
-            ),
-            (
-                "datagrams_total",
+                "datagrams",
                 "Rekey datagrams sent, repeats included.",
                 |s| s.datagrams,
             ),
-            (
-                "datagram_bytes_total",
-                "Bytes of rekey datagrams sent.",
-                |s| s.bytes,
-            ),
-            ("registrations_total", "Registrations accepted.", |s| {
+            ("datagram_bytes", "Bytes of rekey datagrams sent.", |s| {
+                s.bytes
+            }),
+            ("registrations", "Registrations accepted.", |s| {
                 s.registrations
             }),
-            ("resyncs_total", "Resyncs answered with keys.", |s| {
-                s.resyncs
-            }),
-            ("heartbeats_total", "Heartbeats sent.", |s| s.heartbeats),
+            ("resyncs", "Resyncs answered with keys.", |s| s.resyncs),
+            ("heartbeats", "Heartbeats sent.", |s| s.heartbeats),
         ];
         for (name, help, value) in counters {
             let samples = stats.iter().map(|(group, s)| (group.clone(), value(s)));
-            out.family(name, "counter", help, samples);
+            out.family(name, Kind::Counter, help, samples);
         }
         let rejects = stats.iter().flat_map(|(group, s)| {
             s.rejects.iter().map(move |(reason, count)| {
-                (
-                    format!("{group},{}", label("reason", reason.name())),
-                    *count,
-                )
+                let mut labels = group.clone();
+                labels.extend(label("reason", reason.name()));
+                (labels, *count)
             })
         });
         out.family(
-            "rejects_total",
-            "counter",
+            "rejects",
+            Kind::Counter,
             "Requests for the group refused, by reason.",
             rejects,
         );
@@ -890,13 +912,13 @@ impl Driver {
                 .into_iter()
                 .map(|(reason, count)| (label("reason", reason.name()), count));
             out.family(
-                "requests_rejected_total",
-                "counter",
+                "requests_rejected",
+                Kind::Counter,
                 "Requests refused, by reason, over every group and none.",
                 samples,
             );
         }
-        out.0
+        out.encode()
     }
 
     fn request(&mut self, conn: ConnId, inbound: Inbound, reply: oneshot::Sender<Vec<u8>>) {
@@ -1206,7 +1228,7 @@ async fn serve_metrics(mut stream: TcpStream, text: String) {
     let mut head = [0u8; 4096];
     let _ = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut head)).await;
     let response = format!(
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{text}",
+        "HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n\r\n{text}",
         text.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
@@ -1394,38 +1416,6 @@ async fn answer(line: &[u8], queue: &ControllerQueue) -> Reply {
         .unwrap_or_else(|_| Reply::error("gkm-server is stopping"))
 }
 
-/// A per-group counter of the exposition: its name, its help, and where [`Stats`] holds it.
-type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
-
-/// A Prometheus text exposition (format 0.0.4), written one metric family at a time: its HELP
-/// and TYPE lines, then all its samples, as the format requires.
-#[derive(Default)]
-struct Exposition(String);
-
-impl Exposition {
-    /// Family `gkm_NAME` of `kind` (counter or gauge), with its samples (labels, value).
-    fn family(
-        &mut self,
-        name: &str,
-        kind: &str,
-        help: &str,
-        samples: impl IntoIterator<Item = (String, u64)>,
-    ) {
-        let out = &mut self.0;
-        out.push_str(&format!(
-            "# HELP gkm_{name} {help}\n# TYPE gkm_{name} {kind}\n"
-        ));
-        for (labels, value) in samples {
-            out.push_str(&format!("gkm_{name}{{{labels}}} {value}\n"));
-        }
-    }
-}
-
-/// `name="value"`, the value escaped as the exposition format asks (backslash, quote, newline).
-fn label(name: &str, value: &str) -> String {
-    let escaped = value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("{name}=\"{escaped}\"")
-}
+/// A per-group counter of the exposition: its name (without `_total`), its help, and where
+/// [`Stats`] holds it.
+type StatCounter = (&'static str, &'static str, fn(&Stats) -> u64);

@@ -8,73 +8,23 @@
 mod cluster;
 mod config;
 mod driver;
+mod metrics;
+mod notify;
 mod queue;
+mod reload;
 mod state;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use gkm_server::cli::{LogFormat, ServerCli as Cli, ServerCmd as Cmd};
 
 use crate::state::StateDir;
 
-#[derive(Parser)]
-#[command(name = "gkm-server", version, about = "gkm group controller (GCKS)")]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Create the state directory, the controller and storage keys and a default config.
-    Init {
-        /// State directory.
-        #[arg(long, default_value = "./gkm-state")]
-        state_dir: PathBuf,
-        /// Keep the storage key in this file (made if missing) instead of the state directory.
-        #[arg(long)]
-        storage_key_file: Option<PathBuf>,
-    },
-    /// Serve (runs `init` first when the controller key is missing).
-    Run {
-        /// Config file (TOML); without it, STATE_DIR/gkm-server.toml (the one `init` writes),
-        /// or the defaults when that file does not exist.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// State directory.
-        #[arg(long, default_value = "./gkm-state")]
-        state_dir: PathBuf,
-        /// The storage key's file, if not in the state directory. Also: GKM_STORAGE_KEY (64 hex
-        /// digits) or $CREDENTIALS_DIRECTORY/storage.key (systemd LoadCredential=).
-        #[arg(long)]
-        storage_key_file: Option<PathBuf>,
-        /// Serve a state file older than this controller's epoch floor (a restored backup),
-        /// resetting each such group first: every member is excluded and registers again.
-        #[arg(long)]
-        allow_rollback: bool,
-    },
-    /// Check a config and print what `run` would serve with it; exits 1 if it would not start.
-    CheckConfig {
-        /// Config file (TOML); without it, STATE_DIR/gkm-server.toml, as `run` reads.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// State directory.
-        #[arg(long, default_value = "./gkm-state")]
-        state_dir: PathBuf,
-    },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Cmd::Init {
             state_dir,
@@ -84,10 +34,11 @@ fn main() -> ExitCode {
             config,
             state_dir,
             storage_key_file,
+            control_socket,
             allow_rollback,
         } => run(
             config.as_deref(),
-            &StateDir::new(&state_dir, storage_key_file.as_deref()),
+            &StateDir::new(&state_dir, storage_key_file.as_deref()).with_control(control_socket),
             allow_rollback,
         ),
         Cmd::CheckConfig { config, state_dir } => {
@@ -100,6 +51,21 @@ fn main() -> ExitCode {
             eprintln!("gkm-server: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs on standard error, filtered by `RUST_LOG` (default `info`), as text or JSON lines.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 }
 
@@ -135,8 +101,16 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
     // A state directory whose storage key is missing is not made anew: opening the store says
     // where the key may come from.
     if !dir.controller_key().exists() {
-        init(dir)?;
+        // Said as a log line: under a service manager stderr is the log (maybe JSON lines).
+        let public = dir.init(config::DEFAULT_TOML)?;
+        tracing::info!(
+            public_key = %hex::encode(public),
+            "initialized {}; members pass public_key as --controller-key",
+            dir.dir.display()
+        );
     }
+    // SIGHUP re-reads the file given, else the state directory's (made since, perhaps).
+    let reload_from = config.map_or_else(|| dir.config(), Path::to_owned);
     let config = match given {
         Some(config) => config,
         None => load_config(None, dir)?,
@@ -146,7 +120,7 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
         .worker_threads(std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
         .enable_all()
         .build()?;
-    runtime.block_on(driver::serve(config, dir, allow_rollback))
+    runtime.block_on(driver::serve(config, &reload_from, dir, allow_rollback))
 }
 
 fn check_config(config: Option<&Path>, dir: &StateDir) -> anyhow::Result<()> {

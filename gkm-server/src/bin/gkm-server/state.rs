@@ -35,6 +35,8 @@ pub(crate) struct StateDir {
     pub(crate) dir: PathBuf,
     /// `--storage-key-file`, if given.
     storage_key_file: Option<PathBuf>,
+    /// `--control-socket`, if given.
+    control_socket: Option<PathBuf>,
 }
 
 impl StateDir {
@@ -42,10 +44,18 @@ impl StateDir {
         StateDir {
             dir: dir.to_owned(),
             storage_key_file: storage_key_file.map(Path::to_owned),
+            control_socket: None,
         }
     }
+    /// The control socket at `path` instead of `STATE_DIR/control.sock`.
+    pub(crate) fn with_control(mut self, path: Option<PathBuf>) -> StateDir {
+        self.control_socket = path;
+        self
+    }
+    /// The controller's signing key: `$CREDENTIALS_DIRECTORY/controller.key` when systemd's
+    /// `LoadCredential=` gives one, else `STATE_DIR/controller.key`.
     pub(crate) fn controller_key(&self) -> PathBuf {
-        self.dir.join("controller.key")
+        credential("controller.key").unwrap_or_else(|| self.dir.join("controller.key"))
     }
     /// Where the storage key comes from, the first that applies: `--storage-key-file`,
     /// `GKM_STORAGE_KEY`, `$CREDENTIALS_DIRECTORY/storage.key` (systemd's `LoadCredential=`),
@@ -58,11 +68,8 @@ impl StateDir {
         if std::env::var_os(STORAGE_KEY_ENV).is_some() {
             return KeySource::Env;
         }
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let credential = Path::new(&dir).join("storage.key");
-            if credential.exists() {
-                return KeySource::File(credential);
-            }
+        if let Some(credential) = credential("storage.key") {
+            return KeySource::File(credential);
         }
         KeySource::File(self.dir.join("storage.key"))
     }
@@ -80,7 +87,9 @@ impl StateDir {
         self.dir.join("audit.jsonl")
     }
     pub(crate) fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.dir.join("control.sock"))
     }
 
     /// Creates the directory (0700), the controller key (0600), the storage key (0600) where it
@@ -294,11 +303,18 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads a 32-byte key file, refusing one that others may read.
+/// A systemd credential's file (`LoadCredential=NAME:…`), if the service was given one.
+fn credential(name: &str) -> Option<PathBuf> {
+    let path = Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    path.exists().then_some(path)
+}
+
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     let mut file = fs::File::open(path).with_context(|| {
         format!(
             "cannot read {}; run `gkm-server init` first (the storage key may also come from \
-             --storage-key-file, {STORAGE_KEY_ENV} or $CREDENTIALS_DIRECTORY/storage.key)",
+             --storage-key-file, {STORAGE_KEY_ENV} or $CREDENTIALS_DIRECTORY/storage.key, the \
+             controller key from $CREDENTIALS_DIRECTORY/controller.key)",
             path.display()
         )
     })?;

@@ -1,0 +1,56 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_gkm_server_global_optspecs
+    string join \n log-format= h/help V/version
+end
+
+function __fish_gkm_server_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_gkm_server_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_gkm_server_using_subcommand
+    set -l cmd (__fish_gkm_server_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
+json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -s V -l version -d 'Print version'
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -f -a "init" -d 'Create the state directory, the controller and storage keys and a default config'
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -f -a "run" -d 'Serve (runs `init` first when the controller key is missing)'
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -f -a "check-config" -d 'Check a config and print what `run` would serve with it; exits 1 if it would not start'
+complete -c gkm-server -n "__fish_gkm_server_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand init" -l state-dir -d 'State directory' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand init" -l storage-key-file -d 'Keep the storage key in this file (made if missing) instead of the state directory' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand init" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
+json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand init" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l config -d 'Config file (TOML); without it, STATE_DIR/gkm-server.toml (the one `init` writes), or the defaults when that file does not exist' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l state-dir -d 'State directory' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l storage-key-file -d 'The storage key\'s file, if not in the state directory. Also: GKM_STORAGE_KEY (64 hex digits) or $CREDENTIALS_DIRECTORY/storage.key (systemd LoadCredential=)' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l control-socket -d 'The control socket gkmctl talks to (default: STATE_DIR/control.sock); under systemd, in the service\'s runtime directory' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
+json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -l allow-rollback -d 'Serve a state file older than this controller\'s epoch floor (a restored backup), resetting each such group first: every member is excluded and registers again'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand check-config" -l config -d 'Config file (TOML); without it, STATE_DIR/gkm-server.toml, as `run` reads' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand check-config" -l state-dir -d 'State directory' -r -F
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand check-config" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
+json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand check-config" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand help; and not __fish_seen_subcommand_from init run check-config help" -f -a "init" -d 'Create the state directory, the controller and storage keys and a default config'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand help; and not __fish_seen_subcommand_from init run check-config help" -f -a "run" -d 'Serve (runs `init` first when the controller key is missing)'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand help; and not __fish_seen_subcommand_from init run check-config help" -f -a "check-config" -d 'Check a config and print what `run` would serve with it; exits 1 if it would not start'
+complete -c gkm-server -n "__fish_gkm_server_using_subcommand help; and not __fish_seen_subcommand_from init run check-config help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
