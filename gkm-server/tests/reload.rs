@@ -63,7 +63,10 @@ fn notifies_systemd_and_reloads_policy_on_sighup() {
     let text = std::fs::read_to_string(&setup.config).unwrap();
     let edited = text
         .replace("batch_interval_ms = 100", "batch_interval_ms = 250")
-        .replace("repeats = 2", "repeats = 3\ndegree = 8\nkem = [\"x25519\", \"x-wing\"]");
+        .replace(
+            "repeats = 2",
+            "repeats = 3\ndegree = 8\nkem = [\"x25519\", \"x-wing\"]",
+        );
     std::fs::write(&setup.config, &edited).unwrap();
     daemon.signal("HUP");
     let log = log_shows(&setup, "3 setting(s) changed");
@@ -72,7 +75,11 @@ fn notifies_systemd_and_reloads_policy_on_sighup() {
     assert_eq!(policy["batch_interval_ms"], 250, "{policy}");
     assert_eq!(policy["repeats"], 3, "{policy}");
     assert_eq!(policy["degree"], 4, "{policy}");
-    assert_eq!(policy["kem"], serde_json::json!(["x-wing", "x25519"]), "{policy}");
+    assert_eq!(
+        policy["kem"],
+        serde_json::json!(["x-wing", "x25519"]),
+        "{policy}"
+    );
 
     // A bad file is refused whole: the good change beside the bad value is not applied.
     std::fs::write(
