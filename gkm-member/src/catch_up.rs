@@ -135,8 +135,11 @@ impl<T: PartialEq> CatchUp<T> {
     }
 
     /// Holds a verified datagram of a later epoch than the next, for the grace: applied in order
-    /// once the missed epoch arrives ([`CatchUp::next_held`]). Bounded by [`HELD_REKEYS`].
+    /// once the missed epoch arrives ([`CatchUp::next_held`]). Bounded by [`HELD_REKEYS`]. A
+    /// copy of one held is dropped, unless the held one's time ran out (then the copy is held
+    /// afresh: a repeat after the grace still serves).
     pub fn hold(&mut self, now: Millis, epoch: Epoch, item: T) -> Hold {
+        self.held.retain(|h| h.until > now);
         if self.held.iter().any(|h| h.item == item) {
             return Hold::Duplicate;
         }
@@ -210,6 +213,14 @@ mod tests {
         c.hold(0, Epoch(9), 9);
         assert_eq!(c.next_held(300, Epoch(8)), None, "its time ran out");
         assert!(!c.holds());
+        c.hold(0, Epoch(9), 9);
+        assert_eq!(c.hold(299, Epoch(9), 9), Hold::Duplicate);
+        assert_eq!(
+            c.hold(300, Epoch(9), 9),
+            Hold::Held,
+            "a copy after the grace: afresh"
+        );
+        assert_eq!(c.next_held(599, Epoch(8)), Some(9));
         for e in 0..HELD_REKEYS as u8 {
             assert_eq!(c.hold(0, Epoch(10 + u64::from(e)), e), Hold::Held);
         }

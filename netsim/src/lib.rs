@@ -11,9 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agree;
 pub mod churn;
 pub mod cost;
 pub mod demo;
 pub mod paper;
 pub mod scale;
 pub mod sweep;
+pub mod trace;
