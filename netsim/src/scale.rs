@@ -9,7 +9,9 @@
 //! (`resyncs_charged`). About 80 bytes per member instead of a whole `Member`, so 2^20 members
 //! and 10^5 events fit in minutes.
 //!
-//! Members renew their leases every 5 s, as the full model's do; a renewal of a member behind is
+//! Members renew their leases every 5 s, as the full model's do (the restored members' renewals
+//! spread over the period; the full model's first members, all welcomed in its first batch,
+//! renew in lockstep, which moves its convergence tail, see `crate::agree`); a renewal of a member behind is
 //! sent through the controller (a resync request, answered with its path or, while the missed
 //! rekey is still being repeated, acknowledged), one of a member in step is not sent (it would
 //! be acknowledged and change nothing), so the controller's time leaves those out.
