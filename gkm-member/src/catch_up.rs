@@ -221,9 +221,10 @@ mod tests {
             "a copy after the grace: afresh"
         );
         assert_eq!(c.next_held(599, Epoch(8)), Some(9));
-        for e in 0..HELD_REKEYS as u8 {
+        for e in 0..16u8 {
             assert_eq!(c.hold(0, Epoch(10 + u64::from(e)), e), Hold::Held);
         }
+        assert_eq!(HELD_REKEYS, 16);
         assert_eq!(c.hold(0, Epoch(99), 99), Hold::HeldDroppingOldest);
         assert_eq!(c.next_held(1, Epoch(9)), None, "epoch 10 was given up");
     }

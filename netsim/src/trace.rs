@@ -291,8 +291,12 @@ impl TraceGen {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "whole milliseconds of a non-negative time far below 2^53 (negative and NaN saturate to 0)"
+)]
 fn ms(seconds: f64) -> u64 {
-    // Whole milliseconds; the times are non-negative and far below 2^53.
     (seconds * 1_000.0).round() as u64
 }
 
