@@ -604,6 +604,31 @@ mod tests {
     }
 
     #[test]
+    fn gilbert_elliott_steps_compose() {
+        // k single steps and one k-step draw give the same loss rate and burst persistence.
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let p = 0.2;
+        for steps in [1u64, 3] {
+            let (mut bad, mut lost, mut both, n) = (false, 0u32, 0u32, 200_000);
+            let mut before = false;
+            for _ in 0..n {
+                let u = uniform(&mut rng);
+                let l = LossModel::GilbertElliott.lost_after(p, &mut bad, u, steps);
+                lost += u32::from(l);
+                both += u32::from(l && before);
+                before = l;
+            }
+            let rate = f64::from(lost) / f64::from(n);
+            assert!((rate - p).abs() < 0.01, "{steps} steps: loss {rate}");
+            // P(lost | lost before) = share + (1 - share) λ^k, λ = 0.75 - enter.
+            let enter = p / (1.0 - p) / 4.0;
+            let want = p + (1.0 - p) * (0.75 - enter).powi(steps as i32);
+            let got = f64::from(both) / f64::from(lost);
+            assert!((got - want).abs() < 0.02, "{steps} steps: {got} vs {want}");
+        }
+    }
+
+    #[test]
     fn a_churn_run_with_loss_converges() {
         for model in [LossModel::Bernoulli, LossModel::GilbertElliott] {
             let report = run(&config(0.2, model));
@@ -614,6 +639,22 @@ mod tests {
         let clean = run(&config(0.0, LossModel::Bernoulli));
         assert_eq!(clean.members_resynced, 0, "{clean:?}");
         assert_eq!(clean.diverged, 0);
+    }
+
+    #[test]
+    fn a_replayed_trace_churns_the_group_it_names() {
+        let trace = crate::trace::Trace::parse(
+            "time_ms,member,event\n0,a,join\n0,b,join\n400,c,join\n2000,a,leave\n2500,d,join\n4000,b,leave\n",
+        )
+        .unwrap();
+        let mut config = config(0.2, LossModel::Bernoulli);
+        config.members = 100;
+        let report = replay(&config, &trace);
+        assert_eq!(report.events, 6, "{report:?}");
+        assert_eq!(report.members, 102, "100 + 4 joined - 2 left: {report:?}");
+        assert_eq!(report.diverged, 0, "{report:?}");
+        assert!(report.rekeys >= 3, "{report:?}");
+        assert!(report.resyncs > 0, "20% loss needs resyncs: {report:?}");
     }
 
     #[test]
