@@ -168,33 +168,39 @@ impl Grid {
 
 /// The rows as a Markdown table (for `RFC-notes/netsim.md`).
 pub fn markdown(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| members | loss | model | repeats | spacing ms | interval ms | resyncs full / subtree | members resynced full / subtree | p99 ms full / subtree | p99 within 10% | agree |\n| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n",
-    );
+    let mut out = String::from(MARKDOWN_HEADER);
     for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} | {} |\n",
-            r.members,
-            r.loss,
-            r.loss_model,
-            r.repeats,
-            r.spacing_ms,
-            r.interval_ms,
-            r.full.resyncs,
-            r.subtree.resyncs,
-            r.full.members_resynced,
-            r.subtree.members_resynced,
-            r.full.converged_ms_p99,
-            r.subtree.converged_ms_p99,
-            if p99_close(r.full.converged_ms_p99, r.subtree.converged_ms_p99) {
-                "yes"
-            } else {
-                "no"
-            },
-            if r.agree { "yes" } else { "**no**" },
-        ));
+        out.push_str(&markdown_row(r));
     }
     out
+}
+
+/// The header of [`markdown`]'s table.
+pub const MARKDOWN_HEADER: &str = "| members | loss | model | repeats | spacing ms | interval ms | resyncs full / subtree | members resynced full / subtree | p99 ms full / subtree | p99 within 10% | agree |\n| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n";
+
+/// One row of [`markdown`]'s table.
+pub fn markdown_row(r: &Row) -> String {
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} | {} |\n",
+        r.members,
+        r.loss,
+        r.loss_model,
+        r.repeats,
+        r.spacing_ms,
+        r.interval_ms,
+        r.full.resyncs,
+        r.subtree.resyncs,
+        r.full.members_resynced,
+        r.subtree.members_resynced,
+        r.full.converged_ms_p99,
+        r.subtree.converged_ms_p99,
+        if p99_close(r.full.converged_ms_p99, r.subtree.converged_ms_p99) {
+            "yes"
+        } else {
+            "no"
+        },
+        if r.agree { "yes" } else { "**no**" },
+    )
 }
 
 #[cfg(test)]

@@ -477,22 +477,22 @@ fn main() -> anyhow::Result<()> {
                 seed,
             };
             let configs = grid.configs();
-            let bar = indicatif::ProgressBar::new(configs.len() as u64);
             let mut rows = Vec::new();
             let mut lines = String::new();
+            // Row by row as the cells finish (a grid on 10,000 members takes a while).
+            print!("{}", netsim::agree::MARKDOWN_HEADER);
             for config in &configs {
                 let row = netsim::agree::compare(config)?;
+                print!("{}", netsim::agree::markdown_row(&row));
+                std::io::Write::flush(&mut std::io::stdout())?;
                 lines.push_str(&serde_json::to_string(&row)?);
                 lines.push('\n');
+                if let Some(path) = &jsonl {
+                    std::fs::write(path, &lines)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
                 rows.push(row);
-                bar.inc(1);
             }
-            bar.finish_and_clear();
-            if let Some(path) = jsonl {
-                std::fs::write(&path, lines)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
-            print!("{}", netsim::agree::markdown(&rows));
             let disagree = rows.iter().filter(|r| !r.agree).count();
             println!("{} of {} cells agree", rows.len() - disagree, rows.len());
             if disagree > 0 {
