@@ -16,6 +16,7 @@ pub mod churn;
 pub mod cost;
 pub mod demo;
 pub mod paper;
+pub mod plot;
 pub mod scale;
 pub mod sweep;
 pub mod trace;

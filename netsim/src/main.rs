@@ -211,6 +211,54 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Plots both receiver models' resyncs against loss from `netsim agree --jsonl` rows (one
+    /// cell of the other axes): STEM.svg and STEM.png.
+    PlotAgree {
+        /// Rows written by `netsim agree --jsonl`.
+        #[arg(long)]
+        jsonl: std::path::PathBuf,
+        /// Members of the cell to plot.
+        #[arg(long, default_value_t = 2_000)]
+        members: usize,
+        /// Repeats of the cell to plot.
+        #[arg(long, default_value_t = 2)]
+        repeats: u8,
+        /// Repeat spacing (ms) of the cell to plot.
+        #[arg(long, default_value_t = 100)]
+        spacing: u64,
+        /// Batch interval (ms) of the cell to plot.
+        #[arg(long, default_value_t = 1_000)]
+        interval: u64,
+        /// Output path without extension.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Plots gkm's and Li et al.'s encryptions per batch against J/ℓ (measured, and the paper's
+    /// expectation): STEM.svg and STEM.png.
+    PlotAccounting {
+        /// Members (a power of 4).
+        #[arg(long, default_value_t = 4_096)]
+        members: usize,
+        /// Departures per batch.
+        #[arg(long, default_value_t = 256)]
+        leaves: usize,
+        /// Joins per batch, comma-separated.
+        #[arg(
+            long,
+            default_value = "0,32,64,128,192,256,320,384,512",
+            value_delimiter = ','
+        )]
+        joins: Vec<usize>,
+        /// Trials per point.
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output path without extension.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// One join or leave on a balanced tree of N members: exact costs.
     Single {
         /// Members.
@@ -376,7 +424,12 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", csv.display()))?;
             sweep::svg(&svg, members, &cells)
                 .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
-            println!("wrote {} and {}", csv.display(), svg.display());
+            println!(
+                "wrote {}, {} and {}",
+                csv.display(),
+                svg.display(),
+                svg.with_extension("png").display()
+            );
             Ok(())
         }
         Command::Paper { trials, seed, json } => {
@@ -498,6 +551,88 @@ fn main() -> anyhow::Result<()> {
             if disagree > 0 {
                 bail!("{disagree} cells disagree");
             }
+            Ok(())
+        }
+        Command::PlotAgree {
+            jsonl,
+            members,
+            repeats,
+            spacing,
+            interval,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&jsonl)
+                .with_context(|| format!("cannot read {}", jsonl.display()))?;
+            let mut points = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                let row: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}: not JSON", jsonl.display(), i + 1))?;
+                let matches = row["members"].as_u64() == Some(members as u64)
+                    && row["repeats"].as_u64() == Some(u64::from(repeats))
+                    && row["spacing_ms"].as_u64() == Some(spacing)
+                    && row["interval_ms"].as_u64() == Some(interval);
+                if !matches {
+                    continue;
+                }
+                let model = row["loss_model"].as_str().unwrap_or("?").to_owned();
+                let loss = row["loss"].as_f64().unwrap_or(0.0);
+                let full = row["full"]["resyncs"].as_u64().unwrap_or(0);
+                let subtree = row["subtree"]["resyncs"].as_u64().unwrap_or(0);
+                // Loss 0 is run once (with the first model): it starts both lines.
+                let models: &[&str] = if loss == 0.0 {
+                    &["bernoulli", "gilbert-elliott"]
+                } else {
+                    &[]
+                };
+                for m in models
+                    .iter()
+                    .copied()
+                    .chain(std::iter::once(model.as_str()))
+                {
+                    let point = netsim::plot::AgreePoint {
+                        loss,
+                        model: m.to_owned(),
+                        full,
+                        subtree,
+                    };
+                    if !points.contains(&point) {
+                        points.push(point);
+                    }
+                }
+            }
+            if points.is_empty() {
+                bail!(
+                    "no row of {} has {members} members, {repeats} repeats, {spacing} ms spacing and a {interval} ms interval",
+                    jsonl.display()
+                );
+            }
+            let title = format!(
+                "Resyncs, n = {members}, {repeats} sends {spacing} ms apart, {interval} ms batches"
+            );
+            netsim::plot::agree(&out, &title, &points)
+                .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))?;
+            println!("wrote {0}.svg and {0}.png", out.display());
+            Ok(())
+        }
+        Command::PlotAccounting {
+            members,
+            leaves,
+            joins,
+            trials,
+            seed,
+            out,
+        } => {
+            let points = netsim::plot::accounting_points(members, leaves, &joins, trials, seed)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            netsim::plot::accounting(&out, members, leaves, &points)
+                .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))?;
+            for p in &points {
+                println!(
+                    "J = {:>4}: gkm {:>8.1}  paper {:>8.1}  expected {:>8.1}  unicast {:>8.1}",
+                    p.joins, p.gkm, p.paper, p.expected, p.unicast
+                );
+            }
+            println!("wrote {0}.svg and {0}.png", out.display());
             Ok(())
         }
         Command::Replay {
