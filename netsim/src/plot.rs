@@ -76,12 +76,12 @@ pub struct AgreePoint {
 /// colour per loss model; `title` says which cell of the grid. Writes `stem.svg` and `stem.png`.
 pub fn agree(stem: &Path, title: &str, points: &[AgreePoint]) -> Result<(), PlotError> {
     fonts();
-    draw_agree(svg(&stem.with_extension("svg")), title, points)?;
-    draw_agree(png(&stem.with_extension("png")), title, points)
+    draw_agree(&svg(&stem.with_extension("svg")), title, points)?;
+    draw_agree(&png(&stem.with_extension("png")), title, points)
 }
 
 fn draw_agree<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    root: &DrawingArea<DB, Shift>,
     title: &str,
     points: &[AgreePoint],
 ) -> Result<(), PlotError>
@@ -96,7 +96,7 @@ where
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, caption())
         .margin(MARGIN)
         .x_label_area_size(X_LABELS)
@@ -154,6 +154,9 @@ where
     Ok(())
 }
 
+/// A line of [`accounting`]: its name, colour and value.
+type Series = (&'static str, RGBColor, fn(&AccountingPoint) -> f64);
+
 /// One point of [`accounting`]: joins per batch and the means.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AccountingPoint {
@@ -179,7 +182,10 @@ pub fn accounting_points(
     seed: u64,
 ) -> Result<Vec<AccountingPoint>, PlotError> {
     let degree = 4u8;
-    let height = (members as f64).log(4.0).round() as u32;
+    let mut height = 0u32;
+    while 4usize.saturating_pow(height) < members {
+        height += 1;
+    }
     joins
         .iter()
         .map(|&j| {
@@ -214,12 +220,12 @@ pub fn accounting(
     points: &[AccountingPoint],
 ) -> Result<(), PlotError> {
     fonts();
-    draw_accounting(svg(&stem.with_extension("svg")), members, leaves, points)?;
-    draw_accounting(png(&stem.with_extension("png")), members, leaves, points)
+    draw_accounting(&svg(&stem.with_extension("svg")), members, leaves, points)?;
+    draw_accounting(&png(&stem.with_extension("png")), members, leaves, points)
 }
 
 fn draw_accounting<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    root: &DrawingArea<DB, Shift>,
     members: usize,
     leaves: usize,
     points: &[AccountingPoint],
@@ -237,7 +243,7 @@ where
         .iter()
         .map(|p| p.gkm.max(p.paper).max(p.unicast).max(p.expected))
         .fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(
             format!("Encryptions per batch, n = {members}, d = 4, ℓ = {leaves}"),
             caption(),
@@ -254,7 +260,7 @@ where
         .axis_desc_style(label())
         .draw()?;
     let grey = RGBColor(110, 110, 110);
-    let series: [(&str, RGBColor, fn(&AccountingPoint) -> f64); 4] = [
+    let series: [Series; 4] = [
         ("gkm: multicast encryptions", BLUE, |p| p.gkm),
         ("Li et al.'s count of the same rekeys", RED, |p| p.paper),
         ("Li et al.'s expectation (paper.rs)", grey, |p| p.expected),

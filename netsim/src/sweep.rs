@@ -140,12 +140,12 @@ pub fn csv(members: usize, cells: &[Cell]) -> String {
 /// (SVG) and to the same path with a `.png` extension.
 pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), PlotError> {
     plot::fonts();
-    draw(plot::svg(path), members, cells)?;
-    draw(plot::png(&path.with_extension("png")), members, cells)
+    draw(&plot::svg(path), members, cells)?;
+    draw(&plot::png(&path.with_extension("png")), members, cells)
 }
 
 fn draw<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    root: &DrawingArea<DB, Shift>,
     members: usize,
     cells: &[Cell],
 ) -> Result<(), PlotError>
@@ -158,7 +158,7 @@ where
         .map(|c| c.encryptions_mean)
         .fold(members as f64, f64::max);
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(
             format!("Batch rekeying cost, n = {members} (netsim, group-oriented LKH)"),
             plot::caption(),
