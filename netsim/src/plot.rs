@@ -54,9 +54,25 @@ pub fn svg(path: &Path) -> DrawingArea<SVGBackend<'_>, Shift> {
     SVGBackend::new(path, SIZE).into_drawing_area()
 }
 
-/// A PNG drawing area at [`SIZE`].
-pub fn png(path: &Path) -> DrawingArea<BitMapBackend<'_>, Shift> {
-    BitMapBackend::new(path, SIZE).into_drawing_area()
+/// Draws on an RGB bitmap at [`SIZE`] and writes it to `path` as a PNG (encoded by the `png`
+/// crate: plotters' own encoder would bring the whole `image` crate).
+pub fn png(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), PlotError>,
+) -> Result<(), PlotError> {
+    let (w, h) = SIZE;
+    let mut pixels = vec![0u8; w as usize * h as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
+        draw(&root)?;
+        root.present()?;
+    }
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut encoder = ::png::Encoder::new(file, w, h);
+    encoder.set_color(::png::ColorType::Rgb);
+    encoder.set_depth(::png::BitDepth::Eight);
+    encoder.write_header()?.write_image_data(&pixels)?;
+    Ok(())
 }
 
 /// One point of [`agree`]: a loss, a loss model's name, both models' resyncs.
@@ -77,7 +93,9 @@ pub struct AgreePoint {
 pub fn agree(stem: &Path, title: &str, points: &[AgreePoint]) -> Result<(), PlotError> {
     fonts();
     draw_agree(&svg(&stem.with_extension("svg")), title, points)?;
-    draw_agree(&png(&stem.with_extension("png")), title, points)
+    png(&stem.with_extension("png"), |root| {
+        draw_agree(root, title, points)
+    })
 }
 
 fn draw_agree<DB: DrawingBackend>(
@@ -221,7 +239,9 @@ pub fn accounting(
 ) -> Result<(), PlotError> {
     fonts();
     draw_accounting(&svg(&stem.with_extension("svg")), members, leaves, points)?;
-    draw_accounting(&png(&stem.with_extension("png")), members, leaves, points)
+    png(&stem.with_extension("png"), |root| {
+        draw_accounting(root, members, leaves, points)
+    })
 }
 
 fn draw_accounting<DB: DrawingBackend>(

@@ -141,7 +141,9 @@ pub fn csv(members: usize, cells: &[Cell]) -> String {
 pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), PlotError> {
     plot::fonts();
     draw(&plot::svg(path), members, cells)?;
-    draw(&plot::png(&path.with_extension("png")), members, cells)
+    plot::png(&path.with_extension("png"), |root| {
+        draw(root, members, cells)
+    })
 }
 
 fn draw<DB: DrawingBackend>(
