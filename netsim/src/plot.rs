@@ -88,7 +88,7 @@ pub struct AgreePoint {
     pub subtree: u64,
 }
 
-/// Resyncs against loss, full receivers (solid) and the subtree model (dashed, squares), one
+/// Resyncs against loss, full receivers (solid, dots) and the subtree model (dashed, triangles), one
 /// colour per loss model; `title` says which cell of the grid. Writes `stem.svg` and `stem.png`.
 pub fn agree(stem: &Path, title: &str, points: &[AgreePoint]) -> Result<(), PlotError> {
     fonts();
@@ -151,13 +151,11 @@ where
                 color.stroke_width(3),
             ))?
             .label(format!("subtree model, {model}"))
-            .legend(move |(x, y)| {
-                Rectangle::new([(x + 14, y - 6), (x + 26, y + 6)], color.filled())
-            });
+            .legend(move |(x, y)| TriangleMarker::new((x + 20, y), 10, color.filled()));
         chart.draw_series(
             subtree
                 .iter()
-                .map(|&(x, y)| Rectangle::new([(x, y), (x, y)], color.stroke_width(14))),
+                .map(|&p| TriangleMarker::new(p, 12, color.filled())),
         )?;
     }
     chart
