@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod catch_up;
 pub mod cli;
 pub mod controllers;
 pub mod data_keys;
@@ -209,17 +210,8 @@ pub struct MemberStats {
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
-/// Rekey datagrams of later epochs a member holds while it waits for the one it missed: at most
-/// this many, the oldest given up first.
-pub const HELD_REKEYS: usize = 16;
-
-/// A verified rekey datagram of a later epoch than the member can apply yet, held until the
-/// missed epoch arrives (a repeat) or `until`.
-struct HeldRekey {
-    epoch: Epoch,
-    until: Millis,
-    bytes: Vec<u8>,
-}
+pub use catch_up::HELD_REKEYS;
+use catch_up::{CatchUp, Hold};
 
 enum State {
     /// Waiting for a welcome to the request with this nonce.
@@ -284,11 +276,9 @@ pub struct Member<R> {
     /// The leader the last `NotLeader` named: a different one is progress (a new leader was
     /// elected), and the prompt retries start over.
     named_leader: Option<SocketAddr>,
-    /// When to ask for a resync because we are behind.
-    resync_at: Option<Millis>,
-    /// Rekeys of later epochs, held while a missed one may still arrive (at most
-    /// [`HELD_REKEYS`]).
-    held: VecDeque<HeldRekey>,
+    /// When to ask for a resync because we are behind, and the rekeys of later epochs held
+    /// while a missed one may still arrive (at most [`HELD_REKEYS`]).
+    catch_up: CatchUp<Vec<u8>>,
     renew_at: Option<Millis>,
     /// Where the controller said the group's rekeys are multicast.
     rekey_address: Option<SocketAddr>,
@@ -333,6 +323,7 @@ impl<R: CryptoRng> Member<R> {
 
     fn idle(config: MemberConfig, identity: SigningKey, hpke: HpkeSecret, rng: R) -> Self {
         let hpke_public = hpke.public_key().ok();
+        let grace_ms = config.resync_grace_ms;
         Member {
             config,
             identity,
@@ -351,8 +342,7 @@ impl<R: CryptoRng> Member<R> {
             refused: 0,
             redirects: 0,
             named_leader: None,
-            resync_at: None,
-            held: VecDeque::new(),
+            catch_up: CatchUp::new(grace_ms),
             renew_at: None,
             rekey_address: None,
             told_version: false,
@@ -440,7 +430,7 @@ impl<R: CryptoRng> Member<R> {
         };
         [
             self.retry_at,
-            self.resync_at,
+            self.catch_up.poll_timeout(),
             self.renew_at,
             subscribe_at,
             self.silence_at(),
@@ -535,7 +525,7 @@ impl<R: CryptoRng> Member<R> {
     pub fn leave(&mut self, now: Millis) {
         self.outstanding = None;
         self.retry_at = None;
-        self.resync_at = None;
+        self.catch_up.caught_up();
         self.renew_at = None;
         match self.state {
             State::Active { member, .. } => self.send_leave(now, member),
@@ -600,8 +590,7 @@ impl<R: CryptoRng> Member<R> {
                 State::Left | State::Stopped => {}
             }
         }
-        if self.resync_at.is_some_and(|t| t <= now) {
-            self.resync_at = None;
+        if self.catch_up.handle_timeout(now) {
             self.send_resync(now);
         }
         if self.renew_at.is_some_and(|t| t <= now) {
@@ -691,7 +680,7 @@ impl<R: CryptoRng> Member<R> {
         match outcome {
             Ok(applied) => {
                 self.stats.applied += 1;
-                self.resync_at = None;
+                self.catch_up.caught_up();
                 self.events.push_back(MemberEvent::KeyChanged {
                     epoch: applied.epoch,
                     kcv: applied.kcv,
@@ -717,18 +706,11 @@ impl<R: CryptoRng> Member<R> {
     /// when the missed epoch arrives, the held ones are applied in order and no resync is
     /// needed. Bounded by [`HELD_REKEYS`]; a copy of one already held is dropped.
     fn hold(&mut self, now: Millis, epoch: Epoch, bytes: &[u8]) {
-        if self.held.iter().any(|h| h.bytes == bytes) {
-            return self.drop_datagram("held already");
+        match self.catch_up.hold(now, epoch, bytes.to_vec()) {
+            Hold::Held => {}
+            Hold::Duplicate => self.drop_datagram("held already"),
+            Hold::HeldDroppingOldest => self.drop_datagram("missed an epoch"),
         }
-        if self.held.len() >= HELD_REKEYS {
-            self.held.pop_front();
-            self.drop_datagram("missed an epoch");
-        }
-        self.held.push_back(HeldRekey {
-            epoch,
-            until: now + self.config.resync_grace_ms,
-            bytes: bytes.to_vec(),
-        });
     }
 
     /// Applies the held rekeys that follow the member's epoch, in order; gives up those that
@@ -736,17 +718,13 @@ impl<R: CryptoRng> Member<R> {
     fn apply_held(&mut self, now: Millis) {
         for _ in 0..HELD_REKEYS {
             let State::Active { path, .. } = &self.state else {
-                self.held.clear();
+                self.catch_up.clear_held();
                 return;
             };
-            let next = path.epoch().next();
-            self.held.retain(|h| h.until > now && Some(h.epoch) >= next);
-            let Some(i) = self.held.iter().position(|h| Some(h.epoch) == next) else {
+            let Some(bytes) = self.catch_up.next_held(now, path.epoch()) else {
                 return;
             };
-            if let Some(held) = self.held.remove(i) {
-                self.rekey(now, &held.bytes);
-            }
+            self.rekey(now, &bytes);
         }
     }
 
@@ -757,9 +735,7 @@ impl<R: CryptoRng> Member<R> {
         let (group, mine) = (path.group(), path.epoch());
         let kcv = path.traffic_key().map(|k| k.check_value());
         let in_step = |beat: &Heartbeat| {
-            beat.group != group
-                || beat.epoch < mine
-                || (beat.epoch == mine && Some(beat.kcv) == kcv)
+            beat.group != group || catch_up::in_step(mine, kcv, beat.epoch, beat.kcv)
         };
         // A heartbeat that asks for nothing is dropped before its signature check (dropping
         // changes nothing), unless half the silence allowed has passed: only a verified one
@@ -784,11 +760,9 @@ impl<R: CryptoRng> Member<R> {
         }
     }
 
-    /// Schedules a resync unless one is already scheduled or outstanding.
+    /// Schedules a resync unless one is already scheduled or outstanding ([`CatchUp::behind`]).
     fn behind(&mut self, now: Millis) {
-        if self.resync_at.is_none() && self.outstanding.is_none() {
-            self.resync_at = Some(now + self.config.resync_grace_ms);
-        }
+        self.catch_up.behind(now, self.outstanding.is_some());
     }
 
     fn sealed(&mut self, now: Millis, bytes: &[u8]) {
@@ -852,7 +826,7 @@ impl<R: CryptoRng> Member<R> {
         self.retry_at = None;
         self.refused = 0;
         self.redirects = 0;
-        self.resync_at = None;
+        self.catch_up.caught_up();
         self.renew_at = Some(now + self.config.renew_interval_ms);
         self.events.push_back(event);
         self.apply_held(now);
@@ -922,7 +896,7 @@ impl<R: CryptoRng> Member<R> {
                 self.state = State::Ended;
                 self.retry_at = Some(now + self.rng.next_u64() % spread);
                 self.renew_at = None;
-                self.resync_at = None;
+                self.catch_up.caught_up();
             }
             Status::UnknownGroup if message.group == self.config.group => {
                 self.events.push_back(MemberEvent::GroupUnknown {
@@ -955,7 +929,7 @@ impl<R: CryptoRng> Member<R> {
         self.state = State::Stopped;
         self.retry_at = None;
         self.renew_at = None;
-        self.resync_at = None;
+        self.catch_up.caught_up();
     }
 
     /// The controller asked does not lead the group. Unsigned, so nothing changes but when the
@@ -1037,7 +1011,7 @@ impl<R: CryptoRng> Member<R> {
         self.state = State::Registering { nonce };
         self.retry_at = Some(now + self.retry_delay());
         self.renew_at = None;
-        self.resync_at = None;
+        self.catch_up.caught_up();
     }
 
     fn send_resync(&mut self, now: Millis) {

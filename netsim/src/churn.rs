@@ -2,8 +2,8 @@
 //! state machines ([`gkm_member::Member`]), a virtual clock and seeded randomness: Poisson joins
 //! and leaves, periodic batch rekeying, per-receiver loss (Bernoulli or Gilbert–Elliott), the
 //! policy's repeats, heartbeats and unicast resync. Every member is a full `Member` object (about
-//! 2 KiB each), so this suits groups up to some 10^4 members; the leaf-range model for 2^20 and
-//! beyond is still to come.
+//! 2 KiB each), so this suits groups up to some 10^4 members; [`crate::scale`] models receivers
+//! by subtree for 2^20 and beyond.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -50,6 +50,9 @@ pub struct ChurnConfig {
     pub model: LossModel,
     /// Sends per rekey datagram.
     pub repeats: u8,
+    /// Milliseconds between the sends of a rekey datagram (the policy's `repeat_spacing_ms`;
+    /// 100 by default).
+    pub spacing_ms: u64,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -109,11 +112,46 @@ impl LossModel {
             }
         }
     }
+
+    /// Whether a datagram is lost when the link's loss process stepped `steps` datagrams since
+    /// the last draw (at least 1; `steps = 1` is [`LossModel::lost`] in distribution): for
+    /// Gilbert–Elliott the `steps`-step transition of the two-state chain, so that a model that
+    /// draws only for the datagrams that reach a member keeps the bursts of one that draws for
+    /// every datagram.
+    pub(crate) fn lost_after(self, p: f64, bad: &mut bool, u: f64, steps: u64) -> bool {
+        match self {
+            LossModel::Bernoulli => u < p,
+            LossModel::GilbertElliott => {
+                let (enter, leave) = if p >= 1.0 {
+                    (1.0, 0.0)
+                } else {
+                    (p / (1.0 - p) / 4.0, 0.25)
+                };
+                let share = enter / (enter + leave);
+                let n = i32::try_from(steps.max(1)).unwrap_or(i32::MAX);
+                let fade = (1.0 - enter - leave).powi(n);
+                let p_bad = if *bad {
+                    share + (1.0 - share) * fade
+                } else {
+                    share * (1.0 - fade)
+                };
+                *bad = u < p_bad;
+                *bad
+            }
+        }
+    }
 }
 
 /// A uniform draw in [0, 1).
 pub(crate) fn uniform(rng: &mut ChaCha20Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The random source of the membership events' times, its own stream of the seed: both churn
+/// models draw the same join and leave times from the same seed.
+pub(crate) fn event_times(config: &ChurnConfig) -> ChaCha20Rng {
+    // "events" in ASCII.
+    ChaCha20Rng::seed_from_u64(config.seed ^ 0x6576_656e_7473)
 }
 
 /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
@@ -252,19 +290,48 @@ pub fn run(config: &ChurnConfig) -> ChurnReport {
     }
     sim.settle();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now as f64 + exponential(&mut sim.rng, config.join_rate);
-    let mut next_leave = sim.now as f64 + exponential(&mut sim.rng, config.leave_rate);
+    let mut times = event_times(config);
+    let mut next_join = sim.now as f64 + exponential(&mut times, config.join_rate);
+    let mut next_leave = sim.now as f64 + exponential(&mut times, config.leave_rate);
     while sim.now < end {
         sim.now += 10;
         while next_join <= sim.now as f64 {
             sim.join();
             sim.tally.events += 1;
-            next_join += exponential(&mut sim.rng, config.join_rate);
+            next_join += exponential(&mut times, config.join_rate);
         }
         while next_leave <= sim.now as f64 {
             sim.leave_one();
             sim.tally.events += 1;
-            next_leave += exponential(&mut sim.rng, config.leave_rate);
+            next_leave += exponential(&mut times, config.leave_rate);
+        }
+        sim.tick();
+    }
+    sim.settle();
+    sim.report()
+}
+
+/// Replays a membership trace ([`crate::trace`]) on the real controller and members, after
+/// `config.members` members admitted first; `config`'s rates and duration are not used (the
+/// trace sets them). The report is [`run`]'s.
+pub fn replay(config: &ChurnConfig, trace: &crate::trace::Trace) -> ChurnReport {
+    let mut sim = Sim::new(config.clone());
+    for _ in 0..config.members {
+        sim.join();
+    }
+    sim.settle();
+    let start = sim.now;
+    let mut ids: HashMap<usize, u64> = HashMap::new();
+    let mut events = trace.events.iter().peekable();
+    while events.peek().is_some() {
+        sim.now += 10;
+        while let Some(e) = events.next_if(|e| start + e.time_ms <= sim.now) {
+            if e.join {
+                ids.insert(e.member, sim.join());
+            } else if let Some(id) = ids.remove(&e.member) {
+                sim.leave(id);
+            }
+            sim.tally.events += 1;
         }
         sim.tick();
     }
@@ -282,6 +349,7 @@ impl Sim {
         policy.tree.degree = config.degree;
         policy.batch_interval_ms = config.interval_ms;
         policy.repeats = config.repeats.max(1);
+        policy.repeat_spacing_ms = config.spacing_ms;
         policy.heartbeat_interval_ms = 1_000;
         policy.lease_ms = u64::MAX / 4;
         let mut controller_rng = [0u8; 32];
@@ -311,7 +379,8 @@ impl Sim {
         }
     }
 
-    fn join(&mut self) {
+    /// A new member, registering now: its receiver id.
+    fn join(&mut self) -> u64 {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let mut member_rng = ChaCha20Rng::from_seed(seed);
@@ -332,6 +401,7 @@ impl Sim {
             },
         );
         self.next_id += 1;
+        self.next_id - 1
     }
 
     fn leave_one(&mut self) {
@@ -342,7 +412,11 @@ impl Sim {
         }
         let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
         let pick = usize::try_from(self.rng.next_u64() % n).unwrap_or(0);
-        let id = ids[pick];
+        self.leave(ids[pick]);
+    }
+
+    /// The member `id` leaves (a signed leave request to the controller).
+    fn leave(&mut self, id: u64) {
         if let Some(mut r) = self.receivers.remove(&id) {
             r.member.leave(self.now);
             while let Some(request) = r.member.poll_request() {
@@ -524,7 +598,38 @@ mod tests {
             loss,
             model,
             repeats: 1,
+            spacing_ms: 100,
             seed: 3,
+        }
+    }
+
+    #[test]
+    fn gilbert_elliott_steps_compose() {
+        // k single steps and one k-step draw give the same loss rate and burst persistence.
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let p = 0.2;
+        for steps in [1i32, 3] {
+            let (mut bad, mut lost, mut both, n) = (false, 0u32, 0u32, 200_000);
+            let mut before = false;
+            for _ in 0..n {
+                let u = uniform(&mut rng);
+                let l = LossModel::GilbertElliott.lost_after(
+                    p,
+                    &mut bad,
+                    u,
+                    steps.unsigned_abs().into(),
+                );
+                lost += u32::from(l);
+                both += u32::from(l && before);
+                before = l;
+            }
+            let rate = f64::from(lost) / f64::from(n);
+            assert!((rate - p).abs() < 0.01, "{steps} steps: loss {rate}");
+            // P(lost | lost before) = share + (1 - share) λ^k, λ = 0.75 - enter.
+            let enter = p / (1.0 - p) / 4.0;
+            let want = p + (1.0 - p) * (0.75 - enter).powi(steps);
+            let got = f64::from(both) / f64::from(lost);
+            assert!((got - want).abs() < 0.02, "{steps} steps: {got} vs {want}");
         }
     }
 
@@ -539,6 +644,22 @@ mod tests {
         let clean = run(&config(0.0, LossModel::Bernoulli));
         assert_eq!(clean.members_resynced, 0, "{clean:?}");
         assert_eq!(clean.diverged, 0);
+    }
+
+    #[test]
+    fn a_replayed_trace_churns_the_group_it_names() {
+        let trace = crate::trace::Trace::parse(
+            "time_ms,member,event\n0,a,join\n0,b,join\n400,c,join\n2000,a,leave\n2500,d,join\n4000,b,leave\n",
+        )
+        .unwrap();
+        let mut config = config(0.2, LossModel::Bernoulli);
+        config.members = 100;
+        let report = replay(&config, &trace);
+        assert_eq!(report.events, 6, "{report:?}");
+        assert_eq!(report.members, 102, "100 + 4 joined - 2 left: {report:?}");
+        assert_eq!(report.diverged, 0, "{report:?}");
+        assert!(report.rekeys >= 3, "{report:?}");
+        assert!(report.resyncs > 0, "20% loss needs resyncs: {report:?}");
     }
 
     #[test]

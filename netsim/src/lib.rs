@@ -5,15 +5,21 @@
 //! per-receiver datagram loss, and checks the outcome: every current member holds the group's
 //! traffic key; no departed member decrypts anything sent after it left.
 //!
-//! What it does not do (yet): the controller and member daemons' state machines, timers and
-//! resync messages are modelled here directly (a member that missed its datagram takes its
-//! current path from the tree, as a resync would deliver it); no sockets, no wall clock.
+//! [`churn`] drives the real sans-I/O controller and members (state machines, timers, resyncs);
+//! [`scale`] keeps the real controller and models receivers by subtree with the member's own
+//! catch-up decision, held to the full model by [`agree`]; [`trace`] reads and generates
+//! membership traces; [`plot`] writes every figure as SVG and PNG. [`demo`] is the older
+//! tree-and-wire run, in which a member that missed its datagram takes its current path from the
+//! tree, as a resync would deliver it. No sockets, no wall clock.
 
 #![forbid(unsafe_code)]
 
+pub mod agree;
 pub mod churn;
 pub mod cost;
 pub mod demo;
 pub mod paper;
+pub mod plot;
 pub mod scale;
 pub mod sweep;
+pub mod trace;

@@ -95,6 +95,9 @@ enum Command {
         /// Sends per rekey datagram.
         #[arg(long, default_value_t = 1)]
         repeats: u8,
+        /// Milliseconds between the sends of a rekey datagram (the policy's default: 100).
+        #[arg(long, default_value_t = 100)]
+        spacing: u64,
         /// `full` (every member a `Member` state machine) or `subtree` (receivers modelled by
         /// the datagram covers; for large groups). Default: full up to 10,000 members.
         #[arg(long)]
@@ -105,6 +108,156 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Both churn models (full receivers and the subtree model) on the same seeds over a grid:
+    /// resyncs, members resynced and convergence p99 side by side (a Markdown table).
+    Agree {
+        /// Group sizes, comma-separated.
+        #[arg(long, default_value = "2000,10000", value_delimiter = ',')]
+        members: Vec<usize>,
+        /// Loss probabilities, comma-separated.
+        #[arg(long, default_value = "0,0.01,0.05,0.2", value_delimiter = ',')]
+        losses: Vec<f64>,
+        /// Repeat counts, comma-separated.
+        #[arg(long, default_value = "1,2,3", value_delimiter = ',')]
+        repeats: Vec<u8>,
+        /// Repeat spacings (ms), comma-separated.
+        #[arg(long, default_value = "0,100", value_delimiter = ',')]
+        spacings: Vec<u64>,
+        /// Batch intervals (ms), comma-separated.
+        #[arg(long, default_value = "0,1000", value_delimiter = ',')]
+        intervals: Vec<u64>,
+        /// Simulated seconds per run.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Joins and leaves per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// Seed of every run.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the rows as JSON lines to this file.
+        #[arg(long)]
+        jsonl: Option<std::path::PathBuf>,
+    },
+    /// Replays a membership trace (CSV `time_ms,member,event`, see RFC-notes/netsim.md) on the
+    /// real controller and members, with churn's loss, repeats and batching; churn's report.
+    Replay {
+        /// The trace file.
+        #[arg(long)]
+        trace: std::path::PathBuf,
+        /// Members admitted before the trace starts.
+        #[arg(long, default_value_t = 0)]
+        members: usize,
+        /// Tree degree (2..=64).
+        #[arg(long, default_value_t = 4)]
+        degree: u8,
+        /// Batch interval, ms.
+        #[arg(long, default_value_t = 1_000)]
+        interval: u64,
+        /// Loss per datagram and receiver, 0.0..1.0.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// `bernoulli` or `gilbert-elliott` (mean burst 4).
+        #[arg(long, default_value = "bernoulli")]
+        loss_model: String,
+        /// Sends per rekey datagram.
+        #[arg(long, default_value_t = 1)]
+        repeats: u8,
+        /// Milliseconds between the sends of a rekey datagram.
+        #[arg(long, default_value_t = 100)]
+        spacing: u64,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a synthetic membership trace: diurnal arrivals (a sinusoid over the day) and
+    /// log-normal or Pareto session lengths, deterministic from the seed.
+    TraceGen {
+        /// Length of the trace, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        duration: u64,
+        /// Mean arrivals per second over a day.
+        #[arg(long, default_value_t = 0.05)]
+        rate: f64,
+        /// Relative swing of the arrival rate over the day, 0..=1.
+        #[arg(long, default_value_t = 0.8)]
+        amplitude: f64,
+        /// Length of the modelled day, seconds (shorter compresses a day).
+        #[arg(long, default_value_t = 86_400)]
+        day: u64,
+        /// `lognormal` or `pareto`.
+        #[arg(long, default_value = "lognormal")]
+        sessions: String,
+        /// Log-normal: mean of ln(seconds).
+        #[arg(long, default_value_t = 6.0)]
+        mu: f64,
+        /// Log-normal: standard deviation of ln(seconds).
+        #[arg(long, default_value_t = 1.5)]
+        sigma: f64,
+        /// Pareto: shortest session, seconds.
+        #[arg(long, default_value_t = 60.0)]
+        scale: f64,
+        /// Pareto: tail index.
+        #[arg(long, default_value_t = 1.2)]
+        shape: f64,
+        /// Seed of every draw.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where to write the trace.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Plots both receiver models' resyncs against loss from `netsim agree --jsonl` rows (one
+    /// cell of the other axes): STEM.svg and STEM.png.
+    PlotAgree {
+        /// Rows written by `netsim agree --jsonl`.
+        #[arg(long)]
+        jsonl: std::path::PathBuf,
+        /// Members of the cell to plot.
+        #[arg(long, default_value_t = 2_000)]
+        members: usize,
+        /// Repeats of the cell to plot.
+        #[arg(long, default_value_t = 2)]
+        repeats: u8,
+        /// Repeat spacing (ms) of the cell to plot.
+        #[arg(long, default_value_t = 100)]
+        spacing: u64,
+        /// Batch interval (ms) of the cell to plot.
+        #[arg(long, default_value_t = 1_000)]
+        interval: u64,
+        /// Output path without extension.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Plots gkm's and Li et al.'s encryptions per batch against J/ℓ (measured, and the paper's
+    /// expectation): STEM.svg and STEM.png.
+    PlotAccounting {
+        /// Members (a power of 4).
+        #[arg(long, default_value_t = 4_096)]
+        members: usize,
+        /// Departures per batch.
+        #[arg(long, default_value_t = 256)]
+        leaves: usize,
+        /// Joins per batch, comma-separated.
+        #[arg(
+            long,
+            default_value = "0,32,64,128,192,256,320,384,512",
+            value_delimiter = ','
+        )]
+        joins: Vec<usize>,
+        /// Trials per point.
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output path without extension.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// One join or leave on a balanced tree of N members: exact costs.
     Single {
@@ -212,6 +365,35 @@ fn print_cost(cost: &RekeyCost) {
     }
 }
 
+fn loss_model_of(loss: f64, name: &str) -> anyhow::Result<LossModel> {
+    if !(0.0..1.0).contains(&loss) {
+        bail!("--loss must be in 0.0..1.0 (got {loss})");
+    }
+    Ok(match name {
+        "bernoulli" => LossModel::Bernoulli,
+        "gilbert-elliott" => LossModel::GilbertElliott,
+        other => bail!("unknown --loss-model {other:?}; use bernoulli or gilbert-elliott"),
+    })
+}
+
+fn print_churn(report: &churn::ChurnReport, json: bool, seed: u64) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        for (k, v) in serde_json::to_value(report)?
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            println!("{k:<26} {v}");
+        }
+    }
+    if report.diverged > 0 {
+        bail!("{} members did not converge (seed {seed})", report.diverged);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Sweep {
@@ -242,7 +424,12 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", csv.display()))?;
             sweep::svg(&svg, members, &cells)
                 .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
-            println!("wrote {} and {}", csv.display(), svg.display());
+            println!(
+                "wrote {}, {} and {}",
+                csv.display(),
+                svg.display(),
+                svg.with_extension("png").display()
+            );
             Ok(())
         }
         Command::Paper { trials, seed, json } => {
@@ -288,18 +475,12 @@ fn main() -> anyhow::Result<()> {
             loss,
             loss_model,
             repeats,
+            spacing,
             receivers,
             seed,
             json,
         } => {
-            if !(0.0..1.0).contains(&loss) {
-                bail!("--loss must be in 0.0..1.0 (got {loss})");
-            }
-            let model = match loss_model.as_str() {
-                "bernoulli" => LossModel::Bernoulli,
-                "gilbert-elliott" => LossModel::GilbertElliott,
-                other => bail!("unknown --loss-model {other:?}; use bernoulli or gilbert-elliott"),
-            };
+            let model = loss_model_of(loss, &loss_model)?;
             let config = ChurnConfig {
                 members,
                 degree,
@@ -310,6 +491,7 @@ fn main() -> anyhow::Result<()> {
                 loss,
                 model,
                 repeats,
+                spacing_ms: spacing,
                 seed,
             };
             let subtree = match receivers.as_deref() {
@@ -323,20 +505,211 @@ fn main() -> anyhow::Result<()> {
             } else {
                 churn::run(&config)
             };
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                for (k, v) in serde_json::to_value(&report)?
-                    .as_object()
-                    .into_iter()
-                    .flatten()
+            print_churn(&report, json, seed)
+        }
+        Command::Agree {
+            members,
+            losses,
+            repeats,
+            spacings,
+            intervals,
+            duration,
+            rate,
+            seed,
+            jsonl,
+        } => {
+            let grid = netsim::agree::Grid {
+                members,
+                losses,
+                models: vec![LossModel::Bernoulli, LossModel::GilbertElliott],
+                repeats,
+                spacings,
+                intervals,
+                duration_s: duration,
+                rate,
+                seed,
+            };
+            let configs = grid.configs();
+            let mut rows = Vec::new();
+            let mut lines = String::new();
+            // Row by row as the cells finish (a grid on 10,000 members takes a while).
+            print!("{}", netsim::agree::MARKDOWN_HEADER);
+            for config in &configs {
+                let row = netsim::agree::compare(config)?;
+                print!("{}", netsim::agree::markdown_row(&row));
+                std::io::Write::flush(&mut std::io::stdout())?;
+                lines.push_str(&serde_json::to_string(&row)?);
+                lines.push('\n');
+                if let Some(path) = &jsonl {
+                    std::fs::write(path, &lines)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                rows.push(row);
+            }
+            let disagree = rows.iter().filter(|r| !r.agree).count();
+            println!("{} of {} cells agree", rows.len() - disagree, rows.len());
+            if disagree > 0 {
+                bail!("{disagree} cells disagree");
+            }
+            Ok(())
+        }
+        Command::PlotAgree {
+            jsonl,
+            members,
+            repeats,
+            spacing,
+            interval,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&jsonl)
+                .with_context(|| format!("cannot read {}", jsonl.display()))?;
+            let mut points = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                let row: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}: not JSON", jsonl.display(), i + 1))?;
+                let matches = row["members"].as_u64() == Some(members as u64)
+                    && row["repeats"].as_u64() == Some(u64::from(repeats))
+                    && row["spacing_ms"].as_u64() == Some(spacing)
+                    && row["interval_ms"].as_u64() == Some(interval);
+                if !matches {
+                    continue;
+                }
+                let model = row["loss_model"].as_str().unwrap_or("?").to_owned();
+                let loss = row["loss"].as_f64().unwrap_or(0.0);
+                let full = row["full"]["resyncs"].as_u64().unwrap_or(0);
+                let subtree = row["subtree"]["resyncs"].as_u64().unwrap_or(0);
+                // Loss 0 is run once (with the first model): it starts both lines.
+                let models: &[&str] = if loss == 0.0 {
+                    &["bernoulli", "gilbert-elliott"]
+                } else {
+                    &[]
+                };
+                for m in models
+                    .iter()
+                    .copied()
+                    .chain(std::iter::once(model.as_str()))
                 {
-                    println!("{k:<26} {v}");
+                    let point = netsim::plot::AgreePoint {
+                        loss,
+                        model: m.to_owned(),
+                        full,
+                        subtree,
+                    };
+                    if !points.contains(&point) {
+                        points.push(point);
+                    }
                 }
             }
-            if report.diverged > 0 {
-                bail!("{} members did not converge (seed {seed})", report.diverged);
+            if points.is_empty() {
+                bail!(
+                    "no row of {} has {members} members, {repeats} repeats, {spacing} ms spacing and a {interval} ms interval",
+                    jsonl.display()
+                );
             }
+            let title = format!(
+                "Resyncs, n = {members}, {repeats} sends {spacing} ms apart, {interval} ms batches"
+            );
+            netsim::plot::agree(&out, &title, &points)
+                .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))?;
+            println!("wrote {0}.svg and {0}.png", out.display());
+            Ok(())
+        }
+        Command::PlotAccounting {
+            members,
+            leaves,
+            joins,
+            trials,
+            seed,
+            out,
+        } => {
+            let points = netsim::plot::accounting_points(members, leaves, &joins, trials, seed)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            netsim::plot::accounting(&out, members, leaves, &points)
+                .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))?;
+            for p in &points {
+                println!(
+                    "J = {:>4}: gkm {:>8.1}  paper {:>8.1}  expected {:>8.1}  unicast {:>8.1}",
+                    p.joins, p.gkm, p.paper, p.expected, p.unicast
+                );
+            }
+            println!("wrote {0}.svg and {0}.png", out.display());
+            Ok(())
+        }
+        Command::Replay {
+            trace,
+            members,
+            degree,
+            interval,
+            loss,
+            loss_model,
+            repeats,
+            spacing,
+            seed,
+            json,
+        } => {
+            let model = loss_model_of(loss, &loss_model)?;
+            let text = std::fs::read_to_string(&trace)
+                .with_context(|| format!("cannot read the trace {}", trace.display()))?;
+            let parsed = netsim::trace::Trace::parse(&text)
+                .with_context(|| format!("{} is not a valid trace", trace.display()))?;
+            let config = ChurnConfig {
+                members,
+                degree,
+                duration_s: parsed.duration_ms().div_ceil(1_000),
+                join_rate: 0.0,
+                leave_rate: 0.0,
+                interval_ms: interval,
+                loss,
+                model,
+                repeats,
+                spacing_ms: spacing,
+                seed,
+            };
+            let report = churn::replay(&config, &parsed);
+            print_churn(&report, json, seed)
+        }
+        Command::TraceGen {
+            duration,
+            rate,
+            amplitude,
+            day,
+            sessions,
+            mu,
+            sigma,
+            scale,
+            shape,
+            seed,
+            out,
+        } => {
+            let sessions = match sessions.as_str() {
+                "lognormal" => netsim::trace::Sessions::LogNormal { mu, sigma },
+                "pareto" if scale > 0.0 && shape > 0.0 => {
+                    netsim::trace::Sessions::Pareto { scale, shape }
+                }
+                "pareto" => bail!("--scale and --shape must be positive"),
+                other => bail!("unknown --sessions {other:?}; use lognormal or pareto"),
+            };
+            if !(0.0..=1.0).contains(&amplitude) || rate < 0.0 {
+                bail!("--amplitude must be in 0..=1 and --rate at least 0");
+            }
+            let generator = netsim::trace::TraceGen {
+                duration_s: duration,
+                rate,
+                amplitude,
+                day_s: day,
+                sessions,
+                seed,
+            };
+            let trace = generator.generate();
+            std::fs::write(&out, trace.to_csv())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {}: {} events, {} members, at most {} at once",
+                out.display(),
+                trace.events.len(),
+                trace.names.len(),
+                trace.peak_members()
+            );
             Ok(())
         }
         Command::Single {

@@ -1,42 +1,79 @@
 //! Churn at scale: the real sans-I/O controller (restored with N members, so no N registrations
-//! are needed), real joins (signed requests, HPKE-sealed welcomes), evictions, batches, repeats,
-//! heartbeats, and receivers modelled by subtree: each rekey datagram is verified once and
-//! delivered, with per-receiver loss, to the members under its covers; a member holds an epoch,
-//! applies the next one from its datagram, and resyncs when a heartbeat shows it behind. Four
-//! bytes of epoch and one of loss state per member instead of a whole `Member`, so 2^20 members
-//! and 10^5 events fit in minutes. The receiver rules are those of `gkm_member::Member`;
-//! resyncs are counted (and timed at the next heartbeat plus the member's 300 ms grace), not
-//! sent through the controller.
+//! are needed), real joins (signed requests, HPKE-sealed welcomes), evictions, batches, spaced
+//! repeats, heartbeats, and receivers modelled by subtree: each rekey datagram is verified once
+//! and delivered, with per-receiver loss, to the members under its covers. A modelled member
+//! holds an epoch and decides when to resync with the real member's own decision,
+//! [`gkm_member::catch_up::CatchUp`] (it waits a grace for a repeat, holds rekeys of later
+//! epochs, resyncs if nothing applied meanwhile); its resyncs are real signed requests through
+//! the controller, answered with HPKE-sealed paths, so the controller's time includes them
+//! (`resyncs_charged`). About 80 bytes per member instead of a whole `Member`, so 2^20 members
+//! and 10^5 events fit in minutes.
+//!
+//! Members renew their leases every 5 s, as the full model's do (the restored members' renewals
+//! spread over the period; the full model's first members, all welcomed in its first batch,
+//! renew in lockstep, which moves its convergence tail, see `crate::agree`); a renewal of a member behind is
+//! sent through the controller (a resync request, answered with its path or, while the missed
+//! rekey is still being repeated, acknowledged), one of a member in step is not sent (it would
+//! be acknowledged and change nothing), so the controller's time leaves those out.
+//!
+//! A member that missed a whole epoch learns it from any datagram of a later one, as a full
+//! member does (the datagrams that serve others too: the members holding an epoch older than the
+//! one before are listed once per epoch). What it leaves out, next to full receivers: the silence
+//! timer and fan-out.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use ed25519_dalek::SigningKey;
+use gkm_member::catch_up::{self, Arrival, CatchUp};
 use gkm_server::{
     Command, ConnId, Controller, GroupPolicy, GroupState, HpkeDigest, MemberRecord, StoreDriver,
     Timestamp, Transmit,
 };
-use lkh_tree::{GroupId, KeyTree, NodeId};
+use lkh_tree::{Epoch, GroupId, Kcv, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use wire::{
-    AuthenticRekey, Codec, HpkeSecret, Kem, MemberId, MessageType, RegistrationRequest, SealedPath,
+    Ack, AuthenticRekey, Codec, HpkePublicKey, HpkeSecret, Kem, MemberId, MessageType,
+    RegistrationRequest, ResyncRequest, SealedKind, SealedPath,
 };
 
-use crate::churn::{ChurnConfig, ChurnReport, NoStore, Seen, Tally, exponential, uniform};
+use crate::churn::{
+    ChurnConfig, ChurnReport, NoStore, Seen, Tally, event_times, exponential, uniform,
+};
 use crate::cost::{self, CostError, Scheme};
 
 const START: u64 = 1_800_000_000_000;
 const NAME: &str = "netsim";
+/// The member's default grace ([`gkm_member::MemberConfig::new`]).
 const GRACE_MS: u64 = 300;
+/// A refused resync is asked again after the member's `retry_ms` (its default; the member adds
+/// up to half of it at random).
+const RETRY_MS: u64 = 2_000;
+/// Lease renewals, as the full model's members renew (every 5 s).
+const RENEW_MS: u64 = 5_000;
 const ABSENT: u32 = u32::MAX;
+/// Connection ids of resync requests: this bit and the leaf (joins count up from 0).
+const RESYNC_CONN: u64 = 1 << 63;
 
-/// Per leaf: the epoch its member holds (`ABSENT` if no member), the epoch it joined in, and
-/// whether its link is in a loss burst.
+/// Per leaf: the epoch its member holds (`ABSENT` if no member), the epoch it joined in, its
+/// link's loss state, and its catch-up decision.
 struct Receivers {
     held: Vec<u32>,
     joined: Vec<u32>,
+    /// Gilbert–Elliott: whether the link was in a loss burst at its last draw.
     bad: Vec<bool>,
+    /// The multicast count at the link's last draw (the loss process steps once per datagram
+    /// sent to the group, as for a full receiver, drawn only when one reaches this member).
+    drawn: Vec<u64>,
     resynced: Vec<bool>,
+    /// A resync request waits for its answer.
+    asking: Vec<bool>,
+    /// When a refused resync is asked again (0: not).
+    retry_at: Vec<u64>,
+    /// When the member renews its lease (0: not scheduled).
+    renew_at: Vec<u64>,
+    catch_up: Vec<CatchUp<u64>>,
 }
 
 impl Receivers {
@@ -46,10 +83,41 @@ impl Receivers {
             self.held.resize(n, ABSENT);
             self.joined.resize(n, 0);
             self.bad.resize(n, false);
+            self.drawn.resize(n, 0);
             self.resynced.resize(n, false);
+            self.asking.resize(n, false);
+            self.retry_at.resize(n, 0);
+            self.renew_at.resize(n, 0);
+            self.catch_up.resize(n, CatchUp::new(GRACE_MS));
         }
     }
+
+    /// A new member at `leaf`, holding `epoch` (its renewal is the caller's to schedule).
+    fn admit(&mut self, leaf: usize, epoch: u32, sent: u64) {
+        self.ensure(leaf);
+        self.held[leaf] = epoch;
+        self.bad[leaf] = false;
+        self.drawn[leaf] = sent;
+        self.resynced[leaf] = false;
+        self.asking[leaf] = false;
+        self.retry_at[leaf] = 0;
+        self.catch_up[leaf].reset();
+    }
 }
+
+/// What a timer is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// The catch-up decision's resync.
+    CatchUp,
+    /// A refused resync asked again.
+    Retry,
+    /// A lease renewal.
+    Renew,
+}
+
+/// A timer: when, which leaf, what for.
+type Timer = Reverse<(u64, u32, Due)>;
 
 struct Scale {
     config: ChurnConfig,
@@ -58,8 +126,29 @@ struct Scale {
     group: GroupId,
     rx: Receivers,
     now: u64,
+    /// Epoch → when its first datagram was sent.
     sent_at: HashMap<u32, u64>,
-    resyncs: u64,
+    /// Epoch → check value of its traffic key (what a member holding it puts in a resync).
+    kcvs: HashMap<u32, Kcv>,
+    /// Multicast datagrams sent (copies and heartbeats).
+    sent: u64,
+    /// The controller's epoch.
+    current: u32,
+    timers: BinaryHeap<Timer>,
+    /// The members that missed a whole epoch before `lagging_epoch` (listed at its first
+    /// datagram).
+    lagging: Vec<usize>,
+    lagging_epoch: u32,
+    /// The identity of every restored member (they share one: the controller checks signatures
+    /// against the record, and a shared key costs the same to check).
+    restored: SigningKey,
+    /// The HPKE key of every restored member (shared, like their identity).
+    restored_hpke: HpkePublicKey,
+    /// Joiners' identities and HPKE keys, by leaf once admitted, by connection while
+    /// registering.
+    identities: HashMap<usize, (SigningKey, HpkePublicKey)>,
+    registering: HashMap<u64, (SigningKey, HpkePublicKey)>,
+    next_conn: u64,
     tally: Tally,
 }
 
@@ -68,17 +157,18 @@ pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     let mut sim = Scale::new(config.clone())?;
     sim.tick();
     let end = sim.now + config.duration_s * 1_000;
-    let mut next_join = sim.now as f64 + exponential(&mut sim.rng, config.join_rate);
-    let mut next_leave = sim.now as f64 + exponential(&mut sim.rng, config.leave_rate);
+    let mut times = event_times(config);
+    let mut next_join = sim.now as f64 + exponential(&mut times, config.join_rate);
+    let mut next_leave = sim.now as f64 + exponential(&mut times, config.leave_rate);
     while sim.now < end {
         sim.now += 10;
         while next_join <= sim.now as f64 {
             sim.join();
-            next_join += exponential(&mut sim.rng, config.join_rate);
+            next_join += exponential(&mut times, config.join_rate);
         }
         while next_leave <= sim.now as f64 {
             sim.evict_one();
-            next_leave += exponential(&mut sim.rng, config.leave_rate);
+            next_leave += exponential(&mut times, config.leave_rate);
         }
         sim.tick();
     }
@@ -101,20 +191,22 @@ impl Scale {
         policy.tree.degree = config.degree;
         policy.batch_interval_ms = config.interval_ms;
         policy.repeats = config.repeats.max(1);
+        policy.repeat_spacing_ms = config.spacing_ms;
         policy.heartbeat_interval_ms = 1_000;
         policy.lease_ms = u64::MAX / 4;
         let tree = cost::build(config.members, Scheme::OneWay, config.degree, &mut rng)?;
         let mut snapshot = tree.snapshot();
         snapshot.group = group;
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let restored = SigningKey::from_bytes(&seed);
+        let hpke_key = HpkeSecret::generate(Kem::XWing, &mut rng).public_key()?;
         let members: Vec<MemberRecord> = tree
             .members()
             .map(|leaf| MemberRecord {
                 id: MemberId(u64::from(leaf.0) << 32),
-                identity: leaf_identity(leaf),
-                hpke: HpkeDigest {
-                    kem: Kem::XWing,
-                    digest: [0; 32],
-                },
+                identity: restored.verifying_key().to_bytes(),
+                hpke: HpkeDigest::of(&hpke_key),
                 leaf,
                 joined: 0,
                 lease_until: Timestamp(u64::MAX / 2),
@@ -125,12 +217,21 @@ impl Scale {
             held: Vec::new(),
             joined: Vec::new(),
             bad: Vec::new(),
+            drawn: Vec::new(),
             resynced: Vec::new(),
+            asking: Vec::new(),
+            retry_at: Vec::new(),
+            renew_at: Vec::new(),
+            catch_up: Vec::new(),
         };
+        let mut timers = BinaryHeap::new();
         for m in &members {
             let leaf = m.leaf.0 as usize;
-            rx.ensure(leaf);
-            rx.held[leaf] = epoch;
+            rx.admit(leaf, epoch, 0);
+            // Renewals of the restored members spread over one period.
+            let due = START + rng.next_u64() % RENEW_MS;
+            rx.renew_at[leaf] = due;
+            timers.push(Reverse((due, m.leaf.0, Due::Renew)));
         }
         drop(tree);
         let mut signer_seed = [0u8; 32];
@@ -151,7 +252,7 @@ impl Scale {
             )?,
             Box::new(NoStore),
         );
-        Ok(Scale {
+        let mut sim = Scale {
             config,
             rng,
             controller,
@@ -159,22 +260,50 @@ impl Scale {
             rx,
             now: START,
             sent_at: HashMap::new(),
-            resyncs: 0,
+            kcvs: HashMap::new(),
+            sent: 0,
+            current: epoch,
+            timers,
+            lagging: Vec::new(),
+            lagging_epoch: epoch,
+            restored,
+            restored_hpke: hpke_key,
+            identities: HashMap::new(),
+            registering: HashMap::new(),
+            next_conn: 0,
             tally: Tally::default(),
-        })
+        };
+        sim.note_kcv();
+        Ok(sim)
     }
 
+    /// Whether the next datagram to reach `leaf` is lost: the link's loss process stepped once
+    /// per datagram multicast since its last draw.
     fn lost(&mut self, leaf: usize) -> bool {
         let u = uniform(&mut self.rng);
         let (p, model) = (self.config.loss, self.config.model);
-        self.rx
-            .bad
-            .get_mut(leaf)
-            .is_none_or(|bad| model.lost(p, bad, u))
+        let (Some(bad), Some(drawn)) = (self.rx.bad.get_mut(leaf), self.rx.drawn.get_mut(leaf))
+        else {
+            return true;
+        };
+        let steps = self.sent.saturating_sub(*drawn).max(1);
+        *drawn = self.sent;
+        model.lost_after(p, bad, u, steps)
     }
 
     fn call(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp)) {
         self.tally.call(&mut self.controller, self.now, f);
+        self.note_kcv();
+    }
+
+    /// Remembers the current epoch's check value.
+    fn note_kcv(&mut self) {
+        if let Some((epoch, key)) = self.controller.traffic_key(self.group)
+            && let Ok(epoch) = u32::try_from(epoch.0)
+        {
+            self.kcvs.entry(epoch).or_insert_with(|| key.check_value());
+            self.current = epoch;
+        }
     }
 
     fn join(&mut self) {
@@ -190,14 +319,17 @@ impl Scale {
         let request = RegistrationRequest {
             group: self.group,
             identity: identity.verifying_key().to_bytes(),
-            hpke_key,
+            hpke_key: hpke_key.clone(),
             timestamp_ms: self.now,
             nonce,
             token: Vec::new(),
         };
         let bytes = wire::sign(&request, &identity);
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.registering.insert(conn, (identity, hpke_key));
         self.tally.events += 1;
-        self.call(|c, now| c.handle_request(ConnId(0), now, &bytes));
+        self.call(|c, now| c.handle_request(ConnId(conn), now, &bytes));
     }
 
     fn evict_one(&mut self) {
@@ -210,8 +342,11 @@ impl Scale {
         for _ in 0..1_000 {
             let leaf = usize::try_from(self.rng.next_u64() % n).unwrap_or(0);
             if self.rx.held.get(leaf).is_some_and(|&h| h != ABSENT) {
-                let id = (u64::try_from(leaf).unwrap_or(0) << 32) | u64::from(self.rx.joined[leaf]);
+                let id = self.member_id(leaf);
                 self.rx.held[leaf] = ABSENT;
+                self.rx.resynced[leaf] = false;
+                self.rx.catch_up[leaf].reset();
+                self.identities.remove(&leaf);
                 self.tally.events += 1;
                 self.call(|c, now| {
                     let _ = c.handle_command(now, Command::Evict(NAME.into(), id));
@@ -221,29 +356,209 @@ impl Scale {
         }
     }
 
+    fn member_id(&self, leaf: usize) -> u64 {
+        (u64::try_from(leaf).unwrap_or(0) << 32) | u64::from(self.rx.joined[leaf])
+    }
+
+    /// The controller's timers, the members' due resyncs, then every datagram and reply, in the
+    /// order the controller queued them (as the full model's pump moves them).
     fn tick(&mut self) {
         self.call(StoreDriver::handle_timeout);
+        self.fire_timers();
         while let Some(t) = self.controller.poll_transmit() {
             match t {
-                Transmit::Multicast { bytes, .. } => self.datagram(&bytes),
-                Transmit::Reply { bytes, .. } => self.welcome(&bytes),
+                Transmit::Multicast { bytes, .. } => {
+                    self.sent += 1;
+                    self.datagram(&bytes);
+                }
+                Transmit::Reply { conn, bytes } => self.reply(conn, &bytes),
             }
         }
         while self.controller.poll_event().is_some() {}
     }
 
-    fn welcome(&mut self, bytes: &[u8]) {
-        if MessageType::peek(bytes) != Ok(MessageType::Welcome) {
-            return;
+    fn fire_timers(&mut self) {
+        while let Some(&Reverse((due, leaf, what))) = self.timers.peek() {
+            if due > self.now {
+                return;
+            }
+            self.timers.pop();
+            let i = leaf as usize;
+            if self.rx.held.get(i).is_none_or(|&h| h == ABSENT) {
+                continue;
+            }
+            let fire = match what {
+                Due::CatchUp => {
+                    self.rx.catch_up[i].poll_timeout() == Some(due)
+                        && self.rx.catch_up[i].handle_timeout(self.now)
+                }
+                Due::Retry => std::mem::take(&mut self.rx.retry_at[i]) == due,
+                Due::Renew if self.rx.renew_at[i] == due => {
+                    self.rx.renew_at[i] = 0;
+                    // A member in step is acknowledged and changes nothing: its renewal is not
+                    // sent (nor charged). One behind sends it: a resync request.
+                    if self.rx.held[i] == self.current {
+                        self.renew_later(i);
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Due::Renew => false,
+            };
+            if fire {
+                self.send_resync(i);
+            }
         }
-        let Ok(sealed) = SealedPath::decode(&mut wire::Reader::new(bytes)) else {
+    }
+
+    /// The member at `leaf` renews its lease a period from now (after any answer).
+    fn renew_later(&mut self, leaf: usize) {
+        let due = self.now + RENEW_MS;
+        self.rx.renew_at[leaf] = due;
+        self.timers
+            .push(Reverse((due, u32::try_from(leaf).unwrap_or(0), Due::Renew)));
+    }
+
+    /// A real signed resync request from the member at `leaf`, through the controller.
+    fn send_resync(&mut self, leaf: usize) {
+        let held = self.rx.held[leaf];
+        let Some(&kcv) = self.kcvs.get(&held) else {
+            return;
+        };
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let request = ResyncRequest {
+            group: self.group,
+            member: MemberId(self.member_id(leaf)),
+            epoch: Epoch(u64::from(held)),
+            kcv,
+            timestamp_ms: self.now,
+            nonce,
+            hpke_key: self
+                .identities
+                .get(&leaf)
+                .map_or(&self.restored_hpke, |(_, hpke)| hpke)
+                .clone(),
+        };
+        let key = self
+            .identities
+            .get(&leaf)
+            .map_or(&self.restored, |(identity, _)| identity);
+        let bytes = wire::sign(&request, key);
+        self.rx.asking[leaf] = true;
+        let conn = RESYNC_CONN | u64::try_from(leaf).unwrap_or(0);
+        self.call(|c, now| c.handle_request(ConnId(conn), now, &bytes));
+    }
+
+    /// The member at `leaf` is behind: its catch-up decides when it resyncs.
+    fn behind(&mut self, leaf: usize) {
+        let c = &mut self.rx.catch_up[leaf];
+        let before = c.poll_timeout();
+        c.behind(self.now, self.rx.asking[leaf]);
+        if let Some(due) = c.poll_timeout()
+            && before != Some(due)
+        {
+            self.timers.push(Reverse((
+                due,
+                u32::try_from(leaf).unwrap_or(0),
+                Due::CatchUp,
+            )));
+        }
+    }
+
+    /// The member at `leaf` holds `epoch` now (a rekey applied or a resync answered), then
+    /// applies the held rekeys that follow.
+    fn advance(&mut self, leaf: usize, epoch: u32) {
+        self.rx.held[leaf] = epoch;
+        self.rx.catch_up[leaf].caught_up();
+        self.converged(epoch);
+        self.apply_held(leaf);
+    }
+
+    /// Applies the held rekeys that follow the member's epoch (and gives up the stale and
+    /// expired), as a member does after every datagram it receives.
+    fn apply_held(&mut self, leaf: usize) {
+        while let Some(item) =
+            self.rx.catch_up[leaf].next_held(self.now, Epoch(u64::from(self.rx.held[leaf])))
+        {
+            let next = u32::try_from(item >> 32).unwrap_or(0);
+            self.rx.held[leaf] = next;
+            self.rx.catch_up[leaf].caught_up();
+            self.converged(next);
+        }
+    }
+
+    fn converged(&mut self, epoch: u32) {
+        let sent = self.sent_at.get(&epoch).copied().unwrap_or(self.now);
+        self.tally.converged.push(self.now.saturating_sub(sent));
+    }
+
+    fn reply(&mut self, conn: ConnId, bytes: &[u8]) {
+        match MessageType::peek(bytes) {
+            Ok(MessageType::Welcome | MessageType::ResyncResponse) => {}
+            Ok(MessageType::Ack) => return self.ack(conn, bytes),
+            Ok(MessageType::Error) => return self.refused(conn),
+            _ => return,
+        }
+        let Ok(sealed) = SealedPath::decode_either(&mut wire::Reader::new(bytes)) else {
             return;
         };
         let leaf = usize::try_from(sealed.member.0 >> 32).unwrap_or(usize::MAX);
-        let epoch = u32::try_from(sealed.epoch.0).unwrap_or(0);
-        self.rx.ensure(leaf);
-        self.rx.held[leaf] = epoch;
-        self.rx.joined[leaf] = u32::try_from(sealed.member.0 & 0xffff_ffff).unwrap_or(0);
+        let Ok(epoch) = u32::try_from(sealed.epoch.0) else {
+            return;
+        };
+        match sealed.kind {
+            SealedKind::Welcome => {
+                self.rx.admit(leaf, epoch, self.sent);
+                self.rx.joined[leaf] = u32::try_from(sealed.member.0 & 0xffff_ffff).unwrap_or(0);
+                if let Some(identity) = self.registering.remove(&conn.0) {
+                    self.identities.insert(leaf, identity);
+                }
+                self.renew_later(leaf);
+            }
+            SealedKind::Resync => {
+                if self.rx.held.get(leaf).is_none_or(|&h| h == ABSENT) {
+                    return;
+                }
+                self.rx.asking[leaf] = false;
+                self.rx.retry_at[leaf] = 0;
+                self.renew_later(leaf);
+                if epoch > self.rx.held[leaf] {
+                    self.rx.resynced[leaf] = true;
+                    self.advance(leaf, epoch);
+                }
+            }
+        }
+    }
+
+    /// A resync acknowledged (the member's epoch was current, or its successor still being
+    /// repeated): behind if the acknowledgement names a later epoch.
+    fn ack(&mut self, conn: ConnId, bytes: &[u8]) {
+        let Some(leaf) = resync_leaf(conn, &self.rx.held) else {
+            return;
+        };
+        let Ok(ack) = Ack::decode_exact(bytes) else {
+            return;
+        };
+        self.rx.asking[leaf] = false;
+        self.rx.retry_at[leaf] = 0;
+        self.renew_later(leaf);
+        if ack.epoch.0 > u64::from(self.rx.held[leaf]) {
+            self.behind(leaf);
+        }
+    }
+
+    /// A resync refused (rate-limited): asked again after the member's retry delay.
+    fn refused(&mut self, conn: ConnId) {
+        let Some(leaf) = resync_leaf(conn, &self.rx.held) else {
+            return;
+        };
+        self.rx.asking[leaf] = false;
+        let due = self.now + RETRY_MS;
+        self.rx.retry_at[leaf] = due;
+        self.timers
+            .push(Reverse((due, u32::try_from(leaf).unwrap_or(0), Due::Retry)));
     }
 
     fn datagram(&mut self, bytes: &[u8]) {
@@ -254,7 +569,8 @@ impl Scale {
         }
     }
 
-    /// One rekey datagram: verified once, then each member under a cover receives it or not.
+    /// One rekey datagram: verified once, then each member under a cover receives it or not,
+    /// and applies it, holds it or drops it as [`catch_up::arrival`] says.
     fn rekey(&mut self, bytes: &[u8]) {
         let Some(key) = self.controller_key() else {
             return;
@@ -270,35 +586,81 @@ impl Scale {
         let Some(tree) = self.controller.tree(self.group) else {
             return;
         };
-        let leaves = leaves_under(tree, &d.covers);
-        for leaf in leaves {
+        // A datagram is known by its epoch and first cover (what a held copy is compared by).
+        let item = (u64::from(epoch) << 32) | u64::from(d.covers.first().map_or(0, |c| c.0));
+        // The members it serves (`RekeyDatagram::serves`): under a cover, or with a wrap under
+        // their leaf key.
+        let mut leaves = leaves_under(tree, &d.covers);
+        leaves.extend(
+            d.wraps()
+                .map(|w| w.wrapping)
+                .filter(|&n| tree.is_member(n))
+                .map(|n| n.0 as usize),
+        );
+        leaves.sort_unstable();
+        leaves.dedup();
+        if self.lagging_epoch != epoch {
+            self.lagging_epoch = epoch;
+            self.lagging = self.lagging_members(epoch);
+        }
+        for &leaf in &leaves {
             let held = self.rx.held.get(leaf).copied().unwrap_or(ABSENT);
-            if held == ABSENT || held.saturating_add(1) != epoch || self.lost(leaf) {
+            if held == ABSENT || self.lost(leaf) {
                 continue;
             }
-            self.rx.held[leaf] = epoch;
-            self.tally.converged.push(0);
+            match catch_up::arrival(Epoch(u64::from(held)), d.epoch) {
+                Arrival::Old => {}
+                Arrival::Next => self.advance(leaf, epoch),
+                Arrival::Later => {
+                    self.rx.catch_up[leaf].hold(self.now, d.epoch, item);
+                    self.behind(leaf);
+                }
+            }
+            self.apply_held(leaf);
         }
+        // A member that missed a whole epoch also learns it from the datagrams it does not need
+        // (it holds them too, and drops them once it catches up): behind.
+        let lagging = std::mem::take(&mut self.lagging);
+        for &leaf in &lagging {
+            let held = self.rx.held[leaf];
+            if held == ABSENT
+                || held.saturating_add(1) >= epoch
+                || leaves.binary_search(&leaf).is_ok()
+                || self.lost(leaf)
+            {
+                continue;
+            }
+            self.behind(leaf);
+        }
+        self.lagging = lagging;
     }
 
-    /// A heartbeat: every member that receives it and is behind resyncs after its grace.
+    /// The members holding an epoch before the one before `epoch`.
+    fn lagging_members(&self, epoch: u32) -> Vec<usize> {
+        self.rx
+            .held
+            .iter()
+            .enumerate()
+            .filter(|&(_, &h)| h != ABSENT && h.saturating_add(1) < epoch)
+            .map(|(leaf, _)| leaf)
+            .collect()
+    }
+
+    /// A heartbeat: every member that receives it and is not in step ([`catch_up::in_step`])
+    /// is behind.
     fn heartbeat(&mut self, bytes: &[u8]) {
         let Ok(beat) = <wire::Heartbeat as Codec>::decode(&mut wire::Reader::new(bytes)) else {
             return;
         };
-        let Ok(epoch) = u32::try_from(beat.epoch.0) else {
-            return;
-        };
-        let sent = self.sent_at.get(&epoch).copied().unwrap_or(self.now);
         for leaf in 0..self.rx.held.len() {
             let held = self.rx.held[leaf];
-            if held == ABSENT || held >= epoch || self.lost(leaf) {
+            if held == ABSENT || self.lost(leaf) {
                 continue;
             }
-            self.rx.held[leaf] = epoch;
-            self.rx.resynced[leaf] = true;
-            self.resyncs += 1;
-            self.tally.converged.push(self.now + GRACE_MS - sent);
+            let kcv = self.kcvs.get(&held).copied();
+            if !catch_up::in_step(Epoch(u64::from(held)), kcv, beat.epoch, beat.kcv) {
+                self.behind(leaf);
+            }
         }
     }
 
@@ -324,9 +686,9 @@ impl Scale {
             members: self.rx.held.iter().filter(|&&h| h != ABSENT).count(),
             members_resynced: self.rx.resynced.iter().filter(|&&r| r).count(),
             diverged: self.diverged(),
-            resyncs: Some(self.resyncs),
+            resyncs: None,
             lost_every_copy: None,
-            resyncs_charged: false,
+            resyncs_charged: true,
         };
         self.tally.report(
             &mut self.controller,
@@ -338,11 +700,13 @@ impl Scale {
     }
 }
 
-/// A stand-in identity for a member restored into the controller (never used to sign).
-fn leaf_identity(leaf: NodeId) -> [u8; 32] {
-    let mut id = [0u8; 32];
-    id[..4].copy_from_slice(&leaf.0.to_be_bytes());
-    id
+/// The leaf of a present member whose resync `conn` carried.
+fn resync_leaf(conn: ConnId, held: &[u32]) -> Option<usize> {
+    if conn.0 & RESYNC_CONN == 0 {
+        return None;
+    }
+    let leaf = usize::try_from(conn.0 & !RESYNC_CONN).ok()?;
+    held.get(leaf).is_some_and(|&h| h != ABSENT).then_some(leaf)
 }
 
 /// Every member leaf under the given cover nodes.
@@ -365,7 +729,7 @@ mod tests {
     use crate::churn::LossModel;
 
     #[test]
-    fn the_subtree_model_converges_under_loss() {
+    fn the_subtree_model_converges_under_loss_and_charges_its_resyncs() {
         let config = ChurnConfig {
             members: 4096,
             degree: 4,
@@ -376,11 +740,17 @@ mod tests {
             loss: 0.1,
             model: LossModel::Bernoulli,
             repeats: 1,
+            spacing_ms: 100,
             seed: 5,
         };
         let report = run(&config).unwrap();
         assert_eq!(report.diverged, 0, "{report:?}");
         assert!(report.events > 300, "{report:?}");
         assert!(report.resyncs > 0, "{report:?}");
+        assert!(report.resyncs_charged);
+        assert!(
+            report.members_resynced as u64 <= report.resyncs,
+            "{report:?}"
+        );
     }
 }

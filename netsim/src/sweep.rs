@@ -1,14 +1,16 @@
-//! `netsim sweep`: batch costs over a grid of degrees and batch sizes, to CSV and to an SVG
-//! plot (plotters) with titled axes, next to a flat key star (n − ℓ) and ℓ · log2 n: the
+//! `netsim sweep`: batch costs over a grid of degrees and batch sizes, to CSV and to an SVG and
+//! a PNG plot (plotters) with titled axes, next to a flat key star (n − ℓ) and ℓ · log2 n: the
 //! Micciancio–Panjwani floor for ℓ changes, and the public-key encryptions of ℓ TreeKEM removes
 //! (RFC 9420 §7: one HPKE encryption per copath node, each 80 bytes).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::cost::{self, CostError, Scheme};
+use crate::plot::{self, PlotError};
 
 /// One grid cell.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,23 +136,38 @@ pub fn csv(members: usize, cells: &[Cell]) -> String {
     out
 }
 
-/// Draws encryptions against batch size (both axes logarithmic), one line per degree.
-pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn std::error::Error>> {
+/// Draws encryptions against batch size (both axes logarithmic), one line per degree, to `path`
+/// (SVG) and to the same path with a `.png` extension.
+pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), PlotError> {
+    plot::fonts();
+    draw(&plot::svg(path), members, cells)?;
+    plot::png(&path.with_extension("png"), |root| {
+        draw(root, members, cells)
+    })
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    members: usize,
+    cells: &[Cell],
+) -> Result<(), PlotError>
+where
+    DB::ErrorType: 'static,
+{
     let max_leaves = cells.iter().map(|c| c.leaves).max().unwrap_or(1) as f64;
     let max_y = cells
         .iter()
         .map(|c| c.encryptions_mean)
         .fold(members as f64, f64::max);
-    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(
             format!("Batch rekeying cost, n = {members} (netsim, group-oriented LKH)"),
-            ("sans-serif", 22),
+            plot::caption(),
         )
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
+        .margin(plot::MARGIN)
+        .x_label_area_size(plot::X_LABELS)
+        .y_label_area_size(plot::Y_LABELS)
         .build_cartesian_2d(
             (1f64..max_leaves).log_scale(),
             (1f64..max_y * 1.5).log_scale(),
@@ -159,6 +176,8 @@ pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn st
         .configure_mesh()
         .x_desc("departing members per batch (ℓ)")
         .y_desc("encryptions per batch")
+        .label_style(plot::label())
+        .axis_desc_style(plot::label())
         .draw()?;
     let palette = [&RED, &BLUE, &GREEN, &MAGENTA, &CYAN, &BLACK];
     let mut degrees: Vec<u8> = cells.iter().map(|c| c.degree).collect();
@@ -171,13 +190,15 @@ pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn st
             .map(|c| (c.leaves as f64, c.encryptions_mean.max(1.0)))
             .collect();
         chart
-            .draw_series(LineSeries::new(points.clone(), color))?
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
             .label(format!("LKH, d = {degree}"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 40, y)], color.stroke_width(3))
+            });
         chart.draw_series(
             points
                 .into_iter()
-                .map(|p| Circle::new(p, 3, color.filled())),
+                .map(|p| Circle::new(p, 6, color.filled())),
         )?;
     }
     let xs: Vec<f64> = {
@@ -191,20 +212,22 @@ pub fn svg(path: &Path, members: usize, cells: &[Cell]) -> Result<(), Box<dyn st
         .map(|&l| (l, (members as f64 - l).max(1.0)))
         .collect();
     chart
-        .draw_series(LineSeries::new(star, &BLACK))?
+        .draw_series(LineSeries::new(star, BLACK.stroke_width(3)))?
         .label("flat key star (n − ℓ)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 40, y)], BLACK.stroke_width(3)));
     let floor: Vec<(f64, f64)> = xs
         .iter()
         .map(|&l| (l, l * (members as f64).log2()))
         .collect();
     let grey = RGBColor(128, 128, 128);
     chart
-        .draw_series(LineSeries::new(floor, grey))?
+        .draw_series(LineSeries::new(floor, grey.stroke_width(3)))?
         .label("ℓ · log2 n: MP floor; TreeKEM public-key encryptions for ℓ removes")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 40, y)], grey.stroke_width(3)));
     chart
         .configure_series_labels()
+        .legend_area_size(60)
+        .label_font(plot::label())
         .border_style(BLACK)
         .background_style(WHITE)
         .draw()?;
@@ -238,6 +261,9 @@ mod tests {
         svg(&path, 256, &cells).unwrap();
         let drawn = std::fs::read_to_string(&path).unwrap();
         assert!(drawn.contains("<svg") && drawn.contains("encryptions per batch"));
+        let png = std::fs::read(path.with_extension("png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG next to the SVG");
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("png"));
     }
 }
