@@ -21,16 +21,17 @@ use serde::Serialize;
 use wire::{HpkeSecret, Kem};
 
 /// How datagrams are lost on each receiver's link.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum LossModel {
     /// Each datagram lost independently with probability `p`.
+    #[default]
     Bernoulli,
     /// Two states (good: no loss, bad: all lost); the mean loss is `p`, mean burst 4 datagrams.
     GilbertElliott,
 }
 
-/// Parameters of a churn run.
-#[derive(Clone, Debug)]
+/// Parameters of a churn run (`Default` is zero everywhere with Bernoulli loss: a base to fill).
+#[derive(Clone, Debug, Default)]
 pub struct ChurnConfig {
     /// Members admitted before the clock starts.
     pub members: usize,

@@ -18,6 +18,41 @@ struct Cli {
     command: Command,
 }
 
+/// How rekeys reach the members (`churn` and `replay`): batching, loss and repeats.
+#[derive(clap::Args)]
+struct Delivery {
+    /// Batch interval, ms (0: rekey at once; changes within one 10 ms step share a rekey,
+    /// as requests queued together do in the daemon).
+    #[arg(long, default_value_t = 1_000)]
+    interval: u64,
+    /// Loss per datagram and receiver, 0.0..1.0.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// `bernoulli` or `gilbert-elliott` (mean burst 4).
+    #[arg(long, default_value = "bernoulli")]
+    loss_model: String,
+    /// Sends per rekey datagram.
+    #[arg(long, default_value_t = 1)]
+    repeats: u8,
+    /// Milliseconds between the sends of a rekey datagram (the policy's default: 100).
+    #[arg(long, default_value_t = 100)]
+    spacing: u64,
+}
+
+impl Delivery {
+    /// `config` with this delivery.
+    fn apply(&self, config: &ChurnConfig) -> anyhow::Result<ChurnConfig> {
+        Ok(ChurnConfig {
+            interval_ms: self.interval,
+            loss: self.loss,
+            model: loss_model_of(self.loss, &self.loss_model)?,
+            repeats: self.repeats,
+            spacing_ms: self.spacing,
+            ..*config
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Batch costs over degrees and batch sizes: CSV and an SVG plot.
@@ -82,22 +117,8 @@ enum Command {
         /// Leaves per second.
         #[arg(long, default_value_t = 1.0)]
         leave_rate: f64,
-        /// Batch interval, ms (0: rekey at once; changes within one 10 ms step share a rekey,
-        /// as requests queued together do in the daemon).
-        #[arg(long, default_value_t = 1_000)]
-        interval: u64,
-        /// Loss per datagram and receiver, 0.0..1.0.
-        #[arg(long, default_value_t = 0.0)]
-        loss: f64,
-        /// `bernoulli` or `gilbert-elliott` (mean burst 4).
-        #[arg(long, default_value = "bernoulli")]
-        loss_model: String,
-        /// Sends per rekey datagram.
-        #[arg(long, default_value_t = 1)]
-        repeats: u8,
-        /// Milliseconds between the sends of a rekey datagram (the policy's default: 100).
-        #[arg(long, default_value_t = 100)]
-        spacing: u64,
+        #[command(flatten)]
+        delivery: Delivery,
         /// `full` (every member a `Member` state machine) or `subtree` (receivers modelled by
         /// the datagram covers; for large groups). Default: full up to 10,000 members.
         #[arg(long)]
@@ -152,21 +173,8 @@ enum Command {
         /// Tree degree (2..=64).
         #[arg(long, default_value_t = 4)]
         degree: u8,
-        /// Batch interval, ms.
-        #[arg(long, default_value_t = 1_000)]
-        interval: u64,
-        /// Loss per datagram and receiver, 0.0..1.0.
-        #[arg(long, default_value_t = 0.0)]
-        loss: f64,
-        /// `bernoulli` or `gilbert-elliott` (mean burst 4).
-        #[arg(long, default_value = "bernoulli")]
-        loss_model: String,
-        /// Sends per rekey datagram.
-        #[arg(long, default_value_t = 1)]
-        repeats: u8,
-        /// Milliseconds between the sends of a rekey datagram.
-        #[arg(long, default_value_t = 100)]
-        spacing: u64,
+        #[command(flatten)]
+        delivery: Delivery,
         /// Seed of every random choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -471,29 +479,20 @@ fn main() -> anyhow::Result<()> {
             duration,
             join_rate,
             leave_rate,
-            interval,
-            loss,
-            loss_model,
-            repeats,
-            spacing,
+            delivery,
             receivers,
             seed,
             json,
         } => {
-            let model = loss_model_of(loss, &loss_model)?;
-            let config = ChurnConfig {
+            let config = delivery.apply(&ChurnConfig {
                 members,
                 degree,
                 duration_s: duration,
                 join_rate,
                 leave_rate,
-                interval_ms: interval,
-                loss,
-                model,
-                repeats,
-                spacing_ms: spacing,
                 seed,
-            };
+                ..ChurnConfig::default()
+            })?;
             let subtree = match receivers.as_deref() {
                 None => members > 10_000,
                 Some("full") => false,
@@ -639,32 +638,23 @@ fn main() -> anyhow::Result<()> {
             trace,
             members,
             degree,
-            interval,
-            loss,
-            loss_model,
-            repeats,
-            spacing,
+            delivery,
             seed,
             json,
         } => {
-            let model = loss_model_of(loss, &loss_model)?;
             let text = std::fs::read_to_string(&trace)
                 .with_context(|| format!("cannot read the trace {}", trace.display()))?;
             let parsed = netsim::trace::Trace::parse(&text)
                 .with_context(|| format!("{} is not a valid trace", trace.display()))?;
-            let config = ChurnConfig {
+            let config = delivery.apply(&ChurnConfig {
                 members,
                 degree,
                 duration_s: parsed.duration_ms().div_ceil(1_000),
                 join_rate: 0.0,
                 leave_rate: 0.0,
-                interval_ms: interval,
-                loss,
-                model,
-                repeats,
-                spacing_ms: spacing,
                 seed,
-            };
+                ..ChurnConfig::default()
+            })?;
             let report = churn::replay(&config, &parsed);
             print_churn(&report, json, seed)
         }

@@ -480,7 +480,8 @@ impl<R: CryptoRng> Controller<R> {
             .ok_or((Reject::UnknownGroup, gid))?;
         g.check_window(now, request.timestamp_ms, request.nonce)
             .map_err(|r| (r, gid))?;
-        if !g.policy.kems.contains(&encapsulation.kem()) {
+        let hpke = HpkeDigest::of_recipient(&encapsulation);
+        if !g.policy.kems.contains(&hpke.kem) {
             return Err((Reject::KemNotAccepted, gid));
         }
         let join = PendingJoin {
@@ -500,10 +501,7 @@ impl<R: CryptoRng> Controller<R> {
         // else, a member whose departure is pending included, must be authorized now.
         match g.members.by_identity(&request.identity) {
             Some(old) if !g.departures.contains_key(&old) => {
-                let same_key = g
-                    .members
-                    .get(old)
-                    .is_some_and(|r| r.hpke.matches(&request.hpke_key));
+                let same_key = g.members.get(old).is_some_and(|r| r.hpke == hpke);
                 if same_key {
                     g.remember(now, request.nonce);
                     return self.rewelcome(now, gid, old, join);

@@ -285,8 +285,7 @@ pub(crate) fn decode_membership(group: GroupId, bytes: &[u8]) -> Result<Membersh
     };
     let (magic, rest) = header.split_at(4);
     let (version, rest) = rest.split_at(1);
-    if magic != MEMBERSHIP_MAGIC || ![[MEMBERSHIP_V1], [MEMBERSHIP_VERSION]].contains(&[version[0]])
-    {
+    if magic != MEMBERSHIP_MAGIC || !matches!(version, [MEMBERSHIP_V1 | MEMBERSHIP_VERSION]) {
         bail!("not a gkm membership file (version {MEMBERSHIP_V1} or {MEMBERSHIP_VERSION})");
     }
     let (kem, keys) = if version == [MEMBERSHIP_V1] {
