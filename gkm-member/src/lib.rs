@@ -15,8 +15,12 @@
 //!               sleep until        ◄── poll_timeout()
 //! ```
 //!
-//! Every datagram goes raw → authentic (Ed25519 under the pinned controller key) → fresh (the
-//! next epoch of its group) → applied; anything else is counted and dropped and changes nothing.
+//! Every datagram goes raw → authentic (Ed25519 under the controller's key) → fresh (the next
+//! epoch of its group) → applied; anything else is counted and dropped and changes nothing. The
+//! controller's key starts as the one pinned and follows the group's signed announcements
+//! ([`signing_keys::SigningKeys`]); a member that cannot verify what its group sends asks for
+//! the chain of announcements, and stops when the controller no longer keeps the link from its
+//! key ([`MemberEvent::SigningKeyUnknown`]).
 //!
 //! With several controllers (high availability), one leads each group and the others answer
 //! [`Status::NotLeader`]; the member keeps its membership and keys, says so
@@ -36,6 +40,7 @@ pub mod catch_up;
 pub mod cli;
 pub mod controllers;
 pub mod data_keys;
+pub mod signing_keys;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,10 +50,12 @@ use lkh_tree::{Epoch, GroupId, Kcv, MemberPath, TrafficKey};
 use rand_core::CryptoRng;
 use wire::{
     Ack, Acked, AuthenticRekey, Cookie, CookieReply, ErrorMessage, FreshRekey, Heartbeat, HeldPath,
-    HpkePublicKey, HpkeSecret, Kem, LeaveRequest, MemberId, MessageType, NONCE_LEN,
-    RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath, Status, Subscribe,
-    WireError, open, open_path, sign,
+    HpkePublicKey, HpkeSecret, Kem, KeyChain, KeyChainRequest, LeaveRequest, MemberId, MessageType,
+    NONCE_LEN, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath, Status,
+    Subscribe, WireError, open_path, sign,
 };
+
+use signing_keys::{NotTaken, SigningKeys};
 
 /// Milliseconds since the Unix epoch, as the driver's clock reads them.
 pub type Millis = u64;
@@ -64,7 +71,8 @@ pub const REDIRECT_ROUNDS: u32 = 3;
 pub struct MemberConfig {
     /// The group to join.
     pub group: GroupId,
-    /// The controller's pinned Ed25519 public key.
+    /// The controller's Ed25519 public key as the operator pinned it (the group's signing keys
+    /// are followed from it).
     pub controller: VerifyingKey,
     /// An enrollment token, if the group needs one.
     pub token: Vec<u8>,
@@ -137,6 +145,24 @@ pub enum MemberEvent {
     MembershipEnded {
         /// What the controller said: how and at which epoch the membership ended, when the
         /// controller still remembers it. Network text: print it escaped.
+        reason: String,
+    },
+    /// The group's signing key was replaced: an announcement signed by the key the member held
+    /// (multicast, or a link of the chain it asked for) named the new key. The driver persists
+    /// [`Member::signing_keys`].
+    SigningKeyChanged {
+        /// The new key's number in the group's chain.
+        key_id: u32,
+        /// The first epoch it signs.
+        from_epoch: Epoch,
+    },
+    /// The controller keeps no chain of announcements from the key this member holds (the key
+    /// was replaced more often than it keeps, or the member was given a key that was never the
+    /// group's): the member stops and asks nothing more (a daemon exits, telling its operator
+    /// to give it the controller's current key). Unsigned, like every error message, and taken
+    /// only in answer to the member's own chain request.
+    SigningKeyUnknown {
+        /// What the controller said (network text: print it escaped).
         reason: String,
     },
     /// Nothing verified arrived by multicast for [`MemberConfig::fanout_after_ms`]: the member
@@ -284,7 +310,24 @@ pub struct Member<R> {
     rekey_address: Option<SocketAddr>,
     /// Whether [`MemberEvent::OtherWireVersion`] was told already (once per member).
     told_version: bool,
+    /// The controller's signing keys: the one verified with, the one before.
+    keys: SigningKeys,
+    /// The outstanding chain request's nonce, when it was asked, and the wait before another.
+    chain: ChainAsk,
+    /// A welcome or resync response that did not verify under the member's key, kept until the
+    /// chain it asked for is walked (then handled again).
+    unverified_reply: Option<Vec<u8>>,
     stats: MemberStats,
+}
+
+/// The member's chain requests: at most one outstanding, and asked again no sooner than
+/// `wait_ms` after the last (doubled by each answer that brought no new key, so that forged or
+/// garbled datagrams cannot make a member hammer its controller).
+#[derive(Clone, Copy, Debug, Default)]
+struct ChainAsk {
+    nonce: Option<[u8; NONCE_LEN]>,
+    asked_at: Option<Millis>,
+    fruitless: u32,
 }
 
 impl<R: CryptoRng> Member<R> {
@@ -324,6 +367,7 @@ impl<R: CryptoRng> Member<R> {
     fn idle(config: MemberConfig, identity: SigningKey, hpke: HpkeSecret, rng: R) -> Self {
         let hpke_public = hpke.public_key().ok();
         let grace_ms = config.resync_grace_ms;
+        let keys = SigningKeys::pinned(config.controller);
         Member {
             config,
             identity,
@@ -346,6 +390,9 @@ impl<R: CryptoRng> Member<R> {
             renew_at: None,
             rekey_address: None,
             told_version: false,
+            keys,
+            chain: ChainAsk::default(),
+            unverified_reply: None,
             stats: MemberStats::default(),
         }
     }
@@ -386,6 +433,23 @@ impl<R: CryptoRng> Member<R> {
     /// Counters.
     pub fn stats(&self) -> &MemberStats {
         &self.stats
+    }
+
+    /// The controller's signing keys as the member follows them, for the driver to persist after
+    /// [`MemberEvent::SigningKeyChanged`].
+    pub fn signing_keys(&self) -> &SigningKeys {
+        &self.keys
+    }
+
+    /// Continues from signing keys the member persisted before a restart; ignored (returns
+    /// false) when they start from another key than the one now pinned (the operator gave a new
+    /// key: the member starts over from it).
+    pub fn restore_signing_keys(&mut self, keys: SigningKeys) -> bool {
+        let same_start = keys.pinned_key() == &self.config.controller;
+        if same_start {
+            self.keys = keys;
+        }
+        same_start
     }
 
     /// The next request to send to the controller (each on its own connection; its reply goes
@@ -607,6 +671,7 @@ impl<R: CryptoRng> Member<R> {
                 self.apply_held(now);
             }
             Ok(MessageType::Heartbeat) => self.heartbeat(now, bytes),
+            Ok(MessageType::KeyAnnouncement) => self.announcement(now, bytes),
             Ok(MessageType::CookieReply) => self.cookie(now, bytes),
             Err(wire::DecodeError::BadVersion(version)) => self.other_version(version),
             _ => self.drop_datagram("not a rekey or heartbeat"),
@@ -631,6 +696,7 @@ impl<R: CryptoRng> Member<R> {
         match MessageType::peek(bytes) {
             Ok(MessageType::Welcome | MessageType::ResyncResponse) => self.sealed(now, bytes),
             Ok(MessageType::Ack) => self.acknowledged(now, bytes),
+            Ok(MessageType::KeyChain) => self.key_chain(now, bytes),
             Ok(MessageType::Error) => self.error(now, bytes),
             Err(wire::DecodeError::BadVersion(version)) => self.other_version(version),
             _ => self.drop_datagram("malformed reply"),
@@ -665,9 +731,11 @@ impl<R: CryptoRng> Member<R> {
             return self.drop_datagram("for other members");
         }
         self.stats.verified += 1;
-        let authentic = match AuthenticRekey::check(unverified, &self.config.controller) {
+        let ours = unverified.message().group == self.config.group;
+        let key = *self.key_for(unverified.message().epoch);
+        let authentic = match AuthenticRekey::check(unverified, &key) {
             Ok(a) => a,
-            Err(WireError::BadSignature) => return self.drop_datagram("bad signature"),
+            Err(WireError::BadSignature) => return self.bad_signature(now, ours, "bad signature"),
             Err(_) => return self.drop_datagram("malformed"),
         };
         if authentic.datagram().group == self.config.group {
@@ -749,8 +817,13 @@ impl<R: CryptoRng> Member<R> {
         if unverified.as_ref().is_ok_and(in_step) && !half_silent {
             return;
         }
-        let Ok(beat) = open::<Heartbeat>(bytes, &self.config.controller) else {
+        let Ok(unverified) = wire::decode_signed::<Heartbeat>(bytes) else {
             return self.drop_datagram("bad heartbeat");
+        };
+        let ours = unverified.message().group == group;
+        let key = *self.key_for(unverified.message().epoch);
+        let Ok(beat) = unverified.verify(&key) else {
+            return self.bad_signature(now, ours, "bad heartbeat");
         };
         if beat.message().group == group {
             self.heard_at = now;
@@ -766,8 +839,15 @@ impl<R: CryptoRng> Member<R> {
     }
 
     fn sealed(&mut self, now: Millis, bytes: &[u8]) {
-        let Ok(verified) = open::<SealedPath>(bytes, &self.config.controller) else {
+        let Ok(unverified) = wire::decode_signed::<SealedPath>(bytes) else {
             return self.drop_datagram("bad sealed path");
+        };
+        let key = *self.key_for(unverified.message().epoch);
+        let Ok(verified) = unverified.verify(&key) else {
+            // Perhaps signed by a key the member has not followed yet: kept (one) until the
+            // chain it asks for is walked.
+            self.unverified_reply = Some(bytes.to_vec());
+            return self.bad_signature(now, true, "bad sealed path");
         };
         let sealed = verified.message();
         let expected = match (&self.state, sealed.kind) {
@@ -900,6 +980,14 @@ impl<R: CryptoRng> Member<R> {
             }
             Status::UnknownGroup if message.group == self.config.group => {
                 self.events.push_back(MemberEvent::GroupUnknown {
+                    reason: message.reason,
+                });
+                self.stop();
+            }
+            Status::SigningKeyUnknown
+                if message.group == self.config.group && self.chain.nonce.is_some() =>
+            {
+                self.events.push_back(MemberEvent::SigningKeyUnknown {
                     reason: message.reason,
                 });
                 self.stop();
@@ -1052,6 +1140,101 @@ impl<R: CryptoRng> Member<R> {
         nonce
     }
 
+    /// The key that verifies a message of the member's group at `epoch` (the previous key for
+    /// older epochs during its grace).
+    fn key_for(&self, epoch: Epoch) -> &VerifyingKey {
+        let held = match &self.state {
+            State::Active { path, .. } => path.epoch(),
+            _ => Epoch(0),
+        };
+        self.keys.for_epoch(epoch, held)
+    }
+
+    /// A message that did not verify: dropped; if it names the member's group, perhaps the
+    /// group's key was replaced and the announcement missed, so the member asks for the chain
+    /// (rate-limited: [`ChainAsk`]).
+    fn bad_signature(&mut self, now: Millis, ours: bool, reason: &'static str) {
+        self.drop_datagram(reason);
+        if ours {
+            self.ask_chain(now);
+        }
+    }
+
+    /// Asks the controller for the announcements that lead from the key the member holds,
+    /// unless one was asked for within the wait.
+    fn ask_chain(&mut self, now: Millis) {
+        if matches!(self.state, State::Left | State::Stopped) {
+            return;
+        }
+        let wait = self
+            .config
+            .retry_ms
+            .saturating_mul(1 << self.chain.fruitless.min(4));
+        if self
+            .chain
+            .asked_at
+            .is_some_and(|at| now < at.saturating_add(wait))
+        {
+            return;
+        }
+        let nonce = self.nonce();
+        let request = KeyChainRequest {
+            group: self.config.group,
+            known_key: self.keys.current().to_bytes(),
+            nonce,
+        };
+        self.requests.push_back(wire::Codec::to_bytes(&request));
+        self.chain.nonce = Some(nonce);
+        self.chain.asked_at = Some(now);
+    }
+
+    /// A multicast announcement of the group's next signing key.
+    fn announcement(&mut self, now: Millis, bytes: &[u8]) {
+        match self.keys.take(self.config.group, bytes) {
+            Ok(switched) => self.switched(now, switched),
+            Err(NotTaken::Malformed) => self.drop_datagram("malformed announcement"),
+            Err(NotTaken::OtherGroup) => self.drop_datagram("other group"),
+            Err(NotTaken::Stale) => self.drop_datagram("stale announcement"),
+            Err(NotTaken::BadSignature { key_id }) => {
+                // A later link than the next (the member missed one): ask for the chain.
+                let later = self.keys.current_id().is_none_or(|id| key_id > id);
+                self.bad_signature(now, later, "bad announcement");
+            }
+        }
+    }
+
+    /// The answer to the member's chain request: its links walked from the key the member holds.
+    fn key_chain(&mut self, now: Millis, bytes: &[u8]) {
+        let Ok(chain) = <KeyChain as wire::Codec>::decode_exact(bytes) else {
+            return self.drop_datagram("malformed key chain");
+        };
+        if chain.group != self.config.group || self.chain.nonce != Some(chain.request_nonce) {
+            return self.drop_datagram("unexpected key chain");
+        }
+        self.chain.nonce = None;
+        let links = chain
+            .announcements
+            .iter()
+            .map(<[u8; wire::ANNOUNCEMENT_LEN]>::as_slice);
+        match self.keys.walk(self.config.group, links) {
+            Some(switched) => self.switched(now, switched),
+            None => self.chain.fruitless = self.chain.fruitless.saturating_add(1),
+        }
+    }
+
+    /// The member verifies with a new key from now on: told, and a reply kept because it did
+    /// not verify is handled again.
+    fn switched(&mut self, now: Millis, switched: signing_keys::Switched) {
+        self.chain.fruitless = 0;
+        self.events.push_back(MemberEvent::SigningKeyChanged {
+            key_id: switched.key_id,
+            from_epoch: switched.from_epoch,
+        });
+        if let Some(reply) = self.unverified_reply.take() {
+            self.sealed(now, &reply);
+        }
+    }
+
     fn drop_datagram(&mut self, reason: &'static str) {
         *self.stats.dropped.entry(reason).or_default() += 1;
     }
@@ -1070,7 +1253,7 @@ mod tests {
     use lkh_tree::{Batch, KeyTree, TreeConfig};
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
-    use wire::{Codec, Verified};
+    use wire::{Codec, Verified, open};
 
     const GROUP: GroupId = GroupId(7);
     const ID: MemberId = MemberId(3);

@@ -174,6 +174,9 @@ pub enum CtlCmd {
         /// Group name.
         group: String,
     },
+    /// The group's signing key (`gkmctl status` shows each group's key number and age).
+    #[command(subcommand)]
+    SigningKey(SigningKeyCmd),
     /// Rekey a group now.
     Rekey {
         /// Group name.
@@ -214,6 +217,18 @@ pub enum CtlCmd {
         /// Confirm: every member loses the group key until it registers again.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+/// `gkmctl signing-key` commands.
+#[derive(Subcommand, Debug, PartialEq, Eq)]
+pub enum SigningKeyCmd {
+    /// Replace the group's signing key: a new key is made and announced to the group, signed by
+    /// the current one, and signs from the rekey that goes out with it; members switch, and the
+    /// old key is accepted for older epochs for a grace of 16 epochs.
+    Rotate {
+        /// Group name.
+        group: String,
     },
 }
 

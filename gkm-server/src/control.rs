@@ -89,6 +89,11 @@ pub enum Request {
         /// Group name.
         group: String,
     },
+    /// Replace a group's signing key (announced to the group, signed by the current key).
+    RotateSigningKey {
+        /// Group name.
+        group: String,
+    },
 }
 
 impl Request {
@@ -131,6 +136,7 @@ impl Request {
             }
             Request::Unban { group, identity } => Command::Unban(group, identity_key(&identity)?),
             Request::Bans { group } => Command::Bans(group),
+            Request::RotateSigningKey { group } => Command::RotateSigningKey(group),
         })
     }
 }

@@ -628,6 +628,7 @@ mod tests {
             tree: tree.snapshot(),
             members: members.members.values().cloned().collect(),
             enrollment: members.enrollment.clone(),
+            signing: Vec::new(),
         }
     }
 
@@ -676,6 +677,7 @@ mod tests {
                 tree: tree.snapshot(),
                 members: tree.members().map(|l| member(l, 1)).collect(),
                 enrollment: Default::default(),
+                signing: Vec::new(),
             });
             Churn { rng, tree, members }
         }
@@ -719,6 +721,7 @@ mod tests {
                         },
                     }
                 },
+                signing: Vec::new(),
             };
             self.members.apply(&delta);
             delta

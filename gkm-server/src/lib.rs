@@ -66,12 +66,13 @@ mod reject;
 mod roster;
 #[cfg(any(feature = "disk", feature = "postgres"))]
 mod rows;
+mod signing;
 mod store;
 
 pub use controller::{
     BanTarget, Command, CommandError, Controller, DepartReason, EnrollmentInfo, Event, GroupInfo,
     Inbound, KeyInfo, KeyInventory, MemberInfo, MemberSigned, PolicyInfo, RESYNC_INTERVAL_MS,
-    Reject, RekeyProfile, Response, Role, Saving, Stats, Subscription, Transmit,
+    Reject, RekeyProfile, Response, Role, Saving, SigningKeyInfo, Stats, Subscription, Transmit,
     VerifiedRegistration, verify_request,
 };
 #[cfg(feature = "disk")]
@@ -91,6 +92,7 @@ pub use policy::{
 };
 #[cfg(any(feature = "disk", feature = "postgres"))]
 pub use rows::MAX_RECORDS;
+pub use signing::{GRACE_EPOCHS, SigningKeyRecord};
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
     HpkeDigest, MemberRecord, MemoryStore, Store, StoreError,

@@ -39,6 +39,8 @@ pub enum Reject {
     KemNotAccepted,
     /// A resync request presented an HPKE key other than the one the member registered with.
     WrongHpkeKey,
+    /// A chain request named a signing key the group's kept announcements do not lead from.
+    SigningKeyUnknown,
 }
 
 impl Reject {
@@ -60,6 +62,7 @@ impl Reject {
             Reject::NotLeader => "not_leader",
             Reject::KemNotAccepted => "kem_not_accepted",
             Reject::WrongHpkeKey => "wrong_hpke_key",
+            Reject::SigningKeyUnknown => "signing_key_unknown",
         }
     }
 
@@ -78,6 +81,7 @@ impl Reject {
             Reject::Busy => Status::Unavailable,
             Reject::NotLeader => Status::NotLeader,
             Reject::KemNotAccepted => Status::KemNotAccepted,
+            Reject::SigningKeyUnknown => Status::SigningKeyUnknown,
         }
     }
 }

@@ -13,10 +13,11 @@
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use lkh_tree::{Epoch, GroupId, KeyVersion, NodeId, NodeKey, NodeRecord, Strategy, TreeConfig};
-use wire::{HpkePublicKey, Kem, MemberId};
+use wire::{ANNOUNCEMENT_LEN, HpkePublicKey, Kem, MemberId};
 use zeroize::Zeroizing;
 
 use crate::policy::Timestamp;
+use crate::signing::{SigningKeyRecord, append_signing_key};
 use crate::store::{GroupDelta, GroupRecords, GroupState, HpkeDigest, MemberRecord, StoreError};
 
 pub(crate) const LOG_LABEL: &[u8] = b"gkm v2 log row";
@@ -48,6 +49,8 @@ const UNBANNED: u8 = 9;
 /// A member with its HPKE key's KEM and digest (written since wire version 4; [`MEMBER`]
 /// records, which held an X25519 key, are still read).
 const MEMBER_KEM: u8 = 10;
+/// A replacement signing key: whether its seed follows, the seed, its signed announcement.
+const SIGNING_KEY: u8 = 11;
 const NO_PARENT: u32 = u32::MAX;
 
 /// The sequence numbers `first..next` of a run of rows.
@@ -183,6 +186,9 @@ pub(crate) enum Record<'a> {
     Banned(&'a [u8; 32]),
     /// An identity no longer banned.
     Unbanned(&'a [u8; 32]),
+    /// A replacement signing key, with its seed when the flag says so (only the current key's
+    /// is written in a full state).
+    SigningKey(&'a SigningKeyRecord, bool),
 }
 
 impl Record<'_> {
@@ -215,6 +221,17 @@ impl Record<'_> {
                 out.push(UNBANNED);
                 out.extend_from_slice(*identity);
             }
+            Record::SigningKey(record, with_seed) => {
+                out.push(SIGNING_KEY);
+                match record.seed.as_ref().filter(|_| *with_seed) {
+                    Some(seed) => {
+                        out.push(1);
+                        out.extend_from_slice(seed.as_slice());
+                    }
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&record.announcement);
+            }
         }
     }
 }
@@ -225,7 +242,8 @@ pub(crate) fn state_rows(state: &GroupState) -> impl Iterator<Item = Zeroizing<V
         .chain(state.tree.nodes.iter().map(Record::Node))
         .chain(state.members.iter().map(Record::Member))
         .chain(state.enrollment.spent.iter().map(Record::Spent))
-        .chain(state.enrollment.banned.iter().map(Record::Banned));
+        .chain(state.enrollment.banned.iter().map(Record::Banned))
+        .chain(signing_records(&state.signing));
     cut_rows(records)
 }
 
@@ -238,8 +256,18 @@ pub(crate) fn delta_rows(delta: &GroupDelta) -> impl Iterator<Item = Zeroizing<V
         .chain(delta.members.iter().map(Record::Member))
         .chain(delta.enrollment.spent.iter().map(Record::Spent))
         .chain(delta.enrollment.banned.iter().map(Record::Banned))
-        .chain(delta.enrollment.unbanned.iter().map(Record::Unbanned));
+        .chain(delta.enrollment.unbanned.iter().map(Record::Unbanned))
+        .chain(signing_records(&delta.signing));
     cut_rows(records)
+}
+
+/// The records of a chain of signing keys: the seed with the last only.
+fn signing_records(chain: &[SigningKeyRecord]) -> impl Iterator<Item = Record<'_>> {
+    let last = chain.len().saturating_sub(1);
+    chain
+        .iter()
+        .enumerate()
+        .map(move |(i, r)| Record::SigningKey(r, i == last))
 }
 
 /// Encodes `records` into rows, each cut once it holds [`ROW_BYTES`].
@@ -397,6 +425,10 @@ pub(crate) fn replay(
             UNBANNED => {
                 records.enrollment.banned.remove(&r.take::<32>()?);
             }
+            SIGNING_KEY => {
+                let record = decode_signing_key(&mut r)?;
+                append_signing_key(&mut records.signing, record);
+            }
             tag => return Err(format!("unknown record {tag}")),
         }
         if records.nodes.len() > MAX_RECORDS
@@ -407,6 +439,17 @@ pub(crate) fn replay(
         }
     }
     Ok(())
+}
+
+fn decode_signing_key(r: &mut Reader<'_>) -> Result<SigningKeyRecord, String> {
+    let seed = match r.u8()? {
+        0 => None,
+        1 => Some(Zeroizing::new(r.take::<32>()?)),
+        flag => return Err(format!("signing key record with seed flag {flag}")),
+    };
+    let announcement = r.take::<ANNOUNCEMENT_LEN>()?;
+    SigningKeyRecord::parse(announcement, seed)
+        .ok_or_else(|| "a signing key's announcement does not decode".to_owned())
 }
 
 fn decode_base(r: &mut Reader<'_>) -> Result<GroupRecords, String> {
@@ -431,6 +474,7 @@ fn decode_base(r: &mut Reader<'_>) -> Result<GroupRecords, String> {
         nodes: std::collections::BTreeMap::new(),
         members: std::collections::BTreeMap::new(),
         enrollment: crate::store::EnrollmentRecords::default(),
+        signing: Vec::new(),
     })
 }
 
@@ -543,6 +587,7 @@ mod tests {
                 },
                 members: Vec::new(),
                 enrollment: Default::default(),
+                signing: Vec::new(),
             },
         );
         row

@@ -8,6 +8,8 @@ use thiserror::Error;
 use wire::{Encapsulation, HpkePublicKey, Kem, MemberId};
 
 use crate::policy::Timestamp;
+use crate::signing::SigningKeyRecord;
+use crate::signing::append_signing_key;
 
 /// A member as the controller stores it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,8 @@ pub struct GroupState {
     pub members: Vec<MemberRecord>,
     /// Spent tokens and bans.
     pub enrollment: EnrollmentRecords,
+    /// The group's replacement signing keys, oldest first (empty: the controller's own key).
+    pub signing: Vec<SigningKeyRecord>,
 }
 
 /// Why the store failed. The controller sends nothing of a rekey it could not persist.
@@ -125,6 +129,8 @@ pub struct GroupDelta {
     pub removed_members: Vec<NodeId>,
     /// Enrollment tokens spent (digests), identities banned and unbanned, in that order.
     pub enrollment: EnrollmentChanges,
+    /// Signing keys that replaced the group's (a rotation), in order.
+    pub signing: Vec<SigningKeyRecord>,
 }
 
 /// Changes to a group's [`EnrollmentRecords`], applied spent, banned, unbanned.
@@ -179,13 +185,14 @@ impl GroupDelta {
             + self.members.len()
             + self.removed_members.len()
             + self.enrollment.len()
+            + self.signing.len()
     }
 }
 
 impl GroupState {
     /// Records in this state.
     pub fn records(&self) -> usize {
-        self.tree.nodes.len() + self.members.len() + self.enrollment.len()
+        self.tree.nodes.len() + self.members.len() + self.enrollment.len() + self.signing.len()
     }
 }
 
@@ -358,6 +365,8 @@ pub struct GroupRecords {
     pub members: BTreeMap<NodeId, MemberRecord>,
     /// Spent tokens and bans.
     pub enrollment: EnrollmentRecords,
+    /// The group's replacement signing keys, oldest first.
+    pub signing: Vec<SigningKeyRecord>,
 }
 
 impl GroupRecords {
@@ -370,6 +379,7 @@ impl GroupRecords {
             nodes: state.tree.nodes.iter().map(|n| (n.id, n.clone())).collect(),
             members: state.members.iter().map(|m| (m.leaf, m.clone())).collect(),
             enrollment: state.enrollment.clone(),
+            signing: state.signing.clone(),
         }
     }
 
@@ -389,6 +399,9 @@ impl GroupRecords {
             self.members.insert(member.leaf, member.clone());
         }
         self.enrollment.apply(&delta.enrollment);
+        for record in &delta.signing {
+            append_signing_key(&mut self.signing, record.clone());
+        }
     }
 
     /// The full state, the records moved out (what [`GroupRecords::to_state`] gives, without a
@@ -403,6 +416,7 @@ impl GroupRecords {
             },
             members: self.members.into_values().collect(),
             enrollment: self.enrollment,
+            signing: self.signing,
         }
     }
 
@@ -417,6 +431,7 @@ impl GroupRecords {
             },
             members: self.members.values().cloned().collect(),
             enrollment: self.enrollment.clone(),
+            signing: self.signing.clone(),
         }
     }
 }

@@ -96,6 +96,7 @@ impl Churn {
             tree: tree.snapshot(),
             members: tree.members().map(|l| member(l, 1)).collect(),
             enrollment: Default::default(),
+            signing: Vec::new(),
         });
         Churn {
             rng,
@@ -154,6 +155,7 @@ impl Churn {
                     Vec::new()
                 },
             },
+            signing: Vec::new(),
         };
         self.records.apply(&delta);
         delta
@@ -164,6 +166,7 @@ impl Churn {
             tree: self.tree.snapshot(),
             members: self.records.members.values().cloned().collect(),
             enrollment: self.records.enrollment.clone(),
+            signing: Vec::new(),
         }
     }
 }

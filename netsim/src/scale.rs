@@ -247,6 +247,7 @@ impl Scale {
                     tree: snapshot,
                     members,
                     enrollment: Default::default(),
+                    signing: Vec::new(),
                 }],
                 Timestamp(START),
             )?,

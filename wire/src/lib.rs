@@ -2,7 +2,7 @@
 //!
 //! Every message the system sends, with a hand-written codec (one [`Codec`] trait, as rustls):
 //! registration request and welcome, rekey datagram, heartbeat, resync request and response,
-//! leave, error, and the group data frame. Each layout is specified byte by byte in
+//! leave, error, the signing key's announcements and chain, and the group data frame. Each layout is specified byte by byte in
 //! `RFC-notes/wire-format.md`; every length has an explicit bound; decoding never panics, never
 //! allocates more than its input holds and rejects trailing bytes.
 //!
@@ -48,6 +48,7 @@ mod message;
 mod rekey;
 mod sealed;
 mod signed;
+mod signing;
 
 pub use codec::{Codec, CountWidth, DecodeError, Reader};
 pub use error::WireError;
@@ -69,3 +70,4 @@ pub use signed::{
     SIGNATURE_LEN, Unverified, Verified, decode as decode_signed, open, open_with, sign,
     verifying_key,
 };
+pub use signing::{ANNOUNCEMENT_LEN, KeyAnnouncement, KeyChain, KeyChainRequest, MAX_CHAIN};

@@ -69,6 +69,12 @@ pub enum MessageType {
     CookieReply = 11,
     /// Controller → member: a request done that needs no keys (a lease renewed, a leave).
     Ack = 12,
+    /// Controller → group: the group's next signing key, signed by the current one.
+    KeyAnnouncement = 13,
+    /// Member → controller: the announcements that lead from a signing key it knows.
+    KeyChainRequest = 14,
+    /// Controller → member: those announcements.
+    KeyChain = 15,
 }
 
 impl MessageType {
@@ -86,6 +92,9 @@ impl MessageType {
             10 => Self::Subscribe,
             11 => Self::CookieReply,
             12 => Self::Ack,
+            13 => Self::KeyAnnouncement,
+            14 => Self::KeyChainRequest,
+            15 => Self::KeyChain,
             other => return Err(DecodeError::BadType(other)),
         })
     }
@@ -513,6 +522,10 @@ pub enum Status {
     KemNotAccepted,
     /// 409: outside the freshness window, or a replay.
     Stale,
+    /// 412: the signing key a member named is not one the group's chain of announcements
+    /// reaches (never the group's, or older than the announcements the controller keeps): the
+    /// member must be given the controller's current key (re-provisioned).
+    SigningKeyUnknown,
     /// 410: the controller has no such group (removed, or never configured).
     UnknownGroup,
     /// 421: this controller does not lead the group (high availability); the reason is the
@@ -540,6 +553,7 @@ impl Status {
             Status::UnexpectedMessage => 405,
             Status::KemNotAccepted => 406,
             Status::Stale => 409,
+            Status::SigningKeyUnknown => 412,
             Status::UnknownGroup => 410,
             Status::NotLeader => 421,
             Status::RateLimited => 429,
@@ -564,6 +578,7 @@ impl Status {
             405 => Status::UnexpectedMessage,
             406 => Status::KemNotAccepted,
             409 => Status::Stale,
+            412 => Status::SigningKeyUnknown,
             410 => Status::UnknownGroup,
             421 => Status::NotLeader,
             429 => Status::RateLimited,

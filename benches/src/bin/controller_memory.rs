@@ -26,6 +26,7 @@ fn main() {
         tree: snapshot,
         members,
         enrollment: Default::default(),
+        signing: Vec::new(),
     };
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = config(4, false);

@@ -67,6 +67,7 @@ fn main() {
         tree: snapshot,
         members,
         enrollment: Default::default(),
+        signing: Vec::new(),
     };
     let mut policy = GroupPolicy::new("bench", group);
     policy.tree = tree_config;

@@ -82,6 +82,7 @@ fn main() {
         tree: snapshot,
         members,
         enrollment: Default::default(),
+        signing: Vec::new(),
     };
     let signer = SigningKey::from_bytes(&[1; 32]);
     // A: the first leader. It saves the group and makes a few evictions (deltas in the log).

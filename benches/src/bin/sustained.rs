@@ -243,6 +243,7 @@ fn main() {
         tree: snapshot,
         members,
         enrollment: Default::default(),
+        signing: Vec::new(),
     };
     let mut backend = match std::env::var("SUSTAINED_PG_URL") {
         Ok(url) => {

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use gkm_server::cli::{CtlCli as Cli, CtlCmd as Cmd};
+use gkm_server::cli::{CtlCli as Cli, CtlCmd as Cmd, SigningKeyCmd};
 use gkm_server::control::{MAX_LINE, Reply, Request};
 use serde_json::Value;
 
@@ -56,6 +56,9 @@ fn request(command: &Cmd) -> Request {
             group: group.clone(),
         },
         Cmd::Reset { group, .. } => Request::Reset {
+            group: group.clone(),
+        },
+        Cmd::SigningKey(SigningKeyCmd::Rotate { group }) => Request::RotateSigningKey {
             group: group.clone(),
         },
     }
@@ -147,7 +150,14 @@ fn render(command: &Cmd, data: &Value) -> String {
         Cmd::Reset { group, .. } => {
             format!("reset {group}: every member was excluded and registers again\n")
         }
-        Cmd::Status => pairs(data, &["groups", "standby", "members", "public_key"]),
+        Cmd::SigningKey(SigningKeyCmd::Rotate { group }) => format!(
+            "rotated the signing key of {group}: announced and in use (`gkmctl status` shows it)\n"
+        ),
+        Cmd::Status => {
+            let keys = table(&data["signing_keys"], &["group", "key_id", "key", "age_s"]);
+            let summary = pairs(data, &["groups", "standby", "members", "public_key"]);
+            format!("{summary}signing keys (key 0 is public_key):\n{keys}")
+        }
         Cmd::Groups => {
             let mut columns = vec![
                 "name", "id", "role", "term", "leader", "epoch", "members", "degree", "height",

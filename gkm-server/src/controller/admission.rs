@@ -204,6 +204,9 @@ pub enum Inbound {
     Registration(Box<VerifiedRegistration>),
     /// A resync or leave, verified by the controller against the member's record.
     MemberSigned(MemberSigned),
+    /// A request for the group's chain of signing-key announcements (unsigned: the answer is
+    /// public, and each link in it is signed).
+    KeyChain(KeyChainRequest),
     /// Refused before any state was consulted: malformed, a bad signature, or a kind a
     /// controller does not accept.
     Refused(Reject),
@@ -243,6 +246,10 @@ pub fn verify_request<R: CryptoRng + ?Sized>(bytes: Vec<u8>, rng: &mut R) -> Inb
                 Err(_) => Inbound::Refused(Reject::Malformed),
             }
         }
+        Ok(MessageType::KeyChainRequest) => match KeyChainRequest::decode_exact(&bytes) {
+            Ok(request) => Inbound::KeyChain(request),
+            Err(_) => Inbound::Refused(Reject::Malformed),
+        },
         Ok(kind @ (MessageType::ResyncRequest | MessageType::Leave)) => {
             Inbound::MemberSigned(MemberSigned {
                 kind,
@@ -265,6 +272,7 @@ impl Inbound {
         match self {
             Inbound::Registration(r) => Some(r.request.group),
             Inbound::MemberSigned(signed) => signed.names().map(|(gid, _)| gid),
+            Inbound::KeyChain(request) => Some(request.group),
             Inbound::Refused(_) => None,
         }
     }
@@ -324,6 +332,7 @@ impl<R: CryptoRng> Controller<R> {
                 MessageType::Leave => self.leave(conn, now, signed),
                 _ => Err((Reject::UnexpectedMessage, GroupId(0)).into()),
             },
+            Inbound::KeyChain(request) => self.key_chain(conn, &request),
             Inbound::Refused(reason) => Err((reason, GroupId(0)).into()),
         };
         if let Err(refusal) = outcome {
@@ -619,14 +628,44 @@ impl<R: CryptoRng> Controller<R> {
         to: &SealedFor,
         encapsulation: Encapsulation,
     ) -> Result<(), (Reject, GroupId)> {
-        let g = self
-            .group_mut(gid)
-            .map_err(|_| (Reject::UnknownGroup, gid))?;
+        let g = self.groups.get(&gid).ok_or((Reject::UnknownGroup, gid))?;
         let path = g.tree.member_path(leaf).ok_or((Reject::NotAMember, gid))?;
         let sealed =
             seal_path_with(&path, to, encapsulation).map_err(|_| (Reject::Malformed, gid))?;
-        let bytes = sign(&sealed, &self.signer);
+        let bytes = sign(&sealed, g.signing.signer(&self.signer));
         self.transmits.push_back(Transmit::Reply { conn, bytes });
+        Ok(())
+    }
+
+    /// Answers a chain request with the announcements that lead from the key it names; a key
+    /// the kept chain does not reach is refused ([`Reject::SigningKeyUnknown`]: the member must
+    /// be given the current key).
+    fn key_chain(&mut self, conn: ConnId, request: &KeyChainRequest) -> Result<(), Refusal> {
+        let gid = request.group;
+        let g = self.groups.get(&gid).ok_or((Reject::UnknownGroup, gid))?;
+        let own = self.signer.verifying_key().to_bytes();
+        let Some(announcements) = g.signing.links_after(&request.known_key, &own) else {
+            let current = hex(&g.signing.signer(&self.signer).verifying_key().to_bytes());
+            return Err(Refusal {
+                reason: Reject::SigningKeyUnknown,
+                group: gid,
+                answered: Reject::SigningKeyUnknown,
+                told: Some(format!(
+                    "the group's signing key is {current} (key {}); the key this member holds \
+                     is not in the chain kept: give it the current key (--controller-key)",
+                    g.signing.current_id()
+                )),
+            });
+        };
+        let chain = KeyChain {
+            group: gid,
+            request_nonce: request.nonce,
+            announcements,
+        };
+        self.transmits.push_back(Transmit::Reply {
+            conn,
+            bytes: chain.to_bytes(),
+        });
         Ok(())
     }
 

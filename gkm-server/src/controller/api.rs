@@ -92,6 +92,21 @@ pub enum Event {
         /// When.
         at: u64,
     },
+    /// The group's signing key was replaced (`gkmctl signing-key rotate`): the announcement,
+    /// signed by the key before, went out with the rekey of `from_epoch`, the first the new key
+    /// signs.
+    SigningKeyRotated {
+        /// Group.
+        group: u64,
+        /// The new key's number in the group's chain.
+        key_id: u32,
+        /// The new public key, hex.
+        key: String,
+        /// The first epoch it signs.
+        from_epoch: u64,
+        /// When.
+        at: u64,
+    },
     /// A ban was lifted.
     Unbanned {
         /// Group.
@@ -230,6 +245,9 @@ pub enum Command {
     Unban(String, [u8; 32]),
     /// A group's banned identities.
     Bans(String),
+    /// Replace a group's signing key: made now, announced signed by the current key, used from
+    /// the rekey that goes out with it.
+    RotateSigningKey(String),
 }
 
 /// Whom a ban names.
@@ -308,6 +326,7 @@ impl Command {
         let (group, rekey) = match self {
             Command::Evict(group, _)
             | Command::Rekey(group)
+            | Command::RotateSigningKey(group)
             | Command::Reset(group)
             | Command::Ban(group, BanTarget::Member(_)) => (group, true),
             Command::Ban(group, BanTarget::Identity(_)) | Command::Unban(group, _) => {
@@ -320,6 +339,19 @@ impl Command {
             rekey,
         })
     }
+}
+
+/// A group's signing key, as `gkmctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SigningKeyInfo {
+    /// Group name.
+    pub group: String,
+    /// The key's number in the group's chain (0: the controller's own, `public_key`).
+    pub key_id: u32,
+    /// The public key, hex.
+    pub key: String,
+    /// Seconds since it was made (`None` for key 0, made outside the controller).
+    pub age_s: Option<u64>,
 }
 
 /// A group in brief.
@@ -482,6 +514,8 @@ pub enum Response {
         rejects: BTreeMap<Reject, u64>,
         /// Groups this controller stands by for (another controller leads them).
         standby: usize,
+        /// The signing key of each group it leads.
+        signing_keys: Vec<SigningKeyInfo>,
     },
     /// Groups.
     Groups(Vec<GroupInfo>),

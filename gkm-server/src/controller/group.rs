@@ -107,6 +107,10 @@ pub(super) struct Group {
     /// Requests that came while a rekey was staged, handled once its save is reported (they
     /// must not read the staged tree or roster).
     pub(super) deferred: VecDeque<(ConnId, Inbound)>,
+    /// The group's signing keys (the controller's own until the first rotation).
+    pub(super) signing: SigningChain,
+    /// A rotation asked for: the new key's seed, staged with the next rekey.
+    pub(super) rotation: Option<Zeroizing<[u8; 32]>>,
 }
 
 /// Request nonces seen within the last `keep_ms`, forgotten oldest first (so a request costs
@@ -165,6 +169,7 @@ impl Group {
         let gate = Gate::new(state.enrollment.clone());
         let lease_ms = policy.lease_ms;
         let mut group = Self::with_tree(policy, tree, state.members.clone(), gate, now);
+        group.signing = SigningChain::restore(&state.signing);
         // Renewals are saved with the next rekey, so the stored leases may predate renewals made
         // since (at this controller before it stopped, or at a leader that died): no lease is
         // checked for a whole lease from now, so that every member renews (and is saved) rather
@@ -216,6 +221,8 @@ impl Group {
             staged: None,
             term: None,
             deferred: VecDeque::new(),
+            signing: SigningChain::default(),
+            rotation: None,
         }
     }
 
@@ -235,6 +242,7 @@ impl Group {
             members,
             removed_members,
             enrollment: self.gate.take_changes(),
+            signing: self.signing.take_changes(),
         };
         if !self.saved {
             self.logged = 0;
@@ -264,7 +272,7 @@ impl Group {
     }
 
     pub(super) fn state(&self) -> GroupState {
-        group_state(&self.tree, &self.members, &self.gate)
+        group_state(self)
     }
 
     pub(super) fn schedule(&mut self, now: Timestamp) {
@@ -321,6 +329,19 @@ impl Group {
             leader: None,
             behind: None,
             synced_ms_ago: None,
+        }
+    }
+
+    pub(super) fn signing_key_info(&self, own: &SigningKey, now: Timestamp) -> SigningKeyInfo {
+        let record = self
+            .signing
+            .current_record()
+            .map(crate::SigningKeyRecord::announced);
+        SigningKeyInfo {
+            group: self.policy.name.clone(),
+            key_id: self.signing.current_id(),
+            key: hex(&self.signing.signer(own).verifying_key().to_bytes()),
+            age_s: record.map(|a| now.0.saturating_sub(a.issued_ms) / 1000),
         }
     }
 

@@ -11,12 +11,12 @@ use rand_core::CryptoRng;
 use serde::Serialize;
 use thiserror::Error;
 use wire::{
-    Ack, Acked, Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, Kem,
-    LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest, RekeyDatagram,
-    ResyncRequest, SealedFor, SealedKind, Subscribe, WireError, open_with, pack, seal_path_with,
-    sign, verifying_key,
+    Ack, Acked, Codec, Cookie, CookieReply, Encapsulation, ErrorMessage, Heartbeat, Kem, KeyChain,
+    KeyChainRequest, LeaveRequest, MemberId, MessageType, NONCE_LEN, RegistrationRequest,
+    RekeyDatagram, ResyncRequest, SealedFor, SealedKind, Subscribe, WireError, open_with, pack,
+    seal_path_with, sign, verifying_key,
 };
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::fanout::{Cookies, RateLimit, Subscribers};
 use crate::gate::Gate;
@@ -24,6 +24,7 @@ use crate::persist::{Persist, PersistTicket, Persisted, Save};
 use crate::policy::kem_names;
 use crate::policy::{ConnId, Enrollment, GroupPolicy, Timestamp};
 use crate::roster::{Departed, Departure, RECENT_DEPARTURES, Roster};
+use crate::signing::SigningChain;
 use crate::store::{GroupDelta, GroupState, HpkeDigest, MemberRecord, StoreError};
 
 mod admission;
@@ -229,9 +230,10 @@ impl<R: CryptoRng> Controller<R> {
     /// while the saves run, so that the two overlap. Optional: [`Controller::handle_persisted`]
     /// does it otherwise. Nothing is queued.
     pub fn prepare_staged(&mut self) {
-        let (signer, workers, clock) = (&self.signer, self.workers, self.profiler);
+        let (own, workers, clock) = (&self.signer, self.workers, self.profiler);
         for g in self.groups.values_mut() {
             if let Some(staged) = g.staged.as_mut() {
+                let signer = g.signing.signer(own);
                 Self::prepare(staged, (&g.tree, g.policy.mtu), signer, workers, clock);
             }
         }
@@ -346,6 +348,11 @@ impl<R: CryptoRng> Controller<R> {
                 public_key: hex(&self.public_key()),
                 rejects: self.rejects.clone(),
                 standby: self.standby.len(),
+                signing_keys: self
+                    .groups
+                    .values()
+                    .map(|g| g.signing_key_info(&self.signer, now))
+                    .collect(),
             }),
             Command::Groups => {
                 let mut groups: Vec<GroupInfo> = self.groups.values().map(Group::info).collect();
@@ -405,6 +412,14 @@ impl<R: CryptoRng> Controller<R> {
                     at: now.0,
                 });
                 self.save_now(id)?;
+                Ok(Response::Ok)
+            }
+            Command::RotateSigningKey(name) => {
+                let id = self.group_id(&name)?;
+                let mut seed = Zeroizing::new([0u8; 32]);
+                self.rng.fill_bytes(seed.as_mut_slice());
+                self.group_mut(id)?.rotation = Some(seed);
+                self.rekey(id, now);
                 Ok(Response::Ok)
             }
             Command::Bans(name) => {

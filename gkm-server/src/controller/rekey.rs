@@ -4,12 +4,13 @@
 
 use super::*;
 
-/// The durable state of a group whose tree, roster and gate these are.
-pub(super) fn group_state(tree: &KeyTree, members: &Roster, gate: &Gate) -> GroupState {
+/// The durable state of a group: tree, roster, gate and signing keys.
+pub(super) fn group_state(g: &Group) -> GroupState {
     GroupState {
-        tree: tree.snapshot(),
-        members: members.records().collect(),
-        enrollment: gate.records().clone(),
+        tree: g.tree.snapshot(),
+        members: g.members.records().collect(),
+        enrollment: g.gate.records().clone(),
+        signing: g.signing.records().to_vec(),
     }
 }
 
@@ -24,6 +25,8 @@ pub(super) struct Staged {
     pub(super) removed: Vec<MemberRecord>,
     /// Signed datagrams, once packed ([`Controller::prepare_staged`]).
     pub(super) datagrams: Option<Vec<Vec<u8>>>,
+    /// Whether the rekey brings in a new signing key (its announcement goes out first).
+    pub(super) rotated: bool,
     pub(super) profile: RekeyProfile,
     /// When the rekey started, by the profiler's clock.
     pub(super) started: Option<Duration>,
@@ -152,6 +155,11 @@ impl<R: CryptoRng> Controller<R> {
             }
         };
         let epoch = rekey.epoch;
+        // A rotation asked for: the new key signs from this rekey on, and is saved with it.
+        let rotated = g.rotation.take().is_some_and(|seed| {
+            g.signing.stage(id, seed, epoch, now.0, &self.signer);
+            true
+        });
         // The roster changes with the tree, and is saved with it.
         let removed: Vec<MemberRecord> = departures
             .keys()
@@ -188,6 +196,7 @@ impl<R: CryptoRng> Controller<R> {
             admitted,
             removed,
             datagrams: None,
+            rotated,
             profile: RekeyProfile {
                 tree: tree_time.unwrap_or_default(),
                 records: records
@@ -240,8 +249,12 @@ impl<R: CryptoRng> Controller<R> {
             joins,
             admitted,
             removed,
+            rotated,
             ..
         } = staged;
+        if rotated {
+            g.rotation = g.signing.unstage();
+        }
         for member in admitted {
             g.members.remove(member);
         }
@@ -274,7 +287,8 @@ impl<R: CryptoRng> Controller<R> {
             return;
         };
         let on = (&g.tree, g.policy.mtu);
-        Self::prepare(&mut staged, on, &self.signer, self.workers, self.profiler);
+        let signer = g.signing.signer(&self.signer);
+        Self::prepare(&mut staged, on, signer, self.workers, self.profiler);
         let committing = self.profiler.map(|now| now());
         g.tree.commit();
         let Staged {
@@ -284,11 +298,26 @@ impl<R: CryptoRng> Controller<R> {
             admitted,
             removed,
             datagrams,
+            rotated,
             mut profile,
             started,
         } = staged;
-        let datagrams = datagrams.unwrap_or_default();
+        let mut datagrams = datagrams.unwrap_or_default();
         let epoch = rekey.epoch;
+        if rotated {
+            g.signing.settle();
+            if let Some(record) = g.signing.current_record() {
+                // Sent before the first datagram the new key signs, with the same repeats.
+                datagrams.insert(0, record.announcement.to_vec());
+                self.events.push_back(Event::SigningKeyRotated {
+                    group: id.0,
+                    key_id: record.announced().key_id,
+                    key: hex(&record.announced().key),
+                    from_epoch: epoch.0,
+                    at: now.0,
+                });
+            }
+        }
         // Only the last RECENT_DEPARTURES of a batch would be remembered: skip recording the
         // rest (a batch of 100,000 departures at 2^20 members).
         let unrecorded = removed.len().saturating_sub(RECENT_DEPARTURES);
@@ -397,7 +426,10 @@ impl<R: CryptoRng> Controller<R> {
         group: GroupId,
         welcomes: Vec<WelcomeJob<'_>>,
     ) -> Vec<Vec<u8>> {
-        let signer = &self.signer;
+        let signer = self
+            .groups
+            .get(&group)
+            .map_or(&self.signer, |g| g.signing.signer(&self.signer));
         let seal = |(encapsulation, to, path): WelcomeJob<'_>| match seal_path_with(
             path,
             &to,
@@ -451,9 +483,8 @@ impl<R: CryptoRng> Controller<R> {
         };
         g.next_heartbeat = now.plus(g.policy.heartbeat_interval_ms.max(1));
         g.stats.heartbeats += 1;
-        self.transmits.push_back(Transmit::Multicast {
-            group: id,
-            bytes: sign(&beat, &self.signer),
-        });
+        let bytes = sign(&beat, g.signing.signer(&self.signer));
+        self.transmits
+            .push_back(Transmit::Multicast { group: id, bytes });
     }
 }

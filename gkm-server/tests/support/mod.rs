@@ -445,6 +445,7 @@ pub(crate) fn stored_group(
         tree: tree.snapshot(),
         members: records,
         enrollment: Default::default(),
+        signing: Vec::new(),
     }
 }
 

@@ -42,6 +42,7 @@ use crate::api::{self, KeyInfo};
 use crate::framing;
 use crate::net;
 use crate::seq::{SequenceFile, Sequences};
+use crate::signing_file;
 use crate::store::{self, StateDir};
 
 /// How long a request connection may take, from connect to reply.
@@ -207,6 +208,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         group_name: cfg.group.clone(),
     };
     let mut member = start_member(&dir, group, start, unvouched.as_deref());
+    restore_signing_keys(&dir, &mut member);
     if unvouched.is_some() {
         // Only now that no stored membership is left: a mark written before it was dropped
         // would vouch for its keys after a crash in between.
@@ -339,6 +341,29 @@ fn start_member(
             dir.remove_membership();
             Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
         }
+    }
+}
+
+/// Continues from the controller's signing keys the member followed before it stopped, unless
+/// the operator pinned another key since (then the member starts over from that one).
+fn restore_signing_keys(dir: &StateDir, member: &mut Member<ChaCha20Rng>) {
+    match signing_file::load(dir) {
+        Ok(Some(keys)) => {
+            let current = hex::encode(keys.current().as_bytes());
+            if member.restore_signing_keys(keys) {
+                info!(
+                    "verifying with the controller's signing key {current}, followed from the pinned one"
+                );
+            } else {
+                info!(
+                    "--controller-key is not the key {} started from: following the group's \
+                     signing keys from the new one",
+                    signing_file::path(dir).display()
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!("{e:#}; following the group's signing keys from --controller-key"),
     }
 }
 
@@ -598,6 +623,30 @@ impl Driver {
                     self.group_name,
                     reason.escape_debug(),
                     self.group_name,
+                ));
+            }
+            MemberEvent::SigningKeyChanged { key_id, from_epoch } => {
+                info!(
+                    "the controller's signing key for group {} is now key {key_id} ({}), from \
+                     epoch {from_epoch}: announced and signed by the key before",
+                    self.group_name,
+                    hex::encode(self.member.signing_keys().current().as_bytes())
+                );
+                if let Err(e) = signing_file::save(&self.dir, self.member.signing_keys()) {
+                    warn!("{e:#}; after a restart the member asks for the chain again");
+                }
+            }
+            MemberEvent::SigningKeyUnknown { reason } => {
+                self.stop = Some(format!(
+                    "controller {} keeps no chain of announcements from the signing key this \
+                     member holds ({}) for group {:?} (it says \"{}\"): the key was replaced \
+                     more often than the controller keeps, or --controller-key is not the \
+                     group's. Give the member the controller's current key (`gkmctl status` \
+                     on the controller lists each group's key) with --controller-key",
+                    self.controllers.current(),
+                    hex::encode(self.member.signing_keys().current().as_bytes()),
+                    self.group_name,
+                    reason.escape_debug()
                 ));
             }
             MemberEvent::NotLeader {

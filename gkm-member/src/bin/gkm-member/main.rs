@@ -20,6 +20,7 @@ mod data;
 mod framing;
 mod net;
 mod seq;
+mod signing_file;
 mod store;
 mod tools;
 

@@ -11,6 +11,7 @@
 //!   membership      "GKMM" 2 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ KEM u16 ‖ PathKeys, mode 0600
 //!                   (version 1, without the KEM, was made under the X25519 key)
 //!   sequence        "GKMQ" 1 ‖ mark u64 ‖ !mark u64, mode 0600
+//!   controller-keys the controller's signing keys as followed (signing_file.rs), mode 0600
 //!   api.sock        the local API (mode 0600)
 //! ```
 
@@ -82,6 +83,11 @@ impl StateDir {
     }
 
     /// The default API socket path.
+    /// A file of the directory.
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
     pub(crate) fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
     }
@@ -185,7 +191,7 @@ impl StateDir {
 
     /// Writes `bytes` to `target` through a temporary file of mode 0600 and a rename; with
     /// `durable`, the file is fsynced before the rename and the directory after it.
-    fn write_atomic(&self, target: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+    pub(crate) fn write_atomic(&self, target: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         let mut name = target.file_name().unwrap_or_default().to_os_string();
         name.push(".tmp");
         let temp = self.dir.join(name);
