@@ -93,5 +93,5 @@ pub use policy::{
 pub use rows::MAX_RECORDS;
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
-    HpkeDigest, MemberRecord, MemoryStore, Store, StoreError,
+    HpkeDigest, KeyFit, MemberRecord, MemoryStore, Resealed, Store, StoreError,
 };
