@@ -371,18 +371,15 @@ impl StateDir {
 )]
 pub(crate) struct Unauthentic(PathBuf);
 
-/// The version of a plaintext membership file (1 or 2), from its header.
+/// The version of a plaintext membership file (1 or 2), once it decodes for the group its
+/// header names.
 fn plain_version(bytes: &[u8]) -> Result<u8> {
-    match bytes.get(..5) {
-        Some([m0, m1, m2, m3, v @ (MEMBERSHIP_V1 | MEMBERSHIP_VERSION)])
-            if [*m0, *m1, *m2, *m3] == *MEMBERSHIP_MAGIC =>
-        {
-            Ok(*v)
-        }
-        _ => bail!(
-            "not a gkm membership file (version {MEMBERSHIP_V1}, {MEMBERSHIP_VERSION} or sealed)"
-        ),
-    }
+    let (Some(&version), Some(group)) = (bytes.get(4), bytes.get(5..13)) else {
+        bail!("truncated header");
+    };
+    let group = GroupId(u64::from_be_bytes(group.try_into()?));
+    decode_membership(group, bytes)?;
+    Ok(version)
 }
 
 /// The mark a sequence file holds; refuses another length, magic or version, and a mark whose

@@ -209,10 +209,9 @@ pub(crate) fn rotate(dir: &StateDir, config: &Config, new_key_file: Option<&Path
     };
     if let Target::Handover(file) = &target
         && file.exists()
+        && settle_handover(file, &stored)? == Settled::Finished
     {
-        if settle_handover(file, &stored)? == Settled::Finished {
-            return handover_advice(dir, file);
-        }
+        return handover_advice(dir, file);
     }
     // A redb file stays locked until the key is installed: a daemon starting meanwhile would
     // otherwise settle the rotation in the middle.
