@@ -349,3 +349,85 @@ fn v074_kill_9_at_random_moments_of_a_rotation_leaves_one_key_that_opens_the_sta
         "too few kills landed inside a rotation to test anything"
     );
 }
+
+/// GKM-V075 with PostgreSQL, through the command: refused while the daemon holds the group's
+/// lease (no `storage.key.next` left behind, the key unchanged); once it stopped, re-sealed
+/// under a new key the daemon then serves from, the old key opening nothing.
+#[test]
+fn v075_with_postgresql_the_command_waits_for_every_controller_to_stop() {
+    let Some(pg) = support::postgres::PgServer::start("rotate-pg") else {
+        return;
+    };
+    let setup = Server::new("rotate-pg", "");
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        config.replacen(
+            "\n\n[[group]]",
+            &format!(
+                "\n\n[storage]\nbackend = \"postgres\"\nurl = \"{}\"\nlease_ms = 1000\n\n[[group]]",
+                pg.url()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let epoch = served(&setup);
+    let key_path = setup.state.join("storage.key");
+    let old = key_of(&key_path);
+    let pg_config = gkm_server::PgConfig {
+        url: pg.url(),
+        password_file: None,
+    };
+
+    // On the running controller's machine its state lock refuses; on another controller's
+    // (the same keys, another state directory) the live lease does.
+    let daemon = setup.start();
+    let out = rotate(&setup, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("in use by another gkm-server"),
+        "{}",
+        stderr(&out)
+    );
+    let other = setup.dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let other_key = other.join("storage.key");
+    std::fs::copy(&key_path, &other_key).unwrap();
+    let out = Command::new(SERVER)
+        .args(["rotate-storage-key", "--state-dir"])
+        .arg(&other)
+        .arg("--config")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("stop gkm-server first: stop every controller"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(key_of(&key_path), old);
+    assert_eq!(key_of(&other_key), old);
+    assert!(!other.join("storage.key.next").exists());
+    assert!(!setup.state.join("storage.key.next").exists());
+    stop(daemon);
+
+    let out = rotate(&setup, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new = key_of(&key_path);
+    assert_ne!(new, old);
+    assert_eq!(
+        gkm_server::PgStore::key_fit(&pg_config, &old).unwrap(),
+        gkm_server::KeyFit::Refused
+    );
+    assert_eq!(
+        gkm_server::PgStore::key_fit(&pg_config, &new).unwrap(),
+        gkm_server::KeyFit::Opens
+    );
+    let daemon = setup.start();
+    // Stopped once since `served` (a restart rekeys once), and started again now.
+    serves(&setup, epoch + 1, 1);
+    stop(daemon);
+}

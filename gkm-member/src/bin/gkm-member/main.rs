@@ -99,11 +99,18 @@ fn execute(command: Command) -> anyhow::Result<()> {
             api_socket,
         } => {
             let dir = store::StateDir::new(&state_dir);
-            dir.rotate_storage_key(&api_socket.unwrap_or_else(|| dir.api_socket()))?;
-            eprintln!(
-                "re-sealed {} under a new storage key; the old key was destroyed",
-                dir.membership_path().display()
-            );
+            let api = api_socket.unwrap_or_else(|| dir.api_socket());
+            if dir.rotate_storage_key(&api)? {
+                eprintln!(
+                    "re-sealed {} under a new storage key; the old key was destroyed",
+                    dir.membership_path().display()
+                );
+            } else {
+                eprintln!(
+                    "replaced the storage key (no membership file to re-seal: a member stopped \
+                     cleanly has left its group); the old key was destroyed"
+                );
+            }
             Ok(())
         }
         Command::Run(args) => runtime.block_on(daemon::run(daemon::RunConfig {

@@ -187,8 +187,9 @@ impl StateDir {
 
     /// `gkm-member rotate-storage-key`: the membership re-sealed under a new storage key and the
     /// old key destroyed (see `storage_key.rs`); refused while a member answers on `api`, and,
-    /// changing nothing, when the membership does not authenticate.
-    pub(crate) fn rotate_storage_key(&self, api: &Path) -> Result<()> {
+    /// changing nothing, when the membership does not authenticate. Says whether there was a
+    /// membership to re-seal (a member stopped cleanly has left its group and deleted it).
+    pub(crate) fn rotate_storage_key(&self, api: &Path) -> Result<bool> {
         if UnixStream::connect(api).is_ok() {
             bail!(
                 "stop gkm-member first: a member answers on {} for this state directory \
@@ -211,12 +212,12 @@ impl StateDir {
         let new = StorageKey::generate()?;
         let next = next_path(&path);
         new.write_new(&next)?;
-        if let Some(plain) = plain {
-            let sealed = new.seal(SEALED_HEADER, &plain)?;
+        if let Some(plain) = &plain {
+            let sealed = new.seal(SEALED_HEADER, plain)?;
             self.write_atomic(&self.membership_path(), &sealed, true)?;
         }
         install(&next, &path)?;
-        Ok(())
+        Ok(plain.is_some())
     }
 
     /// The membership file's bytes, `None` if there is none.

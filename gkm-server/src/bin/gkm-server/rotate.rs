@@ -218,7 +218,16 @@ pub(crate) fn rotate(dir: &StateDir, config: &Config, new_key_file: Option<&Path
     let mut held = stored.hold(&old)?;
     let new = new_key()?;
     write_durably(&next, new.as_slice())?;
-    let resealed = held.reseal(&stored, &old, &new)?;
+    let resealed = match held.reseal(&stored, &old, &new) {
+        Ok(resealed) => resealed,
+        Err(error) => {
+            // Refused or failed (a live lease, a lost connection): keep the key the state opens
+            // under now, as the next start would; if that cannot be told, the next start does.
+            drop(held);
+            let _ = abandon(&target, &next, &stored);
+            return Err(error);
+        }
+    };
     info!(
         groups = resealed.groups,
         rows = resealed.rows,
@@ -243,6 +252,19 @@ pub(crate) fn rotate(dir: &StateDir, config: &Config, new_key_file: Option<&Path
             handover_advice(dir, &file)
         }
     }
+}
+
+/// After a refused or failed re-sealing: destroys the new key `next` if the state is still
+/// sealed under the old one (if that cannot be told, the next start settles it).
+fn abandon(target: &Target, next: &Path, stored: &Stored) -> Result<()> {
+    let key = match target {
+        Target::InPlace(key) => key,
+        Target::Handover(_) => return settle_handover(next, stored).map(|_| ()),
+    };
+    if settle(key, next, stored)? == Settled::RolledBack {
+        destroy(next)?;
+    }
+    Ok(())
 }
 
 /// Where this rotation writes the new key; refuses a key source gkm-server does not write
@@ -277,8 +299,8 @@ fn settle_handover(file: &Path, stored: &Stored) -> Result<Settled> {
     }
     destroy(file)?;
     warn!(
-        "{} was left by a rotation cut short before the state was re-sealed: destroyed, \
-         rotating again",
+        "{} holds a key the state is not sealed under (a rotation cut short or refused): \
+         destroyed",
         file.display()
     );
     Ok(Settled::RolledBack)
