@@ -1033,6 +1033,46 @@ mod tests {
     }
 
     #[test]
+    fn v073_a_reseal_moves_every_row_to_the_new_key_and_drops_the_rows_no_head_names() {
+        const NEW: [u8; 32] = [8; 32];
+        let dir = Temp::new("reseal");
+        let path = dir.file("state.redb");
+        let (mut store, mut churn) = saved(&path, 100_000);
+        compact(&mut store, &mut churn);
+        store.compactions.finish();
+        store.save_delta(&churn.delta()).unwrap();
+        // Rows of a compaction cut short: named by no head.
+        let job = Compaction::start(&store, GroupId(4)).unwrap();
+        job.stage(state_rows(&churn.state()).take(2)).unwrap();
+        drop(job);
+        let head = head(&store);
+        assert!(matches!(
+            DiskStore::key_fit(&path, &KEY),
+            Err(StoreError::InUse)
+        ));
+
+        let done = store.reseal(&NEW).unwrap();
+        assert_eq!(done.groups, 1);
+        assert_eq!(done.rows, head.base.len() + head.log.len());
+        assert_eq!(done.dropped, 2);
+        store.save_delta(&churn.delta()).unwrap();
+        drop(store);
+        assert_eq!(DiskStore::key_fit(&path, &KEY).unwrap(), KeyFit::Refused);
+        assert_eq!(DiskStore::key_fit(&path, &NEW).unwrap(), KeyFit::Opens);
+        assert!(matches!(
+            DiskStore::open(&path, &KEY),
+            Err(StoreError::Corrupt(_))
+        ));
+        let (_, mut loaded) = DiskStore::open(&path, &NEW).unwrap();
+        assert_eq!(contents(&loaded.pop().unwrap()), contents(&churn.state()));
+        assert_eq!(
+            DiskStore::key_fit(&dir.file("none.redb"), &KEY).unwrap(),
+            KeyFit::Empty
+        );
+        assert!(!dir.file("none.redb").exists(), "key_fit creates nothing");
+    }
+
+    #[test]
     fn a_compaction_overtaken_by_a_full_save_is_dropped() {
         let dir = Temp::new("overtaken");
         let path = dir.file("state.redb");
