@@ -234,10 +234,17 @@ pub(crate) fn rotate(dir: &StateDir, config: &Config, new_key_file: Option<&Path
         dropped = resealed.dropped,
         "the state is re-sealed under the new storage key"
     );
+    finish(dir, &target, &next, resealed)?;
+    drop(held);
+    Ok(())
+}
+
+/// After the commit: the new key installed in place of the old (destroyed), or the operator
+/// told what to do with it.
+fn finish(dir: &StateDir, target: &Target, next: &Path, resealed: Resealed) -> Result<()> {
     match target {
         Target::InPlace(key) => {
-            install(&next, &key)?;
-            drop(held);
+            install(next, key)?;
             eprintln!(
                 "re-sealed {} groups ({} rows) under a new storage key in {}; the old key was \
                  destroyed",
@@ -247,10 +254,7 @@ pub(crate) fn rotate(dir: &StateDir, config: &Config, new_key_file: Option<&Path
             );
             Ok(())
         }
-        Target::Handover(file) => {
-            drop(held);
-            handover_advice(dir, &file)
-        }
+        Target::Handover(file) => handover_advice(dir, file),
     }
 }
 
