@@ -53,7 +53,7 @@ pub struct Cli {
 /// `gkm-member`'s commands.
 #[derive(Subcommand, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Create the state directory with a new identity key and HPKE key.
+    /// Create the state directory with a new identity key, HPKE key and storage key.
     Init {
         /// The state directory.
         #[arg(long, default_value = "./gkm-member-state")]
@@ -64,6 +64,17 @@ pub enum Command {
     },
     /// Run the member: register, follow rekeys, serve the local API.
     Run(RunArgs),
+    /// Re-seal the membership file under a new storage key and destroy the old key
+    /// (DIR/storage.key). Run it with the member stopped; a rotation cut short is finished or
+    /// rolled back by the next `rotate-storage-key` or `run`.
+    RotateStorageKey {
+        /// The state directory.
+        #[arg(long, default_value = "./gkm-member-state")]
+        state_dir: PathBuf,
+        /// The member's local API socket, checked to be silent (default: STATE_DIR/api.sock).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+    },
     /// Encrypt MESSAGE under the send key and multicast it. The member hands out the sender id
     /// (its leaf) and a sequence number no other sender of it ever got.
     Send {

@@ -21,6 +21,13 @@ mod common;
     unreachable_pub,
     reason = "the binary's module, compiled in here"
 )]
+#[path = "../src/bin/gkm-member/storage_key.rs"]
+mod storage_key;
+#[allow(
+    dead_code,
+    unreachable_pub,
+    reason = "the binary's module, compiled in here"
+)]
 #[path = "../src/bin/gkm-member/store.rs"]
 mod store;
 

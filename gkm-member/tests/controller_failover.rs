@@ -11,6 +11,8 @@
     reason = "the binary's modules are compiled into this test; not every item is used"
 )]
 
+#[path = "../src/bin/gkm-member/storage_key.rs"]
+mod storage_key;
 #[path = "../src/bin/gkm-member/store.rs"]
 mod store;
 

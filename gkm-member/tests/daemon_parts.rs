@@ -21,6 +21,8 @@ mod data;
 mod framing;
 #[path = "../src/bin/gkm-member/seq.rs"]
 mod seq;
+#[path = "../src/bin/gkm-member/storage_key.rs"]
+mod storage_key;
 #[path = "../src/bin/gkm-member/store.rs"]
 mod store;
 

@@ -2,12 +2,19 @@
 //! `RUST_LOG=trace` (every level of every crate, dependencies included) through joins, an eviction, a leave, a
 //! restart and operator rekeys; then their complete output and the controller's audit log are
 //! searched for every key the run produced that the test can see (the controller's signing key
-//! seed and storage key, every member's identity and HPKE keys, every path key of every
+//! seed and storage key, every member's identity, HPKE and storage keys, every path key of every
 //! membership file written, every traffic key the members' local API handed out), in hex of
 //! either case, base64 (standard and URL-safe, padded or not) and raw bytes, whole and as any
 //! 12-byte window. Skipped with a note when the controller binary has not been built.
 
 mod common;
+#[allow(
+    dead_code,
+    unreachable_pub,
+    reason = "the binary's module, compiled in here"
+)]
+#[path = "../src/bin/gkm-member/storage_key.rs"]
+mod storage_key;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,6 +23,7 @@ use std::time::{Duration, Instant};
 use aho_corasick::AhoCorasick;
 use common::{Lab, Running, converged, current, server_binary};
 use lkh_tree::{Epoch, GroupId};
+use storage_key::StorageKey;
 use wire::PathKeys;
 
 /// Bytes of the shortest key fragment searched for.
@@ -32,9 +40,17 @@ impl Seen {
         self.0.insert(key);
     }
 
-    /// Every path key of a membership file (31 bytes of header with the KEM, then the path keys).
+    /// Every path key of a membership file (sealed under the `storage.key` beside it: a version
+    /// 2 file, 31 bytes of header with the KEM, then the path keys).
     fn add_membership(&mut self, path: &Path) {
-        let Ok(bytes) = std::fs::read(path) else {
+        let Ok(sealed) = std::fs::read(path) else {
+            return;
+        };
+        let key = path.with_file_name("storage.key");
+        let Some(bytes) = StorageKey::read(&key)
+            .ok()
+            .and_then(|key| key.open(b"GKMM\x03", &sealed))
+        else {
             return;
         };
         let Some((header, keys)) = bytes.split_at_checked(31) else {
@@ -219,6 +235,7 @@ fn v027_trace_logs_of_a_real_run_hold_no_key_material() {
     for name in names {
         keys.add_file(&lab.dir.join(name).join("identity.key"));
         keys.add_file(&lab.dir.join(name).join("hpke-x-wing.key"));
+        keys.add_file(&lab.dir.join(name).join("storage.key"));
     }
     let mut logs: Vec<(String, Vec<u8>)> = ["srv", "a", "b", "c", "d"]
         .iter()

@@ -99,6 +99,27 @@ pub enum ServerCmd {
         #[arg(long)]
         allow_rollback: bool,
     },
+    /// Re-seal the stored state under a new storage key and destroy the old key
+    /// (crypto-shredding: copies of the state sealed under the old key can no longer be opened).
+    /// Run it with the daemon stopped (every controller, with PostgreSQL). Crash-safe: a rotation
+    /// cut short is finished or rolled back by the next `rotate-storage-key` or `run`.
+    RotateStorageKey {
+        /// Config file (TOML), to find the store ([storage]); without it,
+        /// STATE_DIR/gkm-server.toml, as `run` reads.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory.
+        #[arg(long, default_value = "./gkm-state")]
+        state_dir: PathBuf,
+        /// The storage key's file, if not in the state directory (replaced in place).
+        #[arg(long)]
+        storage_key_file: Option<PathBuf>,
+        /// Write the new key to this new file (mode 0600) and leave the old key where it is, for
+        /// the operator to move the new key into place: needed when the key comes from
+        /// GKM_STORAGE_KEY or a systemd credential, which gkm-server does not write.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+    },
     /// Check a config and print what `run` would serve with it; exits 1 if it would not start.
     CheckConfig {
         /// Config file (TOML); without it, STATE_DIR/gkm-server.toml, as `run` reads.

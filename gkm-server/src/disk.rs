@@ -58,7 +58,8 @@ use crate::rows::{
     delta_rows, replay, state_rows,
 };
 use crate::store::{
-    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, Store, StoreError,
+    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, KeyFit, Resealed, Store,
+    StoreError,
 };
 
 type Rows = TableDefinition<'static, (u64, u64), &'static [u8]>;
@@ -112,6 +113,15 @@ fn open_database(path: &Path) -> Result<Database, DatabaseError> {
     }
 }
 
+/// [`open_database`], its errors as the store's.
+fn open_file(path: &Path) -> Result<Database, StoreError> {
+    match open_database(path) {
+        Ok(db) => Ok(db),
+        Err(DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::InUse),
+        Err(e) => Err(StoreError::Backend(e.to_string())),
+    }
+}
+
 impl DiskStore {
     /// Opens (or creates) the store at `path` and loads every group.
     ///
@@ -119,13 +129,8 @@ impl DiskStore {
     /// when anything in it does not authenticate or decode (or it is of the first, unsupported
     /// format), [`StoreError::Backend`] for I/O errors.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<(DiskStore, Vec<GroupState>), StoreError> {
-        let db = match open_database(path) {
-            Ok(db) => db,
-            Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse),
-            Err(e) => return Err(StoreError::Backend(e.to_string())),
-        };
         let store = DiskStore {
-            db: Some(Arc::new(db)),
+            db: Some(Arc::new(open_file(path)?)),
             path: path.to_path_buf(),
             failed: false,
             sealer: Sealer::new(key),
@@ -134,6 +139,112 @@ impl DiskStore {
         };
         let states = store.load()?;
         Ok((store, states))
+    }
+
+    /// Whether `key` opens the store at `path`, by its heads (a rotation re-seals them with the
+    /// rows, in one transaction); a missing file holds nothing. Creates nothing. Errors as
+    /// [`DiskStore::open`]'s.
+    pub fn key_fit(path: &Path, key: &[u8; 32]) -> Result<KeyFit, StoreError> {
+        if !path.exists() {
+            return Ok(KeyFit::Empty);
+        }
+        let db = open_file(path)?;
+        let tx = db.begin_read().map_err(backend)?;
+        let has_heads = tx
+            .list_tables()
+            .map_err(backend)?
+            .any(|t| t.name() == HEADS.name());
+        if !has_heads {
+            return Ok(KeyFit::Empty);
+        }
+        let sealer = Sealer::new(key);
+        let (mut heads, mut opened) = (0, 0);
+        for entry in tx
+            .open_table(HEADS)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
+            let (group, sealed) = entry.map_err(backend)?;
+            heads += 1;
+            if sealer
+                .open_head(GroupId(group.value()), sealed.value())
+                .is_ok()
+            {
+                opened += 1;
+            }
+        }
+        KeyFit::of(heads, opened)
+    }
+
+    /// Re-seals every group's head and rows under the storage key `new`, in one write
+    /// transaction committed durably before it returns: a crash keeps the whole state under the
+    /// old key or the whole state under the new one, never a mix. Base rows no head names (left
+    /// by a compaction cut short) are deleted instead. The store seals under `new` from then on.
+    /// Pages the file no longer uses may still hold rows sealed under the old key until redb
+    /// reuses them: destroying the old key is what makes them unreadable.
+    pub fn reseal(&mut self, new: &[u8; 32]) -> Result<Resealed, StoreError> {
+        self.compactions.finish();
+        let new = Sealer::new(new);
+        let resealed = self.write(|store| store.reseal_all(&new))?;
+        self.sealer = new;
+        Ok(resealed)
+    }
+
+    fn reseal_all(&self, new: &Sealer) -> Result<Resealed, StoreError> {
+        let tx = self.db()?.begin_write().map_err(backend)?;
+        let mut done = Resealed::default();
+        {
+            let mut heads = tx.open_table(HEADS).map_err(backend)?;
+            let mut log = tx.open_table(LOG).map_err(backend)?;
+            let mut bases = tx.open_table(BASES).map_err(backend)?;
+            let mut groups = Vec::new();
+            for entry in heads.iter().map_err(backend)? {
+                let (group, sealed) = entry.map_err(backend)?;
+                let group = GroupId(group.value());
+                groups.push((group, self.sealer.open_head(group, sealed.value())?));
+            }
+            for &(group, head) in &groups {
+                done.rows += self.reseal_run(new, &mut bases, BASE_LABEL, group, head.base)?;
+                done.rows += self.reseal_run(new, &mut log, LOG_LABEL, group, head.log)?;
+                done.dropped += remove_outside(&mut bases, group, head.base)?;
+                new.write_head(&mut heads, group, head)?;
+            }
+            bases
+                .retain(|key, _| {
+                    let named = groups.iter().any(|&(g, _)| g.0 == key.0);
+                    done.dropped += u64::from(!named);
+                    named
+                })
+                .map_err(backend)?;
+            done.groups = groups.len();
+        }
+        tx.commit().map_err(backend)?;
+        Ok(done)
+    }
+
+    /// Re-seals the rows `run` of the group in `table` under `new`; returns how many.
+    fn reseal_run(
+        &self,
+        new: &Sealer,
+        table: &mut Table<'_, (u64, u64), &'static [u8]>,
+        label: &[u8],
+        group: GroupId,
+        run: Span,
+    ) -> Result<u64, StoreError> {
+        for seq in run.first..run.next {
+            let sealed = table
+                .get((group.0, seq))
+                .map_err(backend)?
+                .ok_or_else(|| corrupt(group, &format!("row {seq} is missing")))?
+                .value()
+                .to_vec();
+            let resealed = self.sealer.reseal_row(new, label, group, seq, &sealed)?;
+            table
+                .insert((group.0, seq), resealed.as_slice())
+                .map_err(backend)?;
+        }
+        Ok(run.len())
     }
 
     /// The open file.
@@ -503,6 +614,26 @@ fn remove_below(
     table
         .retain_in((group.0, 0)..(group.0, seq), |_, _| false)
         .map_err(backend)
+}
+
+/// Deletes the group's rows outside `run`; returns how many.
+fn remove_outside(
+    table: &mut Table<'_, (u64, u64), &'static [u8]>,
+    group: GroupId,
+    run: Span,
+) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    let mut count = |_: (u64, u64), _: &[u8]| {
+        removed += 1;
+        false
+    };
+    table
+        .retain_in((group.0, 0)..(group.0, run.first), &mut count)
+        .map_err(backend)?;
+    table
+        .retain_in((group.0, run.next)..=(group.0, u64::MAX), &mut count)
+        .map_err(backend)?;
+    Ok(removed)
 }
 
 /// The log holds no row of the group outside its run.
@@ -902,6 +1033,46 @@ mod tests {
         );
         drop(store);
         assert_eq!(contents(&reopened(&path)), contents(&churn.state()));
+    }
+
+    #[test]
+    fn v073_a_reseal_moves_every_row_to_the_new_key_and_drops_the_rows_no_head_names() {
+        const NEW: [u8; 32] = [8; 32];
+        let dir = Temp::new("reseal");
+        let path = dir.file("state.redb");
+        let (mut store, mut churn) = saved(&path, 100_000);
+        compact(&mut store, &mut churn);
+        store.compactions.finish();
+        store.save_delta(&churn.delta()).unwrap();
+        // Rows of a compaction cut short: named by no head.
+        let job = Compaction::start(&store, GroupId(4)).unwrap();
+        job.stage(state_rows(&churn.state()).take(2)).unwrap();
+        drop(job);
+        let head = head(&store);
+        assert!(matches!(
+            DiskStore::key_fit(&path, &KEY),
+            Err(StoreError::InUse)
+        ));
+
+        let done = store.reseal(&NEW).unwrap();
+        assert_eq!(done.groups, 1);
+        assert_eq!(done.rows, head.base.len() + head.log.len());
+        assert_eq!(done.dropped, 2);
+        store.save_delta(&churn.delta()).unwrap();
+        drop(store);
+        assert_eq!(DiskStore::key_fit(&path, &KEY).unwrap(), KeyFit::Refused);
+        assert_eq!(DiskStore::key_fit(&path, &NEW).unwrap(), KeyFit::Opens);
+        assert!(matches!(
+            DiskStore::open(&path, &KEY),
+            Err(StoreError::Corrupt(_))
+        ));
+        let (_, mut loaded) = DiskStore::open(&path, &NEW).unwrap();
+        assert_eq!(contents(&loaded.pop().unwrap()), contents(&churn.state()));
+        assert_eq!(
+            DiskStore::key_fit(&dir.file("none.redb"), &KEY).unwrap(),
+            KeyFit::Empty
+        );
+        assert!(!dir.file("none.redb").exists(), "key_fit creates nothing");
     }
 
     #[test]

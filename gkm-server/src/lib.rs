@@ -95,5 +95,5 @@ pub use rows::MAX_RECORDS;
 pub use signing::{GRACE_EPOCHS, SigningKeyRecord};
 pub use store::{
     CompactionFailure, EnrollmentChanges, EnrollmentRecords, GroupDelta, GroupRecords, GroupState,
-    HpkeDigest, MemberRecord, MemoryStore, Store, StoreError,
+    HpkeDigest, KeyFit, MemberRecord, MemoryStore, Resealed, Store, StoreError,
 };

@@ -170,6 +170,21 @@ impl Sealer {
         })?;
         decode_head(&plain).ok_or_else(|| corrupt(group, "head does not decode"))
     }
+
+    /// Row `seq` of the group in the table labelled `label`, opened under this key and sealed
+    /// again under `new`'s (with a fresh nonce, the same associated data): what a rotation of
+    /// the storage key does to every row.
+    pub(crate) fn reseal_row(
+        &self,
+        new: &Sealer,
+        label: &[u8],
+        group: GroupId,
+        seq: u64,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let plain = self.open_row(label, group, seq, sealed)?;
+        new.seal_row(label, group, seq, &plain)
+    }
 }
 
 /// One record of a stored state or delta.

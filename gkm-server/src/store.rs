@@ -108,6 +108,52 @@ pub enum StoreError {
         /// The term this controller held.
         term: u64,
     },
+    /// A controller holds a live lease of the group: the storage key cannot be rotated under a
+    /// running controller (see `RFC-notes/ha.md`).
+    #[error("group {group}: its lease is held by {holder}, a controller still running")]
+    LeaseLive {
+        /// The group.
+        group: GroupId,
+        /// The controller holding it.
+        holder: String,
+    },
+}
+
+/// Whether a storage key opens the stored state (asked when a rotation of the key was cut short,
+/// to tell which of the two keys the state is sealed under).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFit {
+    /// Every group's head authenticates under the key.
+    Opens,
+    /// No group's head does.
+    Refused,
+    /// Nothing is stored: any key opens it.
+    Empty,
+}
+
+/// What a rotation of the storage key re-sealed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resealed {
+    /// Groups (heads) re-sealed.
+    pub groups: usize,
+    /// Rows re-sealed.
+    pub rows: u64,
+    /// Rows no head names (left by a compaction cut short), deleted rather than re-sealed.
+    pub dropped: u64,
+}
+
+impl KeyFit {
+    /// The fit of a key under which `opened` heads of `heads` authenticated; a mix is corrupt.
+    pub(crate) fn of(heads: usize, opened: usize) -> Result<KeyFit, StoreError> {
+        match (heads, opened) {
+            (0, _) => Ok(KeyFit::Empty),
+            (h, o) if h == o => Ok(KeyFit::Opens),
+            (_, 0) => Ok(KeyFit::Refused),
+            (h, o) => Err(StoreError::Corrupt(format!(
+                "{o} of {h} group heads authenticate under the storage key, the others do not"
+            ))),
+        }
+    }
 }
 
 /// What one rekey changed in a group's durable state (write-ahead: the controller hands it to

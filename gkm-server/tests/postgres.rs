@@ -8,8 +8,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use gkm_server::{
-    EnrollmentChanges, GroupDelta, GroupRecords, GroupState, MemberRecord, MemoryStore, PgConfig,
-    PgStore, SCHEMA_VERSION, Store, StoreError, Timestamp,
+    EnrollmentChanges, GroupDelta, GroupRecords, GroupState, KeyFit, MemberRecord, MemoryStore,
+    PgConfig, PgStore, SCHEMA_VERSION, Store, StoreError, Timestamp,
 };
 use lkh_tree::{Batch, GroupId, KeyTree, NodeId, TreeConfig};
 use rand_chacha::ChaCha20Rng;
@@ -470,6 +470,73 @@ fn a_schema_newer_than_the_binary_is_refused_and_concurrent_opens_migrate_once()
         message.contains(&format!("version {newer}"))
             && message.contains(&format!("version {SCHEMA_VERSION}")),
         "{message}"
+    );
+}
+
+/// GKM-V073, GKM-V075 (PostgreSQL): the storage key is rotated in one transaction, every head
+/// and row re-sealed (rows a cut-short compaction left are deleted); refused, changing nothing,
+/// while a controller holds a live lease; afterwards the old key opens nothing and the new one
+/// loads the same state, which goes on.
+#[test]
+fn v075_the_storage_key_rotates_in_one_transaction_and_never_under_a_live_lease() {
+    let Some(server) = PgServer::start("reseal") else {
+        return;
+    };
+    const NEW: [u8; 32] = [8; 32];
+    let (group, lease) = (GroupId(4), Duration::from_secs(30));
+    let (mut a, _) = open(&server, "a");
+    let mut churn = Churn::new(4, 60_000, 2);
+    a.claim(group, lease).unwrap().unwrap();
+    a.save(&churn.state()).unwrap();
+    a.save_delta(&churn.delta()).unwrap();
+    a.save_delta_and_compact(&churn.delta(), churn.state())
+        .unwrap();
+    a.save_delta(&churn.delta()).unwrap();
+    let want = contents(&churn.state());
+    // A base row no head names, as a compaction cut short leaves it.
+    let mut client = sql(&server);
+    client
+        .execute(
+            "INSERT INTO gkm_bases (group_id, seq, sealed) VALUES (4, 1000000, '\\x00')",
+            &[],
+        )
+        .unwrap();
+
+    let refused = PgStore::reseal(&config(&server), &KEY, &NEW).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::LeaseLive { group: g, holder } if *g == group && holder == "a"),
+        "{refused}"
+    );
+    assert_eq!(
+        PgStore::key_fit(&config(&server), &KEY).unwrap(),
+        KeyFit::Opens
+    );
+    assert_eq!(
+        PgStore::key_fit(&config(&server), &NEW).unwrap(),
+        KeyFit::Refused
+    );
+
+    a.release(group).unwrap();
+    drop(a);
+    let done = PgStore::reseal(&config(&server), &KEY, &NEW).unwrap();
+    assert_eq!((done.groups, done.dropped), (1, 1), "{done:?}");
+    assert!(done.rows > 2, "{done:?}");
+    assert_eq!(
+        PgStore::key_fit(&config(&server), &KEY).unwrap(),
+        KeyFit::Refused
+    );
+    assert!(matches!(
+        PgStore::open(&config(&server), &KEY, "b", "b.example:7000"),
+        Err(StoreError::Corrupt(_))
+    ));
+    let (mut b, loaded) = PgStore::open(&config(&server), &NEW, "b", "b.example:7000").unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(contents(&loaded[0]), want);
+    b.claim(group, lease).unwrap().unwrap();
+    b.save_delta(&churn.delta()).unwrap();
+    assert_eq!(
+        contents(&b.load_group(group).unwrap().unwrap()),
+        contents(&churn.state())
     );
 }
 

@@ -28,8 +28,9 @@ complete -c gkm-member -n "__fish_gkm_member_needs_command" -l log-format -d 'Lo
 json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -s V -l version -d 'Print version'
-complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "init" -d 'Create the state directory with a new identity key and HPKE key'
+complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "init" -d 'Create the state directory with a new identity key, HPKE key and storage key'
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "run" -d 'Run the member: register, follow rekeys, serve the local API'
+complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "rotate-storage-key" -d 'Re-seal the membership file under a new storage key and destroy the old key (DIR/storage.key). Run it with the member stopped; a rotation cut short is finished or rolled back by the next `rotate-storage-key` or `run`'
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "send" -d 'Encrypt MESSAGE under the send key and multicast it. The member hands out the sender id (its leaf) and a sequence number no other sender of it ever got'
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "recv" -d 'Print each fresh, authentic message of the group on a line, under the keys the member accepts (followed as they change)'
 complete -c gkm-member -n "__fish_gkm_member_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -57,6 +58,11 @@ complete -c gkm-member -n "__fish_gkm_member_using_subcommand run" -l log-format
 json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand run" -l no-multicast -d 'Do not join the multicast group; ask the controller for fan-out'
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand rotate-storage-key" -l state-dir -d 'The state directory' -r -F
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand rotate-storage-key" -l api-socket -d 'The member\'s local API socket, checked to be silent (default: STATE_DIR/api.sock)' -r -F
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand rotate-storage-key" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
+json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand rotate-storage-key" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand send" -l api-socket -d 'The member\'s local API socket' -r -F
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand send" -l data -d 'The data multicast group' -r
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand send" -l interface -d 'IPv4 interface address for multicast' -r
@@ -73,8 +79,9 @@ complete -c gkm-member -n "__fish_gkm_member_using_subcommand recv" -l timeout-m
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand recv" -l log-format -d 'Log format on standard error: `text` for people, `json` (one object a line) for a log pipeline (before or after the command)' -r -f -a "text\t'Human-readable lines (the default)'
 json\t'One JSON object a line (timestamp, level, target, fields), for a log pipeline'"
 complete -c gkm-member -n "__fish_gkm_member_using_subcommand recv" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run send recv help" -f -a "init" -d 'Create the state directory with a new identity key and HPKE key'
-complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run send recv help" -f -a "run" -d 'Run the member: register, follow rekeys, serve the local API'
-complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run send recv help" -f -a "send" -d 'Encrypt MESSAGE under the send key and multicast it. The member hands out the sender id (its leaf) and a sequence number no other sender of it ever got'
-complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run send recv help" -f -a "recv" -d 'Print each fresh, authentic message of the group on a line, under the keys the member accepts (followed as they change)'
-complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run send recv help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "init" -d 'Create the state directory with a new identity key, HPKE key and storage key'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "run" -d 'Run the member: register, follow rekeys, serve the local API'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "rotate-storage-key" -d 'Re-seal the membership file under a new storage key and destroy the old key (DIR/storage.key). Run it with the member stopped; a rotation cut short is finished or rolled back by the next `rotate-storage-key` or `run`'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "send" -d 'Encrypt MESSAGE under the send key and multicast it. The member hands out the sender id (its leaf) and a sequence number no other sender of it ever got'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "recv" -d 'Print each fresh, authentic message of the group on a line, under the keys the member accepts (followed as they change)'
+complete -c gkm-member -n "__fish_gkm_member_using_subcommand help; and not __fish_seen_subcommand_from init run rotate-storage-key send recv help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -88,7 +88,8 @@ use crate::rows::{
     delta_rows, replay, state_rows,
 };
 use crate::store::{
-    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, Store, StoreError,
+    CompactionFailure, Compactions, GroupDelta, GroupRecords, GroupState, KeyFit, Resealed, Store,
+    StoreError,
 };
 
 /// How to reach the database. `Debug` hides a password written in the connection string.
@@ -290,6 +291,79 @@ impl PgStore {
         };
         let states = store.load_all()?;
         Ok((store, states))
+    }
+
+    /// Whether `key` opens the groups stored in the database, by their heads (a rotation
+    /// re-seals them with the rows, in one transaction). Reads only; a database without the
+    /// gkm tables holds nothing.
+    pub fn key_fit(config: &PgConfig, key: &[u8; 32]) -> Result<KeyFit, StoreError> {
+        let pg = pg_config(config)?;
+        let mut client = Some(connect(&pg)?);
+        let sealer = Sealer::new(key);
+        read(&mut client, &pg, |tx| {
+            let exists: bool = tx
+                .query_one("SELECT to_regclass('gkm_heads') IS NOT NULL", &[])
+                .map_err(|e| pg_error("cannot read the schema", &e))?
+                .get(0);
+            if !exists {
+                return Ok(KeyFit::Empty);
+            }
+            let heads = tx
+                .query("SELECT group_id, head FROM gkm_heads", &[])
+                .map_err(|e| pg_error("cannot read the heads", &e))?;
+            let opened = heads
+                .iter()
+                .filter(|row| sealer.open_head(group_of(row.get(0)), row.get(1)).is_ok())
+                .count();
+            KeyFit::of(heads.len(), opened)
+        })
+    }
+
+    /// Re-seals every group's head and rows, opened under the storage key `old`, under `new`,
+    /// in one transaction: a crash or a lost connection leaves the whole state under one key.
+    /// Base rows no head names (left by a compaction cut short) are deleted instead. The
+    /// transaction locks the four tables (`EXCLUSIVE`: a controller's claim or save waits for
+    /// it) and is refused with [`StoreError::LeaseLive`] while any group's lease is live: every
+    /// controller shares the key, so all of them must be stopped first (`RFC-notes/ha.md`).
+    pub fn reseal(
+        config: &PgConfig,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<Resealed, StoreError> {
+        let pg = pg_config(config)?;
+        let mut client = connect(&pg)?;
+        migrate(&mut client)?;
+        let (old, new) = (Sealer::new(old), Sealer::new(new));
+        transact(&mut Some(client), &pg, |tx| {
+            tx.batch_execute(
+                "LOCK TABLE gkm_leases, gkm_heads, gkm_bases, gkm_log IN EXCLUSIVE MODE",
+            )
+            .map_err(|e| pg_error("cannot lock the tables", &e))?;
+            refuse_live_leases(tx)?;
+            let heads = tx
+                .query(
+                    "SELECT group_id, head FROM gkm_heads ORDER BY group_id",
+                    &[],
+                )
+                .map_err(|e| pg_error("cannot read the heads", &e))?;
+            let mut done = Resealed::default();
+            for row in &heads {
+                let group = group_of(row.get(0));
+                let head = old.open_head(group, row.get(1))?;
+                done.rows += reseal_run(tx, (&old, &new), Table::Bases, group, head.base)?;
+                done.rows += reseal_run(tx, (&old, &new), Table::Log, group, head.log)?;
+                done.dropped += remove_outside(tx, group, head.base)?;
+                write_head(tx, &new, group, head, None)?;
+            }
+            done.dropped += tx
+                .execute(
+                    "DELETE FROM gkm_bases WHERE group_id NOT IN (SELECT group_id FROM gkm_heads)",
+                    &[],
+                )
+                .map_err(|e| pg_error("cannot delete stray rows", &e))?;
+            done.groups = heads.len();
+            Ok(done)
+        })
     }
 
     /// This store's holder identity.
@@ -808,6 +882,13 @@ enum Table {
 }
 
 impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Bases => "gkm_bases",
+            Table::Log => "gkm_log",
+        }
+    }
+
     fn label(self) -> &'static [u8] {
         match self {
             Table::Bases => BASE_LABEL,
@@ -1089,6 +1170,59 @@ fn replay_run(
         return Err(corrupt(group, &format!("rows {expected}.. are missing")));
     }
     Ok(())
+}
+
+/// [`StoreError::LeaseLive`] for the first group whose lease is live.
+fn refuse_live_leases(tx: &mut Transaction<'_>) -> Result<(), StoreError> {
+    let live = tx
+        .query_opt(
+            "SELECT group_id, holder FROM gkm_leases
+             WHERE expires > clock_timestamp() ORDER BY group_id LIMIT 1",
+            &[],
+        )
+        .map_err(|e| pg_error("cannot read the leases", &e))?;
+    match live {
+        Some(row) => Err(StoreError::LeaseLive {
+            group: group_of(row.get(0)),
+            holder: row.get(1),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Re-seals the rows `run` of the group in `table` from the first sealer's key to the
+/// second's; returns how many.
+fn reseal_run(
+    tx: &mut Transaction<'_>,
+    (old, new): (&Sealer, &Sealer),
+    table: Table,
+    group: GroupId,
+    run: Span,
+) -> Result<u64, StoreError> {
+    let name = table.name();
+    let select = format!("SELECT sealed FROM {name} WHERE group_id = $1 AND seq = $2");
+    let update = format!("UPDATE {name} SET sealed = $3 WHERE group_id = $1 AND seq = $2");
+    for seq in run.first..run.next {
+        let (id, sql_seq) = (sql_group(group), sql_u64(seq)?);
+        let row = tx
+            .query_opt(&select, &[&id, &sql_seq])
+            .map_err(|e| pg_error("cannot read rows", &e))?
+            .ok_or_else(|| corrupt(group, &format!("row {seq} is missing")))?;
+        let sealed = old.reseal_row(new, table.label(), group, seq, row.get(0))?;
+        tx.execute(&update, &[&id, &sql_seq, &sealed])
+            .map_err(|e| pg_error("cannot write a row", &e))?;
+    }
+    Ok(run.len())
+}
+
+/// Deletes the group's base rows outside `run`; returns how many.
+fn remove_outside(tx: &mut Transaction<'_>, group: GroupId, run: Span) -> Result<u64, StoreError> {
+    let (id, first, next) = (sql_group(group), sql_u64(run.first)?, sql_u64(run.next)?);
+    tx.execute(
+        "DELETE FROM gkm_bases WHERE group_id = $1 AND (seq < $2 OR seq >= $3)",
+        &[&id, &first, &next],
+    )
+    .map_err(|e| pg_error("cannot delete stray rows", &e))
 }
 
 /// The log holds no row of the group outside its run.

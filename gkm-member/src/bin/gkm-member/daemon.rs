@@ -207,7 +207,7 @@ pub(crate) async fn run(cfg: RunConfig) -> Result<()> {
         controller,
         group_name: cfg.group.clone(),
     };
-    let mut member = start_member(&dir, group, start, unvouched.as_deref());
+    let mut member = start_member(&dir, group, start, unvouched.as_deref())?;
     restore_signing_keys(&dir, &mut member);
     if unvouched.is_some() {
         // Only now that no stored membership is left: a mark written before it was dropped
@@ -300,7 +300,7 @@ fn start_member(
     group: GroupId,
     s: Start,
     unvouched: Option<&str>,
-) -> Member<ChaCha20Rng> {
+) -> Result<Member<ChaCha20Rng>> {
     match dir.load_membership(group) {
         Ok(Some(_)) if unvouched.is_some() => {
             warn!(
@@ -309,7 +309,7 @@ fn start_member(
                 unvouched.unwrap_or_default()
             );
             dir.remove_membership();
-            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+            Ok(Member::new(s.config, s.identity, s.hpke, s.rng, s.now))
         }
         Ok(Some((_, _, kem))) if kem != s.hpke.kem() => {
             info!(
@@ -318,7 +318,7 @@ fn start_member(
                 s.hpke.kem()
             );
             dir.remove_membership();
-            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+            Ok(Member::new(s.config, s.identity, s.hpke, s.rng, s.now))
         }
         Ok(Some((id, path, _))) => {
             info!(
@@ -327,19 +327,25 @@ fn start_member(
                 path.epoch(),
                 dir.membership_path().display()
             );
-            Member::resume(s.config, s.identity, s.hpke, s.rng, id, path, s.now)
+            Ok(Member::resume(
+                s.config, s.identity, s.hpke, s.rng, id, path, s.now,
+            ))
         }
         Ok(None) => {
             info!(
                 "registering with controller {} for group {}",
                 s.controller, s.group_name
             );
-            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+            Ok(Member::new(s.config, s.identity, s.hpke, s.rng, s.now))
         }
+        Err(e) if e.is::<store::Unauthentic>() => Err(e.context(
+            "refusing to use it, or to register anew over it: restore the storage.key it was \
+             sealed under, or delete the membership file to register anew",
+        )),
         Err(e) => {
             warn!("{e:#}; registering anew");
             dir.remove_membership();
-            Member::new(s.config, s.identity, s.hpke, s.rng, s.now)
+            Ok(Member::new(s.config, s.identity, s.hpke, s.rng, s.now))
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `gkm-member`: the member agent daemon and its small tools.
 //!
 //! ```text
-//! gkm-member init [--state-dir DIR]              make the identity and HPKE keys
+//! gkm-member init [--state-dir DIR]              make the identity, HPKE and storage keys
+//! gkm-member rotate-storage-key [--state-dir DIR]
+//!                                                re-seal the membership under a new storage key
 //! gkm-member run --controller ADDR [--controller ADDR ...] --group NAME --controller-key HEX
 //!                                                register, follow rekeys, serve the local API;
 //!                                                ask the group's leading controller
@@ -21,6 +23,7 @@ mod framing;
 mod net;
 mod seq;
 mod signing_file;
+mod storage_key;
 mod store;
 mod tools;
 
@@ -90,6 +93,25 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Init { state_dir, kem } => {
             let public = store::StateDir::new(&state_dir).init(kem)?;
             println!("{}", hex::encode(public.as_bytes()));
+            Ok(())
+        }
+        Command::RotateStorageKey {
+            state_dir,
+            api_socket,
+        } => {
+            let dir = store::StateDir::new(&state_dir);
+            let api = api_socket.unwrap_or_else(|| dir.api_socket());
+            if dir.rotate_storage_key(&api)? {
+                eprintln!(
+                    "re-sealed {} under a new storage key; the old key was destroyed",
+                    dir.membership_path().display()
+                );
+            } else {
+                eprintln!(
+                    "replaced the storage key (no membership file to re-seal: a member stopped \
+                     cleanly has left its group); the old key was destroyed"
+                );
+            }
             Ok(())
         }
         Command::Run(args) => runtime.block_on(daemon::run(daemon::RunConfig {

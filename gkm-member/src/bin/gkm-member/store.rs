@@ -1,15 +1,20 @@
-//! The member's state directory: its identity and HPKE keys (made once by `init`), its
-//! membership (member id and path keys, rewritten atomically after key changes) and the
-//! high-water mark of its data-frame sequence numbers (rewritten atomically and fsynced before
-//! numbers below it are handed out).
+//! The member's state directory: its identity and HPKE keys (made once by `init`), its storage
+//! key, its membership (member id and path keys, sealed under the storage key, rewritten
+//! atomically after key changes) and the high-water mark of its data-frame sequence numbers
+//! (rewritten atomically and fsynced before numbers below it are handed out).
 //!
 //! ```text
 //! DIR/              mode 0700
 //!   identity.key    32-byte Ed25519 seed, mode 0600
 //!   hpke-x-wing.key 32-byte X-Wing secret (the seed of its key pair), mode 0600
 //!   hpke.key        32-byte X25519 secret, mode 0600
-//!   membership      "GKMM" 2 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ KEM u16 ‖ PathKeys, mode 0600
-//!                   (version 1, without the KEM, was made under the X25519 key)
+//!   storage.key     32 random bytes sealing the membership, mode 0600 (made by `init`, or on
+//!                   first use when missing); storage.key.next only while a rotation runs
+//!   membership      "GKMM" 3 ‖ nonce (12) ‖ ChaCha20-Poly1305(a version 2 file) ‖ tag (16),
+//!                   the 5 header bytes authenticated, mode 0600. Version 2 (plaintext):
+//!                   "GKMM" 2 ‖ group u64 ‖ member u64 ‖ epoch u64 ‖ KEM u16 ‖ PathKeys; version
+//!                   1, without the KEM, was made under the X25519 key. Versions 1 and 2 are
+//!                   still read, and written sealed at the next write.
 //!   sequence        "GKMQ" 1 ‖ mark u64 ‖ !mark u64, mode 0600
 //!   controller-keys the controller's signing keys as followed (signing_file.rs), mode 0600
 //!   api.sock        the local API (mode 0600)
@@ -18,6 +23,7 @@
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -25,11 +31,16 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use lkh_tree::{Epoch, GroupId, MemberPath};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
+use tracing::{info, warn};
 use wire::{HpkeSecret, Kem, MemberId, PathKeys};
 use zeroize::Zeroizing;
 
+use crate::storage_key::{Fit, Settled, StorageKey, install, next_path, settle};
+
 const MEMBERSHIP_MAGIC: &[u8; 4] = b"GKMM";
 const MEMBERSHIP_VERSION: u8 = 2;
+/// The sealed membership file's header, authenticated as the associated data.
+const SEALED_HEADER: &[u8; 5] = b"GKMM\x03";
 /// Version 1: no KEM (the X25519 key's).
 const MEMBERSHIP_V1: u8 = 1;
 const MEMBERSHIP_HEADER: usize = 4 + 1 + 8 + 8 + 8;
@@ -70,6 +81,11 @@ impl StateDir {
             Kem::X25519 => self.dir.join("hpke.key"),
             Kem::XWing => self.dir.join("hpke-x-wing.key"),
         }
+    }
+
+    /// Path of the storage key.
+    pub(crate) fn storage_key_path(&self) -> PathBuf {
+        self.dir.join("storage.key")
     }
 
     /// Path of the membership file.
@@ -124,7 +140,124 @@ impl StateDir {
         let hpke = HpkeSecret::generate(kem, &mut rng);
         write_new(&self.identity_path(), seed.as_slice())?;
         write_new(&self.hpke_path(kem), hpke.as_bytes())?;
+        self.storage_key()?;
         Ok(identity.verifying_key())
+    }
+
+    /// The storage key, once a rotation cut short is settled (logged); made (0600) when
+    /// missing.
+    pub(crate) fn storage_key(&self) -> Result<StorageKey> {
+        let path = self.storage_key_path();
+        match settle(&path, |key| self.fit(key))? {
+            Settled::Nothing => {}
+            Settled::RolledBack => warn!(
+                "a rotation of {} was cut short before the membership was re-sealed: rolled \
+                 back (the new key destroyed)",
+                path.display()
+            ),
+            Settled::Finished => warn!(
+                "a rotation of {} was cut short after the membership was re-sealed: finished \
+                 (the old key destroyed)",
+                path.display()
+            ),
+        }
+        if !path.exists() {
+            StorageKey::generate()?.write_new(&path)?;
+            info!(
+                "made a storage key for the membership file: {}",
+                path.display()
+            );
+        }
+        StorageKey::read(&path).with_context(|| {
+            format!(
+                "cannot use the storage key {}; restore it, or delete it with the membership \
+                 file to register anew",
+                path.display()
+            )
+        })
+    }
+
+    /// Whether `key` opens the membership file.
+    fn fit(&self, key: &StorageKey) -> Result<Fit> {
+        Ok(match self.read_membership()? {
+            Some(bytes) if bytes.starts_with(SEALED_HEADER) => {
+                if key.open(SEALED_HEADER, &bytes).is_some() {
+                    Fit::Opens
+                } else {
+                    Fit::Refused
+                }
+            }
+            _ => Fit::Empty,
+        })
+    }
+
+    /// `gkm-member rotate-storage-key`: the membership re-sealed under a new storage key and the
+    /// old key destroyed (see `storage_key.rs`); refused while a member answers on `api`, and,
+    /// changing nothing, when the membership does not authenticate. Says whether there was a
+    /// membership to re-seal (a member stopped cleanly has left its group and deleted it).
+    pub(crate) fn rotate_storage_key(&self, api: &Path) -> Result<bool> {
+        if UnixStream::connect(api).is_ok() {
+            bail!(
+                "stop gkm-member first: a member answers on {} for this state directory \
+                 (systemctl stop gkm-member@…), then rotate again",
+                api.display()
+            );
+        }
+        if !self.initialized() {
+            bail!(
+                "{} holds no member (no identity.key); pass the right --state-dir",
+                self.dir.display()
+            );
+        }
+        let path = self.storage_key_path();
+        let old = self.storage_key()?;
+        let plain = match self.read_membership()? {
+            Some(bytes) => Some(self.plaintext(&old, &bytes)?),
+            None => None,
+        };
+        let new = StorageKey::generate()?;
+        let next = next_path(&path);
+        new.write_new(&next)?;
+        if let Some(plain) = &plain {
+            let sealed = new.seal(SEALED_HEADER, plain)?;
+            self.write_atomic(&self.membership_path(), &sealed, true)?;
+        }
+        install(&next, &path)?;
+        Ok(plain.is_some())
+    }
+
+    /// The membership file's bytes, `None` if there is none.
+    fn read_membership(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let path = self.membership_path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_MEMBERSHIP + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Some(bytes))
+    }
+
+    /// A membership file's plaintext (a version 1 or 2 file): opened under `key` if sealed
+    /// ([`Unauthentic`] if it does not authenticate), else as it is (said in the log).
+    fn plaintext(&self, key: &StorageKey, bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let path = self.membership_path();
+        if bytes.starts_with(SEALED_HEADER) {
+            return key
+                .open(SEALED_HEADER, bytes)
+                .ok_or_else(|| Unauthentic(path).into());
+        }
+        let version =
+            plain_version(bytes).with_context(|| format!("{} is unusable", path.display()))?;
+        info!(
+            "{} is a plaintext membership file (version {version}); it is sealed under \
+             storage.key at its next write",
+            path.display()
+        );
+        Ok(Zeroizing::new(bytes.to_vec()))
     }
 
     /// Reads the identity key and the HPKE key of `kem`, making the latter (0600) if this
@@ -155,8 +288,9 @@ impl StateDir {
         path: &MemberPath,
         kem: Kem,
     ) -> Result<()> {
-        let bytes = encode_membership(group, member, path, kem);
-        self.write_atomic(&self.membership_path(), &bytes, false)
+        let plain = encode_membership(group, member, path, kem);
+        let sealed = self.storage_key()?.seal(SEALED_HEADER, &plain)?;
+        self.write_atomic(&self.membership_path(), &sealed, false)
     }
 
     /// Writes the sequence high-water mark atomically and durably: temporary file of mode 0600,
@@ -216,27 +350,43 @@ impl StateDir {
     }
 
     /// The stored membership for `group` and the KEM of the key it was made with, `None` if
-    /// there is none; an error if the file is unreadable, corrupt or for another group.
+    /// there is none; an error if the file is unreadable, corrupt or for another group, and
+    /// [`Unauthentic`] if it is sealed but does not authenticate under the storage key.
     pub(crate) fn load_membership(&self, group: GroupId) -> Result<Option<Membership>> {
-        let path = self.membership_path();
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        let key = self.storage_key()?;
+        let Some(bytes) = self.read_membership()? else {
+            return Ok(None);
         };
-        let mut bytes = Zeroizing::new(Vec::new());
-        file.take(MAX_MEMBERSHIP + 1)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        decode_membership(group, &bytes)
+        let plain = self.plaintext(&key, &bytes)?;
+        decode_membership(group, &plain)
             .map(Some)
-            .with_context(|| format!("{} is unusable", path.display()))
+            .with_context(|| format!("{} is unusable", self.membership_path().display()))
     }
 
     /// Deletes the membership file (after leaving, or when it is corrupt).
     pub(crate) fn remove_membership(&self) {
         let _ = fs::remove_file(self.membership_path());
     }
+}
+
+/// A membership file sealed under the storage key that does not authenticate under it: altered,
+/// or sealed under another key. It is left as it is.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} does not authenticate under storage.key (altered, or sealed under another key)",
+    .0.display()
+)]
+pub(crate) struct Unauthentic(PathBuf);
+
+/// The version of a plaintext membership file (1 or 2), once it decodes for the group its
+/// header names.
+fn plain_version(bytes: &[u8]) -> Result<u8> {
+    let (Some(&version), Some(group)) = (bytes.get(4), bytes.get(5..13)) else {
+        bail!("truncated header");
+    };
+    let group = GroupId(u64::from_be_bytes(group.try_into()?));
+    decode_membership(group, bytes)?;
+    Ok(version)
 }
 
 /// The mark a sequence file holds; refuses another length, magic or version, and a mark whose

@@ -125,6 +125,14 @@ pub(crate) const MIN_LEASE_MS: u64 = 500;
 pub(crate) const DEFAULT_LEASE_MS: u64 = 3_000;
 
 impl StorageConfig {
+    /// How to reach PostgreSQL (`postgres`).
+    pub(crate) fn pg(&self) -> gkm_server::PgConfig {
+        gkm_server::PgConfig {
+            url: self.url.clone().unwrap_or_default(),
+            password_file: self.password_file.clone(),
+        }
+    }
+
     /// The lease length.
     pub(crate) fn lease(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.lease_ms.unwrap_or(DEFAULT_LEASE_MS))

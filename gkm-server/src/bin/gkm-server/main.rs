@@ -3,7 +3,8 @@
 //! and heartbeats by multicast (and unicast fan-out), operator commands on a Unix socket,
 //! group states sealed in redb, audit events as JSON lines.
 //!
-//! `gkm-server init` makes the keys; `gkm-server run` serves (and inits first if needed).
+//! `gkm-server init` makes the keys; `gkm-server run` serves (and inits first if needed);
+//! `gkm-server rotate-storage-key` re-seals the state under a new storage key.
 
 mod cluster;
 mod config;
@@ -12,6 +13,7 @@ mod metrics;
 mod notify;
 mod queue;
 mod reload;
+mod rotate;
 mod state;
 
 use std::path::Path;
@@ -40,6 +42,16 @@ fn main() -> ExitCode {
             config.as_deref(),
             &StateDir::new(&state_dir, storage_key_file.as_deref()).with_control(control_socket),
             allow_rollback,
+        ),
+        Cmd::RotateStorageKey {
+            config,
+            state_dir,
+            storage_key_file,
+            new_key_file,
+        } => rotate_storage_key(
+            config.as_deref(),
+            &StateDir::new(&state_dir, storage_key_file.as_deref()),
+            new_key_file.as_deref(),
         ),
         Cmd::CheckConfig { config, state_dir } => {
             check_config(config.as_deref(), &StateDir::new(&state_dir, None))
@@ -121,6 +133,15 @@ fn run(config: Option<&Path>, dir: &StateDir, allow_rollback: bool) -> anyhow::R
         .enable_all()
         .build()?;
     runtime.block_on(driver::serve(config, &reload_from, dir, allow_rollback))
+}
+
+fn rotate_storage_key(
+    config: Option<&Path>,
+    dir: &StateDir,
+    new_key_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let config = load_config(config, dir)?;
+    rotate::rotate(dir, &config, new_key_file)
 }
 
 fn check_config(config: Option<&Path>, dir: &StateDir) -> anyhow::Result<()> {

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::SigningKey;
 use gkm_server::{
-    Behind, DiskStore, EpochFloor, FloorError, FlooredStore, GroupState, PgConfig, PgStore,
-    StoreError,
+    Behind, DiskStore, EpochFloor, FloorError, FlooredStore, GroupState, PgStore, StoreError,
 };
 use tracing::info;
 
 use crate::config::Config;
+use crate::rotate::Stored;
 use lkh_tree::{Epoch, GroupId};
 use zeroize::Zeroizing;
 
@@ -24,8 +24,10 @@ pub(crate) const STORAGE_KEY_ENV: &str = "GKM_STORAGE_KEY";
 /// Where the storage key comes from.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum KeySource {
-    /// A file: `--storage-key-file`, a systemd credential, or `STATE_DIR/storage.key`.
+    /// A file gkm-server may replace: `--storage-key-file` or `STATE_DIR/storage.key`.
     File(PathBuf),
+    /// A systemd credential (`$CREDENTIALS_DIRECTORY/storage.key`), read-only to the service.
+    Credential(PathBuf),
     /// [`STORAGE_KEY_ENV`].
     Env,
 }
@@ -69,7 +71,7 @@ impl StateDir {
             return KeySource::Env;
         }
         if let Some(credential) = credential("storage.key") {
-            return KeySource::File(credential);
+            return KeySource::Credential(credential);
         }
         KeySource::File(self.dir.join("storage.key"))
     }
@@ -169,27 +171,9 @@ impl StateDir {
     /// and checks every stored group; takes the state directory's lock (`STATE_DIR/lock`: its
     /// control socket and audit log are this process's). Errors say what to check.
     pub(crate) fn open_postgres(&self, config: &Config) -> Result<crate::cluster::Connected> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(self.dir.join("lock"))
-            .with_context(|| format!("cannot open {}", self.dir.join("lock").display()))?;
-        if lock.try_lock().is_err() {
-            bail!(
-                "state directory {} is in use by another gkm-server; stop it or pass --state-dir",
-                self.dir.display()
-            );
-        }
-        // Held until the process ends.
-        std::mem::forget(lock);
+        self.lock()?;
         let storage = &config.storage;
-        let url = storage.url.clone().unwrap_or_default();
-        let pg = PgConfig {
-            url,
-            password_file: storage.password_file.clone(),
-        };
+        let pg = storage.pg();
         let address = storage.advertise.unwrap_or(config.listen);
         if address.ip().is_unspecified() {
             bail!(
@@ -198,6 +182,7 @@ impl StateDir {
                 config.listen
             );
         }
+        self.finish_rotation(&Stored::Pg(pg.clone()))?;
         let key = self.read_storage_key()?;
         let holder = crate::cluster::holder_name();
         // The driver runs its own small runtime, which cannot start on a tokio thread: open the
@@ -237,10 +222,41 @@ impl StateDir {
         }
     }
 
-    /// The storage key, from where [`StateDir::storage_key`] says.
-    fn read_storage_key(&self) -> Result<Zeroizing<[u8; 32]>> {
+    /// Takes the state directory's lock (`STATE_DIR/lock`) until the process ends: its control
+    /// socket and audit log are this process's (the PostgreSQL store, whose rows others share,
+    /// and a rotation of its key).
+    pub(crate) fn lock(&self) -> Result<()> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join("lock"))
+            .with_context(|| format!("cannot open {}", self.dir.join("lock").display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "state directory {} is in use by another gkm-server; stop it or pass --state-dir",
+                self.dir.display()
+            );
+        }
+        // Held until the process ends.
+        std::mem::forget(lock);
+        Ok(())
+    }
+
+    /// Finishes or rolls back a rotation of the storage key cut short (see `rotate.rs`), when
+    /// the key is a file gkm-server replaces.
+    fn finish_rotation(&self, stored: &Stored) -> Result<()> {
         match self.storage_key() {
-            KeySource::File(path) => read_key(&path),
+            KeySource::File(path) => crate::rotate::recover(&path, stored).map(|_| ()),
+            KeySource::Credential(_) | KeySource::Env => Ok(()),
+        }
+    }
+
+    /// The storage key, from where [`StateDir::storage_key`] says.
+    pub(crate) fn read_storage_key(&self) -> Result<Zeroizing<[u8; 32]>> {
+        match self.storage_key() {
+            KeySource::File(path) | KeySource::Credential(path) => read_key(&path),
             KeySource::Env => {
                 let hex = Zeroizing::new(std::env::var(STORAGE_KEY_ENV).unwrap_or_default());
                 let mut key = Zeroizing::new([0u8; 32]);
@@ -252,7 +268,9 @@ impl StateDir {
         }
     }
 
-    fn open_database(&self) -> Result<(DiskStore, Vec<GroupState>)> {
+    /// Opens the redb store under the storage key, once a rotation cut short is settled.
+    pub(crate) fn open_database(&self) -> Result<(DiskStore, Vec<GroupState>)> {
+        self.finish_rotation(&Stored::Disk(self.database()))?;
         let key = self.read_storage_key()?;
         let path = self.database();
         match DiskStore::open(&path, &key) {
@@ -263,8 +281,10 @@ impl StateDir {
             ),
             Err(e @ StoreError::Corrupt(_)) => Err(e).with_context(|| {
                 format!(
-                    "state file {} is corrupt or was tampered with; refusing to serve (restore it \
-                     from a backup, or move it away to start every group afresh)",
+                    "state file {} is corrupt, was tampered with, or is sealed under another \
+                     storage key (after `rotate-storage-key --new-key-file`, give the daemon the \
+                     new key); refusing to serve (restore it from a backup, or move it away to \
+                     start every group afresh)",
                     path.display()
                 )
             }),
@@ -290,7 +310,8 @@ pub(crate) struct Opened {
     pub(crate) unstored: Vec<(GroupId, Epoch)>,
 }
 
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Creates `path` (mode 0600, refusing an existing file) holding `bytes`, fsynced.
+pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -302,14 +323,14 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Reads a 32-byte key file, refusing one that others may read.
 /// A systemd credential's file (`LoadCredential=NAME:…`), if the service was given one.
 fn credential(name: &str) -> Option<PathBuf> {
     let path = Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
     path.exists().then_some(path)
 }
 
-fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+/// Reads a 32-byte key file, refusing one that others may read.
+pub(crate) fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     let mut file = fs::File::open(path).with_context(|| {
         format!(
             "cannot read {}; run `gkm-server init` first (the storage key may also come from \
