@@ -22,6 +22,7 @@ local types = {
     [1] = "registration request", [2] = "welcome", [3] = "rekey", [4] = "heartbeat",
     [5] = "resync request", [6] = "resync response", [7] = "leave", [8] = "error",
     [9] = "data", [10] = "subscribe", [11] = "cookie reply", [12] = "ack",
+    [13] = "key announcement", [14] = "key chain request", [15] = "key chain",
 }
 local kinds = {
     [0] = "wrap under the opener's old key", [1] = "wrap under the opener's new key",
@@ -70,6 +71,10 @@ f.sender = ProtoField.uint32("gkm.sender", "Sender")
 f.seq = ProtoField.uint64("gkm.seq", "Sequence number")
 f.ciphertext = ProtoField.bytes("gkm.ciphertext", "Ciphertext")
 f.body = ProtoField.bytes("gkm.body", "Body")
+f.key_id = ProtoField.uint32("gkm.key_id", "Signing key number")
+f.grace = ProtoField.uint32("gkm.grace_epochs", "Grace (epochs)")
+f.signing_key = ProtoField.bytes("gkm.signing_key", "Signing key (Ed25519)")
+f.links = ProtoField.uint8("gkm.links", "Announcements")
 
 local ef_malformed = ProtoExpert.new("gkm.malformed", "Malformed gkm message",
     expert.group.MALFORMED, expert.severity.ERROR)
@@ -258,6 +263,20 @@ local function message(buf, pinfo, tree, offset)
     elseif ty == 12 then
         ok = fixed(msg, sub, HEADER_LEN, { { f.member, 8 }, { f.acked, 1 }, { f.nonce, 16 },
             { f.epoch, 8 } }) ~= nil
+    elseif ty == 13 then
+        local o = fixed(msg, sub, HEADER_LEN, { { f.key_id, 4 }, { f.epoch, 8 }, { f.grace, 4 },
+            { f.timestamp, 8 }, { f.signing_key, 32 } })
+        ok = o ~= nil
+        if ok then
+            signature(msg, sub, o)
+            info = info .. ", key " .. msg(HEADER_LEN, 4):uint()
+        end
+    elseif ty == 14 then
+        ok = fixed(msg, sub, HEADER_LEN, { { f.signing_key, 32 }, { f.nonce, 16 } }) ~= nil
+    elseif ty == 15 then
+        local o = fixed(msg, sub, HEADER_LEN, { { f.nonce, 16 }, { f.links, 1 } })
+        ok = o ~= nil and has(msg, o, msg(o - 1, 1):uint() * 132)
+        if ok then info = info .. ", " .. msg(o - 1, 1):uint() .. " announcements" end
     elseif ty == 9 then
         local o = fixed(msg, sub, HEADER_LEN, { { f.epoch, 8 }, { f.sender, 4 }, { f.seq, 8 } })
         ok = o ~= nil and has(msg, o, 2) and has(msg, o + 2, msg(o, 2):uint())

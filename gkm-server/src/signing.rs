@@ -244,7 +244,10 @@ mod tests {
         let seeds: Vec<bool> = chain.records().iter().map(|r| r.seed.is_some()).collect();
         assert_eq!(seeds, [false, false, true]);
         let shown = format!("{:?}", chain.records()[2]);
-        assert!(shown.contains("***") && !shown.contains("3, 3, 3, 3, 3, 3"), "{shown}");
+        assert!(
+            shown.contains("***") && !shown.contains("3, 3, 3, 3, 3, 3"),
+            "{shown}"
+        );
     }
 
     #[test]
