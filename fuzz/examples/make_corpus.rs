@@ -9,9 +9,9 @@ use gkm_fuzz::{Fixture, GROUP, PATH_EPOCH, TARGETS, agents};
 use lkh_tree::{Epoch, GroupId, Kcv, NodeId, WRAPPED_LEN, Wrap};
 use wire::{
     Ack, Acked, Codec, DataFrame, ErrorMessage, HEADER_LEN, Heartbeat, HpkePublicKey, Item, Kem,
-    LeaveRequest,
-    MAX_REASON, MAX_SEALED, MAX_TOKEN, MemberId, PathKeys, RegistrationRequest, RekeyDatagram,
-    ResyncRequest, SealedKind, SealedPath, Status, Subscribe,
+    KeyAnnouncement, KeyChain, KeyChainRequest, LeaveRequest, MAX_REASON, MAX_SEALED, MAX_TOKEN,
+    MemberId, PathKeys, RegistrationRequest, RekeyDatagram, ResyncRequest, SealedKind, SealedPath,
+    Status, Subscribe,
 };
 
 /// The files of one target: (name, bytes).
@@ -692,6 +692,12 @@ fn requests() -> Files {
 
 fn controller_request() -> Files {
     let mut files = requests();
+    let chain = KeyChainRequest {
+        group: agents::GROUP,
+        known_key: [9; 32],
+        nonce: [3; 16],
+    };
+    named(&mut files, "key-chain-request", raw(&chain.to_bytes()));
     let (multicast, _) = agents::Agents::get().captures();
     named(
         &mut files,
@@ -854,6 +860,24 @@ fn member_multicast() -> Files {
         "invalid-stale-rekey-body",
         to_sign(1, stale.to_bytes()),
     );
+    let announcement = KeyAnnouncement {
+        group: agents::GROUP,
+        key_id: 1,
+        from_epoch: Epoch(2),
+        grace_epochs: 16,
+        issued_ms: agents::NOW,
+        key: agents::identity(7).verifying_key().to_bytes(),
+    };
+    named(
+        &mut files,
+        "announcement-body",
+        to_sign(1, announcement.to_bytes()),
+    );
+    named(
+        &mut files,
+        "invalid-announcement-by-a-member",
+        raw(&wire::sign(&announcement, &agents::identity(1))),
+    );
     let beat = beats[0];
     named(&mut files, "beat-ahead", raw(beat));
     let mut far = Heartbeat::decode_exact(&body(beat)).expect("a captured heartbeat decodes");
@@ -915,6 +939,18 @@ fn member_reply() -> Files {
         epoch: Epoch(1),
     };
     named(&mut files, "ack-unasked", raw(&ack.to_bytes()));
+    let chain = KeyChain {
+        group: agents::GROUP,
+        request_nonce: [0; 16],
+        announcements: Vec::new(),
+    };
+    named(&mut files, "key-chain-unasked", raw(&chain.to_bytes()));
+    let unknown = ErrorMessage {
+        group: agents::GROUP,
+        status: Status::SigningKeyUnknown,
+        reason: "seed".into(),
+    };
+    named(&mut files, "error-412-unasked", raw(&unknown.to_bytes()));
     named(
         &mut files,
         "invalid-garbage",

@@ -144,6 +144,7 @@ pub struct Resealed {
 
 impl KeyFit {
     /// The fit of a key under which `opened` heads of `heads` authenticated; a mix is corrupt.
+    #[cfg(any(feature = "disk", feature = "postgres"))]
     pub(crate) fn of(heads: usize, opened: usize) -> Result<KeyFit, StoreError> {
         match (heads, opened) {
             (0, _) => Ok(KeyFit::Empty),
