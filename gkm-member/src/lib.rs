@@ -320,11 +320,13 @@ pub struct Member<R> {
     stats: MemberStats,
 }
 
-/// The member's chain requests: at most one outstanding, and asked again no sooner than
-/// `wait_ms` after the last (doubled by each answer that brought no new key, so that forged or
-/// garbled datagrams cannot make a member hammer its controller).
+/// The member's chain requests. A message of its group that fails its signature check only
+/// sets `doubt`; the chain is asked for in place of the next request the member's timers make,
+/// at most one outstanding, and no sooner than `retry_ms` after the last (doubled by each answer
+/// that brought no new key): forged datagrams never make a member send anything of their own.
 #[derive(Clone, Copy, Debug, Default)]
 struct ChainAsk {
+    doubt: bool,
     nonce: Option<[u8; NONCE_LEN]>,
     asked_at: Option<Millis>,
     fruitless: u32,
@@ -486,22 +488,38 @@ impl<R: CryptoRng> Member<R> {
         }
     }
 
-    /// The earliest time [`Member::handle_timeout`] has work.
+    /// The earliest time [`Member::handle_timeout`] has work (timers wait while a chain request
+    /// does).
     pub fn poll_timeout(&self) -> Option<Millis> {
+        let requests = self.request_timers_at().map(|at| match self.chain.nonce {
+            Some(_) => at.max(self.chain_deadline()),
+            None => at,
+        });
+        [requests, self.channel_timers_at()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The earliest of the timers that send requests: retries, resyncs, renewals.
+    fn request_timers_at(&self) -> Option<Millis> {
+        [self.retry_at, self.catch_up.poll_timeout(), self.renew_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The earliest of the timers of the rekey channel: silence, fan-out subscriptions (they
+    /// send datagrams, not requests).
+    fn channel_timers_at(&self) -> Option<Millis> {
         let subscribe_at = match self.delivery {
             Delivery::Fanout { subscribe_at, .. } => Some(subscribe_at),
             Delivery::Multicast => None,
         };
-        [
-            self.retry_at,
-            self.catch_up.poll_timeout(),
-            self.renew_at,
-            subscribe_at,
-            self.silence_at(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [subscribe_at, self.silence_at()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// When silence on the rekey channel makes the member act, if it is admitted.
@@ -638,12 +656,22 @@ impl<R: CryptoRng> Member<R> {
         }
     }
 
-    /// Timers: registration retries, resyncs when behind, lease renewals.
+    /// Timers: registration retries, resyncs when behind, lease renewals; a chain request in
+    /// place of the first of them when the member doubts its signing key.
     pub fn handle_timeout(&mut self, now: Millis) {
+        let due = [self.request_timers_at(), self.channel_timers_at()]
+            .into_iter()
+            .flatten()
+            .any(|t| t <= now);
+        let asked = !self.chain_pending(now) && due && self.ask_chain_if_doubted(now);
         if self.silence_at().is_some_and(|t| t <= now) {
             self.silent(now);
         }
         self.subscribe_when_due(now);
+        // The member's driver keeps one request in flight: the others wait for the chain's.
+        if asked || self.chain_pending(now) {
+            return;
+        }
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
             self.unanswered = self.unanswered.saturating_add(1);
@@ -735,7 +763,7 @@ impl<R: CryptoRng> Member<R> {
         let key = *self.key_for(unverified.message().epoch);
         let authentic = match AuthenticRekey::check(unverified, &key) {
             Ok(a) => a,
-            Err(WireError::BadSignature) => return self.bad_signature(now, ours, "bad signature"),
+            Err(WireError::BadSignature) => return self.bad_signature(ours, "bad signature"),
             Err(_) => return self.drop_datagram("malformed"),
         };
         if authentic.datagram().group == self.config.group {
@@ -823,7 +851,7 @@ impl<R: CryptoRng> Member<R> {
         let ours = unverified.message().group == group;
         let key = *self.key_for(unverified.message().epoch);
         let Ok(beat) = unverified.verify(&key) else {
-            return self.bad_signature(now, ours, "bad heartbeat");
+            return self.bad_signature(ours, "bad heartbeat");
         };
         if beat.message().group == group {
             self.heard_at = now;
@@ -847,7 +875,7 @@ impl<R: CryptoRng> Member<R> {
             // Perhaps signed by a key the member has not followed yet: kept (one) until the
             // chain it asks for is walked.
             self.unverified_reply = Some(bytes.to_vec());
-            return self.bad_signature(now, true, "bad sealed path");
+            return self.bad_signature(true, "bad sealed path");
         };
         let sealed = verified.message();
         let expected = match (&self.state, sealed.kind) {
@@ -1151,20 +1179,35 @@ impl<R: CryptoRng> Member<R> {
     }
 
     /// A message that did not verify: dropped; if it names the member's group, perhaps the
-    /// group's key was replaced and the announcement missed, so the member asks for the chain
-    /// (rate-limited: [`ChainAsk`]).
-    fn bad_signature(&mut self, now: Millis, ours: bool, reason: &'static str) {
+    /// group's key was replaced and the announcement missed: the member doubts its key, and asks
+    /// for the chain in place of the next request its own timers make ([`ChainAsk`]). Never at
+    /// once: unauthenticated bytes make no member send anything (a forged multicast datagram
+    /// must not make a million members ask the controller).
+    fn bad_signature(&mut self, ours: bool, reason: &'static str) {
         self.drop_datagram(reason);
         if ours {
-            self.ask_chain(now);
+            self.chain.doubt = true;
         }
     }
 
-    /// Asks the controller for the announcements that lead from the key the member holds,
-    /// unless one was asked for within the wait.
-    fn ask_chain(&mut self, now: Millis) {
-        if matches!(self.state, State::Left | State::Stopped) {
-            return;
+    /// Whether a chain request waits for its answer (for at most `retry_ms`): the member's other
+    /// requests wait too, since its driver keeps one request in flight.
+    fn chain_pending(&self, now: Millis) -> bool {
+        self.chain.nonce.is_some() && now < self.chain_deadline()
+    }
+
+    fn chain_deadline(&self) -> Millis {
+        self.chain
+            .asked_at
+            .map_or(0, |at| at.saturating_add(self.config.retry_ms))
+    }
+
+    /// Asks for the chain if the member doubts its key and no chain was asked for within the
+    /// wait (`retry_ms`, doubled by each answer that brought nothing new, up to 16 times);
+    /// whether it asked.
+    fn ask_chain_if_doubted(&mut self, now: Millis) -> bool {
+        if !self.chain.doubt || matches!(self.state, State::Left | State::Stopped) {
+            return false;
         }
         let wait = self
             .config
@@ -1175,8 +1218,9 @@ impl<R: CryptoRng> Member<R> {
             .asked_at
             .is_some_and(|at| now < at.saturating_add(wait))
         {
-            return;
+            return false;
         }
+        self.chain.doubt = false;
         let nonce = self.nonce();
         let request = KeyChainRequest {
             group: self.config.group,
@@ -1186,6 +1230,7 @@ impl<R: CryptoRng> Member<R> {
         self.requests.push_back(wire::Codec::to_bytes(&request));
         self.chain.nonce = Some(nonce);
         self.chain.asked_at = Some(now);
+        true
     }
 
     /// A multicast announcement of the group's next signing key.
@@ -1198,7 +1243,7 @@ impl<R: CryptoRng> Member<R> {
             Err(NotTaken::BadSignature { key_id }) => {
                 // A later link than the next (the member missed one): ask for the chain.
                 let later = self.keys.current_id().is_none_or(|id| key_id > id);
-                self.bad_signature(now, later, "bad announcement");
+                self.bad_signature(later, "bad announcement");
             }
         }
     }
