@@ -65,7 +65,7 @@ pub fn p99_close(a: u64, b: u64) -> bool {
 
 /// Runs both models on `config` and compares them.
 pub fn compare(config: &ChurnConfig) -> Result<Row, CostError> {
-    let full = churn::run(config);
+    let full = churn::run(config)?;
     let subtree = scale::run(config)?;
     let agree = counts_agree(full.resyncs, subtree.resyncs)
         && counts_agree(
