@@ -3,7 +3,9 @@
 //! and leaves, periodic batch rekeying, per-receiver loss (Bernoulli or Gilbert–Elliott), the
 //! policy's repeats, heartbeats and unicast resync. Every member is a full `Member` object (about
 //! 2 KiB each), so this suits groups up to some 10^4 members; [`crate::scale`] models receivers
-//! by subtree for 2^20 and beyond.
+//! by subtree for 2^20 and beyond. Both start from one restored group (the N first members
+//! resume the paths the controller holds, spread over a warm-up of one renewal period) and are
+//! churned by the same events (`netsim/src/start.rs`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -280,8 +282,8 @@ struct Sim {
     tally: Tally,
 }
 
-/// Runs the churn simulation: the group of [`start::start`], its warm-up, then
-/// [`start::churn_events`] and a settle.
+/// Runs the churn simulation: the group of `start::start` (`netsim/src/start.rs`), its warm-up,
+/// then `start::churn_events` and a settle.
 pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     let mut sim = Sim::started(config)?;
     start::churn_events(&mut sim, config);
@@ -356,8 +358,8 @@ impl Model for Sim {
 }
 
 impl Sim {
-    /// The group of [`start::start`] with a full `Member` resumed for every restored member
-    /// during the warm-up.
+    /// The group of `start::start` (`netsim/src/start.rs`) with a full `Member` resumed for
+    /// every restored member during the warm-up.
     fn started(config: &ChurnConfig) -> Result<Sim, CostError> {
         let start = start::start(config)?;
         let mut sim = Sim {

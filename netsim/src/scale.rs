@@ -9,17 +9,17 @@
 //! (`resyncs_charged`). About 80 bytes per member instead of a whole `Member`, so 2^20 members
 //! and 10^5 events fit in minutes.
 //!
-//! Members renew their leases every 5 s, as the full model's do (the restored members' renewals
-//! spread over the period; the full model's first members, all welcomed in its first batch,
-//! renew in lockstep, which moves its convergence tail, see `crate::agree`); a renewal of a member behind is
-//! sent through the controller (a resync request, answered with its path or, while the missed
-//! rekey is still being repeated, acknowledged), one of a member in step is not sent (it would
-//! be acknowledged and change nothing), so the controller's time leaves those out.
+//! It starts from the group the full model starts from (`netsim/src/start.rs`: the same tree,
+//! member placement and controller) and is churned by the same events. Members renew their leases every
+//! 5 s, as the full model's do (from the time they resume in the warm-up); a renewal of a member
+//! behind is sent through the controller (a resync request, answered with its path or, while the
+//! missed rekey is still being repeated, acknowledged), one of a member in step is not sent (it
+//! would be acknowledged and change nothing), so the controller's time leaves those out.
 //!
 //! A member that missed a whole epoch learns it from any datagram of a later one, as a full
-//! member does (the datagrams that serve others too: the members holding an epoch older than the
-//! one before are listed once per epoch). What it leaves out, next to full receivers: the silence
-//! timer and fan-out.
+//! member does, and holds it as a full member does (the datagrams that serve others too: the
+//! members holding an epoch older than the one before are listed once per epoch). What it leaves
+//! out, next to full receivers: the silence timer and fan-out.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -155,8 +155,8 @@ struct Scale {
 }
 
 /// Runs churn on `config.members` members, receivers modelled by subtree: the group of
-/// [`start::start`], its warm-up, then [`start::churn_events`] and up to 60 simulated seconds
-/// for heartbeats to bring every member in step.
+/// `start::start` (`netsim/src/start.rs`), its warm-up, then `start::churn_events` and up to 60
+/// simulated seconds for heartbeats to bring every member in step.
 pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     let mut start = start::start(config)?;
     let resumes = std::mem::take(&mut start.resumes);
@@ -366,12 +366,12 @@ impl Scale {
     }
 
     /// A restored member resumes its membership at `leaf` now, holding the current epoch, as a
-    /// full member resumes with the path the controller holds (its resync request is not sent:
-    /// a member in step is acknowledged and nothing changes); its renewals count from now.
+    /// full member resumes with the path the controller holds: it asks for a resync at once, and
+    /// its renewals count from the acknowledgement.
     fn resume(&mut self, leaf: NodeId) {
         let leaf = leaf.0 as usize;
         self.rx.admit(leaf, self.current, self.sent);
-        self.renew_later(leaf);
+        self.send_resync(leaf);
     }
 
     /// The member at `leaf` renews its lease a period from now (after any answer).

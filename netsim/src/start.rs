@@ -174,8 +174,9 @@ fn leave_one(model: &mut impl Model, times: &mut ChaCha20Rng) {
     }
 }
 
-/// Runs the warm-up: `resume` is called for each restored member at its tick, then the tick
-/// runs, until one renewal period has passed.
+/// Runs the warm-up: each tick runs, then `resume` is called for each restored member due (after
+/// the tick, so that none resumes before the restored controller's first rekey), until one
+/// renewal period has passed.
 pub(crate) fn warm_up<M: Model>(
     model: &mut M,
     resumes: &[(NodeId, u64)],
@@ -186,10 +187,10 @@ pub(crate) fn warm_up<M: Model>(
     let mut next = order.into_iter().peekable();
     for _ in 0..RENEW_MS / TICK_MS {
         *model.now() += TICK_MS;
+        model.tick();
         let now = *model.now();
         while let Some((_, leaf)) = next.next_if(|&(at, _)| START + at <= now) {
             resume(model, leaf);
         }
-        model.tick();
     }
 }
