@@ -90,9 +90,8 @@ pub struct ChurnReport {
     /// its keys: the resyncs no waiting avoids. `None` in the subtree model.
     pub lost_every_copy: Option<u64>,
     /// Whether the resyncs went through the controller, so that their signature checks and
-    /// HPKE seals are in `controller_cpu_us_per_op`: true with full receivers; false in the
-    /// subtree model, which counts resyncs without sending them (its controller time leaves
-    /// them out).
+    /// HPKE seals are in `controller_cpu_us_per_op`: true in both models (the subtree model
+    /// sends its modelled members' resync requests through the controller).
     pub resyncs_charged: bool,
     /// Time from a rekey to a receiving member holding its key: median.
     pub converged_ms_p50: u64,
@@ -294,10 +293,7 @@ pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
 /// Replays a membership trace ([`crate::trace`]) on the real controller and members, after
 /// `config.members` members restored and warmed up first (as [`run`] starts); `config`'s rates
 /// and duration are not used (the trace sets them). The report is [`run`]'s.
-pub fn replay(
-    config: &ChurnConfig,
-    trace: &crate::trace::Trace,
-) -> Result<ChurnReport, CostError> {
+pub fn replay(config: &ChurnConfig, trace: &crate::trace::Trace) -> Result<ChurnReport, CostError> {
     let mut sim = Sim::started(config)?;
     let start = sim.now;
     let mut ids: HashMap<usize, u64> = HashMap::new();

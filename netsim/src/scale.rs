@@ -643,7 +643,6 @@ impl Scale {
             .count()
     }
 
-
     fn report(&mut self) -> ChurnReport {
         let seen = Seen {
             members: self.rx.held.iter().filter(|&&h| h != ABSENT).count(),

@@ -11,7 +11,9 @@
 //! do; the churn starts when the warm-up ends.
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use gkm_server::{Controller, GroupPolicy, GroupState, HpkeDigest, MemberRecord, StoreDriver, Timestamp};
+use gkm_server::{
+    Controller, GroupPolicy, GroupState, HpkeDigest, MemberRecord, StoreDriver, Timestamp,
+};
 use lkh_tree::{GroupId, NodeId};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -66,7 +68,7 @@ pub(crate) fn member_id(leaf: NodeId, joined: u32) -> MemberId {
 /// The group both models start from, from `config`'s seed (its own stream).
 pub(crate) fn start(config: &ChurnConfig) -> Result<Start, CostError> {
     // "start" in ASCII.
-    let mut rng = ChaCha20Rng::seed_from_u64(config.seed ^ 0x7374_6172_74);
+    let mut rng = ChaCha20Rng::seed_from_u64(config.seed ^ 0x0073_7461_7274);
     let group = GroupId::from_name(GROUP);
     let tree = cost::build(config.members, Scheme::OneWay, config.degree, &mut rng)?;
     let mut snapshot = tree.snapshot();
@@ -81,7 +83,7 @@ pub(crate) fn start(config: &ChurnConfig) -> Result<Start, CostError> {
         .map(|&leaf| MemberRecord {
             id: member_id(leaf, 0),
             identity: identity.verifying_key().to_bytes(),
-            hpke: digest.clone(),
+            hpke: digest,
             leaf,
             joined: 0,
             lease_until: Timestamp(u64::MAX / 2),
