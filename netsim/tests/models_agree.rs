@@ -29,7 +29,14 @@ fn both_models_agree_on_a_small_grid() {
     let mut bursts = configs[3].clone();
     bursts.repeats = 3;
     configs.extend([at_once, spaced, bursts]);
-    let rows: Vec<Row> = configs.iter().map(|c| agree::compare(c).unwrap()).collect();
+    // The cells on threads of their own (each run is deterministic from its seed alone).
+    let rows: Vec<Row> = std::thread::scope(|scope| {
+        let runs: Vec<_> = configs
+            .iter()
+            .map(|c| scope.spawn(|| agree::compare(c).unwrap()))
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
     for r in &rows {
         assert_eq!((r.full.diverged, r.subtree.diverged), (0, 0), "{r:?}");
         assert!(r.full.resyncs > 0, "loss needs resyncs: {r:?}");
