@@ -1,19 +1,19 @@
 //! The subtree model held to the real members: both churn models ([`crate::churn`], every member
 //! a real `gkm_member::Member`; [`crate::scale`], receivers modelled by subtree with the member's
 //! own catch-up decision) run on the same parameters and seed over a grid, and their resyncs,
-//! members resynced and convergence p99 compared. The two draw their losses from different
-//! streams, so they agree in distribution, not datagram by datagram: a count agrees when it is
-//! within 10% of the larger or within three standard deviations of a Poisson count of that size
-//! plus 3 (for small counts).
+//! members resynced and convergence p99 compared. Both start from the same group and see the
+//! same membership events (`netsim/src/start.rs`), so their controllers send the same rekeys;
+//! they draw their losses from different streams, so they agree in distribution, not datagram by
+//! datagram: a count agrees when it is within 10% of the larger or within three standard
+//! deviations of a Poisson count of that size plus 3 (for small counts).
 //!
-//! Convergence p99 does not meet 10% everywhere, and the grid holds it only to one heartbeat
-//! interval (1,000 ms): the tail is the members that lost every copy of a rekey, and when they
-//! learn it (the next heartbeat or rekey, one second later, or an acknowledged lease renewal,
-//! which names the new epoch at once) depends on when they renew. The full model's first members
-//! all registered in its first batch and renew in lockstep, on rekey ticks, so a fifth of its
-//! rekeys find every member renewing just as they are sent; the subtree model's renewals are
-//! spread over the period. Measured: p99 400 ms (full) against 780 ms (subtree) at 500 members,
-//! 20% Bernoulli loss, 2 repeats, 1 s batches, where the resyncs agree within 3%.
+//! Convergence p99 is held to one heartbeat interval (1,000 ms), and reported against 10% (or
+//! 100 ms): with 1 s batches the delays cluster (0 for a member that got a copy, the grace after
+//! the next heartbeat, a second more for one that lost the heartbeat too) with a sparse, flat
+//! stretch between the clusters, and when the p99 rank falls in that stretch a few percent more
+//! or fewer late members (well within the counts' tolerance) move it by hundreds of
+//! milliseconds. Measured (2,000 members, 10 s, 5% Bernoulli loss, one send, 1 s batches): 984
+//! late samples in the full model and 895 in the subtree model put p99 at 530 and 410 ms.
 
 use serde::Serialize;
 
@@ -65,7 +65,7 @@ pub fn p99_close(a: u64, b: u64) -> bool {
 
 /// Runs both models on `config` and compares them.
 pub fn compare(config: &ChurnConfig) -> Result<Row, CostError> {
-    let full = churn::run(config);
+    let full = churn::run(config)?;
     let subtree = scale::run(config)?;
     let agree = counts_agree(full.resyncs, subtree.resyncs)
         && counts_agree(
@@ -216,35 +216,5 @@ mod tests {
         assert!(p99_agree(1_300, 400));
         assert!(!p99_agree(2_300, 1_000));
         assert!(p99_close(1_300, 1_200) && !p99_close(400, 780));
-    }
-
-    /// A representative subset small enough for a debug build; the whole grid is
-    /// `netsim agree` in release (results in `RFC-notes/netsim.md`).
-    #[test]
-    fn both_models_agree_on_a_small_grid() {
-        let grid = Grid {
-            members: vec![500],
-            losses: vec![0.05, 0.2],
-            models: vec![LossModel::Bernoulli, LossModel::GilbertElliott],
-            repeats: vec![2],
-            spacings: vec![100],
-            intervals: vec![1_000],
-            duration_s: 15,
-            rate: 3.0,
-            seed: 2,
-        };
-        let mut extra = grid.configs();
-        // Back-to-back repeats, one send, rekeys at once.
-        let mut c = extra[0].clone();
-        c.repeats = 1;
-        c.interval_ms = 0;
-        c.spacing_ms = 0;
-        extra.push(c);
-        let rows: Vec<Row> = extra.iter().map(|c| compare(c).unwrap()).collect();
-        for r in &rows {
-            assert_eq!((r.full.diverged, r.subtree.diverged), (0, 0));
-            assert!(r.full.resyncs > 0, "loss needs resyncs: {r:?}");
-        }
-        assert!(rows.iter().all(|r| r.agree), "{}", markdown(&rows));
     }
 }

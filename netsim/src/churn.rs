@@ -3,22 +3,27 @@
 //! and leaves, periodic batch rekeying, per-receiver loss (Bernoulli or Gilbert–Elliott), the
 //! policy's repeats, heartbeats and unicast resync. Every member is a full `Member` object (about
 //! 2 KiB each), so this suits groups up to some 10^4 members; [`crate::scale`] models receivers
-//! by subtree for 2^20 and beyond.
+//! by subtree for 2^20 and beyond. Both start from one restored group (the N first members
+//! resume the paths the controller holds, spread over a warm-up of one renewal period) and are
+//! churned by the same events (`netsim/src/start.rs`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use gkm_member::{Member, MemberConfig, MemberEvent};
 use gkm_server::{
-    Command, ConnId, Controller, GroupDelta, GroupPolicy, GroupState, Response, Store, StoreDriver,
-    StoreError, Timestamp, Transmit,
+    Command, ConnId, GroupDelta, GroupState, Response, Store, StoreDriver, StoreError, Timestamp,
+    Transmit,
 };
-use lkh_tree::GroupId;
+use lkh_tree::{GroupId, NodeId};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::Serialize;
 use wire::{HpkeSecret, Kem};
+
+use crate::cost::CostError;
+use crate::start::{self, GROUP, Model, RENEW_MS, START, TICK_MS};
 
 /// How datagrams are lost on each receiver's link.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -85,9 +90,8 @@ pub struct ChurnReport {
     /// its keys: the resyncs no waiting avoids. `None` in the subtree model.
     pub lost_every_copy: Option<u64>,
     /// Whether the resyncs went through the controller, so that their signature checks and
-    /// HPKE seals are in `controller_cpu_us_per_op`: true with full receivers; false in the
-    /// subtree model, which counts resyncs without sending them (its controller time leaves
-    /// them out).
+    /// HPKE seals are in `controller_cpu_us_per_op`: true in both models (the subtree model
+    /// sends its modelled members' resync requests through the controller).
     pub resyncs_charged: bool,
     /// Time from a rekey to a receiving member holding its key: median.
     pub converged_ms_p50: u64,
@@ -146,13 +150,6 @@ impl LossModel {
 /// A uniform draw in [0, 1).
 pub(crate) fn uniform(rng: &mut ChaCha20Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// The random source of the membership events' times, its own stream of the seed: both churn
-/// models draw the same join and leave times from the same seed.
-pub(crate) fn event_times(config: &ChurnConfig) -> ChaCha20Rng {
-    // "events" in ASCII.
-    ChaCha20Rng::seed_from_u64(config.seed ^ 0x6576_656e_7473)
 }
 
 /// Milliseconds (fractional) to the next event of a Poisson process of `rate` per second.
@@ -268,8 +265,12 @@ struct Sim {
     config: ChurnConfig,
     rng: ChaCha20Rng,
     controller: StoreDriver<ChaCha20Rng>,
-    signer: SigningKey,
+    controller_key: VerifyingKey,
     receivers: HashMap<u64, Receiver>,
+    /// Admitted members by leaf (receiver ids).
+    by_leaf: HashMap<usize, u64>,
+    /// One more than the largest leaf a member was admitted at.
+    leaf_bound: usize,
     next_id: u64,
     now: u64,
     /// Epoch → when the controller sent it.
@@ -280,162 +281,60 @@ struct Sim {
     tally: Tally,
 }
 
-const START: u64 = 1_800_000_000_000;
-const GROUP: &str = "netsim";
-
-/// Runs the churn simulation.
-pub fn run(config: &ChurnConfig) -> ChurnReport {
-    let mut sim = Sim::new(config.clone());
-    for _ in 0..config.members {
-        sim.join();
-    }
+/// Runs the churn simulation: the group of `start::start` (`netsim/src/start.rs`), its warm-up,
+/// then `start::churn_events` and a settle.
+pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
+    let mut sim = Sim::started(config)?;
+    start::churn_events(&mut sim, config);
     sim.settle();
-    let end = sim.now + config.duration_s * 1_000;
-    let mut times = event_times(config);
-    let mut next_join = sim.now as f64 + exponential(&mut times, config.join_rate);
-    let mut next_leave = sim.now as f64 + exponential(&mut times, config.leave_rate);
-    while sim.now < end {
-        sim.now += 10;
-        while next_join <= sim.now as f64 {
-            sim.join();
-            sim.tally.events += 1;
-            next_join += exponential(&mut times, config.join_rate);
-        }
-        while next_leave <= sim.now as f64 {
-            sim.leave_one();
-            sim.tally.events += 1;
-            next_leave += exponential(&mut times, config.leave_rate);
-        }
-        sim.tick();
-    }
-    sim.settle();
-    sim.report()
+    Ok(sim.report())
 }
 
 /// Replays a membership trace ([`crate::trace`]) on the real controller and members, after
-/// `config.members` members admitted first; `config`'s rates and duration are not used (the
-/// trace sets them). The report is [`run`]'s.
-pub fn replay(config: &ChurnConfig, trace: &crate::trace::Trace) -> ChurnReport {
-    let mut sim = Sim::new(config.clone());
-    for _ in 0..config.members {
-        sim.join();
-    }
-    sim.settle();
+/// `config.members` members restored and warmed up first (as [`run`] starts); `config`'s rates
+/// and duration are not used (the trace sets them). The report is [`run`]'s.
+pub fn replay(config: &ChurnConfig, trace: &crate::trace::Trace) -> Result<ChurnReport, CostError> {
+    let mut sim = Sim::started(config)?;
     let start = sim.now;
     let mut ids: HashMap<usize, u64> = HashMap::new();
     let mut events = trace.events.iter().peekable();
     while events.peek().is_some() {
-        sim.now += 10;
+        sim.now += TICK_MS;
         while let Some(e) = events.next_if(|e| start + e.time_ms <= sim.now) {
             if e.join {
-                ids.insert(e.member, sim.join());
+                ids.insert(e.member, sim.register());
             } else if let Some(id) = ids.remove(&e.member) {
-                sim.leave(id);
+                sim.leave_id(id);
             }
             sim.tally.events += 1;
         }
         sim.tick();
     }
     sim.settle();
-    sim.report()
+    Ok(sim.report())
 }
 
-impl Sim {
-    fn new(config: ChurnConfig) -> Sim {
-        let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
-        let mut seed = [0u8; 32];
-        rng.fill_bytes(&mut seed);
-        let signer = SigningKey::from_bytes(&seed);
-        let mut policy = GroupPolicy::new(GROUP, GroupId::from_name(GROUP));
-        policy.tree.degree = config.degree;
-        policy.batch_interval_ms = config.interval_ms;
-        policy.repeats = config.repeats.max(1);
-        policy.repeat_spacing_ms = config.spacing_ms;
-        policy.heartbeat_interval_ms = 1_000;
-        policy.lease_ms = u64::MAX / 4;
-        let mut controller_rng = [0u8; 32];
-        rng.fill_bytes(&mut controller_rng);
-        let controller = StoreDriver::new(
-            Controller::new(
-                signer.clone(),
-                ChaCha20Rng::from_seed(controller_rng),
-                vec![policy],
-                vec![],
-                Timestamp(START),
-            )
-            .unwrap_or_else(|e| panic!("the simulator's policy is valid: {e}")),
-            Box::new(NoStore),
-        );
-        Sim {
-            config,
-            rng,
-            controller,
-            signer,
-            receivers: HashMap::new(),
-            next_id: 0,
-            now: START,
-            sent_at: HashMap::new(),
-            copies: HashMap::new(),
-            tally: Tally::default(),
-        }
+impl Model for Sim {
+    fn now(&mut self) -> &mut u64 {
+        &mut self.now
     }
 
-    /// A new member, registering now: its receiver id.
-    fn join(&mut self) -> u64 {
-        let mut seed = [0u8; 32];
-        self.rng.fill_bytes(&mut seed);
-        let mut member_rng = ChaCha20Rng::from_seed(seed);
-        member_rng.fill_bytes(&mut seed);
-        let identity = SigningKey::from_bytes(&seed);
-        let hpke = HpkeSecret::generate(Kem::XWing, &mut member_rng);
-        let mut config = MemberConfig::new(GroupId::from_name(GROUP), self.signer.verifying_key());
-        // Lease renewals double as a slow resync path: a member that lost every heartbeat of a
-        // long loss burst still learns it is behind when it renews.
-        config.renew_interval_ms = 5_000;
-        let member = Member::new(config, identity, hpke, member_rng, self.now);
-        self.receivers.insert(
-            self.next_id,
-            Receiver {
-                member,
-                bad: false,
-                resynced: false,
-            },
-        );
-        self.next_id += 1;
-        self.next_id - 1
+    fn join(&mut self) {
+        self.register();
+        self.tally.events += 1;
     }
 
-    fn leave_one(&mut self) {
-        let mut ids: Vec<u64> = self.receivers.keys().copied().collect();
-        ids.sort_unstable();
-        if ids.is_empty() {
-            return;
-        }
-        let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
-        let pick = usize::try_from(self.rng.next_u64() % n).unwrap_or(0);
-        self.leave(ids[pick]);
+    fn leave(&mut self, leaf: usize) -> bool {
+        let Some(id) = self.by_leaf.get(&leaf).copied() else {
+            return false;
+        };
+        self.leave_id(id);
+        self.tally.events += 1;
+        true
     }
 
-    /// The member `id` leaves (a signed leave request to the controller).
-    fn leave(&mut self, id: u64) {
-        if let Some(mut r) = self.receivers.remove(&id) {
-            r.member.leave(self.now);
-            while let Some(request) = r.member.poll_request() {
-                self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
-            }
-        }
-    }
-
-    fn controller_call(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp)) {
-        self.tally.call(&mut self.controller, self.now, f);
-    }
-
-    fn lost(&mut self, id: u64) -> bool {
-        let u = uniform(&mut self.rng);
-        let (p, model) = (self.config.loss, self.config.model);
-        self.receivers
-            .get_mut(&id)
-            .is_none_or(|r| model.lost(p, &mut r.bad, u))
+    fn leaf_bound(&self) -> usize {
+        self.leaf_bound
     }
 
     /// Fires timers and moves every message until nothing moves (bounded).
@@ -452,20 +351,159 @@ impl Sim {
         }
         panic!("the simulated network did not settle (livelock)");
     }
+}
+
+impl Sim {
+    /// The group of `start::start` (`netsim/src/start.rs`) with a full `Member` resumed for
+    /// every restored member during the warm-up.
+    fn started(config: &ChurnConfig) -> Result<Sim, CostError> {
+        let start = start::start(config)?;
+        let mut sim = Sim {
+            config: config.clone(),
+            rng: ChaCha20Rng::seed_from_u64(config.seed),
+            controller: start.controller,
+            controller_key: start.controller_key,
+            receivers: HashMap::new(),
+            by_leaf: HashMap::new(),
+            leaf_bound: 0,
+            next_id: 0,
+            now: START,
+            sent_at: HashMap::new(),
+            copies: HashMap::new(),
+            tally: Tally::default(),
+        };
+        let (identity, hpke) = (start.identity, start.hpke);
+        start::warm_up(&mut sim, &start.resumes, |sim, leaf| {
+            sim.resume(leaf, &identity, &hpke);
+        });
+        Ok(sim)
+    }
+
+    fn member_config(&self) -> MemberConfig {
+        let mut config = MemberConfig::new(GroupId::from_name(GROUP), self.controller_key);
+        // Lease renewals double as a slow resync path: a member that lost every heartbeat of a
+        // long loss burst still learns it is behind when it renews.
+        config.renew_interval_ms = RENEW_MS;
+        config
+    }
+
+    fn member_rng(&mut self) -> ChaCha20Rng {
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        ChaCha20Rng::from_seed(seed)
+    }
+
+    /// A restored member resumes its membership at `leaf` now (its resync request, answered
+    /// with an acknowledgement, schedules its first renewal).
+    fn resume(&mut self, leaf: NodeId, identity: &SigningKey, hpke: &HpkeSecret) {
+        let Some(path) = self
+            .controller
+            .tree(GroupId::from_name(GROUP))
+            .and_then(|t| t.member_path(leaf))
+        else {
+            return;
+        };
+        let member = Member::resume(
+            self.member_config(),
+            identity.clone(),
+            hpke.clone(),
+            self.member_rng(),
+            start::member_id(leaf, 0),
+            path,
+            self.now,
+        );
+        let id = self.add(member);
+        self.admitted(id);
+    }
+
+    /// A new member, registering now (its request goes to the controller at once): its
+    /// receiver id.
+    fn register(&mut self) -> u64 {
+        let mut member_rng = self.member_rng();
+        let mut seed = [0u8; 32];
+        member_rng.fill_bytes(&mut seed);
+        let identity = SigningKey::from_bytes(&seed);
+        let hpke = HpkeSecret::generate(Kem::XWing, &mut member_rng);
+        let member = Member::new(self.member_config(), identity, hpke, member_rng, self.now);
+        let id = self.add(member);
+        self.send_requests(id);
+        id
+    }
+
+    fn add(&mut self, member: Member<ChaCha20Rng>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.receivers.insert(
+            id,
+            Receiver {
+                member,
+                bad: false,
+                resynced: false,
+            },
+        );
+        id
+    }
+
+    /// The receiver `id` holds a membership now: known by its leaf.
+    fn admitted(&mut self, id: u64) {
+        let Some(leaf) = self
+            .receivers
+            .get(&id)
+            .and_then(|r| r.member.membership())
+            .map(|(_, path)| path.leaf().0 as usize)
+        else {
+            return;
+        };
+        self.by_leaf.insert(leaf, id);
+        self.leaf_bound = self.leaf_bound.max(leaf + 1);
+    }
+
+    /// The receiver `id` leaves (a signed leave request to the controller, at once).
+    fn leave_id(&mut self, id: u64) {
+        let Some(mut r) = self.receivers.remove(&id) else {
+            return;
+        };
+        if let Some((_, path)) = r.member.membership() {
+            self.by_leaf.remove(&(path.leaf().0 as usize));
+        }
+        r.member.leave(self.now);
+        while let Some(request) = r.member.poll_request() {
+            self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
+        }
+    }
+
+    /// Sends the receiver's queued requests to the controller; whether there were any.
+    fn send_requests(&mut self, id: u64) -> bool {
+        let mut moved = false;
+        while let Some(request) = self
+            .receivers
+            .get_mut(&id)
+            .and_then(|r| r.member.poll_request())
+        {
+            moved = true;
+            self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
+        }
+        moved
+    }
+
+    fn controller_call(&mut self, f: impl FnOnce(&mut StoreDriver<ChaCha20Rng>, Timestamp)) {
+        self.tally.call(&mut self.controller, self.now, f);
+    }
+
+    fn lost(&mut self, id: u64) -> bool {
+        let u = uniform(&mut self.rng);
+        let (p, model) = (self.config.loss, self.config.model);
+        self.receivers
+            .get_mut(&id)
+            .is_none_or(|r| model.lost(p, &mut r.bad, u))
+    }
 
     fn pump(&mut self) -> bool {
         let mut moved = false;
         let mut ids: Vec<u64> = self.receivers.keys().copied().collect();
         ids.sort_unstable();
         for &id in &ids {
-            while let Some(request) = self
-                .receivers
-                .get_mut(&id)
-                .and_then(|r| r.member.poll_request())
-            {
-                moved = true;
-                self.controller_call(|c, now| c.handle_request(ConnId(id), now, &request));
-            }
+            moved |= self.send_requests(id);
         }
         while let Some(t) = self.controller.poll_transmit() {
             moved = true;
@@ -496,17 +534,25 @@ impl Sim {
             }
         }
         while self.controller.poll_event().is_some() {}
-        for r in self.receivers.values_mut() {
+        let mut joined = Vec::new();
+        for (&id, r) in &mut self.receivers {
             while let Some(event) = r.member.poll_event() {
-                if let MemberEvent::KeyChanged { epoch, .. } = event {
-                    if r.member.stats().resyncs > 0 {
-                        r.resynced = true;
+                match event {
+                    MemberEvent::KeyChanged { epoch, .. } => {
+                        if r.member.stats().resyncs > 0 {
+                            r.resynced = true;
+                        }
+                        if let Some(&sent) = self.sent_at.get(&epoch.0) {
+                            self.tally.converged.push(self.now - sent);
+                        }
                     }
-                    if let Some(&sent) = self.sent_at.get(&epoch.0) {
-                        self.tally.converged.push(self.now - sent);
-                    }
+                    MemberEvent::Joined { .. } => joined.push(id),
+                    _ => {}
                 }
             }
+        }
+        for id in joined {
+            self.admitted(id);
         }
         moved
     }
@@ -516,7 +562,7 @@ impl Sim {
         if self.copies.contains_key(bytes) {
             return;
         }
-        let Ok(rekey) = wire::AuthenticRekey::verify(bytes, &self.signer.verifying_key()) else {
+        let Ok(rekey) = wire::AuthenticRekey::verify(bytes, &self.controller_key) else {
             return;
         };
         let wrapping: std::collections::HashSet<u32> =
@@ -537,7 +583,7 @@ impl Sim {
     /// Lets timers run (heartbeats, resyncs) until every member holds the key (bounded).
     fn settle(&mut self) {
         for _ in 0..6_000 {
-            self.now += 10;
+            self.now += TICK_MS;
             self.tick();
             if self.diverged() == 0 {
                 return;
@@ -637,12 +683,12 @@ mod tests {
     #[test]
     fn a_churn_run_with_loss_converges() {
         for model in [LossModel::Bernoulli, LossModel::GilbertElliott] {
-            let report = run(&config(0.2, model));
+            let report = run(&config(0.2, model)).unwrap();
             assert_eq!(report.diverged, 0, "{report:?}");
             assert!(report.events > 40, "{report:?}");
             assert!(report.resyncs > 0, "20% loss needs resyncs: {report:?}");
         }
-        let clean = run(&config(0.0, LossModel::Bernoulli));
+        let clean = run(&config(0.0, LossModel::Bernoulli)).unwrap();
         assert_eq!(clean.members_resynced, 0, "{clean:?}");
         assert_eq!(clean.diverged, 0);
     }
@@ -655,7 +701,7 @@ mod tests {
         .unwrap();
         let mut config = config(0.2, LossModel::Bernoulli);
         config.members = 100;
-        let report = replay(&config, &trace);
+        let report = replay(&config, &trace).unwrap();
         assert_eq!(report.events, 6, "{report:?}");
         assert_eq!(report.members, 102, "100 + 4 joined - 2 left: {report:?}");
         assert_eq!(report.diverged, 0, "{report:?}");
@@ -665,8 +711,8 @@ mod tests {
 
     #[test]
     fn same_seed_same_report_except_cpu() {
-        let mut a = run(&config(0.1, LossModel::Bernoulli));
-        let mut b = run(&config(0.1, LossModel::Bernoulli));
+        let mut a = run(&config(0.1, LossModel::Bernoulli)).unwrap();
+        let mut b = run(&config(0.1, LossModel::Bernoulli)).unwrap();
         a.controller_cpu_us_per_op = 0.0;
         b.controller_cpu_us_per_op = 0.0;
         assert_eq!(a, b);

@@ -21,5 +21,6 @@ pub mod demo;
 pub mod paper;
 pub mod plot;
 pub mod scale;
+mod start;
 pub mod sweep;
 pub mod trace;

@@ -502,7 +502,7 @@ fn main() -> anyhow::Result<()> {
             let report = if subtree {
                 netsim::scale::run(&config)?
             } else {
-                churn::run(&config)
+                churn::run(&config)?
             };
             print_churn(&report, json, seed)
         }
@@ -655,7 +655,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 ..ChurnConfig::default()
             })?;
-            let report = churn::replay(&config, &parsed);
+            let report = churn::replay(&config, &parsed)?;
             print_churn(&report, json, seed)
         }
         Command::TraceGen {

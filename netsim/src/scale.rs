@@ -9,27 +9,25 @@
 //! (`resyncs_charged`). About 80 bytes per member instead of a whole `Member`, so 2^20 members
 //! and 10^5 events fit in minutes.
 //!
-//! Members renew their leases every 5 s, as the full model's do (the restored members' renewals
-//! spread over the period; the full model's first members, all welcomed in its first batch,
-//! renew in lockstep, which moves its convergence tail, see `crate::agree`); a renewal of a member behind is
-//! sent through the controller (a resync request, answered with its path or, while the missed
-//! rekey is still being repeated, acknowledged), one of a member in step is not sent (it would
-//! be acknowledged and change nothing), so the controller's time leaves those out.
+//! It starts from the group the full model starts from (`netsim/src/start.rs`: the same tree,
+//! member placement and controller) and is churned by the same events. Members renew their leases every
+//! 5 s, as the full model's do (from the time they resume in the warm-up); a renewal of a member
+//! behind is sent through the controller (a resync request, answered with its path or, while the
+//! missed rekey is still being repeated, acknowledged), one of a member in step is not sent (it
+//! would be acknowledged and change nothing), so the controller's time leaves those out.
 //!
 //! A member that missed a whole epoch learns it from any datagram of a later one, as a full
-//! member does (the datagrams that serve others too: the members holding an epoch older than the
-//! one before are listed once per epoch). What it leaves out, next to full receivers: the silence
-//! timer and fan-out.
+//! member does, and holds it as a full member does (the datagrams that serve others too: the
+//! members holding an epoch older than the one before are listed once per epoch). What it leaves
+//! out, next to full receivers: the silence timer and fan-out.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use gkm_member::HELD_REKEYS;
 use gkm_member::catch_up::{self, Arrival, CatchUp};
-use gkm_server::{
-    Command, ConnId, Controller, GroupPolicy, GroupState, HpkeDigest, MemberRecord, StoreDriver,
-    Timestamp, Transmit,
-};
+use gkm_server::{Command, ConnId, StoreDriver, Timestamp, Transmit};
 use lkh_tree::{Epoch, GroupId, Kcv, KeyTree, NodeId};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -38,20 +36,15 @@ use wire::{
     RegistrationRequest, ResyncRequest, SealedKind, SealedPath,
 };
 
-use crate::churn::{
-    ChurnConfig, ChurnReport, NoStore, Seen, Tally, event_times, exponential, uniform,
-};
-use crate::cost::{self, CostError, Scheme};
+use crate::churn::{ChurnConfig, ChurnReport, Seen, Tally, uniform};
+use crate::cost::CostError;
+use crate::start::{self, GROUP, Model, RENEW_MS, START, Start, TICK_MS};
 
-const START: u64 = 1_800_000_000_000;
-const NAME: &str = "netsim";
 /// The member's default grace ([`gkm_member::MemberConfig::new`]).
 const GRACE_MS: u64 = 300;
 /// A refused resync is asked again after the member's `retry_ms` (its default; the member adds
 /// up to half of it at random).
 const RETRY_MS: u64 = 2_000;
-/// Lease renewals, as the full model's members renew (every 5 s).
-const RENEW_MS: u64 = 5_000;
 const ABSENT: u32 = u32::MAX;
 /// Connection ids of resync requests: this bit and the leaf (joins count up from 0).
 const RESYNC_CONN: u64 = 1 << 63;
@@ -73,7 +66,7 @@ struct Receivers {
     retry_at: Vec<u64>,
     /// When the member renews its lease (0: not scheduled).
     renew_at: Vec<u64>,
-    catch_up: Vec<CatchUp<u64>>,
+    catch_up: Vec<CatchUp<HeldRekey>>,
 }
 
 impl Receivers {
@@ -105,6 +98,14 @@ impl Receivers {
     }
 }
 
+/// What a modelled member holds of a rekey datagram of a later epoch (the real member holds its
+/// bytes): which datagram it is (its epoch and first cover) and whether it serves the member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HeldRekey {
+    id: u64,
+    serves: bool,
+}
+
 /// What a timer is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Due {
@@ -123,6 +124,7 @@ struct Scale {
     config: ChurnConfig,
     rng: ChaCha20Rng,
     controller: StoreDriver<ChaCha20Rng>,
+    controller_key: VerifyingKey,
     group: GroupId,
     rx: Receivers,
     now: u64,
@@ -152,29 +154,17 @@ struct Scale {
     tally: Tally,
 }
 
-/// Runs churn on `config.members` members, receivers modelled by subtree.
+/// Runs churn on `config.members` members, receivers modelled by subtree: the group of
+/// `start::start` (`netsim/src/start.rs`), its warm-up, then `start::churn_events` and up to 60
+/// simulated seconds for heartbeats to bring every member in step.
 pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
-    let mut sim = Scale::new(config.clone())?;
-    sim.tick();
-    let end = sim.now + config.duration_s * 1_000;
-    let mut times = event_times(config);
-    let mut next_join = sim.now as f64 + exponential(&mut times, config.join_rate);
-    let mut next_leave = sim.now as f64 + exponential(&mut times, config.leave_rate);
-    while sim.now < end {
-        sim.now += 10;
-        while next_join <= sim.now as f64 {
-            sim.join();
-            next_join += exponential(&mut times, config.join_rate);
-        }
-        while next_leave <= sim.now as f64 {
-            sim.evict_one();
-            next_leave += exponential(&mut times, config.leave_rate);
-        }
-        sim.tick();
-    }
-    // Let heartbeats bring every member in step (bounded: 60 simulated seconds).
+    let mut start = start::start(config)?;
+    let resumes = std::mem::take(&mut start.resumes);
+    let mut sim = Scale::new(config.clone(), start)?;
+    start::warm_up(&mut sim, &resumes, Scale::resume);
+    start::churn_events(&mut sim, config);
     for _ in 0..6_000 {
-        sim.now += 10;
+        sim.now += TICK_MS;
         sim.tick();
         if sim.diverged() == 0 {
             break;
@@ -183,37 +173,54 @@ pub fn run(config: &ChurnConfig) -> Result<ChurnReport, CostError> {
     Ok(sim.report())
 }
 
+impl Model for Scale {
+    fn now(&mut self) -> &mut u64 {
+        &mut self.now
+    }
+
+    fn join(&mut self) {
+        self.register();
+    }
+
+    fn leave(&mut self, leaf: usize) -> bool {
+        if self.rx.held.get(leaf).is_none_or(|&h| h == ABSENT) {
+            return false;
+        }
+        self.evict(leaf);
+        true
+    }
+
+    fn leaf_bound(&self) -> usize {
+        self.rx.held.len()
+    }
+
+    /// The controller's timers, the members' due resyncs, then every datagram and reply, in the
+    /// order the controller queued them (as the full model's pump moves them).
+    fn tick(&mut self) {
+        self.call(StoreDriver::handle_timeout);
+        self.fire_timers();
+        while let Some(t) = self.controller.poll_transmit() {
+            match t {
+                Transmit::Multicast { bytes, .. } => {
+                    self.sent += 1;
+                    self.datagram(&bytes);
+                }
+                Transmit::Reply { conn, bytes } => self.reply(conn, &bytes),
+            }
+        }
+        while self.controller.poll_event().is_some() {}
+    }
+}
+
 impl Scale {
-    fn new(config: ChurnConfig) -> Result<Self, CostError> {
-        let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
-        let group = GroupId::from_name(NAME);
-        let mut policy = GroupPolicy::new(NAME, group);
-        policy.tree.degree = config.degree;
-        policy.batch_interval_ms = config.interval_ms;
-        policy.repeats = config.repeats.max(1);
-        policy.repeat_spacing_ms = config.spacing_ms;
-        policy.heartbeat_interval_ms = 1_000;
-        policy.lease_ms = u64::MAX / 4;
-        let tree = cost::build(config.members, Scheme::OneWay, config.degree, &mut rng)?;
-        let mut snapshot = tree.snapshot();
-        snapshot.group = group;
-        let mut seed = [0u8; 32];
-        rng.fill_bytes(&mut seed);
-        let restored = SigningKey::from_bytes(&seed);
-        let hpke_key = HpkeSecret::generate(Kem::XWing, &mut rng).public_key()?;
-        let members: Vec<MemberRecord> = tree
-            .members()
-            .map(|leaf| MemberRecord {
-                id: MemberId(u64::from(leaf.0) << 32),
-                identity: restored.verifying_key().to_bytes(),
-                hpke: HpkeDigest::of(&hpke_key),
-                leaf,
-                joined: 0,
-                lease_until: Timestamp(u64::MAX / 2),
-            })
-            .collect();
-        let epoch = u32::try_from(tree.epoch().0).unwrap_or(0);
-        let mut rx = Receivers {
+    /// The model of `start`'s group (its restored members are admitted as they resume).
+    fn new(config: ChurnConfig, start: Start) -> Result<Self, CostError> {
+        let group = GroupId::from_name(GROUP);
+        let epoch = start
+            .controller
+            .traffic_key(group)
+            .map_or(0, |(e, _)| u32::try_from(e.0).unwrap_or(0));
+        let rx = Receivers {
             held: Vec::new(),
             joined: Vec::new(),
             bad: Vec::new(),
@@ -224,39 +231,11 @@ impl Scale {
             renew_at: Vec::new(),
             catch_up: Vec::new(),
         };
-        let mut timers = BinaryHeap::new();
-        for m in &members {
-            let leaf = m.leaf.0 as usize;
-            rx.admit(leaf, epoch, 0);
-            // Renewals of the restored members spread over one period.
-            let due = START + rng.next_u64() % RENEW_MS;
-            rx.renew_at[leaf] = due;
-            timers.push(Reverse((due, m.leaf.0, Due::Renew)));
-        }
-        drop(tree);
-        let mut signer_seed = [0u8; 32];
-        rng.fill_bytes(&mut signer_seed);
-        let mut controller_seed = [0u8; 32];
-        rng.fill_bytes(&mut controller_seed);
-        let controller = StoreDriver::new(
-            Controller::new(
-                SigningKey::from_bytes(&signer_seed),
-                ChaCha20Rng::from_seed(controller_seed),
-                vec![policy],
-                vec![GroupState {
-                    tree: snapshot,
-                    members,
-                    enrollment: Default::default(),
-                    signing: Vec::new(),
-                }],
-                Timestamp(START),
-            )?,
-            Box::new(NoStore),
-        );
         let mut sim = Scale {
+            rng: ChaCha20Rng::seed_from_u64(config.seed),
             config,
-            rng,
-            controller,
+            controller: start.controller,
+            controller_key: start.controller_key,
             group,
             rx,
             now: START,
@@ -264,11 +243,11 @@ impl Scale {
             kcvs: HashMap::new(),
             sent: 0,
             current: epoch,
-            timers,
+            timers: BinaryHeap::new(),
             lagging: Vec::new(),
             lagging_epoch: epoch,
-            restored,
-            restored_hpke: hpke_key,
+            restored: start.identity,
+            restored_hpke: start.hpke.public_key()?,
             identities: HashMap::new(),
             registering: HashMap::new(),
             next_conn: 0,
@@ -307,7 +286,8 @@ impl Scale {
         }
     }
 
-    fn join(&mut self) {
+    /// A new member registers now: a real signed registration request.
+    fn register(&mut self) {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let identity = SigningKey::from_bytes(&seed);
@@ -333,49 +313,21 @@ impl Scale {
         self.call(|c, now| c.handle_request(ConnId(conn), now, &bytes));
     }
 
-    fn evict_one(&mut self) {
-        let present = self.rx.held.iter().filter(|&&h| h != ABSENT).count();
-        if present == 0 {
-            return;
-        }
-        let n = u64::try_from(self.rx.held.len()).unwrap_or(u64::MAX);
-        // Rejection sampling over leaves: members are most leaf slots, so this ends fast.
-        for _ in 0..1_000 {
-            let leaf = usize::try_from(self.rng.next_u64() % n).unwrap_or(0);
-            if self.rx.held.get(leaf).is_some_and(|&h| h != ABSENT) {
-                let id = self.member_id(leaf);
-                self.rx.held[leaf] = ABSENT;
-                self.rx.resynced[leaf] = false;
-                self.rx.catch_up[leaf].reset();
-                self.identities.remove(&leaf);
-                self.tally.events += 1;
-                self.call(|c, now| {
-                    let _ = c.handle_command(now, Command::Evict(NAME.into(), id));
-                });
-                return;
-            }
-        }
+    /// The member at `leaf` is evicted now.
+    fn evict(&mut self, leaf: usize) {
+        let id = self.member_id(leaf);
+        self.rx.held[leaf] = ABSENT;
+        self.rx.resynced[leaf] = false;
+        self.rx.catch_up[leaf].reset();
+        self.identities.remove(&leaf);
+        self.tally.events += 1;
+        self.call(|c, now| {
+            let _ = c.handle_command(now, Command::Evict(GROUP.into(), id));
+        });
     }
 
     fn member_id(&self, leaf: usize) -> u64 {
         (u64::try_from(leaf).unwrap_or(0) << 32) | u64::from(self.rx.joined[leaf])
-    }
-
-    /// The controller's timers, the members' due resyncs, then every datagram and reply, in the
-    /// order the controller queued them (as the full model's pump moves them).
-    fn tick(&mut self) {
-        self.call(StoreDriver::handle_timeout);
-        self.fire_timers();
-        while let Some(t) = self.controller.poll_transmit() {
-            match t {
-                Transmit::Multicast { bytes, .. } => {
-                    self.sent += 1;
-                    self.datagram(&bytes);
-                }
-                Transmit::Reply { conn, bytes } => self.reply(conn, &bytes),
-            }
-        }
-        while self.controller.poll_event().is_some() {}
     }
 
     fn fire_timers(&mut self) {
@@ -411,6 +363,15 @@ impl Scale {
                 self.send_resync(i);
             }
         }
+    }
+
+    /// A restored member resumes its membership at `leaf` now, holding the current epoch, as a
+    /// full member resumes with the path the controller holds: it asks for a resync at once, and
+    /// its renewals count from the acknowledgement.
+    fn resume(&mut self, leaf: NodeId) {
+        let leaf = leaf.0 as usize;
+        self.rx.admit(leaf, self.current, self.sent);
+        self.send_resync(leaf);
     }
 
     /// The member at `leaf` renews its lease a period from now (after any answer).
@@ -480,13 +441,18 @@ impl Scale {
     /// Applies the held rekeys that follow the member's epoch (and gives up the stale and
     /// expired), as a member does after every datagram it receives.
     fn apply_held(&mut self, leaf: usize) {
-        while let Some(item) =
-            self.rx.catch_up[leaf].next_held(self.now, Epoch(u64::from(self.rx.held[leaf])))
-        {
-            let next = u32::try_from(item >> 32).unwrap_or(0);
-            self.rx.held[leaf] = next;
-            self.rx.catch_up[leaf].caught_up();
-            self.converged(next);
+        for _ in 0..HELD_REKEYS {
+            let held = Epoch(u64::from(self.rx.held[leaf]));
+            let Some(rekey) = self.rx.catch_up[leaf].next_held(self.now, held) else {
+                return;
+            };
+            // One that serves others is dropped, as the member drops it.
+            if rekey.serves {
+                let next = u32::try_from(rekey.id >> 32).unwrap_or(0);
+                self.rx.held[leaf] = next;
+                self.rx.catch_up[leaf].caught_up();
+                self.converged(next);
+            }
         }
     }
 
@@ -573,10 +539,7 @@ impl Scale {
     /// One rekey datagram: verified once, then each member under a cover receives it or not,
     /// and applies it, holds it or drops it as [`catch_up::arrival`] says.
     fn rekey(&mut self, bytes: &[u8]) {
-        let Some(key) = self.controller_key() else {
-            return;
-        };
-        let Ok(authentic) = AuthenticRekey::verify(bytes, &key) else {
+        let Ok(authentic) = AuthenticRekey::verify(bytes, &self.controller_key) else {
             return;
         };
         let d = authentic.datagram();
@@ -588,7 +551,7 @@ impl Scale {
             return;
         };
         // A datagram is known by its epoch and first cover (what a held copy is compared by).
-        let item = (u64::from(epoch) << 32) | u64::from(d.covers.first().map_or(0, |c| c.0));
+        let id = (u64::from(epoch) << 32) | u64::from(d.covers.first().map_or(0, |c| c.0));
         // The members it serves (`RekeyDatagram::serves`): under a cover, or with a wrap under
         // their leaf key.
         let mut leaves = leaves_under(tree, &d.covers);
@@ -613,14 +576,15 @@ impl Scale {
                 Arrival::Old => {}
                 Arrival::Next => self.advance(leaf, epoch),
                 Arrival::Later => {
-                    self.rx.catch_up[leaf].hold(self.now, d.epoch, item);
+                    self.rx.catch_up[leaf].hold(self.now, d.epoch, HeldRekey { id, serves: true });
                     self.behind(leaf);
                 }
             }
             self.apply_held(leaf);
         }
-        // A member that missed a whole epoch also learns it from the datagrams it does not need
-        // (it holds them too, and drops them once it catches up): behind.
+        // A member that missed a whole epoch also learns it from the datagrams it does not need:
+        // it holds them too, as the real member holds every verified datagram of a later epoch
+        // (they take room among its `HELD_REKEYS`), and drops them when they come up.
         let lagging = std::mem::take(&mut self.lagging);
         for &leaf in &lagging {
             let held = self.rx.held[leaf];
@@ -631,6 +595,7 @@ impl Scale {
             {
                 continue;
             }
+            self.rx.catch_up[leaf].hold(self.now, d.epoch, HeldRekey { id, serves: false });
             self.behind(leaf);
         }
         self.lagging = lagging;
@@ -678,10 +643,6 @@ impl Scale {
             .count()
     }
 
-    fn controller_key(&self) -> Option<ed25519_dalek::VerifyingKey> {
-        wire::verifying_key(&self.controller.public_key()).ok()
-    }
-
     fn report(&mut self) -> ChurnReport {
         let seen = Seen {
             members: self.rx.held.iter().filter(|&&h| h != ABSENT).count(),
@@ -694,7 +655,7 @@ impl Scale {
         self.tally.report(
             &mut self.controller,
             self.now,
-            NAME,
+            GROUP,
             self.config.degree,
             &seen,
         )
