@@ -63,24 +63,9 @@ impl StorageKey {
 
     /// The key in `path`, refusing a file others may read or not of 32 bytes.
     pub(crate) fn read(path: &Path) -> Result<StorageKey> {
-        let mut file =
-            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mode = file.metadata()?.permissions().mode();
-        if mode & 0o077 != 0 {
-            bail!(
-                "{} may be read by others (mode {:o}); chmod 600 it",
-                path.display(),
-                mode & 0o777
-            );
-        }
-        let mut bytes = Zeroizing::new(Vec::new());
-        (&mut file).take(33).read_to_end(&mut bytes)?;
-        let mut key = Zeroizing::new([0u8; 32]);
-        if bytes.len() != 32 {
-            bail!("{} is not a 32-byte key file", path.display());
-        }
-        key.copy_from_slice(&bytes);
-        Ok(StorageKey(key))
+        read_private_key(path)
+            .with_context(|| format!("cannot use {}", path.display()))
+            .map(StorageKey)
     }
 
     /// Writes the key to a new file `path` (0600), fsynced with its directory.
@@ -205,4 +190,26 @@ fn sync_dir(path: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+/// The 32 bytes of the key file `path` (the member's identity, HPKE and storage keys),
+/// refusing a file others may read or not of 32 bytes.
+pub(crate) fn read_private_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let mut file = File::open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} may be read by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    (&mut file).take(33).read_to_end(&mut bytes)?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != 32 {
+        bail!("{} is not a 32-byte key file", path.display());
+    }
+    key.copy_from_slice(&bytes);
+    Ok(key)
 }

@@ -495,20 +495,12 @@ fn open_private(path: &Path) -> Result<File> {
 }
 
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let mut file = open_private(path).with_context(|| {
+    crate::storage_key::read_private_key(path).with_context(|| {
         format!(
             "cannot use {}; run `gkm-member init` or pass the right --state-dir",
             path.display()
         )
-    })?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    (&mut file).take(33).read_to_end(&mut bytes)?;
-    let mut key = Zeroizing::new([0u8; 32]);
-    if bytes.len() != 32 {
-        bail!("{} is not a 32-byte key file", path.display());
-    }
-    key.copy_from_slice(&bytes);
-    Ok(key)
+    })
 }
 
 /// The enrollment token in `path`: its first line, at most [`wire::MAX_TOKEN`] bytes. Refused
