@@ -898,7 +898,11 @@ impl<R: CryptoRng> Member<R> {
             if path.epoch() < current.epoch()
                 || (path.epoch() == current.epoch() && kcv_of(&path) == kcv_of(current)));
         if nothing_new {
+            // The request is answered (and the lease renewed with it): no retry, the next
+            // renewal a period from now.
             self.outstanding = None;
+            self.retry_at = None;
+            self.renew_at = Some(now + self.config.renew_interval_ms);
             return;
         }
         let Some(kcv) = path.traffic_key().map(|k| k.check_value()) else {
@@ -1316,6 +1320,36 @@ mod tests {
         // No silence timer: the tests follow the request timers alone.
         config.fanout_after_ms = None;
         config
+    }
+
+    /// A resync answered with the keys the member holds (it caught up by multicast meanwhile):
+    /// the request is done and the lease renewed, so nothing is asked until the next renewal.
+    #[test]
+    fn a_resync_answered_with_the_keys_held_asks_again_only_at_the_next_renewal() {
+        let (mut member, request) = active(1);
+        let resync = open::<ResyncRequest>(&request, &identity().verifying_key())
+            .unwrap()
+            .into_message();
+        let path = member.membership().unwrap().1.clone();
+        let to = wire::SealedFor {
+            kind: SealedKind::Resync,
+            member: ID,
+            request_nonce: resync.nonce,
+            rekey_address: None,
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let sealed = wire::seal_path(&path, &to, &resync.hpke_key, &mut rng).unwrap();
+        let reply = sign(&sealed, &SigningKey::from_bytes(&[42; 32]));
+        member.handle_reply(START + 10, &reply);
+        assert!(member.poll_event().is_none(), "nothing new");
+        let renew = member.config().renew_interval_ms;
+        member.handle_timeout(START + renew);
+        assert!(
+            member.poll_request().is_none(),
+            "no retry of an answered request"
+        );
+        member.handle_timeout(START + 10 + renew);
+        assert!(member.poll_request().is_some(), "the renewal");
     }
 
     /// A member holding keys (resumed from its store), its resync request drained.
