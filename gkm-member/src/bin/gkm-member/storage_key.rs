@@ -192,10 +192,9 @@ fn sync_dir(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
-/// The 32 bytes of the key file `path` (the member's identity, HPKE and storage keys),
-/// refusing a file others may read or not of 32 bytes.
-pub(crate) fn read_private_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let mut file = File::open(path)?;
+/// `path` opened for reading, refused when others may read it (a key or token file).
+pub(crate) fn open_private(path: &Path) -> Result<File> {
+    let file = File::open(path)?;
     let mode = file.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         bail!(
@@ -204,6 +203,13 @@ pub(crate) fn read_private_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
             mode & 0o777
         );
     }
+    Ok(file)
+}
+
+/// The 32 bytes of the key file `path` (the member's identity, HPKE and storage keys),
+/// refusing a file others may read or not of 32 bytes.
+pub(crate) fn read_private_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let mut file = open_private(path)?;
     let mut bytes = Zeroizing::new(Vec::new());
     (&mut file).take(33).read_to_end(&mut bytes)?;
     let mut key = Zeroizing::new([0u8; 32]);

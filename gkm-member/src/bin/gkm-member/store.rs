@@ -481,19 +481,6 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Opens a secret file, refusing one that others may read.
-fn open_private(path: &Path) -> Result<File> {
-    let file = File::open(path)?;
-    let mode = file.metadata()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} may be read by others (mode {:o}); chmod 600 it",
-            path.display(),
-            mode & 0o777
-        );
-    }
-    Ok(file)
-}
-
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     crate::storage_key::read_private_key(path).with_context(|| {
         format!(
@@ -506,8 +493,8 @@ fn read_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
 /// The enrollment token in `path`: its first line, at most [`wire::MAX_TOKEN`] bytes. Refused
 /// when others may read the file.
 pub(crate) fn read_token(path: &Path) -> Result<String> {
-    let mut file =
-        open_private(path).with_context(|| format!("cannot use token file {}", path.display()))?;
+    let mut file = crate::storage_key::open_private(path)
+        .with_context(|| format!("cannot use token file {}", path.display()))?;
     let mut text = Zeroizing::new(String::new());
     (&mut file)
         .take(4 * wire::MAX_TOKEN as u64)
