@@ -133,7 +133,7 @@ impl SigningChain {
     /// Replaces the current key by the one of `seed`, first signing at `from_epoch`: the
     /// announcement is signed by the current key (`own` until the first rotation). Staged: the
     /// key before is kept until [`SigningChain::settle`], and [`SigningChain::unstage`] puts it
-    /// back.
+    /// back. Whether it staged.
     pub(crate) fn stage(
         &mut self,
         group: GroupId,
@@ -141,7 +141,7 @@ impl SigningChain {
         from_epoch: Epoch,
         issued_ms: u64,
         own: &SigningKey,
-    ) {
+    ) -> bool {
         let next = SigningKey::from_bytes(&seed);
         let announced = KeyAnnouncement {
             group,
@@ -151,9 +151,12 @@ impl SigningChain {
             issued_ms,
             key: next.verifying_key().to_bytes(),
         };
-        let signed = sign(&announced, self.signer(own));
-        let mut announcement = [0u8; ANNOUNCEMENT_LEN];
-        announcement.copy_from_slice(&signed);
+        // An announcement is always ANNOUNCEMENT_LEN bytes; were it not, nothing is staged.
+        let Ok(announcement) =
+            <[u8; ANNOUNCEMENT_LEN]>::try_from(sign(&announced, self.signer(own)))
+        else {
+            return false;
+        };
         let record = SigningKeyRecord {
             announcement,
             seed: Some(seed),
@@ -162,6 +165,7 @@ impl SigningChain {
         self.changes.push(record.clone());
         self.records.push(record);
         self.current = Some(next);
+        true
     }
 
     /// Undoes [`SigningChain::stage`] (its save failed): the key before is current again; the

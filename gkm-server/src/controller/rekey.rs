@@ -156,10 +156,10 @@ impl<R: CryptoRng> Controller<R> {
         };
         let epoch = rekey.epoch;
         // A rotation asked for: the new key signs from this rekey on, and is saved with it.
-        let rotated = g.rotation.take().is_some_and(|seed| {
-            g.signing.stage(id, seed, epoch, now.0, &self.signer);
-            true
-        });
+        let rotated = g
+            .rotation
+            .take()
+            .is_some_and(|seed| g.signing.stage(id, seed, epoch, now.0, &self.signer));
         // The roster changes with the tree, and is saved with it.
         let removed: Vec<MemberRecord> = departures
             .keys()
